@@ -1,0 +1,131 @@
+"""The interface every stage type implements.
+
+A stage type supplies three things: how its examples become batches, its loss, and (for online RL)
+how it produces rollouts. The training loop in :mod:`llmlab.train.loop` owns everything else:
+optimizer steps, gradient accumulation and clipping, evaluation, logging, checkpoints and resume.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+@dataclass
+class StageContext:
+    """Everything a stage needs to build itself.
+
+    Attributes:
+        recipe: the resolved recipe (plain dict, defaults filled, paths absolute).
+        name: this stage's name (a key of ``recipe["stages"]``).
+        config: ``recipe["stages"][name]``.
+        stage_dir: ``<output_dir>/<name>``.
+        tokenizer: the run's frozen tokenizer (a ``PreTrainedTokenizerFast``).
+        init_path: the HF-format directory this stage starts from (the ``from`` stage's ``final/``),
+            or ``None`` when the stage starts from the recipe's ``model:`` section.
+        stage_paths: name → ``<output_dir>/<name>`` for every stage of the recipe (for
+            ``reference_from`` and ``reward: {from: STAGE}``).
+        device: the torch device the loop trains on.
+        allow_code: the user passed ``--allow-code`` (Python reward functions, trust_remote_code).
+    """
+
+    recipe: dict
+    name: str
+    config: dict
+    stage_dir: Path
+    tokenizer: Any
+    init_path: Path | None
+    stage_paths: dict[str, Path] = field(default_factory=dict)
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    allow_code: bool = False
+
+    @property
+    def seed(self) -> int:
+        return int(self.recipe.get("seed", 0))
+
+
+class Stage:
+    """Base class of the stage types (pretrain, sft, reward, dpo, grpo, ppo).
+
+    Subclasses set ``type`` and implement :meth:`build_model`, :meth:`get_batch`,
+    :meth:`compute_loss` and optionally :meth:`evaluate`, :meth:`state_dict`.
+    """
+
+    type: str = ""
+
+    def __init__(self, ctx: StageContext):
+        self.ctx = ctx
+        self.config = ctx.config
+
+    # -- model -----------------------------------------------------------------------------
+    def build_model(self) -> torch.nn.Module:
+        """Return the model this stage trains (before LoRA is applied by the loop).
+
+        The default loads a causal LM from ``ctx.init_path`` or builds one from the recipe's
+        ``model:`` section. Stages that need more (a reference model, a value head) set it up here.
+        """
+        from llmlab.models.build import build_model, load_causal_lm
+
+        if self.ctx.init_path is not None:
+            return load_causal_lm(self.ctx.init_path, allow_code=self.ctx.allow_code)
+        return build_model(self.ctx.recipe["model"], tokenizer=self.ctx.tokenizer,
+                           allow_code=self.ctx.allow_code)
+
+    def setup(self, model: torch.nn.Module) -> None:
+        """Called once after the model is built, LoRA applied and moved to the device."""
+
+    # -- data ------------------------------------------------------------------------------
+    def get_batch(self, index: int, model: torch.nn.Module) -> dict:
+        """The micro-batch with global index ``index`` (step × grad-accum + micro).
+
+        Must be a pure function of (seed, stage, index) and of state saved by :meth:`state_dict`.
+        """
+        raise NotImplementedError
+
+    def eval_batches(self) -> list[dict]:
+        """Fixed held-out batches for evaluation (may be empty)."""
+        return []
+
+    # -- loss ------------------------------------------------------------------------------
+    def compute_loss(self, model: torch.nn.Module, batch: dict) -> tuple[torch.Tensor, dict]:
+        """Return ``(loss, metrics)``: a scalar tensor to backpropagate and a dict of scalar
+        tensors or floats to log (detached)."""
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def evaluate(self, model: torch.nn.Module, batches: list[dict]) -> dict[str, float]:
+        """Mean of ``compute_loss`` metrics over the eval batches, keys prefixed ``eval_``."""
+        sums: dict[str, float] = {}
+        for batch in batches:
+            loss, metrics = self.compute_loss(model, batch)
+            sums["loss"] = sums.get("loss", 0.0) + float(loss)
+            for k, v in metrics.items():
+                sums[k] = sums.get(k, 0.0) + float(v)
+        n = max(len(batches), 1)
+        return {f"eval_{k}": v / n for k, v in sums.items()}
+
+    # -- resume ----------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        """Extra state the stage needs for an exact resume (e.g. a rollout buffer)."""
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+    # -- output ----------------------------------------------------------------------------
+    def tokens_in_batch(self, batch: dict) -> int:
+        """Number of tokens processed in a batch (for tokens/s)."""
+        for key in ("input_ids", "chosen_input_ids", "prompt_input_ids"):
+            if key in batch:
+                n = batch[key].numel()
+                if key == "chosen_input_ids":
+                    n += batch["rejected_input_ids"].numel()
+                return int(n)
+        return 0
+
+    def summary_metrics(self) -> dict[str, float]:
+        """Extra numbers for stage.json (e.g. realised mixture shares)."""
+        return {}
