@@ -1,0 +1,85 @@
+"""LoRA presets resolved per architecture. Pure Python (no torch): the validator imports it.
+
+A preset names the modules LoRA adapts. ``None`` means the preset means nothing for that
+architecture, which is a validation error, never a silent no-op.
+PEFT refuses ``out_proj`` and ``conv1d`` on Mamba models (their fused kernels read the weights
+directly), so Mamba2 presets only ever adapt ``in_proj``.
+"""
+
+from __future__ import annotations
+
+PRESET_NAMES = ("minimal", "attention_only", "ffn_only", "all", "custom")
+
+_ATTN = ["q_proj", "k_proj", "v_proj", "o_proj"]
+_GATED_FFN = ["gate_proj", "up_proj", "down_proj"]
+_PLAIN_FFN = ["up_proj", "down_proj"]
+
+#: architecture key -> preset -> module names (None: meaningless for that architecture)
+PRESETS: dict[str, dict[str, list[str] | None]] = {
+    # our Transformer with a gated FFN (swiglu), and Llama/Mistral/Qwen-style checkpoints
+    "transformer_gated": {
+        "minimal": ["q_proj", "v_proj"],
+        "attention_only": _ATTN,
+        "ffn_only": _GATED_FFN,
+        "all": _ATTN + _GATED_FFN,
+    },
+    # our Transformer with a plain FFN (relu, gelu, leaky_relu, silu)
+    "transformer_plain": {
+        "minimal": ["q_proj", "v_proj"],
+        "attention_only": _ATTN,
+        "ffn_only": _PLAIN_FFN,
+        "all": _ATTN + _PLAIN_FFN,
+    },
+    "mamba2": {
+        "minimal": ["in_proj"],
+        "attention_only": None,
+        "ffn_only": None,
+        "all": ["in_proj"],
+    },
+}
+
+#: modules PEFT refuses per architecture (custom target_modules naming them is an error)
+FORBIDDEN_TARGETS: dict[str, set[str]] = {"mamba2": {"out_proj", "conv1d"}}
+
+
+def arch_key(model_cfg: dict) -> str | None:
+    """The PRESETS key for a recipe's ``model:`` section; None when unknown before loading
+    (a ``from_pretrained`` checkpoint of an unknown family)."""
+    arch = model_cfg.get("arch")
+    if arch == "mamba2":
+        return "mamba2"
+    if arch == "transformer":
+        return "transformer_gated" if model_cfg.get("activation", "swiglu") == "swiglu" else "transformer_plain"
+    return None
+
+
+def arch_key_for_model_type(model_type: str) -> str | None:
+    """The PRESETS key for a Hugging Face ``config.model_type`` (for from_pretrained models)."""
+    if model_type == "mamba2":
+        return "mamba2"
+    if model_type in {"llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "phi3", "mixtral", "olmo", "olmo2"}:
+        return "transformer_gated"
+    return None
+
+
+def resolve_targets(key: str, preset: str, target_modules: list[str] | None = None) -> list[str]:
+    """Module names for ``preset`` on architecture ``key``.
+
+    Raises:
+        ValueError: the preset means nothing for the architecture, ``custom`` without
+            target_modules, or a target PEFT refuses on this architecture.
+    """
+    if preset == "custom":
+        if not target_modules:
+            raise ValueError("preset 'custom' needs target_modules")
+        bad = FORBIDDEN_TARGETS.get(key, set()) & set(target_modules)
+        if bad:
+            raise ValueError(f"PEFT cannot adapt {sorted(bad)} on {key}; use in_proj")
+        return list(target_modules)
+    table = PRESETS.get(key)
+    if table is None:
+        raise ValueError(f"no LoRA presets for architecture {key!r}; use preset 'custom'")
+    targets = table.get(preset)
+    if targets is None:
+        raise ValueError(f"LoRA preset {preset!r} means nothing for {key}")
+    return list(targets)
