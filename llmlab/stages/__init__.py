@@ -5,8 +5,8 @@ from __future__ import annotations
 import importlib
 
 STAGE_TYPES = {
-    "pretrain": "llmlab.stages.pretrain:PretrainStage",
-    "sft": "llmlab.stages.sft:SFTStage",
+    "pretrain": "llmlab.stages.lm:PretrainStage",
+    "sft": "llmlab.stages.lm:SFTStage",
     "reward": "llmlab.stages.reward:RewardStage",
     "dpo": "llmlab.stages.dpo:DPOStage",
     "grpo": "llmlab.stages.grpo:GRPOStage",

