@@ -1,0 +1,388 @@
+"""Load, validate and resolve a recipe: the one entry point the rest of llmlab uses.
+
+    resolved, errors = load_recipe("recipes/quickstart.yaml", overrides=["stages.sft.optimizer.lr=1e-5"])
+
+Pipeline: safe YAML with positions → ``extends`` (recursive) → ``--set`` overrides → ``${VAR}``
+substitution → JSON Schema → defaults → semantic checks → absolute paths. Nothing here imports torch.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import os
+import re
+from pathlib import Path
+from typing import Iterable, Mapping
+
+import yaml
+
+from llmlab.recipe import messages, semantic
+from llmlab.recipe import schema as S
+from llmlab.recipe.errors import RecipeError, dotted
+from llmlab.recipe.yamlload import load_yaml, parse_scalar, read_file
+
+SET_FILE = "--set"
+_ENV_RE = re.compile(r"\$(\$?)\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+
+
+class RecipeLoadError(Exception):
+    """Raised by :func:`load_recipe_or_raise` when a recipe has errors; ``errors`` holds them."""
+
+    def __init__(self, errors: list[RecipeError]):
+        self.errors = errors
+        super().__init__("\n".join(str(e) for e in errors))
+
+
+def _display(path: Path) -> str:
+    try:
+        rel = os.path.relpath(path)
+    except ValueError:  # pragma: no cover - other drive on Windows
+        return str(path)
+    return str(path) if rel.startswith("..") else rel
+
+
+# ----------------------------------------------------------------- extends
+
+
+def _kind_changed(path: tuple, base: dict, over: dict) -> bool:
+    """Whether ``over`` switches the variant of ``base`` (then it replaces it instead of merging)."""
+    if path == ("model",):
+        def kind(m):
+            return m.get("arch") if "arch" in m else ("pretrained" if "from_pretrained" in m else None)
+        return kind(over) is not None and kind(base) is not None and kind(over) != kind(base)
+    if len(path) == 2 and path[0] == "stages":
+        return "type" in over and "type" in base and over["type"] != base["type"]
+    if len(path) == 3 and path[0] == "stages" and path[2] in ("optimizer", "scheduler"):
+        return "name" in over and "name" in base and over["name"] != base["name"]
+    return False
+
+
+def merge(base, over, path: tuple = ()):
+    """Deep-merge ``over`` onto ``base``: mappings merge key by key (so stages merge by name and new
+    stages are appended in order), everything else — lists included — is replaced. A mapping whose
+    variant changes (model arch, stage type, optimizer or scheduler name) is replaced whole."""
+    if isinstance(base, dict) and isinstance(over, dict) and not _kind_changed(path, base, over):
+        out = dict(base)
+        for k, v in over.items():
+            out[k] = merge(base[k], v, path + (k,)) if k in base else copy.deepcopy(v)
+        return out
+    return copy.deepcopy(over)
+
+
+def _walk_paths(value, path=()):
+    yield path
+    if isinstance(value, dict):
+        for k, v in value.items():
+            yield from _walk_paths(v, path + (k,))
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            yield from _walk_paths(v, path + (i,))
+
+
+def _load_tree(file: Path, errors: list, dirs: dict, chain: tuple, display: str | None = None):
+    display = display or _display(file)
+    dirs[display] = file.parent
+    try:
+        text = read_file(file)
+    except OSError as exc:
+        errors.append(RecipeError(display, 1, 1, "", f"cannot read recipe: {exc.strerror or exc}"))
+        return None, {}
+    doc, pos, errs = load_yaml(text, display)
+    errors.extend(errs)
+    if errs and doc is None:
+        return None, pos
+    if doc is None:
+        errors.append(RecipeError(display, 1, 1, "", "the recipe is empty; expected a mapping with name, tokenizer, model, datasets and stages"))
+        return None, pos
+    if not isinstance(doc, dict):
+        errors.append(RecipeError(display, *pos.get((), (display, 1, 1))[1:], "", f"a recipe must be a mapping of keys, got {type(doc).__name__}"))
+        return None, pos
+    ext = doc.get("extends")
+    if isinstance(ext, str) and ext:
+        target = (file.parent / os.path.expanduser(ext)).resolve()
+        where = pos.get(("extends",), (display, 1, 1))
+        if target in chain or target == file:
+            errors.append(RecipeError(*where, "extends", f"{ext!r} extends itself (cycle: {' → '.join(p.name for p in chain + (file, target))})"))
+        elif not target.is_file():
+            errors.append(RecipeError(*where, "extends", f"base recipe {ext!r} not found (looked for {target})"))
+        else:
+            base, bpos = _load_tree(target, errors, dirs, chain + (file,))
+            if isinstance(base, dict):
+                base.pop("extends", None)
+                merged = merge(base, doc)
+                mpos = {p: pos.get(p) or bpos.get(p) for p in _walk_paths(merged)}
+                mpos[()] = pos.get(())
+                return merged, {p: v for p, v in mpos.items() if v}
+    return doc, pos
+
+
+# ----------------------------------------------------------------- --set
+
+
+def apply_overrides(doc: dict, positions: dict, overrides: Iterable[str], errors: list) -> None:
+    """Apply ``a.b.c=VALUE`` overrides in place (VALUE parsed as YAML). Stages and datasets are
+    addressed by name (``stages.sft.optimizer.lr=1e-5``); list items by index. Errors point at
+    ``--set`` as the file and the override's 1-based index as the line."""
+    for i, item in enumerate(overrides, 1):
+        loc = (SET_FILE, i, 1)
+        if "=" not in item:
+            errors.append(RecipeError(*loc, "", f"expected KEY=VALUE (e.g. stages.sft.optimizer.lr=1e-5), got {item!r}"))
+            continue
+        key, raw = item.split("=", 1)
+        parts: list = [p for p in key.strip().split(".")]
+        if not key.strip() or any(p == "" for p in parts):
+            errors.append(RecipeError(*loc, "", f"invalid key {key!r} in {item!r}; expected a dotted path like stages.sft.optimizer.lr"))
+            continue
+        try:
+            value = parse_scalar(raw)
+        except yaml.YAMLError as exc:
+            errors.append(RecipeError(*loc, key, f"value {raw!r} is not valid YAML: {getattr(exc, 'problem', exc)}"))
+            continue
+        node, path, ok = doc, (), True
+        for depth, part in enumerate(parts[:-1]):
+            if isinstance(node, list):
+                if not part.isdigit() or int(part) >= len(node):
+                    errors.append(RecipeError(*loc, dotted(path), f"{part!r} is not an index of this list (0..{len(node) - 1})"))
+                    ok = False
+                    break
+                part = int(part)
+            elif isinstance(node, dict):
+                if part not in node:
+                    if depth == 1 and path[0] in ("stages", "datasets"):
+                        errors.append(RecipeError(*loc, dotted(path + (part,)), f"no {path[0][:-1]} named {part!r}{S.suggest(part, node)}; "
+                                                  f"defined: {', '.join(node) or 'none'}"))
+                        ok = False
+                        break
+                    node[part] = {}
+            else:
+                errors.append(RecipeError(*loc, dotted(path), f"cannot set {key!r}: {dotted(path)} is not a mapping"))
+                ok = False
+                break
+            node, path = node[part], path + (part,)
+        if not ok:
+            continue
+        last = parts[-1]
+        if isinstance(node, list):
+            if not last.isdigit() or int(last) >= len(node):
+                errors.append(RecipeError(*loc, dotted(path), f"{last!r} is not an index of this list (0..{len(node) - 1})"))
+                continue
+            last = int(last)
+        elif not isinstance(node, dict):
+            errors.append(RecipeError(*loc, dotted(path), f"cannot set {key!r}: {dotted(path)} is not a mapping"))
+            continue
+        node[last] = value
+        target = path + (last,)
+        for p in [p for p in positions if p[:len(target)] == target]:
+            del positions[p]
+        for p in _walk_paths(value, target):
+            positions[p] = loc
+
+
+# ----------------------------------------------------------------- ${VAR}
+
+
+def substitute_env(value, env: Mapping[str, str], path: tuple, where, errors: list, unresolved: set | None = None):
+    """Replace ``${VAR}`` and ``${VAR:-default}`` in every string (``$${`` is a literal ``${``).
+    A string that is exactly one placeholder is parsed as YAML, so ``lr: ${LR:-1e-4}`` is a number.
+    Paths whose variable is missing are added to ``unresolved`` (their follow-on errors are dropped)."""
+    unresolved = set() if unresolved is None else unresolved
+    if isinstance(value, dict):
+        return {k: substitute_env(v, env, path + (k,), where, errors, unresolved) for k, v in value.items()}
+    if isinstance(value, list):
+        return [substitute_env(v, env, path + (i,), where, errors, unresolved) for i, v in enumerate(value)]
+    if not isinstance(value, str) or "${" not in value:
+        return value
+
+    def repl(m):
+        if m.group(1):
+            return "${" + m.group(2) + (":-" + m.group(3) if m.group(3) is not None else "") + "}"
+        name, default = m.group(2), m.group(3)
+        if name in env:
+            return env[name]
+        if default is not None:
+            return default
+        errors.append(RecipeError(*where(path), dotted(path), f"environment variable {name!r} is not set and has no default (write ${{{name}:-DEFAULT}})"))
+        unresolved.add(path)
+        return m.group(0)
+
+    whole = _ENV_RE.fullmatch(value)
+    out = _ENV_RE.sub(repl, value)
+    if whole and not whole.group(1):
+        try:
+            parsed = parse_scalar(out)
+        except yaml.YAMLError:
+            return out
+        if parsed is None or isinstance(parsed, (bool, int, float, str)):
+            return parsed
+    return out
+
+
+# ----------------------------------------------------------------- resolution
+
+
+def _fill_computed(doc: dict) -> None:
+    """Defaults that depend on other keys (the schema cannot express them)."""
+    m = doc.get("model")
+    if isinstance(m, dict) and m.get("arch") == "transformer":
+        h = m.get("n_heads")
+        if "n_kv_heads" not in m and isinstance(h, int):
+            m["n_kv_heads"] = h
+        kv = m.get("n_kv_heads")
+        if "attention_type" not in m and isinstance(h, int) and isinstance(kv, int):
+            m["attention_type"] = "mha" if kv == h else ("mqa" if kv == 1 else "gqa")
+        d = m.get("d_model")
+        if m.get("d_ff") is None and isinstance(d, int):
+            m["d_ff"] = 64 * math.ceil(8 * d / 3 / 64) if m.get("activation") == "swiglu" else 4 * d
+    log_every = (doc.get("logging") or {}).get("log_every", 10) if isinstance(doc.get("logging"), dict) else 10
+    stages = doc.get("stages")
+    if isinstance(stages, dict):
+        prev = None
+        for name, st in stages.items():
+            if not isinstance(st, dict):
+                prev = name
+                continue
+            if "from" not in st and prev is not None:
+                st["from"] = prev
+            if "seq_len" not in st and isinstance(m, dict) and "arch" in m and isinstance(m.get("max_seq_len"), int):
+                st["seq_len"] = m["max_seq_len"]
+            st.setdefault("log_every", log_every)
+            if st.get("type") in ("grpo", "ppo") and "mini_batch_size" not in st and "batch_size" in st:
+                st["mini_batch_size"] = st["batch_size"]
+            prev = name
+
+
+def _local_or_hub(value: str, base: Path) -> str:
+    p = Path(os.path.expanduser(value))
+    if value.startswith(("./", "../", "/", "~")) or p.is_absolute():
+        return str((base / p).resolve())
+    candidate = base / p
+    return str(candidate.resolve()) if candidate.exists() else value
+
+
+def _absolutize(doc: dict, positions: dict, dirs: dict) -> None:
+    cwd = Path.cwd()
+
+    def base_of(path):
+        f = positions.get(path, (None,))[0]
+        return dirs.get(f, cwd)
+
+    for name, ds in (doc.get("datasets") or {}).items():
+        if isinstance(ds.get("path"), str):
+            ds["path"] = str((base_of(("datasets", name, "path")) / os.path.expanduser(ds["path"])).resolve())
+    for section in ("tokenizer", "model"):
+        sec = doc.get(section) or {}
+        if isinstance(sec.get("from_pretrained"), str):
+            sec["from_pretrained"] = _local_or_hub(sec["from_pretrained"], base_of((section, "from_pretrained")))
+    for sname, st in (doc.get("stages") or {}).items():
+        for i, r in enumerate(st.get("reward") or []):
+            if isinstance(r, dict) and isinstance(r.get("model"), str):
+                r["model"] = _local_or_hub(r["model"], base_of(("stages", sname, "reward", i, "model")))
+    if isinstance(doc.get("output_dir"), str):
+        doc["output_dir"] = str((base_of(("output_dir",)) / os.path.expanduser(doc["output_dir"])).resolve())
+    else:
+        doc["output_dir"] = str((cwd / "runs" / str(doc.get("name", "recipe"))).resolve())
+
+
+def _reorder(doc: dict) -> dict:
+    order = [k for k in S.load_schema()["properties"] if k in doc]
+    return {k: doc[k] for k in order} | {k: v for k, v in doc.items() if k not in order}
+
+
+# ----------------------------------------------------------------- public API
+
+
+def load_recipe(path, overrides: Iterable[str] = (), env: Mapping[str, str] | None = None) -> tuple[dict | None, list[RecipeError]]:
+    """Load, validate and resolve the recipe at ``path``.
+
+    Args:
+        path: the recipe file.
+        overrides: ``KEY=VALUE`` strings as given to ``--set``, applied after ``extends``.
+        env: variables for ``${VAR}`` substitution (default: ``os.environ``).
+
+    Returns:
+        ``(resolved, errors)``: when ``errors`` is empty, ``resolved`` is the plain-dict recipe with
+        every default filled in and every path absolute; otherwise ``resolved`` is None and
+        ``errors`` lists every problem found, sorted by file and line.
+    """
+    file = Path(path)
+    env = os.environ if env is None else env
+    errors: list[RecipeError] = []
+    dirs: dict = {SET_FILE: Path.cwd()}
+    doc, positions = _load_tree(file.resolve(), errors, dirs, (), display=str(path))
+    if doc is None:
+        return None, _finish(errors)
+    apply_overrides(doc, positions, list(overrides), errors)
+    main_pos = (str(path), 1, 1)
+
+    def where(p: tuple):
+        p = tuple(p)
+        while p and p not in positions:
+            p = p[:-1]
+        return positions.get(p, main_pos)
+
+    unresolved: set = set()
+    doc = substitute_env(doc, env, (), where, errors, unresolved)
+    n_before = len(errors)
+    for err in S.validator().iter_errors(doc):
+        errors.extend(messages.convert(err, positions, where))
+    resolved = copy.deepcopy(doc)
+    S.fill_defaults(S.load_schema(), resolved)
+
+    def given(p: tuple) -> bool:
+        return tuple(p) in positions
+
+    _fill_computed(resolved)
+
+    def add(p, msg):
+        errors.append(RecipeError(*where(p), dotted(tuple(p)), msg))
+
+    try:
+        semantic.check(resolved, given, add)
+    except Exception:  # a check tripping over a shape the schema already rejected
+        if not errors:
+            raise
+    if unresolved:  # drop follow-on errors about values whose ${VAR} could not be substituted
+        skip = {dotted(p) for p in unresolved}
+        errors[n_before:] = [e for e in errors[n_before:] if e.path not in skip]
+    if errors:
+        return None, _finish(errors)
+    resolved.pop("extends", None)
+    _absolutize(resolved, positions, dirs)
+    return _reorder(resolved), []
+
+
+def _finish(errors: list[RecipeError]) -> list[RecipeError]:
+    seen, out = set(), []
+    for e in errors:
+        k = (e.file, e.line, e.col, e.path, e.message)
+        if k not in seen:
+            seen.add(k)
+            out.append(e)
+    files = []
+    for e in out:
+        if e.file not in files:
+            files.append(e.file)
+    return sorted(out, key=lambda e: (e.file == SET_FILE, files.index(e.file), e.line, e.col))
+
+
+def load_recipe_or_raise(path, overrides: Iterable[str] = (), env: Mapping[str, str] | None = None) -> dict:
+    """Like :func:`load_recipe` but returns the resolved recipe.
+
+    Raises:
+        RecipeLoadError: the recipe has errors (all of them in ``.errors``).
+    """
+    resolved, errors = load_recipe(path, overrides, env)
+    if errors:
+        raise RecipeLoadError(errors)
+    return resolved
+
+
+def dump_resolved(resolved: dict) -> str:
+    """The resolved recipe as YAML (key order kept), as written to ``recipe.resolved.yaml``."""
+    return yaml.safe_dump(resolved, sort_keys=False, default_flow_style=False, allow_unicode=True)
+
+
+def stage_order(resolved: dict) -> list[str]:
+    """Stage names in execution order (file order)."""
+    return list(resolved.get("stages", {}))

@@ -1,0 +1,282 @@
+"""Checks a JSON Schema cannot express: arithmetic between keys, references between sections,
+dataset formats per stage, LoRA presets per architecture.
+
+Every check reads the defaults-filled document and is defensive about types: a value of the wrong
+type has already been reported by the schema, so a check that cannot apply is skipped.
+"""
+
+from __future__ import annotations
+
+from llmlab.models import lora_presets
+from llmlab.recipe.schema import suggest
+
+#: the format each builtin source produces
+BUILTIN_FORMATS = {"kjv": "text", "chatterbot": "messages", "chatterbot_pairs": "preference", "chatterbot_prompts": "prompt"}
+
+#: formats each stage type accepts (as llmlab.data converts them: a preference row trains SFT on
+#: prompt + chosen; any conversation or preference row gives grpo/ppo its prompt)
+_CONVERSATION = ("messages", "sharegpt", "alpaca", "prompt_completion")
+STAGE_FORMATS = {
+    "pretrain": ("text",),
+    "sft": _CONVERSATION + ("preference",),
+    "reward": ("preference",),
+    "dpo": ("preference",),
+    "grpo": ("prompt",) + _CONVERSATION + ("preference",),
+    "ppo": ("prompt",) + _CONVERSATION + ("preference",),
+}
+
+#: dataset keys that only mean something for a hub source
+HUB_ONLY = ("subset", "revision", "streaming")
+
+RESERVED_STAGE_NAMES = ("tokenizer",)
+
+
+def _int(x):
+    return x if isinstance(x, int) and not isinstance(x, bool) else None
+
+
+def _num(x):
+    return x if isinstance(x, (int, float)) and not isinstance(x, bool) else None
+
+
+def _dict(x):
+    return x if isinstance(x, dict) else {}
+
+
+def dataset_format(spec: dict) -> str | None:
+    """The format a dataset will have after loading, or None when it is only known at load time
+    (``auto`` on a hub or local source)."""
+    fmt = spec.get("format", "auto")
+    if fmt != "auto":
+        return fmt if isinstance(fmt, str) else None
+    builtin = spec.get("builtin")
+    return BUILTIN_FORMATS.get(builtin) if isinstance(builtin, str) else None
+
+
+def check(doc: dict, given, add) -> None:
+    """Run every semantic check on the defaults-filled ``doc``.
+
+    ``given(path)`` tells whether a key path was written by the user (file, base recipe or --set);
+    ``add(path, message)`` records an error at ``path``.
+    """
+    _check_model(_dict(doc.get("model")), given, add)
+    datasets = _dict(doc.get("datasets"))
+    _check_datasets(datasets, given, add)
+    _check_tokenizer(doc, datasets, add)
+    _check_stages(doc, datasets, given, add)
+
+
+def _check_model(m: dict, given, add) -> None:
+    has_arch, has_pre = "arch" in m, "from_pretrained" in m
+    if has_arch and has_pre:
+        add(("model", "from_pretrained"), "model takes exactly one of 'arch' (build from scratch) or 'from_pretrained' (an existing checkpoint), got both")
+    elif not has_arch and not has_pre:
+        add(("model",), "model needs exactly one of 'arch' (transformer or mamba2) or 'from_pretrained' (a checkpoint path or hub id), got neither")
+    arch = m.get("arch")
+    if arch == "transformer":
+        d, h, kv, L = _int(m.get("d_model")), _int(m.get("n_heads")), _int(m.get("n_kv_heads")), _int(m.get("max_seq_len"))
+        if d and h and d % h:
+            add(("model", "n_heads") if given(("model", "n_heads")) else ("model", "d_model"),
+                f"d_model ({d}) must be divisible by n_heads ({h}); head size would be {d / h:.2f}")
+        if h and kv and h % kv:
+            add(("model", "n_kv_heads"), f"n_heads ({h}) must be divisible by n_kv_heads ({kv}); each key/value head serves a whole group of query heads")
+        if h and kv and kv > h:
+            add(("model", "n_kv_heads"), f"n_kv_heads ({kv}) cannot exceed n_heads ({h})")
+        att = m.get("attention_type")
+        if given(("model", "attention_type")) and h and kv and isinstance(att, str):
+            right = "mha" if kv == h else "mqa" if kv == 1 else "gqa"
+            need = {"mha": f"n_kv_heads == n_heads ({h})", "mqa": "n_kv_heads == 1",
+                    "gqa": f"1 < n_kv_heads < n_heads ({h})"}.get(att)
+            if need and att != right and not (att == "gqa" and h == 1):
+                add(("model", "attention_type"), f"attention_type {att!r} needs {need}, got n_kv_heads {kv} (did you mean {right!r}?)")
+        sw = _int(m.get("sliding_window"))
+        if sw and L and sw >= L:
+            add(("model", "sliding_window"), f"sliding_window ({sw}) must be smaller than max_seq_len ({L}); with a window that large, use null (full attention)")
+        pe = m.get("positional_encoding")
+        rs = m.get("rope_scaling")
+        if pe == "yarn":
+            if not isinstance(rs, dict):
+                add(("model", "positional_encoding"), "positional_encoding 'yarn' needs rope_scaling: {factor: ..., original_max_seq_len: ...}")
+            else:
+                orig = _int(rs.get("original_max_seq_len"))
+                if orig and L and orig >= L:
+                    add(("model", "rope_scaling", "original_max_seq_len"),
+                        f"original_max_seq_len ({orig}) must be smaller than max_seq_len ({L}); yarn extends the context beyond it")
+        elif rs is not None and given(("model", "rope_scaling")):
+            add(("model", "rope_scaling"), f"rope_scaling is only used with positional_encoding 'yarn', got {pe!r}")
+        ne, ept = _int(m.get("n_experts")), _int(m.get("experts_per_token"))
+        if ne and ept and ept > ne:
+            add(("model", "experts_per_token"), f"experts_per_token ({ept}) cannot exceed n_experts ({ne})")
+        if ne is None and m.get("n_experts") is None:
+            for k in ("experts_per_token", "router_aux_loss_coef"):
+                if given(("model", k)):
+                    add(("model", k), f"{k} only applies to a mixture-of-experts model; set n_experts too")
+    elif arch == "mamba2":
+        d, e, hd, g = _int(m.get("d_model")), _int(m.get("expand")), _int(m.get("head_dim")), _int(m.get("n_groups"))
+        if d and e and hd:
+            inner = d * e
+            if inner % hd:
+                add(("model", "head_dim"), f"expand·d_model ({inner}) must be divisible by head_dim ({hd})")
+            elif g and (inner // hd) % g:
+                add(("model", "n_groups"), f"n_groups ({g}) must divide the number of heads expand·d_model/head_dim ({inner // hd})")
+
+
+def _check_datasets(datasets: dict, given, add) -> None:
+    for name, spec in datasets.items():
+        if not isinstance(spec, dict):
+            continue
+        sources = [k for k in ("builtin", "hub", "path") if k in spec]
+        if len(sources) != 1:
+            add(("datasets", name) if not sources else ("datasets", name, sources[1]),
+                f"dataset {name!r} needs exactly one source: builtin, hub or path; got "
+                + (", ".join(sources) if sources else "none"))
+        native = BUILTIN_FORMATS.get(spec.get("builtin"))
+        fmt = spec.get("format")
+        if native and isinstance(fmt, str) and fmt not in ("auto", native):
+            add(("datasets", name, "format"), f"builtin {spec['builtin']!r} has format {native!r}, got format {fmt!r}")
+        if "hub" not in spec:
+            for k in HUB_ONLY:
+                if given(("datasets", name, k)):
+                    add(("datasets", name, k), f"{k!r} only applies to a hub dataset; {name!r} is not from the hub")
+        f = _dict(spec.get("filters"))
+        lo, hi = _int(f.get("min_length")), _int(f.get("max_length"))
+        if lo is not None and hi is not None and lo > hi:
+            add(("datasets", name, "filters", "min_length"), f"min_length ({lo}) is larger than max_length ({hi}); every row would be dropped")
+        if given(("datasets", name, "filters", "minhash_threshold")) and f.get("dedup") != "minhash":
+            add(("datasets", name, "filters", "minhash_threshold"), f"minhash_threshold only applies with dedup 'minhash', got dedup {f.get('dedup')!r}")
+
+
+def _check_tokenizer(doc: dict, datasets: dict, add) -> None:
+    tok = _dict(doc.get("tokenizer"))
+    if "tokenizer" not in doc or not isinstance(doc.get("tokenizer"), dict):
+        return
+    has_pre, has_train = "from_pretrained" in tok, "train" in tok
+    if has_pre == has_train:
+        add(("tokenizer", "train") if has_train else ("tokenizer",),
+            "tokenizer takes exactly one of 'from_pretrained' (an existing tokenizer) or 'train' (train one on the recipe's data), got "
+            + ("both" if has_pre else "neither"))
+    train = _dict(tok.get("train"))
+    names = train.get("datasets")
+    if isinstance(names, list):
+        for i, ds in enumerate(names):
+            if not isinstance(ds, str):
+                continue
+            if ds not in datasets:
+                add(("tokenizer", "train", "datasets", i), f"unknown dataset {ds!r}{suggest(ds, datasets)}; defined datasets: {', '.join(datasets) or 'none'}")
+                continue
+    ct = tok.get("chat_template")
+    if isinstance(ct, str) and ct not in ("chatml", "none") and "{{" not in ct and "{%" not in ct:
+        add(("tokenizer", "chat_template"), f"{ct!r} is neither a known template{suggest(ct, ['chatml', 'none'])} nor a Jinja template; expected chatml, none, or a Jinja string")
+
+
+def _stage_ref(stages: list, idx: int, value, path, add, what: str, need_type: str | None = None, types=None) -> None:
+    if value is None or not isinstance(value, str):
+        return
+    if value not in stages:
+        add(path, f"{what} {value!r} is not a stage{suggest(value, stages)}; stages: {', '.join(stages)}")
+        return
+    j = stages.index(value)
+    if j >= idx:
+        add(path, f"{what} {value!r} must name an earlier stage; {value!r} "
+                  + ("is this stage" if j == idx else "runs after this one") + " (stages run in file order)")
+        return
+    if need_type and types.get(value) != need_type:
+        add(path, f"{what} {value!r} is a {types.get(value)} stage; expected a {need_type} stage")
+
+
+#: builtin reward -> the key it needs
+REWARD_BUILTIN_KEYS = {"token_fraction": "token", "contains": "text", "length": "target"}
+
+
+def _check_reward(r: dict, p: tuple, given, add) -> None:
+    srcs = [k for k in ("from", "model", "function", "builtin") if k in r]
+    if len(srcs) != 1:
+        add(p, "each reward needs exactly one of 'from', 'model', 'function' or 'builtin', got "
+            + (", ".join(srcs) if srcs else "none"))
+    b = r.get("builtin")
+    need = REWARD_BUILTIN_KEYS.get(b) if isinstance(b, str) else None
+    if need and need not in r:
+        add(p + ("builtin",), f"builtin reward {b!r} needs the key {need!r}")
+    for key, owner in ((k, name) for name, k in REWARD_BUILTIN_KEYS.items()):
+        if key in r and b != owner:
+            add(p + (key,), f"{key!r} only applies to builtin reward {owner!r}" + (f", got builtin {b!r}" if b else ""))
+    if given(p + ("revision",)) and "model" not in r:
+        add(p + ("revision",), "'revision' only applies to a reward 'model'")
+
+
+def _check_stages(doc: dict, datasets: dict, given, add) -> None:
+    stages_map = _dict(doc.get("stages"))
+    stages = list(stages_map)
+    types = {n: _dict(s).get("type") for n, s in stages_map.items()}
+    model = _dict(doc.get("model"))
+    max_len = _int(model.get("max_seq_len")) if "arch" in model else None
+    akey = lora_presets.arch_key(model)
+    chat_template = _dict(doc.get("tokenizer")).get("chat_template")
+    for idx, (name, st) in enumerate(stages_map.items()):
+        if not isinstance(st, dict):
+            continue
+        base = ("stages", name)
+        stype = st.get("type")
+        if name in RESERVED_STAGE_NAMES:
+            add(base, f"stage name {name!r} is reserved (the run directory has a {name}/ folder); choose another name")
+        seq = _int(st.get("seq_len"))
+        if seq and max_len and seq > max_len:
+            add(base + ("seq_len",), f"seq_len ({seq}) exceeds model.max_seq_len ({max_len})")
+        if "from_pretrained" in model and "arch" not in model and "seq_len" not in st:
+            add(base, "seq_len is required with model.from_pretrained (the checkpoint's context length is unknown until it loads)")
+        _stage_ref(stages, idx, st.get("from"), base + ("from",), add, "from:")
+        _stage_ref(stages, idx, st.get("reference_from"), base + ("reference_from",), add, "reference_from:")
+        accepted = STAGE_FORMATS.get(stype)
+        for key in ("datasets", "eval_datasets"):
+            mix = st.get(key)
+            if not isinstance(mix, dict):
+                continue
+            for ds, w in mix.items():
+                p = base + (key, ds)
+                if ds not in datasets:
+                    add(p, f"unknown dataset {ds!r}{suggest(ds, datasets)}; defined datasets: {', '.join(datasets) or 'none'}")
+                    continue
+                if _num(w) is not None and w <= 0:
+                    add(p, f"weight {w} must be > 0 (weights are relative sampling rates; remove the dataset instead)")
+                fmt = dataset_format(_dict(datasets[ds]))
+                if accepted and fmt and fmt not in accepted:
+                    src = _dict(datasets[ds]).get("builtin")
+                    add(p, f"dataset {ds!r} has format {fmt!r}" + (f" (builtin {src})" if src else "")
+                        + f", which a {stype} stage cannot use; expected {' or '.join(accepted)}")
+        if stype in ("grpo", "ppo"):
+            bs, mbs = _int(st.get("batch_size")), _int(st.get("mini_batch_size"))
+            if bs and mbs and bs % mbs:
+                add(base + ("mini_batch_size",) if given(base + ("mini_batch_size",)) else base + ("batch_size",),
+                    f"batch_size ({bs}) must be divisible by mini_batch_size ({mbs})")
+            rewards = st.get("reward")
+            if rewards is None:
+                add(base, f"a {stype} stage needs a 'reward': a list of {{from: REWARD_STAGE}}, {{model: PATH_OR_HUB_ID}} or {{function: 'module:function'}}")
+            elif isinstance(rewards, list):
+                for i, r in enumerate(rewards):
+                    if not isinstance(r, dict):
+                        continue
+                    _check_reward(r, base + ("reward", i), given, add)
+                    _stage_ref(stages, idx, r.get("from"), base + ("reward", i, "from"), add, "reward from:", "reward", types)
+        if stype and stype != "pretrain" and chat_template == "none":
+            add(base + ("type",), f"a {stype} stage needs a chat template, but tokenizer.chat_template is 'none'")
+        if stype == "ppo" and given(base + ("kl_horizon",)) and st.get("kl_target") is None:
+            add(base + ("kl_horizon",), "kl_horizon only applies to the adaptive KL controller; set kl_target too")
+        if st.get("save_best_only") is True:
+            has_eval = bool(st.get("eval_datasets")) or any(
+                (_num(_dict(datasets.get(ds)).get("eval_split")) or 0) > 0 for ds in _dict(st.get("datasets")))
+            if not has_eval:
+                add(base + ("save_best_only",), "save_best_only needs evaluation data: give eval_datasets or an eval_split > 0 on a training dataset")
+        lora = st.get("lora")
+        if isinstance(lora, dict):
+            preset = lora.get("preset", "all")
+            tm = lora.get("target_modules")
+            if tm is not None and preset != "custom":
+                add(base + ("lora", "target_modules"), f"target_modules only apply with preset 'custom', got preset {preset!r}")
+            elif isinstance(preset, str) and preset in lora_presets.PRESET_NAMES:
+                key = akey
+                if key is not None or preset == "custom":
+                    try:
+                        lora_presets.resolve_targets(key or "", preset, tm if isinstance(tm, list) else None)
+                    except ValueError as exc:
+                        where = base + ("lora", "target_modules") if preset == "custom" and tm else base + ("lora", "preset")
+                        add(where, f"{exc}" + (f" (model arch {model.get('arch')!r})" if "arch" in model else ""))
