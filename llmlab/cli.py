@@ -78,6 +78,43 @@ def run(
                                  until=until, force=force, reset_optimizer=reset_optimizer, allow_code=allow_code))
 
 
+@app.command()
+def report(
+    run_dir: Path = typer.Argument(..., help="A run directory (the recipe's output_dir)."),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="PNG to write (default RUN_DIR/report.png)."),
+):
+    """Draw the loss and eval curves of every stage to a PNG and print the summary table."""
+    from llmlab.report import report_command
+
+    raise typer.Exit(report_command(run_dir, output))
+
+
+@app.command()
+def merge(
+    adapter_dir: Path = typer.Argument(..., help="A PEFT adapter directory (a stage's adapter/)."),
+    out_dir: Path = typer.Argument(..., help="Where to write the merged Hugging Face model."),
+    base: Optional[str] = typer.Option(None, "--base", help="Base model dir or hub id (default: from adapter_config.json)."),
+    allow_code: bool = typer.Option(False, "--allow-code", help="Allow trust_remote_code for the base model."),
+):
+    """Merge a LoRA adapter into its base model (merge_and_unload) and save the full model."""
+    from llmlab.merge import merge_adapter
+
+    merge_adapter(adapter_dir, out_dir, base=base, allow_code=allow_code)
+    typer.echo(f"merged model written to {out_dir}")
+
+
+@app.command()
+def export(
+    model_dir: Path = typer.Argument(..., help="An llmlab model directory (a stage's final/)."),
+    to: str = typer.Option(..., "--to", help="Target architecture: llama or mistral."),
+    out_dir: Path = typer.Argument(..., help="Where to write the native checkpoint."),
+):
+    """Export an llmlab Transformer to a native Llama or Mistral checkpoint when its components match."""
+    from llmlab.models.export import export_command
+
+    raise typer.Exit(export_command(model_dir, to, out_dir))
+
+
 def main() -> None:
     """Console-script entry point."""
     app()

@@ -170,17 +170,17 @@ class Runner:
 
         d = self.out / "tokenizer"
         fp = tokenizer_fingerprint(self.recipe)
-        marker = d / "llmlab_fingerprint.txt"
+        marker = self.out / "tokenizer.fingerprint"  # beside the dir: the dir's own files are hashed
         if d.is_dir() and marker.is_file() and marker.read_text().strip() == fp:
             tok = load_tokenizer(d)
         else:
             t0 = time.perf_counter()
             tmp = self.out / ".tokenizer.tmp"
             shutil.rmtree(tmp, ignore_errors=True)
-            tok = build_tokenizer(self.recipe, tmp)
-            (tmp / "llmlab_fingerprint.txt").write_text(fp)
+            build_tokenizer(self.recipe, tmp)
             shutil.rmtree(d, ignore_errors=True)
             os.replace(tmp, d)
+            marker.write_text(fp)
             tok = load_tokenizer(d)
             self.console.print(f"tokenizer: {len(tok)} tokens, built in {time.perf_counter() - t0:.1f} s → {d}")
         return tok, tokenizer_hash(d)
@@ -325,6 +325,16 @@ def summary_table(outcomes: list[StageOutcome], out_dir: Path) -> Table:
     return t
 
 
+def quiet_libraries() -> None:
+    """Silence the libraries' own progress bars; llmlab draws one bar per stage."""
+    import datasets
+    import transformers
+
+    datasets.disable_progress_bars()
+    transformers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
+
+
 def run_command(recipe_path: Path, output_dir: Path | None = None, overrides=(), only=None, from_stage=None,
                 until=None, force=False, reset_optimizer=False, allow_code=False) -> int:
     """``llmlab run``: returns the exit status (0 ok, 1 invalid recipe or failed stage, 130 interrupted)."""
@@ -341,6 +351,7 @@ def run_command(recipe_path: Path, output_dir: Path | None = None, overrides=(),
     if output_dir is not None:
         resolved["output_dir"] = str(Path(output_dir).resolve())
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    quiet_libraries()
     runner = Runner(resolved, console, allow_code=allow_code)
     from llmlab.train.loop import TrainingError
 

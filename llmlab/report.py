@@ -1,0 +1,86 @@
+"""``llmlab report RUN_DIR``: loss and eval curves of every stage to a PNG, and the summary table."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+
+def read_metrics(stage_dir: Path) -> tuple[list[dict], list[dict]]:
+    """(train records, eval records) of a stage's metrics.jsonl."""
+    train, evals = [], []
+    path = stage_dir / "metrics.jsonl"
+    if path.exists():
+        for line in path.read_text().splitlines():
+            rec = json.loads(line)
+            (evals if "eval_loss" in rec else train).append(rec)
+    return train, evals
+
+
+def stage_dirs(run_dir: Path) -> list[Path]:
+    """Stage directories of a run, in the order of its resolved recipe when present."""
+    order: list[str] = []
+    resolved = run_dir / "recipe.resolved.yaml"
+    if resolved.exists():
+        import yaml
+
+        order = list((yaml.safe_load(resolved.read_text()) or {}).get("stages", {}))
+    found = {d.name: d for d in run_dir.iterdir() if (d / "stage.json").is_file()}
+    return [found[n] for n in order if n in found] + [d for n, d in sorted(found.items()) if n not in order]
+
+
+def plot(run_dir: Path, out: Path) -> Path:
+    """Draw one panel per stage (train loss and eval loss against step) into ``out`` (PNG)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    stages = stage_dirs(run_dir)
+    if not stages:
+        raise FileNotFoundError(f"{run_dir}: no stage with a stage.json (is this a llmlab run directory?)")
+    fig, axes = plt.subplots(1, len(stages), figsize=(4.5 * len(stages), 3.6), squeeze=False)
+    for ax, d in zip(axes[0], stages):
+        train, evals = read_metrics(d)
+        if train:
+            ax.plot([r["step"] for r in train], [r["loss"] for r in train], label="train loss")
+        if evals:
+            ax.plot([r["step"] for r in evals], [r["eval_loss"] for r in evals], "o-", label="eval loss")
+        info = json.loads((d / "stage.json").read_text())
+        ax.set_title(f"{d.name} ({info.get('type', '?')})")
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
+def report_command(run_dir: Path, output: Path | None = None) -> int:
+    """Print the summary table of a run and write its curves to ``output`` (default
+    ``RUN_DIR/report.png``). Returns the exit status."""
+    console = Console()
+    run_dir = Path(run_dir)
+    try:
+        png = plot(run_dir, output or run_dir / "report.png")
+    except FileNotFoundError as e:
+        console.print(f"error: {e}", style="red")
+        return 1
+    t = Table(title=str(run_dir))
+    for col in ("stage", "type", "status", "steps", "loss first → last", "eval loss first → last", "wall time"):
+        t.add_column(col)
+    for d in stage_dirs(run_dir):
+        i = json.loads((d / "stage.json").read_text())
+        fe = (i.get("first_eval") or {}).get("eval_loss")
+        le = (i.get("last_eval") or {}).get("eval_loss")
+        fmt = lambda x: "-" if x is None else f"{x:.4f}"  # noqa: E731
+        t.add_row(d.name, str(i.get("type")), str(i.get("status")), str(i.get("steps", "-")),
+                  f"{fmt(i.get('first_loss'))} → {fmt(i.get('last_loss'))}", f"{fmt(fe)} → {fmt(le)}",
+                  f"{float(i.get('wall_time_s') or 0):.1f} s")
+    console.print(t)
+    console.print(f"curves: {png}")
+    return 0
