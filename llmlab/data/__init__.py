@@ -1,0 +1,29 @@
+"""llmlab.data: sources, formats, the tokenizer, and per-stage batches.
+
+Public API (imported lazily, so ``import llmlab.data`` stays cheap):
+
+- :func:`build_tokenizer`, :func:`load_tokenizer`, :func:`tokenizer_hash`,
+  :func:`check_vocab_covers` (llmlab.data.tokenizer)
+- :func:`load_named_dataset`, :class:`DatasetSplits`, :func:`load_builtin` (llmlab.data.sources)
+- :func:`build_stage_data`, :class:`StageData`, :func:`pack_documents`, :func:`mix`
+  (llmlab.data.pipeline)
+"""
+
+from __future__ import annotations
+
+import importlib
+
+_EXPORTS = {
+    "build_tokenizer": "tokenizer", "load_tokenizer": "tokenizer", "tokenizer_hash": "tokenizer",
+    "check_vocab_covers": "tokenizer",
+    "load_named_dataset": "sources", "DatasetSplits": "sources", "load_builtin": "sources",
+    "build_stage_data": "pipeline", "StageData": "pipeline", "pack_documents": "pipeline",
+    "mix": "pipeline",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(f"llmlab.data.{_EXPORTS[name]}"), name)
+    raise AttributeError(f"module 'llmlab.data' has no attribute {name!r}")

@@ -1,0 +1,640 @@
+"""Per-stage data: tokenisation (cached), mixing, packing, masking and batches.
+
+``build_stage_data(recipe, stage_name, tokenizer)`` turns the datasets a stage names into a
+:class:`StageData` whose ``train_batch(index)`` is a pure function of (seed, stage name, index):
+
+1. each dataset is loaded (:func:`llmlab.data.sources.load_named_dataset`), converted to the kind
+   the stage needs and tokenised with a batched ``datasets.map`` whose result is cached under
+   ``<output_dir>/cache/`` in a file keyed by the tokenizer's hash, the dataset spec and the stage's
+   sequence settings;
+2. the datasets are mixed with ``datasets.interleave_datasets`` (probabilities = the normalised
+   weights, the recipe seed, the stage's ``mixing.stopping`` rule) into one fixed sequence of
+   examples, pass after seeded pass until it covers the stage's max_steps × grad-accum × batch
+   examples (:func:`mix_stream`); for pretraining the examples are documents, which are then
+   joined with EOS and packed into ``seq_len`` blocks;
+3. example ``p = index * batch_size + j`` of the training stream is element ``p mod N`` of a
+   permutation of the N examples drawn for epoch ``p // N`` from a generator seeded by
+   (seed, stage name, epoch). No iterator state exists, so a resumed stage sees exactly the batches
+   an uninterrupted one would.
+
+Batch keys and shapes are those of docs/architecture.md (all ``torch.long``, right-padded with
+``pad_token_id``, labels −100 where ignored; grpo/ppo prompts left-padded).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from llmlab.data.formats import convert_kind
+from llmlab.data.sources import dataset_spec, load_named_dataset
+
+log = logging.getLogger(__name__)
+
+DATA_VERSION = "1"  # bump when tokenisation changes, to invalidate cached files
+IGNORE_INDEX = -100
+#: stage type -> (family, canonical kind it consumes)
+STAGE_FAMILY = {
+    "pretrain": ("pretrain", "text"),
+    "sft": ("sft", "conversation"),
+    "dpo": ("pair", "preference"),
+    "reward": ("pair", "preference"),
+    "grpo": ("prompt", "prompt"),
+    "ppo": ("prompt", "prompt"),
+}
+STAGE_DEFAULTS: dict[str, Any] = {"batch_size": 8, "eval_steps": 10, "truncation": "drop",
+                                  "max_new_tokens": 32, "mixing": {"stopping": "all_exhausted"},
+                                  "eval_datasets": None}
+
+
+# -- helpers -------------------------------------------------------------------------------------
+
+@contextlib.contextmanager
+def _quiet_datasets():
+    """Silence datasets' progress bars (the CLI draws its own) and restore the setting after."""
+    import datasets as dtqdm
+
+    was_disabled = dtqdm.are_progress_bars_disabled()
+    dtqdm.disable_progress_bars()
+    try:
+        yield
+    finally:
+        if not was_disabled:
+            dtqdm.enable_progress_bars()
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    """sha256 of what tokenisation depends on: the backend tokenizer, special tokens, template.
+
+    Equal for two tokenizers loaded from the same frozen files; used to key the cache.
+    """
+    h = hashlib.sha256()
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    h.update((backend.to_str() if backend is not None else repr(tokenizer.get_vocab())).encode())
+    h.update(str(getattr(tokenizer, "chat_template", None)).encode())
+    h.update(json.dumps([tokenizer.eos_token_id, tokenizer.pad_token_id]).encode())
+    return h.hexdigest()
+
+
+def _rng(seed: int, *keys) -> np.random.Generator:
+    return np.random.default_rng([int(seed)] + [zlib.crc32(str(k).encode()) for k in keys])
+
+
+def _int_list_features(*names: str, extra: dict | None = None):
+    from datasets import Features, List, Value
+
+    f = {n: List(Value("int32")) for n in names}
+    f.update(extra or {})
+    f["_source"] = Value("int32")
+    f["_drop"] = Value("string")
+    return Features(f)
+
+
+def _assistant_spans(mask: list[int]) -> list[tuple[int, int]]:
+    """[start, end) of each contiguous run of 1s."""
+    spans, start = [], None
+    for i, m in enumerate(mask):
+        if m and start is None:
+            start = i
+        elif not m and start is not None:
+            spans.append((start, i))
+            start = None
+    if start is not None:
+        spans.append((start, len(mask)))
+    return spans
+
+
+def _labels_for_last_spans(ids: list[int], mask: list[int], k: int) -> list[int]:
+    """Labels that keep ``ids`` on the last ``k`` assistant spans of ``mask``, −100 elsewhere."""
+    labels = [IGNORE_INDEX] * len(ids)
+    for s, e in _assistant_spans(mask)[-k:] if k > 0 else []:
+        labels[s:e] = ids[s:e]
+    return labels
+
+
+def _chat(tokenizer, conversations: list, **kw):
+    if not getattr(tokenizer, "chat_template", None):
+        raise ValueError("the tokenizer has no chat template (tokenizer.chat_template: none); "
+                         "sft, dpo, reward, grpo and ppo stages need one")
+    return tokenizer.apply_chat_template(conversations, tokenize=True, return_dict=True, **kw)
+
+
+# -- tokenisers per stage family (batched map functions) -----------------------------------------
+
+def encode_texts(tokenizer, texts: list[str]) -> list[list[int]]:
+    """Token ids of ``texts`` without special tokens, in one batched call.
+
+    Goes straight to the Rust tokenizer's ``encode_batch_fast`` (no offsets, no Python-side
+    BatchEncoding) when the tokenizer has one; otherwise ``tokenizer(texts)``. Same ids either way.
+    """
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    fast = getattr(backend, "encode_batch_fast", None)
+    if fast is not None:
+        return [e.ids for e in fast(texts, add_special_tokens=False)]
+    return tokenizer(texts, add_special_tokens=False)["input_ids"]
+
+
+def _tok_pretrain(tokenizer, seq_len: int, cfg: dict, source: int):
+    eos = tokenizer.eos_token_id
+
+    def fn(batch):
+        enc = encode_texts(tokenizer, batch["text"])
+        return {"input_ids": [ids + [eos] for ids in enc], "_source": [source] * len(enc),
+                "_drop": [""] * len(enc)}
+    return fn, _int_list_features("input_ids")
+
+
+def _tok_sft(tokenizer, seq_len: int, cfg: dict, source: int):
+    truncate = cfg.get("truncation", "drop") == "truncate"
+
+    def fn(batch):
+        enc = _chat(tokenizer, batch["messages"], return_assistant_tokens_mask=True)
+        out = {"input_ids": [], "labels": [], "_source": [], "_drop": []}
+        for ids, mask in zip(enc["input_ids"], enc["assistant_masks"]):
+            labels = [t if m else IGNORE_INDEX for t, m in zip(ids, mask)]
+            drop = ""
+            if len(ids) > seq_len:
+                last = _assistant_spans(mask)[-1:]
+                if truncate and last and last[0][1] - last[0][0] < seq_len:
+                    # cut from the left, keeping the final assistant turn whole
+                    cut = len(ids) - seq_len
+                    ids, labels = ids[cut:], labels[cut:]
+                else:
+                    drop = "too_long"
+            if not drop and all(x == IGNORE_INDEX for x in labels):
+                drop = "no_assistant_tokens"
+            out["input_ids"].append([] if drop else ids)
+            out["labels"].append([] if drop else labels)
+            out["_source"].append(source)
+            out["_drop"].append(drop)
+        return out
+    return fn, _int_list_features("input_ids", "labels")
+
+
+def _tok_pair(tokenizer, seq_len: int, cfg: dict, source: int):
+    def fn(batch):
+        out = {k: [] for k in ("chosen_input_ids", "chosen_labels", "rejected_input_ids",
+                               "rejected_labels", "_source", "_drop")}
+        sides = {}
+        for side in ("chosen", "rejected"):
+            convs = [p + c for p, c in zip(batch["prompt"], batch[side])]
+            enc = _chat(tokenizer, convs, return_assistant_tokens_mask=True)
+            sides[side] = [(ids, _labels_for_last_spans(ids, mask, sum(
+                m["role"] == "assistant" for m in comp)))
+                for ids, mask, comp in zip(enc["input_ids"], enc["assistant_masks"], batch[side])]
+        for (c_ids, c_lab), (r_ids, r_lab) in zip(sides["chosen"], sides["rejected"]):
+            drop = "too_long" if max(len(c_ids), len(r_ids)) > seq_len else ""
+            if not drop and (all(x == IGNORE_INDEX for x in c_lab)
+                             or all(x == IGNORE_INDEX for x in r_lab)):
+                drop = "no_assistant_tokens"
+            for k, v in (("chosen_input_ids", c_ids), ("chosen_labels", c_lab),
+                         ("rejected_input_ids", r_ids), ("rejected_labels", r_lab)):
+                out[k].append([] if drop else v)
+            out["_source"].append(source)
+            out["_drop"].append(drop)
+        return out
+    return fn, _int_list_features("chosen_input_ids", "chosen_labels", "rejected_input_ids",
+                                  "rejected_labels")
+
+
+def _tok_prompt(tokenizer, seq_len: int, cfg: dict, source: int):
+    from datasets import List, Value
+
+    budget = max(1, seq_len - int(cfg.get("max_new_tokens", 32)))
+
+    def fn(batch):
+        enc = _chat(tokenizer, batch["prompt"], add_generation_prompt=True)
+        drops = ["too_long" if len(ids) > budget else "" for ids in enc["input_ids"]]
+        return {"prompt_input_ids": [[] if d else ids for ids, d in zip(enc["input_ids"], drops)],
+                "prompt": batch["prompt"], "_source": [source] * len(drops), "_drop": drops}
+    msgs = List({"role": Value("string"), "content": Value("string")})
+    return fn, _int_list_features("prompt_input_ids", extra={"prompt": msgs})
+
+
+_TOKENISERS = {"pretrain": _tok_pretrain, "sft": _tok_sft, "pair": _tok_pair, "prompt": _tok_prompt}
+
+
+# -- StageData -----------------------------------------------------------------------------------
+
+@dataclass
+class StageData:
+    """The data of one stage: a fixed example sequence and pure batch functions.
+
+    Attributes:
+        stage: the stage name; ``type``: its type (pretrain, sft, dpo, reward, grpo, ppo).
+        seed: the recipe seed; ``batch_size``; ``seq_len``.
+        pad_token_id: the padding id used in every batch.
+        shares: dataset name → realised share of the training examples (documents for pretrain).
+        token_shares: dataset name → share of the training tokens.
+        num_train_examples: N, the examples of one epoch (packed blocks for pretrain).
+        dropped: dataset name → {reason: count} (bad rows, each filter, too_long, ...).
+    """
+
+    stage: str
+    type: str
+    seed: int
+    batch_size: int
+    seq_len: int
+    pad_token_id: int
+    eval_steps: int
+    shares: dict[str, float]
+    token_shares: dict[str, float]
+    dropped: dict[str, dict[str, int]]
+    _train: Any = field(repr=False, default=None)   # Dataset, or (blocks, positions) for pretrain
+    _eval: Any = field(repr=False, default=None)
+    _perms: dict = field(repr=False, default_factory=dict)
+    _sources: Any = field(repr=False, default=None)  # int array [N]: dataset of each example
+
+    @property
+    def num_train_examples(self) -> int:
+        """N: the number of training examples in one epoch (packed blocks for pretrain)."""
+        return _n_examples(self._train)
+
+    @property
+    def family(self) -> str:
+        """pretrain | sft | pair (dpo, reward) | prompt (grpo, ppo)."""
+        return STAGE_FAMILY[self.type][0]
+
+    def train_indices(self, index: int) -> np.ndarray:
+        """The example indices (into one epoch) of micro-batch ``index``: shape [batch_size].
+
+        Raises:
+            ValueError: ``index`` is negative.
+        """
+        if index < 0:
+            raise ValueError(f"batch index {index} < 0")
+        n = self.num_train_examples
+        pos = np.arange(index * self.batch_size, (index + 1) * self.batch_size)
+        out = np.empty(self.batch_size, dtype=np.int64)
+        for epoch in np.unique(pos // n):
+            sel = (pos // n) == epoch
+            out[sel] = self._epoch_perm(int(epoch))[pos[sel] % n]
+        return out
+
+    def _epoch_perm(self, epoch: int) -> np.ndarray:
+        if epoch not in self._perms:
+            if len(self._perms) > 4:
+                self._perms.clear()
+            self._perms[epoch] = _rng(self.seed, "epoch", self.stage, epoch).permutation(
+                self.num_train_examples)
+        return self._perms[epoch]
+
+    def train_sources(self, index: int) -> list[int]:
+        """Source-dataset positions (in the stage's ``datasets:`` order) of batch ``index``."""
+        idx = self.train_indices(index)
+        if self.family == "pretrain":
+            raise ValueError("pretrain batches are packed blocks; see shares for documents")
+        return [int(s) for s in self._sources[idx]]
+
+    def train_batch(self, index: int) -> dict:
+        """The training micro-batch with global index ``index`` (step × grad-accum + micro).
+
+        A pure function of (seed, stage name, index); see the module docstring for the keys.
+        Shapes: pretrain [B, seq_len]; sft [B, T] with T the longest example of the batch;
+        dpo/reward [B, T] with T the longest of chosen and rejected; grpo/ppo [B, P] left-padded.
+        """
+        return self._collate(self._train, self.train_indices(index))
+
+    def eval_batches(self) -> list[dict]:
+        """The fixed held-out batches: up to ``eval_steps`` of ``batch_size`` examples (the last may
+        be smaller); empty when the stage has no eval data."""
+        n = _n_examples(self._eval) if self._eval is not None else 0
+        batches = []
+        for b in range(self.eval_steps):
+            idx = np.arange(b * self.batch_size, min((b + 1) * self.batch_size, n))
+            if len(idx) == 0:
+                break
+            batches.append(self._collate(self._eval, idx))
+        return batches
+
+    # -- collation ---------------------------------------------------------------------------
+    def _collate(self, data, idx: np.ndarray) -> dict:
+        if self.family == "pretrain":
+            blocks, positions = data
+            ids = torch.from_numpy(blocks[idx].astype(np.int64))
+            labels = ids.clone()
+            labels[ids == self.pad_token_id] = IGNORE_INDEX
+            return {"input_ids": ids, "labels": labels,
+                    "position_ids": torch.from_numpy(positions[idx].astype(np.int64))}
+        rows = _take(data, idx)
+        if self.family == "sft":
+            ids, attn = _pad(rows["input_ids"], self.pad_token_id)
+            labels, _ = _pad(rows["labels"], IGNORE_INDEX)
+            return {"input_ids": ids, "labels": labels, "attention_mask": attn}
+        if self.family == "pair":
+            width = max(max(map(len, rows["chosen_input_ids"])), max(map(len, rows["rejected_input_ids"])))
+            out = {}
+            for side in ("chosen", "rejected"):
+                ids, attn = _pad(rows[f"{side}_input_ids"], self.pad_token_id, width)
+                labels, _ = _pad(rows[f"{side}_labels"], IGNORE_INDEX, width)
+                out.update({f"{side}_input_ids": ids, f"{side}_attention_mask": attn,
+                            f"{side}_labels": labels})
+            return out
+        ids, attn = _pad(rows["prompt_input_ids"], self.pad_token_id, left=True)
+        return {"prompt_input_ids": ids, "prompt_attention_mask": attn,
+                "prompts": [list(p) for p in rows["prompt"]]}
+
+
+def column(ds, name: str):
+    """Column ``name`` of a ``datasets.Dataset`` as one pyarrow Array (vectorised; honours an
+    indices mapping)."""
+    return ds.with_format("arrow")[:].column(name).combine_chunks()
+
+
+def _lengths(ds, name: str) -> np.ndarray:
+    import pyarrow.compute as pc
+
+    return pc.list_value_length(column(ds, name)).to_numpy(zero_copy_only=False)
+
+
+def _take(ds, idx: np.ndarray) -> dict[str, list]:
+    """Rows ``idx`` of ``ds`` as {column: python list} via one arrow take."""
+    table = ds.with_format("arrow")[idx.tolist()]
+    return {c: table.column(c).to_pylist() for c in table.column_names}
+
+
+def _n_examples(data) -> int:
+    if isinstance(data, tuple):
+        return int(data[0].shape[0])
+    return len(data)
+
+
+def _pad(seqs: list[list[int]], value: int, width: int | None = None, left: bool = False):
+    """Pad to ``width`` (default: the longest); returns (LongTensor [B, W], attention mask [B, W])."""
+    width = width or max(len(s) for s in seqs)
+    out = torch.full((len(seqs), width), value, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        if not s:
+            continue
+        t = torch.as_tensor(s, dtype=torch.long)
+        if left:
+            out[i, width - len(s):] = t
+            mask[i, width - len(s):] = 1
+        else:
+            out[i, : len(s)] = t
+            mask[i, : len(s)] = 1
+    return out, mask
+
+
+# -- packing -------------------------------------------------------------------------------------
+
+def pack_documents(flat: np.ndarray, eos_id: int, seq_len: int, pad_id: int):
+    """Cut a stream of EOS-terminated documents into ``seq_len`` blocks.
+
+    Args:
+        flat: int array [L], the documents' token ids joined (each document ends with ``eos_id``).
+        eos_id, seq_len, pad_id: as named.
+
+    Returns:
+        ``(blocks, positions)``, int32 arrays [N, seq_len], N = L // seq_len (the remainder is
+        dropped; when L < seq_len one right-padded block). Position ids count from 0 at the start
+        of each document and at the start of each block.
+
+    Raises:
+        ValueError: empty stream.
+    """
+    flat = np.asarray(flat, dtype=np.int32)
+    if flat.size == 0:
+        raise ValueError("no tokens to pack")
+    if flat.size < seq_len:
+        flat = np.concatenate([flat, np.full(seq_len - flat.size, pad_id, dtype=np.int32)])
+    n = flat.size // seq_len
+    flat = flat[: n * seq_len]
+    ar = np.arange(flat.size, dtype=np.int64)
+    start = np.zeros(flat.size, dtype=bool)
+    start[0] = True
+    start[1:] = flat[:-1] == eos_id
+    start[::seq_len] = True
+    last_start = np.maximum.accumulate(np.where(start, ar, 0))
+    positions = (ar - last_start).astype(np.int32)
+    return flat.reshape(n, seq_len), positions.reshape(n, seq_len)
+
+
+def _flat_column(ds, column: str) -> np.ndarray:
+    import pyarrow.compute as pc
+
+    table = ds.with_format("arrow")[:]
+    return pc.list_flatten(table[column]).to_numpy(zero_copy_only=False).astype(np.int32)
+
+
+# -- mixing --------------------------------------------------------------------------------------
+
+def mix(datasets_: list, weights: list[float], seed: int, stopping: str = "all_exhausted"):
+    """Interleave ``datasets_`` with sampling probabilities ∝ ``weights``.
+
+    Uses ``datasets.interleave_datasets(probabilities=..., seed=seed, stopping_strategy=stopping)``;
+    one dataset is returned unchanged.
+
+    Raises:
+        ValueError: a weight is not > 0, or an unknown stopping rule.
+    """
+    from datasets import interleave_datasets
+
+    if any(w <= 0 for w in weights):
+        raise ValueError(f"mixture weights must be > 0, got {weights}")
+    if stopping not in ("first_exhausted", "all_exhausted"):
+        raise ValueError(f"mixing.stopping: {stopping!r} is not first_exhausted/all_exhausted")
+    if len(datasets_) == 1:
+        return datasets_[0]
+    total = float(sum(weights))
+    return interleave_datasets(datasets_, probabilities=[w / total for w in weights], seed=int(seed),
+                               stopping_strategy=stopping)
+
+
+def mix_stream(parts: list, weights: list[float], seed: int, stopping: str, needed: int,
+               token_column: str | None = None):
+    """The stage's fixed training stream: seeded interleaving passes until ``needed`` is reached.
+
+    One pass is :func:`mix` of ``parts`` (pass k seeded by (seed, k)); passes are concatenated
+    until they hold ``needed`` examples (or, with ``token_column``, ``needed`` tokens), so the
+    realised shares over a whole run follow the weights as closely as independent sampling would
+    instead of repeating one short realisation. A single dataset is one pass.
+
+    Returns:
+        a ``datasets.Dataset`` with the parts' columns (``_source`` = index into ``parts``).
+    """
+    from datasets import concatenate_datasets
+
+    if len(parts) == 1:
+        return parts[0]
+    passes, total, k = [], 0, 0
+    while True:
+        pass_seed = seed if k == 0 else int(_rng(seed, "mix-pass", k).integers(2**31 - 1))
+        m = mix(parts, weights, pass_seed, stopping)
+        passes.append(m)
+        total += int(_lengths(m, token_column).sum()) if token_column else len(m)
+        k += 1
+        if total >= needed or k >= 10_000:
+            break
+    return passes[0] if len(passes) == 1 else concatenate_datasets(passes)
+
+
+def _examples_needed(cfg: dict, family: str) -> int:
+    """Examples (tokens for pretrain) the stage consumes: max_steps × grad-accum × batch size."""
+    n = int(cfg.get("max_steps") or 0) * int(cfg.get("gradient_accumulation_steps") or 1) \
+        * int(cfg["batch_size"])
+    return n * int(cfg["seq_len"]) if family == "pretrain" else n
+
+
+# -- build ---------------------------------------------------------------------------------------
+
+def _stage_config(recipe: dict, stage_name: str) -> dict:
+    stages = recipe.get("stages") or {}
+    if stage_name not in stages:
+        raise KeyError(f"stages.{stage_name}: no such stage")
+    cfg = {**STAGE_DEFAULTS, **stages[stage_name]}
+    cfg["mixing"] = {**STAGE_DEFAULTS["mixing"], **(stages[stage_name].get("mixing") or {})}
+    if cfg.get("seq_len") is None:
+        cfg["seq_len"] = int((recipe.get("model") or {}).get("max_seq_len", 512))
+    if cfg.get("type") not in STAGE_FAMILY:
+        raise ValueError(f"stages.{stage_name}.type: {cfg.get('type')!r} is not one of "
+                         f"{', '.join(STAGE_FAMILY)}")
+    if not cfg.get("datasets"):
+        raise ValueError(f"stages.{stage_name}.datasets: name at least one dataset")
+    return cfg
+
+
+def _tokenise(recipe: dict, name: str, split: str, rows, cfg: dict, family: str, kind_src: str,
+              kind_dst: str, tokenizer, tok_hash: str, source: int):
+    """Tokenise one dataset split (cached); returns (tokenised dataset, {reason: dropped})."""
+    if kind_src != kind_dst:
+        try:
+            rows = rows.map(lambda r: convert_kind(r, kind_src, kind_dst),
+                            remove_columns=rows.column_names, keep_in_memory=True,
+                            load_from_cache_file=False)
+        except ValueError as e:
+            raise ValueError(f"datasets.{name}: {e} (stage type {cfg['type']})") from None
+    fn, features = _TOKENISERS[family](tokenizer, int(cfg["seq_len"]), cfg, source)
+    key = hashlib.sha256(json.dumps({
+        "v": DATA_VERSION, "tok": tok_hash, "spec": dataset_spec(recipe, name), "split": split,
+        "seed": int(recipe.get("seed", 0)), "family": family, "seq_len": int(cfg["seq_len"]),
+        "truncation": cfg.get("truncation"), "max_new_tokens": cfg.get("max_new_tokens"),
+        "source": source, "n": len(rows),
+        # content fingerprint of the canonical rows (datasets hashes in-memory tables and the
+        # files a local/hub dataset was read from), so edited data never hits a stale cache
+        "rows": getattr(rows, "_fingerprint", None)}, sort_keys=True, default=str).encode()).hexdigest()[:20]
+    kwargs: dict[str, Any] = {"keep_in_memory": True}
+    out_dir = recipe.get("output_dir")
+    if out_dir and len(rows):
+        cache = Path(out_dir) / "cache"
+        cache.mkdir(parents=True, exist_ok=True)
+        kwargs = {"cache_file_name": str(cache / f"{family}-{name}-{split}-{key}.arrow")}
+    if len(rows) == 0:
+        return None, {}
+    tokd = rows.map(fn, batched=True, batch_size=256, remove_columns=rows.column_names,
+                    features=features, new_fingerprint=key, **kwargs)
+    drops = column(tokd, "_drop").to_pylist()
+    counts: dict[str, int] = {}
+    for d in drops:
+        if d:
+            counts[d] = counts.get(d, 0) + 1
+    if counts:
+        log.info("datasets.%s (%s): dropped %s at tokenisation", name, split, counts)
+        keep = [i for i, d in enumerate(drops) if not d]
+        tokd = tokd.select(keep)
+    return tokd.remove_columns("_drop"), counts
+
+
+def build_stage_data(recipe: dict, stage_name: str, tokenizer) -> StageData:
+    """Build the data of stage ``stage_name``: tokenised, mixed, (packed,) with pure batch access.
+
+    Args:
+        recipe: the resolved recipe (plain dict).
+        stage_name: a key of ``recipe["stages"]``.
+        tokenizer: the run's ``PreTrainedTokenizerFast`` (eos and pad set; a chat template for
+            every stage type but pretrain).
+
+    Returns:
+        :class:`StageData`.
+
+    Raises:
+        KeyError: unknown stage or dataset.
+        ValueError: a dataset cannot feed this stage type (e.g. text for sft), a dataset's bad rows
+            exceed ``max_bad_fraction``, the tokenizer has no chat template where one is needed,
+            or nothing is left to train on after dropping over-long examples.
+    """
+    cfg = _stage_config(recipe, stage_name)
+    family, kind_dst = STAGE_FAMILY[cfg["type"]]
+    seed = int(recipe.get("seed", 0))
+    seq_len = int(cfg["seq_len"])
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    if family == "pretrain" and tokenizer.eos_token_id is None:
+        raise ValueError("pretraining needs a tokenizer with an eos token")
+    tok_hash = tokenizer_fingerprint(tokenizer)
+    names = list(cfg["datasets"])
+    weights = [float(cfg["datasets"][n]) for n in names]
+    eval_spec = cfg.get("eval_datasets")
+    eval_names = list(eval_spec) if eval_spec else names
+
+    dropped: dict[str, dict[str, int]] = {}
+    train_parts, eval_parts = [], []
+    with _quiet_datasets():
+        for i, name in enumerate(names):
+            splits = load_named_dataset(recipe, name)
+            tokd, counts = _tokenise(recipe, name, "train", splits.train, cfg, family, splits.kind,
+                                     kind_dst, tokenizer, tok_hash, i)
+            dropped[name] = {**splits.dropped, **counts}
+            if tokd is None or len(tokd) == 0:
+                raise ValueError(f"stages.{stage_name}: dataset {name!r} has no usable training "
+                                 f"examples (dropped: {dropped[name]})")
+            train_parts.append(tokd)
+        for name in eval_names:
+            splits = load_named_dataset(recipe, name)
+            # the held-out split; a dataset named only for evaluation is used whole
+            rows = splits.eval if (not eval_spec or len(splits.eval)) else splits.train
+            tokd, counts = _tokenise(recipe, name, "eval", rows, cfg, family, splits.kind,
+                                     kind_dst, tokenizer, tok_hash, names.index(name)
+                                     if name in names else len(names) + eval_names.index(name))
+            if counts:
+                dropped.setdefault(name, {})
+                dropped[name].update({f"eval_{k}": v for k, v in counts.items()})
+            if tokd is not None and len(tokd):
+                eval_parts.append(tokd)
+
+        id_col = {"pretrain": "input_ids", "sft": "input_ids", "pair": "chosen_input_ids",
+                  "prompt": "prompt_input_ids"}[family]
+        mixed = mix_stream(train_parts, weights, seed, cfg["mixing"]["stopping"],
+                           _examples_needed(cfg, family), id_col if family == "pretrain" else None)
+        src = column(mixed, "_source").to_numpy()
+        lens = _lengths(mixed, id_col)
+        shares = {n: float((src == i).mean()) for i, n in enumerate(names)}
+        tok_total = max(int(lens.sum()), 1)
+        token_shares = {n: float(lens[src == i].sum() / tok_total) for i, n in enumerate(names)}
+
+        if family == "pretrain":
+            eos = tokenizer.eos_token_id
+            train = pack_documents(_flat_column(mixed, "input_ids"), eos, seq_len, pad_id)
+            eval_ = None
+            if eval_parts:
+                from datasets import concatenate_datasets
+
+                ev = concatenate_datasets(eval_parts)
+                eval_ = pack_documents(_flat_column(ev, "input_ids"), eos, seq_len, pad_id)
+        else:
+            train = mixed
+            eval_ = None
+            if eval_parts:
+                from datasets import concatenate_datasets
+
+                ev = concatenate_datasets(eval_parts)
+                perm = _rng(seed, "eval", stage_name).permutation(len(ev))
+                eval_ = ev.select(perm.tolist())
+
+    data = StageData(stage=stage_name, type=cfg["type"], seed=seed,
+                     batch_size=int(cfg["batch_size"]), seq_len=seq_len, pad_token_id=int(pad_id),
+                     eval_steps=int(cfg.get("eval_steps") or 0), shares=shares,
+                     token_shares=token_shares, dropped=dropped, _train=train, _eval=eval_,
+                     _sources=src.astype(np.int64) if family != "pretrain" else None)
+    log.info("stage %s: %d training examples, shares %s, dropped %s", stage_name,
+             data.num_train_examples, {k: round(v, 4) for k, v in shares.items()}, dropped)
+    return data

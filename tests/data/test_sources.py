@@ -1,0 +1,241 @@
+"""Sources and formats: the built-in real data, every format from local files, bad rows, filters
+and the held-out split."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from llmlab.data.sources import chatterbot_conversations, load_named_dataset
+
+U, A = "user", "assistant"
+
+
+def _m(role, content):
+    return {"role": role, "content": content}
+
+
+def _write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+def _load(tmp_path, spec, name="d", seed=0):
+    return load_named_dataset({"seed": seed, "output_dir": str(tmp_path / "run"),
+                               "datasets": {name: spec}}, name)
+
+
+# -- built-ins -----------------------------------------------------------------------------------
+
+def test_kjv_is_one_document_per_chapter():
+    s = load_named_dataset({"seed": 0, "datasets": {"b": {"builtin": "kjv"}}}, "b")
+    assert s.kind == "text" and len(s.train) == 1189  # chapters of the KJV
+    assert s.train[0]["text"].startswith("In the beginning God created the heaven and the earth. And")
+    assert s.train[0]["text"].endswith("And the evening and the morning were the sixth day.")
+    assert s.train[len(s.train) - 1]["text"].endswith("The grace of our Lord Jesus Christ be with you all. Amen.")
+
+
+def test_chatterbot_alternative_replies_become_separate_conversations():
+    rows, bad = chatterbot_conversations()
+    by_q = {}
+    for r in rows:
+        by_q.setdefault(r["messages"][0]["content"], []).append(r["messages"])
+    # ai.yml lists "Are you sentient?" three times with one reply each; emotion.yml lists
+    # "You are arrogant" once with four alternative replies: both give one pair per reply.
+    sentient = [c for c in by_q["Are you sentient?"] if len(c) == 2]
+    assert len(sentient) == 3 and all(c[1]["role"] == A for c in sentient)
+    arrogant = by_q["You are arrogant"]
+    assert len(arrogant) == 4 and all(len(c) == 2 for c in arrogant)
+    assert {c[1]["content"] for c in arrogant} >= {"Arrogance is not one of my emotions.",
+                                                   "I am terse.  There is a difference."}
+    # conversations.yml is a real dialogue: turns alternate, ending with the assistant
+    sugar = [c for c in by_q["Hello"] if len(c) > 2]
+    # 13 turns: the trailing user turn ("No problem") is dropped
+    assert any(c[-1]["content"] == "Thank you anyway" and len(c) == 12 for c in sugar)
+    for c in sugar:
+        assert [m["role"] for m in c] == [U, A] * (len(c) // 2)
+    # a malformed list in trivia.yml is reported, not trained on
+    assert len(bad) == 1 and "trivia.yml" in bad[0][0]
+
+
+def test_chatterbot_pairs_reject_a_reply_to_another_question():
+    s = load_named_dataset({"seed": 3, "datasets": {"p": {"builtin": "chatterbot_pairs"}}}, "p")
+    rows = s.train.to_list()
+    assert len(rows) > 1000
+    replies = {}
+    for r in rows:
+        replies.setdefault(r["prompt"][-1]["content"].lower(), set()).add(r["chosen"][0]["content"])
+    for r in rows:
+        assert r["rejected"][0]["content"] not in replies[r["prompt"][-1]["content"].lower()]
+    again = load_named_dataset({"seed": 3, "datasets": {"q": {"builtin": "chatterbot_pairs"}}}, "q")
+    assert again.train.to_list() == rows  # seeded
+    other = load_named_dataset({"seed": 4, "datasets": {"p": {"builtin": "chatterbot_pairs"}}}, "p")
+    assert other.train["rejected"] != s.train["rejected"]
+
+
+def test_eval_split_is_deterministic_and_held_out_by_prompt():
+    rec = {"seed": 11, "datasets": {"p": {"builtin": "chatterbot_pairs", "eval_split": 0.1}}}
+    s = load_named_dataset(rec, "p")
+    n = len(s.train) + len(s.eval)
+    assert abs(len(s.eval) - 0.1 * n) <= 12
+    train_prompts = {json.dumps(p) for p in s.train["prompt"]}
+    assert not any(json.dumps(p) in train_prompts for p in s.eval["prompt"])
+    rec2 = {"seed": 11, "datasets": {"p": {"builtin": "chatterbot_pairs", "eval_split": 0.1,
+                                           "max_bad_fraction": 0.02}}}  # new spec: not memoised
+    assert load_named_dataset(rec2, "p").eval.to_list() == s.eval.to_list()
+
+
+# -- every format from a local jsonl -------------------------------------------------------------
+
+FORMATS = {
+    "text": ([{"text": "In the beginning."}, {"text": "And the earth."}], "text"),
+    "messages": ([{"messages": [_m(U, "Hi"), _m(A, "Hello")]},
+                  {"messages": [_m("system", "Be brief."), _m(U, "Q"), _m(A, "R")]}], "conversation"),
+    "sharegpt": ([{"conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello"}]},
+                  {"conversations": [{"from": "human", "value": "Q"}, {"from": "gpt", "value": "R"}]}],
+                 "conversation"),
+    "alpaca": ([{"instruction": "Add", "input": "2 and 2", "output": "4"},
+                {"instruction": "Greet", "input": "", "output": "Hello"}], "conversation"),
+    "alpaca_response": ([{"instruction": "Add 2 and 2", "response": "4"},
+                         {"instruction": "Greet", "response": "Hello"}], "conversation"),
+    "prompt_completion": ([{"prompt": "Hi", "completion": "Hello"},
+                           {"prompt": [_m(U, "Q")], "completion": [_m(A, "R")]}], "conversation"),
+    "preference_strings": ([{"prompt": "Hi", "chosen": "Hello", "rejected": "Go away"},
+                            {"prompt": "Q", "chosen": "R", "rejected": "S"}], "preference"),
+    "preference_messages": ([{"prompt": [_m(U, "Hi")], "chosen": [_m(U, "Hi"), _m(A, "Hello")],
+                              "rejected": [_m(U, "Hi"), _m(A, "Go away")]},
+                             {"prompt": [_m(U, "Q")], "chosen": [_m(A, "R")], "rejected": [_m(A, "S")]}],
+                            "preference"),
+    "hh_rlhf": ([{"chosen": "\n\nHuman: What is 2+2?\n\nAssistant: 4.\n\nHuman: And 3+3?\n\nAssistant: 6.",
+                  "rejected": "\n\nHuman: What is 2+2?\n\nAssistant: 4.\n\nHuman: And 3+3?\n\nAssistant: No idea."},
+                 {"chosen": "\n\nHuman: Hi\n\nAssistant: Hello!",
+                  "rejected": "\n\nHuman: Hi\n\nAssistant: Go away."}], "preference"),
+    "prompt": ([{"prompt": "Tell me a joke"}, {"prompt": [_m(U, "Why?")]}], "prompt"),
+}
+
+
+@pytest.mark.parametrize("name", list(FORMATS))
+@pytest.mark.parametrize("explicit", [False, True])
+def test_every_format_loads_from_local_jsonl(tmp_path, name, explicit):
+    rows, kind = FORMATS[name]
+    path = _write_jsonl(tmp_path / f"{name}.jsonl", rows)
+    fmt = {"alpaca_response": "alpaca", "preference_strings": "preference",
+           "preference_messages": "preference", "hh_rlhf": "preference"}.get(name, name)
+    spec = {"path": path, **({"format": fmt} if explicit else {})}
+    s = _load(tmp_path, spec, name=f"{name}_{explicit}")
+    assert s.format == fmt and s.kind == kind and len(s.train) == 2 and s.num_bad == 0
+    out = s.train.to_list()
+    if name == "alpaca":
+        assert out[0]["messages"] == [_m(U, "Add\n\n2 and 2"), _m(A, "4")]
+        assert out[1]["messages"] == [_m(U, "Greet"), _m(A, "Hello")]
+    if name == "sharegpt":
+        assert out[0]["messages"] == [_m(U, "Hi"), _m(A, "Hello")]
+    if name == "preference_messages":  # the prompt repeated inside chosen/rejected is stripped
+        assert out[0] == {"prompt": [_m(U, "Hi")], "chosen": [_m(A, "Hello")], "rejected": [_m(A, "Go away")]}
+    if name == "hh_rlhf":  # the shared prefix up to the last human turn is the prompt
+        assert out[0]["prompt"] == [_m(U, "What is 2+2?"), _m(A, "4."), _m(U, "And 3+3?")]
+        assert out[0]["chosen"] == [_m(A, "6.")] and out[0]["rejected"] == [_m(A, "No idea.")]
+    if name == "prompt":
+        assert out[0]["prompt"] == [_m(U, "Tell me a joke")]
+
+
+def test_columns_mapping(tmp_path):
+    path = _write_jsonl(tmp_path / "qa.jsonl", [
+        {"question": "Hi", "good_answer": "Hello", "bad_answer": "No", "prompt": "ignored"}] * 3)
+    s = _load(tmp_path, {"path": path, "columns": {"prompt": "question", "chosen": "good_answer",
+                                                   "rejected": "bad_answer"}})
+    assert s.format == "preference"
+    assert s.train[0] == {"prompt": [_m(U, "Hi")], "chosen": [_m(A, "Hello")], "rejected": [_m(A, "No")]}
+
+
+@pytest.mark.parametrize("ext", ["csv", "parquet", "txt", "json"])
+def test_other_file_types_directories_and_globs(tmp_path, ext):
+    import pandas as pd
+
+    d = tmp_path / "data"
+    d.mkdir()
+    texts = [f"Verse number {i}. And it was so." for i in range(6)]
+    for part in range(2):
+        chunk = texts[part * 3:(part + 1) * 3]
+        f = d / f"part{part}.{ext}"
+        if ext == "csv":
+            pd.DataFrame({"text": chunk}).to_csv(f, index=False)
+        elif ext == "parquet":
+            pd.DataFrame({"text": chunk}).to_parquet(f)
+        elif ext == "json":
+            f.write_text(json.dumps([{"text": t} for t in chunk]))
+        else:
+            f.write_text("\n\n".join(chunk))  # one document per paragraph
+    for spec_path in (str(d), str(d / f"*.{ext}")):
+        s = _load(tmp_path, {"path": spec_path}, name=f"{ext}{len(spec_path)}")
+        assert sorted(s.train["text"]) == sorted(texts)
+    one = _load(tmp_path, {"path": str(d / f"part0.{ext}")}, name=f"{ext}_one")
+    assert one.train["text"] == texts[:3]
+
+
+def test_missing_path_names_the_dataset(tmp_path):
+    with pytest.raises(ValueError, match=r"datasets\.d\.path: .*no such file"):
+        _load(tmp_path, {"path": str(tmp_path / "nope.jsonl")})
+
+
+# -- bad rows ------------------------------------------------------------------------------------
+
+def _real_conversations(n):
+    rows, _ = chatterbot_conversations()
+    return [{"messages": r["messages"]} for r in rows[:n]]
+
+
+def test_bad_rows_are_dropped_and_counted(tmp_path):
+    rows = _real_conversations(300)
+    rows[7] = {"messages": [_m(U, "Hi"), _m(A, "  ")]}                  # empty content
+    rows[100] = {"messages": [_m(A, "Hello"), _m(U, "Hi")]}              # wrong role order
+    rows[200] = {"messages": [_m(U, "Hi"), {"role": "assistant", "content": 5}]}  # not a string
+    path = _write_jsonl(tmp_path / "chat.jsonl", rows)
+    s = _load(tmp_path, {"path": path, "max_bad_fraction": 0.02})
+    assert s.num_bad == 3 and len(s.train) == 297 and s.dropped["bad"] == 3
+    assert [r for r, _ in s.bad_rows] == [7, 100, 200]
+    assert "empty" in s.bad_rows[0][1] and "'user'" in s.bad_rows[1][1]
+
+
+def test_too_many_bad_rows_fail_naming_dataset_row_and_problem(tmp_path):
+    rows = _real_conversations(100)
+    rows[3] = {"messages": [_m(U, "Hi")]}     # no assistant turn
+    rows[50] = {"text": "no messages"}        # missing field
+    path = _write_jsonl(tmp_path / "chat.jsonl", rows)
+    with pytest.raises(ValueError, match=r"datasets\.mychat: 2 of 100 rows are bad .*"
+                                         r"max_bad_fraction 0\.01.*row 3: .*ends with a 'user' turn"):
+        _load(tmp_path, {"path": path, "format": "messages"}, name="mychat")
+
+
+# -- filters -------------------------------------------------------------------------------------
+
+def test_filters_on_real_data():
+    base = {"builtin": "chatterbot"}
+    plain = load_named_dataset({"seed": 0, "datasets": {"c": base}}, "c")
+    exact = load_named_dataset({"seed": 0, "datasets": {"c": {**base, "filters": {"dedup": "exact"}}}}, "c")
+    # tech_support.yml repeats many (question, reply) pairs verbatim
+    assert exact.filtered["dedup_exact"] > 500
+    assert len(exact.train) == len(plain.train) - exact.filtered["dedup_exact"]
+    assert len({json.dumps(m) for m in exact.train["messages"]}) == len(exact.train)
+    near = load_named_dataset({"seed": 0, "datasets": {"c": {**base, "filters": {
+        "dedup": "minhash", "minhash_threshold": 0.5}}}}, "c")
+    assert near.filtered["dedup_minhash"] > 0 and len(near.train) < len(exact.train)
+    lengths = load_named_dataset({"seed": 0, "datasets": {"c": {**base, "filters": {
+        "min_length": 20, "max_length": 400}}}}, "c")
+    assert lengths.filtered["min_length"] > 0 and lengths.filtered["max_length"] > 0
+    for msgs in lengths.train["messages"]:
+        assert 20 <= len("\n".join(m["content"] for m in msgs)) <= 400
+
+
+@pytest.mark.parametrize("streaming", [False, True])
+def test_hub_source_path_with_a_local_dataset_repo(tmp_path, streaming):
+    # `hub:` goes through datasets.load_dataset; a local dataset directory exercises the same
+    # code (split, streaming, max_samples) without the network.
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    _write_jsonl(repo / "train.jsonl", [{"instruction": f"Say {i}", "output": str(i)} for i in range(10)])
+    s = _load(tmp_path, {"hub": str(repo), "split": "train", "streaming": streaming, "max_samples": 4},
+              name=f"hub{streaming}")
+    assert s.format == "alpaca" and len(s.train) == 4
+    assert s.train[3]["messages"] == [_m(U, "Say 3"), _m(A, "3")]
