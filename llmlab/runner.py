@@ -217,9 +217,11 @@ class Runner:
                 outcomes.append(StageOutcome(n, self.recipe["stages"][n]["type"], "skipped", read_stage_json(self.out / n) or {}))
             return outcomes
 
-        tokenizer, tok_sha = self.ensure_tokenizer()
         device = self._device()
         accelerator = self._accelerator(device)
+        main = accelerator.is_main_process
+        with accelerator.main_process_first():  # under torchrun: rank 0 trains the tokenizer, the rest load it
+            tokenizer, tok_sha = self.ensure_tokenizer()
         stage_paths = {n: self.out / n for n in self.order}
 
         for name in selected:
@@ -233,7 +235,9 @@ class Runner:
             if status == "stale" or name in forced:
                 why = "forced" if name in forced and status != "stale" else f"stale: {detail}"
                 self.console.print(f"[yellow]↻[/] stage {name}: {why}; starting over")
-                shutil.rmtree(stage_dir, ignore_errors=True)
+                if main:
+                    shutil.rmtree(stage_dir, ignore_errors=True)
+                accelerator.wait_for_everyone()
                 status = "pending"
             inputs = stage_inputs(self.recipe, name, self.order)
             for role, dep in inputs.items():
@@ -254,14 +258,16 @@ class Runner:
                     "parts": self.fps[name]["parts"], "max_steps": int(cfg["max_steps"]),
                     "started_at": previous.get("started_at") or _now(), "tokenizer_sha256": tok_sha,
                     "init_path": str(init_path) if init_path else None}
-            _write_json_atomic(stage_dir / "stage.json", info)
+            if main:
+                _write_json_atomic(stage_dir / "stage.json", info)
+            accelerator.wait_for_everyone()
             ctx = StageContext(recipe=self.recipe, name=name, config=cfg, stage_dir=stage_dir, tokenizer=tokenizer,
                                init_path=init_path, stage_paths=stage_paths, device=device, allow_code=self.allow_code)
             stage = stage_class(cfg["type"])(ctx)
             with self._progress() as progress:
                 model, result = train(stage, fingerprint=self.fps[name]["fingerprint"], accelerator=accelerator,
-                                      reset_optimizer=reset_optimizer, progress=progress)
-            if accelerator.is_main_process:
+                                      reset_optimizer=reset_optimizer, progress=progress if main else None)
+            if main:
                 written = save_final(model, tokenizer, stage_dir, cfg)
                 summary = _metrics_summary(stage_dir / "metrics.jsonl")
                 info.update({"status": "done", "finished_at": _now(), "steps": result.steps,

@@ -160,7 +160,8 @@ def train(stage: Stage, *, fingerprint: str, accelerator=None, reset_optimizer: 
     if ctx.recipe.get("model", {}).get("gradient_checkpointing") and hasattr(model, "gradient_checkpointing_enable"):
         model.gradient_checkpointing_enable()
     model.to(device)
-    stage.setup(model)
+    with accelerator.main_process_first():  # rank 0 tokenizes and caches the data, the others reuse it
+        stage.setup(model)
 
     max_steps = int(cfg["max_steps"])
     gas = int(cfg.get("gradient_accumulation_steps", 1))
@@ -227,10 +228,12 @@ def train(stage: Stage, *, fingerprint: str, accelerator=None, reset_optimizer: 
                 "best_step": best_step, **(extra or {})}
 
     def run_eval() -> dict:
-        prepared_model.eval()
+        # the bare module: no DDP collectives, so the main process can evaluate alone
+        bare = unwrap(prepared_model)
+        bare.eval()
         with accelerator.autocast():
-            out = stage.evaluate(prepared_model, [_to_device(b, device) for b in eval_batches])
-        prepared_model.train()
+            out = stage.evaluate(bare, [_to_device(b, device) for b in eval_batches])
+        bare.train()
         return out
 
     if start_step == 0 and eval_batches and is_main:
@@ -274,6 +277,10 @@ def train(stage: Stage, *, fingerprint: str, accelerator=None, reset_optimizer: 
 
             if step % log_every == 0 or step == max_steps or step == start_step + 1:
                 now = time.perf_counter()
+                if world > 1:  # log the global mean, as a single process with the same global batch would
+                    loss_sum = accelerator.reduce(loss_sum, reduction="mean")
+                    metric_sums = {k: accelerator.reduce(v if isinstance(v, torch.Tensor) else torch.tensor(v, device=device),
+                                                         reduction="mean") for k, v in metric_sums.items()}
                 loss_val = _scalar(loss_sum)
                 if not math.isfinite(loss_val):
                     raise TrainingError(f"stage {ctx.name}: loss is {loss_val} at step {step}; "

@@ -1,0 +1,44 @@
+"""torchrun --nproc_per_node 2 on CPU (gloo): the loss curve matches one process with the same global batch."""
+
+import copy
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.tiny import TINY, write_recipe
+
+pytestmark = pytest.mark.slow
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _losses(d: Path) -> list[float]:
+    lines = [json.loads(x) for x in (d / "run" / "pretrain" / "metrics.jsonl").read_text().splitlines()]
+    return [r["loss"] for r in lines if "loss" in r]
+
+
+def test_torchrun_two_processes_match_single_process(tmp_path):
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
+    rec = copy.deepcopy(TINY)
+    rec["stages"] = {"pretrain": rec["stages"]["pretrain"]}
+    rec["stages"]["pretrain"].update(max_steps=6, log_every=1, eval_every=100, save_every=100, batch_size=4)
+    rec["device"] = "cpu"
+    single, multi = tmp_path / "single", tmp_path / "multi"
+    single.mkdir()
+    multi.mkdir()
+    one = copy.deepcopy(rec)
+    one["stages"]["pretrain"]["gradient_accumulation_steps"] = 2  # global batch 2 × 4, same micro-batches
+    r1 = subprocess.run([sys.executable, "-m", "llmlab.cli", "run", str(write_recipe(single, one))],
+                        cwd=single, env=env, capture_output=True, text=True, timeout=600)
+    assert r1.returncode == 0, r1.stdout + r1.stderr
+    r2 = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
+                         "-m", "llmlab.cli", "run", str(write_recipe(multi, rec))],
+                        cwd=multi, env=env, capture_output=True, text=True, timeout=600)
+    assert r2.returncode == 0, r2.stdout[-3000:] + r2.stderr[-3000:]
+    a, b = _losses(single), _losses(multi)
+    assert len(a) == len(b) == 6
+    for x, y in zip(a, b):
+        assert abs(x - y) < 1e-3, (a, b)
