@@ -115,6 +115,12 @@ def export(
     raise typer.Exit(export_command(model_dir, to, out_dir))
 
 
+# chat, generate, eval, serve (llmlab/inference/commands.py imports only the standard library and typer)
+from llmlab.inference.commands import register_commands  # noqa: E402
+
+register_commands(app)
+
+
 def main() -> None:
     """Console-script entry point."""
     app()

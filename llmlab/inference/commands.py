@@ -1,0 +1,514 @@
+"""The ``chat``, ``generate``, ``eval`` and ``serve`` commands as plain functions returning exit codes.
+
+``llmlab/cli.py`` wraps each in a Typer command (see :func:`build_app`, which holds the same wrappers
+for ``python -m llmlab.inference.commands``). This module imports nothing heavy at import time.
+
+Exit status: 0 success, 1 the model or data could not be loaded / the run failed, 2 bad arguments.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+
+def _err(msg: str) -> None:
+    print(f"error: {msg}", file=sys.stderr)
+
+
+def _info(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def _quiet_transformers() -> None:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        import datasets
+
+        datasets.disable_progress_bars()
+    except ImportError:
+        pass
+
+
+def _load(path: Path, stage: str | None, allow_code: bool, device: str | None, chat: bool | None,
+          quiet: bool = False):
+    """(model, tokenizer, is_chat, location) or None after printing the error."""
+    _quiet_transformers()
+    from llmlab.inference.loading import ModelLoadError, load_for_inference, locate_model
+
+    try:
+        loc = locate_model(path, stage)
+        model, tok, is_chat = load_for_inference(loc, allow_code=allow_code, device=device)
+    except (ModelLoadError, OSError, ValueError) as e:
+        _err(str(e))
+        return None
+    if chat is not None:
+        is_chat = chat
+    if not quiet:
+        for n in loc.notes:
+            _info(n)
+        _info(f"Loaded {loc.describe()} — {'chat' if is_chat else 'base (plain continuation)'} model")
+    return model, tok, is_chat, loc
+
+
+def _settings(temperature, top_k, top_p, max_new_tokens, repetition_penalty, seed):
+    from llmlab.inference.generation import GenerationSettings
+
+    return GenerationSettings(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                              repetition_penalty=repetition_penalty, seed=seed)
+
+
+def _check_sampling(temperature, top_k, top_p, max_new_tokens, repetition_penalty) -> bool:
+    problems = []
+    if temperature < 0:
+        problems.append("--temperature must be >= 0 (0 = greedy)")
+    if top_k < 0:
+        problems.append("--top-k must be >= 0 (0 = off)")
+    if not 0 < top_p <= 1:
+        problems.append("--top-p must be in (0, 1]")
+    if max_new_tokens < 1:
+        problems.append("--max-new-tokens must be >= 1")
+    if repetition_penalty <= 0:
+        problems.append("--repetition-penalty must be > 0")
+    for p in problems:
+        _err(p)
+    return not problems
+
+
+# -- chat ------------------------------------------------------------------------------------------
+def chat_command(path: Path, stage: str | None = None, temperature: float = 0.8, top_k: int = 50,
+                 top_p: float = 0.95, max_new_tokens: int = 256, repetition_penalty: float = 1.0,
+                 seed: int | None = None, system: str | None = None, chat: bool | None = None,
+                 allow_code: bool = False, device: str | None = None) -> int:
+    """Interactive chat in the terminal; returns the exit code."""
+    if not _check_sampling(temperature, top_k, top_p, max_new_tokens, repetition_penalty):
+        return 2
+    loaded = _load(path, stage, allow_code, device, chat)
+    if loaded is None:
+        return 1
+    model, tok, is_chat, _ = loaded
+    from llmlab.inference.chat import run_chat
+
+    settings = _settings(temperature, top_k, top_p, max_new_tokens, repetition_penalty, seed)
+    return run_chat(model, tok, is_chat, settings, system=system)
+
+
+# -- generate --------------------------------------------------------------------------------------
+def read_prompts(path: Path) -> list[Any]:
+    """Prompts from a file: ``.jsonl`` rows with ``prompt`` (string or messages), ``messages`` (the
+    conversation up to its last assistant turn) or ``text``; any other file: one prompt per line."""
+    if path.suffix == ".jsonl":
+        out = []
+        for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except ValueError as e:
+                raise ValueError(f"{path}:{i}: not valid JSON: {e}") from None
+            if isinstance(row, str):
+                out.append(row)
+            elif isinstance(row, dict) and "prompt" in row:
+                out.append(row["prompt"])
+            elif isinstance(row, dict) and "messages" in row:
+                msgs = row["messages"]
+                cut = max((j for j, m in enumerate(msgs) if m.get("role") == "assistant"), default=len(msgs))
+                out.append(msgs[:cut] or msgs)
+            elif isinstance(row, dict) and "text" in row:
+                out.append(row["text"])
+            else:
+                raise ValueError(f"{path}:{i}: expected a 'prompt', 'messages' or 'text' key")
+        return out
+    return [ln for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()]
+
+
+def generate_command(path: Path, prompt: str | None = None, prompts: Path | None = None,
+                     output: Path | None = None, stage: str | None = None, seed: int = 0,
+                     temperature: float = 0.8, top_k: int = 50, top_p: float = 0.95, max_new_tokens: int = 256,
+                     repetition_penalty: float = 1.0, system: str | None = None, chat: bool | None = None,
+                     jsonl: bool = False, allow_code: bool = False, device: str | None = None) -> int:
+    """Generate completions for one prompt or a file of prompts; returns the exit code.
+
+    Prompt ``i`` is sampled with seed ``seed + i``, so the output depends only on the model, the prompt,
+    its position and the settings. Results go to ``output`` as jsonl (one object per prompt), else to
+    stdout: the bare completion for a single ``--prompt``, else one block per prompt (or jsonl with
+    ``jsonl=True``).
+    """
+    if (prompt is None) == (prompts is None):
+        _err("give exactly one of --prompt TEXT or --prompts FILE")
+        return 2
+    if not _check_sampling(temperature, top_k, top_p, max_new_tokens, repetition_penalty):
+        return 2
+    if prompts is not None:
+        try:
+            items = read_prompts(Path(prompts))
+        except (OSError, ValueError) as e:
+            _err(str(e))
+            return 1
+        if not items:
+            _err(f"{prompts}: no prompts")
+            return 1
+    else:
+        items = [prompt]
+    loaded = _load(path, stage, allow_code, device, chat)
+    if loaded is None:
+        return 1
+    model, tok, is_chat, _ = loaded
+    from llmlab.inference.generation import generate_text
+
+    settings = _settings(temperature, top_k, top_p, max_new_tokens, repetition_penalty, seed)
+    with open(output, "w", encoding="utf-8") if output else contextlib.nullcontext() as fh:
+        for i, p in enumerate(items):
+            r = generate_text(model, tok, p, settings.replace(seed=seed + i), is_chat, system=system)
+            row = {"index": i, "prompt": p, "completion": r.text, "finish_reason": r.finish_reason,
+                   "prompt_tokens": r.prompt_tokens, "completion_tokens": r.completion_tokens, "seed": seed + i}
+            if fh:
+                fh.write(json.dumps(row, ensure_ascii=False) + "\n")
+                fh.flush()
+            elif jsonl:
+                print(json.dumps(row, ensure_ascii=False), flush=True)
+            elif prompt is not None:
+                print(r.text, flush=True)
+            else:
+                shown = p if isinstance(p, str) else json.dumps(p, ensure_ascii=False)
+                print(f"### [{i}] {shown}\n{r.text}\n", flush=True)
+    if output:
+        _info(f"Wrote {len(items)} completion(s) to {output}")
+    return 0
+
+
+# -- eval ------------------------------------------------------------------------------------------
+def _print_report(report: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"eval: {report.get('model')} on {report.get('dataset')}")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for k, v in report.items():
+        if k in ("model", "dataset", "samples", "lm_eval"):
+            continue
+        table.add_row(k, f"{v:.4f}" if isinstance(v, float) else str(v))
+    console = Console()
+    console.print(table)
+    for s in report.get("samples", [])[:8]:
+        last = s["prompt"][-1]["content"] if s["prompt"] else ""
+        extra = f"  (reward {s['reward']:.3f})" if "reward" in s else ""
+        console.print(f"[bold]> {last}[/bold]\n{s['completion']}{extra}", markup=True, highlight=False)
+
+
+def run_lm_eval(model: Any, tokenizer: Any, tasks: list[str], batch_size: int = 8, limit: int | None = None) -> dict:
+    """Run lm-evaluation-harness tasks on a loaded model (needs the optional ``lm-eval`` package and
+    its tasks' data available locally). Raises ImportError when lm-eval is not installed."""
+    import lm_eval  # type: ignore
+    from lm_eval.models.huggingface import HFLM  # type: ignore
+
+    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
+    res = lm_eval.simple_evaluate(model=lm, tasks=tasks, limit=limit)
+    return {"results": res.get("results", {}), "versions": res.get("versions", {})}
+
+
+def eval_command(path: Path, dataset: str | None = None, output: Path | None = None,
+                 stage: str | None = None, reference: Path | None = None, reference_stage: str | None = None,
+                 reward_model: Path | None = None, beta: float = 0.1, kind: str | None = None,
+                 limit: int | None = None, batch_size: int = 8, max_length: int | None = None,
+                 num_samples: int = 8, seed: int = 0, max_new_tokens: int = 64, temperature: float = 0.8,
+                 chat: bool | None = None, tasks: list[str] | None = None, split: str | None = None,
+                 allow_code: bool = False, device: str | None = None) -> int:
+    """Evaluate a model on a dataset (and/or lm-eval tasks); print a table, write JSON to ``output``.
+
+    ``dataset`` is a file, a dataset name of the run's recipe (held-out rows unless ``split`` says
+    otherwise) or a builtin (see :mod:`llmlab.inference.datasets`). Named datasets are capped at 200
+    evenly spaced rows unless ``limit`` says otherwise.
+    """
+    if dataset is None and not tasks:
+        _err("give --dataset SPEC (a .jsonl/.txt file or kjv, chatterbot, chatterbot_pairs) and/or --tasks")
+        return 2
+    if kind is not None and kind not in ("text", "conversation", "preference", "prompt"):
+        _err(f"--kind must be text, conversation, preference or prompt, not {kind!r}")
+        return 2
+    if tasks:
+        import importlib.util
+
+        if importlib.util.find_spec("lm_eval") is None:
+            _err("--tasks needs lm-evaluation-harness: pip install 'llmlab[eval]' (or lm-eval)")
+            return 1
+    rows: list = []
+    found_kind = None
+    if dataset is not None:
+        from llmlab.inference.datasets import DatasetError, load_eval_rows
+        from llmlab.inference.loading import ModelLoadError, locate_model, read_run_recipe
+
+        try:
+            recipe = read_run_recipe(locate_model(path, stage).run_dir)
+        except ModelLoadError as e:
+            _err(str(e))
+            return 1
+        named = not Path(dataset).exists()
+        try:
+            found_kind, rows = load_eval_rows(dataset, limit=limit if limit is not None else (200 if named else None),
+                                              kind=kind, split=split, recipe=recipe,
+                                              seed=int(recipe.get("seed", 0) or 0))
+        except DatasetError as e:
+            _err(str(e))
+            return 1
+    loaded = _load(path, stage, allow_code, device, chat)
+    if loaded is None:
+        return 1
+    model, tok, is_chat, loc = loaded
+    report: dict[str, Any] = {"model": str(loc.adapter_dir or loc.model_dir), "stage": loc.stage_name,
+                              "dataset": dataset}
+    if dataset is not None:
+        from llmlab.inference.evaluate import evaluate_model
+        from llmlab.inference.generation import GenerationSettings
+
+        ref = rm = None
+        if reference is not None:
+            if found_kind != "preference":
+                _err("--reference only applies to preference data")
+                return 2
+            got = _load(reference, reference_stage, allow_code, device, None)
+            if got is None:
+                return 1
+            ref, ref_tok = got[0], got[1]
+            if ref_tok.get_vocab() != tok.get_vocab():
+                _err("the reference model's tokenizer differs from the policy's; implicit rewards need the same one")
+                return 1
+            report["reference"] = str(got[3].adapter_dir or got[3].model_dir)
+        if reward_model is not None:
+            got = _load(reward_model, None, allow_code, device, None)
+            if got is None:
+                return 1
+            rm = (got[0], got[1], got[2])
+            report["reward_model"] = str(got[3].model_dir)
+        settings = GenerationSettings(max_new_tokens=max_new_tokens, temperature=temperature, seed=seed)
+        try:
+            report.update(evaluate_model(model, tok, rows, found_kind, is_chat=is_chat, reference=ref,
+                                         reward_model=rm, beta=beta, batch_size=batch_size, max_length=max_length,
+                                         settings=settings, num_samples=num_samples))
+        except ValueError as e:
+            _err(str(e))
+            return 1
+    if tasks:
+        report["lm_eval"] = run_lm_eval(model, tok, list(tasks), batch_size=batch_size, limit=limit)
+    _print_report(report)
+    if output is not None:
+        Path(output).parent.mkdir(parents=True, exist_ok=True)
+        Path(output).write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n")
+        _info(f"Wrote {output}")
+    return 0
+
+
+# -- serve -----------------------------------------------------------------------------------------
+def serve_command(path: Path, stage: str | None = None, host: str = "127.0.0.1", port: int = 8000,
+                  model_id: str | None = None, temperature: float = 0.8, top_k: int = 50, top_p: float = 0.95,
+                  max_new_tokens: int = 256, repetition_penalty: float = 1.0, seed: int | None = None,
+                  system: str | None = None, chat: bool | None = None, allow_code: bool = False,
+                  device: str | None = None, verbose: bool = False) -> int:
+    """Serve the model over HTTP until Ctrl+C (or SIGTERM); returns the exit code.
+
+    Port 0 picks a free port; the first line on stdout is ``Serving <model> on http://HOST:PORT``.
+    """
+    if not _check_sampling(temperature, top_k, top_p, max_new_tokens, repetition_penalty):
+        return 2
+    loaded = _load(path, stage, allow_code, device, chat)
+    if loaded is None:
+        return 1
+    model, tok, is_chat, loc = loaded
+    import signal
+
+    from llmlab.inference.server import InferenceServer, is_loopback
+
+    if not is_loopback(host):
+        _info(f"warning: listening on {host}: anyone who can reach this machine can use the model")
+    name = model_id or (loc.stage_name or Path(loc.model_dir).name)
+    try:
+        server = InferenceServer(model, tok, is_chat, host=host, port=port, model_id=name,
+                                 defaults=_settings(temperature, top_k, top_p, max_new_tokens, repetition_penalty, seed),
+                                 system=system, verbose=verbose)
+    except OSError as e:
+        _err(f"cannot listen on {host}:{port}: {e}")
+        return 1
+
+    def _term(signum, frame):  # SIGTERM ends like Ctrl+C
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, _term)
+    print(f"Serving {name} on {server.url} (POST /v1/chat/completions, POST /generate, GET /v1/models)",
+          flush=True)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
+    _info("Stopped.")
+    return 0
+
+
+# -- Typer wrappers (the same code goes into llmlab/cli.py) -----------------------------------------
+def build_app():
+    """A Typer app with the four commands, for ``python -m llmlab.inference.commands`` and tests."""
+    import typer
+
+    app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, no_args_is_help=True)
+    register_commands(app)
+    return app
+
+
+def register_commands(app) -> None:
+    """Add ``chat``, ``generate``, ``eval`` and ``serve`` to a Typer app (imports only typer)."""
+    import typer
+
+    # >>> paste into llmlab/cli.py from here
+    PATH_HELP = "A stage's final/ or adapter/ directory, a stage directory, or a run directory (with --stage)."
+    STAGE_HELP = "Stage to load when PATH is a run directory (default: the last finished stage)."
+    CHAT_HELP = "Force chat-template (--chat) or plain-continuation (--plain) mode; default: detected."
+    DEVICE_HELP = "Device: cpu, cuda, cuda:1 ... (default: cuda when available)."
+
+    @app.command()
+    def chat(
+        path: Path = typer.Argument(..., help=PATH_HELP),
+        stage: str | None = typer.Option(None, "--stage", help=STAGE_HELP),
+        temperature: float = typer.Option(0.8, "--temperature", help="Sampling temperature; 0 = greedy."),
+        top_k: int = typer.Option(50, "--top-k", help="Sample from the k most likely tokens; 0 = off."),
+        top_p: float = typer.Option(0.95, "--top-p", help="Nucleus sampling mass; 1 = off."),
+        max_new_tokens: int = typer.Option(256, "--max-new-tokens", help="Longest reply, in tokens."),
+        repetition_penalty: float = typer.Option(1.0, "--repetition-penalty", help="> 1 discourages repeats."),
+        seed: int | None = typer.Option(None, "--seed", help="Seed for reproducible replies."),
+        system: str | None = typer.Option(None, "--system", help="System prompt (chat models)."),
+        chat_mode: bool | None = typer.Option(None, "--chat/--plain", help=CHAT_HELP),
+        allow_code: bool = typer.Option(False, "--allow-code", help="Allow trust_remote_code checkpoints."),
+        device: str | None = typer.Option(None, "--device", help=DEVICE_HELP),
+    ):
+        """Talk to a model in the terminal; replies stream as they are generated.
+
+        Chat models (fine-tuned, with a ChatML template) keep the conversation; base models continue
+        each line as plain text. Type /reset to clear the conversation, /exit or Ctrl+C to quit.
+        """
+        from llmlab.inference.commands import chat_command
+
+        raise typer.Exit(chat_command(path, stage=stage, temperature=temperature, top_k=top_k, top_p=top_p,
+                                      max_new_tokens=max_new_tokens, repetition_penalty=repetition_penalty,
+                                      seed=seed, system=system, chat=chat_mode, allow_code=allow_code,
+                                      device=device))
+
+    @app.command()
+    def generate(
+        path: Path = typer.Argument(..., help=PATH_HELP),
+        prompt: str | None = typer.Option(None, "--prompt", help="One prompt."),
+        prompts: Path | None = typer.Option(None, "--prompts", help="A file of prompts: .jsonl rows with "
+                                               "'prompt' (text or messages), or one prompt per line."),
+        output: Path | None = typer.Option(None, "--output", "-o", help="Write jsonl here instead of stdout."),
+        stage: str | None = typer.Option(None, "--stage", help=STAGE_HELP),
+        seed: int = typer.Option(0, "--seed", help="Prompt i is sampled with seed + i: same seed, same output."),
+        temperature: float = typer.Option(0.8, "--temperature", help="Sampling temperature; 0 = greedy."),
+        top_k: int = typer.Option(50, "--top-k", help="Sample from the k most likely tokens; 0 = off."),
+        top_p: float = typer.Option(0.95, "--top-p", help="Nucleus sampling mass; 1 = off."),
+        max_new_tokens: int = typer.Option(256, "--max-new-tokens", help="Longest completion, in tokens."),
+        repetition_penalty: float = typer.Option(1.0, "--repetition-penalty", help="> 1 discourages repeats."),
+        system: str | None = typer.Option(None, "--system", help="System prompt (chat models)."),
+        chat_mode: bool | None = typer.Option(None, "--chat/--plain", help=CHAT_HELP),
+        jsonl: bool = typer.Option(False, "--jsonl", help="Print jsonl to stdout instead of text."),
+        allow_code: bool = typer.Option(False, "--allow-code", help="Allow trust_remote_code checkpoints."),
+        device: str | None = typer.Option(None, "--device", help=DEVICE_HELP),
+    ):
+        """Generate completions for a prompt or a file of prompts, deterministically for a given seed."""
+        from llmlab.inference.commands import generate_command
+
+        raise typer.Exit(generate_command(path, prompt=prompt, prompts=prompts, output=output, stage=stage,
+                                          seed=seed, temperature=temperature, top_k=top_k, top_p=top_p,
+                                          max_new_tokens=max_new_tokens, repetition_penalty=repetition_penalty,
+                                          system=system, chat=chat_mode, jsonl=jsonl, allow_code=allow_code,
+                                          device=device))
+
+    @app.command("eval")
+    def eval_(
+        path: Path = typer.Argument(..., help=PATH_HELP),
+        dataset: str | None = typer.Option(None, "--dataset", "-d", help="A .jsonl/.json/.txt file, a "
+                                              "dataset of the run's recipe (its held-out rows), or a builtin: "
+                                              "kjv (text), chatterbot (conversations), chatterbot_pairs "
+                                              "(preferences), chatterbot_prompts (prompts)."),
+        split: str | None = typer.Option(None, "--split", help="all, train or eval (default: eval for a "
+                                            "recipe dataset, all for a builtin)."),
+        output: Path | None = typer.Option(None, "--output", "-o", help="Write the JSON report here."),
+        stage: str | None = typer.Option(None, "--stage", help=STAGE_HELP),
+        reference: Path | None = typer.Option(None, "--reference", help="Reference model for DPO implicit "
+                                                 "rewards on preference data (usually the stage DPO started from)."),
+        reference_stage: str | None = typer.Option(None, "--reference-stage", help="Stage of --reference "
+                                                      "when it is a run directory."),
+        reward_model: Path | None = typer.Option(None, "--reward-model", help="Reward model that scores "
+                                                    "sampled generations on prompt data."),
+        beta: float = typer.Option(0.1, "--beta", help="DPO beta of the implicit reward."),
+        kind: str | None = typer.Option(None, "--kind", help="Evaluate rows as: text, conversation, "
+                                           "preference or prompt (default: from the data's format)."),
+        limit: int | None = typer.Option(None, "--limit", help="At most this many rows, evenly spaced "
+                                            "(builtins default to 200)."),
+        batch_size: int = typer.Option(8, "--batch-size", help="Sequences per forward pass."),
+        max_length: int | None = typer.Option(None, "--max-length", help="Longest sequence scored "
+                                                 "(default: the model's context)."),
+        num_samples: int = typer.Option(8, "--num-samples", help="Prompts to sample generations for."),
+        seed: int = typer.Option(0, "--seed", help="Seed of the sampled generations."),
+        max_new_tokens: int = typer.Option(64, "--max-new-tokens", help="Longest sampled generation."),
+        temperature: float = typer.Option(0.8, "--temperature", help="Temperature of sampled generations."),
+        chat_mode: bool | None = typer.Option(None, "--chat/--plain", help=CHAT_HELP),
+        tasks: list[str] = typer.Option([], "--tasks", help="lm-evaluation-harness tasks (needs the "
+                                        "optional lm-eval package and the tasks' data)."),
+        allow_code: bool = typer.Option(False, "--allow-code", help="Allow trust_remote_code checkpoints."),
+        device: str | None = typer.Option(None, "--device", help=DEVICE_HELP),
+    ):
+        """Measure a model: perplexity and bits per byte on text, preference accuracy and margin,
+        or sampled generations on prompts. Prints a table; --output writes a JSON report."""
+        from llmlab.inference.commands import eval_command
+
+        raise typer.Exit(eval_command(path, dataset=dataset, output=output, stage=stage, reference=reference,
+                                      reference_stage=reference_stage, reward_model=reward_model, beta=beta,
+                                      kind=kind, limit=limit, batch_size=batch_size, max_length=max_length,
+                                      num_samples=num_samples, seed=seed, max_new_tokens=max_new_tokens,
+                                      temperature=temperature, chat=chat_mode, tasks=tasks or None,
+                                      split=split, allow_code=allow_code, device=device))
+
+    @app.command()
+    def serve(
+        path: Path = typer.Argument(..., help=PATH_HELP),
+        stage: str | None = typer.Option(None, "--stage", help=STAGE_HELP),
+        host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on (loopback unless told "
+                                 "otherwise)."),
+        port: int = typer.Option(8000, "--port", help="Port to listen on; 0 picks a free one."),
+        model_id: str | None = typer.Option(None, "--model-id", help="Model name reported by the API "
+                                               "(default: the stage name)."),
+        temperature: float = typer.Option(0.8, "--temperature", help="Default sampling temperature."),
+        top_k: int = typer.Option(50, "--top-k", help="Default top-k; 0 = off."),
+        top_p: float = typer.Option(0.95, "--top-p", help="Default nucleus mass; 1 = off."),
+        max_new_tokens: int = typer.Option(256, "--max-new-tokens", help="Default longest reply, in tokens."),
+        repetition_penalty: float = typer.Option(1.0, "--repetition-penalty", help="Default repetition penalty."),
+        seed: int | None = typer.Option(None, "--seed", help="Default seed when a request gives none."),
+        system: str | None = typer.Option(None, "--system", help="System prompt added to chat requests "
+                                             "that have none."),
+        chat_mode: bool | None = typer.Option(None, "--chat/--plain", help=CHAT_HELP),
+        allow_code: bool = typer.Option(False, "--allow-code", help="Allow trust_remote_code checkpoints."),
+        device: str | None = typer.Option(None, "--device", help=DEVICE_HELP),
+        verbose: bool = typer.Option(False, "--verbose", help="Log each request."),
+    ):
+        """Serve a model over HTTP: POST /generate, OpenAI-compatible POST /v1/chat/completions
+        (streaming too) and GET /v1/models."""
+        from llmlab.inference.commands import serve_command
+
+        raise typer.Exit(serve_command(path, stage=stage, host=host, port=port, model_id=model_id,
+                                       temperature=temperature, top_k=top_k, top_p=top_p,
+                                       max_new_tokens=max_new_tokens, repetition_penalty=repetition_penalty,
+                                       seed=seed, system=system, chat=chat_mode, allow_code=allow_code,
+                                       device=device, verbose=verbose))
+    # <<< paste into llmlab/cli.py until here
+
+
+if __name__ == "__main__":
+    build_app()()

@@ -1,0 +1,347 @@
+"""Measure a model on canonical rows (see :mod:`llmlab.inference.datasets`).
+
+:func:`evaluate_model` is the one entry point, used by ``llmlab eval`` and meant for an ``evaluate``
+stage type. What it reports per kind:
+
+- text: ``perplexity = exp(mean_loss)``, where ``mean_loss`` is the mean negative log-likelihood
+  (nats) over every scored token of every document, and ``bits_per_byte = total_nll / ln 2 /
+  utf8_bytes`` (comparable across tokenizers). Each document is encoded without special tokens and
+  conditioned on one start token (BOS, else EOS — the document separator the packed pretraining data
+  uses), so every token of the text is scored and no trailing EOS is; a document longer than the
+  context is cut into windows that overlap by one token (each window is scored on its own context).
+- conversation: perplexity on the assistant tokens only (the SFT objective).
+- preference: per pair the summed log-probability of the chosen and the rejected completion given the
+  prompt.
+  Conversations are tokenized as ``llmlab.data`` tokenizes them for training: the chat template over
+  the whole conversation, no BOS added, scored tokens = the template's generation spans (each reply
+  plus its ``<|im_end|>``), so these numbers match the sft/dpo stages' own eval metrics. For a base
+  model (no chat template) the prompt's contents and the completion are joined as plain text. ``logp_accuracy`` is the share of pairs where the model prefers the chosen one (needs no
+  reference, so it compares any two models). With a reference model, the DPO implicit reward
+  ``r = beta * (log pi(y|x) - log pi_ref(y|x))`` gives ``reward_accuracy`` (share with
+  r_chosen > r_rejected, ties count as wrong as in TRL), ``reward_margin`` (mean r_chosen - r_rejected)
+  and the mean rewards. A reward model (``*ForSequenceClassification``) is scored directly: its
+  accuracy and margin on chosen vs rejected.
+- prompt: sample generations (seeded), with a reward model's score for each when one is given.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from llmlab.inference.generation import GenerationSettings, context_limit, generate_text, messages_as_text
+from llmlab.inference.loading import has_chatml_template, is_reward_model
+
+LN2 = math.log(2.0)
+
+
+# -- scoring ---------------------------------------------------------------------------------------
+@torch.no_grad()
+def score_tokens(model: Any, items: Sequence[tuple[list[int], list[bool]]], pad_id: int,
+                 batch_size: int = 8) -> list[tuple[float, int]]:
+    """Summed log-probability of the flagged tokens of each sequence.
+
+    Args:
+        items: ``(ids, scored)`` pairs; ``scored[i]`` says whether token ``i`` (predicted from the
+            tokens before it) counts. ``scored[0]`` is ignored.
+    Returns:
+        ``(sum_logprob, n_scored)`` per item, in order.
+    """
+    device = next(model.parameters()).device
+    out: list[tuple[float, int] | None] = [None] * len(items)
+    order = sorted(range(len(items)), key=lambda i: -len(items[i][0]))
+    for b in range(0, len(order), batch_size):
+        idx = order[b: b + batch_size]
+        T = max(len(items[i][0]) for i in idx)
+        ids = torch.full((len(idx), T), pad_id, dtype=torch.long)
+        att = torch.zeros((len(idx), T), dtype=torch.long)
+        sc = torch.zeros((len(idx), T), dtype=torch.bool)
+        for r, i in enumerate(idx):
+            seq, flags = items[i]
+            ids[r, : len(seq)] = torch.tensor(seq, dtype=torch.long)
+            att[r, : len(seq)] = 1
+            sc[r, 1: len(seq)] = torch.tensor(flags[1:], dtype=torch.bool)
+        logits = model(input_ids=ids.to(device), attention_mask=att.to(device)).logits.float()
+        logp = torch.log_softmax(logits[:, :-1], dim=-1)
+        tok = logp.gather(-1, ids[:, 1:].to(device).unsqueeze(-1)).squeeze(-1)
+        mask = sc[:, 1:].to(device)
+        sums = (tok * mask).sum(-1).tolist()
+        counts = mask.sum(-1).tolist()
+        for r, i in enumerate(idx):
+            out[i] = (float(sums[r]), int(counts[r]))
+    return out  # type: ignore[return-value]
+
+
+def _start_token(tokenizer: Any) -> list[int]:
+    for t in (tokenizer.bos_token_id, tokenizer.eos_token_id):
+        if t is not None:
+            return [int(t)]
+    return []
+
+
+def _windows(ids: list[int], limit: int) -> list[tuple[list[int], list[bool]]]:
+    """Cut a sequence whose every token but the first is scored into windows overlapping by one."""
+    if len(ids) <= limit:
+        return [(ids, [False] + [True] * (len(ids) - 1))]
+    out = []
+    s = 0
+    while s < len(ids) - 1:
+        w = ids[s: s + limit]
+        out.append((w, [False] + [True] * (len(w) - 1)))
+        s += limit - 1
+    return out
+
+
+def _max_len(model: Any, max_length: int | None) -> int:
+    lim = context_limit(model) or 2048
+    return min(lim, max_length) if max_length else lim
+
+
+def _pad_id(tokenizer: Any) -> int:
+    return int(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id or 0)
+
+
+def _render(tokenizer: Any, messages: list[dict], is_chat: bool, generation_prompt: bool) -> str:
+    if is_chat:
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+    text = messages_as_text(messages)
+    return text + "\n" if generation_prompt and text else text
+
+
+def _encode(tokenizer: Any, text: str) -> list[int]:
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"]) if text else []
+
+
+def _spans(mask: Sequence[int]) -> list[tuple[int, int]]:
+    out, start = [], None
+    for i, m in enumerate(list(mask) + [0]):
+        if m and start is None:
+            start = i
+        elif not m and start is not None:
+            out.append((start, i))
+            start = None
+    return out
+
+
+def _chat_scored(tokenizer: Any, messages: list[dict], last_k: int | None, limit: int) -> tuple[list[int], list[bool]]:
+    """Chat-rendered ids with the tokens of the last ``last_k`` assistant turns flagged (all when None).
+
+    Follows the training convention of ``llmlab.data``: the whole conversation tokenized by the chat
+    template, scored tokens = the template's generation spans (reply + ``<|im_end|>``), no BOS added.
+    Templates without generation markers fall back to rendering prefix by prefix, scoring each
+    assistant turn's rendering minus its trailing whitespace.
+    """
+    enc = tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True,
+                                        return_assistant_tokens_mask=True)
+    ids = list(enc["input_ids"])
+    spans = _spans(enc.get("assistant_masks") or [])
+    if not spans:
+        return _chat_scored_by_prefix(tokenizer, messages, last_k, limit)
+    if last_k is not None:
+        spans = spans[-last_k:] if last_k > 0 else []
+    flags = [False] * len(ids)
+    for a, b in spans:
+        flags[a:b] = [True] * (b - a)
+    return _fit(ids, flags, limit)
+
+
+def _chat_scored_by_prefix(tokenizer: Any, messages: list[dict], last_k: int | None,
+                           limit: int) -> tuple[list[int], list[bool]]:
+    n_assist = sum(m["role"] == "assistant" for m in messages)
+    first_scored = 0 if last_k is None else n_assist - last_k
+    ids: list[int] = []
+    flags: list[bool] = []
+    done, seen = "", 0
+    for i, m in enumerate(messages):
+        if m["role"] != "assistant":
+            continue
+        before = tokenizer.apply_chat_template(messages[:i], tokenize=False, add_generation_prompt=True)
+        through = tokenizer.apply_chat_template(messages[: i + 1], tokenize=False)
+        if not (before.startswith(done) and through.startswith(before)):
+            raise ValueError("the chat template does not render conversations prefix by prefix")
+        piece = through[len(before):]
+        core = piece.rstrip()  # the reply and its end marker; trailing whitespace is template layout
+        a, b, c = (_encode(tokenizer, before[len(done):]), _encode(tokenizer, core),
+                   _encode(tokenizer, piece[len(core):]))
+        ids += a + b + c
+        flags += [False] * len(a) + [seen >= first_scored] * len(b) + [False] * len(c)
+        done, seen = through, seen + 1
+    return _fit(ids, flags, limit)
+
+
+def _fit(ids: list[int], flags: list[bool], limit: int) -> tuple[list[int], list[bool]]:
+    """Cut from the left to ``limit`` tokens, keeping the scored tail."""
+    if len(ids) > limit:
+        ids, flags = ids[-limit:], flags[-limit:]
+    return ids, flags
+
+
+def _prompt_completion(tokenizer: Any, prompt: list[dict], completion: list[dict], is_chat: bool,
+                       limit: int) -> tuple[list[int], list[bool]]:
+    """Token ids of prompt + completion with the completion's tokens flagged, cut to ``limit``."""
+    if is_chat:
+        return _chat_scored(tokenizer, prompt + completion,
+                            sum(m["role"] == "assistant" for m in completion), limit)
+    p_ids = _start_token(tokenizer) + _encode(tokenizer, messages_as_text(prompt) + "\n" if prompt else "")
+    c_ids = _encode(tokenizer, messages_as_text(completion))[: max(limit - 1, 1)]
+    p_ids = p_ids[-max(limit - len(c_ids), 1):]
+    return p_ids + c_ids, [False] * len(p_ids) + [True] * len(c_ids)
+
+
+# -- per kind --------------------------------------------------------------------------------------
+def eval_text(model: Any, tokenizer: Any, texts: Sequence[str], batch_size: int = 8,
+              max_length: int | None = None) -> dict:
+    """Perplexity and bits per byte on plain text documents (rule in the module docstring)."""
+    limit = _max_len(model, max_length)
+    start = _start_token(tokenizer)
+    items = []
+    n_bytes = 0
+    for t in texts:
+        ids = start + _encode(tokenizer, t)
+        n_bytes += len(t.encode("utf-8"))
+        if len(ids) >= 2:
+            items.extend(_windows(ids, limit))
+    scores = score_tokens(model, items, _pad_id(tokenizer), batch_size)
+    nll = -sum(s for s, _ in scores)
+    n = sum(c for _, c in scores)
+    mean = nll / max(n, 1)
+    return {"documents": len(texts), "tokens": n, "bytes": n_bytes, "mean_loss": mean,
+            "perplexity": math.exp(mean) if n else float("nan"),
+            "bits_per_token": mean / LN2, "bits_per_byte": nll / LN2 / n_bytes if n_bytes else float("nan")}
+
+
+def eval_conversation(model: Any, tokenizer: Any, rows: Sequence[dict], batch_size: int = 8,
+                      max_length: int | None = None) -> dict:
+    """Perplexity on the assistant tokens of conversations (needs a chat template)."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise ValueError("conversation data needs a tokenizer with a chat template")
+    limit = _max_len(model, max_length)
+    items = [_chat_scored(tokenizer, r["messages"], None, limit) for r in rows]
+    scores = score_tokens(model, items, _pad_id(tokenizer), batch_size)
+    nll = -sum(s for s, _ in scores)
+    n = sum(c for _, c in scores)
+    mean = nll / max(n, 1)
+    return {"conversations": len(rows), "tokens": n, "mean_loss": mean,
+            "perplexity": math.exp(mean) if n else float("nan")}
+
+
+def preference_logps(model: Any, tokenizer: Any, rows: Sequence[dict], is_chat: bool, batch_size: int = 8,
+                     max_length: int | None = None) -> tuple[list[float], list[float]]:
+    """Summed log-probabilities of the chosen and of the rejected completion, per pair."""
+    limit = _max_len(model, max_length)
+    items = []
+    for r in rows:
+        items.append(_prompt_completion(tokenizer, r["prompt"], r["chosen"], is_chat, limit))
+        items.append(_prompt_completion(tokenizer, r["prompt"], r["rejected"], is_chat, limit))
+    scores = score_tokens(model, items, _pad_id(tokenizer), batch_size)
+    return [s for s, _ in scores[0::2]], [s for s, _ in scores[1::2]]
+
+
+@torch.no_grad()
+def reward_scores(reward_model: Any, tokenizer: Any, conversations: Sequence[list[dict]], is_chat: bool) -> list[float]:
+    """A reward model's scalar score for each conversation (one at a time: no padding ambiguity)."""
+    device = next(reward_model.parameters()).device
+    limit = _max_len(reward_model, None)
+    out = []
+    for msgs in conversations:
+        text = _render(tokenizer, msgs, is_chat, False)
+        ids = _encode(tokenizer, text) if is_chat else _start_token(tokenizer) + _encode(tokenizer, text)
+        ids = ids[-limit:]
+        logits = reward_model(input_ids=torch.tensor([ids], device=device)).logits
+        out.append(float(logits.reshape(-1)[0]))
+    return out
+
+
+def _mean(xs: Sequence[float]) -> float:
+    return sum(xs) / len(xs) if xs else float("nan")
+
+
+def eval_preference(model: Any, tokenizer: Any, rows: Sequence[dict], is_chat: bool, reference: Any = None,
+                    beta: float = 0.1, batch_size: int = 8, max_length: int | None = None) -> dict:
+    """Preference metrics of a policy (optionally against a reference) or of a reward model."""
+    if is_reward_model(model):
+        convs_c = [r["prompt"] + r["chosen"] for r in rows]
+        convs_r = [r["prompt"] + r["rejected"] for r in rows]
+        sc, sr = reward_scores(model, tokenizer, convs_c, is_chat), reward_scores(model, tokenizer, convs_r, is_chat)
+        diffs = [a - b for a, b in zip(sc, sr)]
+        return {"pairs": len(rows), "reward_model": True, "reward_accuracy": _mean([float(d > 0) for d in diffs]),
+                "reward_margin": _mean(diffs), "chosen_reward": _mean(sc), "rejected_reward": _mean(sr)}
+    pc, pr = preference_logps(model, tokenizer, rows, is_chat, batch_size, max_length)
+    res = {"pairs": len(rows), "logp_accuracy": _mean([float(a > b) for a, b in zip(pc, pr)]),
+           "chosen_logp": _mean(pc), "rejected_logp": _mean(pr)}
+    if reference is not None:
+        rc, rr = preference_logps(reference, tokenizer, rows, is_chat, batch_size, max_length)
+        r_c = [beta * (a - b) for a, b in zip(pc, rc)]
+        r_r = [beta * (a - b) for a, b in zip(pr, rr)]
+        res.update(beta=beta, reward_accuracy=_mean([float(a > b) for a, b in zip(r_c, r_r)]),
+                   reward_margin=_mean([a - b for a, b in zip(r_c, r_r)]), chosen_reward=_mean(r_c),
+                   rejected_reward=_mean(r_r),
+                   reference_logp_accuracy=_mean([float(a > b) for a, b in zip(rc, rr)]))
+    return res
+
+
+def eval_prompts(model: Any, tokenizer: Any, rows: Sequence[dict], is_chat: bool,
+                 settings: GenerationSettings | None = None, num_samples: int = 8, reward_model: Any = None) -> dict:
+    """Sample generations for the first ``num_samples`` prompts; score them with a reward model
+    ``(model, tokenizer, is_chat)`` when given. Sample ``i`` uses seed ``settings.seed + i``."""
+    settings = settings or GenerationSettings(max_new_tokens=64, seed=0)
+    base_seed = settings.seed if settings.seed is not None else 0
+    samples = []
+    for i, r in enumerate(rows[:num_samples]):
+        g = generate_text(model, tokenizer, r["prompt"], settings.replace(seed=base_seed + i), is_chat)
+        s = {"prompt": r["prompt"], "completion": g.text, "finish_reason": g.finish_reason,
+             "completion_tokens": g.completion_tokens}
+        if reward_model is not None:
+            rm, rtok, rchat = reward_model
+            s["reward"] = reward_scores(rm, rtok, [r["prompt"] + [{"role": "assistant", "content": g.text}]], rchat)[0]
+        samples.append(s)
+    res: dict = {"prompts": len(samples), "mean_completion_tokens": _mean([s["completion_tokens"] for s in samples]),
+                 "samples": samples}
+    if reward_model is not None:
+        res["mean_reward"] = _mean([s["reward"] for s in samples])
+    return res
+
+
+def evaluate_model(model: Any, tokenizer: Any, rows: Sequence[dict], kind: str, *, is_chat: bool | None = None,
+                   reference: Any = None, reward_model: Any = None, beta: float = 0.1, batch_size: int = 8,
+                   max_length: int | None = None, settings: GenerationSettings | None = None,
+                   num_samples: int = 8) -> dict:
+    """Evaluate a model on rows of one kind; returns a JSON-ready dict of metrics.
+
+    Args:
+        model, tokenizer: a causal LM (or, for preference rows, a reward model) and its tokenizer.
+        rows: canonical rows (see :mod:`llmlab.inference.datasets`).
+        kind: ``"text"``, ``"conversation"``, ``"preference"`` or ``"prompt"``.
+        is_chat: render conversations with the chat template; default: the tokenizer has a ChatML one.
+        reference: a reference causal LM sharing ``tokenizer``, for DPO implicit rewards (preference).
+        reward_model: ``(model, tokenizer, is_chat)`` scoring sampled generations (prompt).
+        beta: the DPO beta of the implicit reward.
+        batch_size, max_length: scoring batch size and the longest sequence scored (default: context).
+        settings, num_samples: generation settings and number of prompts sampled (prompt).
+
+    The metrics are described in this module's docstring. The result always holds ``kind``,
+    ``rows`` and ``seconds``.
+    """
+    if is_chat is None:
+        is_chat = has_chatml_template(tokenizer)
+    t0 = time.perf_counter()
+    was_training = model.training
+    model.eval()
+    try:
+        if kind == "text":
+            res = eval_text(model, tokenizer, [r["text"] for r in rows], batch_size, max_length)
+        elif kind == "conversation":
+            res = eval_conversation(model, tokenizer, rows, batch_size, max_length)
+        elif kind == "preference":
+            res = eval_preference(model, tokenizer, rows, is_chat, reference, beta, batch_size, max_length)
+        elif kind == "prompt":
+            res = eval_prompts(model, tokenizer, rows, is_chat, settings, num_samples, reward_model)
+        else:
+            raise ValueError(f"unknown kind {kind!r} (text, conversation, preference, prompt)")
+    finally:
+        model.train(was_training)
+    return {"kind": kind, "rows": len(rows), **res, "seconds": round(time.perf_counter() - t0, 3)}

@@ -1,0 +1,76 @@
+"""Loading any stage's output for inference: final/, adapter/, run dir + stage; the chat rule."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+
+from llmlab.inference.loading import ModelLoadError, load_for_inference, locate_model
+
+
+def test_final_dir_of_pretrain_is_a_base_model(tiny_run):
+    model, tok, is_chat = load_for_inference(tiny_run / "pretrain" / "final")
+    assert not is_chat
+    assert not model.training
+    assert tok.chat_template  # the template exists, but the model was never fine-tuned
+
+
+def test_run_dir_plus_stage_loads_the_chat_model(tiny_run):
+    model, _, is_chat = load_for_inference(tiny_run, stage="sft")
+    assert is_chat
+    ref, _, _ = load_for_inference(tiny_run / "sft" / "final")
+    ids = torch.tensor([[1, 2, 3, 4]])
+    assert torch.equal(model(ids).logits, ref(ids).logits)
+
+
+def test_adapter_base_comes_from_the_recipe_and_adapter_is_applied(tiny_run):
+    # adapter_config.json names a hub id that is not on this machine: the base must come from the
+    # run recipe's `from: sft`, and the hub must not be contacted.
+    loc = locate_model(tiny_run / "lora" / "adapter")
+    assert loc.model_dir == (tiny_run / "sft" / "final").resolve()
+    merged, _, is_chat = load_for_inference(loc)
+    assert is_chat
+
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(tiny_run / "sft" / "final")
+    ids = torch.tensor([[5, 6, 7, 8, 9]])
+    with torch.no_grad():
+        plain = base(ids).logits
+        peft = PeftModel.from_pretrained(base, tiny_run / "lora" / "adapter").eval()(ids).logits
+        got = merged(ids).logits
+    assert torch.allclose(got, peft, atol=1e-5)
+    assert not torch.allclose(got, plain, atol=1e-4)  # the adapter changed something
+
+
+def test_run_dir_without_stage_takes_the_last_finished_stage(tiny_run):
+    loc = locate_model(tiny_run)
+    assert loc.stage_name == "lora" and loc.adapter_dir is not None
+    assert any("last finished stage" in n for n in loc.notes)
+
+
+def test_errors_name_what_is_missing(tiny_run, tmp_path):
+    with pytest.raises(ModelLoadError, match="no stage 'dpo'.*pretrain"):
+        locate_model(tiny_run, stage="dpo")
+    with pytest.raises(ModelLoadError, match="no such file"):
+        locate_model(tmp_path / "nope")
+    with pytest.raises(ModelLoadError, match="not a model directory"):
+        locate_model(tmp_path)
+
+
+def test_foreign_checkpoint_chat_rule(tiny_run, tmp_path):
+    # No llmlab stage metadata: a chat template means chat, none means base.
+    d = tmp_path / "foreign"
+    shutil.copytree(tiny_run / "sft" / "final", d)
+    assert load_for_inference(d)[2] is True
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(d)
+    tok.chat_template = None
+    tok.save_pretrained(d)
+    for f in d.glob("chat_template.*"):
+        f.unlink()
+    assert load_for_inference(d)[2] is False
