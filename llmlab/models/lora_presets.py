@@ -53,10 +53,17 @@ def arch_key(model_cfg: dict) -> str | None:
     return None
 
 
-def arch_key_for_model_type(model_type: str) -> str | None:
-    """The PRESETS key for a Hugging Face ``config.model_type`` (for from_pretrained models)."""
+def arch_key_for_model_type(model_type: str, config: dict | None = None) -> str | None:
+    """The PRESETS key for a Hugging Face ``config.model_type`` (for from_pretrained models).
+
+    ``config`` (the checkpoint's config.json as a dict) is needed for our own ``llmlab`` models,
+    whose feed-forward is gated or plain depending on ``activation``; without it swiglu is assumed.
+    """
     if model_type == "mamba2":
         return "mamba2"
+    if model_type == "llmlab":
+        activation = (config or {}).get("activation", "swiglu")
+        return "transformer_gated" if activation == "swiglu" else "transformer_plain"
     if model_type in {"llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "phi3", "mixtral", "olmo", "olmo2"}:
         return "transformer_gated"
     return None

@@ -1,0 +1,293 @@
+"""Build or load the model a recipe names, and wrap it with LoRA.
+
+The caller seeds torch before :func:`build_model` (the initial weights are a pure function of the
+seed and the ``model:`` section).
+
+* ``arch: transformer`` -> :class:`~llmlab.models.modeling_llmlab.LlmlabForCausalLM`
+* ``arch: mamba2`` -> ``transformers.Mamba2ForCausalLM`` (Dao & Gu 2024, "Transformers are SSMs";
+  it uses the mamba_ssm / causal_conv1d kernels when installed, a pure PyTorch path otherwise)
+* ``from_pretrained: PATH_OR_HUB_ID`` -> ``AutoModelForCausalLM.from_pretrained`` (safetensors only;
+  a ``.gguf`` file is dequantized by transformers with the ``gguf`` package)
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, PreTrainedModel
+
+from llmlab.models import lora_presets
+from llmlab.models.configuration_llmlab import LlmlabConfig
+from llmlab.models.modeling_llmlab import LlmlabForCausalLM, register_auto_classes
+
+register_auto_classes()
+
+#: recipe ``model:`` keys of arch transformer (LlmlabConfig takes them by the same name, except
+#: tie_embeddings -> tie_word_embeddings)
+TRANSFORMER_KEYS = (
+    "d_model", "n_layers", "n_heads", "n_kv_heads", "d_ff", "max_seq_len", "positional_encoding", "rope_theta",
+    "rope_scaling", "norm_type", "norm_eps", "attention_type", "sliding_window", "attention_bias", "mlp_bias",
+    "activation", "dropout", "tie_embeddings", "init_std", "n_experts", "experts_per_token", "router_aux_loss_coef",
+)
+#: recipe ``model:`` keys of arch mamba2
+MAMBA2_KEYS = (
+    "d_model", "n_layers", "state_size", "head_dim", "expand", "conv_kernel", "n_groups", "chunk_size",
+    "tie_embeddings", "max_seq_len",
+)
+#: keys any model section may carry that are not architecture knobs
+_COMMON_KEYS = ("arch", "gradient_checkpointing", "vocab_size")
+
+_MAMBA2_DEFAULTS = {"d_model": 256, "n_layers": 4, "state_size": 64, "head_dim": 32, "expand": 2,
+                    "conv_kernel": 4, "n_groups": 1, "chunk_size": 64, "tie_embeddings": True}
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def _special_ids(tokenizer) -> dict[str, int | None]:
+    if tokenizer is None:
+        return {}
+    ids = {
+        "pad_token_id": getattr(tokenizer, "pad_token_id", None),
+        "bos_token_id": getattr(tokenizer, "bos_token_id", None),
+        "eos_token_id": getattr(tokenizer, "eos_token_id", None),
+    }
+    if ids["pad_token_id"] is None:
+        ids["pad_token_id"] = ids["eos_token_id"]
+    return ids
+
+
+def _vocab_size(model_cfg: dict, tokenizer, vocab_size: int | None) -> int:
+    if tokenizer is not None:
+        return len(tokenizer)
+    if vocab_size is not None:
+        return int(vocab_size)
+    if model_cfg.get("vocab_size") is not None:
+        return int(model_cfg["vocab_size"])
+    raise ValueError("build_model needs a tokenizer or vocab_size to size the embedding")
+
+
+def _check_keys(model_cfg: dict, allowed: tuple[str, ...], arch: str) -> None:
+    unknown = sorted(k for k in model_cfg if k not in allowed and k not in _COMMON_KEYS and model_cfg[k] is not None)
+    if unknown:
+        raise ValueError(f"model: keys {unknown} do not apply to arch {arch!r} (expected some of {sorted(allowed)})")
+
+
+def transformer_config(model_cfg: dict, vocab_size: int, special_ids: dict | None = None) -> LlmlabConfig:
+    """The :class:`LlmlabConfig` for a recipe's ``model:`` section with ``arch: transformer``.
+
+    Keys left out or ``null`` take the recipe defaults (docs/_keys_draft.md).
+    """
+    _check_keys(model_cfg, TRANSFORMER_KEYS, "transformer")
+    kwargs: dict[str, Any] = {k: model_cfg[k] for k in TRANSFORMER_KEYS if model_cfg.get(k) is not None}
+    if "tie_embeddings" in kwargs:
+        kwargs["tie_word_embeddings"] = bool(kwargs.pop("tie_embeddings"))
+    kwargs.update({k: v for k, v in (special_ids or {}).items() if v is not None})
+    return LlmlabConfig(vocab_size=vocab_size, **kwargs)
+
+
+def mamba2_config(model_cfg: dict, vocab_size: int, special_ids: dict | None = None):
+    """The ``transformers.Mamba2Config`` for a recipe's ``model:`` section with ``arch: mamba2``.
+
+    Mapping: d_model -> hidden_size, n_layers -> num_hidden_layers, num_heads = expand * d_model /
+    head_dim (must divide exactly, and be a multiple of n_groups), state_size, head_dim, expand,
+    conv_kernel, n_groups, chunk_size as named, tie_embeddings -> tie_word_embeddings.
+    """
+    from transformers import Mamba2Config
+
+    _check_keys(model_cfg, MAMBA2_KEYS, "mamba2")
+    c = {k: (model_cfg.get(k) if model_cfg.get(k) is not None else v) for k, v in _MAMBA2_DEFAULTS.items()}
+    inner = c["expand"] * c["d_model"]
+    if inner % c["head_dim"]:
+        raise ValueError(f"mamba2: expand * d_model ({inner}) must be divisible by head_dim ({c['head_dim']})")
+    num_heads = inner // c["head_dim"]
+    if num_heads % c["n_groups"]:
+        raise ValueError(f"mamba2: num_heads = expand*d_model/head_dim = {num_heads} must be divisible by n_groups ({c['n_groups']})")
+    ids = {k: v for k, v in (special_ids or {}).items() if v is not None}
+    return Mamba2Config(
+        vocab_size=vocab_size,
+        hidden_size=c["d_model"],
+        num_hidden_layers=c["n_layers"],
+        num_heads=num_heads,
+        head_dim=c["head_dim"],
+        state_size=c["state_size"],
+        expand=c["expand"],
+        conv_kernel=c["conv_kernel"],
+        n_groups=c["n_groups"],
+        chunk_size=c["chunk_size"],
+        tie_word_embeddings=bool(c["tie_embeddings"]),
+        pad_token_id=ids.get("pad_token_id"),
+        bos_token_id=ids.get("bos_token_id"),
+        eos_token_id=ids.get("eos_token_id"),
+    )
+
+
+def _trust_remote_code(model_cfg: dict, allow_code: bool) -> bool:
+    wants = bool(model_cfg.get("trust_remote_code", False))
+    if wants and not allow_code:
+        raise PermissionError(
+            f"model.trust_remote_code is true for {model_cfg.get('from_pretrained')!r}: running a checkpoint's "
+            "Python code needs the explicit --allow-code flag"
+        )
+    return wants and allow_code
+
+
+def _from_pretrained(model_cfg: dict, allow_code: bool) -> PreTrainedModel:
+    source = str(model_cfg["from_pretrained"])
+    dtype_name = model_cfg.get("dtype") or "auto"
+    if dtype_name != "auto" and dtype_name not in _DTYPES:
+        raise ValueError(f"model.dtype must be auto|float32|bfloat16|float16, got {dtype_name!r}")
+    dtype = "auto" if dtype_name == "auto" else _DTYPES[dtype_name]
+    trust = _trust_remote_code(model_cfg, allow_code)
+    kwargs: dict[str, Any] = {"revision": model_cfg.get("revision"), "dtype": dtype, "trust_remote_code": trust}
+    if source.endswith(".gguf"):
+        # GGUF is a plain tensor container (no pickle); transformers dequantizes it (needs `gguf`)
+        path = Path(source)
+        if path.is_file():
+            return AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, **kwargs)
+        repo, _, name = source.rpartition("/")
+        return AutoModelForCausalLM.from_pretrained(repo, gguf_file=name, **kwargs)
+    try:
+        return AutoModelForCausalLM.from_pretrained(source, use_safetensors=True, **kwargs)
+    except OSError as err:
+        if Path(source).is_dir() and not any(Path(source).glob("*.safetensors")):
+            raise OSError(
+                f"{source}: no *.safetensors weights; llmlab loads safetensors only (never pickles). "
+                "Convert the checkpoint with safetensors first."
+            ) from err
+        raise
+
+
+def build_model(model_cfg: dict, tokenizer=None, vocab_size: int | None = None, allow_code: bool = False) -> PreTrainedModel:
+    """Build (from scratch, seeded by the caller) or load the causal LM of a recipe's ``model:``.
+
+    Args:
+        model_cfg: the resolved ``model:`` section (one of ``arch`` / ``from_pretrained``).
+        tokenizer: the run's tokenizer; sets vocab_size = len(tokenizer) and pad/bos/eos ids
+            (pad falls back to eos).
+        vocab_size: used when no tokenizer is given.
+        allow_code: the user passed --allow-code (needed with ``trust_remote_code: true``).
+
+    Returns:
+        an ``LlmlabForCausalLM`` / ``Mamba2ForCausalLM`` / any AutoModelForCausalLM, in train mode is
+        left to the caller; gradient checkpointing enabled when the section asks for it.
+    """
+    if model_cfg.get("from_pretrained") is not None:
+        model = _from_pretrained(model_cfg, allow_code)
+    else:
+        arch = model_cfg.get("arch")
+        vocab = _vocab_size(model_cfg, tokenizer, vocab_size)
+        ids = _special_ids(tokenizer)
+        if arch == "transformer":
+            model = LlmlabForCausalLM(transformer_config(model_cfg, vocab, ids))
+        elif arch == "mamba2":
+            from transformers import Mamba2ForCausalLM
+
+            model = Mamba2ForCausalLM(mamba2_config(model_cfg, vocab, ids))
+        else:
+            raise ValueError(f"model.arch must be 'transformer' or 'mamba2', got {arch!r}")
+    if model_cfg.get("gradient_checkpointing"):
+        enable_gradient_checkpointing(model)
+    return model
+
+
+def enable_gradient_checkpointing(model: PreTrainedModel) -> None:
+    """Recompute activations in the backward pass (non-reentrant torch.utils.checkpoint)."""
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x name
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
+def load_causal_lm(path: str | Path, allow_code: bool = False, dtype: torch.dtype | str | None = None) -> PreTrainedModel:
+    """Load any Hugging Face-format causal LM directory (safetensors only).
+
+    ``model_type "llmlab"`` loads through the registered classes, without running the directory's
+    code; other remote-code models need ``allow_code``.
+    """
+    kwargs: dict[str, Any] = {"use_safetensors": True, "trust_remote_code": bool(allow_code)}
+    if dtype is not None:
+        kwargs["dtype"] = _DTYPES.get(dtype, dtype) if isinstance(dtype, str) and dtype != "auto" else dtype
+    return AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
+
+
+def load_reward_model(path: str | Path, allow_code: bool = False, pad_token_id: int | None = None) -> PreTrainedModel:
+    """Load a causal-LM (or reward-model) directory as an ``AutoModelForSequenceClassification``
+    with ``num_labels=1``: the body's weights, and a freshly initialised scalar ``score`` head when
+    the directory holds a causal LM.
+
+    Raises:
+        ValueError: the architecture has no sequence-classification class (e.g. Mamba2).
+    """
+    config = AutoConfig.from_pretrained(str(path), trust_remote_code=bool(allow_code))
+    kwargs: dict[str, Any] = {"num_labels": 1, "use_safetensors": True, "trust_remote_code": bool(allow_code)}
+    if pad_token_id is not None:
+        kwargs["pad_token_id"] = pad_token_id
+    try:
+        return AutoModelForSequenceClassification.from_pretrained(str(path), **kwargs)
+    except ValueError as err:
+        if "Unrecognized configuration class" in str(err) or "AutoModelForSequenceClassification" in str(err):
+            raise ValueError(
+                f"{path}: architecture {config.model_type!r} has no sequence-classification (reward) head in "
+                "transformers; use a transformer model (arch: transformer, or a Llama/Mistral/Qwen checkpoint) "
+                "for reward models"
+            ) from err
+        raise
+
+
+def arch_key_for_model(model) -> str | None:
+    """The LoRA presets key (``lora_presets.PRESETS``) for an instantiated model."""
+    config = getattr(model, "config", None)
+    model_type = getattr(config, "model_type", None)
+    if not model_type:
+        return None
+    return lora_presets.arch_key_for_model_type(model_type, {"activation": getattr(config, "activation", "swiglu")})
+
+
+def apply_lora(model: PreTrainedModel, lora_cfg: dict, arch_key: str | None = None):
+    """Wrap ``model`` with LoRA adapters (Hu et al. 2021, "LoRA: Low-Rank Adaptation") via peft.
+
+    Args:
+        model: the model to adapt (its base weights are frozen by peft).
+        lora_cfg: the stage's ``lora:`` section: ``preset``, ``r``, ``alpha``, ``dropout``,
+            ``target_modules`` (custom).
+        arch_key: a ``lora_presets.PRESETS`` key; ``None`` -> derived from ``model.config``.
+
+    Returns:
+        a ``peft.PeftModel`` (task CAUSAL_LM, or SEQ_CLS for a sequence classifier, whose ``score``
+        head then trains fully).
+    """
+    from peft import LoraConfig, TaskType, get_peft_model
+
+    if lora_cfg.get("quantize"):
+        raise NotImplementedError("lora.quantize (QLoRA) must be applied when loading the model, not here")
+    key = arch_key or arch_key_for_model(model)
+    if key is None:
+        if lora_cfg.get("preset", "all") != "custom":
+            raise ValueError(
+                f"no LoRA presets for model_type {getattr(model.config, 'model_type', '?')!r}; use preset 'custom'"
+            )
+        key = "custom"
+    targets = lora_presets.resolve_targets(key, lora_cfg.get("preset", "all"), lora_cfg.get("target_modules"))
+    is_seq_cls = type(model).__name__.endswith("ForSequenceClassification")
+    config = LoraConfig(
+        r=int(lora_cfg.get("r", 8)),
+        lora_alpha=float(lora_cfg.get("alpha", 16)),
+        lora_dropout=float(lora_cfg.get("dropout", 0.0)),
+        target_modules=targets,
+        task_type=TaskType.SEQ_CLS if is_seq_cls else TaskType.CAUSAL_LM,
+    )
+    return get_peft_model(model, config)
+
+
+__all__ = [
+    "apply_lora",
+    "arch_key_for_model",
+    "build_model",
+    "load_causal_lm",
+    "load_reward_model",
+    "mamba2_config",
+    "transformer_config",
+]

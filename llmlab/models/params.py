@@ -1,0 +1,389 @@
+"""Parameter counts and a training-memory estimate from the recipe alone.
+
+Pure Python: no torch, no transformers (``llmlab plan`` and the validator import it).
+
+The counts are exact: :func:`param_shapes` lists every weight tensor the model will have, with the
+same names and shapes as the instantiated ``LlmlabForCausalLM`` / ``Mamba2ForCausalLM`` (tests
+check the sum against ``sum(p.numel() for p in model.parameters())``). For
+``from_pretrained`` checkpoints in a local directory the count is read from the safetensors
+headers (a JSON table of shapes; no weights are loaded), for a local ``.gguf`` file from its tensor
+table.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import struct
+from pathlib import Path
+
+_LORA_DEFAULTS = {"preset": "all", "r": 8, "alpha": 16, "target_modules": None}
+
+
+# ---------------------------------------------------------------------------------------------
+# resolved architecture numbers
+# ---------------------------------------------------------------------------------------------
+def default_d_ff(d_model: int, activation: str) -> int:
+    """swiglu: 8/3 * d_model rounded up to a multiple of 64; otherwise 4 * d_model (same rule as
+    ``LlmlabConfig``)."""
+    if activation == "swiglu":
+        return int(math.ceil(8 * d_model / 3 / 64) * 64)
+    return 4 * d_model
+
+
+def _get(cfg: dict, key: str, default):
+    value = cfg.get(key)
+    return default if value is None else value
+
+
+def transformer_dims(model_cfg: dict) -> dict:
+    """The resolved numbers of an ``arch: transformer`` section (defaults filled)."""
+    d = int(_get(model_cfg, "d_model", 256))
+    h = int(_get(model_cfg, "n_heads", 4))
+    act = _get(model_cfg, "activation", "swiglu")
+    att = model_cfg.get("attention_type")
+    kv = model_cfg.get("n_kv_heads")
+    if att == "mqa":
+        kv = 1
+    elif att == "mha" or kv is None:
+        kv = h if att != "mqa" else 1
+    return {
+        "d_model": d,
+        "n_layers": int(_get(model_cfg, "n_layers", 4)),
+        "n_heads": h,
+        "n_kv_heads": int(kv),
+        "head_dim": d // h,
+        "d_ff": int(_get(model_cfg, "d_ff", default_d_ff(d, act))),
+        "gated": act == "swiglu",
+        "layernorm": _get(model_cfg, "norm_type", "rmsnorm") == "layernorm",
+        "attention_bias": bool(_get(model_cfg, "attention_bias", False)),
+        "mlp_bias": bool(_get(model_cfg, "mlp_bias", False)),
+        "tied": bool(_get(model_cfg, "tie_embeddings", True)),
+        "n_experts": model_cfg.get("n_experts"),
+        "experts_per_token": int(_get(model_cfg, "experts_per_token", 2)),
+    }
+
+
+def mamba2_dims(model_cfg: dict) -> dict:
+    """The resolved numbers of an ``arch: mamba2`` section (defaults filled; transformers'
+    Mamba2Mixer layout: intermediate I = expand * d_model, conv_dim = I + 2 * n_groups * state_size,
+    in_proj width = I + conv_dim + num_heads)."""
+    d = int(_get(model_cfg, "d_model", 256))
+    expand = int(_get(model_cfg, "expand", 2))
+    head_dim = int(_get(model_cfg, "head_dim", 32))
+    n = int(_get(model_cfg, "state_size", 64))
+    g = int(_get(model_cfg, "n_groups", 1))
+    inner = expand * d
+    heads = inner // head_dim
+    conv_dim = inner + 2 * g * n
+    return {
+        "d_model": d,
+        "n_layers": int(_get(model_cfg, "n_layers", 4)),
+        "intermediate": inner,
+        "num_heads": heads,
+        "head_dim": head_dim,
+        "state_size": n,
+        "n_groups": g,
+        "conv_dim": conv_dim,
+        "conv_kernel": int(_get(model_cfg, "conv_kernel", 4)),
+        "chunk_size": int(_get(model_cfg, "chunk_size", 64)),
+        "in_proj": inner + conv_dim + heads,
+        "tied": bool(_get(model_cfg, "tie_embeddings", True)),
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# shapes
+# ---------------------------------------------------------------------------------------------
+def _linear(name: str, d_in: int, d_out: int, bias: bool) -> list[tuple[str, tuple[int, ...]]]:
+    out = [(f"{name}.weight", (d_out, d_in))]
+    if bias:
+        out.append((f"{name}.bias", (d_out,)))
+    return out
+
+
+def _norm(name: str, d: int, layernorm: bool) -> list[tuple[str, tuple[int, ...]]]:
+    out = [(f"{name}.weight", (d,))]
+    if layernorm:
+        out.append((f"{name}.bias", (d,)))
+    return out
+
+
+def _mlp(prefix: str, k: dict) -> list[tuple[str, tuple[int, ...]]]:
+    d, f, b = k["d_model"], k["d_ff"], k["mlp_bias"]
+    out = []
+    if k["gated"]:
+        out += _linear(f"{prefix}.gate_proj", d, f, b)
+    out += _linear(f"{prefix}.up_proj", d, f, b)
+    out += _linear(f"{prefix}.down_proj", f, d, b)
+    return out
+
+
+def param_shapes(model_cfg: dict, vocab_size: int) -> list[tuple[str, tuple[int, ...]]]:
+    """Every parameter tensor (state-dict name, shape) of the model a ``model:`` section builds;
+    a tied ``lm_head`` is listed once (as ``model.embed_tokens.weight`` /
+    ``backbone.embeddings.weight``), like ``model.parameters()``."""
+    arch = model_cfg.get("arch")
+    v = int(vocab_size)
+    shapes: list[tuple[str, tuple[int, ...]]] = []
+    if arch == "transformer":
+        k = transformer_dims(model_cfg)
+        d, hd, ab, ln = k["d_model"], k["head_dim"], k["attention_bias"], k["layernorm"]
+        shapes.append(("model.embed_tokens.weight", (v, d)))
+        for i in range(k["n_layers"]):
+            p = f"model.layers.{i}"
+            shapes += _linear(f"{p}.self_attn.q_proj", d, k["n_heads"] * hd, ab)
+            shapes += _linear(f"{p}.self_attn.k_proj", d, k["n_kv_heads"] * hd, ab)
+            shapes += _linear(f"{p}.self_attn.v_proj", d, k["n_kv_heads"] * hd, ab)
+            shapes += _linear(f"{p}.self_attn.o_proj", k["n_heads"] * hd, d, ab)
+            if k["n_experts"]:
+                shapes += _linear(f"{p}.mlp.router", d, int(k["n_experts"]), False)
+                for e in range(int(k["n_experts"])):
+                    shapes += _mlp(f"{p}.mlp.experts.{e}", k)
+            else:
+                shapes += _mlp(f"{p}.mlp", k)
+            shapes += _norm(f"{p}.input_layernorm", d, ln)
+            shapes += _norm(f"{p}.post_attention_layernorm", d, ln)
+        shapes += _norm("model.norm", d, ln)
+        if not k["tied"]:
+            shapes.append(("lm_head.weight", (v, d)))
+        return shapes
+    if arch == "mamba2":
+        k = mamba2_dims(model_cfg)
+        d, inner, h, cd = k["d_model"], k["intermediate"], k["num_heads"], k["conv_dim"]
+        shapes.append(("backbone.embeddings.weight", (v, d)))
+        for i in range(k["n_layers"]):
+            p = f"backbone.layers.{i}"
+            shapes.append((f"{p}.norm.weight", (d,)))
+            m = f"{p}.mixer"
+            shapes += [
+                (f"{m}.dt_bias", (h,)),
+                (f"{m}.A_log", (h,)),
+                (f"{m}.D", (h,)),
+                (f"{m}.conv1d.weight", (cd, 1, k["conv_kernel"])),
+                (f"{m}.conv1d.bias", (cd,)),
+                (f"{m}.in_proj.weight", (k["in_proj"], d)),
+                (f"{m}.norm.weight", (inner,)),
+                (f"{m}.out_proj.weight", (d, inner)),
+            ]
+        shapes.append(("backbone.norm_f.weight", (d,)))
+        if not k["tied"]:
+            shapes.append(("lm_head.weight", (v, d)))
+        return shapes
+    raise ValueError(f"param_shapes needs arch transformer or mamba2, got {arch!r}")
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for s in shape:
+        n *= int(s)
+    return n
+
+
+# ---------------------------------------------------------------------------------------------
+# counts
+# ---------------------------------------------------------------------------------------------
+def safetensors_parameter_count(path: str | Path) -> int:
+    """Number of weights stored in a directory's (or a file's) ``*.safetensors``, read from the
+    headers only (8-byte little-endian header length, then a JSON table of dtypes and shapes)."""
+    path = Path(path)
+    files = [path] if path.is_file() else sorted(path.glob("*.safetensors"))
+    if not files:
+        raise ValueError(f"{path}: no *.safetensors files to count parameters from")
+    total = 0
+    for f in files:
+        with open(f, "rb") as fh:
+            (n,) = struct.unpack("<Q", fh.read(8))
+            header = json.loads(fh.read(n))
+        total += sum(_numel(meta["shape"]) for key, meta in header.items() if key != "__metadata__")
+    return total
+
+
+def gguf_parameter_count(path: str | Path) -> int:
+    """Number of weights in a GGUF file (from its tensor table; needs the ``gguf`` package, which
+    does not import torch)."""
+    try:
+        from gguf import GGUFReader
+    except ImportError as err:  # pragma: no cover - depends on the environment
+        raise ValueError(f"{path}: counting a GGUF file's parameters needs the 'gguf' package") from err
+    return sum(int(t.n_elements) for t in GGUFReader(str(path)).tensors)
+
+
+def count_parameters(model_cfg: dict, vocab_size: int | None) -> int:
+    """Exact number of parameters (a tied output projection counted once).
+
+    Transformer: V*D embedding; per layer q (D*H*Dh), k and v (D*H_kv*Dh each), o (H*Dh*D) plus
+    biases with attention_bias; feed-forward 3*D*F (swiglu) or 2*D*F (+ biases with mlp_bias), or
+    for MoE a D*E router and E such feed-forwards; two norms (D each, 2D for layernorm); a final
+    norm; V*D lm_head when untied. Mamba2: see :func:`mamba2_dims`.
+    ``from_pretrained``: counted from the local directory's safetensors headers (or a local
+    ``.gguf`` file's tensor table).
+    """
+    if model_cfg.get("from_pretrained") is not None:
+        source = Path(str(model_cfg["from_pretrained"]))
+        if source.is_file() and source.suffix == ".gguf":
+            return gguf_parameter_count(source)
+        if source.exists():
+            return safetensors_parameter_count(source)
+        raise ValueError(
+            f"model.from_pretrained {model_cfg['from_pretrained']!r} is not a local path; its size is known only "
+            "after download"
+        )
+    if vocab_size is None:
+        raise ValueError("count_parameters needs the vocabulary size")
+    return sum(_numel(s) for _, s in param_shapes(model_cfg, vocab_size))
+
+
+def _lora_targets(model_cfg: dict, lora_cfg: dict) -> list[str]:
+    from llmlab.models.lora_presets import arch_key, resolve_targets
+
+    key = arch_key(model_cfg)
+    if key is None:
+        raise ValueError("LoRA parameter count needs arch transformer or mamba2")
+    cfg = {**_LORA_DEFAULTS, **{k: v for k, v in lora_cfg.items() if v is not None}}
+    return resolve_targets(key, cfg["preset"], cfg["target_modules"])
+
+
+def count_lora_parameters(model_cfg: dict, vocab_size: int, lora_cfg: dict) -> int:
+    """Trainable LoRA parameters (Hu et al. 2021): r * (d_in + d_out) for every linear layer whose
+    name ends with a target module (as peft matches them; MoE experts' projections included)."""
+    targets = set(_lora_targets(model_cfg, lora_cfg))
+    r = int(_get(lora_cfg, "r", 8))
+    total = 0
+    for name, shape in param_shapes(model_cfg, vocab_size):
+        if not name.endswith(".weight") or len(shape) != 2:
+            continue
+        module = name[: -len(".weight")].rsplit(".", 1)[-1]
+        if module in targets and not name.startswith(("model.embed_tokens", "backbone.embeddings", "lm_head")):
+            d_out, d_in = shape
+            total += r * (d_in + d_out)
+    return total
+
+
+# ---------------------------------------------------------------------------------------------
+# memory
+# ---------------------------------------------------------------------------------------------
+#: optimizer state bytes per trainable parameter (fp32 states)
+_OPT_STATE_BYTES = {
+    "adamw": 8,  # exp_avg + exp_avg_sq
+    "adamw_8bit": 2,  # two 8-bit states (bitsandbytes), block scales ignored
+    "lion": 4,  # momentum
+    "sophia": 8,  # momentum + hessian estimate
+    "muon": 4,  # momentum (2-D weights; other tensors fall back to AdamW, see below)
+}
+
+
+def _act_bytes(precision: str) -> int:
+    return 2 if precision in ("bf16", "fp16") else 4
+
+
+def _weight_bytes(model_cfg: dict) -> int:
+    dtype = model_cfg.get("dtype")
+    return 2 if dtype in ("bfloat16", "float16") else 4
+
+
+def _optimizer_bytes(model_cfg: dict, vocab_size: int, trainable: int, total: int, optimizer_name: str) -> int:
+    name = optimizer_name or "adamw"
+    if name == "adafactor":
+        # factored second moment: rows + cols per matrix, full for vectors; no first moment
+        if model_cfg.get("from_pretrained") is not None:
+            return 4 * int(2 * math.sqrt(max(trainable, 1)))  # rough: shapes unknown without loading
+        elems = 0
+        for _, s in param_shapes(model_cfg, vocab_size):
+            elems += (s[0] + _numel(s[1:])) if len(s) >= 2 else _numel(s)
+        return 4 * int(elems * trainable / max(total, 1))
+    if name == "muon" and model_cfg.get("from_pretrained") is None:
+        shapes = param_shapes(model_cfg, vocab_size)
+        matrices = sum(_numel(s) for n, s in shapes if len(s) == 2 and "embed" not in n and "lm_head" not in n)
+        other = total - matrices
+        return int((4 * matrices + 8 * other) * trainable / max(total, 1))
+    if name not in _OPT_STATE_BYTES:
+        raise ValueError(f"unknown optimizer {name!r}")
+    return _OPT_STATE_BYTES[name] * trainable
+
+
+def activation_elements_per_token(model_cfg: dict, seq_len: int) -> int:
+    """Activation elements kept for the backward pass, per token, summed over layers.
+
+    Transformer layer: norm in/out (2D), q, k, v (D + 2*H_kv*Dh), attention output and o_proj input
+    (2D), post-attention norm in/out (2D), FFN hidden (4F gated: gate, up, act, product; 2F plain),
+    dropout masks ignored; MoE multiplies the FFN part by k and adds the router's E. SDPA's fused
+    kernels keep no T x T score matrix (flash / memory-efficient attention), so none is counted.
+    Mamba2 layer: norm in/out (2D), in_proj output, conv output, scan output, gated norm and
+    out_proj input, plus one (num_heads x head_dim x state_size) state per chunk.
+    """
+    arch = model_cfg.get("arch")
+    if arch == "transformer":
+        k = transformer_dims(model_cfg)
+        d = k["d_model"]
+        attn = 6 * d + 2 * k["n_kv_heads"] * k["head_dim"]
+        ffn = (4 if k["gated"] else 2) * k["d_ff"]
+        if k["n_experts"]:
+            ffn = ffn * k["experts_per_token"] + int(k["n_experts"])
+        return k["n_layers"] * (attn + 2 * d + ffn)
+    if arch == "mamba2":
+        k = mamba2_dims(model_cfg)
+        states = k["num_heads"] * k["head_dim"] * k["state_size"] / max(k["chunk_size"], 1)
+        per = 2 * k["d_model"] + k["in_proj"] + k["conv_dim"] + 3 * k["intermediate"] + states
+        return int(k["n_layers"] * per)
+    return 0
+
+
+def estimate_training_memory(
+    model_cfg: dict,
+    vocab_size: int,
+    batch_size: int,
+    seq_len: int,
+    trainable_params: int,
+    optimizer_name: str = "adamw",
+    precision: str = "fp32",
+) -> int:
+    """Peak training memory in bytes (a planning estimate, not a measurement).
+
+    ``weights + grads + optimizer states + activations``, where
+
+    * weights = P * w, w = 4 bytes (fp32 master weights; mixed precision autocasts on the fly),
+      2 for a ``from_pretrained`` model loaded in bfloat16/float16;
+    * grads = trainable * w;
+    * optimizer = bytes per trainable parameter: adamw 8, adamw_8bit 2, lion 4, sophia 8,
+      muon 4 for 2-D hidden weights and 8 (AdamW) for the rest, adafactor 4 * (rows + cols)
+      per matrix (factored second moment, Shazeer & Stern 2018);
+    * activations = B * T * a * (elements per token, :func:`activation_elements_per_token`, or
+      2 * D per layer plus one layer's worth with ``gradient_checkpointing``) + the logits:
+      3 * B * T * V * 4 bytes (the logits, their fp32 copy in the loss, and the gradient),
+      a = 2 bytes in bf16/fp16, 4 in fp32/auto (auto is planned as fp32, the worst case).
+
+    For ``from_pretrained`` models only weights/grads/optimizer are known before loading (P from
+    the local safetensors); activations are then not counted.
+    """
+    total = count_parameters(model_cfg, vocab_size)
+    trainable = int(trainable_params)
+    w = _weight_bytes(model_cfg)
+    weights = total * w
+    grads = trainable * w
+    optimizer = _optimizer_bytes(model_cfg, vocab_size, trainable, total, optimizer_name)
+    a = _act_bytes(precision)
+    tokens = int(batch_size) * int(seq_len)
+    acts = 0
+    if model_cfg.get("from_pretrained") is None:
+        per_token = activation_elements_per_token(model_cfg, seq_len)
+        if model_cfg.get("gradient_checkpointing"):
+            n_layers = int(_get(model_cfg, "n_layers", 4))
+            d = int(_get(model_cfg, "d_model", 256))
+            per_token = n_layers * d + per_token // max(n_layers, 1)
+        acts = tokens * per_token * a + 3 * tokens * int(vocab_size) * 4
+    return int(weights + grads + optimizer + acts)
+
+
+__all__ = [
+    "activation_elements_per_token",
+    "count_lora_parameters",
+    "count_parameters",
+    "default_d_ff",
+    "estimate_training_memory",
+    "gguf_parameter_count",
+    "mamba2_dims",
+    "param_shapes",
+    "safetensors_parameter_count",
+    "transformer_dims",
+]
