@@ -11,9 +11,9 @@ import json
 import struct
 from pathlib import Path
 
-from rich.console import Console
 from rich.table import Table
 
+from llmlab.console import make_console
 from llmlab.fingerprint import stage_fingerprints, stage_inputs, stage_status
 
 
@@ -136,7 +136,7 @@ def plan_command(recipe_path: Path, output_dir: Path | None = None, overrides=()
     """``llmlab plan``: print the table (or the resolved recipe); 0 ok, 1 invalid recipe."""
     from llmlab.recipe import dump_resolved, load_recipe
 
-    console = Console()
+    console = make_console()
     rec, errors = load_recipe(recipe_path, list(overrides))
     if errors:
         for e in errors:

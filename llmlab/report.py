@@ -5,8 +5,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from rich.console import Console
 from rich.table import Table
+
+from llmlab.console import make_console
 
 
 def read_metrics(stage_dir: Path) -> tuple[list[dict], list[dict]]:
@@ -63,7 +64,7 @@ def plot(run_dir: Path, out: Path) -> Path:
 def report_command(run_dir: Path, output: Path | None = None) -> int:
     """Print the summary table of a run and write its curves to ``output`` (default
     ``RUN_DIR/report.png``). Returns the exit status."""
-    console = Console()
+    console = make_console()
     run_dir = Path(run_dir)
     try:
         png = plot(run_dir, output or run_dir / "report.png")

@@ -20,7 +20,14 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from llmlab.fingerprint import read_stage_json, stage_fingerprints, stage_inputs, stage_status, tokenizer_fingerprint
+from llmlab.console import make_console
+from llmlab.fingerprint import (
+    read_stage_json,
+    stage_fingerprints,
+    stage_inputs,
+    stage_status,
+    tokenizer_fingerprint,
+)
 
 log = logging.getLogger("llmlab")
 
@@ -158,7 +165,7 @@ class Runner:
     def __init__(self, recipe: dict, console: Console | None = None, allow_code: bool = False):
         self.recipe = recipe
         self.out = Path(recipe["output_dir"])
-        self.console = console or Console()
+        self.console = console or make_console()
         self.allow_code = allow_code
         self.order = list(recipe["stages"])
         self.fps = stage_fingerprints(recipe, self.order)
@@ -166,7 +173,11 @@ class Runner:
     # -- tokenizer ---------------------------------------------------------------------------
     def ensure_tokenizer(self):
         """Load the run's tokenizer, training it first when absent or when its section changed."""
-        from llmlab.data.tokenizer import build_tokenizer, load_tokenizer, tokenizer_hash
+        from llmlab.data.tokenizer import (
+            build_tokenizer,
+            load_tokenizer,
+            tokenizer_hash,
+        )
 
         d = self.out / "tokenizer"
         fp = tokenizer_fingerprint(self.recipe)
@@ -305,8 +316,14 @@ class Runner:
         return Accelerator(cpu=device.type == "cpu", mixed_precision=mp)
 
     def _progress(self):
-        from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
-                                   TimeRemainingColumn)
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+            TimeRemainingColumn,
+        )
 
         return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                         TextColumn("loss {task.fields[loss]:.4f}"), TextColumn("{task.fields[tps]:>8,.0f} tok/s"),
@@ -346,7 +363,7 @@ def run_command(recipe_path: Path, output_dir: Path | None = None, overrides=(),
     """``llmlab run``: returns the exit status (0 ok, 1 invalid recipe or failed stage, 130 interrupted)."""
     from llmlab.recipe import load_recipe
 
-    console = Console()
+    console = make_console()
     t0 = time.perf_counter()
     resolved, errors = load_recipe(recipe_path, list(overrides))
     if errors:

@@ -19,8 +19,8 @@ TINY = {
         "chat_pairs": {"builtin": "chatterbot_pairs", "format": "preference", "eval_split": 0.1, "max_samples": 400},
     },
     "stages": {
-        "pretrain": {"type": "pretrain", "datasets": {"bible": 1.0}, "seq_len": 64, "batch_size": 8, "max_steps": 40,
-                     "optimizer": {"name": "adamw", "lr": 5e-3}, "scheduler": {"name": "cosine", "warmup_steps": 4},
+        "pretrain": {"type": "pretrain", "datasets": {"bible": 1.0}, "seq_len": 64, "batch_size": 8, "max_steps": 60,
+                     "optimizer": {"name": "adamw", "lr": 1e-2}, "scheduler": {"name": "cosine", "warmup_steps": 4},
                      "eval_every": 20, "eval_steps": 2, "save_every": 10, "log_every": 5},
         "sft": {"type": "sft", "datasets": {"chat": 1.0}, "seq_len": 64, "batch_size": 8, "max_steps": 20,
                 "optimizer": {"name": "adamw", "lr": 2e-3}, "scheduler": {"name": "cosine", "warmup_steps": 2},
