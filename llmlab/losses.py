@@ -1,0 +1,347 @@
+"""Pure loss functions for every stage type.
+
+Nothing here touches a model, a tokenizer or the recipe: each function maps tensors to tensors, so
+each can be tested against an independent oracle (TRL's trainers, a plain Python loop).
+
+Shape conventions: ``B`` batch, ``T`` sequence length, ``V`` vocabulary, ``G`` group size.
+Masks are ``1``/``True`` on positions that count and ``0``/``False`` elsewhere; every masked
+reduction ignores the masked-out positions exactly (they may hold any finite value).
+
+References:
+    - DPO: Rafailov et al. 2023, "Direct Preference Optimization: Your Language Model is Secretly a
+      Reward Model" (eq. 7); conservative DPO / label smoothing: Mitchell 2023, "A note on DPO with
+      noisy preferences".
+    - IPO: Azar et al. 2023, "A General Theoretical Paradigm to Understand Learning from Human
+      Preferences" (eq. 17).
+    - Bradley-Terry reward modelling: Ouyang et al. 2022, "Training language models to follow
+      instructions with human feedback" (eq. 1).
+    - PPO: Schulman et al. 2017, "Proximal Policy Optimization Algorithms" (clipped surrogate, eq. 7).
+    - GAE: Schulman et al. 2016, "High-Dimensional Continuous Control Using Generalized Advantage
+      Estimation" (eq. 16).
+    - RLHF PPO details (per-token KL penalty, whitening, value clipping, adaptive KL): Ouyang et al.
+      2022; Ziegler et al. 2019; Huang et al. 2024, "The N+ Implementation Details of RLHF with PPO".
+    - GRPO: Shao et al. 2024, "DeepSeekMath" (group-relative advantages, k3 KL estimator, eq. 3-4);
+      KL estimators: Schulman 2020, "Approximating KL Divergence" (k1, k3).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+IGNORE_INDEX = -100
+
+
+# ---------------------------------------------------------------------------------------------
+# log-probabilities
+# ---------------------------------------------------------------------------------------------
+def token_logps(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token log-probabilities of the labels under the logits, next-token aligned.
+
+    Position ``t`` of the output is ``log p(labels[:, t+1] | tokens[:, :t+1])``.
+
+    Args:
+        logits: ``[B, T, V]`` the model's logits for every input position.
+        labels: ``[B, T]`` target token ids, ``-100`` where not scored (prompt, padding).
+
+    Returns:
+        ``(logps, mask)``: ``[B, T-1]`` float32 log-probs (0 where masked) and ``[B, T-1]`` bool mask.
+    """
+    logits = logits[:, :-1, :].float()
+    labels = labels[:, 1:]
+    mask = labels != IGNORE_INDEX
+    safe = labels.masked_fill(~mask, 0)
+    logps = torch.gather(logits.log_softmax(-1), 2, safe.unsqueeze(-1)).squeeze(-1)
+    return logps * mask, mask
+
+
+def sequence_logps(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Sum of the log-probabilities of the labelled tokens of each sequence (shifts inside).
+
+    Args:
+        logits: ``[B, T, V]``.
+        labels: ``[B, T]``, ``-100`` where ignored.
+
+    Returns:
+        ``[B]`` float32: ``sum_t log p(labels[t] | tokens[<t])`` over the labelled tokens.
+    """
+    logps, _ = token_logps(logits, labels)
+    return logps.sum(-1)
+
+
+def completion_logps(logits: torch.Tensor, input_ids: torch.Tensor, start: int) -> torch.Tensor:
+    """Log-probabilities of ``input_ids[:, start:]`` given everything before them.
+
+    Used by the online-RL stages, where a rollout is ``prompt (left-padded, length start)`` followed by
+    the sampled completion.
+
+    Args:
+        logits: ``[B, L, V]`` logits of the full sequence ``input_ids`` ``[B, L]``.
+        input_ids: ``[B, L]``.
+        start: the prompt length ``P``; the completion is ``input_ids[:, P:]``.
+
+    Returns:
+        ``[B, L-P]`` float32 log-probs of each completion token.
+    """
+    logits = logits[:, start - 1:-1, :].float()
+    targets = input_ids[:, start:]
+    return torch.gather(logits.log_softmax(-1), 2, targets.unsqueeze(-1)).squeeze(-1)
+
+
+# ---------------------------------------------------------------------------------------------
+# masked statistics
+# ---------------------------------------------------------------------------------------------
+def masked_sum(x: torch.Tensor, mask: torch.Tensor, dim=None) -> torch.Tensor:
+    mask = mask.to(x.dtype)
+    return (x * mask).sum() if dim is None else (x * mask).sum(dim)
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim=None) -> torch.Tensor:
+    """Mean of ``x`` over the positions where ``mask`` is set (0 when none is)."""
+    mask = mask.to(x.dtype)
+    if dim is None:
+        return (x * mask).sum() / mask.sum().clamp(min=1.0)
+    return (x * mask).sum(dim) / mask.sum(dim).clamp(min=1.0)
+
+
+def masked_var(x: torch.Tensor, mask: torch.Tensor, unbiased: bool = True) -> torch.Tensor:
+    """Variance of ``x`` over the masked positions (Bessel-corrected when ``unbiased``)."""
+    mean = masked_mean(x, mask)
+    centred = (x - mean) ** 2
+    var = masked_mean(centred, mask)
+    if unbiased:
+        n = mask.to(x.dtype).sum()
+        if n > 1:
+            var = var * n / (n - 1)
+    return var
+
+
+def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True,
+                  eps: float = 1e-8) -> torch.Tensor:
+    """Normalise ``x`` to unit variance (and zero mean if ``shift_mean``) over the masked positions.
+
+    Args:
+        x: any shape, e.g. advantages ``[B, T]``.
+        mask: same shape as ``x``.
+        shift_mean: subtract the mean (True for advantages); False keeps the mean (used for rewards).
+
+    Returns:
+        Same shape as ``x``; masked-out positions are 0.
+    """
+    mean = masked_mean(x, mask)
+    var = masked_var(x, mask)
+    whitened = (x - mean) * torch.rsqrt(var + eps)
+    if not shift_mean:
+        whitened = whitened + mean
+    return whitened * mask.to(x.dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# preference losses
+# ---------------------------------------------------------------------------------------------
+def dpo_loss(
+    policy_chosen_logps: torch.Tensor,
+    policy_rejected_logps: torch.Tensor,
+    ref_chosen_logps: torch.Tensor,
+    ref_rejected_logps: torch.Tensor,
+    beta: float,
+    loss_type: str = "sigmoid",
+    label_smoothing: float = 0.0,
+    chosen_lengths: torch.Tensor | None = None,
+    rejected_lengths: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-pair DPO (Rafailov et al. 2023) or IPO (Azar et al. 2023) loss.
+
+    With ``h = (log pi(y_w) - log ref(y_w)) - (log pi(y_l) - log ref(y_l))``:
+
+    - ``sigmoid``: ``-(1 - eps) log sigma(beta h) - eps log sigma(-beta h)`` (eps = label_smoothing;
+      eps = 0 is the DPO loss of eq. 7; eps > 0 is conservative DPO for noisy labels).
+    - ``ipo``: ``(h' - 1 / (2 beta))^2`` (eq. 17, beta is the paper's tau), where ``h'`` uses the
+      log-ratios averaged per completion token when ``chosen_lengths``/``rejected_lengths`` are given
+      (the normalisation TRL uses, confirmed by the IPO authors), else the summed log-ratios.
+
+    Args:
+        policy_chosen_logps, policy_rejected_logps: ``[B]`` summed completion log-probs under the policy.
+        ref_chosen_logps, ref_rejected_logps: ``[B]`` the same under the reference model.
+        beta: the KL-strength / temperature.
+        loss_type: ``sigmoid`` or ``ipo``.
+        label_smoothing: in ``[0, 0.5)``; sigmoid only.
+        chosen_lengths, rejected_lengths: ``[B]`` number of completion tokens (IPO normalisation).
+
+    Returns:
+        ``(losses, chosen_rewards, rejected_rewards)``, each ``[B]``; the implicit rewards are
+        ``beta * (log pi - log ref)`` (detached).
+    """
+    chosen_logratios = policy_chosen_logps - ref_chosen_logps
+    rejected_logratios = policy_rejected_logps - ref_rejected_logps
+    if loss_type == "sigmoid":
+        logits = beta * (chosen_logratios - rejected_logratios)
+        losses = -(1.0 - label_smoothing) * F.logsigmoid(logits) - label_smoothing * F.logsigmoid(-logits)
+    elif loss_type == "ipo":
+        if chosen_lengths is not None and rejected_lengths is not None:
+            h = (chosen_logratios / chosen_lengths.to(chosen_logratios.dtype).clamp(min=1.0)
+                 - rejected_logratios / rejected_lengths.to(rejected_logratios.dtype).clamp(min=1.0))
+        else:
+            h = chosen_logratios - rejected_logratios
+        losses = (h - 1.0 / (2.0 * beta)) ** 2
+    else:
+        raise ValueError(f"unknown DPO loss_type {loss_type!r}; expected 'sigmoid' or 'ipo'")
+    chosen_rewards = beta * chosen_logratios.detach()
+    rejected_rewards = beta * rejected_logratios.detach()
+    return losses, chosen_rewards, rejected_rewards
+
+
+def bradley_terry_loss(chosen_scores: torch.Tensor, rejected_scores: torch.Tensor,
+                       margin: torch.Tensor | None = None) -> torch.Tensor:
+    """Pairwise Bradley-Terry reward-model loss (Ouyang et al. 2022, eq. 1), averaged over pairs.
+
+    ``-mean log sigma(r(x, y_w) - r(x, y_l) - margin)``.
+
+    Args:
+        chosen_scores, rejected_scores: ``[B]`` scalar rewards.
+        margin: optional ``[B]`` required margin.
+
+    Returns:
+        scalar loss.
+    """
+    diff = chosen_scores - rejected_scores
+    if margin is not None:
+        diff = diff - margin
+    return -F.logsigmoid(diff).mean()
+
+
+# ---------------------------------------------------------------------------------------------
+# policy-gradient pieces
+# ---------------------------------------------------------------------------------------------
+def kl_k1(logps: torch.Tensor, ref_logps: torch.Tensor) -> torch.Tensor:
+    """Per-token k1 KL estimator ``log pi - log ref`` (unbiased, can be negative). Shapes as input."""
+    return logps - ref_logps
+
+
+def kl_k3(logps: torch.Tensor, ref_logps: torch.Tensor) -> torch.Tensor:
+    """Per-token k3 KL estimator ``exp(ref - pi) - (ref - pi) - 1`` (unbiased, always >= 0;
+    Schulman 2020; used by GRPO, Shao et al. 2024 eq. 4). Shapes as input."""
+    d = ref_logps - logps
+    return torch.exp(d) - d - 1.0
+
+
+def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float,
+        lam: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Generalized Advantage Estimation (Schulman et al. 2016, eq. 16) over token sequences.
+
+    ``delta_t = r_t + gamma V_{t+1} - V_t``; ``A_t = delta_t + gamma lam A_{t+1}``; the episode ends
+    after the last valid token (``V`` and ``A`` beyond it are 0). ``mask`` marks valid positions
+    (a prefix of each row for right-padded completions).
+
+    Args:
+        rewards: ``[B, T]`` per-token rewards (the RLHF convention: ``-kl_coef * KL_t`` everywhere plus
+            the sequence reward on the last valid token).
+        values: ``[B, T]`` value estimates ``V(s_t)``.
+        mask: ``[B, T]``.
+        gamma: discount; lam: GAE lambda.
+
+    Returns:
+        ``(advantages, returns)`` each ``[B, T]`` (0 where masked); ``returns = advantages + values``.
+    """
+    m = mask.to(values.dtype)
+    rewards = rewards * m
+    values = values * m
+    T = rewards.shape[1]
+    advantages = torch.zeros_like(values)
+    next_adv = torch.zeros_like(values[:, 0])
+    next_value = torch.zeros_like(values[:, 0])
+    for t in reversed(range(T)):
+        delta = rewards[:, t] + gamma * next_value - values[:, t]
+        adv_t = (delta + gamma * lam * next_adv) * m[:, t]
+        advantages[:, t] = adv_t
+        # a masked position passes nothing back: the episode ended before it
+        next_adv = adv_t
+        next_value = values[:, t]
+    returns = (advantages + values) * m
+    return advantages, returns
+
+
+def grpo_advantages(rewards: torch.Tensor, group_size: int, scale: bool = True,
+                    eps: float = 1e-4) -> torch.Tensor:
+    """Group-relative advantages (Shao et al. 2024, section 4.1.2, outcome supervision).
+
+    ``A_i = (r_i - mean(r_group)) / (std(r_group) + eps)``, ``std`` Bessel-corrected. A group whose
+    rewards are all equal gets advantage 0 everywhere (it carries no learning signal).
+
+    Args:
+        rewards: ``[B * G]`` one reward per completion, the ``G`` completions of a prompt adjacent.
+        group_size: ``G``.
+        scale: divide by the group std (False: only centre).
+
+    Returns:
+        ``[B * G]`` advantages.
+    """
+    grouped = rewards.view(-1, group_size)
+    mean = grouped.mean(dim=1, keepdim=True)
+    adv = grouped - mean
+    if scale:
+        std = grouped.std(dim=1, keepdim=True) if group_size > 1 else torch.zeros_like(mean)
+        adv = adv / (std + eps)
+    return adv.reshape(-1)
+
+
+def clipped_policy_loss(logps: torch.Tensor, old_logps: torch.Tensor, advantages: torch.Tensor,
+                        mask: torch.Tensor, clip_range: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """PPO clipped surrogate (Schulman et al. 2017, eq. 7), as a loss to minimise.
+
+    ``L = mean_t max(-A_t rho_t, -A_t clip(rho_t, 1 - eps, 1 + eps))`` with ``rho_t = exp(logp - old)``,
+    averaged over all valid tokens of the batch (token-level mean).
+
+    Args:
+        logps: ``[B, T]`` log-probs of the taken tokens under the current policy (with grad).
+        old_logps: ``[B, T]`` the same under the policy that sampled them (no grad).
+        advantages: ``[B, T]`` per token, or ``[B]`` per sequence (broadcast over tokens).
+        mask: ``[B, T]`` valid completion tokens.
+        clip_range: ``eps``.
+
+    Returns:
+        ``(loss, clip_fraction, approx_kl)``: scalar loss; the fraction of valid tokens where the
+        clipped term was active; ``mean 0.5 (logp - old)^2`` (both detached).
+    """
+    if advantages.dim() == 1:
+        advantages = advantages.unsqueeze(1)
+    log_ratio = logps - old_logps
+    ratio = torch.exp(log_ratio)
+    unclipped = -advantages * ratio
+    clipped = -advantages * torch.clamp(ratio, 1.0 - clip_range, 1.0 + clip_range)
+    loss = masked_mean(torch.maximum(unclipped, clipped), mask)
+    with torch.no_grad():
+        clip_fraction = masked_mean((clipped > unclipped).float(), mask)
+        approx_kl = masked_mean(0.5 * log_ratio ** 2, mask)
+    return loss, clip_fraction, approx_kl
+
+
+def clipped_value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor,
+                       mask: torch.Tensor, cliprange_value: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Clipped value loss of RLHF PPO (Ziegler et al. 2019; Huang et al. 2024, detail 10).
+
+    ``0.5 * mean_t max((V - R)^2, (old + clip(V - old, -c, c) - R)^2)``.
+
+    Args:
+        values: ``[B, T]`` current value predictions (with grad).
+        old_values: ``[B, T]`` values at rollout time.
+        returns: ``[B, T]`` GAE returns.
+        mask: ``[B, T]``.
+        cliprange_value: ``c``.
+
+    Returns:
+        ``(loss, clip_fraction)``.
+    """
+    clipped_values = old_values + torch.clamp(values - old_values, -cliprange_value, cliprange_value)
+    loss1 = (values - returns) ** 2
+    loss2 = (clipped_values - returns) ** 2
+    loss = 0.5 * masked_mean(torch.maximum(loss1, loss2), mask)
+    with torch.no_grad():
+        clip_fraction = masked_mean((loss2 > loss1).float(), mask)
+    return loss, clip_fraction
+
+
+def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """``1 - Var[R - V] / Var[R]`` over the masked positions (1 is perfect, <= 0 is useless)."""
+    var_r = masked_var(returns, mask)
+    return 1.0 - masked_var(returns - values, mask) / var_r.clamp(min=1e-8)

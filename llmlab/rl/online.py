@@ -1,0 +1,253 @@
+"""The rollout schedule shared by grpo and ppo.
+
+One loop step is one optimizer update on one mini-batch. With ``B = batch_size`` prompts per rollout,
+``G`` completions per prompt (GRPO's group_size; 1 for PPO), ``M = mini_batch_size`` prompts per
+mini-batch, ``E = ppo_epochs`` and ``A = gradient_accumulation_steps`` micro-batches per step:
+
+    updates per rollout  U = E * B / M
+    index -> step = index // A, micro = index % A
+    step  -> rollout r = step // U, epoch e = (step % U) // (B / M), mini-batch k = (step % U) % (B / M)
+
+Rollout ``r`` samples completions for the prompts of ``StageData.train_batch(r)`` with the policy as it
+is when the rollout is first needed (after the last update of rollout ``r - 1``), from a generator
+seeded by (seed, stage, r). Each epoch visits the ``B * G`` sequences in a fresh order seeded by
+(seed, stage, r, e); mini-batch ``k`` takes the ``k``-th slice of ``M * G`` sequences, micro-batch ``m``
+the ``m``-th of its ``A`` parts. The rollout buffer (completions, old / reference log-probs,
+advantages, ...) is the stage's ``state_dict()``, so a resume in the middle of a rollout continues
+with exactly the same data, and a resume at a rollout boundary regenerates it bit for bit.
+
+Reported with every step (stats of the rollout the step trains on): see the stage classes.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from llmlab.rl.generation import make_generator, rollout_seed, sample, sequence_forward
+from llmlab.rl.rewards import RewardFunction, Rollout, check_reward_specs
+from llmlab.stages.base import Stage
+from llmlab.stages.dpo import ReferenceModel, unwrap
+
+_BUFFER_META = ("rollout_stats",)
+
+
+class OnlineRLStage(Stage):
+    """Base of :class:`llmlab.stages.grpo.GRPOStage` and :class:`llmlab.stages.ppo.PPOStage`.
+
+    Subclasses set ``group_size`` and implement :meth:`score_rollout` (advantages from a fresh
+    buffer) and :meth:`minibatch_loss`.
+    """
+
+    group_size: int = 1
+    uses_value_head: bool = False
+    default_ppo_epochs: int = 1
+
+    def __init__(self, ctx):
+        super().__init__(ctx)
+        cfg = self.config
+        where = f"stages.{ctx.name}"
+        self.batch_size = int(cfg.get("batch_size", 8))
+        self.mini_batch_size = int(cfg.get("mini_batch_size") or self.batch_size)
+        self.grad_accum = int(cfg.get("gradient_accumulation_steps", 1))
+        self.ppo_epochs = int(cfg.get("ppo_epochs") or self.default_ppo_epochs)
+        self.temperature = float(cfg.get("temperature", 1.0))
+        self.top_k = int(cfg.get("top_k", 0) or 0)
+        self.top_p = float(cfg.get("top_p", 1.0))
+        self.max_new_tokens = int(cfg.get("max_new_tokens", 32))
+        self.clip_range = float(cfg.get("clip_range", 0.2))
+        if self.batch_size % self.mini_batch_size:
+            raise ValueError(f"{where}.mini_batch_size: {self.mini_batch_size} must divide batch_size {self.batch_size}")
+        rows = self.mini_batch_size * self.group_size
+        if rows % self.grad_accum:
+            raise ValueError(f"{where}.gradient_accumulation_steps: {self.grad_accum} must divide the "
+                             f"{rows} sequences of a mini-batch")
+        if self.temperature < 0:
+            raise ValueError(f"{where}.temperature must be >= 0")
+        self.n_minibatches = self.batch_size // self.mini_batch_size
+        self.updates_per_rollout = self.ppo_epochs * self.n_minibatches
+        # fail before any training when the recipe names code and the user did not allow it
+        check_reward_specs(cfg.get("reward") or [], ctx.name, ctx.allow_code)
+        self.reference = ReferenceModel(ctx, cfg.get("reference_from"))
+        self.reward_fn: RewardFunction | None = None
+        self._data = None
+        self.buffer: dict | None = None
+        self.buffer_rollout = -1
+
+    # -- subclass hooks ----------------------------------------------------------------------
+    @property
+    def needs_reference(self) -> bool:
+        return True
+
+    def score_rollout(self, buf: dict) -> None:
+        """Add advantages (and whatever the loss needs) to a fresh buffer, and ``rollout_stats``."""
+        raise NotImplementedError
+
+    def minibatch_loss(self, model, batch: dict) -> tuple[torch.Tensor, dict]:
+        raise NotImplementedError
+
+    # -- model -----------------------------------------------------------------------------
+    def build_model(self) -> torch.nn.Module:
+        policy = super().build_model()
+        if self.needs_reference:
+            self.reference.capture(policy)
+        return policy
+
+    def setup(self, model: torch.nn.Module) -> None:
+        if self.needs_reference:
+            self.reference.setup(model, self.ctx.device)
+        if self.reward_fn is None:
+            self.reward_fn = RewardFunction(self.config.get("reward") or [], self.ctx)
+
+    # -- data ------------------------------------------------------------------------------
+    @property
+    def data(self):
+        if self._data is None:
+            from llmlab.data.pipeline import build_stage_data
+
+            self._data = build_stage_data(self.ctx.recipe, self.ctx.name, self.ctx.tokenizer)
+        return self._data
+
+    @property
+    def pad_token_id(self) -> int:
+        tok = self.ctx.tokenizer
+        pad = getattr(tok, "pad_token_id", None) if tok is not None else None
+        return int(pad) if pad is not None else 0
+
+    @property
+    def eos_token_ids(self) -> list[int]:
+        tok = self.ctx.tokenizer
+        ids = []
+        if tok is not None and tok.eos_token_id is not None:
+            ids.append(int(tok.eos_token_id))
+        if tok is not None and "<|im_end|>" in tok.get_vocab():
+            ids.append(int(tok.convert_tokens_to_ids("<|im_end|>")))
+        return ids
+
+    def locate(self, index: int) -> tuple[int, int, int, int]:
+        """``index -> (rollout, epoch, mini-batch, micro-batch)`` (see the module docstring)."""
+        step, micro = divmod(int(index), self.grad_accum)
+        rollout, k = divmod(step, self.updates_per_rollout)
+        epoch, mb = divmod(k, self.n_minibatches)
+        return rollout, epoch, mb, micro
+
+    def generate(self, model, prompt_ids, prompt_mask, seed: int):
+        gen = make_generator(seed, prompt_ids.device)
+        return sample(model, prompt_ids, prompt_mask, max_new_tokens=self.max_new_tokens, generator=gen,
+                      temperature=self.temperature, top_k=self.top_k, top_p=self.top_p,
+                      eos_token_id=self.eos_token_ids, pad_token_id=self.pad_token_id)
+
+    def _expand(self, batch: dict):
+        device = self.ctx.device
+        ids = batch["prompt_input_ids"].to(device)
+        mask = batch["prompt_attention_mask"].to(device)
+        prompts = list(batch.get("prompts") or [[] for _ in range(ids.shape[0])])
+        G = self.group_size
+        if G > 1:
+            ids, mask = ids.repeat_interleave(G, 0), mask.repeat_interleave(G, 0)
+            prompts = [p for p in prompts for _ in range(G)]
+        return ids, mask, prompts
+
+    def reference_logps(self, model, prompt_ids, prompt_mask, comp, cmask) -> torch.Tensor:
+        ref = self.reference.forward_model(model)
+        with torch.no_grad(), self.reference.context(model):
+            return sequence_forward(ref, prompt_ids, prompt_mask, comp, cmask, self.temperature)
+
+    @torch.no_grad()
+    def make_rollout(self, model, rollout: int) -> dict:
+        """Sample, score and (via :meth:`score_rollout`) compute advantages for rollout ``rollout``."""
+        model = unwrap(model)
+        was_training = model.training
+        ids, mask, prompts = self._expand(self.data.train_batch(rollout))
+        comp, cmask = self.generate(model, ids, mask, rollout_seed(self.ctx.seed, self.ctx.name, rollout))
+        model.eval()
+        try:
+            if self.uses_value_head:
+                from llmlab.rl.value_head import get_value_head
+
+                old_logps, hidden = sequence_forward(model, ids, mask, comp, cmask, self.temperature, return_hidden=True)
+                values = get_value_head(model)(hidden)
+            else:
+                old_logps, values = sequence_forward(model, ids, mask, comp, cmask, self.temperature), None
+            ref_logps = (self.reference_logps(model, ids, mask, comp, cmask) if self.needs_reference
+                         else old_logps.clone())
+        finally:
+            model.train(was_training)
+        texts = self.reward_fn.decode(comp, cmask)
+        rewards = self.reward_fn(Rollout(ids, mask, comp, cmask, prompts, texts)).to(ids.device)
+        buf = {"prompt_input_ids": ids, "prompt_attention_mask": mask, "completion_ids": comp,
+               "completion_mask": cmask, "old_logps": old_logps * cmask, "ref_logps": ref_logps * cmask,
+               "rewards": rewards.float()}
+        if values is not None:
+            buf["old_values"] = values * cmask
+        self.score_rollout(buf)
+        return buf
+
+    def get_batch(self, index: int, model: torch.nn.Module) -> dict:
+        rollout, epoch, mb, micro = self.locate(index)
+        if self.buffer is None or self.buffer_rollout != rollout:
+            self.buffer = self.make_rollout(model, rollout)
+            self.buffer_rollout = rollout
+        n = self.buffer["completion_ids"].shape[0]
+        gen = make_generator(rollout_seed(self.ctx.seed, self.ctx.name, rollout, salt=f"epoch{epoch}"), "cpu")
+        order = torch.randperm(n, generator=gen)
+        per_mb = self.mini_batch_size * self.group_size
+        rows = order[mb * per_mb:(mb + 1) * per_mb]
+        per_micro = per_mb // self.grad_accum
+        rows = rows[micro * per_micro:(micro + 1) * per_micro]
+        batch = {k: v[rows.to(v.device)] for k, v in self.buffer.items() if isinstance(v, torch.Tensor)}
+        # trim right padding shared by every row of this micro-batch
+        width = int(batch["completion_mask"].sum(-1).max().clamp(min=1))
+        for k in ("completion_ids", "completion_mask", "old_logps", "ref_logps", "old_values",
+                  "advantages", "returns"):
+            if k in batch and batch[k].dim() == 2:
+                batch[k] = batch[k][:, :width]
+        batch["rollout_stats"] = dict(self.buffer.get("rollout_stats", {}))
+        return batch
+
+    def compute_loss(self, model: torch.nn.Module, batch: dict) -> tuple[torch.Tensor, dict]:
+        loss, metrics = self.minibatch_loss(model, batch)
+        metrics.update(batch.get("rollout_stats", {}))
+        return loss, metrics
+
+    def tokens_in_batch(self, batch: dict) -> int:
+        if "completion_mask" in batch:
+            return int(batch["prompt_attention_mask"].sum() + batch["completion_mask"].sum())
+        return super().tokens_in_batch(batch)
+
+    # -- evaluation --------------------------------------------------------------------------
+    def eval_batches(self) -> list[dict]:
+        return list(self.data.eval_batches())
+
+    @torch.no_grad()
+    def evaluate(self, model: torch.nn.Module, batches: list[dict]) -> dict[str, float]:
+        """Mean reward of completions sampled (with the stage's generation settings, fixed seeds) for
+        the held-out prompts: ``eval_reward``, ``eval_completion_length`` and ``eval_loss`` =
+        ``-eval_reward`` (so "best" checkpoints are the highest-reward ones)."""
+        model = unwrap(model)
+        total, length, n = 0.0, 0.0, 0
+        for i, batch in enumerate(batches):
+            ids = batch["prompt_input_ids"].to(self.ctx.device)
+            mask = batch["prompt_attention_mask"].to(self.ctx.device)
+            prompts = list(batch.get("prompts") or [[] for _ in range(ids.shape[0])])
+            comp, cmask = self.generate(model, ids, mask, rollout_seed(self.ctx.seed, self.ctx.name, i, salt="eval"))
+            r = self.reward_fn(Rollout(ids, mask, comp, cmask, prompts, self.reward_fn.decode(comp, cmask)))
+            total += float(r.sum())
+            length += float(cmask.sum())
+            n += r.shape[0]
+        if n == 0:
+            return {}
+        return {"eval_reward": total / n, "eval_loss": -total / n, "eval_completion_length": length / n}
+
+    # -- resume ----------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        state = {"buffer_rollout": int(self.buffer_rollout)}
+        if self.buffer is not None:
+            state["buffer"] = {k: (v.detach().cpu() if isinstance(v, torch.Tensor) else v)
+                               for k, v in self.buffer.items()}
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        self.buffer_rollout = int(state.get("buffer_rollout", -1))
+        buf = state.get("buffer")
+        self.buffer = None if buf is None else {
+            k: (v.to(self.ctx.device) if isinstance(v, torch.Tensor) else v) for k, v in buf.items()}

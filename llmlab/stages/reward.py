@@ -1,0 +1,98 @@
+"""Reward modelling with the pairwise Bradley-Terry loss (Ouyang et al. 2022, eq. 1).
+
+The model is a sequence classifier with one output (``num_labels = 1``): the scalar reward is read at
+the last non-padding token of each sequence, as ``AutoModelForSequenceClassification`` does, so the
+stage's ``final/`` loads with ``AutoModelForSequenceClassification.from_pretrained`` and serves
+``reward: {from: STAGE}`` in grpo / ppo stages (see :mod:`llmlab.rl.rewards`).
+
+Recipe keys: only the common stage keys.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from llmlab.losses import bradley_terry_loss
+from llmlab.stages.base import Stage
+from llmlab.stages.dpo import concat_pairs
+
+
+def reward_scores(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Scalar rewards ``[B]`` of a ``num_labels = 1`` sequence classifier for right-padded ``[B, T]``."""
+    out = model(input_ids=input_ids, attention_mask=attention_mask)
+    logits = out.logits if hasattr(out, "logits") else out[0]
+    return logits.squeeze(-1).float()
+
+
+class RewardStage(Stage):
+    """Bradley-Terry reward model on preference pairs.
+
+    Batch keys as the dpo stage (``chosen_*`` / ``rejected_*``, ``[B, T]``). Chosen and rejected go
+    through the model in one forward pass.
+
+    Metrics: ``accuracy`` (fraction of pairs where r(chosen) > r(rejected)), ``margin`` (mean
+    r(chosen) - r(rejected)), ``reward_mean``.
+    """
+
+    type = "reward"
+
+    def __init__(self, ctx):
+        super().__init__(ctx)
+        self._data = None
+
+    def build_model(self) -> torch.nn.Module:
+        from llmlab.models.build import load_reward_model
+
+        path = self.ctx.init_path
+        if path is None:
+            path = self.ctx.recipe.get("model", {}).get("from_pretrained")
+        if path is None:
+            raise ValueError(
+                f"stages.{self.ctx.name}: a reward stage starts from a trained language model; give it "
+                "`from: STAGE` (an earlier pretrain/sft stage) or use model.from_pretrained")
+        tok = self.ctx.tokenizer
+        pad = tok.pad_token_id if tok is not None else None
+        model = load_reward_model(path, allow_code=self.ctx.allow_code, pad_token_id=pad)
+        self._ensure_pad(model)
+        return model
+
+    def _ensure_pad(self, model) -> None:
+        # The classifier pools at the last non-pad token: it must know the pad id.
+        cfg = getattr(model, "config", None)
+        tok = self.ctx.tokenizer
+        if cfg is not None and getattr(cfg, "pad_token_id", None) is None and tok is not None \
+                and tok.pad_token_id is not None:
+            cfg.pad_token_id = tok.pad_token_id
+
+    def setup(self, model: torch.nn.Module) -> None:
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        self._ensure_pad(base)
+
+    @property
+    def data(self):
+        if self._data is None:
+            from llmlab.data.pipeline import build_stage_data
+
+            self._data = build_stage_data(self.ctx.recipe, self.ctx.name, self.ctx.tokenizer)
+        return self._data
+
+    def get_batch(self, index: int, model: torch.nn.Module) -> dict:
+        return self.data.train_batch(index)
+
+    def eval_batches(self) -> list[dict]:
+        return self.data.eval_batches()
+
+    def compute_loss(self, model: torch.nn.Module, batch: dict) -> tuple[torch.Tensor, dict]:
+        tok = self.ctx.tokenizer
+        pad = tok.pad_token_id if tok is not None and tok.pad_token_id is not None else 0
+        ids, att, _ = (t.to(self.ctx.device) for t in concat_pairs(batch, pad))
+        B = batch["chosen_input_ids"].shape[0]
+        scores = reward_scores(model, ids, att)
+        chosen, rejected = scores[:B], scores[B:]
+        loss = bradley_terry_loss(chosen, rejected)
+        metrics = {
+            "accuracy": (chosen > rejected).float().mean().item(),
+            "margin": (chosen - rejected).mean().item(),
+            "reward_mean": scores.mean().item(),
+        }
+        return loss, metrics

@@ -1,0 +1,290 @@
+"""Online RL: generation, reward sources, GRPO and PPO learning, exact resume, the value head."""
+
+from __future__ import annotations
+
+import copy
+import io
+
+import pytest
+import torch
+
+from tests.alignment.helpers import (EOS, PAD, ListData, make_ctx, prompt_batch, prompt_data, random_prompts,
+                                     run_steps, tiny_classifier, tiny_lm, tiny_tokenizer)
+
+W5 = {"builtin": "token_fraction", "token": "w5"}
+
+
+# -- generation ---------------------------------------------------------------------------------
+def test_sampling_is_seeded_and_matches_unpadded_logps():
+    from llmlab.rl.generation import make_generator, sample, sequence_forward
+
+    model = tiny_lm(0)
+    prompts = random_prompts(6, torch.Generator().manual_seed(3))
+    b = prompt_batch(prompts)
+    ids, mask = b["prompt_input_ids"], b["prompt_attention_mask"]
+    kw = dict(max_new_tokens=6, eos_token_id=EOS, pad_token_id=PAD)
+    c1, m1 = sample(model, ids, mask, generator=make_generator(7, "cpu"), **kw)
+    c2, m2 = sample(model, ids, mask, generator=make_generator(7, "cpu"), **kw)
+    c3, _ = sample(model, ids, mask, generator=make_generator(8, "cpu"), **kw)
+    assert torch.equal(c1, c2) and torch.equal(m1, m2)
+    assert not torch.equal(c1, c3)
+    # top_k = 1 is greedy; greedy with the KV cache equals HF generate's greedy decoding
+    g1, _ = sample(model, ids, mask, generator=make_generator(1, "cpu"), top_k=1, **kw)
+    g0, _ = sample(model, ids, mask, generator=make_generator(2, "cpu"), temperature=0.0, **kw)
+    assert torch.equal(g1, g0)
+    for i, p in enumerate(prompts):
+        ref = model.generate(torch.tensor([p]), max_new_tokens=6, do_sample=False, eos_token_id=EOS,
+                             pad_token_id=PAD)[0, len(p):]
+        assert g0[i, :len(ref)].tolist() == ref.tolist()
+    # log-probs of left-padded batches equal those of each prompt alone (positions are right)
+    lp = sequence_forward(model, ids, mask, c1, m1, temperature=1.0)
+    for i, p in enumerate(prompts):
+        n = int(m1[i].sum())
+        alone = sequence_forward(model, torch.tensor([p]), torch.ones(1, len(p), dtype=torch.long),
+                                 c1[i:i + 1, :n], m1[i:i + 1, :n])
+        torch.testing.assert_close(lp[i, :n], alone[0], atol=1e-5, rtol=1e-5)
+
+
+def test_top_p_keeps_the_nucleus():
+    from llmlab.rl.generation import filter_logits
+
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    kept = torch.isfinite(filter_logits(logits, top_p=0.7))
+    assert kept.tolist() == [[True, True, False, False]]
+    kept = torch.isfinite(filter_logits(logits, top_k=3))
+    assert kept.tolist() == [[True, True, True, False]]
+
+
+# -- reward sources -----------------------------------------------------------------------------
+def _rollout(tok):
+    from llmlab.rl.rewards import Rollout
+
+    b = prompt_batch([[5, 6], [7]])
+    comp = torch.tensor([[8, 8, 9, 1], [8, 10, 0, 0]])  # "w5 w5 w6 <eos>", "w5 w7"
+    cmask = torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0]])
+    texts = [tok.decode(c[m.bool()].tolist(), skip_special_tokens=True) for c, m in zip(comp, cmask)]
+    return Rollout(b["prompt_input_ids"], b["prompt_attention_mask"], comp, cmask, b["prompts"], texts)
+
+
+def test_python_reward_needs_allow_code():
+    from llmlab.rl.rewards import RewardConfigError
+    from llmlab.stages.grpo import GRPOStage
+
+    spec = [{"function": "tests.alignment.helpers:w5_fraction"}]
+    with pytest.raises(RewardConfigError) as err:
+        GRPOStage(make_ctx("grpo", {"reward": spec}))
+    msg = str(err.value)
+    assert "stages.stage.reward[0].function" in msg and "Python code" in msg and "--allow-code" in msg
+    stage = GRPOStage(make_ctx("grpo", {"reward": spec + [W5]}, allow_code=True))
+    stage.setup(tiny_lm(0))
+    r = _rollout(stage.ctx.tokenizer)
+    # the function counts decoded words (EOS skipped), the builtin counts tokens (EOS included);
+    # the stage reward is their sum
+    torch.testing.assert_close(stage.reward_fn(r), torch.tensor([2 / 3 + 2 / 4, 1 / 2 + 1 / 2]))
+
+
+def test_builtin_rewards_and_weights():
+    from llmlab.rl.rewards import RewardConfigError, RewardFunction
+
+    tok = tiny_tokenizer()
+    ctx = make_ctx("grpo", {}, tokenizer=tok)
+    fn = RewardFunction([{**W5, "weight": 2.0}, {"builtin": "contains", "text": "w7"},
+                         {"builtin": "length", "target": 4, "weight": 0.5}], ctx)
+    r = _rollout(tok)
+    expected = 2.0 * torch.tensor([2 / 4, 1 / 2]) + torch.tensor([0.0, 1.0]) + 0.5 * torch.tensor([0.0, -0.5])
+    torch.testing.assert_close(fn(r), expected)
+    with pytest.raises(RewardConfigError, match="exactly one"):
+        RewardFunction([{"builtin": "token_fraction", "token": "w1 w2"}], ctx)
+    with pytest.raises(RewardConfigError, match="not one of"):
+        RewardFunction([{"builtin": "nope"}], ctx)
+    with pytest.raises(RewardConfigError, match="exactly one of"):
+        RewardFunction([{"builtin": "contains", "text": "x", "from": "rm"}], ctx)
+
+
+def test_reward_model_sources(tmp_path):
+    """{from: STAGE} scores the ids directly; {model: PATH} decodes and re-tokenizes with its own
+    tokenizer. Both equal scoring the same text by hand."""
+    from llmlab.rl.rewards import RewardFunction
+    from llmlab.stages.reward import reward_scores
+
+    tok = tiny_tokenizer()
+    rm = tiny_classifier(0)
+    with torch.no_grad():
+        rm.score.weight.normal_(0, 1.0)
+    rm.save_pretrained(tmp_path / "rm" / "final")
+    ctx = make_ctx("ppo", {}, tokenizer=tok, stage_paths={"rm": tmp_path / "rm"})
+    r = _rollout(tok)
+    got = RewardFunction([{"from": "rm"}], ctx)(r)
+    seqs = [[5, 6, 8, 8, 9, 1], [7, 8, 10]]
+    want = torch.stack([reward_scores(rm, torch.tensor([s]), torch.ones(1, len(s), dtype=torch.long))[0] for s in seqs])
+    torch.testing.assert_close(got, want)
+
+    # an external reward model whose tokenizer numbers the words differently (reversed vocabulary)
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<pad>": 0, "<eos>": 1, "<unk>": 2}
+    for i in reversed(range(61)):
+        vocab[f"w{i}"] = len(vocab)
+    t = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    t.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    other = PreTrainedTokenizerFast(tokenizer_object=t, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>")
+    other.save_pretrained(tmp_path / "ext")
+    rm.save_pretrained(tmp_path / "ext")
+    got = RewardFunction([{"model": str(tmp_path / "ext")}], ctx)(r)
+    want = []
+    for p, c in zip(["w2 w3", "w4"], ["w5 w5 w6", "w5 w7"]):
+        enc = other(p, c, return_tensors="pt")
+        want.append(reward_scores(rm, enc["input_ids"], enc["attention_mask"])[0])
+    torch.testing.assert_close(got, torch.stack(want))
+    assert not torch.allclose(got, RewardFunction([{"from": "rm"}], ctx)(r))
+
+
+# -- learning -----------------------------------------------------------------------------------
+def test_grpo_raises_reward_of_fresh_samples():
+    from llmlab.stages.grpo import GRPOStage
+
+    cfg = {"batch_size": 8, "group_size": 4, "max_new_tokens": 8, "kl_beta": 0.04, "reward": [W5]}
+    stage = GRPOStage(make_ctx("grpo", cfg))
+    model = tiny_lm(0)
+    stage._data = prompt_data(64, 8)
+    stage.setup(model)
+    before = stage.evaluate(model, stage.eval_batches())["eval_reward"]
+    history, _ = run_steps(stage, model, 45, lr=3e-3)
+    after = stage.evaluate(model, stage.eval_batches())["eval_reward"]
+    print(f"grpo eval reward {before:.3f} -> {after:.3f}; kl {history[-1]['kl']:.3f}")
+    assert before < 0.05 and after > before + 0.4
+    assert history[-1]["reward"] > history[0]["reward"] + 0.3
+    assert 0 < history[-1]["kl"] < 3.0  # per-token k3 KL to the reference
+    for key in ("reward", "reward_std", "group_reward_var", "best_of_group", "kl", "clip_fraction",
+                "completion_length", "policy_loss", "approx_kl"):
+        assert key in history[-1]
+
+
+def _ppo(kl_coef: float, steps: int = 60):
+    from llmlab.stages.ppo import PPOStage
+
+    cfg = {"batch_size": 32, "mini_batch_size": 16, "ppo_epochs": 2, "max_new_tokens": 8,
+           "kl_coef": kl_coef, "reward": [W5]}
+    stage = PPOStage(make_ctx("ppo", cfg))
+    model = tiny_lm(0)
+    stage._data = prompt_data(16, 32)
+    stage.setup(model)
+    before = stage.evaluate(model, stage.eval_batches())["eval_reward"]
+    history, _ = run_steps(stage, model, steps, lr=1e-2)
+    after = stage.evaluate(model, stage.eval_batches())["eval_reward"]
+    return before, after, history
+
+
+def test_ppo_raises_reward_and_kl_coef_bounds_kl():
+    before, after, h = _ppo(0.02)
+    _, after_strong, h_strong = _ppo(0.3)
+    print(f"ppo eval reward {before:.3f} -> {after:.3f} (kl/seq {h[-1]['kl']:.2f}); "
+          f"kl_coef 0.3: -> {after_strong:.3f} (kl/seq {h_strong[-1]['kl']:.2f})")
+    assert before < 0.05 and after > before + 0.3
+    assert h[-1]["reward"] > h[0]["reward"] + 0.2
+    assert h_strong[-1]["kl"] < h[-1]["kl"]  # a larger penalty keeps the policy closer
+    assert h[-1]["kl"] / h[-1]["completion_length"] < 3.0
+    for key in ("reward", "kl", "value_loss", "policy_loss", "clip_fraction", "approx_kl",
+                "explained_variance"):
+        assert key in h[-1]
+
+
+# -- schedule and resume ------------------------------------------------------------------------
+def test_index_schedule():
+    from llmlab.stages.ppo import PPOStage
+
+    stage = PPOStage(make_ctx("ppo", {"batch_size": 8, "mini_batch_size": 4, "ppo_epochs": 3,
+                                      "gradient_accumulation_steps": 2, "reward": [W5]}))
+    assert stage.updates_per_rollout == 6
+    assert stage.locate(0) == (0, 0, 0, 0)
+    assert stage.locate(1) == (0, 0, 0, 1)
+    assert stage.locate(2) == (0, 0, 1, 0)
+    assert stage.locate(5) == (0, 1, 0, 1)
+    assert stage.locate(12) == (1, 0, 0, 0)
+    with pytest.raises(ValueError, match="mini_batch_size"):
+        PPOStage(make_ctx("ppo", {"batch_size": 8, "mini_batch_size": 3, "reward": [W5]}))
+
+
+def _roundtrip(state: dict) -> dict:
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    buf.seek(0)
+    return torch.load(buf, weights_only=True)  # what llmlab.train.checkpoint does
+
+
+@pytest.mark.parametrize("kind,stop", [("grpo", 3), ("ppo", 4), ("ppo", 5)])
+def test_resume_is_exact(kind, stop):
+    """Stop after `stop` updates (mid-rollout or at a rollout boundary), restore model, optimizer and
+    stage state into fresh objects, continue: the weights equal an uninterrupted run bit for bit."""
+    from llmlab.stages.grpo import GRPOStage
+    from llmlab.stages.ppo import PPOStage
+
+    cls = GRPOStage if kind == "grpo" else PPOStage
+    cfg = {"batch_size": 4, "mini_batch_size": 2, "ppo_epochs": 2, "max_new_tokens": 5,
+           "kl_coef": 0.05, "kl_target": 1.0, "group_size": 2, "reward": [W5]}
+    total = 8
+
+    def fresh():
+        stage = cls(make_ctx(kind, dict(cfg)))
+        model = tiny_lm(0)
+        if kind == "ppo":
+            stage.build_model = None  # (the loop calls build_model; here setup attaches the head)
+        stage._data = prompt_data(8, 4)
+        stage.setup(model)
+        return stage, model
+
+    straight_stage, model = fresh()
+    run_steps(straight_stage, model, total, lr=1e-2)
+    straight = {k: v.clone() for k, v in model.state_dict().items()}
+
+    stage, model = fresh()
+    _, opt = run_steps(stage, model, stop, lr=1e-2)
+    saved = _roundtrip({"model": model.state_dict(), "opt": opt.state_dict(), "stage": stage.state_dict()})
+
+    stage2, model2 = fresh()
+    model2.load_state_dict(saved["model"])
+    opt2 = torch.optim.AdamW([p for p in model2.parameters() if p.requires_grad], lr=1e-2)
+    opt2.load_state_dict(saved["opt"])
+    stage2.load_state_dict(saved["stage"])
+    run_steps(stage2, model2, total - stop, lr=1e-2, start=stop, opt=opt2)
+    for k, v in model2.state_dict().items():
+        assert torch.equal(v, straight[k]), k
+    if kind == "ppo":
+        assert any("v_head" in k for k in straight)
+        assert stage2.kl_coef == straight_stage.kl_coef != 0.05  # the adaptive coefficient moved and resumed
+
+
+# -- value head ---------------------------------------------------------------------------------
+def test_value_head_checkpoint_final_and_lora(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from llmlab.models.build import apply_lora
+    from llmlab.rl.value_head import get_value_head, load_value_head
+    from llmlab.stages.ppo import PPOStage
+
+    tiny_lm(0).save_pretrained(tmp_path / "sft" / "final")
+    lora = {"preset": "all", "r": 4, "alpha": 8}
+    ctx = make_ctx("ppo", {"batch_size": 4, "max_new_tokens": 4, "ppo_epochs": 1, "lora": lora,
+                           "reward": [{"builtin": "length", "target": 2}]}, tmp_path)
+    ctx.init_path = tmp_path / "sft" / "final"
+    stage = PPOStage(ctx)
+    model = apply_lora(stage.build_model(), lora)
+    stage._data = prompt_data(4, 4)
+    stage.setup(model)
+    assert stage.reference.use_disabled_adapter
+    head = get_value_head(model)
+    assert all(p.requires_grad for p in head.parameters())  # trains although PEFT froze the base
+    run_steps(stage, model, 3, lr=1e-2)
+    assert head.summary.weight.abs().sum() > 0
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert all("lora_" in n or "v_head" in n for n in trainable)
+    # checkpoints: the head is part of the model's state dict
+    assert any(k.endswith("v_head.summary.weight") for k in model.state_dict())
+    # final/: finalize moves the head out; the merged model is a plain causal LM
+    merged = stage.finalize(model).merge_and_unload()
+    assert not hasattr(merged, "v_head")
+    merged.save_pretrained(tmp_path / "ppo_final")
+    AutoModelForCausalLM.from_pretrained(tmp_path / "ppo_final")
+    restored = load_value_head(tiny_lm(0), tmp_path / "stage" / "value_head.safetensors")
+    torch.testing.assert_close(restored.summary.weight, head.summary.weight)
