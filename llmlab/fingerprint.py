@@ -163,6 +163,8 @@ def stage_status(stage_dir: Path, fp: dict, max_steps: int) -> tuple[str, str]:
         return ("partial", f"at step {ck}") if ck else ("pending", "")
     if info.get("fingerprint") != fp["fingerprint"]:
         return "stale", explain_change(info.get("parts"), fp["parts"])
+    if info.get("status") == "done" and not (stage_dir / "final" / "config.json").is_file():
+        return ("partial", f"final/ is missing; at step {ck}") if ck else ("pending", "final/ is missing")
     if info.get("status") == "done":
         done_steps = int(info.get("max_steps", 0))
         if done_steps == max_steps:

@@ -64,11 +64,14 @@ def test_status_done_extend_stale_partial(tmp_path):
     assert stage_status(d, fps["pretrain"], 40) == ("partial", "at step 10")
     (d / "stage.json").write_text(json.dumps({"status": "done", "fingerprint": fps["pretrain"]["fingerprint"],
                                               "parts": fps["pretrain"]["parts"], "max_steps": 40}))
+    assert stage_status(d, fps["pretrain"], 40) == ("partial", "final/ is missing; at step 10")  # killed while saving
+    (d / "final").mkdir()
+    (d / "final" / "config.json").write_text("{}")
     assert stage_status(d, fps["pretrain"], 40)[0] == "done"
     assert stage_status(d, fps["pretrain"], 60) == ("extend", "continues from step 40 to 60")
     rec["stages"]["pretrain"]["optimizer"]["lr"] = 1e-4
     status, why = stage_status(d, stage_fingerprints(rec, order)["pretrain"], 40)
-    assert status == "stale" and "optimizer.lr" in why and "0.005" in why
+    assert status == "stale" and "optimizer.lr" in why and "0.01" in why
 
 
 def test_select_stages():
