@@ -77,7 +77,7 @@ def _check_keys(model_cfg: dict, allowed: tuple[str, ...], arch: str) -> None:
 def transformer_config(model_cfg: dict, vocab_size: int, special_ids: dict | None = None) -> LlmlabConfig:
     """The :class:`LlmlabConfig` for a recipe's ``model:`` section with ``arch: transformer``.
 
-    Keys left out or ``null`` take the recipe defaults (docs/_keys_draft.md).
+    Keys left out or ``null`` take the recipe defaults (schemas/recipe.schema.json, docs/recipes.md).
     """
     _check_keys(model_cfg, TRANSFORMER_KEYS, "transformer")
     kwargs: dict[str, Any] = {k: model_cfg[k] for k in TRANSFORMER_KEYS if model_cfg.get(k) is not None}
