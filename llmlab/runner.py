@@ -351,10 +351,21 @@ class Runner:
                         console=self.console, transient=False)
 
 
+#: eval metrics worth a glance in the summary table, per stage type (the first found are shown)
+KEY_METRICS = (("eval_rewards/accuracies", "acc"), ("eval_rewards/margins", "margin"), ("eval_accuracy", "acc"),
+               ("eval_margin", "margin"), ("eval_reward", "reward"))
+
+
+def key_metrics(last_eval: dict) -> str:
+    """e.g. ``acc 0.62, margin 0.48`` from a stage's last eval record."""
+    return ", ".join(f"{label} {last_eval[k]:.3f}" for k, label in KEY_METRICS if k in last_eval) or "-"
+
+
 def summary_table(outcomes: list[StageOutcome], out_dir: Path) -> Table:
     """The final table: stage, action, steps, first and last loss, eval loss, wall time, output."""
     t = Table(title=f"llmlab run → {out_dir}")
-    for col in ("stage", "type", "action", "steps", "loss first → last", "eval loss first → last", "wall time", "output"):
+    for col in ("stage", "type", "action", "steps", "loss first → last", "eval loss first → last", "eval metrics",
+                "wall time", "output"):
         t.add_column(col)
 
     def f(x):
@@ -364,7 +375,8 @@ def summary_table(outcomes: list[StageOutcome], out_dir: Path) -> Table:
         i = o.info
         fe, le = (i.get("first_eval") or {}).get("eval_loss"), (i.get("last_eval") or {}).get("eval_loss")
         t.add_row(o.name, o.type, o.action, str(i.get("steps", "-")), f"{f(i.get('first_loss'))} → {f(i.get('last_loss'))}",
-                  f"{f(fe)} → {f(le)}", f"{i.get('wall_time_s', 0):.1f} s", str((i.get("outputs") or {}).get("final", "-")))
+                  f"{f(fe)} → {f(le)}", key_metrics(i.get("last_eval") or {}), f"{i.get('wall_time_s', 0):.1f} s",
+                  str((i.get("outputs") or {}).get("final", "-")))
     return t
 
 

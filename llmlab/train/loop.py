@@ -307,10 +307,16 @@ def train(stage: Stage, *, fingerprint: str, accelerator=None, reset_optimizer: 
                 metrics.write({"step": step, **ev})
                 if trackers:
                     trackers.log(ev, step)
-                if eval_loss is not None and eval_loss < best_eval:
-                    best_eval, best_step = eval_loss, step
+            improved = False
+            if eval_batches and (step % eval_every == 0 or step == max_steps):
+                if is_main and eval_loss is not None and eval_loss < best_eval:
+                    best_eval, best_step, improved = eval_loss, step, True
+                if world > 1:  # every rank must take the same save decision
+                    from accelerate.utils import broadcast_object_list
 
-            if step % save_every == 0 or step == max_steps:
+                    improved = broadcast_object_list([improved], from_process=0)[0]
+
+            if step % save_every == 0 or step == max_steps or (save_best_only and improved):
                 if not check_every_step and not torch.isfinite(loss_sum):
                     raise TrainingError(f"stage {ctx.name}: loss is not finite at step {step}; "
                                         f"the last good checkpoint is {good_ckpt or 'none'}")
