@@ -141,6 +141,7 @@ def train(stage: Stage, *, fingerprint: str, accelerator=None, reset_optimizer: 
     from accelerate import Accelerator
 
     ctx, cfg = stage.ctx, stage.config
+    ctx.stage_dir.mkdir(parents=True, exist_ok=True)
     if accelerator is None:
         accelerator = Accelerator(cpu=ctx.device.type == "cpu")
     device = accelerator.device
