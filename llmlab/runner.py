@@ -333,7 +333,18 @@ class Runner:
 
         precision = resolve_precision(self.recipe.get("precision", "auto"), device)
         mp = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[precision]
-        return Accelerator(cpu=device.type == "cpu", mixed_precision=mp)
+        try:
+            return Accelerator(cpu=device.type == "cpu", mixed_precision=mp)
+        except ValueError:
+            # accelerate keeps one global state per process; a second run in the same process (tests, a
+            # notebook) with another precision must reset it. Never under torchrun, where the state
+            # holds the process group.
+            from accelerate.state import AcceleratorState, PartialState
+
+            if PartialState().num_processes > 1:
+                raise
+            AcceleratorState._reset_state(reset_partial_state=True)
+            return Accelerator(cpu=device.type == "cpu", mixed_precision=mp)
 
     def _progress(self):
         from rich.progress import (

@@ -1,5 +1,5 @@
-"""Kill test: SIGKILL a run at random moments, rerun it, and reach bitwise the weights of a run that
-never stopped (CPU, same seed)."""
+"""Kill test: SIGKILL a run at random moments — during a step, during a checkpoint write, between
+stages — rerun it, and reach bitwise the weights of a run that never stopped (CPU, same seed)."""
 
 import copy
 import os
@@ -23,8 +23,8 @@ ROOT = Path(__file__).resolve().parents[2]
 def _recipe(d: Path) -> Path:
     rec = copy.deepcopy(TINY)
     rec["stages"] = {k: rec["stages"][k] for k in ("pretrain", "sft")}
-    rec["stages"]["pretrain"].update(max_steps=60, save_every=4, keep_last=2, eval_every=30)
-    rec["stages"]["sft"].update(max_steps=16, save_every=4, eval_every=8)
+    rec["stages"]["pretrain"].update(max_steps=160, save_every=3, keep_last=2, eval_every=80)
+    rec["stages"]["sft"].update(max_steps=40, save_every=3, eval_every=20)
     return write_recipe(d, rec)
 
 
@@ -33,12 +33,23 @@ def _cmd(recipe: Path) -> list[str]:
 
 
 def _env():
-    env = dict(os.environ, PYTHONPATH=str(ROOT), HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
-    return env
+    return dict(os.environ, PYTHONPATH=str(ROOT), HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
 
 
 def _weights(d: Path, stage: str):
     return load_file(str(d / "run" / stage / "final" / "model.safetensors"))
+
+
+def _wait(p: subprocess.Popen, cond, timeout=180.0) -> bool:
+    """Poll until cond() holds (True) or the process ended (False)."""
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        if p.poll() is not None:
+            return False
+        if cond():
+            return True
+        time.sleep(0.02)
+    return False
 
 
 def test_sigkill_at_random_moments_then_resume_is_bitwise_identical(tmp_path):
@@ -50,22 +61,30 @@ def test_sigkill_at_random_moments_then_resume_is_bitwise_identical(tmp_path):
     assert done.returncode == 0, done.stdout + done.stderr
 
     rng = random.Random(0)
+    run = b / "run"
+
+    def ckpts(stage):
+        d = run / stage / "checkpoints"
+        return [x for x in d.iterdir() if x.name.startswith("step-")] if d.is_dir() else []
+
+    moments = [
+        lambda: len(ckpts("pretrain")) >= 1,                 # early in pretraining
+        lambda: len(ckpts("pretrain")) >= 2,                 # later: a step or a checkpoint write in flight
+        lambda: (run / "sft" / "stage.json").exists(),       # between stages: sft just registered
+        lambda: len(ckpts("sft")) >= 1,                      # during sft
+    ]
     kills = 0
-    for attempt in range(8):
-        p = subprocess.Popen(_cmd(rb), env=_env(), cwd=b, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        if attempt < 4:
-            # wait until training has started (some checkpoints exist or the tokenizer is built), then kill
-            time.sleep(rng.uniform(5.0, 9.0))
+    for cond in moments:
+        p = subprocess.Popen(_cmd(rb), env=_env(), cwd=b, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        if _wait(p, cond):
+            time.sleep(rng.uniform(0.0, 0.4))
             if p.poll() is None:
                 p.send_signal(signal.SIGKILL)
                 kills += 1
-            p.wait(timeout=60)
-            continue
-        out, _ = p.communicate(timeout=600)
-        assert p.returncode == 0, out
-        break
-    assert kills >= 2
-    assert "continuing" in out or "skipped" in out
+        p.wait(timeout=120)
+    final = subprocess.run(_cmd(rb), env=_env(), cwd=b, capture_output=True, text=True, timeout=600)
+    assert final.returncode == 0, final.stdout + final.stderr
+    assert kills >= 3
     for stage in ("pretrain", "sft"):
         wa, wb = _weights(a, stage), _weights(b, stage)
         assert wa.keys() == wb.keys()
