@@ -168,6 +168,13 @@ def train(stage: Stage, *, fingerprint: str, accelerator=None, reset_optimizer: 
     gas = int(cfg.get("gradient_accumulation_steps", 1))
     optimizer = build_optimizer(model, cfg.get("optimizer", {}), device)
     scheduler = build_scheduler(optimizer, cfg.get("scheduler", {}), max_steps)
+    if needs_hessian(optimizer):
+        # Sophia's Hessian estimate differentiates through the backward pass; fused SDPA kernels have
+        # no double backward, so attention runs in plain PyTorch ops for this stage.
+        if hasattr(getattr(model, "config", None), "attn_backend"):
+            model.config.attn_backend = "eager"
+        elif hasattr(model, "set_attn_implementation"):
+            model.set_attn_implementation("eager")
 
     ckpt_root = ctx.stage_dir / "checkpoints"
     start_step, best_eval, best_step, resumed_from = 0, math.inf, None, None

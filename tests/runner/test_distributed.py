@@ -3,6 +3,7 @@
 import copy
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -26,6 +27,7 @@ def test_torchrun_two_processes_match_single_process(tmp_path):
     rec["stages"] = {"pretrain": rec["stages"]["pretrain"]}
     rec["stages"]["pretrain"].update(max_steps=6, log_every=1, eval_every=100, save_every=100, batch_size=4)
     rec["device"] = "cpu"
+    rec["precision"] = "fp32"
     single, multi = tmp_path / "single", tmp_path / "multi"
     single.mkdir()
     multi.mkdir()
@@ -34,7 +36,11 @@ def test_torchrun_two_processes_match_single_process(tmp_path):
     r1 = subprocess.run([sys.executable, "-m", "llmlab.cli", "run", str(write_recipe(single, one))],
                         cwd=single, env=env, capture_output=True, text=True, timeout=600)
     assert r1.returncode == 0, r1.stdout + r1.stderr
-    r2 = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
+    with socket.socket() as sock:  # a free loopback port for the rendezvous
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    r2 = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                         "--master_addr", "127.0.0.1", "--master_port", str(port),
                          "-m", "llmlab.cli", "run", str(write_recipe(multi, rec))],
                         cwd=multi, env=env, capture_output=True, text=True, timeout=600)
     assert r2.returncode == 0, r2.stdout[-3000:] + r2.stderr[-3000:]

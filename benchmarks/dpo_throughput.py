@@ -1,0 +1,297 @@
+"""DPO (and SFT) steps/s of llmlab's loop against TRL's DPOTrainer (SFTTrainer), side by side in one run.
+
+    python benchmarks/dpo_throughput.py                  # dpo and sft, 5m model, ~3-4 min on 2 cores
+    python benchmarks/dpo_throughput.py --quick          # dpo only, 1 repetition, ~1 min
+    python benchmarks/dpo_throughput.py --stages dpo --size 25m --batch-size 8 --reps 3
+
+Both sides train the same freshly initialised ``LlmlabForCausalLM`` (same seed; TRL gets the model
+object itself, and for DPO a frozen copy of it as ``ref_model``) on the same micro-batches: the
+batches llmlab's StageData gives for the chatterbot preference pairs (``chatterbot_pairs``) or
+conversations (``chatterbot``), in the same order. TRL's own data collation is replaced by those
+batches, converted to the keys TRL's collators produce (DPO: ``input_ids``/``attention_mask``
+[2B, T] chosen over rejected + ``completion_mask`` = llmlab's completion labels; SFT:
+``input_ids``/``attention_mask``/``labels``), so sequences, padding and the tokens that carry
+loss are identical and what is compared is the training step itself. Same AdamW (β 0.9/0.95,
+eps 1e-8, weight decay 0.1), cosine schedule, grad-clip 1.0, batch size, ``beta`` 0.1, sigmoid
+loss, ``precompute_ref_log_probs=False``, no eval/save/logging inside the timed window.
+
+Timing: ``--warmup-steps`` untimed steps, then ``--timed-steps`` timed ones (end of last warm-up
+step → end of last step); repetitions interleaved (order rotates); the best (least disturbed) and
+the median steps/s per contender are reported, with ratios.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import gc
+import io
+import json
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _common as C  # noqa: E402
+
+import torch  # noqa: E402
+
+
+class Setup:
+    def __init__(self, args, stage: str):
+        self.stage = stage
+        self.warm, self.timed = args.warmup_steps, args.timed_steps
+        self.steps = self.warm + self.timed
+        self.workdir = C.make_workdir(f"{stage}-{args.size}")
+        rec = C.base_recipe(args.size, seq_len=args.seq_len, batch_size=args.batch_size, max_steps=self.steps)
+        rec["stages"][stage]["log_every"] = self.warm
+        self.resolved = C.resolve(rec, self.workdir)
+        self.cfg = self.resolved["stages"][stage]
+        self.tok = C.tokenizer_for(self.resolved)
+        self.data = C.stage_data(self.resolved, stage, self.tok)
+        self.batches = [self.data.train_batch(i) for i in range(self.steps)]
+
+    def model(self):
+        from llmlab.models.build import build_model
+
+        torch.manual_seed(self.resolved["seed"])
+        return build_model(self.resolved["model"], tokenizer=self.tok)
+
+    def tokens(self) -> float:
+        """Mean real (attention_mask == 1) tokens per timed step."""
+        key = "chosen_attention_mask" if self.stage == "dpo" else "attention_mask"
+        n = sum(int(b[key].sum()) + (int(b["rejected_attention_mask"].sum()) if self.stage == "dpo" else 0)
+                for b in self.batches[self.warm:])
+        return n / self.timed
+
+
+def padfree_seq_logps(model, ids: torch.Tensor, att: torch.Tensor, labels: torch.Tensor):
+    """Summed completion log-probs of each row of a right-padded [R, T] batch, computed padding-free:
+    the R sequences are laid end to end in one [1, N] row (N = real tokens) with position ids that
+    restart per sequence, so llmlab's model attends within each sequence only and no compute is
+    spent on padding. Returns (seq_logps [R], scored tokens [R])."""
+    keep = att.bool()
+    lens = keep.sum(1)
+    flat_ids, flat_lab = ids[keep][None], labels[keep]
+    pos = torch.cat([torch.arange(int(n)) for n in lens])[None]
+    seq = torch.repeat_interleave(torch.arange(len(lens)), lens)
+    logits = model(input_ids=flat_ids, position_ids=pos, use_cache=False).logits[0]  # [N, V]
+    tgt = torch.full_like(flat_lab, -100)
+    tgt[:-1] = torch.where(seq[1:] == seq[:-1], flat_lab[1:], -100)
+    mask = tgt != -100
+    lp = torch.gather(logits.float().log_softmax(-1), 1, tgt.clamp(min=0)[:, None])[:, 0] * mask
+    return (torch.zeros(len(lens), dtype=lp.dtype).index_add(0, seq, lp),
+            torch.zeros(len(lens), dtype=torch.long).index_add(0, seq, mask.long()))
+
+
+def padfree_dpo_loss(stage, model, batch):
+    """DPOStage.compute_loss with the policy and reference forwards made padding-free (a prototype of
+    the proposed change; same loss as the padded one, checked in main())."""
+    from llmlab.losses import dpo_loss
+    from llmlab.stages.dpo import concat_pairs
+
+    ids, att, labels = concat_pairs(batch, stage.pad_token_id)
+    B = batch["chosen_input_ids"].shape[0]
+    seq, n = padfree_seq_logps(model, ids, att, labels)
+    with torch.no_grad():
+        ref_model = stage.reference.forward_model(model)
+        with stage.reference.context(model):
+            ref, _ = padfree_seq_logps(ref_model, ids, att, labels)
+    losses, cr, rr = dpo_loss(seq[:B], seq[B:], ref[:B], ref[B:], beta=stage.beta, loss_type=stage.loss_type,
+                              label_smoothing=stage.label_smoothing, chosen_lengths=n[:B], rejected_lengths=n[B:])
+    return losses.mean(), {"rewards/margins": (cr - rr).mean().detach()}
+
+
+def run_llmlab_padfree(s: Setup, rep: int) -> float:
+    return run_llmlab(s, rep, padfree=True)
+
+
+def run_llmlab(s: Setup, rep: int, padfree: bool = False) -> float:
+    """Seconds of the timed window of ``llmlab.train.loop.train`` on the stage."""
+    from llmlab.runner import Runner
+    from llmlab.stages import stage_class
+    from llmlab.stages.base import StageContext
+    from llmlab.train.loop import train
+
+    base = stage_class(s.stage)
+    data = s.data
+
+    class Bench(base):
+        def setup(self, model):
+            if s.stage == "dpo":
+                super().setup(model)  # the frozen reference copy
+                self._data = data
+            else:
+                self.data = data
+
+        if padfree:
+            def compute_loss(self, model, batch):
+                return padfree_dpo_loss(self, model, batch)
+
+    stage_dir = s.workdir / "run" / f"{s.stage}-rep{rep}"
+    shutil.rmtree(stage_dir, ignore_errors=True)
+    stage_dir.mkdir(parents=True)
+    device = torch.device("cpu")
+    C.reset_accelerate()  # a Trainer run before this one in the process set its own state
+    acc = Runner(s.resolved)._accelerator(device)
+    ctx = StageContext(recipe=s.resolved, name=s.stage, config=s.cfg, stage_dir=stage_dir, tokenizer=s.tok,
+                       init_path=None, stage_paths={s.stage: stage_dir}, device=device)
+    train(Bench(ctx), fingerprint="bench", accelerator=acc)
+    recs = {r["step"]: r for r in map(json.loads, (stage_dir / "metrics.jsonl").read_text().splitlines()) if "loss" in r}
+    shutil.rmtree(stage_dir, ignore_errors=True)
+    return recs[s.steps]["elapsed_s"] - recs[s.warm]["elapsed_s"]
+
+
+def _trl_batch_dpo(b: dict, pad: int) -> dict:
+    from llmlab.stages.dpo import concat_pairs
+
+    ids, att, lab = concat_pairs(b, pad)
+    return {"input_ids": ids, "attention_mask": att, "completion_mask": (lab != -100).long()}
+
+
+def _trl_batch_sft(b: dict, pad: int) -> dict:
+    return {"input_ids": b["input_ids"], "attention_mask": b["attention_mask"], "labels": b["labels"]}
+
+
+def run_trl(s: Setup, rep: int) -> float:
+    """Seconds of the timed window of TRL's DPOTrainer / SFTTrainer on the same batches."""
+    from torch.utils.data import DataLoader
+    from transformers import TrainerCallback
+
+    from llmlab.data.sources import load_named_dataset
+
+    pad = s.tok.pad_token_id
+    conv = _trl_batch_dpo if s.stage == "dpo" else _trl_batch_sft
+    mine = [conv(b, pad) for b in s.batches]
+    marks = {}
+
+    class Clock(TrainerCallback):
+        def on_step_end(self, args, state, control, **kw):
+            if state.global_step in (s.warm, s.steps):
+                marks[state.global_step] = time.perf_counter()
+
+    ocfg, scfg = s.cfg["optimizer"], s.cfg["scheduler"]
+    common = dict(
+        output_dir=str(s.workdir / f"trl-rep{rep}"), per_device_train_batch_size=s.cfg["batch_size"],
+        max_steps=s.steps, learning_rate=float(ocfg["lr"]), weight_decay=float(ocfg["weight_decay"]),
+        adam_beta1=0.9, adam_beta2=0.95, adam_epsilon=1e-8, max_grad_norm=1.0, optim="adamw_torch",
+        lr_scheduler_type="cosine_with_min_lr", lr_scheduler_kwargs={"min_lr_rate": 0.1},
+        warmup_steps=int(scfg["warmup_steps"]), logging_strategy="no", save_strategy="no", eval_strategy="no",
+        report_to="none", use_cpu=True, dataloader_num_workers=0, seed=s.resolved["seed"], disable_tqdm=True,
+        max_length=s.cfg["seq_len"] * 2)
+    ds_name = "chat_pairs" if s.stage == "dpo" else "chat"
+    raw = load_named_dataset(s.resolved, ds_name).train.select(range(16))  # only for TRL's init
+    model = s.model()
+
+    def loader(self):
+        return DataLoader(mine, batch_size=None, shuffle=False)
+
+    if s.stage == "dpo":
+        from trl import DPOConfig, DPOTrainer
+
+        cfg = DPOConfig(beta=float(s.cfg["beta"]), loss_type=["sigmoid"], precompute_ref_log_probs=False, **common)
+        ref = copy.deepcopy(model).eval().requires_grad_(False)
+        cls = type("BenchDPO", (DPOTrainer,), {"get_train_dataloader": loader})
+        trainer = cls(model=model, ref_model=ref, args=cfg, train_dataset=raw, processing_class=s.tok,
+                      callbacks=[Clock()])
+    else:
+        from trl import SFTConfig, SFTTrainer
+
+        cfg = SFTConfig(assistant_only_loss=False, **common)
+        cls = type("BenchSFT", (SFTTrainer,), {"get_train_dataloader": loader})
+        trainer = cls(model=model, args=cfg, train_dataset=raw, processing_class=s.tok, callbacks=[Clock()])
+    with contextlib.redirect_stdout(io.StringIO()):
+        trainer.train()
+    shutil.rmtree(s.workdir / f"trl-rep{rep}", ignore_errors=True)
+    return marks[s.steps] - marks[s.warm]
+
+
+CONTENDERS = {"llmlab": run_llmlab, "trl": run_trl, "llmlab_padfree": run_llmlab_padfree}
+
+
+def check_padfree(s: Setup) -> float:
+    """|padded loss - padding-free loss| on the first batches, same fresh model and reference."""
+    from llmlab.stages.base import StageContext
+    from llmlab.stages.dpo import DPOStage
+
+    ctx = StageContext(recipe=s.resolved, name="dpo", config=s.cfg, stage_dir=s.workdir, tokenizer=s.tok,
+                       init_path=None)
+    st = DPOStage(ctx)
+    m = st.build_model()
+    st.setup(m)
+    with torch.no_grad():
+        m.model.embed_tokens.weight.add_(0.02 * torch.randn_like(m.model.embed_tokens.weight))  # policy != ref
+    diff = 0.0
+    for b in s.batches[:3]:
+        diff = max(diff, abs(float(st.compute_loss(m, b)[0]) - float(padfree_dpo_loss(st, m, b)[0])))
+    return diff
+TARGET = {"dpo": 1.2, "sft": None}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--stages", nargs="+", choices=["dpo", "sft"], default=None, help="default: dpo sft (--quick: dpo)")
+    ap.add_argument("--size", choices=list(C.SIZES), default="5m")
+    ap.add_argument("--seq-len", type=int, default=128, help="longest pair/conversation kept")
+    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--warmup-steps", type=int, default=None, help="default 3 (--quick 2)")
+    ap.add_argument("--timed-steps", type=int, default=None, help="default 8 (--quick 6)")
+    ap.add_argument("--reps", type=int, default=None, help="interleaved repetitions (default 3; --quick 1)")
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--padfree", action=argparse.BooleanOptionalAction, default=True,
+                    help="also time llmlab's DPO with a padding-free forward (a prototype of a proposed change)")
+    ap.add_argument("--json", type=Path)
+    C.add_threads_arg(ap)
+    args = ap.parse_args()
+    C.apply_threads(args.threads)
+    args.stages = args.stages or (["dpo"] if args.quick else ["dpo", "sft"])
+    args.warmup_steps = args.warmup_steps or (2 if args.quick else 3)
+    args.timed_steps = args.timed_steps or (6 if args.quick else 8)
+    args.reps = args.reps or (1 if args.quick else 3)
+    C.quiet()
+    import trl
+
+    print(C.machine_note() + f" | trl {trl.__version__}")
+    results = {"machine": C.machine_note(), "stages": {}}
+    for stage in args.stages:
+        s = Setup(args, stage)
+        n = C.n_params(s.model())
+        print(f"\n== {stage}: {args.size} ({n / 1e6:.2f} M parameters), batch {args.batch_size}, "
+              f"{s.tokens():.0f} real tokens/step, {args.warmup_steps} warm-up + {args.timed_steps} timed steps, "
+              f"{args.reps} interleaved repetitions ==")
+        names = ["llmlab", "trl"] + (["llmlab_padfree"] if stage == "dpo" and args.padfree else [])
+        if stage == "dpo" and args.padfree:
+            print(f"  padding-free prototype: |loss - padded loss| = {check_padfree(s):.2e} on 3 batches; "
+                  f"padded tokens/step {2 * sum(b['chosen_input_ids'].numel() for b in s.batches[s.warm:]) / s.timed:.0f}")
+        secs = {k: [] for k in names}
+        for rep in range(args.reps):
+            for name in names[rep % len(names):] + names[: rep % len(names)]:
+                gc.collect()
+                t = CONTENDERS[name](s, rep)
+                secs[name].append(t)
+                print(f"  rep {rep} {name:<7} {s.timed / t:7.2f} steps/s  (load {os.getloadavg()[0]:.2f})", flush=True)
+        sps = {k: s.timed / min(v) for k, v in secs.items()}       # best: interference only adds time
+        smed = {k: s.timed / C.median(v) for k, v in secs.items()}
+        rows = [[k, f"{v:.2f}", f"{smed[k]:.2f}", f"{v * s.tokens():,.0f}", f"{v / sps['trl']:.2f}x",
+                 f"{smed[k] / smed['trl']:.2f}x"] for k, v in sps.items()]
+        print(C.table(rows, ["contender", "steps/s best", "steps/s median", "real tok/s (best)", "vs trl (best)",
+                             "vs trl (median)"]))
+        ratio = sps["llmlab"] / sps["trl"]
+        if TARGET[stage]:
+            print(f"target llmlab >= {TARGET[stage]}x TRL {stage}: {ratio:.2f}x (best) -> "
+                  f"{'MET' if ratio >= TARGET[stage] else 'NOT MET'}")
+        if "llmlab_padfree" in sps:
+            r2 = sps["llmlab_padfree"] / sps["trl"]
+            print(f"with the padding-free prototype: {r2:.2f}x TRL (best), "
+                  f"{smed['llmlab_padfree'] / smed['trl']:.2f}x (median)")
+        results["stages"][stage] = {"steps_per_s": sps, "runs_s": secs, "ratio": ratio, "tokens_per_step": s.tokens()}
+    print(f"\nload average at end: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()
