@@ -402,14 +402,16 @@ class LlmlabAttention(nn.Module):
         elif backend == "eager":
             out = self._eager(q, k, v, mask, kv_len, p, prefix)
         else:
-            k, v = repeat_kv(k, self.n_rep), repeat_kv(v, self.n_rep)
+            # GQA/MQA: SDPA shares each K/V head across its query group without materialising copies
+            gqa = {"enable_gqa": True} if self.n_rep > 1 else {}
             if not prefix and mask.use_is_causal(kv_len):
-                out = F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True, scale=self.scaling)
+                out = F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True, scale=self.scaling, **gqa)
             elif not prefix and mask.sees_everything(kv_len):
-                out = F.scaled_dot_product_attention(q, k, v, dropout_p=p, scale=self.scaling)
+                out = F.scaled_dot_product_attention(q, k, v, dropout_p=p, scale=self.scaling, **gqa)
             else:
                 attn_mask = mask.sdpa_mask(kv_len, q.dtype, prefix)
-                out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=p, scale=self.scaling)
+                out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=p, scale=self.scaling,
+                                                     **gqa)
             out = out.transpose(1, 2)
         out = out.reshape(b, t, self.n_heads * self.head_dim)
         return self.o_proj(out)
@@ -747,12 +749,13 @@ def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, num_items_in_batc
     Shapes: logits [B, T, V], labels [B, T] -> scalar (mean over counted tokens, or sum /
     ``num_items_in_batch`` when given, for exact gradient accumulation).
     """
-    shift_logits = logits[:, :-1].reshape(-1, logits.shape[-1]).float()
-    shift_labels = labels[:, 1:].reshape(-1).to(shift_logits.device)
+    # shift the labels, not the logits: no [B, T-1, V] copy of the largest activation
+    shift_labels = F.pad(labels[:, 1:], (0, 1), value=-100).reshape(-1).to(logits.device)
+    flat_logits = logits.reshape(-1, logits.shape[-1]).float()
     if num_items_in_batch is not None:
-        loss = F.cross_entropy(shift_logits, shift_labels, ignore_index=-100, reduction="sum")
+        loss = F.cross_entropy(flat_logits, shift_labels, ignore_index=-100, reduction="sum")
         return loss / num_items_in_batch
-    return F.cross_entropy(shift_logits, shift_labels, ignore_index=-100)
+    return F.cross_entropy(flat_logits, shift_labels, ignore_index=-100)
 
 
 if _TRANSFORMERS_MAJOR >= 5:

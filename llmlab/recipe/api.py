@@ -23,6 +23,7 @@ from llmlab.recipe.errors import RecipeError, dotted
 from llmlab.recipe.yamlload import load_yaml, parse_scalar, read_file
 
 SET_FILE = "--set"
+EVALUATE = semantic.EVALUATE
 _ENV_RE = re.compile(r"\$(\$?)\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 
 
@@ -222,7 +223,9 @@ def substitute_env(value, env: Mapping[str, str], path: tuple, where, errors: li
 
 
 def _fill_computed(doc: dict) -> None:
-    """Defaults that depend on other keys (the schema cannot express them)."""
+    """Defaults that depend on other keys (the schema cannot express them). An evaluate stage gets
+    ``models`` (every earlier stage that trains a language model) and none of the training
+    defaults, and is skipped when a later stage's ``from`` defaults to the previous stage."""
     m = doc.get("model")
     if isinstance(m, dict) and m.get("arch") == "transformer":
         h = m.get("n_heads")
@@ -238,10 +241,18 @@ def _fill_computed(doc: dict) -> None:
     stages = doc.get("stages")
     if isinstance(stages, dict):
         prev = None
+        trained: list = []  # earlier stages that train a language model (evaluate's default models)
         for name, st in stages.items():
             if not isinstance(st, dict):
                 prev = name
                 continue
+            if st.get("type") == EVALUATE:
+                # trains nothing: none of the training defaults, and never the next stage's `from`
+                if "models" not in st:
+                    st["models"] = list(trained)
+                continue
+            if st.get("type") != "reward":
+                trained.append(name)
             if "from" not in st and prev is not None:
                 st["from"] = prev
             if "seq_len" not in st and isinstance(m, dict) and "arch" in m and isinstance(m.get("max_seq_len"), int):

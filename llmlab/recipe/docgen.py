@@ -58,6 +58,11 @@ Beyond the types, ranges and enums below, `validate` checks (each error on the o
   something for the architecture (e.g. no ffn_only on mamba2; PEFT refuses out_proj and conv1d on
   Mamba) and `target_modules` only with preset custom; keys of another stage type, optimizer or
   scheduler are errors (`beta` on a pretrain stage, `rho` with adamw), with a hint naming where they belong.
+- evaluate stages: `models`, `reference_from` and `reward_from` name earlier stages that have weights (not
+  evaluate stages; `reference_from` a language model, `reward_from` a reward stage); every dataset is
+  defined and has `eval_split > 0`; training keys (`max_steps`, `optimizer`, `scheduler`, `lora`, ...) are
+  errors. No stage's `from`/`reference_from` may name an evaluate stage, and a stage after one starts
+  by default from the last training stage before it.
 
 Defaults below are filled in by resolution; a key whose default is `null` stays absent unless given.
 """
@@ -132,12 +137,16 @@ def render() -> str:
         _section(title, d[name], out, skip=common)
     _section("datasets.NAME", d["dataset"], out)
     _section("datasets.NAME.filters", d["dataset"]["properties"]["filters"], out)
-    _section("stages.NAME (every stage type)", d["stage_common"], out)
+    _section("stages.NAME (every training stage type)", d["stage_common"], out)
     _section("stages.NAME.mixing", d["stage_common"]["properties"]["mixing"], out)
     for t in S.resolve_ref(d["stage"]["properties"]["type"])["enum"]:
-        props = d[f"stage_{t}"]["properties"]
+        node = d[f"stage_{t}"]
+        props = node["properties"]
         out += ["", f"## stages.NAME (type: {t})", ""]
-        out += ([d[f"stage_{t}"]["description"] + " Besides the common keys:", ""] + _table(props)) if props else \
+        if node.get("$ref") != "#/$defs/stage_common":  # a stage type of its own (evaluate): all its keys
+            out += [node["description"] + " Its keys:", ""] + _table(props, node.get("required", ()))
+            continue
+        out += ([node["description"] + " Besides the common keys:", ""] + _table(props)) if props else \
             ["Only the common keys."]
     _section("stages.NAME.reward[]", d["reward_source"], out)
     _section("stages.NAME.optimizer", d["optimizer_common"], out, intro=d["optimizer"]["description"])

@@ -30,6 +30,9 @@ HUB_ONLY = ("subset", "revision", "streaming")
 
 RESERVED_STAGE_NAMES = ("tokenizer",)
 
+#: the stage type that trains nothing and measures earlier stages (llmlab.stages.evaluate)
+EVALUATE = "evaluate"
+
 
 def _int(x):
     return x if isinstance(x, int) and not isinstance(x, bool) else None
@@ -169,7 +172,8 @@ def _check_tokenizer(doc: dict, datasets: dict, add) -> None:
         add(("tokenizer", "chat_template"), f"{ct!r} is neither a known template{suggest(ct, ['chatml', 'none'])} nor a Jinja template; expected chatml, none, or a Jinja string")
 
 
-def _stage_ref(stages: list, idx: int, value, path, add, what: str, need_type: str | None = None, types=None) -> None:
+def _stage_ref(stages: list, idx: int, value, path, add, what: str, need_type: str | None = None, types=None,
+               not_types: tuple = ()) -> None:
     if value is None or not isinstance(value, str):
         return
     if value not in stages:
@@ -181,7 +185,15 @@ def _stage_ref(stages: list, idx: int, value, path, add, what: str, need_type: s
                   + ("is this stage" if j == idx else "runs after this one") + " (stages run in file order)")
         return
     if need_type and types.get(value) != need_type:
-        add(path, f"{what} {value!r} is a {types.get(value)} stage; expected a {need_type} stage")
+        article = "an" if str(types.get(value))[:1] in "aeiou" else "a"
+        add(path, f"{what} {value!r} is {article} {types.get(value)} stage; expected a {need_type} stage")
+        return
+    if types and types.get(value) in not_types:
+        if types.get(value) == EVALUATE:
+            add(path, f"{what} {value!r} is an evaluate stage, which trains nothing and has no weights; "
+                      "name a training stage")
+        else:
+            add(path, f"{what} {value!r} is a {types.get(value)} stage; expected a stage that trains a language model")
 
 
 #: builtin reward -> the key it needs
@@ -222,10 +234,14 @@ def _check_stages(doc: dict, datasets: dict, given, add) -> None:
         seq = _int(st.get("seq_len"))
         if seq and max_len and seq > max_len:
             add(base + ("seq_len",), f"seq_len ({seq}) exceeds model.max_seq_len ({max_len})")
-        if "from_pretrained" in model and "arch" not in model and "seq_len" not in st:
+        if "from_pretrained" in model and "arch" not in model and "seq_len" not in st and stype != EVALUATE:
             add(base, "seq_len is required with model.from_pretrained (the checkpoint's context length is unknown until it loads)")
-        _stage_ref(stages, idx, st.get("from"), base + ("from",), add, "from:")
-        _stage_ref(stages, idx, st.get("reference_from"), base + ("reference_from",), add, "reference_from:")
+        if stype == EVALUATE:
+            _check_evaluate(doc, datasets, stages, types, idx, name, st, add)
+            continue
+        _stage_ref(stages, idx, st.get("from"), base + ("from",), add, "from:", types=types, not_types=(EVALUATE,))
+        _stage_ref(stages, idx, st.get("reference_from"), base + ("reference_from",), add, "reference_from:",
+                   types=types, not_types=(EVALUATE,))
         accepted = STAGE_FORMATS.get(stype)
         for key in ("datasets", "eval_datasets"):
             mix = st.get(key)
@@ -280,3 +296,33 @@ def _check_stages(doc: dict, datasets: dict, given, add) -> None:
                     except ValueError as exc:
                         where = base + ("lora", "target_modules") if preset == "custom" and tm else base + ("lora", "preset")
                         add(where, f"{exc}" + (f" (model arch {model.get('arch')!r})" if "arch" in model else ""))
+
+
+def _check_evaluate(doc: dict, datasets: dict, stages: list, types: dict, idx: int, name: str, st: dict, add) -> None:
+    """An evaluate stage: its models, reference and reward stages are earlier stages with weights (the
+    reference a language model, the reward a reward stage); its datasets exist and have held-out rows."""
+    base = ("stages", name)
+    models = st.get("models")
+    if isinstance(models, list):
+        if not models:
+            add(base, "an evaluate stage needs an earlier stage that trains a language model to evaluate "
+                      "(or list stages in 'models')")
+        for i, m in enumerate(models):
+            _stage_ref(stages, idx, m, base + ("models", i), add, "models:", types=types, not_types=(EVALUATE,))
+    _stage_ref(stages, idx, st.get("reference_from"), base + ("reference_from",), add, "reference_from:",
+               types=types, not_types=(EVALUATE, "reward"))
+    _stage_ref(stages, idx, st.get("reward_from"), base + ("reward_from",), add, "reward_from:", "reward", types)
+    chat_template = _dict(doc.get("tokenizer")).get("chat_template")
+    for ds in _dict(st.get("datasets")):
+        p = base + ("datasets", ds)
+        if ds not in datasets:
+            add(p, f"unknown dataset {ds!r}{suggest(ds, datasets)}; defined datasets: {', '.join(datasets) or 'none'}")
+            continue
+        spec = _dict(datasets[ds])
+        split = _num(spec.get("eval_split"))
+        if split is not None and split <= 0:
+            add(p, f"dataset {ds!r} has no held-out rows to evaluate on; give it an eval_split > 0 "
+                   f"(datasets.{ds}.eval_split)")
+        if dataset_format(spec) in _CONVERSATION and chat_template == "none":
+            add(p, f"dataset {ds!r} holds conversations, which are scored through the chat template, "
+                   "but tokenizer.chat_template is 'none'")

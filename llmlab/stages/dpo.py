@@ -211,11 +211,11 @@ class DPOStage(Stage):
             chosen_lengths=lengths[:B], rejected_lengths=lengths[B:])
         loss = losses.mean()
         metrics = {
-            "rewards/chosen": chosen_r.mean().item(),
-            "rewards/rejected": rejected_r.mean().item(),
-            "rewards/accuracies": (chosen_r > rejected_r).float().mean().item(),
-            "rewards/margins": (chosen_r - rejected_r).mean().item(),
-            "logps/chosen": seq_logps[:B].detach().mean().item(),
-            "logps/rejected": seq_logps[B:].detach().mean().item(),
+            "rewards/chosen": chosen_r.mean().detach(),
+            "rewards/rejected": rejected_r.mean().detach(),
+            "rewards/accuracies": (chosen_r > rejected_r).float().mean().detach(),
+            "rewards/margins": (chosen_r - rejected_r).mean().detach(),
+            "logps/chosen": seq_logps[:B].detach().mean(),
+            "logps/rejected": seq_logps[B:].detach().mean(),
         }
         return loss, metrics

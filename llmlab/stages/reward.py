@@ -91,8 +91,8 @@ class RewardStage(Stage):
         chosen, rejected = scores[:B], scores[B:]
         loss = bradley_terry_loss(chosen, rejected)
         metrics = {
-            "accuracy": (chosen > rejected).float().mean().item(),
-            "margin": (chosen - rejected).mean().item(),
-            "reward_mean": scores.mean().item(),
+            "accuracy": (chosen > rejected).float().mean().detach(),
+            "margin": (chosen - rejected).mean().detach(),
+            "reward_mean": scores.mean().detach(),
         }
         return loss, metrics

@@ -203,6 +203,11 @@ def train(stage: Stage, *, fingerprint: str, accelerator=None, reset_optimizer: 
         log.info("stage %s: resuming from %s (step %d)", ctx.name, ckpt, start_step)
 
     prepared_model, optimizer = accelerator.prepare(model, optimizer)
+    if ctx.recipe.get("compile"):
+        import torch._dynamo
+
+        torch._dynamo.config.suppress_errors = True  # a graph that fails to compile runs eagerly
+        prepared_model = torch.compile(prepared_model)
     world, rank = accelerator.num_processes, accelerator.process_index
     is_main = accelerator.is_main_process
     metrics = MetricsWriter(ctx.stage_dir / "metrics.jsonl", start_step, enabled=is_main)
