@@ -43,6 +43,39 @@ def model_logits(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -
     return out.logits if hasattr(out, "logits") else out[0]
 
 
+def packs_documents(model) -> bool:
+    """True for models whose attention stays inside each document when position ids restart
+    (llmlab's Transformer), so several sequences can share one row without padding."""
+    return getattr(getattr(model, "config", None), "model_type", None) == "llmlab"
+
+
+def padfree_sequence_logps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                           labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed log-probs of the labelled tokens of each row of a right-padded batch, computed
+    padding-free: the real tokens of all R rows are laid end to end in one ``[1, N]`` row with
+    position ids restarting per sequence (the model must satisfy :func:`packs_documents`).
+
+    Shapes: input_ids, attention_mask, labels ``[R, T]`` → (seq_logps ``[R]``, labelled tokens ``[R]``).
+    Equals ``token_logps(model(ids, mask).logits, labels)`` summed per row (tested), with no compute
+    spent on padding.
+    """
+    keep = attention_mask.bool()
+    lens = keep.sum(1)
+    device = input_ids.device
+    flat_ids, flat_lab = input_ids[keep][None], labels[keep]
+    seq = torch.repeat_interleave(torch.arange(len(lens), device=device), lens)
+    starts = torch.cumsum(lens, 0) - lens
+    pos = (torch.arange(flat_lab.numel(), device=device) - starts[seq])[None]
+    out = model(input_ids=flat_ids, position_ids=pos, use_cache=False)
+    logits = (out.logits if hasattr(out, "logits") else out[0])[0]  # [N, V]
+    target = torch.full_like(flat_lab, -100)
+    target[:-1] = torch.where(seq[1:] == seq[:-1], flat_lab[1:], -100)
+    mask = target != -100
+    lp = torch.gather(logits.float().log_softmax(-1), 1, target.clamp(min=0)[:, None])[:, 0] * mask
+    zeros = torch.zeros(len(lens), dtype=lp.dtype, device=device)
+    return zeros.index_add(0, seq, lp), torch.zeros_like(lens).index_add(0, seq, mask.long())
+
+
 def concat_pairs(batch: dict, pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Stack chosen over rejected, right-padding both to the same length.
 
@@ -198,12 +231,21 @@ class DPOStage(Stage):
         ids, att, labels = (t.to(device) for t in concat_pairs(batch, self.pad_token_id))
         B = batch["chosen_input_ids"].shape[0]
 
-        logps, mask = token_logps(model_logits(model, ids, att), labels)
-        seq_logps = logps.sum(-1)
-        lengths = mask.sum(-1)
+        # models that keep attention inside each document get padding-free forwards: ~1.5x faster
+        # DPO on CPU (benchmarks/dpo_throughput.py); others take the padded batch
+        if packs_documents(model):
+            seq_logps, lengths = padfree_sequence_logps(model, ids, att, labels)
+        else:
+            logps, mask = token_logps(model_logits(model, ids, att), labels)
+            seq_logps, lengths = logps.sum(-1), mask.sum(-1)
         with torch.no_grad():
-            ref_tok, _ = token_logps(self.reference.logits(model, ids, att), labels)
-            ref_seq = ref_tok.sum(-1)
+            ref_model = self.reference.forward_model(model)
+            if packs_documents(ref_model):
+                with self.reference.context(model):
+                    ref_seq, _ = padfree_sequence_logps(ref_model, ids, att, labels)
+            else:
+                ref_tok, _ = token_logps(self.reference.logits(model, ids, att), labels)
+                ref_seq = ref_tok.sum(-1)
 
         losses, chosen_r, rejected_r = dpo_loss(
             seq_logps[:B], seq_logps[B:], ref_seq[:B], ref_seq[B:], beta=self.beta,
