@@ -75,6 +75,10 @@ def tokenizer_fingerprint(recipe: dict) -> str:
 def stage_inputs(recipe: dict, name: str, order: list[str]) -> dict[str, str | None]:
     """The stages ``name`` reads: ``from`` (None: the model section), ``reference_from``, reward stages."""
     cfg = recipe["stages"][name]
+    if cfg.get("type") == "evaluate":
+        from llmlab.stages.evaluate import evaluate_inputs
+
+        return evaluate_inputs(cfg)  # {"from": None, "models[i]": ..., "reference_from", "reward_from"}
     i = order.index(name)
     frm = cfg.get("from") or (order[i - 1] if i > 0 else None)
     inputs = {"from": frm}
@@ -173,3 +177,15 @@ def stage_status(stage_dir: Path, fp: dict, max_steps: int) -> tuple[str, str]:
             return "extend", f"continues from step {done_steps} to {max_steps}"
         return "stale", f"max_steps lowered from {done_steps} to {max_steps}"
     return ("partial", f"at step {ck}") if ck else ("pending", "started, no checkpoint yet")
+
+
+def recipe_stage_status(recipe: dict, name: str, fps: dict) -> tuple[str, str]:
+    """:func:`stage_status` of stage ``name`` of a resolved recipe; evaluate stages (no final/, no
+    steps) are done when their results.json is written under the current fingerprint."""
+    cfg = recipe["stages"][name]
+    stage_dir = Path(recipe["output_dir"]) / name
+    if cfg.get("type") == "evaluate":
+        from llmlab.stages.evaluate import evaluate_stage_status
+
+        return evaluate_stage_status(stage_dir, fps[name])
+    return stage_status(stage_dir, fps[name], int(cfg["max_steps"]))

@@ -14,7 +14,7 @@ from pathlib import Path
 from rich.table import Table
 
 from llmlab.console import make_console
-from llmlab.fingerprint import stage_fingerprints, stage_inputs, stage_status
+from llmlab.fingerprint import recipe_stage_status, stage_fingerprints, stage_inputs, stage_status
 
 
 def vocab_size_for(recipe: dict) -> int | None:
@@ -102,6 +102,14 @@ def plan_rows(recipe: dict) -> tuple[list[dict], dict]:
     rows = []
     for name in order:
         cfg = recipe["stages"][name]
+        if cfg["type"] == "evaluate":  # trains nothing: which models, on which data, and its status
+            status, detail = recipe_stage_status(recipe, name, fps)
+            ds = list(cfg.get("datasets") or {})
+            rows.append({"stage": name, "type": "evaluate", "from": ", ".join(cfg.get("models") or []),
+                         "datasets": {k: 100.0 / len(ds) for k in ds}, "steps": 0, "tokens": 0, "params": params,
+                         "trainable": 0, "memory_bytes": None, "tokens_per_param": None, "status": status,
+                         "status_detail": detail, "fingerprint": fps[name]["fingerprint"][:12]})
+            continue
         weights = cfg.get("datasets") or {}
         total_w = sum(weights.values()) or 1.0
         shares = {k: 100.0 * v / total_w for k, v in weights.items()}

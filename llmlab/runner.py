@@ -23,6 +23,7 @@ from rich.table import Table
 from llmlab.console import make_console
 from llmlab.fingerprint import (
     read_stage_json,
+    recipe_stage_status,
     stage_fingerprints,
     stage_inputs,
     stage_status,
@@ -238,13 +239,13 @@ class Runner:
             f"#   {k}: {v}\n" for k, v in package_versions().items())
         (self.out / "recipe.resolved.yaml").write_text(header + dump_resolved(self.recipe))
 
-        statuses = {n: stage_status(self.out / n, self.fps[n], int(self.recipe["stages"][n]["max_steps"]))
-                    for n in self.order}
+        statuses = {n: recipe_stage_status(self.recipe, n, self.fps) for n in self.order}
         todo = [n for n in selected if n in forced or statuses[n][0] != "done"]
         outcomes: list[StageOutcome] = []
         if not todo:
             for n in selected:
                 self.console.print(f"[green]✓[/] stage {n}: done ({statuses[n][1]}), skipped")
+                self._print_evaluation(n)
                 outcomes.append(StageOutcome(n, self.recipe["stages"][n]["type"], "skipped", read_stage_json(self.out / n) or {}))
             return outcomes
 
@@ -258,9 +259,10 @@ class Runner:
         for name in selected:
             cfg = self.recipe["stages"][name]
             stage_dir = self.out / name
-            status, detail = stage_status(stage_dir, self.fps[name], int(cfg["max_steps"]))
+            status, detail = recipe_stage_status(self.recipe, name, self.fps)
             if status == "done" and name not in forced:
                 self.console.print(f"[green]✓[/] stage {name}: done ({detail}), skipped")
+                self._print_evaluation(name)
                 outcomes.append(StageOutcome(name, cfg["type"], "skipped", read_stage_json(stage_dir) or {}))
                 continue
             if status == "stale" or name in forced:
@@ -274,9 +276,12 @@ class Runner:
             for role, dep in inputs.items():
                 if dep is None:
                     continue
-                dep_status = stage_status(self.out / dep, self.fps[dep], int(self.recipe["stages"][dep]["max_steps"]))[0]
+                dep_status = recipe_stage_status(self.recipe, dep, self.fps)[0]
                 if dep_status != "done":
                     raise RunError(f"stage {name} reads stage {dep} ({role}), which is {dep_status}; run it first")
+            if cfg["type"] == "evaluate":
+                outcomes.append(self._run_evaluate(name, stage_dir, tokenizer, tok_sha, stage_paths, accelerator))
+                continue
             init_path = load_stage_output(self.out / inputs["from"]) if inputs["from"] else None
             action = {"partial": "resumed", "extend": "extended"}.get(status, "ran")
             if action != "ran":
@@ -316,6 +321,39 @@ class Runner:
                 torch.cuda.empty_cache()
             outcomes.append(StageOutcome(name, cfg["type"], action, info))
         return outcomes
+
+    def _run_evaluate(self, name, stage_dir, tokenizer, tok_sha, stage_paths, accelerator) -> StageOutcome:
+        """Run an evaluate stage (main process only): results.json, stage.json, the comparison table."""
+        from llmlab.stages.evaluate import comparison_table, run_evaluate_stage
+
+        cfg = self.recipe["stages"][name]
+        self.console.print(f"[bold]▶[/] stage {name} (evaluate: {', '.join(cfg['models'])})")
+        info = {"name": name, "type": cfg["type"], "status": "running", "fingerprint": self.fps[name]["fingerprint"],
+                "parts": self.fps[name]["parts"], "started_at": _now(), "tokenizer_sha256": tok_sha,
+                "models": list(cfg["models"])}
+        if accelerator.is_main_process:
+            stage_dir.mkdir(parents=True, exist_ok=True)
+            _write_json_atomic(stage_dir / "stage.json", info)
+            t0 = time.perf_counter()
+            results = run_evaluate_stage(self.recipe, name, stage_paths, tokenizer, allow_code=self.allow_code)
+            self.console.print(comparison_table(results, title=f"{name}: evaluation"))
+            info.update({"status": "done", "finished_at": _now(), "wall_time_s": round(time.perf_counter() - t0, 2),
+                         "outputs": {"results": str(stage_dir / "results.json")}})
+            _write_json_atomic(stage_dir / "stage.json", info)
+        accelerator.wait_for_everyone()
+        return StageOutcome(name, cfg["type"], "ran", info)
+
+    def _print_evaluation(self, name: str) -> None:
+        """A skipped evaluate stage still shows its comparison table (from results.json)."""
+        if self.recipe["stages"][name]["type"] != "evaluate":
+            return
+        from llmlab.stages.evaluate import RESULTS_FILE, comparison_table
+
+        try:
+            results = json.loads((self.out / name / RESULTS_FILE).read_text())
+        except (OSError, ValueError):
+            return
+        self.console.print(comparison_table(results, title=f"{name}: evaluation"))
 
     def _device(self):
         import torch
@@ -387,7 +425,7 @@ def summary_table(outcomes: list[StageOutcome], out_dir: Path) -> Table:
         fe, le = (i.get("first_eval") or {}).get("eval_loss"), (i.get("last_eval") or {}).get("eval_loss")
         t.add_row(o.name, o.type, o.action, str(i.get("steps", "-")), f"{f(i.get('first_loss'))} → {f(i.get('last_loss'))}",
                   f"{f(fe)} → {f(le)}", key_metrics(i.get("last_eval") or {}), f"{i.get('wall_time_s', 0):.1f} s",
-                  str((i.get("outputs") or {}).get("final", "-")))
+                  str((i.get("outputs") or {}).get("final") or (i.get("outputs") or {}).get("results") or "-"))
     return t
 
 

@@ -204,9 +204,9 @@ def train(stage: Stage, *, fingerprint: str, accelerator=None, reset_optimizer: 
 
     prepared_model, optimizer = accelerator.prepare(model, optimizer)
     if ctx.recipe.get("compile"):
-        import torch._dynamo
+        import torch._dynamo as dynamo
 
-        torch._dynamo.config.suppress_errors = True  # a graph that fails to compile runs eagerly
+        dynamo.config.suppress_errors = True  # a graph that fails to compile runs eagerly
         prepared_model = torch.compile(prepared_model)
     world, rank = accelerator.num_processes, accelerator.process_index
     is_main = accelerator.is_main_process

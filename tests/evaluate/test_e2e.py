@@ -1,0 +1,59 @@
+"""`llmlab run` with a final evaluate stage: training stages are reused, the evaluate stage writes
+results.json and stage.json, prints the comparison table, and is skipped when nothing changed."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+
+from tests.evaluate.conftest import FULL
+from tests.tiny import write_recipe
+
+pytestmark = [
+    pytest.mark.slow,
+]
+
+
+def _strip_seconds(results: dict) -> dict:
+    return {m: {ds: {k: v for k, v in met.items() if k != "seconds"} for ds, met in per.items()}
+            for m, per in results.items()}
+
+
+def test_run_command_runs_a_final_evaluate_stage(trained, tmp_path, capsys):
+    from llmlab.runner import run_command
+    from llmlab.stages.evaluate import run_evaluate_stage
+
+    d, resolved = trained
+    shutil.copytree(d / "run", tmp_path / "run")  # the trained stages; the evaluate stage has not run
+    recipe = write_recipe(tmp_path, FULL, name="full.yaml")
+    capsys.readouterr()
+    assert run_command(recipe) == 0
+    out = capsys.readouterr().out
+    for name in ("pretrain", "sft", "dpo"):
+        assert f"stage {name}: done" in out  # adding an evaluate stage reruns no training stage
+    assert "bible:perplexity" in out and "chat_pairs:reward_accuracy" in out  # the comparison table
+    stage_dir = tmp_path / "run" / "compare"
+    results = json.loads((stage_dir / "results.json").read_text())
+    info = json.loads((stage_dir / "stage.json").read_text())
+    assert info["status"] == "done" and info["type"] == "evaluate" and len(info["fingerprint"]) == 64
+    assert not (stage_dir / "final").exists() and not (stage_dir / "checkpoints").exists()
+
+    # the same numbers as the stage function called directly on the original run
+    direct = run_evaluate_stage(resolved, "compare", {n: d / "run" / n for n in resolved["stages"]})
+    assert _strip_seconds(results) == _strip_seconds(direct)
+
+    # nothing changed: everything is skipped, results.json untouched
+    mtime = (stage_dir / "results.json").stat().st_mtime_ns
+    assert run_command(recipe) == 0
+    out = capsys.readouterr().out
+    assert out.count("skipped") >= 4
+    assert (stage_dir / "results.json").stat().st_mtime_ns == mtime
+
+    # editing only the evaluate stage reruns only it
+    assert run_command(recipe, overrides=["stages.compare.max_samples=6"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("skipped") >= 3
+    results = json.loads((stage_dir / "results.json").read_text())
+    assert results["dpo"]["bible"]["rows"] == 6
