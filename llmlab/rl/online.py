@@ -69,7 +69,6 @@ class OnlineRLStage(Stage):
         check_reward_specs(cfg.get("reward") or [], ctx.name, ctx.allow_code)
         self.reference = ReferenceModel(ctx, cfg.get("reference_from"))
         self.reward_fn: RewardFunction | None = None
-        self._data = None
         self.buffer: dict | None = None
         self.buffer_rollout = -1
 
@@ -99,20 +98,6 @@ class OnlineRLStage(Stage):
             self.reward_fn = RewardFunction(self.config.get("reward") or [], self.ctx)
 
     # -- data ------------------------------------------------------------------------------
-    @property
-    def data(self):
-        if self._data is None:
-            from llmlab.data.pipeline import build_stage_data
-
-            self._data = build_stage_data(self.ctx.recipe, self.ctx.name, self.ctx.tokenizer)
-        return self._data
-
-    @property
-    def pad_token_id(self) -> int:
-        tok = self.ctx.tokenizer
-        pad = getattr(tok, "pad_token_id", None) if tok is not None else None
-        return int(pad) if pad is not None else 0
-
     @property
     def eos_token_ids(self) -> list[int]:
         tok = self.ctx.tokenizer

@@ -78,6 +78,22 @@ class Stage:
         """Called once after the model is built, LoRA applied and moved to the device."""
 
     # -- data ------------------------------------------------------------------------------
+    @property
+    def data(self):
+        """The stage's :class:`llmlab.data.pipeline.StageData`, built on first use."""
+        if getattr(self, "_data", None) is None:
+            from llmlab.data.pipeline import build_stage_data
+
+            self._data = build_stage_data(self.ctx.recipe, self.ctx.name, self.ctx.tokenizer)
+        return self._data
+
+    @property
+    def pad_token_id(self) -> int:
+        """The tokenizer's pad id (0 when there is none)."""
+        tok = self.ctx.tokenizer
+        pad = getattr(tok, "pad_token_id", None) if tok is not None else None
+        return int(pad) if pad is not None else 0
+
     def get_batch(self, index: int, model: torch.nn.Module) -> dict:
         """The micro-batch with global index ``index`` (step × grad-accum + micro).
 

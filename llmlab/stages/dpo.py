@@ -193,7 +193,6 @@ class DPOStage(Stage):
         if self.loss_type == "ipo" and self.label_smoothing:
             raise ValueError(f"stages.{ctx.name}.label_smoothing applies to loss_type sigmoid only")
         self.reference = ReferenceModel(ctx, cfg.get("reference_from"))
-        self._data = None
 
     # -- model -----------------------------------------------------------------------------
     def build_model(self) -> torch.nn.Module:
@@ -205,20 +204,6 @@ class DPOStage(Stage):
         self.reference.setup(model, self.ctx.device)
 
     # -- data ------------------------------------------------------------------------------
-    @property
-    def data(self):
-        if self._data is None:
-            from llmlab.data.pipeline import build_stage_data
-
-            self._data = build_stage_data(self.ctx.recipe, self.ctx.name, self.ctx.tokenizer)
-        return self._data
-
-    @property
-    def pad_token_id(self) -> int:
-        tok = self.ctx.tokenizer
-        pad = getattr(tok, "pad_token_id", None) if tok is not None else None
-        return int(pad) if pad is not None else 0
-
     def get_batch(self, index: int, model: torch.nn.Module) -> dict:
         return self.data.train_batch(index)
 

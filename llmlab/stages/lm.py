@@ -14,11 +14,6 @@ class _CausalLMStage(Stage):
     batches carry labels on assistant tokens only (see llmlab.data.pipeline).
     """
 
-    def setup(self, model: torch.nn.Module) -> None:
-        from llmlab.data.pipeline import build_stage_data
-
-        self.data = build_stage_data(self.ctx.recipe, self.ctx.name, self.ctx.tokenizer)
-
     def get_batch(self, index: int, model: torch.nn.Module) -> dict:
         return self.data.train_batch(index)
 

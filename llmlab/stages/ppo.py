@@ -36,8 +36,7 @@ from pathlib import Path
 
 import torch
 
-from llmlab.losses import (clipped_policy_loss, clipped_value_loss, explained_variance, gae, masked_mean,
-                           masked_whiten)
+from llmlab.losses import (clipped_policy_loss, clipped_value_loss, explained_variance, gae, masked_whiten)
 from llmlab.rl.generation import sequence_forward
 from llmlab.rl.online import OnlineRLStage
 from llmlab.rl.value_head import V_HEAD, attach_value_head, base_model, get_value_head, save_value_head

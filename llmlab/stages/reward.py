@@ -38,7 +38,6 @@ class RewardStage(Stage):
 
     def __init__(self, ctx):
         super().__init__(ctx)
-        self._data = None
 
     def build_model(self) -> torch.nn.Module:
         from llmlab.models.build import load_reward_model
@@ -67,14 +66,6 @@ class RewardStage(Stage):
     def setup(self, model: torch.nn.Module) -> None:
         base = model.get_base_model() if hasattr(model, "get_base_model") else model
         self._ensure_pad(base)
-
-    @property
-    def data(self):
-        if self._data is None:
-            from llmlab.data.pipeline import build_stage_data
-
-            self._data = build_stage_data(self.ctx.recipe, self.ctx.name, self.ctx.tokenizer)
-        return self._data
 
     def get_batch(self, index: int, model: torch.nn.Module) -> dict:
         return self.data.train_batch(index)

@@ -163,6 +163,7 @@ def train(stage: Stage, *, fingerprint: str, accelerator=None, reset_optimizer: 
     model.to(device)
     with accelerator.main_process_first():  # rank 0 tokenizes and caches the data, the others reuse it
         stage.setup(model)
+        _ = stage.data
 
     max_steps = int(cfg["max_steps"])
     gas = int(cfg.get("gradient_accumulation_steps", 1))

@@ -14,6 +14,7 @@ class ToyStage(Stage):
     """Linear regression whose batches are a pure function of the index."""
 
     type = "toy"
+    data = None  # batches come from get_batch below, not from llmlab.data
     nan_at: int | None = None  # training micro-batch whose loss becomes NaN
     crash_at: int | None = None  # micro-batch index at which the process "dies"
 
