@@ -293,7 +293,8 @@ class Runner:
             info = {"name": name, "type": cfg["type"], "status": "running", "fingerprint": self.fps[name]["fingerprint"],
                     "parts": self.fps[name]["parts"], "max_steps": int(cfg["max_steps"]),
                     "started_at": previous.get("started_at") or _now(), "tokenizer_sha256": tok_sha,
-                    "init_path": str(init_path) if init_path else None}
+                    "init_path": str(init_path) if init_path else None,
+                    "device": device.type, "precision": self.precision}
             if main:
                 _write_json_atomic(stage_dir / "stage.json", info)
             accelerator.wait_for_everyone()
@@ -370,6 +371,7 @@ class Runner:
         from accelerate import Accelerator
 
         precision = resolve_precision(self.recipe.get("precision", "auto"), device)
+        self.precision = precision  # recorded in each stage.json: auto differs between machines
         mp = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[precision]
         try:
             return Accelerator(cpu=device.type == "cpu", mixed_precision=mp)
