@@ -463,8 +463,17 @@ def run_command(recipe_path: Path, output_dir: Path | None = None, overrides=(),
 
     try:
         outcomes = runner.run(only=only, from_stage=from_stage, until=until, force=force, reset_optimizer=reset_optimizer)
-    except (RunError, TrainingError, ValueError, FileNotFoundError) as e:
+    except (RunError, TrainingError, ValueError, FileNotFoundError, PermissionError) as e:
         console.print(f"error: {e}", style="red", markup=False, highlight=False)
+        return 1
+    except Exception as e:  # anything else: say what and where, keep the traceback for a bug report
+        import traceback
+
+        log_path = runner.out / "error.log"
+        runner.out.mkdir(parents=True, exist_ok=True)
+        log_path.write_text(traceback.format_exc())
+        console.print(f"error: {type(e).__name__}: {e}\n(traceback in {log_path}; finished stages and "
+                      "checkpoints are kept)", style="red", markup=False, highlight=False)
         return 1
     except KeyboardInterrupt:
         console.print("interrupted; finished stages and checkpoints are kept. Run the same command to resume.",

@@ -201,15 +201,50 @@ def enable_gradient_checkpointing(model: PreTrainedModel) -> None:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
-def load_causal_lm(path: str | Path, allow_code: bool = False, dtype: torch.dtype | str | None = None) -> PreTrainedModel:
+def quantization_config(quantize: str):
+    """A ``BitsAndBytesConfig`` for QLoRA (Dettmers et al. 2023): NF4 with double quantization and
+    bf16 compute for ``4bit``, LLM.int8 for ``8bit``.
+
+    Raises:
+        RuntimeError: no CUDA device or no bitsandbytes (QLoRA's kernels are CUDA-only).
+    """
+    if not torch.cuda.is_available():
+        raise RuntimeError(f"lora.quantize: {quantize} (QLoRA) needs a CUDA GPU and bitsandbytes; this machine has no "
+                           "GPU. Remove lora.quantize to train the LoRA adapter on full-precision weights.")
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError as err:
+        raise RuntimeError("lora.quantize needs the bitsandbytes package: pip install 'llmlab[gpu]'") from err
+    from transformers import BitsAndBytesConfig
+
+    if quantize == "4bit":
+        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                  bnb_4bit_compute_dtype=torch.bfloat16)
+    if quantize == "8bit":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    raise ValueError(f"lora.quantize: {quantize!r} is not one of 4bit, 8bit")
+
+
+def load_causal_lm(path: str | Path, allow_code: bool = False, dtype: torch.dtype | str | None = None,
+                   quantize: str | None = None) -> PreTrainedModel:
     """Load any Hugging Face-format causal LM directory (safetensors only).
 
     ``model_type "llmlab"`` loads through the registered classes, without running the directory's
-    code; other remote-code models need ``allow_code``.
+    code; other remote-code models need ``allow_code``. ``quantize`` (``4bit``/``8bit``) loads the
+    frozen base through bitsandbytes for QLoRA and prepares it for k-bit training (peft).
+
+    Raises:
+        RuntimeError: ``quantize`` on a machine without CUDA or bitsandbytes.
     """
     kwargs: dict[str, Any] = {"use_safetensors": True, "trust_remote_code": bool(allow_code)}
     if dtype is not None:
         kwargs["dtype"] = _DTYPES.get(dtype, dtype) if isinstance(dtype, str) and dtype != "auto" else dtype
+    if quantize:
+        kwargs["quantization_config"] = quantization_config(quantize)
+        kwargs["device_map"] = {"": torch.cuda.current_device()}
+        from peft import prepare_model_for_kbit_training
+
+        return prepare_model_for_kbit_training(AutoModelForCausalLM.from_pretrained(str(path), **kwargs))
     return AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
 
 
@@ -261,8 +296,10 @@ def apply_lora(model: PreTrainedModel, lora_cfg: dict, arch_key: str | None = No
     """
     from peft import LoraConfig, TaskType, get_peft_model
 
-    if lora_cfg.get("quantize"):
-        raise NotImplementedError("lora.quantize (QLoRA) must be applied when loading the model, not here")
+    if lora_cfg.get("quantize") and not (getattr(model, "is_loaded_in_4bit", False)
+                                         or getattr(model, "is_loaded_in_8bit", False)):
+        raise ValueError("lora.quantize: the base must be loaded quantized (load_causal_lm(..., quantize=...)); "
+                         "a model built from scratch has no pretrained weights to quantize")
     key = arch_key or arch_key_for_model(model)
     if key is None:
         if lora_cfg.get("preset", "all") != "custom":

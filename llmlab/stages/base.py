@@ -70,7 +70,8 @@ class Stage:
         from llmlab.models.build import build_model, load_causal_lm
 
         if self.ctx.init_path is not None:
-            return load_causal_lm(self.ctx.init_path, allow_code=self.ctx.allow_code)
+            quantize = (self.config.get("lora") or {}).get("quantize")
+            return load_causal_lm(self.ctx.init_path, allow_code=self.ctx.allow_code, quantize=quantize)
         return build_model(self.ctx.recipe["model"], tokenizer=self.ctx.tokenizer,
                            allow_code=self.ctx.allow_code)
 

@@ -67,3 +67,14 @@ def test_lora_unmerged_keeps_adapter(tmp_path):
     adapter = tmp_path / "run" / "sft" / "adapter"
     assert (adapter / "adapter_config.json").is_file() and (adapter / "adapter_model.safetensors").is_file()
     assert (tmp_path / "run" / "sft" / "final" / "config.json").is_file()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on a machine without a GPU")
+def test_qlora_without_gpu_fails_clearly_and_keeps_finished_stages(tmp_path, capsys):
+    rec = _lora_recipe(True)
+    rec["stages"] = {k: rec["stages"][k] for k in ("pretrain", "sft")}
+    rec["stages"]["sft"]["lora"]["quantize"] = "4bit"
+    assert run_command(write_recipe(tmp_path, rec)) == 1
+    out = capsys.readouterr().out
+    assert "lora.quantize" in out and "CUDA GPU" in out
+    assert json.loads((tmp_path / "run" / "pretrain" / "stage.json").read_text())["status"] == "done"
