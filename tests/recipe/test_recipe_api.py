@@ -176,7 +176,7 @@ def test_paths_are_made_absolute_relative_to_the_recipe(tmp_path, monkeypatch):
 def test_dump_resolved_round_trips(tmp_path):
     r = ok(QUICKSTART)
     assert yaml.safe_load(dump_resolved(r)) == r
-    assert list(yaml.safe_load(dump_resolved(r))["stages"]) == ["pretrain", "sft", "dpo"]
+    assert list(yaml.safe_load(dump_resolved(r))["stages"]) == ["pretrain", "sft", "dpo", "compare"]
 
 
 # ------------------------------------------------------------------ extends
@@ -205,7 +205,7 @@ datasets:
 """)
     r = ok(child)
     assert r["name"] == "child" and "extends" not in r
-    assert stage_order(r) == ["pretrain", "sft", "dpo"]
+    assert stage_order(r) == ["pretrain", "sft", "dpo", "compare"]
     sft = r["stages"]["sft"]
     assert sft["max_steps"] == 99 and sft["type"] == "sft" and sft["datasets"] == {"chat": 1.0}
     assert sft["optimizer"]["lr"] == 1e-5 and sft["optimizer"]["beta2"] == 0.98  # deep-merged
