@@ -205,7 +205,7 @@ datasets:
 """)
     r = ok(child)
     assert r["name"] == "child" and "extends" not in r
-    assert stage_order(r) == ["pretrain", "sft", "dpo", "compare"]
+    assert stage_order(r) == ["pretrain", "sft", "dpo"]
     sft = r["stages"]["sft"]
     assert sft["max_steps"] == 99 and sft["type"] == "sft" and sft["datasets"] == {"chat": 1.0}
     assert sft["optimizer"]["lr"] == 1e-5 and sft["optimizer"]["beta2"] == 0.98  # deep-merged
