@@ -103,8 +103,9 @@ def load_stage_output(stage_dir: Path) -> Path:
     raise RunError(f"stage {stage_dir.name} has no finished output at {final}; run it first")
 
 
-def save_final(model, tokenizer, stage_dir: Path, cfg: dict) -> dict:
-    """Write ``final/`` (a full HF model + tokenizer) and, for an unmerged LoRA stage, ``adapter/``.
+def save_final(model, tokenizer, stage_dir: Path, cfg: dict, keep_adapter: bool = False) -> dict:
+    """Write ``final/`` (a full HF model + tokenizer) and, for an unmerged LoRA stage (``lora.merge:
+    false``, or ``keep_adapter`` when the stage continued an unmerged adapter), ``adapter/``.
 
     Returns:
         paths written, for stage.json.
@@ -116,7 +117,7 @@ def save_final(model, tokenizer, stage_dir: Path, cfg: dict) -> dict:
         PeftModel = ()
     lora = cfg.get("lora") or {}
     if isinstance(model, PeftModel):
-        if not lora.get("merge", True):
+        if not lora.get("merge", True) or (keep_adapter and not lora):
             tmp = stage_dir / ".adapter.tmp"
             shutil.rmtree(tmp, ignore_errors=True)
             model.save_pretrained(tmp)
@@ -283,6 +284,13 @@ class Runner:
                 outcomes.append(self._run_evaluate(name, stage_dir, tokenizer, tok_sha, stage_paths, accelerator))
                 continue
             init_path = load_stage_output(self.out / inputs["from"]) if inputs["from"] else None
+            init_adapter = None
+            if inputs["from"] and not cfg.get("lora"):
+                # the from-stage kept its LoRA adapter unmerged: keep training that adapter on its base
+                dep_info = read_stage_json(self.out / inputs["from"]) or {}
+                if (dep_info.get("outputs") or {}).get("adapter") and dep_info.get("init_path"):
+                    init_adapter = Path(dep_info["outputs"]["adapter"])
+                    init_path = Path(dep_info["init_path"])
             action = {"partial": "resumed", "extend": "extended"}.get(status, "ran")
             if action != "ran":
                 self.console.print(f"[cyan]→[/] stage {name}: {status} ({detail}); continuing")
@@ -294,12 +302,14 @@ class Runner:
                     "parts": self.fps[name]["parts"], "max_steps": int(cfg["max_steps"]),
                     "started_at": previous.get("started_at") or _now(), "tokenizer_sha256": tok_sha,
                     "init_path": str(init_path) if init_path else None,
+                    "init_adapter": str(init_adapter) if init_adapter else None,
                     "device": device.type, "precision": self.precision}
             if main:
                 _write_json_atomic(stage_dir / "stage.json", info)
             accelerator.wait_for_everyone()
             ctx = StageContext(recipe=self.recipe, name=name, config=cfg, stage_dir=stage_dir, tokenizer=tokenizer,
-                               init_path=init_path, stage_paths=stage_paths, device=device, allow_code=self.allow_code)
+                               init_path=init_path, stage_paths=stage_paths, device=device, allow_code=self.allow_code,
+                               init_adapter=init_adapter)
             stage = stage_class(cfg["type"])(ctx)
             with self._progress() as progress:
                 model, result = train(stage, fingerprint=self.fps[name]["fingerprint"], accelerator=accelerator,
@@ -307,7 +317,7 @@ class Runner:
             if main:
                 if hasattr(stage, "finalize"):  # e.g. PPO detaches and saves its value head
                     model = stage.finalize(model)
-                written = save_final(model, tokenizer, stage_dir, cfg)
+                written = save_final(model, tokenizer, stage_dir, cfg, keep_adapter=init_adapter is not None)
                 summary = _metrics_summary(stage_dir / "metrics.jsonl")
                 info.update({"status": "done", "finished_at": _now(), "steps": result.steps,
                              "wall_time_s": round(result.wall_time_s, 2) + float(previous.get("wall_time_s") or 0.0),

@@ -30,6 +30,9 @@ class StageContext:
             ``reference_from`` and ``reward: {from: STAGE}``).
         device: the torch device the loop trains on.
         allow_code: the user passed ``--allow-code`` (Python reward functions, trust_remote_code).
+        init_adapter: a PEFT adapter directory to keep training, when the ``from`` stage trained
+            LoRA with ``merge: false`` and this stage has no ``lora`` of its own; ``init_path`` is
+            then that adapter's base.
     """
 
     recipe: dict
@@ -41,6 +44,7 @@ class StageContext:
     stage_paths: dict[str, Path] = field(default_factory=dict)
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     allow_code: bool = False
+    init_adapter: Path | None = None
 
     @property
     def seed(self) -> int:
@@ -69,6 +73,11 @@ class Stage:
         """
         from llmlab.models.build import build_model, load_causal_lm
 
+        if self.ctx.init_adapter is not None:  # keep training the previous stage's unmerged adapter
+            from peft import PeftModel
+
+            base = load_causal_lm(self.ctx.init_path, allow_code=self.ctx.allow_code)
+            return PeftModel.from_pretrained(base, str(self.ctx.init_adapter), is_trainable=True)
         if self.ctx.init_path is not None:
             quantize = (self.config.get("lora") or {}).get("quantize")
             return load_causal_lm(self.ctx.init_path, allow_code=self.ctx.allow_code, quantize=quantize)

@@ -134,6 +134,9 @@ class ReferenceModel:
         """Called from build_model with the freshly built policy."""
         if self.reference_from:
             self.model = load_reference(self.ctx, self.reference_from)
+        elif self.ctx.init_adapter is not None:
+            # continuing an unmerged adapter: the reference is base + that adapter as the stage starts
+            self.model = freeze(copy.deepcopy(policy).merge_and_unload())
         elif self.ctx.config.get("lora") or is_peft_model(policy):
             self.model = None  # LoRA: the base with adapters disabled is the reference (no copy)
         else:
@@ -145,7 +148,7 @@ class ReferenceModel:
             # build_model was bypassed (tests, a loop that builds the model itself), or a LoRA
             # config that was not applied: copy the starting weights now
             self.model = freeze(copy.deepcopy(policy))
-        if not self.reference_from and is_peft_model(policy):
+        if not self.reference_from and self.ctx.init_adapter is None and is_peft_model(policy):
             self.model = None  # the base with adapters disabled is the reference: free the copy
             self.use_disabled_adapter = True
         elif self.model is None and self.reference_from:

@@ -78,3 +78,22 @@ def test_qlora_without_gpu_fails_clearly_and_keeps_finished_stages(tmp_path, cap
     out = capsys.readouterr().out
     assert "lora.quantize" in out and "CUDA GPU" in out
     assert json.loads((tmp_path / "run" / "pretrain" / "stage.json").read_text())["status"] == "done"
+
+
+def test_unmerged_adapter_is_trained_further_by_the_next_stage(tmp_path):
+    from safetensors.torch import load_file
+
+    rec = _lora_recipe(False)  # sft keeps its adapter; dpo has no lora of its own
+    assert run_command(write_recipe(tmp_path, rec)) == 0
+    run = tmp_path / "run"
+    dpo = json.loads((run / "dpo" / "stage.json").read_text())
+    assert dpo["init_adapter"] == str(run / "sft" / "adapter")
+    assert dpo["init_path"] == str(run / "pretrain" / "final")  # the adapter's base, not sft's merged weights
+    sft_ad = load_file(str(run / "sft" / "adapter" / "adapter_model.safetensors"))
+    dpo_ad = load_file(str(run / "dpo" / "adapter" / "adapter_model.safetensors"))
+    assert sft_ad.keys() == dpo_ad.keys()
+    assert any(not torch.equal(sft_ad[k], dpo_ad[k]) for k in sft_ad)  # dpo trained the same adapter further
+    # only the adapter moved: dpo's merged weights differ from pretrain's only in adapted projections
+    pre = load_file(str(run / "pretrain" / "final" / "model.safetensors"))
+    post = load_file(str(run / "dpo" / "final" / "model.safetensors"))
+    assert all(torch.equal(pre[k], post[k]) for k in pre if "proj" not in k)
