@@ -125,7 +125,7 @@ def run_llmlab(s: Setup, rep: int, padfree: bool = False) -> float:
                 super().setup(model)  # the frozen reference copy
                 self._data = data
             else:
-                self.data = data
+                self._data = data
 
         if padfree:
             def compute_loss(self, model, batch):

@@ -114,7 +114,7 @@ def run_llmlab(s: Setup, rep: int, own_data: bool = False) -> dict:
             if shared is None:
                 super().setup(model)
             else:
-                self.data = shared
+                self._data = shared
 
     stage_dir = s.workdir / "run" / f"pretrain-rep{rep}"
     shutil.rmtree(stage_dir, ignore_errors=True)
