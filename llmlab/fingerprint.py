@@ -27,15 +27,20 @@ def sha256_json(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def _file_digest(path: Path) -> str:
-    st = path.stat()
-    if st.st_size > _SMALL_FILE:  # large corpora: size + mtime (hashing gigabytes on every plan is too slow)
-        return f"size={st.st_size};mtime={int(st.st_mtime)}"
+def sha256_file(path: Path) -> str:
+    """sha256 hex digest of a file's bytes, read in 1 MiB chunks."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
+
+
+def _file_digest(path: Path) -> str:
+    st = path.stat()
+    if st.st_size > _SMALL_FILE:  # large corpora: size + mtime (hashing gigabytes on every plan is too slow)
+        return f"size={st.st_size};mtime={int(st.st_mtime)}"
+    return sha256_file(path)
 
 
 def source_fingerprint(spec: dict) -> str:

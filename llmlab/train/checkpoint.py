@@ -18,7 +18,6 @@ previous intact one is used.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -29,17 +28,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from llmlab.fingerprint import sha256_file
+
 log = logging.getLogger("llmlab")
 
 PREFIX = "step-"
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _fsync_file(path: Path) -> None:
@@ -130,7 +123,7 @@ def save_checkpoint(ckpt_root: Path, step: int, *, model: torch.nn.Module, optim
     manifest = {}
     for f in sorted(tmp.iterdir()):
         _fsync_file(f)
-        manifest[f.name] = {"sha256": _sha256(f), "size": f.stat().st_size}
+        manifest[f.name] = {"sha256": sha256_file(f), "size": f.stat().st_size}
     (tmp / "MANIFEST.json").write_text(json.dumps(manifest, indent=2))
     _fsync_file(tmp / "MANIFEST.json")
     fsync_dir(tmp)
@@ -181,7 +174,7 @@ def verify(ckpt: Path) -> str | None:
             return f"{name} is missing"
         if f.stat().st_size != meta["size"]:
             return f"{name} has {f.stat().st_size} bytes, expected {meta['size']}"
-        if _sha256(f) != meta["sha256"]:
+        if sha256_file(f) != meta["sha256"]:
             return f"{name} fails its sha256 checksum"
     return None
 
