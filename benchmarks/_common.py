@@ -177,6 +177,32 @@ def flops_per_token(n: int, n_layers: int, n_heads: int, head_dim: int, seq_len:
     return 6.0 * n + 12.0 * n_layers * n_heads * head_dim * seq_len
 
 
+def hf_trainer_kwargs(cfg: dict, output_dir: Path, seed: int) -> dict:
+    """TrainingArguments keywords that reproduce an llmlab stage's optimizer and schedule (AdamW
+    beta 0.9/0.95, eps 1e-8, clip 1.0, cosine to 10% after warmup) with no eval, save or logging, so
+    every Hugging Face contender (Trainer, TRL) trains exactly as llmlab does."""
+    ocfg, scfg = cfg["optimizer"], cfg["scheduler"]
+    return dict(
+        output_dir=str(output_dir), per_device_train_batch_size=cfg["batch_size"], max_steps=cfg["max_steps"],
+        learning_rate=float(ocfg["lr"]), weight_decay=float(ocfg["weight_decay"]), adam_beta1=0.9, adam_beta2=0.95,
+        adam_epsilon=1e-8, max_grad_norm=1.0, optim="adamw_torch", lr_scheduler_type="cosine_with_min_lr",
+        lr_scheduler_kwargs={"min_lr_rate": 0.1}, warmup_steps=int(scfg["warmup_steps"]), logging_strategy="no",
+        save_strategy="no", eval_strategy="no", report_to="none", use_cpu=True, dataloader_num_workers=0, seed=seed,
+        disable_tqdm=True)
+
+
+def step_clock(marks: dict, steps: tuple[int, ...]):
+    """A TrainerCallback that records ``time.perf_counter()`` into ``marks`` at the given global steps."""
+    from transformers import TrainerCallback
+
+    class Clock(TrainerCallback):
+        def on_step_end(self, args, state, control, **kw):
+            if state.global_step in steps:
+                marks[state.global_step] = time.perf_counter()
+
+    return Clock()
+
+
 def median(xs):
     xs = sorted(xs)
     k = len(xs)

@@ -31,7 +31,6 @@ import json
 import os
 import shutil
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -68,38 +67,19 @@ class Setup:
         return n / self.timed
 
 
-def padfree_seq_logps(model, ids: torch.Tensor, att: torch.Tensor, labels: torch.Tensor):
-    """Summed completion log-probs of each row of a right-padded [R, T] batch, computed padding-free:
-    the R sequences are laid end to end in one [1, N] row (N = real tokens) with position ids that
-    restart per sequence, so llmlab's model attends within each sequence only and no compute is
-    spent on padding. Returns (seq_logps [R], scored tokens [R])."""
-    keep = att.bool()
-    lens = keep.sum(1)
-    flat_ids, flat_lab = ids[keep][None], labels[keep]
-    pos = torch.cat([torch.arange(int(n)) for n in lens])[None]
-    seq = torch.repeat_interleave(torch.arange(len(lens)), lens)
-    logits = model(input_ids=flat_ids, position_ids=pos, use_cache=False).logits[0]  # [N, V]
-    tgt = torch.full_like(flat_lab, -100)
-    tgt[:-1] = torch.where(seq[1:] == seq[:-1], flat_lab[1:], -100)
-    mask = tgt != -100
-    lp = torch.gather(logits.float().log_softmax(-1), 1, tgt.clamp(min=0)[:, None])[:, 0] * mask
-    return (torch.zeros(len(lens), dtype=lp.dtype).index_add(0, seq, lp),
-            torch.zeros(len(lens), dtype=torch.long).index_add(0, seq, mask.long()))
-
-
 def padfree_dpo_loss(stage, model, batch):
     """DPOStage.compute_loss with the policy and reference forwards made padding-free (a prototype of
     the proposed change; same loss as the padded one, checked in main())."""
     from llmlab.losses import dpo_loss
-    from llmlab.stages.dpo import concat_pairs
+    from llmlab.stages.dpo import concat_pairs, padfree_sequence_logps
 
     ids, att, labels = concat_pairs(batch, stage.pad_token_id)
     B = batch["chosen_input_ids"].shape[0]
-    seq, n = padfree_seq_logps(model, ids, att, labels)
+    seq, n = padfree_sequence_logps(model, ids, att, labels)
     with torch.no_grad():
         ref_model = stage.reference.forward_model(model)
         with stage.reference.context(model):
-            ref, _ = padfree_seq_logps(ref_model, ids, att, labels)
+            ref, _ = padfree_sequence_logps(ref_model, ids, att, labels)
     losses, cr, rr = dpo_loss(seq[:B], seq[B:], ref[:B], ref[B:], beta=stage.beta, loss_type=stage.loss_type,
                               label_smoothing=stage.label_smoothing, chosen_lengths=n[:B], rejected_lengths=n[B:])
     return losses.mean(), {"rewards/margins": (cr - rr).mean().detach()}
@@ -159,7 +139,6 @@ def _trl_batch_sft(b: dict, pad: int) -> dict:
 def run_trl(s: Setup, rep: int) -> float:
     """Seconds of the timed window of TRL's DPOTrainer / SFTTrainer on the same batches."""
     from torch.utils.data import DataLoader
-    from transformers import TrainerCallback
 
     from llmlab.data.sources import load_named_dataset
 
@@ -168,20 +147,9 @@ def run_trl(s: Setup, rep: int) -> float:
     mine = [conv(b, pad) for b in s.batches]
     marks = {}
 
-    class Clock(TrainerCallback):
-        def on_step_end(self, args, state, control, **kw):
-            if state.global_step in (s.warm, s.steps):
-                marks[state.global_step] = time.perf_counter()
-
-    ocfg, scfg = s.cfg["optimizer"], s.cfg["scheduler"]
-    common = dict(
-        output_dir=str(s.workdir / f"trl-rep{rep}"), per_device_train_batch_size=s.cfg["batch_size"],
-        max_steps=s.steps, learning_rate=float(ocfg["lr"]), weight_decay=float(ocfg["weight_decay"]),
-        adam_beta1=0.9, adam_beta2=0.95, adam_epsilon=1e-8, max_grad_norm=1.0, optim="adamw_torch",
-        lr_scheduler_type="cosine_with_min_lr", lr_scheduler_kwargs={"min_lr_rate": 0.1},
-        warmup_steps=int(scfg["warmup_steps"]), logging_strategy="no", save_strategy="no", eval_strategy="no",
-        report_to="none", use_cpu=True, dataloader_num_workers=0, seed=s.resolved["seed"], disable_tqdm=True,
-        max_length=s.cfg["seq_len"] * 2)
+    clock = C.step_clock(marks, (s.warm, s.steps))
+    common = {**C.hf_trainer_kwargs({**s.cfg, "max_steps": s.steps}, s.workdir / f"trl-rep{rep}", s.resolved["seed"]),
+              "max_length": s.cfg["seq_len"] * 2}
     ds_name = "chat_pairs" if s.stage == "dpo" else "chat"
     raw = load_named_dataset(s.resolved, ds_name).train.select(range(16))  # only for TRL's init
     model = s.model()
@@ -196,13 +164,13 @@ def run_trl(s: Setup, rep: int) -> float:
         ref = copy.deepcopy(model).eval().requires_grad_(False)
         cls = type("BenchDPO", (DPOTrainer,), {"get_train_dataloader": loader})
         trainer = cls(model=model, ref_model=ref, args=cfg, train_dataset=raw, processing_class=s.tok,
-                      callbacks=[Clock()])
+                      callbacks=[clock])
     else:
         from trl import SFTConfig, SFTTrainer
 
         cfg = SFTConfig(assistant_only_loss=False, **common)
         cls = type("BenchSFT", (SFTTrainer,), {"get_train_dataloader": loader})
-        trainer = cls(model=model, args=cfg, train_dataset=raw, processing_class=s.tok, callbacks=[Clock()])
+        trainer = cls(model=model, args=cfg, train_dataset=raw, processing_class=s.tok, callbacks=[clock])
     with contextlib.redirect_stdout(io.StringIO()):
         trainer.train()
     shutil.rmtree(s.workdir / f"trl-rep{rep}", ignore_errors=True)

@@ -179,7 +179,7 @@ def llama_model(s: Setup):
 def run_trainer(s: Setup, rep: int, batches: list[dict] | None = None) -> dict:
     """transformers.Trainer on the equivalent LlamaForCausalLM."""
     from torch.utils.data import Dataset, SequentialSampler
-    from transformers import Trainer, TrainerCallback, TrainingArguments, default_data_collator
+    from transformers import Trainer, TrainingArguments, default_data_collator
 
     batches = batches if batches is not None else s.batches()
     rows = [{k: v[i] for k, v in b.items()} for b in batches for i in range(b["input_ids"].shape[0])]
@@ -197,22 +197,11 @@ def run_trainer(s: Setup, rep: int, batches: list[dict] | None = None) -> dict:
 
     marks = {}
 
-    class Clock(TrainerCallback):
-        def on_step_end(self, args, state, control, **kw):
-            if state.global_step in (s.warm, s.steps):
-                marks[state.global_step] = time.perf_counter()
-
-    ocfg, scfg = s.cfg["optimizer"], s.cfg["scheduler"]
-    targs = TrainingArguments(
-        output_dir=str(s.workdir / f"trainer-rep{rep}"), per_device_train_batch_size=s.cfg["batch_size"],
-        max_steps=s.steps, learning_rate=float(ocfg["lr"]), weight_decay=float(ocfg["weight_decay"]),
-        adam_beta1=0.9, adam_beta2=0.95, adam_epsilon=1e-8, max_grad_norm=1.0, optim="adamw_torch",
-        lr_scheduler_type="cosine_with_min_lr", lr_scheduler_kwargs={"min_lr_rate": 0.1},
-        warmup_steps=int(scfg["warmup_steps"]), logging_strategy="no", save_strategy="no", eval_strategy="no",
-        report_to="none", use_cpu=True, dataloader_num_workers=0, seed=s.resolved["seed"], disable_tqdm=True,
-        bf16=s.bf16, remove_unused_columns=False)
+    clock = C.step_clock(marks, (s.warm, s.steps))
+    targs = TrainingArguments(**C.hf_trainer_kwargs({**s.cfg, "max_steps": s.steps}, s.workdir / f"trainer-rep{rep}",
+                                                    s.resolved["seed"]), bf16=s.bf16, remove_unused_columns=False)
     trainer = InOrder(model=llama_model(s), args=targs, train_dataset=Rows(), data_collator=default_data_collator,
-                      callbacks=[Clock()])
+                      callbacks=[clock])
     import contextlib
     import io
 
