@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -13,6 +14,8 @@ from transformers import AutoModelForCausalLM
 from llmlab.models.build import apply_lora, build_model, load_causal_lm, load_reward_model, mamba2_config
 from llmlab.models.modeling_llmlab import LlmlabForCausalLM
 from tests.models.conftest import VOCAB, make_model
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 class FakeTokenizer:
@@ -216,7 +219,9 @@ REMOTE_SCRIPT = textwrap.dedent('''
             if name == "llmlab" or name.startswith("llmlab."):
                 raise ImportError("llmlab is not installed here")
     sys.meta_path.insert(0, HideLlmlab())
-    sys.path = [p for p in sys.path if "work/main" not in p and p not in ("", ".")]
+    import os
+    repo = os.path.realpath(sys.argv[2])
+    sys.path = [p for p in sys.path if p not in ("", ".") and os.path.realpath(p) != repo]
     import torch
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
     d = sys.argv[1]
@@ -246,7 +251,7 @@ def test_trust_remote_code_without_llmlab(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     env["HF_HUB_OFFLINE"] = "1"
     env["HF_MODULES_CACHE"] = str(tmp_path / "hf_modules")
-    proc = subprocess.run([sys.executable, "-c", REMOTE_SCRIPT, str(tmp_path)], cwd=tmp_path, env=env,
+    proc = subprocess.run([sys.executable, "-c", REMOTE_SCRIPT, str(tmp_path), str(REPO_ROOT)], cwd=tmp_path, env=env,
                           capture_output=True, text=True, timeout=300, check=False)
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = torch.load(tmp_path / "out.pt")
