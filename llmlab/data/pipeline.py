@@ -27,6 +27,7 @@ import contextlib
 import hashlib
 import json
 import logging
+import weakref
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -143,13 +144,46 @@ def encode_texts(tokenizer, texts: list[str]) -> list[list[int]]:
     return tokenizer(texts, add_special_tokens=False)["input_ids"]
 
 
+def encode_documents(tokenizer, texts: list[str], append_id: int | None = None):
+    """Token ids of ``texts`` (no special tokens added, ``append_id`` after each) as an arrow
+    ``list<int32>`` array of B rows — llmlab's fast path for pretraining text.
+
+    Uses :class:`llmlab.data.fastencode.PieceEncoder` (exact; one per tokenizer, its cache kept
+    across calls) when :func:`~llmlab.data.fastencode.supports_piece_cache` holds, else
+    :func:`encode_texts`. Same ids either way.
+    """
+    import pyarrow as pa
+
+    from llmlab.data.fastencode import PieceEncoder, supports_piece_cache
+
+    enc = _PIECE_ENCODERS.get(tokenizer)
+    if enc is None and tokenizer not in _PIECE_ENCODERS:
+        enc = PieceEncoder(tokenizer) if supports_piece_cache(tokenizer) else None
+        _PIECE_ENCODERS[tokenizer] = enc
+    if enc is not None:
+        ids, offsets = enc.encode(texts, append_id)
+    else:
+        rows = encode_texts(tokenizer, texts)
+        if append_id is not None:
+            rows = [r + [append_id] for r in rows]
+        offsets = np.concatenate([[0], np.cumsum([len(r) for r in rows])]).astype(np.int64)
+        ids = np.fromiter((t for r in rows for t in r), dtype=np.int32, count=int(offsets[-1]))
+    return pa.ListArray.from_arrays(pa.array(offsets.astype(np.int32)), pa.array(ids, type=pa.int32()))
+
+
+_PIECE_ENCODERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
 def _tok_pretrain(tokenizer, seq_len: int, cfg: dict, source: int):
     eos = tokenizer.eos_token_id
 
     def fn(batch):
-        enc = encode_texts(tokenizer, batch["text"])
-        return {"input_ids": [ids + [eos] for ids in enc], "_source": [source] * len(enc),
-                "_drop": [""] * len(enc)}
+        import pyarrow as pa
+
+        n = len(batch["text"])
+        return pa.table({"input_ids": encode_documents(tokenizer, batch["text"], eos),
+                         "_source": pa.array(np.full(n, source, dtype=np.int32)),
+                         "_drop": pa.array([""] * n, type=pa.string())})
     return fn, _int_list_features("input_ids")
 
 
@@ -531,7 +565,7 @@ def _tokenise(recipe: dict, name: str, split: str, rows, cfg: dict, family: str,
         kwargs = {"cache_file_name": str(cache / f"{family}-{name}-{split}-{key}.arrow")}
     if len(rows) == 0:
         return None, {}
-    tokd = rows.map(fn, batched=True, batch_size=256, remove_columns=rows.column_names,
+    tokd = rows.map(fn, batched=True, batch_size=1000 if family == "pretrain" else 256, remove_columns=rows.column_names,
                     features=features, new_fingerprint=key, **kwargs)
     drops = column(tokd, "_drop").to_pylist()
     counts: dict[str, int] = {}
