@@ -24,6 +24,7 @@ import torch
 
 from llmlab.losses import dpo_loss, token_logps
 from llmlab.stages.base import Stage, StageContext
+from llmlab.stages.padfree import pack_rows, packs_documents
 
 DPO_METRICS = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
                "logps/chosen", "logps/rejected")
@@ -43,12 +44,6 @@ def model_logits(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -
     return out.logits if hasattr(out, "logits") else out[0]
 
 
-def packs_documents(model) -> bool:
-    """True for models whose attention stays inside each document when position ids restart
-    (llmlab's Transformer), so several sequences can share one row without padding."""
-    return getattr(getattr(model, "config", None), "model_type", None) == "llmlab"
-
-
 def padfree_sequence_logps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                            labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed log-probs of the labelled tokens of each row of a right-padded batch, computed
@@ -59,20 +54,15 @@ def padfree_sequence_logps(model, input_ids: torch.Tensor, attention_mask: torch
     Equals ``token_logps(model(ids, mask).logits, labels)`` summed per row (tested), with no compute
     spent on padding.
     """
-    keep = attention_mask.bool()
-    lens = keep.sum(1)
-    device = input_ids.device
-    flat_ids, flat_lab = input_ids[keep][None], labels[keep]
-    seq = torch.repeat_interleave(torch.arange(len(lens), device=device), lens)
-    starts = torch.cumsum(lens, 0) - lens
-    pos = (torch.arange(flat_lab.numel(), device=device) - starts[seq])[None]
-    out = model(input_ids=flat_ids, position_ids=pos, use_cache=False)
+    packed = pack_rows(input_ids, attention_mask, labels)
+    seq, lens = packed.seq, packed.lengths
+    out = model(input_ids=packed.input_ids, position_ids=packed.position_ids, use_cache=False)
     logits = (out.logits if hasattr(out, "logits") else out[0])[0]  # [N, V]
-    target = torch.full_like(flat_lab, -100)
-    target[:-1] = torch.where(seq[1:] == seq[:-1], flat_lab[1:], -100)
+    target = torch.full_like(seq, -100)
+    target[:-1] = packed.labels[0, 1:]  # −100 where the next token starts another row
     mask = target != -100
     lp = torch.gather(logits.float().log_softmax(-1), 1, target.clamp(min=0)[:, None])[:, 0] * mask
-    zeros = torch.zeros(len(lens), dtype=lp.dtype, device=device)
+    zeros = torch.zeros(len(lens), dtype=lp.dtype, device=seq.device)
     return zeros.index_add(0, seq, lp), torch.zeros_like(lens).index_add(0, seq, mask.long())
 
 

@@ -5,13 +5,15 @@ from __future__ import annotations
 import torch
 
 from llmlab.stages.base import Stage
+from llmlab.stages.padfree import pack_rows, packs_documents
 
 
 class _CausalLMStage(Stage):
     """Next-token cross-entropy on the labelled tokens (labels −100 are ignored).
 
     Pretrain batches are packed documents with position ids restarting at each document; SFT
-    batches carry labels on assistant tokens only (see llmlab.data.pipeline).
+    batches carry labels on assistant tokens only (see llmlab.data.pipeline) and are trained
+    padding-free on llmlab's Transformer.
     """
 
     def get_batch(self, index: int, model: torch.nn.Module) -> dict:
@@ -21,6 +23,18 @@ class _CausalLMStage(Stage):
         return list(self.data.eval_batches())
 
     def compute_loss(self, model: torch.nn.Module, batch: dict) -> tuple[torch.Tensor, dict]:
+        """Mean next-token cross-entropy over the batch's labelled tokens (scalar).
+
+        Right-padded batches (SFT) go padding-free when the model keeps attention inside each
+        sequence (:func:`llmlab.stages.padfree.packs_documents`): the rows' real tokens end to end
+        in one row, position ids restarting per row; same loss as the padded batch (tested), no
+        compute on padding.
+        """
+        if "attention_mask" in batch and "position_ids" not in batch and packs_documents(model):
+            packed = pack_rows(batch["input_ids"], batch["attention_mask"], batch["labels"])
+            out = model(input_ids=packed.input_ids, position_ids=packed.position_ids,
+                        labels=packed.labels, use_cache=False)
+            return out.loss, {}
         inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids", "labels") if k in batch}
         out = model(**inputs, use_cache=False)
         return out.loss, {}
