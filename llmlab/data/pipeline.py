@@ -609,6 +609,10 @@ def build_stage_data(recipe: dict, stage_name: str, tokenizer) -> StageData:
     weights = [float(cfg["datasets"][n]) for n in names]
     eval_spec = cfg.get("eval_datasets")
     eval_names = list(eval_spec) if eval_spec else names
+    # the held-out mixture follows eval_datasets' weights (null: 1), else the training weights
+    eval_w = [float(eval_spec[n]) if eval_spec[n] is not None else 1.0 for n in eval_names] \
+        if eval_spec else weights
+    eval_weights: list[float] = []
 
     dropped: dict[str, dict[str, int]] = {}
     train_parts, eval_parts = [], []
@@ -634,6 +638,11 @@ def build_stage_data(recipe: dict, stage_name: str, tokenizer) -> StageData:
                 dropped[name].update({f"eval_{k}": v for k, v in counts.items()})
             if tokd is not None and len(tokd):
                 eval_parts.append(tokd)
+                eval_weights.append(eval_w[eval_names.index(name)])
+        eval_mixed = None
+        if eval_parts:  # several held-out sets: sampled ∝ weights until the first runs out
+            eval_mixed = mix(eval_parts, eval_weights, int(_rng(seed, "eval-mix", stage_name).integers(2**31 - 1)),
+                             "first_exhausted")
 
         id_col = {"pretrain": "input_ids", "sft": "input_ids", "pair": "chosen_input_ids",
                   "prompt": "prompt_input_ids"}[family]
@@ -649,20 +658,14 @@ def build_stage_data(recipe: dict, stage_name: str, tokenizer) -> StageData:
             eos = tokenizer.eos_token_id
             train = pack_documents(_flat_column(mixed, "input_ids"), eos, seq_len, pad_id)
             eval_ = None
-            if eval_parts:
-                from datasets import concatenate_datasets
-
-                ev = concatenate_datasets(eval_parts)
-                eval_ = pack_documents(_flat_column(ev, "input_ids"), eos, seq_len, pad_id)
+            if eval_mixed is not None:
+                eval_ = pack_documents(_flat_column(eval_mixed, "input_ids"), eos, seq_len, pad_id)
         else:
             train = mixed
             eval_ = None
-            if eval_parts:
-                from datasets import concatenate_datasets
-
-                ev = concatenate_datasets(eval_parts)
-                perm = _rng(seed, "eval", stage_name).permutation(len(ev))
-                eval_ = ev.select(perm.tolist())
+            if eval_mixed is not None:
+                perm = _rng(seed, "eval", stage_name).permutation(len(eval_mixed))
+                eval_ = eval_mixed.select(perm.tolist())
 
     data = StageData(stage=stage_name, type=cfg["type"], seed=seed,
                      batch_size=int(cfg["batch_size"]), seq_len=seq_len, pad_token_id=int(pad_id),

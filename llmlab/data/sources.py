@@ -509,8 +509,9 @@ def _load_hub(spec: dict, recipe: dict):
                       revision=spec.get("revision"), streaming=bool(spec.get("streaming")),
                       cache_dir=_cache_dir(recipe))
     if spec.get("streaming"):
-        it = ds.take(int(spec["max_samples"])) if spec.get("max_samples") is not None else ds
-        ds = Dataset.from_list(list(it))
+        if spec.get("max_samples") is None:  # the validator refuses this; a guard for direct callers
+            raise ValueError(f"datasets: hub dataset {spec['hub']!r} streams without max_samples")
+        ds = Dataset.from_list(list(ds.take(int(spec["max_samples"]))))
     return ds
 
 

@@ -141,6 +141,10 @@ def _check_datasets(datasets: dict, given, add) -> None:
             for k in HUB_ONLY:
                 if given(("datasets", name, k)):
                     add(("datasets", name, k), f"{k!r} only applies to a hub dataset; {name!r} is not from the hub")
+        if spec.get("streaming") is True and spec.get("max_samples") is None:
+            add(("datasets", name, "streaming"), "streaming: true needs max_samples: llmlab reads the first "
+                "max_samples rows of the stream and keeps them (tokenised and cached) so that every batch is "
+                "a pure function of the step; without a bound the whole stream would be read into memory")
         f = _dict(spec.get("filters"))
         lo, hi = _int(f.get("min_length")), _int(f.get("max_length"))
         if lo is not None and hi is not None and lo > hi:

@@ -217,3 +217,32 @@ def test_edited_local_data_is_not_served_from_a_stale_cache(tmp_path, tokenizer)
     second = build_stage_data(rec, "sft", tokenizer).train_batch(0)
     labels = lambda b: tokenizer.decode(b["labels"][0][b["labels"][0] != IGNORE_INDEX])  # noqa: E731
     assert labels(first).startswith("Yes") and labels(second).startswith("No")
+
+
+def _word_file(path: Path, word: str, n: int, family: str) -> str:
+    import json
+
+    if family == "sft":
+        rows = [{"messages": [{"role": "user", "content": f"{word} question {i}?"},
+                              {"role": "assistant", "content": f"{word} answer {i}."}]} for i in range(n)]
+    else:
+        rows = [{"text": f"{word} text number {i}."} for i in range(n)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+@pytest.mark.parametrize("family", ["sft", "pretrain"])
+def test_eval_datasets_follow_their_weights(tmp_path, tokenizer, family):
+    """eval_datasets {alpha: 3, beta: 1}: the held-out batches hold alpha and beta 3:1, whatever
+    the datasets' sizes (beta is the larger), not one dataset's rows after the other's."""
+    rec = make_recipe(tmp_path)
+    for word, n in (("alpha", 300), ("beta", 600)):
+        rec["datasets"][word] = {"path": _word_file(tmp_path / f"{word}.jsonl", word, n, family)}
+    stage = rec["stages"][family]
+    stage["eval_datasets"] = {"alpha": 3, "beta": 1}
+    stage["eval_steps"] = 1000
+    data = build_stage_data(rec, family, tokenizer)
+    text = tokenizer.decode(torch.cat([b["input_ids"].flatten() for b in data.eval_batches()]))
+    a, b = text.count("alpha"), text.count("beta")
+    assert a + b > 350
+    assert abs(a / (a + b) - 0.75) < 0.05, (a, b)
