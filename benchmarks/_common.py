@@ -180,7 +180,9 @@ def flops_per_token(n: int, n_layers: int, n_heads: int, head_dim: int, seq_len:
 def hf_trainer_kwargs(cfg: dict, output_dir: Path, seed: int) -> dict:
     """TrainingArguments keywords that reproduce an llmlab stage's optimizer and schedule (AdamW
     beta 0.9/0.95, eps 1e-8, clip 1.0, cosine to 10% after warmup) with no eval, save or logging, so
-    every Hugging Face contender (Trainer, TRL) trains exactly as llmlab does."""
+    every Hugging Face contender (Trainer, TRL) trains exactly as llmlab does. fp32 and no
+    activation checkpointing, stated explicitly: TRL's configs default to ``bf16=True`` and
+    ``gradient_checkpointing=True`` (override ``bf16`` for a bf16 comparison)."""
     ocfg, scfg = cfg["optimizer"], cfg["scheduler"]
     return dict(
         output_dir=str(output_dir), per_device_train_batch_size=cfg["batch_size"], max_steps=cfg["max_steps"],
@@ -188,7 +190,7 @@ def hf_trainer_kwargs(cfg: dict, output_dir: Path, seed: int) -> dict:
         adam_epsilon=1e-8, max_grad_norm=1.0, optim="adamw_torch", lr_scheduler_type="cosine_with_min_lr",
         lr_scheduler_kwargs={"min_lr_rate": 0.1}, warmup_steps=int(scfg["warmup_steps"]), logging_strategy="no",
         save_strategy="no", eval_strategy="no", report_to="none", use_cpu=True, dataloader_num_workers=0, seed=seed,
-        disable_tqdm=True)
+        disable_tqdm=True, bf16=False, gradient_checkpointing=False)
 
 
 def step_clock(marks: dict, steps: tuple[int, ...]):

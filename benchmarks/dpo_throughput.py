@@ -13,7 +13,11 @@ batches, converted to the keys TRL's collators produce (DPO: ``input_ids``/``att
 ``input_ids``/``attention_mask``/``labels``), so sequences, padding and the tokens that carry
 loss are identical and what is compared is the training step itself. Same AdamW (β 0.9/0.95,
 eps 1e-8, weight decay 0.1), cosine schedule, grad-clip 1.0, batch size, ``beta`` 0.1, sigmoid
-loss, ``precompute_ref_log_probs=False``, no eval/save/logging inside the timed window.
+loss, ``precompute_ref_log_probs=False``, no eval/save/logging inside the timed window; fp32 and no
+activation checkpointing on both sides (TRL's configs default to ``bf16=True`` and
+``gradient_checkpointing=True``; both are switched off). llmlab trains these batches padding-free
+(its default for its own Transformer: the real tokens end to end, position ids restarting per
+sequence; same loss); ``llmlab_padded`` is llmlab with that switched off, to show what it buys.
 
 Timing: ``--warmup-steps`` untimed steps, then ``--timed-steps`` timed ones (end of last warm-up
 step → end of last step); repetitions interleaved (order rotates); the best (least disturbed) and
@@ -67,30 +71,13 @@ class Setup:
         return n / self.timed
 
 
-def padfree_dpo_loss(stage, model, batch):
-    """DPOStage.compute_loss with the policy and reference forwards made padding-free (a prototype of
-    the proposed change; same loss as the padded one, checked in main())."""
-    from llmlab.losses import dpo_loss
-    from llmlab.stages.dpo import concat_pairs, padfree_sequence_logps
-
-    ids, att, labels = concat_pairs(batch, stage.pad_token_id)
-    B = batch["chosen_input_ids"].shape[0]
-    seq, n = padfree_sequence_logps(model, ids, att, labels)
-    with torch.no_grad():
-        ref_model = stage.reference.forward_model(model)
-        with stage.reference.context(model):
-            ref, _ = padfree_sequence_logps(ref_model, ids, att, labels)
-    losses, cr, rr = dpo_loss(seq[:B], seq[B:], ref[:B], ref[B:], beta=stage.beta, loss_type=stage.loss_type,
-                              label_smoothing=stage.label_smoothing, chosen_lengths=n[:B], rejected_lengths=n[B:])
-    return losses.mean(), {"rewards/margins": (cr - rr).mean().detach()}
+def run_llmlab_padded(s: Setup, rep: int) -> float:
+    return run_llmlab(s, rep, padded=True)
 
 
-def run_llmlab_padfree(s: Setup, rep: int) -> float:
-    return run_llmlab(s, rep, padfree=True)
-
-
-def run_llmlab(s: Setup, rep: int, padfree: bool = False) -> float:
-    """Seconds of the timed window of ``llmlab.train.loop.train`` on the stage."""
+def run_llmlab(s: Setup, rep: int, padded: bool = False) -> float:
+    """Seconds of the timed window of ``llmlab.train.loop.train`` on the stage (``padded``: with
+    padding-free batching switched off, to show what it buys)."""
     from llmlab.runner import Runner
     from llmlab.stages import stage_class
     from llmlab.stages.base import StageContext
@@ -107,9 +94,18 @@ def run_llmlab(s: Setup, rep: int, padfree: bool = False) -> float:
             else:
                 self._data = data
 
-        if padfree:
-            def compute_loss(self, model, batch):
-                return padfree_dpo_loss(self, model, batch)
+        def compute_loss(self, model, batch):
+            import llmlab.stages.dpo as dpo_mod
+            import llmlab.stages.lm as lm_mod
+
+            if not padded:
+                return super().compute_loss(model, batch)
+            saved = dpo_mod.packs_documents, lm_mod.packs_documents
+            dpo_mod.packs_documents = lm_mod.packs_documents = lambda m: False
+            try:
+                return super().compute_loss(model, batch)
+            finally:
+                dpo_mod.packs_documents, lm_mod.packs_documents = saved
 
     stage_dir = s.workdir / "run" / f"{s.stage}-rep{rep}"
     shutil.rmtree(stage_dir, ignore_errors=True)
@@ -177,25 +173,9 @@ def run_trl(s: Setup, rep: int) -> float:
     return marks[s.steps] - marks[s.warm]
 
 
-CONTENDERS = {"llmlab": run_llmlab, "trl": run_trl, "llmlab_padfree": run_llmlab_padfree}
+CONTENDERS = {"llmlab": run_llmlab, "trl": run_trl, "llmlab_padded": run_llmlab_padded}
 
 
-def check_padfree(s: Setup) -> float:
-    """|padded loss - padding-free loss| on the first batches, same fresh model and reference."""
-    from llmlab.stages.base import StageContext
-    from llmlab.stages.dpo import DPOStage
-
-    ctx = StageContext(recipe=s.resolved, name="dpo", config=s.cfg, stage_dir=s.workdir, tokenizer=s.tok,
-                       init_path=None)
-    st = DPOStage(ctx)
-    m = st.build_model()
-    st.setup(m)
-    with torch.no_grad():
-        m.model.embed_tokens.weight.add_(0.02 * torch.randn_like(m.model.embed_tokens.weight))  # policy != ref
-    diff = 0.0
-    for b in s.batches[:3]:
-        diff = max(diff, abs(float(st.compute_loss(m, b)[0]) - float(padfree_dpo_loss(st, m, b)[0])))
-    return diff
 TARGET = {"dpo": 1.2, "sft": None}
 
 
@@ -209,8 +189,8 @@ def main() -> None:
     ap.add_argument("--timed-steps", type=int, default=None, help="default 8 (--quick 6)")
     ap.add_argument("--reps", type=int, default=None, help="interleaved repetitions (default 3; --quick 1)")
     ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--padfree", action=argparse.BooleanOptionalAction, default=True,
-                    help="also time llmlab's DPO with a padding-free forward (a prototype of a proposed change)")
+    ap.add_argument("--padded", action=argparse.BooleanOptionalAction, default=True,
+                    help="also time llmlab with padding-free batching switched off (what it buys)")
     ap.add_argument("--json", type=Path)
     C.add_threads_arg(ap)
     args = ap.parse_args()
@@ -230,10 +210,10 @@ def main() -> None:
         print(f"\n== {stage}: {args.size} ({n / 1e6:.2f} M parameters), batch {args.batch_size}, "
               f"{s.tokens():.0f} real tokens/step, {args.warmup_steps} warm-up + {args.timed_steps} timed steps, "
               f"{args.reps} interleaved repetitions ==")
-        names = ["llmlab", "trl"] + (["llmlab_padfree"] if stage == "dpo" and args.padfree else [])
-        if stage == "dpo" and args.padfree:
-            print(f"  padding-free prototype: |loss - padded loss| = {check_padfree(s):.2e} on 3 batches; "
-                  f"padded tokens/step {2 * sum(b['chosen_input_ids'].numel() for b in s.batches[s.warm:]) / s.timed:.0f}")
+        names = ["llmlab", "trl"] + (["llmlab_padded"] if args.padded else [])
+        slots = sum(b["chosen_input_ids"].numel() * 2 if stage == "dpo" else b["input_ids"].numel()
+                    for b in s.batches[s.warm:]) / s.timed
+        print(f"  token slots per step: {s.tokens():.0f} padding-free (llmlab), {slots:.0f} padded (TRL, llmlab_padded)")
         secs = {k: [] for k in names}
         for rep in range(args.reps):
             for name in names[rep % len(names):] + names[: rep % len(names)]:
@@ -251,10 +231,9 @@ def main() -> None:
         if TARGET[stage]:
             print(f"target llmlab >= {TARGET[stage]}x TRL {stage}: {ratio:.2f}x (best) -> "
                   f"{'MET' if ratio >= TARGET[stage] else 'NOT MET'}")
-        if "llmlab_padfree" in sps:
-            r2 = sps["llmlab_padfree"] / sps["trl"]
-            print(f"with the padding-free prototype: {r2:.2f}x TRL (best), "
-                  f"{smed['llmlab_padfree'] / smed['trl']:.2f}x (median)")
+        if "llmlab_padded" in sps:
+            print(f"padding-free batching buys llmlab {sps['llmlab'] / sps['llmlab_padded']:.2f}x (best), "
+                  f"{smed['llmlab'] / smed['llmlab_padded']:.2f}x (median)")
         results["stages"][stage] = {"steps_per_s": sps, "runs_s": secs, "ratio": ratio, "tokens_per_step": s.tokens()}
     print(f"\nload average at end: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     if args.json:
