@@ -29,6 +29,17 @@ from llmlab.stages.base import Stage
 from llmlab.stages.dpo import ReferenceModel, unwrap
 
 _BUFFER_META = ("rollout_stats",)
+#: config attributes that hold a dropout probability in common Hugging Face architectures
+_DROPOUT_KEYS = ("dropout", "attention_dropout", "hidden_dropout", "attn_pdrop", "resid_pdrop", "embd_pdrop",
+                 "hidden_dropout_prob", "attention_probs_dropout_prob")
+
+
+def has_active_dropout(model: torch.nn.Module) -> bool:
+    """True if ``model`` has an ``nn.Dropout`` with p > 0 or a config dropout probability > 0."""
+    cfg = getattr(model, "config", None)
+    if any(isinstance(getattr(cfg, k, 0), (int, float)) and getattr(cfg, k, 0) > 0 for k in _DROPOUT_KEYS):
+        return True
+    return any(isinstance(m, torch.nn.Dropout) and m.p > 0 for m in model.modules())
 
 
 class OnlineRLStage(Stage):
@@ -137,31 +148,52 @@ class OnlineRLStage(Stage):
         with torch.no_grad(), self.reference.context(model):
             return sequence_forward(ref, prompt_ids, prompt_mask, comp, cmask, self.temperature)
 
+    def reuses_logps(self, model) -> bool:
+        """Whether a rollout may skip the forward for the sampling policy's log-probs.
+
+        True when each rollout feeds exactly one update (``ppo_epochs * batch_size /
+        mini_batch_size == 1``), no value head needs the rollout's hidden states and the model has
+        no active dropout: the policy is then unchanged between sampling and its only update, and
+        the "old" log-probs equal the loss forward's own, detached (the importance ratio is 1, as in
+        TRL's GRPOTrainer with ``num_iterations=1``). Saves one forward over every rollout.
+        """
+        return self.updates_per_rollout == 1 and not self.uses_value_head and not has_active_dropout(model)
+
     @torch.no_grad()
     def make_rollout(self, model, rollout: int) -> dict:
-        """Sample, score and (via :meth:`score_rollout`) compute advantages for rollout ``rollout``."""
+        """Sample, score and (via :meth:`score_rollout`) compute advantages for rollout ``rollout``.
+
+        The buffer holds ``old_logps`` [N, C] unless :meth:`reuses_logps`; the loss then takes the
+        current log-probs, detached, in their place.
+        """
         model = unwrap(model)
         was_training = model.training
         ids, mask, prompts = self._expand(self.data.train_batch(rollout))
         comp, cmask = self.generate(model, ids, mask, rollout_seed(self.ctx.seed, self.ctx.name, rollout))
         model.eval()
+        old_logps = values = ref_logps = None
         try:
             if self.uses_value_head:
                 from llmlab.rl.value_head import get_value_head
 
                 old_logps, hidden = sequence_forward(model, ids, mask, comp, cmask, self.temperature, return_hidden=True)
                 values = get_value_head(model)(hidden)
-            else:
-                old_logps, values = sequence_forward(model, ids, mask, comp, cmask, self.temperature), None
-            ref_logps = (self.reference_logps(model, ids, mask, comp, cmask) if self.needs_reference
-                         else old_logps.clone())
+            elif not self.reuses_logps(model):
+                old_logps = sequence_forward(model, ids, mask, comp, cmask, self.temperature)
+            if self.needs_reference:
+                ref_logps = self.reference_logps(model, ids, mask, comp, cmask)
+            elif old_logps is not None:
+                ref_logps = old_logps.clone()
         finally:
             model.train(was_training)
         texts = self.reward_fn.decode(comp, cmask)
         rewards = self.reward_fn(Rollout(ids, mask, comp, cmask, prompts, texts)).to(ids.device)
         buf = {"prompt_input_ids": ids, "prompt_attention_mask": mask, "completion_ids": comp,
-               "completion_mask": cmask, "old_logps": old_logps * cmask, "ref_logps": ref_logps * cmask,
-               "rewards": rewards.float()}
+               "completion_mask": cmask, "rewards": rewards.float()}
+        if old_logps is not None:
+            buf["old_logps"] = old_logps * cmask
+        if ref_logps is not None:
+            buf["ref_logps"] = ref_logps * cmask
         if values is not None:
             buf["old_values"] = values * cmask
         self.score_rollout(buf)

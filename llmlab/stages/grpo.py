@@ -47,22 +47,24 @@ class GRPOStage(OnlineRLStage):
         grouped = r.view(-1, G)
         buf["advantages"] = grpo_advantages(r, G)
         mask = buf["completion_mask"]
-        kl = masked_mean(kl_k3(buf["old_logps"], buf["ref_logps"]), mask) if self.needs_reference else r.new_zeros(())
         buf["rollout_stats"] = {
             "reward": float(r.mean()),
             "reward_std": float(r.std()) if r.numel() > 1 else 0.0,
             "group_reward_var": float(grouped.var(dim=1).mean()),
             "best_of_group": float(grouped.max(dim=1).values.mean()),
             "completion_length": float(mask.float().sum(-1).mean()),
-            "rollout_kl": float(kl),
         }
+        if "old_logps" in buf:  # else the rollout's one update reports the same value as "kl"
+            kl = masked_mean(kl_k3(buf["old_logps"], buf["ref_logps"]), mask) if self.needs_reference \
+                else r.new_zeros(())
+            buf["rollout_stats"]["rollout_kl"] = float(kl)
 
     def minibatch_loss(self, model, batch: dict) -> tuple[torch.Tensor, dict]:
         mask = batch["completion_mask"]
         logps = sequence_forward(model, batch["prompt_input_ids"], batch["prompt_attention_mask"],
                                  batch["completion_ids"], mask, self.temperature)
-        pg_loss, clip_frac, approx_kl = clipped_policy_loss(logps, batch["old_logps"], batch["advantages"],
-                                                            mask, self.clip_range)
+        old = batch["old_logps"] if "old_logps" in batch else logps.detach()  # see reuses_logps
+        pg_loss, clip_frac, approx_kl = clipped_policy_loss(logps, old, batch["advantages"], mask, self.clip_range)
         loss = pg_loss
         metrics = {"policy_loss": float(pg_loss.detach()), "clip_fraction": float(clip_frac),
                    "approx_kl": float(approx_kl)}

@@ -213,16 +213,19 @@ def _roundtrip(state: dict) -> dict:
     return torch.load(buf, weights_only=True)  # what llmlab.train.checkpoint does
 
 
-@pytest.mark.parametrize("kind,stop", [("grpo", 3), ("ppo", 4), ("ppo", 5)])
+@pytest.mark.parametrize("kind,stop", [("grpo", 3), ("grpo_one_update", 3), ("ppo", 4), ("ppo", 5)])
 def test_resume_is_exact(kind, stop):
     """Stop after `stop` updates (mid-rollout or at a rollout boundary), restore model, optimizer and
     stage state into fresh objects, continue: the weights equal an uninterrupted run bit for bit."""
     from llmlab.stages.grpo import GRPOStage
     from llmlab.stages.ppo import PPOStage
 
-    cls = GRPOStage if kind == "grpo" else PPOStage
+    cls = PPOStage if kind == "ppo" else GRPOStage
     cfg = {"batch_size": 4, "mini_batch_size": 2, "ppo_epochs": 2, "max_new_tokens": 5,
            "kl_coef": 0.05, "kl_target": 1.0, "group_size": 2, "reward": [W5]}
+    if kind == "grpo_one_update":  # the rollout keeps no old log-probs (reuses_logps)
+        cfg.update(mini_batch_size=4, ppo_epochs=1)
+        kind = "grpo"
     total = 8
 
     def fresh():
@@ -288,3 +291,44 @@ def test_value_head_checkpoint_final_and_lora(tmp_path):
     AutoModelForCausalLM.from_pretrained(tmp_path / "ppo_final")
     restored = load_value_head(tiny_lm(0), tmp_path / "stage" / "value_head.safetensors")
     torch.testing.assert_close(restored.summary.weight, head.summary.weight)
+
+
+def test_grpo_one_update_per_rollout_skips_the_old_logp_forward(monkeypatch):
+    """With one update per rollout and no dropout, the rollout's "old" log-probs are the loss
+    forward's own: the rollout skips that forward, and training follows the same trajectory as
+    with it (up to float rounding between the eval-mode and train-mode forwards)."""
+    import llmlab.rl.online as online
+    from llmlab.rl.online import has_active_dropout
+    from llmlab.stages.grpo import GRPOStage
+
+    cfg = {"batch_size": 4, "group_size": 4, "max_new_tokens": 6, "kl_beta": 0.04, "reward": [W5]}
+    calls = []
+    real = online.sequence_forward
+    monkeypatch.setattr(online, "sequence_forward", lambda *a, **k: calls.append(1) or real(*a, **k))
+
+    def train(force_old_logps: bool):
+        stage = GRPOStage(make_ctx("grpo", dict(cfg)))
+        if force_old_logps:
+            stage.reuses_logps = lambda model: False
+        model = tiny_lm(0)
+        stage._data = prompt_data(16, 4)
+        stage.setup(model)
+        calls.clear()
+        history, _ = run_steps(stage, model, 6, lr=1e-2)
+        return model, history, len(calls)
+
+    reused, h_reused, n_reused = train(False)
+    explicit, h_explicit, n_explicit = train(True)
+    assert not has_active_dropout(reused)
+    # rollout-time forwards: policy + reference per rollout, or the reference alone
+    assert (n_explicit, n_reused) == (12, 6)
+    assert "rollout_kl" in h_explicit[-1] and "rollout_kl" not in h_reused[-1]
+    assert all(h["clip_fraction"] == 0.0 and h["approx_kl"] == 0.0 for h in h_reused)
+    for (name, a), b in zip(reused.named_parameters(), explicit.parameters()):
+        assert torch.allclose(a, b, atol=1e-4), name
+
+    dropped = tiny_lm(0)
+    dropped.config.dropout = 0.1
+    assert has_active_dropout(dropped)
+    assert not GRPOStage(make_ctx("grpo", dict(cfg))).reuses_logps(dropped)
+    assert not GRPOStage(make_ctx("grpo", {**cfg, "ppo_epochs": 2})).reuses_logps(tiny_lm(0))
