@@ -143,11 +143,10 @@ class PieceEncoder:
         uid[~is_first] = rest_uid
         if new:
             self._add(new)
-        u = uid
-        lens = self._piece_lens[u]
+        lens = self._piece_lens[uid]
         ends = np.concatenate([[0], np.cumsum(lens)])  # token offset of each piece in the output
-        # output token t of piece i comes from _flat[starts[u_i] + (t - ends[i])]
-        gather = np.repeat(self._starts[u] - ends[:-1], lens) + np.arange(int(ends[-1]))
+        # output token t of piece i comes from _flat[starts[uid_i] + (t - ends[i])]
+        gather = np.repeat(self._starts[uid] - ends[:-1], lens) + np.arange(int(ends[-1]))
         ids = self._flat[gather]
         doc_end = ends[np.cumsum(counts)]  # token offset where each document ends
         if append_id is not None:

@@ -60,8 +60,8 @@ def sample_categorical(probs: torch.Tensor, generator: torch.Generator) -> torch
 
     Inverse-CDF sampling: one uniform per row from ``generator`` (on the generator's device, so a
     CPU generator never pulls the probabilities off the GPU) and a ``searchsorted`` in the running
-    sum. Same distribution as ``torch.multinomial`` (tested); 20x faster on CPU at V = 4,096
-    (multinomial builds an alias table per call). Never returns a zero-probability id.
+    sum. Same distribution as ``torch.multinomial`` (tested); 16x faster on CPU for a 32 x 4,096
+    draw (0.20 vs 3.35 ms). Never returns a zero-probability id.
     """
     cdf = probs.cumsum(-1)
     u = torch.rand(probs.shape[0], 1, generator=generator, device=generator.device, dtype=cdf.dtype)
