@@ -857,6 +857,10 @@ class LlmlabForSequenceClassification(LlmlabPreTrainedModel):
     forward(input_ids [B, T], attention_mask [B, T], ..., labels [B] | [B, num_labels]) ->
     SequenceClassifierOutputWithPast with logits [B, num_labels]; loss: MSE for num_labels == 1,
     cross entropy otherwise.
+
+    Padding-free batches: with several sequences in one row (``position_ids`` restarting at each,
+    so attention stays inside each sequence), ``pool_positions`` [R] gives the flat index into the
+    B·T positions of each sequence's last token; logits are then [R, num_labels].
     """
 
     def __init__(self, config: LlmlabConfig):
@@ -883,6 +887,7 @@ class LlmlabForSequenceClassification(LlmlabPreTrainedModel):
         use_cache: bool | None = None,
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
+        pool_positions: torch.LongTensor | None = None,
         **kwargs,
     ):
         out = self.model(
@@ -896,15 +901,18 @@ class LlmlabForSequenceClassification(LlmlabPreTrainedModel):
         )
         hidden = out.last_hidden_state  # [B, T, D]
         b, t = hidden.shape[:2]
-        idx = torch.arange(t, device=hidden.device)
-        if attention_mask is not None:
-            real = attention_mask[:, -t:].to(hidden.device).bool()
-        elif input_ids is not None and self.config.pad_token_id is not None:
-            real = (input_ids != self.config.pad_token_id).to(hidden.device)
+        if pool_positions is not None:
+            pooled = hidden.reshape(b * t, -1)[pool_positions.to(hidden.device)]
         else:
-            real = torch.ones(b, t, dtype=torch.bool, device=hidden.device)
-        last = torch.where(real, idx, torch.full_like(idx, -1)).max(dim=-1).values.clamp(min=0)
-        pooled = hidden[torch.arange(b, device=hidden.device), last]
+            idx = torch.arange(t, device=hidden.device)
+            if attention_mask is not None:
+                real = attention_mask[:, -t:].to(hidden.device).bool()
+            elif input_ids is not None and self.config.pad_token_id is not None:
+                real = (input_ids != self.config.pad_token_id).to(hidden.device)
+            else:
+                real = torch.ones(b, t, dtype=torch.bool, device=hidden.device)
+            last = torch.where(real, idx, torch.full_like(idx, -1)).max(dim=-1).values.clamp(min=0)
+            pooled = hidden[torch.arange(b, device=hidden.device), last]
         logits = self.score(pooled)
 
         loss = None

@@ -15,10 +15,22 @@ import torch
 from llmlab.losses import bradley_terry_loss
 from llmlab.stages.base import Stage
 from llmlab.stages.dpo import concat_pairs
+from llmlab.stages.padfree import pack_rows, packs_documents
 
 
 def reward_scores(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """Scalar rewards ``[B]`` of a ``num_labels = 1`` sequence classifier for right-padded ``[B, T]``."""
+    """Scalar rewards ``[B]`` of a ``num_labels = 1`` sequence classifier for right-padded ``[B, T]``.
+
+    llmlab's Transformer scores the rows padding-free (their real tokens in one row, position ids
+    restarting per row, each scored at its last token); same scores as the padded batch (tested).
+    """
+    if packs_documents(model):
+        packed = pack_rows(input_ids, attention_mask)
+        if bool((packed.lengths > 0).all()):
+            out = model(input_ids=packed.input_ids, position_ids=packed.position_ids,
+                        pool_positions=torch.cumsum(packed.lengths, 0) - 1)
+            logits = out.logits if hasattr(out, "logits") else out[0]
+            return logits.squeeze(-1).float()
     out = model(input_ids=input_ids, attention_mask=attention_mask)
     logits = out.logits if hasattr(out, "logits") else out[0]
     return logits.squeeze(-1).float()

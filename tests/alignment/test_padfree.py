@@ -76,3 +76,33 @@ def test_padfree_sft_loss_and_grads_equal_padded(kw):
     assert torch.allclose(loss_packed, loss_padded, atol=1e-6)
     for (name, a), b in zip(padded.named_parameters(), packed.parameters()):
         assert torch.allclose(a.grad, b.grad, atol=1e-6), name
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_padfree_reward_scores_and_grads_equal_padded(lora):
+    from llmlab.models.build import apply_lora
+    from llmlab.models.modeling_llmlab import LlmlabForSequenceClassification
+    from llmlab.stages.reward import reward_scores
+
+    def rm():
+        torch.manual_seed(0)
+        cfg = _model().config
+        cfg.num_labels = 1
+        torch.manual_seed(0)
+        m = LlmlabForSequenceClassification(cfg)
+        return apply_lora(m, {"r": 4, "alpha": 8, "preset": "all"}) if lora else m
+
+    ids, att, _ = _batch()
+    padded, packed = rm(), rm()
+    assert packs_documents(packed)
+    calls = []
+    packed.register_forward_pre_hook(lambda m, a, k: calls.append(k["input_ids"].shape), with_kwargs=True)
+    want = padded(input_ids=ids, attention_mask=att).logits.squeeze(-1)
+    got = reward_scores(packed, ids, att)
+    assert calls == [torch.Size([1, sum(LENS)])]
+    assert torch.allclose(got, want, atol=1e-5)
+    want.pow(2).sum().backward()
+    got.pow(2).sum().backward()
+    for (name, a), b in zip(padded.named_parameters(), packed.parameters()):
+        if a.requires_grad:
+            assert torch.allclose(a.grad, b.grad, atol=1e-5), name
