@@ -24,7 +24,8 @@ def reward_scores(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) 
     llmlab's Transformer scores the rows padding-free (their real tokens in one row, position ids
     restarting per row, each scored at its last token); same scores as the padded batch (tested).
     """
-    if packs_documents(model):
+    # pool_positions (one score per packed sequence) is llmlab's own sequence-classifier API
+    if getattr(getattr(model, "config", None), "model_type", None) == "llmlab" and packs_documents(model):
         packed = pack_rows(input_ids, attention_mask)
         if bool((packed.lengths > 0).all()):
             out = model(input_ids=packed.input_ids, position_ids=packed.position_ids,

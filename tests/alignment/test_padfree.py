@@ -106,3 +106,49 @@ def test_padfree_reward_scores_and_grads_equal_padded(lora):
     for (name, a), b in zip(padded.named_parameters(), packed.parameters()):
         if a.requires_grad:
             assert torch.allclose(a.grad, b.grad, atol=1e-5), name
+
+
+def _llama():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    return LlamaForCausalLM(LlamaConfig(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64))
+
+
+def _mamba2():
+    from transformers import Mamba2Config, Mamba2ForCausalLM
+
+    torch.manual_seed(0)
+    return Mamba2ForCausalLM(Mamba2Config(vocab_size=50, hidden_size=32, num_hidden_layers=2, state_size=8,
+                                          head_dim=8, expand=2, n_groups=1, num_heads=8, chunk_size=16))
+
+
+def test_hub_decoders_are_probed_for_packing():
+    """transformers' Llama isolates packed sequences by their position ids: padding-free SFT and DPO
+    apply to it too, with the padded results; Mamba2 carries state across the row and is refused."""
+    ids, att, labels = _batch()
+    padded, packed = _llama(), _llama()
+    assert packs_documents(packed)
+    loss_padded = padded(input_ids=ids, attention_mask=att, labels=labels).loss
+    calls = []
+    packed.register_forward_pre_hook(lambda m, a, k: calls.append(k["input_ids"].shape), with_kwargs=True)
+    loss_packed, _ = object.__new__(SFTStage).compute_loss(packed, {"input_ids": ids, "attention_mask": att,
+                                                                    "labels": labels})
+    assert calls == [torch.Size([1, sum(LENS)])]
+    assert torch.allclose(loss_packed, loss_padded, atol=1e-6)
+    loss_padded.backward()
+    loss_packed.backward()
+    for (name, a), b in zip(padded.named_parameters(), packed.parameters()):
+        assert torch.allclose(a.grad, b.grad, atol=1e-6), name
+    with torch.no_grad():
+        seq, _ = padfree_sequence_logps(packed, ids, att, labels)
+        lp, _ = token_logps(model_logits(packed, ids, att), labels)
+    assert torch.allclose(seq, lp.sum(-1), atol=1e-5)
+
+    mamba = _mamba2()
+    assert not packs_documents(mamba)
+    calls.clear()
+    mamba.register_forward_pre_hook(lambda m, a, k: calls.append(k["input_ids"].shape), with_kwargs=True)
+    object.__new__(SFTStage).compute_loss(mamba, {"input_ids": ids, "attention_mask": att, "labels": labels})
+    assert calls == [ids.shape]  # the padded batch
