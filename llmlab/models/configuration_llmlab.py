@@ -74,7 +74,7 @@ class LlmlabConfig(PretrainedConfig):
     """
 
     model_type = "llmlab"
-    keys_to_ignore_at_inference = ["past_key_values"]
+    keys_to_ignore_at_inference = ["past_key_values", "cache"]
     attribute_map = {
         "hidden_size": "d_model",
         "num_hidden_layers": "n_layers",

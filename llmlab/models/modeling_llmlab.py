@@ -52,6 +52,27 @@ except Exception:  # ImportError, or a broken CUDA build
 
 _TRANSFORMERS_MAJOR = int(transformers.__version__.split(".")[0])
 
+#: The name under which this transformers version carries the KV cache, both as the model's
+#: forward keyword that ``generate`` passes and as the field of the model outputs: ``cache`` from
+#: transformers 5.2x on, ``past_key_values`` before. The forwards below accept either name.
+CACHE_FIELD = "cache" if "cache" in getattr(BaseModelOutputWithPast, "__dataclass_fields__", {}) else "past_key_values"
+
+
+def _cache_arg(cache: Cache | None, past_key_values: Cache | None) -> Cache | None:
+    """The KV cache passed under either name (``cache`` or the older ``past_key_values``).
+
+    Raises:
+        ValueError: two different caches were passed.
+    """
+    if cache is not None and past_key_values is not None and cache is not past_key_values:
+        raise ValueError("pass the KV cache once, as cache= or as past_key_values=, not both")
+    return cache if cache is not None else past_key_values
+
+
+def _with_cache(output_cls, cache: Cache | None, **fields):
+    """``output_cls(**fields)`` with the KV cache stored under this version's field name."""
+    return output_cls(**fields, **{CACHE_FIELD: cache})
+
 #: the auto_map written into config.json by save_pretrained (files copied next to the weights)
 AUTO_MAP = {
     "AutoConfig": "configuration_llmlab.LlmlabConfig",
@@ -573,7 +594,7 @@ class LlmlabPreTrainedModel(PreTrainedModel):
     base_model_prefix = "model"
     supports_gradient_checkpointing = True
     _no_split_modules = ["LlmlabDecoderLayer"]
-    _skip_keys_device_placement = ["past_key_values"]
+    _skip_keys_device_placement = ["past_key_values", "cache"]
     _supports_sdpa = True
     _supports_flash_attn = True
     _supports_cache_class = True
@@ -616,8 +637,13 @@ class LlmlabModel(LlmlabPreTrainedModel):
     """The decoder stack without a head.
 
     forward(input_ids [B, T] | inputs_embeds [B, T, D], attention_mask [B, past+T],
-    position_ids [B, T], past_key_values Cache) -> :class:`LlmlabModelOutputWithPast` with
-    last_hidden_state [B, T, D].
+    position_ids [B, T], cache Cache (also accepted as ``past_key_values``), cache_position [T])
+    -> :class:`LlmlabModelOutputWithPast` with last_hidden_state [B, T, D] and the cache under
+    :data:`CACHE_FIELD`.
+
+    KV-cache contract (the one transformers' Llama follows): the number of tokens already cached
+    is ``cache_position[0]`` when ``generate`` passes it, else ``cache.get_seq_length()``; the
+    model never assumes how ``generate`` builds or names its cache.
 
     Position ids: given ones are used as they are; where they do not step by one (packed
     pretraining restarts them per document) a new document starts and attention stays inside each
@@ -659,8 +685,11 @@ class LlmlabModel(LlmlabPreTrainedModel):
         use_cache: bool | None = None,
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
+        cache: Cache | None = None,
+        cache_position: torch.LongTensor | None = None,
         **kwargs,
     ):
+        past_key_values = _cache_arg(cache, past_key_values)
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
         if inputs_embeds is None:
@@ -672,7 +701,12 @@ class LlmlabModel(LlmlabPreTrainedModel):
             use_cache = False
         if use_cache and past_key_values is None:
             past_key_values = DynamicCache(config=self.config)
-        past_len = int(past_key_values.get_seq_length()) if past_key_values is not None else 0
+        if past_key_values is None:
+            past_len = 0
+        elif cache_position is not None and cache_position.numel() > 0:
+            past_len = int(cache_position.reshape(-1)[0])  # the slot of the first new token
+        else:
+            past_len = int(past_key_values.get_seq_length())
 
         if attention_mask is not None:
             if attention_mask.dim() != 2:
@@ -735,9 +769,10 @@ class LlmlabModel(LlmlabPreTrainedModel):
         if aux_total is not None:
             aux_total = aux_total / len(self.layers)
 
-        return LlmlabModelOutputWithPast(
+        return _with_cache(
+            LlmlabModelOutputWithPast,
+            past_key_values if use_cache else None,
             last_hidden_state=hidden,
-            past_key_values=past_key_values if use_cache else None,
             hidden_states=tuple(all_hidden) if all_hidden is not None else None,
             aux_loss=aux_total,
         )
@@ -768,7 +803,8 @@ class LlmlabForCausalLM(LlmlabPreTrainedModel, GenerationMixin):
     """Causal language model: :class:`LlmlabModel` + ``lm_head`` (D -> V, tied to the embedding
     when ``config.tie_word_embeddings``).
 
-    forward(input_ids [B, T], attention_mask [B, past+T], position_ids [B, T], past_key_values,
+    forward(input_ids [B, T], attention_mask [B, past+T], position_ids [B, T], cache (or
+    past_key_values), cache_position [T],
     inputs_embeds [B, T, D], labels [B, T] (-100 = ignore), use_cache, return_dict,
     logits_to_keep) -> :class:`LlmlabCausalLMOutputWithPast` (a CausalLMOutputWithPast) with
     logits [B, T, V] and loss = shifted cross entropy + router_aux_loss_coef * aux_loss (MoE).
@@ -812,6 +848,8 @@ class LlmlabForCausalLM(LlmlabPreTrainedModel, GenerationMixin):
         return_dict: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
         num_items_in_batch=None,
+        cache: Cache | None = None,
+        cache_position: torch.LongTensor | None = None,
         **kwargs,
     ):
         if labels is not None and use_cache is None:
@@ -820,10 +858,11 @@ class LlmlabForCausalLM(LlmlabPreTrainedModel, GenerationMixin):
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=past_key_values,
+            past_key_values=_cache_arg(cache, past_key_values),
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
             output_hidden_states=output_hidden_states,
+            cache_position=cache_position,
         )
         hidden = out.last_hidden_state
         if isinstance(logits_to_keep, int) and logits_to_keep > 0:
@@ -838,10 +877,11 @@ class LlmlabForCausalLM(LlmlabPreTrainedModel, GenerationMixin):
             if out.aux_loss is not None:
                 loss = loss + self.config.router_aux_loss_coef * out.aux_loss.to(loss.device)
 
-        result = LlmlabCausalLMOutputWithPast(
+        result = _with_cache(
+            LlmlabCausalLMOutputWithPast,
+            getattr(out, CACHE_FIELD),
             loss=loss,
             logits=logits,
-            past_key_values=out.past_key_values,
             hidden_states=out.hidden_states,
             aux_loss=out.aux_loss,
         )
@@ -888,13 +928,16 @@ class LlmlabForSequenceClassification(LlmlabPreTrainedModel):
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
         pool_positions: torch.LongTensor | None = None,
+        cache: Cache | None = None,
+        cache_position: torch.LongTensor | None = None,
         **kwargs,
     ):
         out = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=past_key_values,
+            past_key_values=_cache_arg(cache, past_key_values),
+            cache_position=cache_position,
             inputs_embeds=inputs_embeds,
             use_cache=False if use_cache is None else use_cache,
             output_hidden_states=output_hidden_states,
@@ -922,8 +965,9 @@ class LlmlabForSequenceClassification(LlmlabPreTrainedModel):
                 loss = F.mse_loss(logits.squeeze(-1).float(), labels.float().view(-1))
             else:
                 loss = F.cross_entropy(logits.float(), labels.view(-1))
-        result = SequenceClassifierOutputWithPast(
-            loss=loss, logits=logits, past_key_values=out.past_key_values, hidden_states=out.hidden_states
+        result = _with_cache(
+            SequenceClassifierOutputWithPast, getattr(out, CACHE_FIELD),
+            loss=loss, logits=logits, hidden_states=out.hidden_states,
         )
         return_dict = return_dict if return_dict is not None else self.config.return_dict
         return result if return_dict else result.to_tuple()

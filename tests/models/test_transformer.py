@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from llmlab.models.modeling_llmlab import LlmlabForCausalLM
+from llmlab.models.modeling_llmlab import CACHE_FIELD, LlmlabForCausalLM
 from tests.models.conftest import VOCAB, make_model
 
 ATOL = 1e-5
@@ -122,11 +122,15 @@ def test_kv_cache_decoding_equals_full_recomputation(variant):
         full = model(x, use_cache=False).logits
         out = model(x[:, :5], use_cache=True)
         pieces = [out.logits]
-        cache = out.past_key_values
-        # one token, then a chunk of two, then one at a time
-        for s, e in [(5, 6), (6, 8), (8, 9), (9, 10), (10, 11)]:
-            out = model(x[:, s:e], past_key_values=cache, use_cache=True)
-            cache = out.past_key_values
+        cache = getattr(out, CACHE_FIELD)
+        # one token, then a chunk of two, then one at a time; the cache passed under both names
+        # generate has used (cache= since transformers 5.2x, past_key_values= before), with and
+        # without cache_position
+        for i, (s, e) in enumerate([(5, 6), (6, 8), (8, 9), (9, 10), (10, 11)]):
+            name_kw = "cache" if i % 2 == 0 else "past_key_values"
+            extra = {"cache_position": torch.arange(s, e)} if i >= 3 else {}
+            out = model(x[:, s:e], use_cache=True, **{name_kw: cache}, **extra)
+            assert getattr(out, CACHE_FIELD) is cache
             pieces.append(out.logits)
     assert torch.allclose(torch.cat(pieces, 1), full, atol=ATOL), name
 
