@@ -85,9 +85,12 @@ def _load_tree(file: Path, errors: list, dirs: dict, chain: tuple, display: str 
     display = display or _display(file)
     dirs[display] = file.parent
     try:
-        text = read_file(file)
+        text, read_errors = read_file(file, display)
     except OSError as exc:
         errors.append(RecipeError(display, 1, 1, "", f"cannot read recipe: {exc.strerror or exc}"))
+        return None, {}
+    if text is None:
+        errors.extend(read_errors)
         return None, {}
     doc, pos, errs = load_yaml(text, display)
     errors.extend(errs)

@@ -17,6 +17,20 @@ from llmlab.recipe.errors import RecipeError, dotted
 #: path tuple -> (file, line, col), 1-based
 Positions = dict
 
+#: Bounds that keep a hostile recipe from exhausting memory or the stack. Real recipes are a few
+#: kilobytes, a few levels deep and a few hundred values; these are orders of magnitude above that.
+MAX_RECIPE_BYTES = 1 << 20  # a recipe file larger than 1 MiB is refused before it is parsed
+MAX_DEPTH = 64  # mappings/lists nested deeper than this are refused (PyYAML composes recursively)
+MAX_VALUES = 100_000  # values after alias expansion ("billion laughs" bombs expand exponentially)
+
+
+class _TooManyValues(Exception):
+    """Raised inside :func:`_build` when alias expansion exceeds :data:`MAX_VALUES`."""
+
+    def __init__(self, node: yaml.Node):
+        super().__init__()
+        self.node = node
+
 
 class RecipeLoader(yaml.SafeLoader):
     """SafeLoader whose floats and booleans follow YAML 1.2: ``1e-5`` is a number (PyYAML 1.1 needs
@@ -47,7 +61,10 @@ def _pos(file: str, node: yaml.Node) -> tuple[str, int, int]:
     return (file, node.start_mark.line + 1, node.start_mark.column + 1)
 
 
-def _build(loader, node, path, file, positions, errors):
+def _build(loader, node, path, file, positions, errors, budget):
+    budget[0] -= 1
+    if budget[0] < 0:
+        raise _TooManyValues(node)
     if isinstance(node, yaml.MappingNode):
         loader.flatten_mapping(node)
         out: dict = {}
@@ -66,13 +83,13 @@ def _build(loader, node, path, file, positions, errors):
                                           "YAML would silently keep only the last one"))
             first_line.setdefault(key, key_node.start_mark.line + 1)
             positions[sub] = _pos(file, key_node)
-            out[key] = _build(loader, value_node, sub, file, positions, errors)
+            out[key] = _build(loader, value_node, sub, file, positions, errors, budget)
         return out
     if isinstance(node, yaml.SequenceNode):
         out_list = []
         for i, item in enumerate(node.value):
             positions[path + (i,)] = _pos(file, item)
-            out_list.append(_build(loader, item, path + (i,), file, positions, errors))
+            out_list.append(_build(loader, item, path + (i,), file, positions, errors, budget))
         return out_list
     return loader.construct_object(node, deep=True)
 
@@ -85,13 +102,27 @@ def load_yaml(text: str, file: str, positions: Positions | None = None) -> tuple
     """
     positions = {} if positions is None else positions
     errors: list[RecipeError] = []
-    loader = RecipeLoader(text)
+    too_deep = _depth_error(text, file)
+    if too_deep is not None:
+        return None, positions, [too_deep]
+    loader = None
     try:
+        loader = RecipeLoader(text)  # the reader refuses non-printable characters here
         node = loader.get_single_node()
         if node is None:
             return None, positions, errors
         positions[()] = _pos(file, node)
-        value = _build(loader, node, (), file, positions, errors)
+        value = _build(loader, node, (), file, positions, errors, [MAX_VALUES])
+    except _TooManyValues as exc:
+        errors.append(RecipeError(*_pos(file, exc.node), "",
+                                  f"the recipe expands to more than {MAX_VALUES:,} values; YAML aliases (*name) "
+                                  "that repeat a large block many times are refused"))
+        return None, positions, errors
+    except yaml.reader.ReaderError as exc:  # a character YAML does not allow (NUL, other controls)
+        line, col = _line_col(text, exc.position)
+        code = exc.character if isinstance(exc.character, int) else ord(exc.character)
+        errors.append(RecipeError(file, line, col, "", f"character U+{code:04X} is not allowed in YAML"))
+        return None, positions, errors
     except yaml.MarkedYAMLError as exc:
         # point at the construct that was left open (context) when there is one, else at the problem
         open_construct = bool(exc.context and exc.context.startswith("while") and exc.context_mark)
@@ -107,8 +138,37 @@ def load_yaml(text: str, file: str, positions: Positions | None = None) -> tuple
         errors.append(RecipeError(file, 1, 1, "", f"YAML error: {exc}"))
         return None, positions, errors
     finally:
-        loader.dispose()
+        if loader is not None:
+            loader.dispose()
     return value, positions, errors
+
+
+def _line_col(text: str, index: int) -> tuple[int, int]:
+    """1-based (line, column) of character ``index`` in ``text``."""
+    line = text.count("\n", 0, index) + 1
+    return line, index - (text.rfind("\n", 0, index) + 1) + 1
+
+
+def _depth_error(text: str, file: str) -> RecipeError | None:
+    """An error at the first mapping/list nested deeper than :data:`MAX_DEPTH`, else None.
+
+    Scans the parser's events (iterative, unlike PyYAML's recursive composer, which would hit
+    Python's recursion limit on 10,000-deep nesting). Syntax errors are left to the composer.
+    """
+    depth = 0
+    try:
+        for event in yaml.parse(text, Loader=RecipeLoader):
+            if isinstance(event, yaml.CollectionStartEvent):
+                depth += 1
+                if depth > MAX_DEPTH:
+                    m = event.start_mark
+                    return RecipeError(file, m.line + 1, m.column + 1, "",
+                                       f"mappings/lists are nested more than {MAX_DEPTH} levels deep")
+            elif isinstance(event, yaml.CollectionEndEvent):
+                depth -= 1
+    except yaml.YAMLError:
+        return None
+    return None
 
 
 def parse_scalar(text: str):
@@ -122,6 +182,26 @@ def parse_scalar(text: str):
     return yaml.load(text, Loader=RecipeLoader)  # RecipeLoader is a SafeLoader
 
 
-def read_file(path: Path) -> str:
-    """Read a recipe file as UTF-8 text."""
-    return Path(path).read_text(encoding="utf-8")
+def read_file(path: Path, display: str | None = None) -> tuple[str | None, list[RecipeError]]:
+    """Read a recipe file as UTF-8 text, refusing files over :data:`MAX_RECIPE_BYTES`.
+
+    Returns:
+        ``(text, [])``, or ``(None, [error])`` for a file that is too large or not UTF-8 (the error
+        names the line and column of the first bad byte).
+
+    Raises:
+        OSError: the file cannot be read.
+    """
+    display = display or str(path)
+    size = Path(path).stat().st_size
+    if size > MAX_RECIPE_BYTES:
+        return None, [RecipeError(display, 1, 1, "", f"the recipe is {size:,} bytes; recipes are limited to "
+                                                     f"{MAX_RECIPE_BYTES:,} bytes (put data in data files, not the recipe)")]
+    data = Path(path).read_bytes()
+    try:
+        return data.decode("utf-8"), []
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        col = exc.start - (data.rfind(b"\n", 0, exc.start) + 1) + 1
+        return None, [RecipeError(display, line, col, "",
+                                  f"byte 0x{data[exc.start]:02x} is not valid UTF-8; save the recipe as UTF-8")]
