@@ -15,6 +15,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+from llmlab.recipe.secrets import mask_secrets
+
 #: stage keys that do not change the trained weights
 NON_SEMANTIC_KEYS = {"log_every", "eval_every", "eval_steps", "save_every", "keep_last", "max_steps",
                      "reset_optimizer"}
@@ -117,6 +119,8 @@ def stage_fingerprints(recipe: dict, order: list[str]) -> dict[str, dict]:
             "seed": recipe.get("seed", 0),
             "data": {n: source_fingerprint(recipe["datasets"][n]) for n in sorted(used) if n in recipe["datasets"]},
         }
+        # secrets show as ${NAME}: stage.json keeps these parts, and a rotated token is no change
+        parts = mask_secrets(parts)
         fp = sha256_json(parts)
         out[name] = {"fingerprint": fp, "parts": parts, "output": sha256_json([fp, cfg.get("max_steps")])}
     return out

@@ -20,6 +20,7 @@ import yaml
 from llmlab.recipe import messages, semantic
 from llmlab.recipe import schema as S
 from llmlab.recipe.errors import RecipeError, dotted
+from llmlab.recipe.secrets import mask_secrets
 from llmlab.recipe.yamlload import load_yaml, parse_scalar, read_file
 
 SET_FILE = "--set"
@@ -393,8 +394,10 @@ def load_recipe_or_raise(path, overrides: Iterable[str] = (), env: Mapping[str, 
 
 
 def dump_resolved(resolved: dict) -> str:
-    """The resolved recipe as YAML (key order kept), as written to ``recipe.resolved.yaml``."""
-    return yaml.safe_dump(resolved, sort_keys=False, default_flow_style=False, allow_unicode=True)
+    """The resolved recipe as YAML (key order kept), as written to ``recipe.resolved.yaml``; the
+    values of secret-looking environment variables show as ``${NAME}``
+    (:func:`llmlab.recipe.secrets.mask_secrets`)."""
+    return yaml.safe_dump(mask_secrets(resolved), sort_keys=False, default_flow_style=False, allow_unicode=True)
 
 
 def stage_order(resolved: dict) -> list[str]:

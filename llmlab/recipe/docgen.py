@@ -36,8 +36,14 @@ Sharing and overriding:
   `run`; the value is parsed as YAML (`--set 'stages.sft.datasets={chat: 1.0}'` works) and
   validated like the file. Errors in it are reported as `--set:N:1`, N being its position.
 - `${VAR}` and `${VAR:-default}` are replaced in every string value (`$${` is a literal `${`); a value
-  that is only a placeholder is read as YAML, so `lr: ${LR:-3e-4}` is a number.
+  that is only a placeholder is read as YAML, so `lr: ${LR:-3e-4}` is a number. The values of
+  variables whose names contain TOKEN, KEY, SECRET, PASSWORD, PASSWD, CREDENTIAL or AUTH are used but
+  never written or printed: `recipe.resolved.yaml`, `plan --resolved`, stage.json and error messages
+  show `${HF_TOKEN}` instead.
 - Numbers like `1e-5` are numbers (YAML 1.2), not strings.
+- A recipe is untrusted input: it is read with safe YAML only, and refused (with the line and
+  column) when it is over 1 MiB, nests mappings/lists more than 64 levels deep, expands through YAML
+  aliases to more than 100,000 values, contains a NUL or other control character, or is not UTF-8.
 
 Beyond the types, ranges and enums below, `validate` checks (each error on the offending key's line):
 

@@ -21,12 +21,16 @@ class RecipeError:
     message: str
 
     def __str__(self) -> str:
+        from llmlab.recipe.secrets import mask_secrets
+
         where = f"{self.path}: " if self.path else ""
-        return f"{self.file}:{self.line}:{self.col}: error: {where}{self.message}"
+        return mask_secrets(f"{self.file}:{self.line}:{self.col}: error: {where}{self.message}")
 
     def to_dict(self) -> dict:
-        """The error as a JSON-serialisable dict."""
-        return asdict(self)
+        """The error as a JSON-serialisable dict (secret values masked, as in ``str``)."""
+        from llmlab.recipe.secrets import mask_secrets
+
+        return mask_secrets(asdict(self))
 
 
 def dotted(path: tuple) -> str:
