@@ -145,10 +145,11 @@ def plan_command(recipe_path: Path, output_dir: Path | None = None, overrides=()
     from llmlab.recipe import dump_resolved, load_recipe
 
     console = make_console()
-    rec, errors = load_recipe(recipe_path, list(overrides))
+    warnings: list = []
+    rec, errors = load_recipe(recipe_path, list(overrides), warnings=warnings)
+    for e in errors or warnings:
+        console.print(str(e), markup=False, highlight=False, style="yellow" if e.severity == "warning" else None)
     if errors:
-        for e in errors:
-            console.print(str(e), markup=False, highlight=False)
         return 1
     if output_dir is not None:
         rec["output_dir"] = str(Path(output_dir).resolve())

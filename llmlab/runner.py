@@ -458,7 +458,7 @@ def run_command(recipe_path: Path, output_dir: Path | None = None, overrides=(),
 
     console = make_console()
     t0 = time.perf_counter()
-    resolved, errors = load_recipe(recipe_path, list(overrides))
+    resolved, errors = load_recipe(recipe_path, list(overrides), allow_code=bool(allow_code))
     if errors:
         for e in errors:
             console.print(str(e), markup=False, highlight=False)

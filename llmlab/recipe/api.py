@@ -20,6 +20,7 @@ import yaml
 from llmlab.recipe import messages, semantic
 from llmlab.recipe import schema as S
 from llmlab.recipe.errors import RecipeError, dotted
+from llmlab.recipe.codeuse import ALLOW_FLAG, code_uses
 from llmlab.recipe.secrets import mask_secrets
 from llmlab.recipe.yamlload import load_yaml, parse_scalar, read_file
 
@@ -307,13 +308,19 @@ def _reorder(doc: dict) -> dict:
 # ----------------------------------------------------------------- public API
 
 
-def load_recipe(path, overrides: Iterable[str] = (), env: Mapping[str, str] | None = None) -> tuple[dict | None, list[RecipeError]]:
+def load_recipe(path, overrides: Iterable[str] = (), env: Mapping[str, str] | None = None,
+                allow_code: bool | None = None, warnings: list | None = None,
+                ) -> tuple[dict | None, list[RecipeError]]:
     """Load, validate and resolve the recipe at ``path``.
 
     Args:
         path: the recipe file.
         overrides: ``KEY=VALUE`` strings as given to ``--set``, applied after ``extends``.
         env: variables for ``${VAR}`` substitution (default: ``os.environ``).
+        allow_code: False (``llmlab run`` without ``--allow-code``): every key that would run code
+            (:func:`llmlab.recipe.codeuse.code_uses`) is an error; None (``validate``, ``plan``):
+            each is a warning appended to ``warnings``; True: allowed silently.
+        warnings: a list that receives warnings (:class:`RecipeError` with severity "warning").
 
     Returns:
         ``(resolved, errors)``: when ``errors`` is empty, ``resolved`` is the plain-dict recipe with
@@ -357,6 +364,14 @@ def load_recipe(path, overrides: Iterable[str] = (), env: Mapping[str, str] | No
     except Exception:  # a check tripping over a shape the schema already rejected
         if not errors:
             raise
+    if allow_code is not True:
+        for p, what in code_uses(resolved):
+            if allow_code is False:
+                add(p, f"runs code: {what}; a recipe runs code only with `llmlab run {ALLOW_FLAG}`")
+            elif warnings is not None:
+                warnings.append(RecipeError(*where(p), dotted(tuple(p)),
+                                            f"runs code: {what}; `llmlab run` refuses it without {ALLOW_FLAG}",
+                                            severity="warning"))
     if unresolved:  # drop follow-on errors about values whose ${VAR} could not be substituted
         skip = {dotted(p) for p in unresolved}
         errors[n_before:] = [e for e in errors[n_before:] if e.path not in skip]

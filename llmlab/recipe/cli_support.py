@@ -35,9 +35,15 @@ def validate_command(paths: list[Path], overrides: list[str], fmt: str) -> int:
         return 2
     results = []
     for p in paths:
-        _, errors = load_recipe(p, overrides)
-        results.append({"file": str(p), "ok": not errors, "errors": [e.to_dict() for e in errors]})
+        warnings: list = []
+        _, errors = load_recipe(p, overrides, warnings=warnings)
+        result = {"file": str(p), "ok": not errors, "errors": [e.to_dict() for e in errors]}
+        if warnings:  # only recipes that name code have warnings (see llmlab.recipe.codeuse)
+            result["warnings"] = [w.to_dict() for w in warnings]
+        results.append(result)
         if fmt == "text":
+            for w in warnings:
+                print(w)
             if errors:
                 for e in errors:
                     print(e)

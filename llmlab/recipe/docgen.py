@@ -44,6 +44,9 @@ Sharing and overriding:
 - A recipe is untrusted input: it is read with safe YAML only, and refused (with the line and
   column) when it is over 1 MiB, nests mappings/lists more than 64 levels deep, expands through YAML
   aliases to more than 100,000 values, contains a NUL or other control character, or is not UTF-8.
+  `trust_remote_code: true` and a reward `function:` run code: `validate` and `plan` print a
+  warning on their line, and `llmlab run` refuses the recipe before anything runs unless given
+  `--allow-code`.
 
 Beyond the types, ranges and enums below, `validate` checks (each error on the offending key's line):
 

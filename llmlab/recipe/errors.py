@@ -19,18 +19,22 @@ class RecipeError:
     col: int
     path: str
     message: str
+    severity: str = "error"  # or "warning": reported, but the recipe is still valid
 
     def __str__(self) -> str:
         from llmlab.recipe.secrets import mask_secrets
 
         where = f"{self.path}: " if self.path else ""
-        return mask_secrets(f"{self.file}:{self.line}:{self.col}: error: {where}{self.message}")
+        return mask_secrets(f"{self.file}:{self.line}:{self.col}: {self.severity}: {where}{self.message}")
 
     def to_dict(self) -> dict:
-        """The error as a JSON-serialisable dict (secret values masked, as in ``str``)."""
+        """The error as a JSON-serialisable dict (secret values masked, as in ``str``); without
+        ``severity``, which the list holding it (errors or warnings) already says."""
         from llmlab.recipe.secrets import mask_secrets
 
-        return mask_secrets(asdict(self))
+        fields = asdict(self)
+        del fields["severity"]
+        return mask_secrets(fields)
 
 
 def dotted(path: tuple) -> str:
