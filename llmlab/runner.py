@@ -29,6 +29,7 @@ from llmlab.fingerprint import (
     stage_status,
     tokenizer_fingerprint,
 )
+from llmlab.runguard import NotOwnedError, RunLockedError, remove_owned_dir, run_lock
 
 log = logging.getLogger("llmlab")
 
@@ -209,9 +210,9 @@ class Runner:
         else:
             t0 = time.perf_counter()
             tmp = self.out / ".tokenizer.tmp"
+            remove_owned_dir(d, marker="tokenizer_config.json")  # before the build: refuse a folder of the user's at once
             shutil.rmtree(tmp, ignore_errors=True)
             build_tokenizer(self.recipe, tmp)
-            shutil.rmtree(d, ignore_errors=True)
             os.replace(tmp, d)
             marker.write_text(fp)
             tok = load_tokenizer(d)
@@ -270,7 +271,7 @@ class Runner:
                 why = "forced" if name in forced and status != "stale" else f"stale: {detail}"
                 self.console.print(f"[yellow]↻[/] stage {name}: {why}; starting over")
                 if main:
-                    shutil.rmtree(stage_dir, ignore_errors=True)
+                    remove_owned_dir(stage_dir)
                 accelerator.wait_for_everyone()
                 status = "pending"
             inputs = stage_inputs(self.recipe, name, self.order)
@@ -472,8 +473,13 @@ def run_command(recipe_path: Path, output_dir: Path | None = None, overrides=(),
     from llmlab.train.loop import TrainingError
 
     try:
-        outcomes = runner.run(only=only, from_stage=from_stage, until=until, force=force, reset_optimizer=reset_optimizer)
-    except (RunError, TrainingError, ValueError, FileNotFoundError, PermissionError) as e:
+        with run_lock(runner.out, announce=lambda msg: console.print(msg, style="yellow")):
+            outcomes = runner.run(only=only, from_stage=from_stage, until=until, force=force,
+                                  reset_optimizer=reset_optimizer)
+    except RunLockedError as e:  # before the generic handler: never write error.log into another run's dir
+        console.print(f"error: {e}", style="red", markup=False, highlight=False)
+        return 1
+    except (RunError, TrainingError, NotOwnedError, ValueError, FileNotFoundError, PermissionError) as e:
         console.print(f"error: {e}", style="red", markup=False, highlight=False)
         return 1
     except Exception as e:  # anything else: say what and where, keep the traceback for a bug report

@@ -28,7 +28,8 @@ STAGE_FORMATS = {
 #: dataset keys that only mean something for a hub source
 HUB_ONLY = ("subset", "revision", "streaming")
 
-RESERVED_STAGE_NAMES = ("tokenizer",)
+#: names of run-directory entries llmlab writes beside the stage directories
+RESERVED_STAGE_NAMES = ("tokenizer", "cache")
 
 #: the stage type that trains nothing and measures earlier stages (llmlab.stages.evaluate)
 EVALUATE = "evaluate"

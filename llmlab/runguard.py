@@ -1,0 +1,116 @@
+"""Guards on a run directory: one ``llmlab run`` at a time, and deletes only of what llmlab wrote.
+
+- :func:`run_lock` takes an exclusive ``flock`` on ``<output_dir>/.llmlab.lock`` for the whole
+  run and writes the holder (pid, host, start time, command) into it. A second run on the same
+  directory fails at once with a message naming the holder. The kernel drops the lock when its
+  process dies (even on SIGKILL), so a lock left by a dead run is taken over, and said so.
+  Under torchrun / accelerate only the process of global rank 0 takes it.
+- :func:`remove_owned_dir` deletes a stage directory only when llmlab's own ``stage.json`` is in
+  it (or it is empty), so an ``output_dir`` pointing at a folder of the user's never loses files
+  that llmlab did not make.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+LOCK_NAME = ".llmlab.lock"
+#: the file whose presence marks a directory as a stage directory written by llmlab
+STAGE_MARKER = "stage.json"
+
+
+class RunLockedError(RuntimeError):
+    """Another live ``llmlab run`` holds the run directory's lock; the message names it."""
+
+
+class NotOwnedError(RuntimeError):
+    """A directory llmlab would delete was not written by llmlab; nothing was deleted."""
+
+
+def _holder_text(path: Path) -> str:
+    try:
+        info = json.loads(path.read_text() or "{}")
+    except (OSError, ValueError):
+        return "an unknown process"
+    if not info:
+        return "an unknown process"
+    return (f"pid {info.get('pid')} on {info.get('host')} since {info.get('started_at')} "
+            f"({info.get('command', '')})").rstrip(" ()")
+
+
+def _is_main_rank() -> bool:
+    return os.environ.get("RANK", "0") in ("", "0")
+
+
+@contextmanager
+def run_lock(out_dir: Path, announce=None) -> Iterator[None]:
+    """Hold the exclusive lock of ``out_dir`` for the ``with`` block (created if missing).
+
+    Args:
+        out_dir: the run directory.
+        announce: called with a one-line message when a lock left by a dead process is taken over.
+
+    Raises:
+        RunLockedError: another live process holds the lock (the message gives its pid and host).
+    """
+    if not _is_main_rank():
+        yield
+        return
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - Windows: no advisory locks through fcntl
+        yield
+        return
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / LOCK_NAME
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        raise RunLockedError(
+            f"{out_dir} is in use by another llmlab run ({_holder_text(path)}; lock file {path}); "
+            "wait for it to finish, or give this run another output_dir") from None
+    try:
+        left = os.read(fd, 65536)
+        if left.strip() and announce is not None:
+            announce(f"took over the lock of {out_dir} left by {_holder_text(path)}, which is no longer running")
+        info = {"pid": os.getpid(), "host": socket.gethostname(),
+                "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "command": " ".join(sys.argv)[:500]}
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, json.dumps(info).encode(), 0)
+        os.fsync(fd)
+        yield
+    finally:
+        # empty the file while still holding the lock (never unlink: a waiting opener would lock
+        # an orphaned inode), then release
+        os.ftruncate(fd, 0)
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
+
+
+def remove_owned_dir(path: Path, marker: str = STAGE_MARKER) -> None:
+    """Delete ``path`` if llmlab wrote it: it holds ``marker`` or is empty; nothing if it is absent.
+
+    Raises:
+        NotOwnedError: ``path`` is not a directory, or holds files but no ``marker``.
+    """
+    path = Path(path)
+    if not path.exists() and not path.is_symlink():
+        return
+    if path.is_symlink() or not path.is_dir():
+        raise NotOwnedError(f"{path} is not a directory llmlab made; move it away (nothing was deleted)")
+    if (path / marker).is_file() or not any(path.iterdir()):
+        shutil.rmtree(path)
+        return
+    raise NotOwnedError(f"{path} holds files that llmlab did not write (no {marker}); move it away or choose "
+                        "another output_dir (nothing was deleted)")

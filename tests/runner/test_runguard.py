@@ -1,0 +1,117 @@
+"""One run per directory, and deletes only of what llmlab wrote (issue 16 items 1 and 2)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from llmlab.runguard import LOCK_NAME, NotOwnedError, RunLockedError, remove_owned_dir, run_lock
+from llmlab.runner import run_command
+from tests.tiny import TINY, write_recipe
+
+PRETRAIN_ONLY = {**TINY, "stages": {"pretrain": {**TINY["stages"]["pretrain"], "max_steps": 40, "log_every": 1}}}
+
+
+def test_second_run_on_a_live_directory_fails_at_once_and_the_first_loses_nothing(tmp_path):
+    recipe = write_recipe(tmp_path, PRETRAIN_ONLY)
+    out = tmp_path / "run"
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+    first = subprocess.Popen([sys.executable, "-m", "llmlab.cli", "run", str(recipe)], env=env,
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.time() + 120
+        while not (out / "pretrain" / "metrics.jsonl").is_file():  # the first run is training
+            assert first.poll() is None, first.stdout.read()
+            assert time.time() < deadline
+            time.sleep(0.1)
+        t0 = time.perf_counter()
+        second = subprocess.run([sys.executable, "-m", "llmlab.cli", "run", str(recipe), "--set",
+                                 "stages.pretrain.optimizer.lr=0.003"], env=env, capture_output=True, text=True)
+        waited = time.perf_counter() - t0
+        assert second.returncode == 1
+        said = second.stdout + second.stderr
+        assert "in use by another llmlab run" in said and f"pid {first.pid}" in said, said
+        assert waited < 60  # no training, no tokenizer: it stops at the lock
+        assert first.wait(timeout=300) == 0, first.stdout.read()
+    finally:
+        if first.poll() is None:
+            first.kill()
+    records = [json.loads(line) for line in (out / "pretrain" / "metrics.jsonl").read_text().splitlines()]
+    train_steps = sorted({r["step"] for r in records if "loss" in r and "eval_loss" not in r})
+    assert train_steps == list(range(1, 41)), train_steps
+    stage = json.loads((out / "pretrain" / "stage.json").read_text())
+    assert stage["status"] == "done"
+    assert not (out / "error.log").exists()
+
+
+def test_lock_left_by_a_dead_process_is_taken_over(tmp_path):
+    run_dir = tmp_path / "run"
+    # a process that takes the lock and is SIGKILLed while holding it
+    code = ("import os, sys; from pathlib import Path; from llmlab.runguard import run_lock\n"
+            "with run_lock(Path(sys.argv[1])):\n    os.kill(os.getpid(), 9)\n")
+    proc = subprocess.run([sys.executable, "-c", code, str(run_dir)], capture_output=True)
+    assert proc.returncode == -9
+    left = json.loads((run_dir / LOCK_NAME).read_text())
+    said = []
+    with run_lock(run_dir, announce=said.append):
+        assert json.loads((run_dir / LOCK_NAME).read_text())["pid"] == os.getpid()
+        with pytest.raises(RunLockedError, match=f"pid {os.getpid()}"):
+            with run_lock(run_dir):
+                pass
+    assert said and f"pid {left['pid']}" in said[0] and "no longer running" in said[0]
+    with run_lock(run_dir):  # released on exit
+        pass
+
+
+def test_only_rank_zero_takes_the_lock(tmp_path, monkeypatch):
+    with run_lock(tmp_path):
+        monkeypatch.setenv("RANK", "1")
+        with run_lock(tmp_path):  # another rank of the same launch: no lock of its own
+            pass
+
+
+def test_force_never_deletes_a_folder_llmlab_did_not_write(tmp_path, capsys):
+    recipe = write_recipe(tmp_path, PRETRAIN_ONLY)
+    user_dir = tmp_path / "run" / "pretrain"
+    user_dir.mkdir(parents=True)
+    (user_dir / "thesis.tex").write_text("years of work")
+    assert run_command(recipe, force=True) == 1
+    assert (user_dir / "thesis.tex").read_text() == "years of work"
+    assert "llmlab did not write" in capsys.readouterr().out
+
+
+def test_remove_owned_dir(tmp_path):
+    remove_owned_dir(tmp_path / "absent")  # nothing to do
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    remove_owned_dir(empty)
+    assert not empty.exists()
+    ours = tmp_path / "ours"
+    (ours / "checkpoints").mkdir(parents=True)
+    (ours / "stage.json").write_text("{}")
+    remove_owned_dir(ours)
+    assert not ours.exists()
+    theirs = tmp_path / "theirs"
+    theirs.mkdir()
+    (theirs / "notes.txt").write_text("x")
+    with pytest.raises(NotOwnedError):
+        remove_owned_dir(theirs)
+    assert (theirs / "notes.txt").exists()
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    with pytest.raises(NotOwnedError):
+        remove_owned_dir(afile)
+
+
+def test_cache_is_a_reserved_stage_name(tmp_path):
+    from llmlab.recipe import load_recipe
+
+    stages = {"cache": {**TINY["stages"]["pretrain"]}}
+    _, errors = load_recipe(write_recipe(tmp_path, {**TINY, "stages": stages}))
+    assert any(e.path == "stages.cache" for e in errors), errors
