@@ -8,16 +8,14 @@ from pathlib import Path
 from rich.table import Table
 
 from llmlab.console import make_console
+from llmlab.metricsfile import read_records
 
 
 def read_metrics(stage_dir: Path) -> tuple[list[dict], list[dict]]:
     """(train records, eval records) of a stage's metrics.jsonl."""
     train, evals = [], []
-    path = stage_dir / "metrics.jsonl"
-    if path.exists():
-        for line in path.read_text().splitlines():
-            rec = json.loads(line)
-            (evals if "eval_loss" in rec else train).append(rec)
+    for rec in read_records(stage_dir / "metrics.jsonl"):
+        (evals if "eval_loss" in rec else train).append(rec)
     return train, evals
 
 

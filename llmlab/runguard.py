@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -58,6 +59,8 @@ def run_lock(out_dir: Path, announce=None) -> Iterator[None]:
         out_dir: the run directory.
         announce: called with a one-line message when a lock left by a dead process is taken over.
 
+    A directory that cannot be written (read-only mount, no permission) is run without a lock.
+
     Raises:
         RunLockedError: another live process holds the lock (the message gives its pid and host).
     """
@@ -72,7 +75,15 @@ def run_lock(out_dir: Path, announce=None) -> Iterator[None]:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / LOCK_NAME
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as exc:
+        if exc.errno not in (errno.EROFS, errno.EACCES):
+            raise
+        # a directory this process cannot write (a finished run re-checked on a read-only mount):
+        # no lock to take, and every write the run would make fails with its own clear error
+        yield
+        return
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:

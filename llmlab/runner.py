@@ -29,6 +29,7 @@ from llmlab.fingerprint import (
     stage_status,
     tokenizer_fingerprint,
 )
+from llmlab.metricsfile import read_records
 from llmlab.runguard import NotOwnedError, RunLockedError, remove_owned_dir, run_lock
 
 log = logging.getLogger("llmlab")
@@ -149,10 +150,7 @@ def save_final(model, tokenizer, stage_dir: Path, cfg: dict, keep_adapter: bool 
 def _metrics_summary(path: Path) -> dict:
     """First and last train loss and eval metrics from metrics.jsonl (robust to resumes)."""
     out: dict = {}
-    if not path.exists():
-        return out
-    for line in path.read_text().splitlines():
-        rec = json.loads(line)
+    for rec in read_records(path):
         if "loss" in rec:
             out.setdefault("first_loss", rec["loss"])
             out["last_loss"] = rec["loss"]
@@ -239,7 +237,10 @@ class Runner:
         self.out.mkdir(parents=True, exist_ok=True)
         header = "# resolved by llmlab; package versions:\n" + "".join(
             f"#   {k}: {v}\n" for k, v in package_versions().items())
-        (self.out / "recipe.resolved.yaml").write_text(header + dump_resolved(self.recipe))
+        resolved_file = self.out / "recipe.resolved.yaml"
+        text = header + dump_resolved(self.recipe)
+        if not resolved_file.is_file() or resolved_file.read_text() != text:  # a done run re-checks read-only
+            resolved_file.write_text(text)
 
         statuses = {n: recipe_stage_status(self.recipe, n, self.fps) for n in self.order}
         todo = [n for n in selected if n in forced or statuses[n][0] != "done"]
@@ -452,6 +453,24 @@ def quiet_libraries() -> None:
     transformers.utils.logging.set_verbosity_error()
 
 
+def _write_error_log(out: Path) -> Path:
+    """Write the current exception's traceback to ``out/error.log``, or to a temporary file when
+    ``out`` cannot be written (the failure may be that very directory); returns where it went."""
+    import tempfile
+    import traceback
+
+    text = traceback.format_exc()
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "error.log").write_text(text)
+        return out / "error.log"
+    except OSError:
+        fd, name = tempfile.mkstemp(prefix="llmlab-error-", suffix=".log")
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        return Path(name)
+
+
 def run_command(recipe_path: Path, output_dir: Path | None = None, overrides=(), only=None, from_stage=None,
                 until=None, force=False, reset_optimizer=False, allow_code=False) -> int:
     """``llmlab run``: returns the exit status (0 ok, 1 invalid recipe or failed stage, 130 interrupted)."""
@@ -479,15 +498,16 @@ def run_command(recipe_path: Path, output_dir: Path | None = None, overrides=(),
     except RunLockedError as e:  # before the generic handler: never write error.log into another run's dir
         console.print(f"error: {e}", style="red", markup=False, highlight=False)
         return 1
-    except (RunError, TrainingError, NotOwnedError, ValueError, FileNotFoundError, PermissionError) as e:
+    except (RunError, TrainingError, NotOwnedError, ValueError) as e:
         console.print(f"error: {e}", style="red", markup=False, highlight=False)
         return 1
+    except OSError as e:  # read-only mount, full disk, output_dir that is a file, missing file ...
+        what = f"{e.strerror}: {e.filename}" if e.strerror and e.filename else str(e)
+        console.print(f"error: {what}; finished stages and checkpoints are kept", style="red", markup=False,
+                      highlight=False)
+        return 1
     except Exception as e:  # anything else: say what and where, keep the traceback for a bug report
-        import traceback
-
-        log_path = runner.out / "error.log"
-        runner.out.mkdir(parents=True, exist_ok=True)
-        log_path.write_text(traceback.format_exc())
+        log_path = _write_error_log(runner.out)
         console.print(f"error: {type(e).__name__}: {e}\n(traceback in {log_path}; finished stages and "
                       "checkpoints are kept)", style="red", markup=False, highlight=False)
         return 1

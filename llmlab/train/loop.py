@@ -24,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+from llmlab.metricsfile import read_records
 from llmlab.stages.base import Stage
 from llmlab.train import checkpoint as ckpt_lib
 from llmlab.train.optim import build_optimizer, build_scheduler, needs_hessian
@@ -74,8 +75,8 @@ class MetricsWriter:
         if not enabled:
             return
         if resume_step > 0 and path.exists():
-            keep = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln).get("step", 0) <= resume_step]
-            path.write_text("".join(ln + "\n" for ln in keep))
+            keep = [rec for rec in read_records(path) if rec.get("step", 0) <= resume_step]
+            path.write_text("".join(json.dumps(rec) + "\n" for rec in keep))
         elif path.exists():
             path.unlink()
         self._f = open(path, "a", buffering=1)
