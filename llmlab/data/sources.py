@@ -557,8 +557,59 @@ def _load_local(spec: dict, recipe: dict, name: str):
         raise ValueError(f"datasets.{name}.path: {e}") from None
     builder = _LOCAL_BUILDERS[Path(files[0]).suffix.lower()]
     kwargs = {"sample_by": "paragraph"} if builder == "text" else {}
-    return load_dataset(builder, data_files=files, split="train", cache_dir=_cache_dir(recipe),
-                        **kwargs)
+    try:
+        return load_dataset(builder, data_files=files, split="train", cache_dir=_cache_dir(recipe),
+                            **kwargs)
+    except Exception as exc:  # datasets' errors name no file or line: find the broken one
+        problem = diagnose_files(files, builder)
+        raise ValueError(f"datasets.{name}.path: {problem or f'cannot be read ({type(exc).__name__}: {exc})'}") from exc
+
+
+def diagnose_files(files: list[str], builder: str) -> str | None:
+    """The first problem that makes ``files`` unreadable for ``builder``, as
+    ``"FILE:LINE: what"`` (lines counted from 1), or None when none is found.
+
+    Called only after ``datasets.load_dataset`` failed, so a healthy corpus is never scanned twice.
+    Finds: an empty file, bytes that are not UTF-8 (text, json, csv), a line of a JSON-lines file
+    that is not one JSON value, and a ``.json`` file that is neither one JSON document nor JSON
+    lines. Streams line by line.
+    """
+    for f in files:
+        if os.path.getsize(f) == 0:
+            return f"{f}: the file is empty"
+        if builder == "parquet":
+            continue
+        document_error = None
+        if builder == "json" and not f.lower().endswith(".jsonl"):
+            try:
+                with open(f, encoding="utf-8") as fh:
+                    json.load(fh)
+                continue
+            except UnicodeDecodeError:
+                pass  # located by the line scan below
+            except ValueError as e:
+                document_error = f"{f}:{e.lineno}: not valid JSON ({e.msg} at column {e.colno})"
+        problem = _first_bad_line(f, check_json=builder == "json")
+        if problem is not None:
+            return document_error if document_error and "UTF-8" not in problem else problem
+    return None
+
+
+def _first_bad_line(path: str, check_json: bool) -> str | None:
+    """``"PATH:LINE: what"`` for the first line that is not UTF-8 (or, with ``check_json``, not
+    one JSON value), else None."""
+    with open(path, "rb") as fh:
+        for lineno, raw in enumerate(fh, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                return f"{path}:{lineno}: byte 0x{raw[e.start]:02x} at column {e.start + 1} is not valid UTF-8"
+            if check_json and line.strip():
+                try:
+                    json.loads(line)
+                except ValueError as e:
+                    return f"{path}:{lineno}: not valid JSON ({e.msg} at column {e.colno})"
+    return None
 
 
 def load_builtin(name: str, split: str | None = None, seed: int = 0,
