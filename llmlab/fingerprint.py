@@ -86,8 +86,8 @@ def stage_inputs(recipe: dict, name: str, order: list[str]) -> dict[str, str | N
         from llmlab.stages.evaluate import evaluate_inputs
 
         return evaluate_inputs(cfg)  # {"from": None, "models[i]": ..., "reference_from", "reward_from"}
-    i = order.index(name)
-    frm = cfg.get("from") or (order[i - 1] if i > 0 else None)
+    # resolution fills `from` with the previous training stage; an explicit null means the model section
+    frm = cfg.get("from")
     inputs = {"from": frm}
     if cfg.get("reference_from"):
         inputs["reference_from"] = cfg["reference_from"]

@@ -13,8 +13,10 @@ from tests.tiny import TINY
 def _recipe(tmp_path):
     rec = copy.deepcopy(TINY)
     rec["output_dir"] = str(tmp_path / "run")
-    for s in rec["stages"].values():
-        s.setdefault("from", None)
+    prev = None
+    for name, s in rec["stages"].items():  # as resolution fills it: the previous stage (null: the model)
+        s.setdefault("from", prev)
+        prev = name
     return rec
 
 
