@@ -244,6 +244,7 @@ class Runner:
 
         statuses = {n: recipe_stage_status(self.recipe, n, self.fps) for n in self.order}
         todo = [n for n in selected if n in forced or statuses[n][0] != "done"]
+        self._check_inputs(todo, statuses)  # before anything is deleted or trained
         outcomes: list[StageOutcome] = []
         if not todo:
             for n in selected:
@@ -334,6 +335,23 @@ class Runner:
                 torch.cuda.empty_cache()
             outcomes.append(StageOutcome(name, cfg["type"], action, info))
         return outcomes
+
+    def _check_inputs(self, todo: list[str], statuses: dict[str, tuple[str, str]]) -> None:
+        """Refuse the run when a stage to run reads a stage that is neither done nor run earlier by
+        this command (``--only dpo`` with a stale ``sft``).
+
+        Raises:
+            RunError: naming the stage, its input, the input's status and the command to fix it.
+        """
+        will_run: set[str] = set()
+        for name in todo:
+            for role, dep in stage_inputs(self.recipe, name, self.order).items():
+                if dep is not None and dep not in will_run and statuses[dep][0] != "done":
+                    status, detail = statuses[dep]
+                    raise RunError(f"stage {name} reads stage {dep} ({role}), which is {status}"
+                                   f"{f' ({detail})' if detail else ''}; run it first (--from {dep}); "
+                                   "nothing was changed")
+            will_run.add(name)
 
     def _run_evaluate(self, name, stage_dir, tokenizer, tok_sha, stage_paths, accelerator) -> StageOutcome:
         """Run an evaluate stage (main process only): results.json, stage.json, the comparison table."""
