@@ -90,8 +90,10 @@ def test_mamba2_generate_with_and_without_cache_and_learns():
         # the chunked scan over a prompt longer than chunk_size equals step-by-step recurrence
         full = model(x, use_cache=False).logits
         out = model(x[:, :9], use_cache=True)
-        step = model(x[:, 9:10], cache_params=out.cache_params if hasattr(out, "cache_params") else None,
-                     past_key_values=getattr(out, "past_key_values", None), use_cache=True)
+        # the cache under the name this transformers version uses (cache_params before 5.2x, cache
+        # after), with the cache_position that transformers 5.0 requires for a decoding step
+        name = "cache_params" if "cache_params" in out.keys() else "cache"
+        step = model(x[:, 9:10], **{name: out[name]}, use_cache=True, cache_position=torch.arange(9, 10))
     assert torch.equal(a, b)
     assert torch.allclose(step.logits[:, -1], full[:, 9], atol=1e-4)
 
