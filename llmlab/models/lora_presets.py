@@ -41,6 +41,15 @@ PRESETS: dict[str, dict[str, list[str] | None]] = {
 #: modules PEFT refuses per architecture (custom target_modules naming them is an error)
 FORBIDDEN_TARGETS: dict[str, set[str]] = {"mamba2": {"out_proj", "conv1d"}}
 
+_COMMON = {"embed_tokens", "lm_head"}
+#: every module name LoRA can adapt per architecture (the last part of a module's dotted name;
+#: ``router`` is the MoE router of llmlab's Transformer, MoE experts reuse the FFN names)
+KNOWN_TARGETS: dict[str, set[str]] = {
+    "transformer_gated": set(_ATTN) | set(_GATED_FFN) | _COMMON | {"router"},
+    "transformer_plain": set(_ATTN) | set(_PLAIN_FFN) | _COMMON | {"router"},
+    "mamba2": {"in_proj", "embeddings", "lm_head"},
+}
+
 
 def arch_key(model_cfg: dict) -> str | None:
     """The PRESETS key for a recipe's ``model:`` section; None when unknown before loading
@@ -67,6 +76,17 @@ def arch_key_for_model_type(model_type: str, config: dict | None = None) -> str 
     if model_type in {"llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "phi3", "mixtral", "olmo", "olmo2"}:
         return "transformer_gated"
     return None
+
+
+def unknown_targets(key: str, target_modules: list[str]) -> list[str]:
+    """The entries of ``target_modules`` that name no module of llmlab's own architecture ``key``
+    (matched by the last dotted part; regular expressions are left to PEFT). Only for models
+    llmlab builds (``model.arch``): a checkpoint's module names are known only once it is loaded."""
+    known = KNOWN_TARGETS.get(key)
+    if known is None:
+        return []
+    return [t for t in target_modules
+            if isinstance(t, str) and not set(t) & set("*?[]()|^$\\+") and t.rsplit(".", 1)[-1] not in known]
 
 
 def resolve_targets(key: str, preset: str, target_modules: list[str] | None = None) -> list[str]:

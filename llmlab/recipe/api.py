@@ -161,6 +161,7 @@ def apply_overrides(doc: dict, positions: dict, overrides: Iterable[str], errors
                         ok = False
                         break
                     node[part] = {}
+                    positions[path + (part,)] = loc  # a key the override created: errors about it point at --set
             else:
                 errors.append(RecipeError(*loc, dotted(path), f"cannot set {key!r}: {dotted(path)} is not a mapping"))
                 ok = False
@@ -372,6 +373,11 @@ def load_recipe(path, overrides: Iterable[str] = (), env: Mapping[str, str] | No
                 warnings.append(RecipeError(*where(p), dotted(tuple(p)),
                                             f"runs code: {what}; `llmlab run` refuses it without {ALLOW_FLAG}",
                                             severity="warning"))
+    if isinstance(resolved.get("datasets"), dict):  # on an absolute copy: resolution comes after the checks
+        probe = {"datasets": {k: copy.deepcopy(v) for k, v in resolved["datasets"].items() if isinstance(v, dict)}}
+        _absolutize(probe, positions, dirs)
+        for p, msg in _missing_local_data(probe):
+            add(p, msg)
     if unresolved:  # drop follow-on errors about values whose ${VAR} could not be substituted
         skip = {dotted(p) for p in unresolved}
         errors[n_before:] = [e for e in errors[n_before:] if e.path not in skip]
@@ -380,6 +386,22 @@ def load_recipe(path, overrides: Iterable[str] = (), env: Mapping[str, str] | No
     resolved.pop("extends", None)
     _absolutize(resolved, positions, dirs)
     return _reorder(resolved), []
+
+
+def _missing_local_data(resolved: dict) -> list[tuple[tuple, str]]:
+    """``(key path, message)`` for every dataset ``path:`` (already absolute) that names no file:
+    a run would otherwise fail only when the stage reading it starts, after earlier stages trained."""
+    import glob as globlib
+
+    out = []
+    for name, ds in (resolved.get("datasets") or {}).items():
+        p = ds.get("path") if isinstance(ds, dict) else None
+        if not isinstance(p, str):
+            continue
+        found = globlib.glob(p, recursive=True) if any(ch in p for ch in "*?[") else os.path.exists(p)
+        if not found:
+            out.append((("datasets", name, "path"), f"no such file, directory or matching glob: {p}"))
+    return out
 
 
 def _finish(errors: list[RecipeError]) -> list[RecipeError]:

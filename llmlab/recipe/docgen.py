@@ -56,7 +56,8 @@ Beyond the types, ranges and enums below, `validate` checks (each error on the o
   `experts_per_token <= n_experts`; mamba2 `expand·d_model % head_dim == 0` and `n_groups` divides the heads.
 - tokenizer: exactly one of `from_pretrained` / `train`; its datasets exist; `chat_template` is chatml,
   none (pretraining only) or Jinja.
-- datasets: exactly one of `builtin` / `hub` / `path`; a builtin's `format` matches it (kjv text,
+- datasets: exactly one of `builtin` / `hub` / `path`; a local `path` names an existing file, directory
+  or glob match; a builtin's `format` matches it (kjv text,
   chatterbot messages, chatterbot_pairs preference, chatterbot_prompts prompt); hub-only keys only on hub
   sources; `min_length <= max_length`.
 - stages: names are unique and not `tokenizer`; `seq_len <= model.max_seq_len` (and required with
@@ -65,7 +66,8 @@ Beyond the types, ranges and enums below, `validate` checks (each error on the o
   (pretrain: text; sft: conversations or preference; dpo, reward: preference; grpo, ppo: anything with
   a prompt); grpo/ppo have a `reward` and `batch_size % mini_batch_size == 0`; a LoRA preset means
   something for the architecture (e.g. no ffn_only on mamba2; PEFT refuses out_proj and conv1d on
-  Mamba) and `target_modules` only with preset custom; keys of another stage type, optimizer or
+  Mamba) and `target_modules` only with preset custom, naming modules the model has (checked for models
+  llmlab builds: e.g. q_proj, gate_proj, lm_head; a checkpoint's names are checked by PEFT when it loads); keys of another stage type, optimizer or
   scheduler are errors (`beta` on a pretrain stage, `rho` with adamw), with a hint naming where they belong.
 - evaluate stages: `models`, `reference_from` and `reward_from` name earlier stages that have weights (not
   evaluate stages; `reference_from` a language model, `reward_from` a reward stage); every dataset is

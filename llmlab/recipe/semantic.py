@@ -80,7 +80,7 @@ def _check_model(m: dict, given, add) -> None:
     if arch == "transformer":
         d, h, kv, L = _int(m.get("d_model")), _int(m.get("n_heads")), _int(m.get("n_kv_heads")), _int(m.get("max_seq_len"))
         if d and h and d % h:
-            add(("model", "n_heads") if given(("model", "n_heads")) else ("model", "d_model"),
+            add(("model", "d_model") if given(("model", "d_model")) else ("model", "n_heads"),
                 f"d_model ({d}) must be divisible by n_heads ({h}); head size would be {d / h:.2f}")
         if h and kv and h % kv:
             add(("model", "n_kv_heads"), f"n_heads ({h}) must be divisible by n_kv_heads ({kv}); each key/value head serves a whole group of query heads")
@@ -301,6 +301,12 @@ def _check_stages(doc: dict, datasets: dict, given, add) -> None:
                     except ValueError as exc:
                         where = base + ("lora", "target_modules") if preset == "custom" and tm else base + ("lora", "preset")
                         add(where, f"{exc}" + (f" (model arch {model.get('arch')!r})" if "arch" in model else ""))
+                    else:
+                        unknown = lora_presets.unknown_targets(key, tm) if key and "arch" in model and isinstance(tm, list) else []
+                        if unknown:
+                            known = sorted(lora_presets.KNOWN_TARGETS[key])
+                            add(base + ("lora", "target_modules"),
+                                f"{unknown} name no module of a {model.get('arch')} model; LoRA can adapt {known}")
 
 
 def _check_evaluate(doc: dict, datasets: dict, stages: list, types: dict, idx: int, name: str, st: dict, add) -> None:

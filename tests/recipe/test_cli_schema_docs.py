@@ -30,7 +30,7 @@ def test_validate_invalid_prints_every_error(capsys):
     assert validate_command([QUICKSTART, bad], ["stages.sft.optimizer.rho=1"], "text") == 1
     out = capsys.readouterr().out.splitlines()
     assert any(line.startswith("--set:1:1: error: stages.sft.optimizer.rho: unknown key 'rho'") for line in out), out
-    assert any(line.startswith(f"{bad}:11:3: error: model.n_heads: d_model (64) must be divisible by n_heads (5)") for line in out), out
+    assert any(line.startswith(f"{bad}:9:3: error: model.d_model: d_model (64) must be divisible by n_heads (5)") for line in out), out
 
 
 def test_validate_json(capsys):

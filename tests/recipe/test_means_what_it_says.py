@@ -50,3 +50,33 @@ def test_only_checks_inputs_before_deleting_anything(tmp_path, capsys):
     assert "stage dpo reads stage sft" in out and "stale" in out and "--from sft" in out
     assert "starting over" not in out
     assert sorted(p.relative_to(dpo) for p in dpo.rglob("*")) == finished  # nothing deleted
+
+
+def test_validate_refuses_what_cannot_run(tmp_path):
+    import yaml
+
+    rec = {**TINY, "datasets": {**TINY["datasets"], "mine": {"path": "data/missing.jsonl", "format": "messages"}}}
+    stages = {k: dict(v) for k, v in TINY["stages"].items()}
+    stages["sft"]["datasets"] = {"chat": 1.0, "mine": 1.0}
+    stages["dpo"]["lora"] = {"preset": "custom", "target_modules": ["q_proj", "qkv_proj", "c_attn"]}
+    path = write_recipe(tmp_path, {**rec, "stages": stages})
+    lines = path.read_text().splitlines()
+    _, errors = load_recipe(path)
+    by_path = {e.path: e for e in errors}
+    missing = by_path["datasets.mine.path"]
+    assert "no such file" in missing.message and str(tmp_path / "data" / "missing.jsonl") in missing.message
+    assert lines[missing.line - 1].strip().startswith("path:")
+    lora = by_path["stages.dpo.lora.target_modules"]
+    assert "['qkv_proj', 'c_attn'] name no module" in lora.message and "'q_proj'" in lora.message
+    # with the file present and real module names, the same recipe is valid
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "missing.jsonl").write_text("")
+    stages["dpo"]["lora"]["target_modules"] = ["q_proj", "model.layers.0.mlp.down_proj", "lm_head"]
+    path.write_text(yaml.safe_dump({**rec, "stages": stages, "output_dir": "run"}, sort_keys=False))
+    assert load_recipe(path)[1] == []
+
+
+def test_a_bad_set_key_is_reported_at_the_set(tmp_path):
+    path = write_recipe(tmp_path)
+    _, errors = load_recipe(path, overrides=["seed=3", "stages.sft.optimizr.lr=1e-3"])
+    assert [(e.file, e.line, e.path) for e in errors] == [("--set", 2, "stages.sft.optimizr")]

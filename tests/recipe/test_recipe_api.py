@@ -106,7 +106,7 @@ def test_error_string_format():
 def test_all_errors_at_once_sorted_by_line(tmp_path):
     text = MINI.replace("  n_heads: 4", "  n_heads: 5").replace("type: sft", "type: sfft").replace("name: mini", "name: mini\nseeed: 1")
     errors = errs(write(tmp_path / "r.yaml", text))
-    assert [e.path for e in errors] == ["seeed", "model.n_heads", "stages.sft.type"]
+    assert [e.path for e in errors] == ["seeed", "model.d_model", "stages.sft.type"]
     assert [e.line for e in errors] == sorted(e.line for e in errors)
 
 
@@ -163,6 +163,8 @@ def test_computed_defaults_follow_other_keys(tmp_path):
 def test_paths_are_made_absolute_relative_to_the_recipe(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "proj" / "tok").mkdir(parents=True)
+    (tmp_path / "proj" / "data").mkdir()
+    (tmp_path / "proj" / "data" / "chat.jsonl").write_text("")  # validate checks that local data exists
     text = MINI.replace("  train: {datasets: [bible], vocab_size: 512}", "  from_pretrained: tok") \
         .replace("  chat: {builtin: chatterbot}", "  chat: {path: data/chat.jsonl, format: messages}") + "output_dir: out/here\n"
     r = ok(write(tmp_path / "proj" / "r.yaml", text))
@@ -187,6 +189,7 @@ BASE = MINI.replace("name: mini\n", "name: base\n") + "    optimizer: {name: ada
 
 def test_extends_merges_stages_by_name_and_replaces_lists(tmp_path):
     write(tmp_path / "base" / "base.yaml", BASE.replace("  bible: {builtin: kjv}", "  bible: {builtin: kjv}\n  local: {path: data/x.txt, format: text}"))
+    write(tmp_path / "base" / "data" / "x.txt", "In the beginning\n")  # validate checks that local data exists
     child = write(tmp_path / "child.yaml", """\
 extends: base/base.yaml
 name: child
