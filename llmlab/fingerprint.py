@@ -119,6 +119,9 @@ def stage_fingerprints(recipe: dict, order: list[str]) -> dict[str, dict]:
             "seed": recipe.get("seed", 0),
             "data": {n: source_fingerprint(recipe["datasets"][n]) for n in sorted(used) if n in recipe["datasets"]},
         }
+        precision = recipe.get("precision", "auto")
+        if precision != "auto":  # a pinned precision changes the weights (auto's outcome is in stage.json)
+            parts["precision"] = precision
         # secrets show as ${NAME}: stage.json keeps these parts, and a rotated token is no change
         parts = mask_secrets(parts)
         fp = sha256_json(parts)
@@ -181,6 +184,10 @@ def stage_status(stage_dir: Path, fp: dict, max_steps: int) -> tuple[str, str]:
     if info.get("status") == "done":
         done_steps = int(info.get("max_steps", 0))
         if done_steps == max_steps:
+            earlier = info.get("extended_from") or []
+            if earlier:  # the schedule was recomputed at each extension: not a fresh run's weights
+                return "done", (f"{done_steps} steps, extended from {' → '.join(map(str, earlier))}; "
+                                f"differs from a fresh {done_steps}-step run (--force retrains it)")
             return "done", f"{done_steps} steps"
         if done_steps < max_steps:
             return "extend", f"continues from step {done_steps} to {max_steps}"

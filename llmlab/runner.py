@@ -307,6 +307,11 @@ class Runner:
                     "init_path": str(init_path) if init_path else None,
                     "init_adapter": str(init_adapter) if init_adapter else None,
                     "device": device.type, "precision": self.precision}
+            extended_from = list(previous.get("extended_from") or [])
+            if status == "extend":  # record it: an extended stage differs from a fresh run of its length
+                extended_from.append(int(previous["max_steps"]))
+            if extended_from:
+                info["extended_from"] = extended_from
             if main:
                 _write_json_atomic(stage_dir / "stage.json", info)
             accelerator.wait_for_everyone()

@@ -80,3 +80,29 @@ def test_a_bad_set_key_is_reported_at_the_set(tmp_path):
     path = write_recipe(tmp_path)
     _, errors = load_recipe(path, overrides=["seed=3", "stages.sft.optimizr.lr=1e-3"])
     assert [(e.file, e.line, e.path) for e in errors] == [("--set", 2, "stages.sft.optimizr")]
+
+
+def test_pinned_precision_is_part_of_the_fingerprint(tmp_path):
+    rec, _ = load_recipe(write_recipe(tmp_path))
+    order = stage_order(rec)
+    auto = stage_fingerprints(rec, order)
+    rec["precision"] = "bf16"
+    bf16 = stage_fingerprints(rec, order)
+    assert all(auto[n]["fingerprint"] != bf16[n]["fingerprint"] for n in order)
+    assert bf16["pretrain"]["parts"]["precision"] == "bf16"
+
+
+def test_an_extended_stage_says_it_differs_from_a_fresh_run(tmp_path, capsys):
+    import json
+
+    from llmlab.fingerprint import recipe_stage_status
+    from llmlab.runner import run_command
+
+    recipe = write_recipe(tmp_path, {**TINY, "stages": _short_stages(pretrain=3)})
+    assert run_command(recipe) == 0
+    assert run_command(recipe, overrides=["stages.pretrain.max_steps=5"]) == 0
+    info = json.loads((tmp_path / "run" / "pretrain" / "stage.json").read_text())
+    assert info["extended_from"] == [3] and info["max_steps"] == 5
+    rec, _ = load_recipe(recipe, overrides=["stages.pretrain.max_steps=5"])
+    status, detail = recipe_stage_status(rec, "pretrain", stage_fingerprints(rec, stage_order(rec)))
+    assert status == "done" and "extended from 3" in detail and "fresh 5-step run" in detail
