@@ -39,10 +39,32 @@ def sha256_file(path: Path) -> str:
 
 
 def _file_digest(path: Path) -> str:
-    st = path.stat()
-    if st.st_size > _SMALL_FILE:  # large corpora: size + mtime (hashing gigabytes on every plan is too slow)
-        return f"size={st.st_size};mtime={int(st.st_mtime)}"
-    return sha256_file(path)
+    """sha256 of a file's bytes; for a file over 64 MiB, of its size and its first, middle and
+    last MiB (hashing gigabytes on every plan is too slow). Content only: a copied or moved file
+    keeps its digest (its path and mtime are not part of it)."""
+    size = path.stat().st_size
+    if size <= _SMALL_FILE:
+        return sha256_file(path)
+    h = hashlib.sha256(f"size={size}".encode())
+    with open(path, "rb") as f:
+        for offset in (0, size // 2, size - (1 << 20)):
+            f.seek(offset)
+            h.update(f.read(1 << 20))
+    return "sampled:" + h.hexdigest()
+
+
+def _files_digest(root: Path, files: list[Path]) -> list[tuple[str, str]]:
+    """``(path relative to root, digest)`` of each file: where the data lives is not part of it."""
+    return [(f.relative_to(root).as_posix() if f.is_relative_to(root) else f.name, _file_digest(f))
+            for f in files if f.is_file()]
+
+
+def _local_dir_content(value) -> list | None:
+    """Content digests of a local ``from_pretrained`` directory, None for a hub id."""
+    if isinstance(value, str) and os.path.isdir(value):
+        d = Path(value)
+        return _files_digest(d, sorted(d.iterdir()))
+    return None
 
 
 def source_fingerprint(spec: dict) -> str:
@@ -53,8 +75,14 @@ def source_fingerprint(spec: dict) -> str:
         import glob
 
         p = Path(spec["path"])
-        files = sorted(p.rglob("*")) if p.is_dir() else sorted(Path(f) for f in glob.glob(str(p)))
-        content = [(str(f), _file_digest(f)) for f in files if f.is_file()]
+        if p.is_dir():
+            content = _files_digest(p, sorted(p.rglob("*")))
+        else:  # a file or a glob: names relative to the glob's fixed leading directories
+            files = sorted(Path(f) for f in glob.glob(str(p), recursive=True))
+            root = _glob_root(str(p)) if glob.has_magic(str(p)) else p.parent
+            content = _files_digest(root, files)
+        # the content identifies the data: a copy in another folder is the same source
+        spec = {k: v for k, v in spec.items() if k != "path"}
     elif spec.get("builtin"):
         from importlib.metadata import PackageNotFoundError, version
 
@@ -66,16 +94,36 @@ def source_fingerprint(spec: dict) -> str:
     return sha256_json({"spec": spec, "content": content})
 
 
+def _glob_root(pattern: str) -> Path:
+    """The leading directories of a glob pattern that hold no wildcard."""
+    import glob
+
+    parts = Path(pattern).parts
+    fixed = parts[: next(i for i, part in enumerate(parts) if glob.has_magic(part))]
+    return Path(*fixed) if fixed else Path(".")
+
+
+def model_section_fingerprint_part(model: dict) -> dict:
+    """The ``model:`` section as hashed: a local ``from_pretrained`` directory is replaced by the
+    digests of its files, so moving or copying a checkpoint does not make stages stale."""
+    content = _local_dir_content(model.get("from_pretrained"))
+    if content is None:
+        return model
+    return {**model, "from_pretrained": {"local_files": content}}
+
+
 def tokenizer_fingerprint(recipe: dict) -> str:
-    """Fingerprint of the tokenizer section (and the data it is trained on)."""
+    """Fingerprint of the tokenizer section (and the data it is trained on); a local
+    ``from_pretrained`` directory counts by its files' content, not its path."""
     tok = recipe["tokenizer"]
     parts: dict = {"tokenizer": tok}
     if tok.get("train"):
         parts["data"] = {n: source_fingerprint(recipe["datasets"][n]) for n in tok["train"].get("datasets", [])
                          if n in recipe["datasets"]}
-    elif tok.get("from_pretrained") and os.path.isdir(str(tok["from_pretrained"])):
-        d = Path(tok["from_pretrained"])
-        parts["files"] = [(f.name, _file_digest(f)) for f in sorted(d.iterdir()) if f.is_file()]
+    else:
+        content = _local_dir_content(tok.get("from_pretrained"))
+        if content is not None:
+            parts = {"tokenizer": {**tok, "from_pretrained": "<local directory>"}, "files": content}
     return sha256_json(parts)
 
 
@@ -114,7 +162,7 @@ def stage_fingerprints(recipe: dict, order: list[str]) -> dict[str, dict]:
             "config": {k: v for k, v in cfg.items() if k not in NON_SEMANTIC_KEYS},
             # an input's output fingerprint includes its max_steps: extending it changes what we read
             "inputs": {k: (out[v]["output"] if v else None) for k, v in inputs.items()},
-            "model": recipe["model"] if inputs["from"] is None else None,
+            "model": model_section_fingerprint_part(recipe["model"]) if inputs["from"] is None else None,
             "tokenizer": tok_fp,
             "seed": recipe.get("seed", 0),
             "data": {n: source_fingerprint(recipe["datasets"][n]) for n in sorted(used) if n in recipe["datasets"]},

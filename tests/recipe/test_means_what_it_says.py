@@ -106,3 +106,49 @@ def test_an_extended_stage_says_it_differs_from_a_fresh_run(tmp_path, capsys):
     rec, _ = load_recipe(recipe, overrides=["stages.pretrain.max_steps=5"])
     status, detail = recipe_stage_status(rec, "pretrain", stage_fingerprints(rec, stage_order(rec)))
     assert status == "done" and "extended from 3" in detail and "fresh 5-step run" in detail
+
+
+def test_byte_identical_data_in_another_folder_is_the_same_source(tmp_path):
+    import shutil
+
+    from llmlab.fingerprint import source_fingerprint, tokenizer_fingerprint
+
+    a, b = tmp_path / "a", tmp_path / "elsewhere" / "b"
+    (a / "sub").mkdir(parents=True)
+    (a / "sub" / "x.jsonl").write_text('{"text": "In the beginning"}\n')
+    (a / "y.txt").write_text("God created the heaven\n")
+    shutil.copytree(a, b)
+    for kind in ("", "/sub/x.jsonl", "/**/*.jsonl"):
+        assert source_fingerprint({"path": f"{a}{kind}", "format": "text"}) == \
+            source_fingerprint({"path": f"{b}{kind}", "format": "text"}), kind
+    (b / "sub" / "x.jsonl").write_text('{"text": "In the end"}\n')  # content still counts
+    assert source_fingerprint({"path": str(a)}) != source_fingerprint({"path": str(b)})
+    # a local tokenizer directory counts by its files, not its path
+    tok_a, tok_b = tmp_path / "tok_a", tmp_path / "tok_b"
+    tok_a.mkdir()
+    (tok_a / "tokenizer.json").write_text("{}")
+    shutil.copytree(tok_a, tok_b)
+    fp = [tokenizer_fingerprint({"tokenizer": {"from_pretrained": str(t)}, "datasets": {}}) for t in (tok_a, tok_b)]
+    assert fp[0] == fp[1]
+
+
+def test_moving_a_recipe_with_its_data_keeps_every_stage_done(tmp_path):
+    import shutil
+
+    from llmlab.fingerprint import recipe_stage_status
+    from llmlab.runner import run_command
+
+    proj = tmp_path / "proj"
+    (proj / "data").mkdir(parents=True)
+    lines = [f"Verse {i}: and the earth was without form, and void; number {i * 7}." for i in range(400)]
+    (proj / "data" / "text.txt").write_text("\n\n".join(lines) + "\n")
+    rec = {**TINY, "datasets": {"bible": {"path": "data/text.txt", "format": "text", "eval_split": 0.05}},
+           "stages": _short_stages(pretrain=3)}
+    recipe = write_recipe(proj, rec)
+    assert run_command(recipe) == 0
+    moved = tmp_path / "moved"
+    shutil.move(proj, moved)
+    resolved, errors = load_recipe(moved / recipe.name)
+    assert errors == []
+    fps = stage_fingerprints(resolved, stage_order(resolved))
+    assert recipe_stage_status(resolved, "pretrain", fps)[0] == "done"
