@@ -6,12 +6,18 @@ import json
 from pathlib import Path
 
 
-def merge_adapter(adapter_dir: Path, out_dir: Path, base: Path | str | None = None, allow_code: bool = False) -> Path:
+def merge_adapter(adapter_dir: Path, out_dir: Path, base: Path | str | None = None, allow_code: bool = False,
+                  force: bool = False) -> Path:
     """Load ``base`` (default: the adapter's ``base_model_name_or_path``) plus the adapter, merge
     (``merge_and_unload``) and save a full HF model with the adapter's tokenizer to ``out_dir``.
 
+    A recorded base that no longer exists because the run directory was moved is found again at
+    the same place relative to the adapter (``<run>/<stage>/adapter`` → ``<run>/<input>/final``).
+
     Raises:
-        FileNotFoundError: no adapter_config.json in ``adapter_dir``.
+        FileNotFoundError: no adapter_config.json in ``adapter_dir``, or the base directory is gone
+            (the message says to pass ``--base``).
+        FileExistsError: ``out_dir`` exists and is not empty, and ``force`` is False.
         ValueError: no base given and none recorded in the adapter.
     """
     from peft import PeftModel
@@ -24,13 +30,39 @@ def merge_adapter(adapter_dir: Path, out_dir: Path, base: Path | str | None = No
     cfg_path = adapter_dir / "adapter_config.json"
     if not cfg_path.is_file():
         raise FileNotFoundError(f"{adapter_dir}: no adapter_config.json (not a PEFT adapter directory)")
+    out_dir = Path(out_dir)
+    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())) and not force:
+        raise FileExistsError(f"{out_dir} exists and is not empty; pass --force to overwrite it")
+    recorded = not base
     base = base or json.loads(cfg_path.read_text()).get("base_model_name_or_path")
     if not base:
         raise ValueError(f"{cfg_path}: base_model_name_or_path is empty; pass --base")
+    if recorded:
+        base = _locate_recorded_base(str(base), adapter_dir, cfg_path)
     model = load_causal_lm(base, allow_code=allow_code)
     merged = PeftModel.from_pretrained(model, str(adapter_dir)).merge_and_unload()
-    out_dir = Path(out_dir)
     merged.save_pretrained(out_dir, safe_serialization=True)
     tok_src = adapter_dir if (adapter_dir / "tokenizer_config.json").exists() else base
     AutoTokenizer.from_pretrained(tok_src).save_pretrained(out_dir)
     return out_dir
+
+
+def _locate_recorded_base(base: str, adapter_dir: Path, cfg_path: Path) -> str:
+    """The adapter's recorded base, or where it is now when the run directory moved; a hub id is
+    returned as it is.
+
+    Raises:
+        FileNotFoundError: a local base that exists neither where recorded nor at the same place
+            relative to the adapter.
+    """
+    looks_local = base.startswith(("/", "./", "../", "~")) or "\\" in base or base.count("/") > 1
+    if not looks_local or Path(base).expanduser().is_dir():
+        return base
+    recorded = Path(base)
+    # <run>/<input stage>/final recorded; the adapter is <run>/<stage>/adapter
+    if recorded.name == "final" and len(recorded.parts) >= 2:
+        moved = adapter_dir.resolve().parent.parent / recorded.parent.name / "final"
+        if moved.is_dir():
+            return str(moved)
+    raise FileNotFoundError(f"{cfg_path}: the base model {base} recorded by the adapter does not exist (was the run "
+                            "directory moved?); pass --base DIR")

@@ -152,3 +152,43 @@ def test_moving_a_recipe_with_its_data_keeps_every_stage_done(tmp_path):
     assert errors == []
     fps = stage_fingerprints(resolved, stage_order(resolved))
     assert recipe_stage_status(resolved, "pretrain", fps)[0] == "done"
+
+
+def test_merge_finds_the_base_of_a_moved_run_and_never_overwrites_without_force(tmp_path):
+    import json
+    import shutil
+
+    import pytest
+    import torch
+    from transformers import PreTrainedTokenizerFast
+
+    from llmlab.merge import merge_adapter
+    from llmlab.models.build import apply_lora, build_model
+
+    run = tmp_path / "run"
+    torch.manual_seed(0)
+    base = build_model(TINY["model"], vocab_size=300)
+    base.save_pretrained(run / "pretrain" / "final")
+    peft_model = apply_lora(base, {"preset": "all", "r": 4, "alpha": 8, "dropout": 0.0}, "transformer_gated")
+    peft_model.save_pretrained(run / "sft" / "adapter")
+    cfg = run / "sft" / "adapter" / "adapter_config.json"
+    meta = json.loads(cfg.read_text())
+    meta["base_model_name_or_path"] = str(run / "pretrain" / "final")  # absolute, as a stage records it
+    cfg.write_text(json.dumps(meta))
+    from tokenizers import Tokenizer, models
+
+    tok = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel({"a": 0, "<unk>": 1}, unk_token="<unk>")))
+    tok.save_pretrained(run / "sft" / "adapter")
+
+    moved = tmp_path / "moved"
+    shutil.move(run, moved)
+    out = merge_adapter(moved / "sft" / "adapter", tmp_path / "merged")
+    assert (out / "config.json").is_file()
+    with pytest.raises(FileExistsError, match="--force"):
+        merge_adapter(moved / "sft" / "adapter", tmp_path / "merged")
+    merge_adapter(moved / "sft" / "adapter", tmp_path / "merged", force=True)
+    lone = tmp_path / "lone_adapter"
+    shutil.copytree(moved / "sft" / "adapter", lone)
+    shutil.rmtree(moved)
+    with pytest.raises(FileNotFoundError, match="does not exist .*pass --base"):
+        merge_adapter(lone, tmp_path / "merged2")
