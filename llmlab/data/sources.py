@@ -183,13 +183,13 @@ def load_named_dataset(recipe: dict, name: str) -> DatasetSplits:
     bad_all = pre_bad + bad
     if bad_all:
         log.warning("datasets.%s: dropped %d bad row(s) of %d; first: %s", name, len(bad_all),
-                    num_raw, "; ".join(f"row {r}: {p}" for r, p in bad_all[:_MAX_BAD_LOGGED]))
+                    num_raw, "; ".join(f"{_row_label(r)}: {p}" for r, p in bad_all[:_MAX_BAD_LOGGED]))
     max_bad = float(spec.get("max_bad_fraction", 0.01))
     if num_raw and len(bad_all) / num_raw > max_bad:
         row, problem = bad_all[0]
         raise ValueError(f"datasets.{name}: {len(bad_all)} of {num_raw} rows are bad "
                          f"({len(bad_all) / num_raw:.1%} > max_bad_fraction {max_bad:g}); "
-                         f"first bad row {row}: {problem}")
+                         f"first bad {_row_label(row)}: {problem}")
     if len(ds) == 0:
         raise ValueError(f"datasets.{name}: no usable rows")
 
@@ -513,6 +513,12 @@ def _load_hub(spec: dict, recipe: dict):
             raise ValueError(f"datasets: hub dataset {spec['hub']!r} streams without max_samples")
         ds = Dataset.from_list(list(ds.take(int(spec["max_samples"]))))
     return ds
+
+
+def _row_label(row) -> str:
+    """``row N`` counted from 1 as editors count lines (rows are indexed from 0 internally), or
+    the place a built-in source names."""
+    return f"row {row + 1}" if isinstance(row, int) else str(row)
 
 
 def resolve_files(path: str | os.PathLike, base: str | os.PathLike | None = None) -> list[str]:

@@ -61,13 +61,24 @@ def _kind_changed(path: tuple, base: dict, over: dict) -> bool:
     return False
 
 
+def _null_deletes(path: tuple) -> bool:
+    """Whether ``KEY: null`` in a child recipe deletes an inherited ``KEY`` of the mapping at
+    ``path`` (as Helm and Kustomize merges do): a dataset definition, a stage, or a dataset of a
+    stage's training mixture. Elsewhere null keeps its meaning (``from: null``: the model section)."""
+    return path in (("datasets",), ("stages",)) or (len(path) == 3 and path[0] == "stages" and path[2] == "datasets")
+
+
 def merge(base, over, path: tuple = ()):
     """Deep-merge ``over`` onto ``base``: mappings merge key by key (so stages merge by name and new
     stages are appended in order), everything else — lists included — is replaced. A mapping whose
-    variant changes (model arch, stage type, optimizer or scheduler name) is replaced whole."""
+    variant changes (model arch, stage type, optimizer or scheduler name) is replaced whole.
+    ``NAME: null`` removes an inherited dataset, stage or mixture entry (:func:`_null_deletes`)."""
     if isinstance(base, dict) and isinstance(over, dict) and not _kind_changed(path, base, over):
         out = dict(base)
         for k, v in over.items():
+            if v is None and _null_deletes(path) and k in base:
+                del out[k]
+                continue
             out[k] = merge(base[k], v, path + (k,)) if k in base else copy.deepcopy(v)
         return out
     return copy.deepcopy(over)

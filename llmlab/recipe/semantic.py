@@ -68,6 +68,24 @@ def check(doc: dict, given, add) -> None:
     _check_datasets(datasets, given, add)
     _check_tokenizer(doc, datasets, add)
     _check_stages(doc, datasets, given, add)
+    _check_trackers(_dict(doc.get("logging")), add)
+
+
+#: logging.report_to tracker -> the package it needs (installed by the `logging` extra)
+TRACKER_PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb"}
+
+
+def _check_trackers(logging_cfg: dict, add) -> None:
+    """Each tracker in ``report_to`` has its package installed (looked up, not imported), so a
+    run does not fail with ModuleNotFoundError after the data was prepared."""
+    import importlib.util
+
+    report_to = logging_cfg.get("report_to")
+    for i, tracker in enumerate(report_to if isinstance(report_to, list) else []):
+        pkg = TRACKER_PACKAGES.get(tracker)
+        if pkg and importlib.util.find_spec(pkg) is None:
+            add(("logging", "report_to", i), f"{tracker} is not installed: pip install 'llmlab[logging]' "
+                                             f"(or pip install {pkg})")
 
 
 def _check_model(m: dict, given, add) -> None:

@@ -132,7 +132,7 @@ def load_yaml(text: str, file: str, positions: Positions | None = None) -> tuple
         pm = exc.problem_mark
         if open_construct and pm and (pm.line, pm.column) != (exc.context_mark.line, exc.context_mark.column):
             msg += f" (at line {pm.line + 1}, column {pm.column + 1})"
-        errors.append(RecipeError(file, line, col, "", f"YAML syntax error: {msg}"))
+        errors.append(RecipeError(file, line, col, "", f"YAML syntax error: {msg}{_syntax_hint(text, exc)}"))
         return None, positions, errors
     except yaml.YAMLError as exc:  # pragma: no cover - non-marked errors are rare
         errors.append(RecipeError(file, 1, 1, "", f"YAML error: {exc}"))
@@ -141,6 +141,19 @@ def load_yaml(text: str, file: str, positions: Positions | None = None) -> tuple
         if loader is not None:
             loader.dispose()
     return value, positions, errors
+
+
+def _syntax_hint(text: str, exc: yaml.MarkedYAMLError) -> str:
+    """A hint for a syntax error whose cause is a common slip, else ''. Today: an unquoted
+    ``${VAR}`` inside a flow mapping or list (``{lr: ${LR}}``), where YAML reads ``{`` as a
+    nested mapping."""
+    lines = text.splitlines()
+    for mark in (exc.problem_mark, exc.context_mark):
+        if mark is not None and mark.line < len(lines):
+            line = lines[mark.line]
+            if re.search(r"[\[{][^\]}]*\$\{", line):
+                return ' (hint: inside {...} or [...], quote ${VAR}: {lr: "${LR}"})'
+    return ""
 
 
 def _line_col(text: str, index: int) -> tuple[int, int]:

@@ -200,11 +200,11 @@ def test_bad_rows_are_dropped_and_counted(tmp_path):
 
 def test_too_many_bad_rows_fail_naming_dataset_row_and_problem(tmp_path):
     rows = _real_conversations(100)
-    rows[3] = {"messages": [_m(U, "Hi")]}     # no assistant turn
+    rows[3] = {"messages": [_m(U, "Hi")]}     # no assistant turn: line 4, "row 4" (counted from 1)
     rows[50] = {"text": "no messages"}        # missing field
     path = _write_jsonl(tmp_path / "chat.jsonl", rows)
     with pytest.raises(ValueError, match=r"datasets\.mychat: 2 of 100 rows are bad .*"
-                                         r"max_bad_fraction 0\.01.*row 3: .*ends with a 'user' turn"):
+                                         r"max_bad_fraction 0\.01.*row 4: .*ends with a 'user' turn"):
         _load(tmp_path, {"path": path, "format": "messages"}, name="mychat")
 
 

@@ -192,3 +192,41 @@ def test_merge_finds_the_base_of_a_moved_run_and_never_overwrites_without_force(
     shutil.rmtree(moved)
     with pytest.raises(FileNotFoundError, match="does not exist .*pass --base"):
         merge_adapter(lone, tmp_path / "merged2")
+
+
+def test_a_child_recipe_removes_inherited_entries_with_null(tmp_path):
+    base = write_recipe(tmp_path, {**TINY, "stages": {**_short_stages(pretrain=2, sft=2, dpo=2)}}, name="base.yaml")
+    stages = _short_stages(sft=2)
+    stages["sft"]["datasets"] = {"chat": 1.0, "chat_pairs": 1.0}
+    mixed = write_recipe(tmp_path, {**TINY, "stages": {**_short_stages(pretrain=2), **stages}}, name="mixed.yaml")
+    child = tmp_path / "child.yaml"
+    child.write_text(f"extends: {mixed.name}\nstages:\n  sft:\n    datasets:\n      chat_pairs: null\n")
+    rec, errors = load_recipe(child)
+    assert errors == []
+    assert rec["stages"]["sft"]["datasets"] == {"chat": 1.0}
+    child.write_text(f"extends: {base.name}\nstages:\n  dpo: null\ndatasets:\n  chat_pairs: null\n")
+    rec, errors = load_recipe(child)
+    assert errors == [] and list(rec["stages"]) == ["pretrain", "sft"] and "chat_pairs" not in rec["datasets"]
+    # elsewhere null keeps its meaning: from: null is the model section
+    child.write_text(f"extends: {base.name}\nstages:\n  sft:\n    from: null\n")
+    rec, errors = load_recipe(child)
+    assert errors == [] and rec["stages"]["sft"]["from"] is None
+
+
+def test_unquoted_env_placeholder_in_a_flow_mapping_gets_a_hint(tmp_path):
+    path = tmp_path / "flow.yaml"
+    path.write_text("name: x\nstages:\n  sft: {type: sft, optimizer: {name: adamw, lr: ${LR}}}\n")
+    _, errors = load_recipe(path, env={"LR": "1e-3"})
+    assert len(errors) == 1 and errors[0].line == 3
+    assert 'quote ${VAR}: {lr: "${LR}"}' in errors[0].message
+
+
+def test_report_to_a_tracker_that_is_not_installed_fails_validation(tmp_path, monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else real(name, *a))
+    path = write_recipe(tmp_path, logging={"report_to": ["wandb"]})
+    _, errors = load_recipe(path)
+    assert [e.path for e in errors] == ["logging.report_to[0]"]
+    assert "pip install 'llmlab[logging]'" in errors[0].message
