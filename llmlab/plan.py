@@ -17,12 +17,27 @@ from llmlab.console import make_console
 from llmlab.fingerprint import recipe_stage_status, stage_fingerprints, stage_inputs, stage_status
 
 
+def run_tokenizer_state(recipe: dict) -> str:
+    """``"current"``: the run directory holds the tokenizer this recipe describes; ``"changed"``:
+    it holds one trained from a different tokenizer section or data (every stage will retrain);
+    ``"absent"``: none has been trained yet."""
+    from llmlab.fingerprint import tokenizer_fingerprint
+
+    out = Path(recipe["output_dir"])
+    if not (out / "tokenizer" / "tokenizer.json").is_file():
+        return "absent"
+    marker = out / "tokenizer.fingerprint"
+    current = marker.is_file() and marker.read_text().strip() == tokenizer_fingerprint(recipe)
+    return "current" if current else "changed"
+
+
 def vocab_size_for(recipe: dict) -> int | None:
-    """The vocabulary size the model will have: the run's tokenizer if it exists, else the
-    tokenizer section's vocab_size, else a local tokenizer.json's size; None if unknown."""
+    """The vocabulary size the model will have: the run's tokenizer if it is the one this recipe
+    describes, else the tokenizer section's vocab_size (an upper bound for a tokenizer still to be
+    trained: BPE may stop short of it), else a local tokenizer.json's size; None if unknown."""
     out = Path(recipe["output_dir"]) / "tokenizer" / "tokenizer.json"
     tok = recipe["tokenizer"]
-    candidates = [out]
+    candidates = [out] if run_tokenizer_state(recipe) == "current" else []
     if tok.get("from_pretrained"):
         candidates.append(Path(str(tok["from_pretrained"])) / "tokenizer.json")
     for p in candidates:
@@ -86,6 +101,32 @@ def stage_tokens(cfg: dict) -> int:
     return n * per_seq
 
 
+def _trained_lora(recipe: dict, name: str) -> dict | None:
+    """The LoRA config stage ``name`` trains: its own, or — for a stage without one whose ``from``
+    stage kept its adapter unmerged (``merge: false``) — that adapter's, which it continues
+    (as the runner does); None when it trains every parameter."""
+    cfg = recipe["stages"][name]
+    if cfg.get("lora"):
+        return cfg["lora"]
+    src = cfg.get("from")
+    while src:  # a chain of adapter continuations leads back to the stage that made the adapter
+        src_cfg = recipe["stages"][src]
+        if src_cfg.get("lora"):
+            return src_cfg["lora"] if src_cfg["lora"].get("merge", True) is False else None
+        src = src_cfg.get("from")
+    return None
+
+
+def _exactness(recipe: dict, facts: dict) -> str:
+    """How exact the parameter count is: exact with the run's tokenizer or a pretrained one; with
+    a tokenizer still to be trained, an upper bound (its vocabulary may come out smaller)."""
+    if facts["params"] is None:
+        return "unknown"
+    if facts["tokenizer"] != "current" and recipe["tokenizer"].get("train"):
+        return f"at most {facts['params']}: exact once the tokenizer is trained"
+    return f"exact: {facts['params']}"
+
+
 def plan_rows(recipe: dict) -> tuple[list[dict], dict]:
     """One row per stage, plus model facts. Pure Python."""
     order = list(recipe["stages"])
@@ -114,10 +155,11 @@ def plan_rows(recipe: dict) -> tuple[list[dict], dict]:
         total_w = sum(weights.values()) or 1.0
         shares = {k: 100.0 * v / total_w for k, v in weights.items()}
         trainable = params
-        if cfg.get("lora") and model_cfg.get("arch") and vocab:
+        lora = _trained_lora(recipe, name)
+        if lora and model_cfg.get("arch") and vocab:
             from llmlab.models.params import count_lora_parameters
 
-            trainable = count_lora_parameters(model_cfg, vocab, cfg["lora"])
+            trainable = count_lora_parameters(model_cfg, vocab, lora)
         memory = None
         if params and model_cfg.get("arch") and vocab:
             from llmlab.models.params import estimate_training_memory
@@ -136,7 +178,7 @@ def plan_rows(recipe: dict) -> tuple[list[dict], dict]:
             "tokens_per_param": tokens / params if (params and cfg["type"] == "pretrain") else None,
             "status": status, "status_detail": detail, "fingerprint": fps[name]["fingerprint"][:12],
         })
-    return rows, {"params": params, "vocab_size": vocab}
+    return rows, {"params": params, "vocab_size": vocab, "tokenizer": run_tokenizer_state(recipe)}
 
 
 def plan_command(recipe_path: Path, output_dir: Path | None = None, overrides=(), resolved: bool = False,
@@ -162,7 +204,11 @@ def plan_command(recipe_path: Path, output_dir: Path | None = None, overrides=()
         return 0
     arch = rec["model"].get("arch") or f"from_pretrained {rec['model'].get('from_pretrained')}"
     console.print(f"[bold]{rec['name']}[/]: {arch}, {_fmt_count(facts['params'])} parameters "
-                  f"(exact: {facts['params']}), vocab {facts['vocab_size']}, run dir {rec['output_dir']}")
+                  f"({_exactness(rec, facts)}), vocab {facts['vocab_size']}, run dir {rec['output_dir']}")
+    if facts["tokenizer"] == "changed":
+        console.print("[yellow]the tokenizer in the run directory was trained from a different tokenizer section or "
+                      "data: `llmlab run` retrains it and then every stage. To keep the finished run, restore the "
+                      "recipe's tokenizer section (and its datasets) or give this recipe another output_dir.[/]")
     t = Table()
     for col in ("stage", "type", "from", "datasets (share)", "steps", "tokens", "trainable", "memory est.",
                 "tokens/param", "status"):

@@ -230,3 +230,37 @@ def test_report_to_a_tracker_that_is_not_installed_fails_validation(tmp_path, mo
     _, errors = load_recipe(path)
     assert [e.path for e in errors] == ["logging.report_to[0]"]
     assert "pip install 'llmlab[logging]'" in errors[0].message
+
+
+def test_plan_counts_with_the_real_tokenizer_and_the_adapter_a_stage_continues(tmp_path, capsys):
+    from rich.console import Console
+
+    from llmlab.models.params import count_lora_parameters, count_parameters
+    from llmlab.plan import plan_command, plan_rows
+    from llmlab.runner import Runner
+
+    stages = _short_stages(pretrain=2, sft=2, dpo=2)
+    stages["sft"]["lora"] = {"preset": "minimal", "r": 4, "alpha": 8, "merge": False}
+    tok = {**TINY["tokenizer"], "train": {**TINY["tokenizer"]["train"], "vocab_size": 60000}}
+    path = write_recipe(tmp_path, {**TINY, "tokenizer": tok, "stages": stages})
+    rec, _ = load_recipe(path)
+    rows, facts = plan_rows(rec)
+    assert facts["vocab_size"] == 60000 and facts["tokenizer"] == "absent"
+    Runner(rec, Console(quiet=True)).ensure_tokenizer()
+    rows, facts = plan_rows(rec)
+    real = facts["vocab_size"]
+    assert facts["tokenizer"] == "current" and real < 60000  # 200 chapters cannot fill 60,000 merges
+    assert facts["params"] == count_parameters(rec["model"], real)
+    rows = {r["stage"]: r for r in rows}
+    adapter = count_lora_parameters(rec["model"], real, stages["sft"]["lora"])
+    assert rows["sft"]["trainable"] == adapter
+    assert rows["dpo"]["trainable"] == adapter  # dpo continues sft's unmerged adapter
+    capsys.readouterr()
+    assert plan_command(path) == 0
+    assert "exact:" in capsys.readouterr().out
+    # a changed tokenizer section: the run's tokenizer no longer counts, and plan says how to recover
+    rec2, _ = load_recipe(path, overrides=["tokenizer.train.vocab_size=600"])
+    assert plan_rows(rec2)[1]["tokenizer"] == "changed" and plan_rows(rec2)[1]["vocab_size"] == 600
+    assert plan_command(path, overrides=["tokenizer.train.vocab_size=600"]) == 0
+    out = capsys.readouterr().out
+    assert "retrains it and then every stage" in out and "another output_dir" in out
