@@ -203,7 +203,7 @@ def _tok_sft(tokenizer, seq_len: int, cfg: dict, source: int):
                     cut = len(ids) - seq_len
                     ids, labels = ids[cut:], labels[cut:]
                 else:
-                    drop = "too_long"
+                    drop = f"too_long:{len(ids)}"
             if not drop and all(x == IGNORE_INDEX for x in labels):
                 drop = "no_assistant_tokens"
             out["input_ids"].append([] if drop else ids)
@@ -226,7 +226,8 @@ def _tok_pair(tokenizer, seq_len: int, cfg: dict, source: int):
                 m["role"] == "assistant" for m in comp)))
                 for ids, mask, comp in zip(enc["input_ids"], enc["assistant_masks"], batch[side])]
         for (c_ids, c_lab), (r_ids, r_lab) in zip(sides["chosen"], sides["rejected"]):
-            drop = "too_long" if max(len(c_ids), len(r_ids)) > seq_len else ""
+            longest = max(len(c_ids), len(r_ids))
+            drop = f"too_long:{longest}" if longest > seq_len else ""
             if not drop and (all(x == IGNORE_INDEX for x in c_lab)
                              or all(x == IGNORE_INDEX for x in r_lab)):
                 drop = "no_assistant_tokens"
@@ -247,7 +248,8 @@ def _tok_prompt(tokenizer, seq_len: int, cfg: dict, source: int):
 
     def fn(batch):
         enc = _chat(tokenizer, batch["prompt"], add_generation_prompt=True)
-        drops = ["too_long" if len(ids) > budget else "" for ids in enc["input_ids"]]
+        # the length recorded is what seq_len would have to be (prompt + max_new_tokens)
+        drops = [f"too_long:{len(ids) + seq_len - budget}" if len(ids) > budget else "" for ids in enc["input_ids"]]
         return {"prompt_input_ids": [[] if d else ids for ids, d in zip(enc["input_ids"], drops)],
                 "prompt": batch["prompt"], "_source": [source] * len(drops), "_drop": drops}
     msgs = List({"role": Value("string"), "content": Value("string")})
@@ -569,14 +571,39 @@ def _tokenise(recipe: dict, name: str, split: str, rows, cfg: dict, family: str,
                     features=features, new_fingerprint=key, **kwargs)
     drops = column(tokd, "_drop").to_pylist()
     counts: dict[str, int] = {}
+    needed = 0  # the seq_len that would keep every over-long example
     for d in drops:
         if d:
-            counts[d] = counts.get(d, 0) + 1
+            reason, _, length = d.partition(":")
+            counts[reason] = counts.get(reason, 0) + 1
+            needed = max(needed, int(length or 0))
     if counts:
-        log.info("datasets.%s (%s): dropped %s at tokenisation", name, split, counts)
+        _announce_drops(name, split, counts, len(drops), needed, cfg)
         keep = [i for i, d in enumerate(drops) if not d]
         tokd = tokd.select(keep)
     return tokd.remove_columns("_drop"), counts
+
+
+def _announce_drops(name: str, split: str, counts: dict[str, int], total: int, needed: int, cfg: dict) -> None:
+    """Say what tokenisation dropped from one dataset split, and what would keep it.
+
+    Raises:
+        ValueError: more than ``max_dropped_fraction`` of the split was dropped.
+    """
+    parts = []
+    if counts.get("too_long"):
+        hint = f"seq_len {needed} would keep them" if needed else "a larger seq_len would keep them"
+        if cfg.get("type") == "sft" and cfg.get("truncation", "drop") == "drop":
+            hint += ", or truncation: truncate"
+        parts.append(f"{counts['too_long']} longer than seq_len {cfg['seq_len']} ({hint})")
+    if counts.get("no_assistant_tokens"):
+        parts.append(f"{counts['no_assistant_tokens']} with no assistant token to train on")
+    dropped = sum(counts.values())
+    message = f"datasets.{name} ({split}): dropped {dropped} of {total} examples at tokenisation: {'; '.join(parts)}"
+    limit = float(cfg.get("max_dropped_fraction", 0.5))
+    if dropped / max(total, 1) > limit:
+        raise ValueError(f"{message}; that is more than the stage's max_dropped_fraction {limit:g}")
+    log.warning("%s", message)
 
 
 def build_stage_data(recipe: dict, stage_name: str, tokenizer) -> StageData:

@@ -3,6 +3,7 @@ and preference masking, prompt batches, caching."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
@@ -122,6 +123,7 @@ def test_sft_masks_exactly_the_assistant_tokens_of_a_real_conversation(tmp_path,
 def test_sft_overlong_examples_are_dropped_and_counted_or_truncated(tmp_path, tokenizer):
     rec = make_recipe(tmp_path)
     rec["stages"]["sft"]["seq_len"] = 48
+    rec["stages"]["sft"]["max_dropped_fraction"] = 1.0  # most are dropped here, on purpose
     dropped = build_stage_data(rec, "sft", tokenizer)
     assert dropped.dropped["chat"]["too_long"] > 50  # coding.yml answers are long
     assert max(len(x) for x in dropped._train["input_ids"]) <= 48
@@ -246,3 +248,21 @@ def test_eval_datasets_follow_their_weights(tmp_path, tokenizer, family):
     a, b = text.count("alpha"), text.count("beta")
     assert a + b > 350
     assert abs(a / (a + b) - 0.75) < 0.05, (a, b)
+
+
+def test_drops_are_announced_with_the_seq_len_that_keeps_them_and_too_many_fail(tmp_path, tokenizer, caplog):
+    rec = make_recipe(tmp_path)
+    rec["stages"]["sft"]["seq_len"] = 48
+    with pytest.raises(ValueError, match=r"datasets\.chat \(train\): dropped \d+ of \d+ examples at tokenisation: "
+                                         r"\d+ longer than seq_len 48 \(seq_len \d+ would keep them, or truncation: "
+                                         r"truncate\).*more than the stage's max_dropped_fraction 0\.5"):
+        build_stage_data(rec, "sft", tokenizer)
+    rec["stages"]["sft"]["max_dropped_fraction"] = 1.0
+    with caplog.at_level("WARNING", logger="llmlab"):
+        data = build_stage_data(rec, "sft", tokenizer)
+    said = [r.getMessage() for r in caplog.records if "dropped" in r.getMessage()]
+    assert any(m.startswith("datasets.chat (train): dropped") for m in said), said
+    needed = int(re.search(r"seq_len (\d+) would keep them", said[0]).group(1))
+    rec["stages"]["sft"]["seq_len"] = needed  # the announced length keeps every example
+    kept = build_stage_data(rec, "sft", tokenizer)
+    assert "too_long" not in kept.dropped["chat"] and kept.num_train_examples > data.num_train_examples
