@@ -23,6 +23,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from llmlab.console import process_rank
+
 LOCK_NAME = ".llmlab.lock"
 #: the file whose presence marks a directory as a stage directory written by llmlab
 STAGE_MARKER = "stage.json"
@@ -47,10 +49,6 @@ def _holder_text(path: Path) -> str:
             f"({info.get('command', '')})").rstrip(" ()")
 
 
-def _is_main_rank() -> bool:
-    return os.environ.get("RANK", "0") in ("", "0")
-
-
 @contextmanager
 def run_lock(out_dir: Path, announce=None) -> Iterator[None]:
     """Hold the exclusive lock of ``out_dir`` for the ``with`` block (created if missing).
@@ -64,7 +62,7 @@ def run_lock(out_dir: Path, announce=None) -> Iterator[None]:
     Raises:
         RunLockedError: another live process holds the lock (the message gives its pid and host).
     """
-    if not _is_main_rank():
+    if process_rank() != 0:
         yield
         return
     try:

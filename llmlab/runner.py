@@ -20,7 +20,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from llmlab.console import make_console
+from llmlab.console import make_console, process_rank
 from llmlab.fingerprint import (
     read_stage_json,
     recipe_stage_status,
@@ -499,7 +499,11 @@ def run_command(recipe_path: Path, output_dir: Path | None = None, overrides=(),
     """``llmlab run``: returns the exit status (0 ok, 1 invalid recipe or failed stage, 130 interrupted)."""
     from llmlab.recipe import load_recipe
 
-    console = make_console()
+    rank = process_rank()
+    # under torchrun / accelerate launch only rank 0 reports; every rank reports its own failure
+    console = make_console(quiet=rank != 0)
+    alarm = make_console() if rank != 0 else console
+    prefix = f"[rank {rank}] " if rank != 0 else ""
     t0 = time.perf_counter()
     resolved, errors = load_recipe(recipe_path, list(overrides), allow_code=bool(allow_code))
     if errors:
@@ -519,19 +523,19 @@ def run_command(recipe_path: Path, output_dir: Path | None = None, overrides=(),
             outcomes = runner.run(only=only, from_stage=from_stage, until=until, force=force,
                                   reset_optimizer=reset_optimizer)
     except RunLockedError as e:  # before the generic handler: never write error.log into another run's dir
-        console.print(f"error: {e}", style="red", markup=False, highlight=False)
+        alarm.print(f"{prefix}error: {e}", style="red", markup=False, highlight=False)
         return 1
     except (RunError, TrainingError, NotOwnedError, ValueError) as e:
-        console.print(f"error: {e}", style="red", markup=False, highlight=False)
+        alarm.print(f"{prefix}error: {e}", style="red", markup=False, highlight=False)
         return 1
     except OSError as e:  # read-only mount, full disk, output_dir that is a file, missing file ...
         what = f"{e.strerror}: {e.filename}" if e.strerror and e.filename else str(e)
-        console.print(f"error: {what}; finished stages and checkpoints are kept", style="red", markup=False,
+        alarm.print(f"{prefix}error: {what}; finished stages and checkpoints are kept", style="red", markup=False,
                       highlight=False)
         return 1
     except Exception as e:  # anything else: say what and where, keep the traceback for a bug report
         log_path = _write_error_log(runner.out)
-        console.print(f"error: {type(e).__name__}: {e}\n(traceback in {log_path}; finished stages and "
+        alarm.print(f"{prefix}error: {type(e).__name__}: {e}\n(traceback in {log_path}; finished stages and "
                       "checkpoints are kept)", style="red", markup=False, highlight=False)
         return 1
     except KeyboardInterrupt:

@@ -48,3 +48,6 @@ def test_torchrun_two_processes_match_single_process(tmp_path):
     assert len(a) == len(b) == 6
     for x, y in zip(a, b):
         assert abs(x - y) < 1e-3, (a, b)
+    # only rank 0 reports: one stage line and one summary table, not one per process
+    assert r2.stdout.count("▶ stage pretrain") == 1, r2.stdout[-3000:]
+    assert r2.stdout.count("llmlab run →") == 1, r2.stdout[-3000:]
