@@ -180,6 +180,17 @@ def resolve_precision(precision: str, device) -> str:
     return "bf16" if cpu_supports_bf16() else "fp32"
 
 
+def distributed_info(accelerator) -> dict:
+    """What ran, for stage.json and the start line: ``world_size`` (processes), ``strategy``
+    (accelerate's distributed type: NO, MULTI_CPU, MULTI_GPU, FSDP, ...) and the
+    torch.distributed ``backend`` (gloo, nccl; None for one process)."""
+    import torch.distributed as dist
+
+    strategy = getattr(accelerator.distributed_type, "value", str(accelerator.distributed_type))
+    backend = dist.get_backend() if dist.is_available() and dist.is_initialized() else None
+    return {"world_size": int(accelerator.num_processes), "strategy": str(strategy), "backend": backend}
+
+
 class Runner:
     """Runs one resolved recipe in its output directory."""
 
@@ -256,6 +267,10 @@ class Runner:
         device = self._device()
         accelerator = self._accelerator(device)
         main = accelerator.is_main_process
+        self.distributed = distributed_info(accelerator)
+        self.console.print(f"processes: {self.distributed['world_size']} ({self.distributed['strategy']}"
+                           f"{', ' + self.distributed['backend'] if self.distributed['backend'] else ''}), "
+                           f"device {device.type}, precision {self.precision}")
         with accelerator.main_process_first():  # under torchrun: rank 0 trains the tokenizer, the rest load it
             tokenizer, tok_sha = self.ensure_tokenizer()
         stage_paths = {n: self.out / n for n in self.order}
@@ -306,7 +321,7 @@ class Runner:
                     "started_at": previous.get("started_at") or _now(), "tokenizer_sha256": tok_sha,
                     "init_path": str(init_path) if init_path else None,
                     "init_adapter": str(init_adapter) if init_adapter else None,
-                    "device": device.type, "precision": self.precision}
+                    "device": device.type, "precision": self.precision, "distributed": self.distributed}
             extended_from = list(previous.get("extended_from") or [])
             if status == "extend":  # record it: an extended stage differs from a fresh run of its length
                 extended_from.append(int(previous["max_steps"]))

@@ -51,3 +51,43 @@ def test_torchrun_two_processes_match_single_process(tmp_path):
     # only rank 0 reports: one stage line and one summary table, not one per process
     assert r2.stdout.count("▶ stage pretrain") == 1, r2.stdout[-3000:]
     assert r2.stdout.count("llmlab run →") == 1, r2.stdout[-3000:]
+    info = json.loads((multi / "run" / "pretrain" / "stage.json").read_text())
+    assert info["distributed"] == {"world_size": 2, "strategy": "MULTI_CPU", "backend": "gloo"}
+    assert "processes: 2 (MULTI_CPU, gloo)" in r2.stdout
+    solo = json.loads((single / "run" / "pretrain" / "stage.json").read_text())
+    assert solo["distributed"]["world_size"] == 1 and solo["distributed"]["backend"] is None
+
+
+def test_accelerate_launch_two_processes_on_cpu_match_single_process(tmp_path):
+    """accelerate launch --multi_gpu runs torch.distributed.run; without a GPU accelerate trains on
+    gloo (MULTI_CPU). Weights after 4 steps equal one process with gradient accumulation 2."""
+    from safetensors.torch import load_file
+
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
+    rec = copy.deepcopy(TINY)
+    rec["stages"] = {"pretrain": rec["stages"]["pretrain"]}
+    rec["stages"]["pretrain"].update(max_steps=4, log_every=1, eval_every=100, save_every=100, batch_size=4)
+    rec["device"], rec["precision"] = "cpu", "fp32"
+    single, multi = tmp_path / "single", tmp_path / "multi"
+    single.mkdir()
+    multi.mkdir()
+    one = copy.deepcopy(rec)
+    one["stages"]["pretrain"]["gradient_accumulation_steps"] = 2
+    r1 = subprocess.run([sys.executable, "-m", "llmlab.cli", "run", str(write_recipe(single, one))],
+                        cwd=single, env=env, capture_output=True, text=True, timeout=600)
+    assert r1.returncode == 0, r1.stdout + r1.stderr
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    r2 = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                         "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+                         "--main_process_port", str(port), "-m", "llmlab.cli", "run", str(write_recipe(multi, rec))],
+                        cwd=multi, env=env, capture_output=True, text=True, timeout=600)
+    assert r2.returncode == 0, r2.stdout[-3000:] + r2.stderr[-3000:]
+    info = json.loads((multi / "run" / "pretrain" / "stage.json").read_text())
+    assert info["distributed"]["world_size"] == 2
+    a = load_file(single / "run" / "pretrain" / "final" / "model.safetensors")
+    b = load_file(multi / "run" / "pretrain" / "final" / "model.safetensors")
+    assert a.keys() == b.keys()
+    worst = max(float((a[k] - b[k]).abs().max()) for k in a)
+    assert worst == 0.0, worst  # byte-equal
