@@ -1,0 +1,148 @@
+"""The training loop's checkpointer: resume policy, periodic and best saves, pruning, best restore.
+
+Every checkpoint a stage writes goes through :meth:`Checkpointer.save` (which first checks that the
+loss is finite), and every resume through :meth:`Checkpointer.resume`. The files and their atomic
+write are :mod:`llmlab.train.checkpoint`'s.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import warnings
+
+import torch
+
+from llmlab.stages.base import Stage
+from llmlab.train import checkpoint as ckpt_lib
+from llmlab.train.errors import TrainingError
+
+log = logging.getLogger("llmlab")
+
+
+class Checkpointer:
+    """Saves and restores one stage's checkpoints under ``<stage_dir>/checkpoints``.
+
+    Stage keys read: ``save_every`` [100], ``keep_last`` [2], ``save_best_only`` [false],
+    ``reset_optimizer`` [false], ``optimizer.name``, ``scheduler``.
+
+    Attributes:
+        best_eval, best_step: the lowest ``eval_loss`` seen (on the main process) and its step.
+        last_good: the newest checkpoint written or resumed from (named in non-finite loss errors).
+        resumed_from: the step resumed from, or None for a fresh start.
+    """
+
+    def __init__(self, stage: Stage, *, fingerprint: str, max_steps: int, accelerator):
+        cfg = stage.config
+        self.stage = stage
+        self.name = stage.ctx.name
+        self.root = stage.ctx.stage_dir / "checkpoints"
+        self.fingerprint = fingerprint
+        self.max_steps = max_steps
+        self.accelerator = accelerator
+        self.save_every = int(cfg.get("save_every", 100))
+        self.keep_last = int(cfg.get("keep_last", 2))
+        self.save_best_only = bool(cfg.get("save_best_only", False))
+        self.optimizer_name = cfg.get("optimizer", {}).get("name", "adamw")
+        self.scheduler_cfg = cfg.get("scheduler")
+        self.reset_optimizer = bool(cfg.get("reset_optimizer", False))
+        self.best_eval, self.best_step = math.inf, None
+        self.last_good: str | None = None
+        self.resumed_from: int | None = None
+
+    # -- resume ----------------------------------------------------------------------------
+    def resume(self, model: torch.nn.Module, optimizer, scheduler, *, reset_optimizer: bool = False) -> int:
+        """Load the newest intact checkpoint, if any, into ``model`` / ``optimizer`` / ``scheduler``.
+
+        Loads the weights only (fresh optimizer, schedule fast-forwarded) when ``reset_optimizer``
+        (or the stage's ``reset_optimizer``) is set or the checkpoint's optimizer differs from the
+        recipe's (with a warning); the scheduler state only when ``max_steps`` and ``scheduler`` are
+        unchanged. Restores RNG states and the stage's own state.
+
+        Returns:
+            the step to continue from (0 when there is no checkpoint).
+        """
+        ckpt = ckpt_lib.latest_intact(self.root)
+        if ckpt is None:
+            return 0
+        info = json.loads((ckpt / "trainer_state.json").read_text())
+        weights_only = reset_optimizer or self.reset_optimizer
+        if info.get("optimizer") != self.optimizer_name and not weights_only:
+            warnings.warn(f"stage {self.name}: the checkpoint was trained with optimizer {info.get('optimizer')!r}, "
+                          f"the recipe now says {self.optimizer_name!r}: loading the weights only")
+            weights_only = True
+        same_schedule = info.get("max_steps") == self.max_steps and info.get("scheduler") == self.scheduler_cfg
+        state = ckpt_lib.load_checkpoint(ckpt, model=model, optimizer=None if weights_only else optimizer,
+                                         scheduler=scheduler if (same_schedule and not weights_only) else None)
+        start_step = int(state["trainer_state"]["step"])
+        if not same_schedule or weights_only:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                for _ in range(start_step):
+                    scheduler.step()
+        self.best_eval = state["trainer_state"].get("best_eval", math.inf) or math.inf
+        self.best_step = state["trainer_state"].get("best_step")
+        self.stage.load_state_dict(state["stage_state"])
+        self.resumed_from, self.last_good = start_step, str(ckpt)
+        log.info("stage %s: resuming from %s (step %d)", self.name, ckpt, start_step)
+        return start_step
+
+    # -- best ------------------------------------------------------------------------------
+    def observe_eval(self, step: int, eval_loss: float | None) -> bool:
+        """Record an evaluation at ``step`` (``eval_loss`` is None off the main process).
+
+        Returns:
+            whether it is a new best; the same answer on every rank (broadcast from rank 0).
+        """
+        improved = False
+        if self.accelerator.is_main_process and eval_loss is not None and eval_loss < self.best_eval:
+            self.best_eval, self.best_step, improved = eval_loss, step, True
+        if self.accelerator.num_processes > 1:  # every rank must take the same save decision
+            from accelerate.utils import broadcast_object_list
+
+            improved = broadcast_object_list([improved], from_process=0)[0]
+        return improved
+
+    def restore_best(self, model: torch.nn.Module) -> None:
+        """Under ``save_best_only``, load the best checkpoint's weights unless the last step was best."""
+        if self.save_best_only and self.best_step is not None and self.best_step != self.max_steps:
+            best = self.root / f"{ckpt_lib.PREFIX}{self.best_step:06d}"
+            if best.is_dir() and ckpt_lib.verify(best) is None:
+                ckpt_lib.load_checkpoint(best, model=model)
+
+    # -- save ------------------------------------------------------------------------------
+    def may_save(self, step: int, eval_due: bool) -> bool:
+        """Whether a checkpoint can be written at ``step`` (before the evaluation decides)."""
+        return step % self.save_every == 0 or step == self.max_steps or (self.save_best_only and eval_due)
+
+    def due(self, step: int, improved: bool) -> bool:
+        """Whether to write a checkpoint at ``step``."""
+        return step % self.save_every == 0 or step == self.max_steps or (self.save_best_only and improved)
+
+    def check_finite(self, loss: torch.Tensor, step: int) -> None:
+        """Raise when the training loss of ``step`` is NaN or infinite.
+
+        Raises:
+            TrainingError: naming the step and the last good checkpoint (which is kept).
+        """
+        if not torch.isfinite(loss):
+            raise TrainingError(f"stage {self.name}: loss is {float(loss)} at step {step}; the last good "
+                                f"checkpoint is {self.last_good or 'none'} (lower the lr or set grad_clip)")
+
+    def save(self, step: int, model: torch.nn.Module, optimizer, scheduler) -> None:
+        """Write ``checkpoints/step-NNNNNN`` (main process; every rank waits) and prune old ones."""
+        self.accelerator.wait_for_everyone()
+        if self.accelerator.is_main_process:
+            protect = {self.best_step} if self.save_best_only and self.best_step else set()
+            self.last_good = str(ckpt_lib.save_checkpoint(
+                self.root, step, model=model, optimizer=optimizer, scheduler=scheduler,
+                stage_state=self.stage.state_dict(), trainer_state=self.trainer_state(), keep_last=self.keep_last,
+                protect=protect))
+        self.accelerator.wait_for_everyone()
+
+    def trainer_state(self) -> dict:
+        """What ``trainer_state.json`` holds besides the step."""
+        return {"fingerprint": self.fingerprint, "max_steps": self.max_steps, "optimizer": self.optimizer_name,
+                "scheduler": self.scheduler_cfg, "best_eval": None if math.isinf(self.best_eval) else self.best_eval,
+                "best_step": self.best_step}

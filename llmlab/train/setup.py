@@ -1,0 +1,79 @@
+"""Setting a stage up for training, in the order the loop needs (cf. torchtune's ``_setup_*``).
+
+:func:`setup_model` builds the stage's model, checks it against the tokenizer, applies LoRA and
+gradient checkpointing, moves it to the device and lets the stage finish its own setup (reference
+model, data). :func:`setup_optimizer` builds the optimizer and schedule (and switches attention to
+plain PyTorch ops for Sophia). :func:`maybe_compile` wraps the prepared model in ``torch.compile``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from llmlab.stages.base import Stage
+from llmlab.train.errors import TrainingError
+from llmlab.train.optim import build_optimizer, build_scheduler, needs_hessian
+
+
+def setup_model(stage: Stage, accelerator) -> torch.nn.Module:
+    """The model ``stage`` trains: built, LoRA applied, gradient checkpointing on, on the device.
+
+    Calls ``stage.setup(model)`` and builds ``stage.data`` with rank 0 first (it tokenizes and
+    caches the data; the other ranks reuse the cache).
+
+    Raises:
+        TrainingError: the model's input embeddings have fewer rows than the tokenizer has tokens.
+    """
+    ctx, cfg = stage.ctx, stage.config
+    model = stage.build_model()
+    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    if emb is not None and ctx.tokenizer is not None and emb.num_embeddings < len(ctx.tokenizer):
+        raise TrainingError(f"stage {ctx.name}: the model's vocabulary ({emb.num_embeddings}) does not cover the "
+                            f"tokenizer's {len(ctx.tokenizer)} tokens; use the tokenizer the model was trained with")
+    if cfg.get("lora"):
+        from llmlab.models.build import apply_lora
+
+        model = apply_lora(model, cfg["lora"], stage_model_arch(model))
+    if ctx.recipe.get("model", {}).get("gradient_checkpointing") and hasattr(model, "gradient_checkpointing_enable"):
+        model.gradient_checkpointing_enable()
+    model.to(accelerator.device)
+    with accelerator.main_process_first():  # rank 0 tokenizes and caches the data, the others reuse it
+        stage.setup(model)
+        _ = stage.data
+    return model
+
+
+def setup_optimizer(model: torch.nn.Module, cfg: dict, device: torch.device, max_steps: int):
+    """``(optimizer, scheduler)`` for the stage config ``cfg`` (its ``optimizer`` and ``scheduler``).
+
+    Sophia's Hessian estimate differentiates through the backward pass; fused SDPA kernels have no
+    double backward, so with Sophia the model's attention is switched to plain PyTorch ops.
+    """
+    optimizer = build_optimizer(model, cfg.get("optimizer", {}), device)
+    scheduler = build_scheduler(optimizer, cfg.get("scheduler", {}), max_steps)
+    if needs_hessian(optimizer):
+        if hasattr(getattr(model, "config", None), "attn_backend"):
+            model.config.attn_backend = "eager"
+        elif hasattr(model, "set_attn_implementation"):
+            model.set_attn_implementation("eager")
+    return optimizer, scheduler
+
+
+def maybe_compile(model: torch.nn.Module, enabled: bool) -> torch.nn.Module:
+    """``torch.compile(model)`` when ``enabled`` (a graph that fails to compile runs eagerly)."""
+    if not enabled:
+        return model
+    import torch._dynamo as dynamo
+
+    dynamo.config.suppress_errors = True
+    return torch.compile(model)
+
+
+def stage_model_arch(model: torch.nn.Module) -> str | None:
+    """The LoRA preset key (see llmlab.models.lora_presets) of an instantiated model."""
+    from llmlab.models.lora_presets import arch_key_for_model_type
+
+    mt = getattr(getattr(model, "config", None), "model_type", None)
+    if mt == "llmlab":
+        return "transformer_gated" if model.config.activation == "swiglu" else "transformer_plain"
+    return arch_key_for_model_type(mt) if mt else None
