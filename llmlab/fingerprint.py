@@ -15,7 +15,9 @@ import os
 from pathlib import Path
 from typing import Any
 
+from llmlab.layout import RunLayout, StageLayout
 from llmlab.recipe.secrets import mask_secrets
+from llmlab.stage_specs import stage_spec
 
 #: stage keys that do not change the trained weights
 NON_SEMANTIC_KEYS = {"log_every", "eval_every", "eval_steps", "save_every", "keep_last", "max_steps",
@@ -130,10 +132,8 @@ def tokenizer_fingerprint(recipe: dict) -> str:
 def stage_inputs(recipe: dict, name: str, order: list[str]) -> dict[str, str | None]:
     """The stages ``name`` reads: ``from`` (None: the model section), ``reference_from``, reward stages."""
     cfg = recipe["stages"][name]
-    if cfg.get("type") == "evaluate":
-        from llmlab.stages.evaluate import evaluate_inputs
-
-        return evaluate_inputs(cfg)  # {"from": None, "models[i]": ..., "reference_from", "reward_from"}
+    if stage_spec(cfg["type"]).inputs == "models":
+        return models_inputs(cfg)  # {"from": None, "models[i]": ..., "reference_from", "reward_from"}
     # resolution fills `from` with the previous training stage; an explicit null means the model section
     frm = cfg.get("from")
     inputs = {"from": frm}
@@ -142,6 +142,19 @@ def stage_inputs(recipe: dict, name: str, order: list[str]) -> dict[str, str | N
     for j, r in enumerate(cfg.get("reward") or []):
         if isinstance(r, dict) and r.get("from"):
             inputs[f"reward[{j}]"] = r["from"]
+    return inputs
+
+
+def models_inputs(cfg: dict) -> dict[str, str | None]:
+    """The stages a stage of ``inputs: models`` (evaluate) reads, in the shape of :func:`stage_inputs`:
+    ``{"from": None, "models[0]": STAGE, ..., "reference_from": STAGE, "reward_from": STAGE}``
+    (the last two only when set). ``from`` is None: such a stage starts from no weights."""
+    inputs: dict[str, str | None] = {"from": None}
+    for i, m in enumerate(cfg.get("models") or []):
+        inputs[f"models[{i}]"] = m
+    for key in ("reference_from", "reward_from"):
+        if cfg.get(key):
+            inputs[key] = cfg[key]
     return inputs
 
 
@@ -203,31 +216,25 @@ def explain_change(old: dict | None, new: dict) -> str:
 
 
 def read_stage_json(stage_dir: Path) -> dict | None:
-    p = stage_dir / "stage.json"
-    try:
-        return json.loads(p.read_text())
-    except (OSError, json.JSONDecodeError):
-        return None
+    """``<stage_dir>/stage.json`` as a dict, or None when missing or unreadable."""
+    return StageLayout(Path(stage_dir)).read_record()
 
 
 def latest_checkpoint_step(stage_dir: Path) -> int | None:
     """Step of the newest checkpoint directory (not verified; plan's quick look)."""
-    root = stage_dir / "checkpoints"
-    if not root.is_dir():
-        return None
-    steps = [int(d.name[5:]) for d in root.iterdir() if d.is_dir() and d.name.startswith("step-") and d.name[5:].isdigit()]
-    return max(steps) if steps else None
+    return StageLayout(Path(stage_dir)).latest_checkpoint_step()
 
 
 def stage_status(stage_dir: Path, fp: dict, max_steps: int) -> tuple[str, str]:
-    """(status, detail) of one stage: done | extend | partial | stale | pending."""
-    info = read_stage_json(stage_dir)
-    ck = latest_checkpoint_step(stage_dir)
+    """(status, detail) of one training stage: done | extend | partial | stale | pending."""
+    layout = StageLayout(Path(stage_dir))
+    info = layout.read_record()
+    ck = layout.latest_checkpoint_step()
     if info is None:
         return ("partial", f"at step {ck}") if ck else ("pending", "")
     if info.get("fingerprint") != fp["fingerprint"]:
         return "stale", explain_change(info.get("parts"), fp["parts"])
-    if info.get("status") == "done" and not (stage_dir / "final" / "config.json").is_file():
+    if info.get("status") == "done" and not (layout.final / "config.json").is_file():
         return ("partial", f"final/ is missing; at step {ck}") if ck else ("pending", "final/ is missing")
     if info.get("status") == "done":
         done_steps = int(info.get("max_steps", 0))
@@ -243,13 +250,28 @@ def stage_status(stage_dir: Path, fp: dict, max_steps: int) -> tuple[str, str]:
     return ("partial", f"at step {ck}") if ck else ("pending", "started, no checkpoint yet")
 
 
-def recipe_stage_status(recipe: dict, name: str, fps: dict) -> tuple[str, str]:
-    """:func:`stage_status` of stage ``name`` of a resolved recipe; evaluate stages (no final/, no
-    steps) are done when their results.json is written under the current fingerprint."""
-    cfg = recipe["stages"][name]
-    stage_dir = Path(recipe["output_dir"]) / name
-    if cfg.get("type") == "evaluate":
-        from llmlab.stages.evaluate import evaluate_stage_status
+def results_stage_status(stage_dir: Path, fp: dict, results_file: str = "results.json") -> tuple[str, str]:
+    """(status, detail) of a stage that trains nothing (evaluate): ``done`` (stage.json says done with
+    this fingerprint and ``results_file`` exists), ``stale`` (another fingerprint; detail says what
+    changed) or ``pending``. The counterpart of :func:`stage_status`, which looks for final/ and steps."""
+    info = read_stage_json(stage_dir)
+    if info is None:
+        return "pending", ""
+    if info.get("fingerprint") != fp["fingerprint"]:
+        return "stale", explain_change(info.get("parts"), fp["parts"])
+    if info.get("status") == "done":
+        if (Path(stage_dir) / results_file).is_file():
+            return "done", results_file
+        return "pending", f"{results_file} is missing"
+    return "pending", "started, not finished"
 
-        return evaluate_stage_status(stage_dir, fps[name])
+
+def recipe_stage_status(recipe: dict, name: str, fps: dict) -> tuple[str, str]:
+    """The status of stage ``name`` of a resolved recipe, by its spec's rule: :func:`stage_status`
+    for a stage that trains, :func:`results_stage_status` for one that writes results."""
+    cfg = recipe["stages"][name]
+    spec = stage_spec(cfg["type"])
+    stage_dir = RunLayout.of(recipe).stage(name).dir
+    if not spec.trains:
+        return results_stage_status(stage_dir, fps[name], spec.results_file)
     return stage_status(stage_dir, fps[name], int(cfg["max_steps"]))

@@ -8,13 +8,15 @@ the run directory (done / partial at step N / pending / stale with the reason).
 from __future__ import annotations
 
 import json
-import struct
+import math
 from pathlib import Path
 
 from rich.table import Table
 
 from llmlab.console import make_console
-from llmlab.fingerprint import recipe_stage_status, stage_fingerprints, stage_inputs, stage_status
+from llmlab.fingerprint import recipe_stage_status, stage_fingerprints, stage_inputs
+from llmlab.recipe.schema import stage_defaults
+from llmlab.stage_specs import stage_spec
 
 
 def run_tokenizer_state(recipe: dict) -> str:
@@ -52,22 +54,18 @@ def vocab_size_for(recipe: dict) -> int | None:
 
 
 def safetensors_param_count(model_dir: Path) -> int | None:
-    """Number of parameters in a local checkpoint, read from the safetensors headers only."""
+    """Number of parameters in a local checkpoint, read from the safetensors headers only
+    (``safe_open(framework="numpy")``: no tensor is loaded, torch is not imported)."""
+    from safetensors import safe_open
+
     files = sorted(model_dir.glob("*.safetensors"))
     if not files:
         return None
     total = 0
     for f in files:
-        with open(f, "rb") as fh:
-            (n,) = struct.unpack("<Q", fh.read(8))
-            header = json.loads(fh.read(n))
-        for k, v in header.items():
-            if k == "__metadata__":
-                continue
-            size = 1
-            for d in v["shape"]:
-                size *= d
-            total += size
+        with safe_open(str(f), framework="numpy") as st:
+            for k in st.keys():
+                total += math.prod(st.get_slice(k).get_shape())
     return total
 
 
@@ -90,14 +88,15 @@ def _fmt_bytes(n: float | None) -> str:
 
 
 def stage_tokens(cfg: dict) -> int:
-    """Tokens a stage processes (an upper bound where batches are padded)."""
+    """Tokens a stage processes (an upper bound where batches are padded); keys absent from ``cfg``
+    take the schema's defaults."""
+    spec = stage_spec(cfg["type"])
+    cfg = {**stage_defaults(cfg["type"]), **cfg}
     per_seq = int(cfg.get("seq_len") or 0)
-    n = int(cfg["max_steps"]) * int(cfg.get("batch_size", 8)) * int(cfg.get("gradient_accumulation_steps", 1))
-    if cfg["type"] in ("dpo", "reward"):
-        n *= 2
-    if cfg["type"] in ("grpo", "ppo"):
-        n *= int(cfg.get("group_size", 1)) if cfg["type"] == "grpo" else 1
-        per_seq = per_seq or int(cfg.get("max_new_tokens", 32))
+    n = int(cfg["max_steps"]) * int(cfg["batch_size"]) * int(cfg["gradient_accumulation_steps"])
+    n *= spec.sequences_per_example * (int(cfg[spec.samples_key]) if spec.samples_key else 1)
+    if spec.generates:
+        per_seq = per_seq or int(cfg["max_new_tokens"])
     return n * per_seq
 
 
@@ -143,10 +142,11 @@ def plan_rows(recipe: dict) -> tuple[list[dict], dict]:
     rows = []
     for name in order:
         cfg = recipe["stages"][name]
-        if cfg["type"] == "evaluate":  # trains nothing: which models, on which data, and its status
+        spec = stage_spec(cfg["type"])
+        if not spec.trains:  # trains nothing: which models, on which data, and its status
             status, detail = recipe_stage_status(recipe, name, fps)
             ds = list(cfg.get("datasets") or {})
-            rows.append({"stage": name, "type": "evaluate", "from": ", ".join(cfg.get("models") or []),
+            rows.append({"stage": name, "type": cfg["type"], "from": ", ".join(cfg.get("models") or []),
                          "datasets": {k: 100.0 / len(ds) for k in ds}, "steps": 0, "tokens": 0, "params": params,
                          "trainable": 0, "memory_bytes": None, "tokens_per_param": None, "status": status,
                          "status_detail": detail, "fingerprint": fps[name]["fingerprint"][:12]})
@@ -165,12 +165,12 @@ def plan_rows(recipe: dict) -> tuple[list[dict], dict]:
             from llmlab.models.params import estimate_training_memory
 
             seq = int(cfg.get("seq_len") or model_cfg.get("max_seq_len", 512))
-            batch = int(cfg.get("batch_size", 8)) * (2 if cfg["type"] in ("dpo", "reward") else 1)
+            batch = int(cfg["batch_size"]) * spec.sequences_per_example
             memory = estimate_training_memory(model_cfg, vocab, batch, seq, trainable,
                                               (cfg.get("optimizer") or {}).get("name", "adamw"),
                                               recipe.get("precision", "auto"))
         tokens = stage_tokens(cfg)
-        status, detail = stage_status(Path(recipe["output_dir"]) / name, fps[name], int(cfg["max_steps"]))
+        status, detail = recipe_stage_status(recipe, name, fps)
         rows.append({
             "stage": name, "type": cfg["type"], "from": stage_inputs(recipe, name, order)["from"] or "model",
             "datasets": shares, "steps": int(cfg["max_steps"]), "tokens": tokens, "params": params,

@@ -9,12 +9,13 @@ from rich.table import Table
 
 from llmlab.console import make_console
 from llmlab.metricsfile import read_records
+from llmlab.layout import RunLayout, StageLayout
 
 
 def read_metrics(stage_dir: Path) -> tuple[list[dict], list[dict]]:
     """(train records, eval records) of a stage's metrics.jsonl."""
     train, evals = [], []
-    for rec in read_records(stage_dir / "metrics.jsonl"):
+    for rec in read_records(StageLayout(stage_dir).metrics):
         (evals if "eval_loss" in rec else train).append(rec)
     return train, evals
 
@@ -22,12 +23,12 @@ def read_metrics(stage_dir: Path) -> tuple[list[dict], list[dict]]:
 def stage_dirs(run_dir: Path) -> list[Path]:
     """Stage directories of a run, in the order of its resolved recipe when present."""
     order: list[str] = []
-    resolved = run_dir / "recipe.resolved.yaml"
+    resolved = RunLayout(run_dir).resolved_recipe
     if resolved.exists():
         import yaml
 
         order = list((yaml.safe_load(resolved.read_text()) or {}).get("stages", {}))
-    found = {d.name: d for d in run_dir.iterdir() if (d / "stage.json").is_file()}
+    found = {d.name: d for d in run_dir.iterdir() if StageLayout(d).record.is_file()}
     return [found[n] for n in order if n in found] + [d for n, d in sorted(found.items()) if n not in order]
 
 
@@ -48,7 +49,7 @@ def plot(run_dir: Path, out: Path) -> Path:
             ax.plot([r["step"] for r in train], [r["loss"] for r in train], label="train loss")
         if evals:
             ax.plot([r["step"] for r in evals], [r["eval_loss"] for r in evals], "o-", label="eval loss")
-        info = json.loads((d / "stage.json").read_text())
+        info = json.loads(StageLayout(d).record.read_text())
         ax.set_title(f"{d.name} ({info.get('type', '?')})")
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
@@ -73,7 +74,7 @@ def report_command(run_dir: Path, output: Path | None = None) -> int:
     for col in ("stage", "type", "status", "steps", "loss first → last", "eval loss first → last", "wall time"):
         t.add_column(col)
     for d in stage_dirs(run_dir):
-        i = json.loads((d / "stage.json").read_text())
+        i = json.loads(StageLayout(d).record.read_text())
         fe = (i.get("first_eval") or {}).get("eval_loss")
         le = (i.get("last_eval") or {}).get("eval_loss")
         fmt = lambda x: "-" if x is None else f"{x:.4f}"  # noqa: E731

@@ -21,16 +21,11 @@ from rich.console import Console
 from rich.table import Table
 
 from llmlab.console import make_console, process_rank
-from llmlab.fingerprint import (
-    read_stage_json,
-    recipe_stage_status,
-    stage_fingerprints,
-    stage_inputs,
-    stage_status,
-    tokenizer_fingerprint,
-)
+from llmlab.fingerprint import recipe_stage_status, stage_fingerprints, stage_inputs, tokenizer_fingerprint
+from llmlab.layout import RunLayout, StageLayout, StageRecord
 from llmlab.metricsfile import read_records
 from llmlab.runguard import NotOwnedError, RunLockedError, remove_owned_dir, run_lock
+from llmlab.stage_specs import stage_spec
 
 log = logging.getLogger("llmlab")
 
@@ -51,12 +46,22 @@ def _now() -> str:
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
 
 
-def _write_json_atomic(path: Path, obj: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=2, default=str))
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+@dataclass
+class _StageEnv:
+    """What every stage of one ``Runner.run`` shares."""
+
+    device: object
+    accelerator: object
+    tokenizer: object
+    tok_sha: str
+    reset_optimizer: bool
+
+
+#: StageRecord fields set when a stage finishes / only training stages have
+_FINISH_FIELDS = frozenset({"finished_at", "steps", "wall_time_s", "tokens", "resumed_from", "first_loss", "last_loss",
+                            "first_eval", "last_eval", "final_metrics", "outputs"})
+_TRAINING_FIELDS = frozenset({"max_steps", "init_path", "init_adapter", "device", "precision", "distributed",
+                              "extended_from"})
 
 
 def package_versions() -> dict[str, str]:
@@ -99,7 +104,7 @@ def load_stage_output(stage_dir: Path) -> Path:
     Raises:
         RunError: the stage has no finished output.
     """
-    final = stage_dir / "final"
+    final = StageLayout(stage_dir).final
     if (final / "config.json").is_file():
         return final
     raise RunError(f"stage {stage_dir.name} has no finished output at {final}; run it first")
@@ -113,6 +118,7 @@ def save_final(model, tokenizer, stage_dir: Path, cfg: dict, keep_adapter: bool 
         paths written, for stage.json.
     """
     written = {}
+    layout = StageLayout(stage_dir)
     try:
         from peft import PeftModel
     except ImportError:  # pragma: no cover - peft is a dependency
@@ -120,13 +126,13 @@ def save_final(model, tokenizer, stage_dir: Path, cfg: dict, keep_adapter: bool 
     lora = cfg.get("lora") or {}
     if isinstance(model, PeftModel):
         if not lora.get("merge", True) or (keep_adapter and not lora):
-            tmp = stage_dir / ".adapter.tmp"
+            tmp = layout.tmp("adapter")
             shutil.rmtree(tmp, ignore_errors=True)
             model.save_pretrained(tmp)
             tokenizer.save_pretrained(tmp)
-            shutil.rmtree(stage_dir / "adapter", ignore_errors=True)
-            os.replace(tmp, stage_dir / "adapter")
-            written["adapter"] = str(stage_dir / "adapter")
+            shutil.rmtree(layout.adapter, ignore_errors=True)
+            os.replace(tmp, layout.adapter)
+            written["adapter"] = str(layout.adapter)
         model = model.merge_and_unload()
     gc = getattr(model, "generation_config", None)
     if gc is not None:
@@ -137,13 +143,13 @@ def save_final(model, tokenizer, stage_dir: Path, cfg: dict, keep_adapter: bool 
         gc.eos_token_id = eos if len(eos) > 1 else eos[0]
         gc.pad_token_id = tokenizer.pad_token_id
         gc.bos_token_id = tokenizer.bos_token_id
-    tmp = stage_dir / ".final.tmp"
+    tmp = layout.tmp("final")
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp, safe_serialization=True)
     tokenizer.save_pretrained(tmp)
-    shutil.rmtree(stage_dir / "final", ignore_errors=True)
-    os.replace(tmp, stage_dir / "final")
-    written["final"] = str(stage_dir / "final")
+    shutil.rmtree(layout.final, ignore_errors=True)
+    os.replace(tmp, layout.final)
+    written["final"] = str(layout.final)
     return written
 
 
@@ -197,6 +203,7 @@ class Runner:
     def __init__(self, recipe: dict, console: Console | None = None, allow_code: bool = False):
         self.recipe = recipe
         self.out = Path(recipe["output_dir"])
+        self.layout = RunLayout(self.out)
         self.console = console or make_console()
         self.allow_code = allow_code
         self.order = list(recipe["stages"])
@@ -211,14 +218,14 @@ class Runner:
             tokenizer_hash,
         )
 
-        d = self.out / "tokenizer"
+        d = self.layout.tokenizer
         fp = tokenizer_fingerprint(self.recipe)
-        marker = self.out / "tokenizer.fingerprint"  # beside the dir: the dir's own files are hashed
+        marker = self.layout.tokenizer_fingerprint  # beside the dir: the dir's own files are hashed
         if d.is_dir() and marker.is_file() and marker.read_text().strip() == fp:
             tok = load_tokenizer(d)
         else:
             t0 = time.perf_counter()
-            tmp = self.out / ".tokenizer.tmp"
+            tmp = self.layout.tokenizer_tmp
             remove_owned_dir(d, marker="tokenizer_config.json")  # before the build: refuse a folder of the user's at once
             shutil.rmtree(tmp, ignore_errors=True)
             build_tokenizer(self.recipe, tmp)
@@ -235,20 +242,15 @@ class Runner:
         Raises:
             RunError, llmlab.train.loop.TrainingError.
         """
-        import torch
-
-        from llmlab.recipe import dump_resolved
-        from llmlab.stages import stage_class
-        from llmlab.stages.base import StageContext
-        from llmlab.train.loop import train
-
         selected, forced = select_stages(self.order, only, from_stage, until)
         if force:
             forced |= set(selected)
         self.out.mkdir(parents=True, exist_ok=True)
+        from llmlab.recipe import dump_resolved
+
         header = "# resolved by llmlab; package versions:\n" + "".join(
             f"#   {k}: {v}\n" for k, v in package_versions().items())
-        resolved_file = self.out / "recipe.resolved.yaml"
+        resolved_file = self.layout.resolved_recipe
         text = header + dump_resolved(self.recipe)
         if not resolved_file.is_file() or resolved_file.read_text() != text:  # a done run re-checks read-only
             resolved_file.write_text(text)
@@ -256,105 +258,19 @@ class Runner:
         statuses = {n: recipe_stage_status(self.recipe, n, self.fps) for n in self.order}
         todo = [n for n in selected if n in forced or statuses[n][0] != "done"]
         self._check_inputs(todo, statuses)  # before anything is deleted or trained
-        outcomes: list[StageOutcome] = []
         if not todo:
-            for n in selected:
-                self.console.print(f"[green]✓[/] stage {n}: done ({statuses[n][1]}), skipped")
-                self._print_evaluation(n)
-                outcomes.append(StageOutcome(n, self.recipe["stages"][n]["type"], "skipped", read_stage_json(self.out / n) or {}))
-            return outcomes
+            return [self._skip(n, statuses[n][1]) for n in selected]
 
         device = self._device()
         accelerator = self._accelerator(device)
-        main = accelerator.is_main_process
         self.distributed = distributed_info(accelerator)
         self.console.print(f"processes: {self.distributed['world_size']} ({self.distributed['strategy']}"
                            f"{', ' + self.distributed['backend'] if self.distributed['backend'] else ''}), "
                            f"device {device.type}, precision {self.precision}")
         with accelerator.main_process_first():  # under torchrun: rank 0 trains the tokenizer, the rest load it
             tokenizer, tok_sha = self.ensure_tokenizer()
-        stage_paths = {n: self.out / n for n in self.order}
-
-        for name in selected:
-            cfg = self.recipe["stages"][name]
-            stage_dir = self.out / name
-            status, detail = recipe_stage_status(self.recipe, name, self.fps)
-            if status == "done" and name not in forced:
-                self.console.print(f"[green]✓[/] stage {name}: done ({detail}), skipped")
-                self._print_evaluation(name)
-                outcomes.append(StageOutcome(name, cfg["type"], "skipped", read_stage_json(stage_dir) or {}))
-                continue
-            if status == "stale" or name in forced:
-                why = "forced" if name in forced and status != "stale" else f"stale: {detail}"
-                self.console.print(f"[yellow]↻[/] stage {name}: {why}; starting over")
-                if main:
-                    remove_owned_dir(stage_dir)
-                accelerator.wait_for_everyone()
-                status = "pending"
-            inputs = stage_inputs(self.recipe, name, self.order)
-            for role, dep in inputs.items():
-                if dep is None:
-                    continue
-                dep_status = recipe_stage_status(self.recipe, dep, self.fps)[0]
-                if dep_status != "done":
-                    raise RunError(f"stage {name} reads stage {dep} ({role}), which is {dep_status}; run it first")
-            if cfg["type"] == "evaluate":
-                outcomes.append(self._run_evaluate(name, stage_dir, tokenizer, tok_sha, stage_paths, accelerator))
-                continue
-            init_path = load_stage_output(self.out / inputs["from"]) if inputs["from"] else None
-            init_adapter = None
-            if inputs["from"] and not cfg.get("lora"):
-                # the from-stage kept its LoRA adapter unmerged: keep training that adapter on its base
-                dep_info = read_stage_json(self.out / inputs["from"]) or {}
-                if (dep_info.get("outputs") or {}).get("adapter") and dep_info.get("init_path"):
-                    init_adapter = Path(dep_info["outputs"]["adapter"])
-                    init_path = Path(dep_info["init_path"])
-            action = {"partial": "resumed", "extend": "extended"}.get(status, "ran")
-            if action != "ran":
-                self.console.print(f"[cyan]→[/] stage {name}: {status} ({detail}); continuing")
-            else:
-                self.console.print(f"[bold]▶[/] stage {name} ({cfg['type']})")
-            stage_dir.mkdir(parents=True, exist_ok=True)
-            previous = read_stage_json(stage_dir) or {}
-            info = {"name": name, "type": cfg["type"], "status": "running", "fingerprint": self.fps[name]["fingerprint"],
-                    "parts": self.fps[name]["parts"], "max_steps": int(cfg["max_steps"]),
-                    "started_at": previous.get("started_at") or _now(), "tokenizer_sha256": tok_sha,
-                    "init_path": str(init_path) if init_path else None,
-                    "init_adapter": str(init_adapter) if init_adapter else None,
-                    "device": device.type, "precision": self.precision, "distributed": self.distributed}
-            extended_from = list(previous.get("extended_from") or [])
-            if status == "extend":  # record it: an extended stage differs from a fresh run of its length
-                extended_from.append(int(previous["max_steps"]))
-            if extended_from:
-                info["extended_from"] = extended_from
-            if main:
-                _write_json_atomic(stage_dir / "stage.json", info)
-            accelerator.wait_for_everyone()
-            ctx = StageContext(recipe=self.recipe, name=name, config=cfg, stage_dir=stage_dir, tokenizer=tokenizer,
-                               init_path=init_path, stage_paths=stage_paths, device=device, allow_code=self.allow_code,
-                               init_adapter=init_adapter)
-            stage = stage_class(cfg["type"])(ctx)
-            with self._progress() as progress:
-                model, result = train(stage, fingerprint=self.fps[name]["fingerprint"], accelerator=accelerator,
-                                      reset_optimizer=reset_optimizer, progress=progress if main else None)
-            if main:
-                if hasattr(stage, "finalize"):  # e.g. PPO detaches and saves its value head
-                    model = stage.finalize(model)
-                written = save_final(model, tokenizer, stage_dir, cfg, keep_adapter=init_adapter is not None)
-                summary = _metrics_summary(stage_dir / "metrics.jsonl")
-                info.update({"status": "done", "finished_at": _now(), "steps": result.steps,
-                             "wall_time_s": round(result.wall_time_s, 2) + float(previous.get("wall_time_s") or 0.0),
-                             "tokens": result.tokens, "resumed_from": result.resumed_from,
-                             "first_loss": summary.get("first_loss"), "last_loss": summary.get("last_loss"),
-                             "first_eval": summary.get("first_eval"), "last_eval": summary.get("last_eval"),
-                             "final_metrics": result.final_metrics, "outputs": written})
-                _write_json_atomic(stage_dir / "stage.json", info)
-            accelerator.wait_for_everyone()
-            del model
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
-            outcomes.append(StageOutcome(name, cfg["type"], action, info))
-        return outcomes
+        env = _StageEnv(device, accelerator, tokenizer, tok_sha, reset_optimizer)
+        return [self._run_stage(name, name in forced, env) for name in selected]
 
     def _check_inputs(self, todo: list[str], statuses: dict[str, tuple[str, str]]) -> None:
         """Refuse the run when a stage to run reads a stage that is neither done nor run earlier by
@@ -373,35 +289,138 @@ class Runner:
                                    "nothing was changed")
             will_run.add(name)
 
-    def _run_evaluate(self, name, stage_dir, tokenizer, tok_sha, stage_paths, accelerator) -> StageOutcome:
-        """Run an evaluate stage (main process only): results.json, stage.json, the comparison table."""
-        from llmlab.stages.evaluate import comparison_table, run_evaluate_stage
+    def _skip(self, name: str, detail: str) -> StageOutcome:
+        self.console.print(f"[green]✓[/] stage {name}: done ({detail}), skipped")
+        self._print_evaluation(name)
+        info = self.layout.stage(name).read_record() or {}
+        return StageOutcome(name, self.recipe["stages"][name]["type"], "skipped", info)
+
+    def _run_stage(self, name: str, forced: bool, env: _StageEnv) -> StageOutcome:
+        """Skip, start over, resume or start stage ``name`` (its inputs must be done)."""
+        from llmlab.stages import stage_class
+        from llmlab.stages.base import StageContext
 
         cfg = self.recipe["stages"][name]
-        self.console.print(f"[bold]▶[/] stage {name} (evaluate: {', '.join(cfg['models'])})")
-        info = {"name": name, "type": cfg["type"], "status": "running", "fingerprint": self.fps[name]["fingerprint"],
-                "parts": self.fps[name]["parts"], "started_at": _now(), "tokenizer_sha256": tok_sha,
-                "models": list(cfg["models"])}
-        if accelerator.is_main_process:
-            stage_dir.mkdir(parents=True, exist_ok=True)
-            _write_json_atomic(stage_dir / "stage.json", info)
+        stage_dir = self.layout.stage(name).dir
+        status, detail = recipe_stage_status(self.recipe, name, self.fps)
+        if status == "done" and not forced:
+            return self._skip(name, detail)
+        if status == "stale" or forced:
+            why = "forced" if forced and status != "stale" else f"stale: {detail}"
+            self.console.print(f"[yellow]↻[/] stage {name}: {why}; starting over")
+            if env.accelerator.is_main_process:
+                remove_owned_dir(stage_dir)
+            env.accelerator.wait_for_everyone()
+            status = "pending"
+        inputs = stage_inputs(self.recipe, name, self.order)
+        for role, dep in inputs.items():
+            dep_status = recipe_stage_status(self.recipe, dep, self.fps)[0] if dep is not None else "done"
+            if dep_status != "done":
+                raise RunError(f"stage {name} reads stage {dep} ({role}), which is {dep_status}; run it first")
+        init_path, init_adapter = self._init_weights(cfg, inputs["from"])
+        ctx = StageContext(recipe=self.recipe, name=name, config=cfg, stage_dir=stage_dir, tokenizer=env.tokenizer,
+                           init_path=init_path, stage_paths={n: self.layout.stage(n).dir for n in self.order},
+                           device=env.device, allow_code=self.allow_code, init_adapter=init_adapter)
+        stage = stage_class(cfg["type"])(ctx)
+        if not stage_spec(cfg["type"]).trains:
+            return self._run_results_stage(stage, env)
+        return self._run_training_stage(stage, status, detail, env)
+
+    def _init_weights(self, cfg: dict, frm: str | None) -> tuple[Path | None, Path | None]:
+        """(init_path, init_adapter) of a stage reading ``frm``: its final/, or — when ``frm`` kept
+        its LoRA adapter unmerged and this stage has no ``lora`` — that adapter and its base."""
+        if not frm or not stage_spec(cfg["type"]).trains:
+            return None, None
+        init_path = load_stage_output(self.layout.stage(frm).dir)
+        if not cfg.get("lora"):
+            dep_info = self.layout.stage(frm).read_record() or {}
+            if (dep_info.get("outputs") or {}).get("adapter") and dep_info.get("init_path"):
+                return Path(dep_info["init_path"]), Path(dep_info["outputs"]["adapter"])
+        return init_path, None
+
+    def _run_training_stage(self, stage, status: str, detail: str, env: _StageEnv) -> StageOutcome:
+        """Train ``stage`` (resuming or extending it), then write final/ and stage.json (main process)."""
+        import torch
+
+        from llmlab.train.loop import train
+
+        ctx, cfg, name = stage.ctx, stage.config, stage.ctx.name
+        layout = self.layout.stage(name)
+        action = {"partial": "resumed", "extend": "extended"}.get(status, "ran")
+        if action != "ran":
+            self.console.print(f"[cyan]→[/] stage {name}: {status} ({detail}); continuing")
+        else:
+            self.console.print(f"[bold]▶[/] stage {name} ({cfg['type']})")
+        layout.dir.mkdir(parents=True, exist_ok=True)
+        previous = layout.read_record() or {}
+        record = StageRecord(
+            name=name, type=cfg["type"], status="running", fingerprint=self.fps[name]["fingerprint"],
+            parts=self.fps[name]["parts"], max_steps=int(cfg["max_steps"]),
+            started_at=previous.get("started_at") or _now(), tokenizer_sha256=env.tok_sha,
+            init_path=str(ctx.init_path) if ctx.init_path else None,
+            init_adapter=str(ctx.init_adapter) if ctx.init_adapter else None,
+            device=env.device.type, precision=self.precision, distributed=self.distributed,
+            absent=_FINISH_FIELDS | {"models"})
+        extended_from = list(previous.get("extended_from") or [])
+        if status == "extend":  # record it: an extended stage differs from a fresh run of its length
+            extended_from.append(int(previous["max_steps"]))
+        record.extended_from = extended_from or None
+        record.absent = record.absent | (set() if extended_from else {"extended_from"})
+        main = env.accelerator.is_main_process
+        if main:
+            record.write(layout.record)
+        env.accelerator.wait_for_everyone()
+        with self._progress() as progress:
+            model, result = train(stage, fingerprint=self.fps[name]["fingerprint"], accelerator=env.accelerator,
+                                  reset_optimizer=env.reset_optimizer, progress=progress if main else None)
+        if main:
+            model = stage.finalize(model)  # e.g. PPO detaches and saves its value head
+            written = save_final(model, env.tokenizer, layout.dir, cfg, keep_adapter=ctx.init_adapter is not None)
+            summary = _metrics_summary(layout.metrics)
+            record.finish(finished_at=_now(), steps=result.steps,
+                          wall_time_s=round(result.wall_time_s, 2) + float(previous.get("wall_time_s") or 0.0),
+                          tokens=result.tokens, resumed_from=result.resumed_from,
+                          first_loss=summary.get("first_loss"), last_loss=summary.get("last_loss"),
+                          first_eval=summary.get("first_eval"), last_eval=summary.get("last_eval"),
+                          final_metrics=result.final_metrics, outputs=written)
+            record.write(layout.record)
+        env.accelerator.wait_for_everyone()
+        del model
+        if env.device.type == "cuda":
+            torch.cuda.empty_cache()
+        return StageOutcome(name, cfg["type"], action, record.to_json())
+
+    def _run_results_stage(self, stage, env: _StageEnv) -> StageOutcome:
+        """Run a stage that trains nothing (evaluate; main process only): its results, stage.json, the
+        comparison table."""
+        from llmlab.stages.evaluate import comparison_table
+
+        cfg, name = stage.config, stage.ctx.name
+        layout = self.layout.stage(name)
+        self.console.print(f"[bold]▶[/] stage {name} ({cfg['type']}: {', '.join(cfg['models'])})")
+        record = StageRecord(name=name, type=cfg["type"], status="running", fingerprint=self.fps[name]["fingerprint"],
+                             parts=self.fps[name]["parts"], started_at=_now(), tokenizer_sha256=env.tok_sha,
+                             models=list(cfg["models"]), absent=_TRAINING_FIELDS | _FINISH_FIELDS)
+        if env.accelerator.is_main_process:
+            layout.dir.mkdir(parents=True, exist_ok=True)
+            record.write(layout.record)
             t0 = time.perf_counter()
-            results = run_evaluate_stage(self.recipe, name, stage_paths, tokenizer, allow_code=self.allow_code)
+            results = stage.run()
             self.console.print(comparison_table(results, title=f"{name}: evaluation"))
-            info.update({"status": "done", "finished_at": _now(), "wall_time_s": round(time.perf_counter() - t0, 2),
-                         "outputs": {"results": str(stage_dir / "results.json")}})
-            _write_json_atomic(stage_dir / "stage.json", info)
-        accelerator.wait_for_everyone()
-        return StageOutcome(name, cfg["type"], "ran", info)
+            record.finish(finished_at=_now(), wall_time_s=round(time.perf_counter() - t0, 2),
+                          outputs={"results": str(layout.results)})
+            record.write(layout.record)
+        env.accelerator.wait_for_everyone()
+        return StageOutcome(name, cfg["type"], "ran", record.to_json())
 
     def _print_evaluation(self, name: str) -> None:
         """A skipped evaluate stage still shows its comparison table (from results.json)."""
-        if self.recipe["stages"][name]["type"] != "evaluate":
+        if stage_spec(self.recipe["stages"][name]["type"]).trains:
             return
-        from llmlab.stages.evaluate import RESULTS_FILE, comparison_table
+        from llmlab.stages.evaluate import comparison_table
 
         try:
-            results = json.loads((self.out / name / RESULTS_FILE).read_text())
+            results = json.loads(self.layout.stage(name).results.read_text())
         except (OSError, ValueError):
             return
         self.console.print(comparison_table(results, title=f"{name}: evaluation"))
@@ -500,8 +519,8 @@ def _write_error_log(out: Path) -> Path:
     text = traceback.format_exc()
     try:
         out.mkdir(parents=True, exist_ok=True)
-        (out / "error.log").write_text(text)
-        return out / "error.log"
+        RunLayout(out).error_log.write_text(text)
+        return RunLayout(out).error_log
     except OSError:
         fd, name = tempfile.mkstemp(prefix="llmlab-error-", suffix=".log")
         with os.fdopen(fd, "w") as f:

@@ -38,20 +38,14 @@ import torch
 
 from llmlab.data.formats import convert_kind
 from llmlab.data.sources import dataset_spec, load_named_dataset
+from llmlab.stage_specs import STAGE_SPECS
 
 log = logging.getLogger(__name__)
 
 DATA_VERSION = "1"  # bump when tokenisation changes, to invalidate cached files
 IGNORE_INDEX = -100
 #: stage type -> (family, canonical kind it consumes)
-STAGE_FAMILY = {
-    "pretrain": ("pretrain", "text"),
-    "sft": ("sft", "conversation"),
-    "dpo": ("pair", "preference"),
-    "reward": ("pair", "preference"),
-    "grpo": ("prompt", "prompt"),
-    "ppo": ("prompt", "prompt"),
-}
+STAGE_FAMILY = {t: (s.family, s.kind) for t, s in STAGE_SPECS.items() if s.family}
 STAGE_DEFAULTS: dict[str, Any] = {"batch_size": 8, "eval_steps": 10, "truncation": "drop",
                                   "max_new_tokens": 32, "mixing": {"stopping": "all_exhausted"},
                                   "eval_datasets": None}

@@ -23,9 +23,9 @@ from llmlab.recipe.errors import RecipeError, dotted
 from llmlab.recipe.codeuse import ALLOW_FLAG, code_uses
 from llmlab.recipe.secrets import mask_secrets
 from llmlab.recipe.yamlload import load_yaml, parse_scalar, read_file
+from llmlab.stage_specs import STAGE_SPECS
 
 SET_FILE = "--set"
-EVALUATE = semantic.EVALUATE
 _ENV_RE = re.compile(r"\$(\$?)\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 
 
@@ -263,19 +263,20 @@ def _fill_computed(doc: dict) -> None:
             if not isinstance(st, dict):
                 prev = name
                 continue
-            if st.get("type") == EVALUATE:
+            spec = STAGE_SPECS.get(st.get("type"))
+            if spec is not None and not spec.trains:
                 # trains nothing: none of the training defaults, and never the next stage's `from`
                 if "models" not in st:
                     st["models"] = list(trained)
                 continue
-            if st.get("type") != "reward":
+            if spec is None or spec.language_model:
                 trained.append(name)
             if "from" not in st and prev is not None:
                 st["from"] = prev
             if "seq_len" not in st and isinstance(m, dict) and "arch" in m and isinstance(m.get("max_seq_len"), int):
                 st["seq_len"] = m["max_seq_len"]
             st.setdefault("log_every", log_every)
-            if st.get("type") in ("grpo", "ppo") and "mini_batch_size" not in st and "batch_size" in st:
+            if spec is not None and spec.generates and "mini_batch_size" not in st and "batch_size" in st:
                 st["mini_batch_size"] = st["batch_size"]
             prev = name
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from llmlab.recipe import schema as S
 from llmlab.recipe.errors import RecipeError, dotted
+from llmlab.stage_specs import NON_TRAINING_TYPES
 
-EVALUATE = "evaluate"
 _EVALUATE_HINT = "; an evaluate stage trains nothing, so {key!r} (a training setting) does not apply"
 
 _TYPE_NAMES = {"string": "a string", "integer": "an integer", "number": "a number", "boolean": "true or false",
@@ -50,9 +50,9 @@ def _family_hint(err, key: str, path: tuple) -> str:
     family, current = var
     others = [v for v in S.variants_accepting(family, key) if v != current]
     if family == "stage":
-        if current == EVALUATE:
+        if current in NON_TRAINING_TYPES:
             return _EVALUATE_HINT.format(key=key) if others else ""
-        others = [v for v in others if v != EVALUATE]  # never suggest moving a training key to an evaluate stage
+        others = [v for v in others if v not in NON_TRAINING_TYPES]  # never suggest moving a training key there
     if not others:
         return ""
     label = {"stage": "stage type", "optimizer": "optimizer", "scheduler": "scheduler", "model": "model kind"}.get(family, family)
@@ -75,7 +75,7 @@ def _keys_of(*def_prefixes: str) -> set[str]:
 def _nested_hint(err, key: str, path: tuple) -> str:
     """A hint for a key written one level too high, e.g. ``lr`` on a stage (it goes in ``optimizer:``)."""
     var = S.variant_of(err.schema)
-    if var == ("stage", EVALUATE):
+    if var is not None and var[0] == "stage" and var[1] in NON_TRAINING_TYPES:
         training = _keys_of("optimizer") | _keys_of("scheduler") | _keys_of("lora")
         return _EVALUATE_HINT.format(key=key) if key in training - {"name", "type"} else ""
     if var and var[0] == "stage":

@@ -156,3 +156,22 @@ def fill_defaults(node: dict, instance) -> None:
     elif isinstance(instance, list) and isinstance(node.get("items"), dict):
         for item in instance:
             fill_defaults(node["items"], item)
+
+
+@functools.lru_cache(maxsize=None)
+def _stage_defaults(stage_type: str) -> dict:
+    defaults: dict = {"type": stage_type}
+    fill_defaults({"$ref": f"#/$defs/stage_{stage_type}"}, defaults)
+    return defaults
+
+
+def stage_defaults(stage_type: str) -> dict:
+    """The schema's defaults of a stage of ``stage_type`` (``$defs/stage_<type>``, shared keys
+    included; keys whose default is null absent): the one place a stage key's default is written.
+
+    Raises:
+        KeyError: the schema has no ``stage_<type>`` section.
+    """
+    if f"stage_{stage_type}" not in load_schema()["$defs"]:
+        raise KeyError(f"the recipe schema has no stage type {stage_type!r}")
+    return copy.deepcopy(_stage_defaults(stage_type))

@@ -9,21 +9,12 @@ from __future__ import annotations
 
 from llmlab.models import lora_presets
 from llmlab.recipe.schema import suggest
+from llmlab.stage_specs import CONVERSATION_FORMATS, NON_LM_TYPES, NON_TRAINING_TYPES, STAGE_SPECS
 
 #: the format each builtin source produces
 BUILTIN_FORMATS = {"kjv": "text", "chatterbot": "messages", "chatterbot_pairs": "preference", "chatterbot_prompts": "prompt"}
 
-#: formats each stage type accepts (as llmlab.data converts them: a preference row trains SFT on
-#: prompt + chosen; any conversation or preference row gives grpo/ppo its prompt)
-_CONVERSATION = ("messages", "sharegpt", "alpaca", "prompt_completion")
-STAGE_FORMATS = {
-    "pretrain": ("text",),
-    "sft": _CONVERSATION + ("preference",),
-    "reward": ("preference",),
-    "dpo": ("preference",),
-    "grpo": ("prompt",) + _CONVERSATION + ("preference",),
-    "ppo": ("prompt",) + _CONVERSATION + ("preference",),
-}
+_CONVERSATION = CONVERSATION_FORMATS
 
 #: dataset keys that only mean something for a hub source
 HUB_ONLY = ("subset", "revision", "streaming")
@@ -31,8 +22,6 @@ HUB_ONLY = ("subset", "revision", "streaming")
 #: names of run-directory entries llmlab writes beside the stage directories
 RESERVED_STAGE_NAMES = ("tokenizer", "cache")
 
-#: the stage type that trains nothing and measures earlier stages (llmlab.stages.evaluate)
-EVALUATE = "evaluate"
 
 
 def _int(x):
@@ -212,8 +201,8 @@ def _stage_ref(stages: list, idx: int, value, path, add, what: str, need_type: s
         add(path, f"{what} {value!r} is {article} {types.get(value)} stage; expected a {need_type} stage")
         return
     if types and types.get(value) in not_types:
-        if types.get(value) == EVALUATE:
-            add(path, f"{what} {value!r} is an evaluate stage, which trains nothing and has no weights; "
+        if types.get(value) in NON_TRAINING_TYPES:
+            add(path, f"{what} {value!r} is an {types.get(value)} stage, which trains nothing and has no weights; "
                       "name a training stage")
         else:
             add(path, f"{what} {value!r} is a {types.get(value)} stage; expected a stage that trains a language model")
@@ -257,15 +246,16 @@ def _check_stages(doc: dict, datasets: dict, given, add) -> None:
         seq = _int(st.get("seq_len"))
         if seq and max_len and seq > max_len:
             add(base + ("seq_len",), f"seq_len ({seq}) exceeds model.max_seq_len ({max_len})")
-        if "from_pretrained" in model and "arch" not in model and "seq_len" not in st and stype != EVALUATE:
+        trains = stype not in NON_TRAINING_TYPES
+        if "from_pretrained" in model and "arch" not in model and "seq_len" not in st and trains:
             add(base, "seq_len is required with model.from_pretrained (the checkpoint's context length is unknown until it loads)")
-        if stype == EVALUATE:
+        if not trains:
             _check_evaluate(doc, datasets, stages, types, idx, name, st, add)
             continue
-        _stage_ref(stages, idx, st.get("from"), base + ("from",), add, "from:", types=types, not_types=(EVALUATE,))
+        _stage_ref(stages, idx, st.get("from"), base + ("from",), add, "from:", types=types, not_types=NON_TRAINING_TYPES)
         _stage_ref(stages, idx, st.get("reference_from"), base + ("reference_from",), add, "reference_from:",
-                   types=types, not_types=(EVALUATE,))
-        accepted = STAGE_FORMATS.get(stype)
+                   types=types, not_types=NON_TRAINING_TYPES)
+        accepted = STAGE_SPECS[stype].formats if stype in STAGE_SPECS else None
         for key in ("datasets", "eval_datasets"):
             mix = st.get(key)
             if not isinstance(mix, dict):
@@ -337,9 +327,9 @@ def _check_evaluate(doc: dict, datasets: dict, stages: list, types: dict, idx: i
             add(base, "an evaluate stage needs an earlier stage that trains a language model to evaluate "
                       "(or list stages in 'models')")
         for i, m in enumerate(models):
-            _stage_ref(stages, idx, m, base + ("models", i), add, "models:", types=types, not_types=(EVALUATE,))
+            _stage_ref(stages, idx, m, base + ("models", i), add, "models:", types=types, not_types=NON_TRAINING_TYPES)
     _stage_ref(stages, idx, st.get("reference_from"), base + ("reference_from",), add, "reference_from:",
-               types=types, not_types=(EVALUATE, "reward"))
+               types=types, not_types=NON_TRAINING_TYPES + NON_LM_TYPES)
     _stage_ref(stages, idx, st.get("reward_from"), base + ("reward_from",), add, "reward_from:", "reward", types)
     chat_template = _dict(doc.get("tokenizer")).get("chat_template")
     for ds in _dict(st.get("datasets")):

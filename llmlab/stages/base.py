@@ -52,10 +52,11 @@ class StageContext:
 
 
 class Stage:
-    """Base class of the stage types (pretrain, sft, reward, dpo, grpo, ppo).
+    """Base class of the stage types (one per entry of :data:`llmlab.stage_specs.STAGE_SPECS`).
 
-    Subclasses set ``type`` and implement :meth:`build_model`, :meth:`get_batch`,
-    :meth:`compute_loss` and optionally :meth:`evaluate`, :meth:`state_dict`.
+    Training subclasses set ``type`` and implement :meth:`build_model`, :meth:`get_batch`,
+    :meth:`compute_loss` and optionally :meth:`evaluate`, :meth:`state_dict`, :meth:`finalize`.
+    A stage that trains nothing (evaluate) implements :meth:`run` instead.
     """
 
     type: str = ""
@@ -155,3 +156,15 @@ class Stage:
     def summary_metrics(self) -> dict[str, float]:
         """Extra numbers for stage.json (e.g. realised mixture shares)."""
         return {}
+
+    def finalize(self, model: torch.nn.Module) -> torch.nn.Module:
+        """Called on the main process after training, before ``final/`` is written; returns the model
+        to save (the default: ``model`` unchanged; PPO detaches and saves its value head)."""
+        return model
+
+    # -- stages that train nothing ---------------------------------------------------------
+    def run(self) -> dict:
+        """For a stage type whose spec says ``trains: False`` (evaluate): do the stage's work on the
+        main process, write its results file and return the results. Training stages do not
+        implement it (the loop drives them)."""
+        raise NotImplementedError(f"stage type {self.type!r} trains; llmlab.train.loop.train runs it")

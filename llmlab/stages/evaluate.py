@@ -19,23 +19,29 @@ A reward-model stage in ``models`` is only evaluated on preference data; its oth
 Results go to ``<stage_dir>/results.json`` as ``{model: {dataset: metrics}}`` (non-finite numbers
 written as null); :func:`comparison_table` renders the 1–2 headline metrics per dataset.
 
-Nothing here imports torch at module level, so the fingerprint and plan code may use
-:func:`evaluate_inputs` and :func:`evaluate_stage_status` cheaply.
+:class:`EvaluateStage` is the stage type's :class:`~llmlab.stages.base.Stage`; its inputs and status
+rules (``inputs: models``, done when results.json is written) are
+:func:`llmlab.fingerprint.models_inputs` and :func:`llmlab.fingerprint.results_stage_status`.
 """
 
 from __future__ import annotations
 
-import json
+import functools
 import math
-import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from rich.table import Table
 
+from llmlab.fingerprint import models_inputs, results_stage_status
+from llmlab.layout import write_json_atomic
+from llmlab.recipe.schema import stage_defaults
+from llmlab.stage_specs import stage_spec
+from llmlab.stages.base import Stage
+
 EVALUATE = "evaluate"
-RESULTS_FILE = "results.json"
+RESULTS_FILE = stage_spec(EVALUATE).results_file
 
 #: per dataset kind, the metrics shown in the comparison table (those that some model reports)
 HEADLINE = {
@@ -58,34 +64,13 @@ class EvaluateError(ValueError):
 
 
 def evaluate_inputs(cfg: dict) -> dict[str, str | None]:
-    """The stages an evaluate stage reads, in the shape of :func:`llmlab.fingerprint.stage_inputs`:
-    ``{"from": None, "models[0]": STAGE, ..., "reference_from": STAGE, "reward_from": STAGE}``
-    (the last two only when set). ``from`` is None: an evaluate stage starts from no weights."""
-    inputs: dict[str, str | None] = {"from": None}
-    for i, m in enumerate(cfg.get("models") or []):
-        inputs[f"models[{i}]"] = m
-    for key in ("reference_from", "reward_from"):
-        if cfg.get(key):
-            inputs[key] = cfg[key]
-    return inputs
+    """The stages an evaluate stage reads (:func:`llmlab.fingerprint.models_inputs`)."""
+    return models_inputs(cfg)
 
 
 def evaluate_stage_status(stage_dir: Path, fp: dict) -> tuple[str, str]:
-    """(status, detail) of an evaluate stage: ``done`` (stage.json says done with this fingerprint and
-    results.json exists), ``stale`` (another fingerprint; detail says what changed) or ``pending``.
-    The counterpart of :func:`llmlab.fingerprint.stage_status`, which looks for final/ and steps."""
-    from llmlab.fingerprint import explain_change, read_stage_json
-
-    info = read_stage_json(stage_dir)
-    if info is None:
-        return "pending", ""
-    if info.get("fingerprint") != fp["fingerprint"]:
-        return "stale", explain_change(info.get("parts"), fp["parts"])
-    if info.get("status") == "done":
-        if (stage_dir / RESULTS_FILE).is_file():
-            return "done", RESULTS_FILE
-        return "pending", f"{RESULTS_FILE} is missing"
-    return "pending", "started, not finished"
+    """(status, detail) of an evaluate stage (:func:`llmlab.fingerprint.results_stage_status`)."""
+    return results_stage_status(stage_dir, fp, RESULTS_FILE)
 
 
 def evaluation_rows(recipe: dict, dataset: str, max_samples: int | None) -> tuple[str, list[dict]]:
@@ -127,12 +112,6 @@ def _finite(obj: Any) -> Any:
     if isinstance(obj, list):
         return [_finite(v) for v in obj]
     return obj
-
-
-def _write_json_atomic(path: Path, obj: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def _device_and_dtype(recipe: dict) -> tuple[str | None, str | None]:
@@ -194,12 +173,11 @@ def run_evaluate_stage(recipe: dict, name: str, stage_paths: dict[str, Path], to
     if not models or not datasets:
         raise EvaluateError(f"stage {name}: nothing to evaluate (models: {models}, datasets: {datasets})")
     device, dtype = _device_and_dtype(recipe)
-    max_samples = cfg.get("max_samples", 200)
-    batch_size = int(cfg.get("batch_size", 8))
-    beta = float(cfg.get("beta", 0.1))
-    settings = GenerationSettings(max_new_tokens=int(cfg.get("max_new_tokens", 32)),
-                                  temperature=float(cfg.get("temperature", 0.8)), seed=seed)
-    num_samples = int(cfg.get("num_samples", 8))
+    cfg = {**stage_defaults(EVALUATE), **cfg}  # keys a caller left out: the schema's defaults
+    max_samples, batch_size, beta = cfg.get("max_samples"), int(cfg["batch_size"]), float(cfg["beta"])
+    settings = GenerationSettings(max_new_tokens=int(cfg["max_new_tokens"]), temperature=float(cfg["temperature"]),
+                                  seed=seed)
+    num_samples = int(cfg["num_samples"])
     say = log or (lambda _msg: None)
 
     data = {ds: evaluation_rows(recipe, ds, max_samples) for ds in datasets}
@@ -221,31 +199,61 @@ def run_evaluate_stage(recipe: dict, name: str, stage_paths: dict[str, Path], to
     for stage in models:
         model, tok, is_chat = load(stage, "models")
         say(f"  evaluate {name}: {stage} on {', '.join(datasets)}")
-        per: dict[str, dict] = {}
-        rm = is_reward_model(model)
-        for ds in datasets:
-            kind, rows = data[ds]
-            if rm and kind != "preference":
-                per[ds] = {"kind": kind, "rows": len(rows), "skipped": "a reward model only scores preference data"}
-                continue
-            torch.manual_seed(seed)
-            try:
-                metrics = evaluate_model(model, tok, rows, kind, is_chat=is_chat,
-                                         reference=reference if kind == "preference" else None,
-                                         reward_model=reward if kind == "prompt" else None, beta=beta,
-                                         batch_size=batch_size, settings=settings, num_samples=num_samples)
-            except ValueError as e:
-                raise EvaluateError(f"stage {name}: {stage} on {ds}: {e}") from None
-            per[ds] = _finite(metrics)
-        results[stage] = per
-        del model
+        scorer = functools.partial(evaluate_model, model, tok, is_chat=is_chat, beta=beta, batch_size=batch_size,
+                                   settings=settings, num_samples=num_samples)
+        results[stage] = _score_datasets(scorer, is_reward_model(model), data, reference, reward, seed,
+                                         f"stage {name}: {stage}")
+        del model, scorer
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
 
     out_dir = Path(stage_paths[name])
     out_dir.mkdir(parents=True, exist_ok=True)
-    _write_json_atomic(out_dir / RESULTS_FILE, results)
+    write_json_atomic(out_dir / RESULTS_FILE, results)
     return results
+
+
+class EvaluateStage(Stage):
+    """The ``evaluate`` stage type: trains nothing; :meth:`run` scores the ``models`` stages on the
+    held-out data (:func:`run_evaluate_stage`) and writes ``results.json``."""
+
+    type = EVALUATE
+
+    def run(self, log: Callable[[str], None] | None = None) -> dict:
+        """``{model_stage: {dataset: metrics}}``, also written to ``<stage_dir>/results.json``.
+
+        Raises:
+            EvaluateError: see :func:`run_evaluate_stage`.
+        """
+        ctx = self.ctx
+        return run_evaluate_stage(ctx.recipe, ctx.name, ctx.stage_paths, ctx.tokenizer, allow_code=ctx.allow_code,
+                                  log=log)
+
+
+def _score_datasets(scorer: Callable, reward_model: bool, data: dict[str, tuple[str, list]], reference, reward,
+                    seed: int, where: str) -> dict[str, dict]:
+    """``{dataset: metrics}`` of one model: ``scorer(rows, kind, reference=, reward_model=)`` per dataset
+    (torch seeded with ``seed`` before each), or ``{"skipped": reason}`` for a reward model on
+    non-preference data.
+
+    Raises:
+        EvaluateError: the scorer rejects a dataset (the message names ``where`` and the dataset).
+    """
+    import torch
+
+    per: dict[str, dict] = {}
+    for ds, (kind, rows) in data.items():
+        if reward_model and kind != "preference":
+            per[ds] = {"kind": kind, "rows": len(rows), "skipped": "a reward model only scores preference data"}
+            continue
+        torch.manual_seed(seed)
+        try:
+            metrics = scorer(rows, kind, reference=reference if kind == "preference" else None,
+                             reward_model=reward if kind == "prompt" else None)
+        except ValueError as e:
+            raise EvaluateError(f"{where} on {ds}: {e}") from None
+        per[ds] = _finite(metrics)
+    return per
 
 
 def _fmt(metric: str, value: Any) -> str:

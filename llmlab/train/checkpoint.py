@@ -29,10 +29,11 @@ import numpy as np
 import torch
 
 from llmlab.fingerprint import sha256_file
+from llmlab.layout import CHECKPOINT_PREFIX
 
 log = logging.getLogger("llmlab")
 
-PREFIX = "step-"
+PREFIX = CHECKPOINT_PREFIX
 
 
 def _fsync_file(path: Path) -> None:
