@@ -149,7 +149,7 @@ class _StageRewardModel:
 
     @torch.no_grad()
     def __call__(self, r: Rollout) -> torch.Tensor:
-        from llmlab.stages.reward import reward_scores
+        from llmlab.models.padfree import reward_scores
 
         ids, mask = _pack_right(r, self.pad)
         return reward_scores(self.model, ids, mask).cpu()

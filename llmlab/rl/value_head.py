@@ -38,7 +38,7 @@ class ValueHead(nn.Module):
 
 def base_model(model: nn.Module) -> nn.Module:
     """The causal LM under DDP / compile / PEFT wrappers."""
-    from llmlab.stages.dpo import unwrap
+    from llmlab.models.wrappers import unwrap
 
     model = unwrap(model)
     if hasattr(model, "get_base_model"):

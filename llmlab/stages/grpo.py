@@ -10,7 +10,7 @@ Recipe keys (``stages.NAME``, type ``grpo``): ``group_size`` [4], ``temperature`
 ``top_p`` [1.0], ``max_new_tokens`` [32], ``clip_range`` [0.2], ``kl_beta`` [0.04], ``ppo_epochs`` [1],
 ``batch_size`` (prompts per rollout) [8], ``mini_batch_size`` [= batch_size], ``reward`` (list, see
 :mod:`llmlab.rl.rewards`), ``reference_from`` [null]. The rollout schedule and resume: see
-:mod:`llmlab.rl.online`.
+:mod:`llmlab.stages.online`.
 
 Metrics: ``reward`` / ``reward_std`` (mean / std over the rollout's completions), ``group_reward_var``
 (mean within-group variance), ``best_of_group`` (mean over prompts of the group's best reward),
@@ -24,7 +24,7 @@ import torch
 
 from llmlab.losses import clipped_policy_loss, grpo_advantages, kl_k3, masked_mean
 from llmlab.rl.generation import sequence_forward
-from llmlab.rl.online import OnlineRLStage
+from llmlab.stages.online import OnlineRLStage
 
 
 class GRPOStage(OnlineRLStage):

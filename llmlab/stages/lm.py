@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from llmlab.stages.base import Stage
-from llmlab.stages.padfree import pack_rows, packs_documents
+from llmlab.models.padfree import pack_rows, packs_documents
 
 
 class _CausalLMStage(Stage):
@@ -26,7 +26,7 @@ class _CausalLMStage(Stage):
         """Mean next-token cross-entropy over the batch's labelled tokens (scalar).
 
         Right-padded batches (SFT) go padding-free when the model keeps attention inside each
-        sequence (:func:`llmlab.stages.padfree.packs_documents`): the rows' real tokens end to end
+        sequence (:func:`llmlab.models.padfree.packs_documents`): the rows' real tokens end to end
         in one row, position ids restarting per row; same loss as the padded batch (tested), no
         compute on padding.
         """

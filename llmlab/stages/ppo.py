@@ -14,7 +14,7 @@ Per rollout (``batch_size`` prompts, one completion each):
 
 Per mini-batch: clipped policy loss (``clip_range``) + ``vf_coef`` x clipped value loss
 (``cliprange_value``), ``ppo_epochs`` passes over ``batch_size / mini_batch_size`` mini-batches
-(schedule and resume: :mod:`llmlab.rl.online`).
+(schedule and resume: :mod:`llmlab.stages.online`).
 
 Recipe keys (``stages.NAME``, type ``ppo``): the generation keys of grpo (``temperature``, ``top_k``,
 ``top_p``, ``max_new_tokens``), ``kl_coef`` [0.05], ``kl_target`` [null], ``kl_horizon`` [10000],
@@ -38,7 +38,7 @@ import torch
 
 from llmlab.losses import (clipped_policy_loss, clipped_value_loss, explained_variance, gae, masked_whiten)
 from llmlab.rl.generation import sequence_forward
-from llmlab.rl.online import OnlineRLStage
+from llmlab.stages.online import OnlineRLStage
 from llmlab.rl.value_head import V_HEAD, attach_value_head, base_model, get_value_head, save_value_head
 
 

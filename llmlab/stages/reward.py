@@ -13,28 +13,10 @@ from __future__ import annotations
 import torch
 
 from llmlab.losses import bradley_terry_loss
+from llmlab.models.padfree import concat_pairs, reward_scores
 from llmlab.stages.base import Stage
-from llmlab.stages.dpo import concat_pairs
-from llmlab.stages.padfree import pack_rows
 
-
-def reward_scores(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """Scalar rewards ``[B]`` of a ``num_labels = 1`` sequence classifier for right-padded ``[B, T]``.
-
-    llmlab's Transformer scores the rows padding-free (their real tokens in one row, position ids
-    restarting per row, each scored at its last token); same scores as the padded batch (tested).
-    """
-    out = None
-    # pool_positions (one score per packed sequence) is llmlab's own sequence-classifier API
-    if getattr(getattr(model, "config", None), "model_type", None) == "llmlab":
-        packed = pack_rows(input_ids, attention_mask)
-        if bool((packed.lengths > 0).all()):
-            out = model(input_ids=packed.input_ids, position_ids=packed.position_ids,
-                        pool_positions=torch.cumsum(packed.lengths, 0) - 1)
-    if out is None:
-        out = model(input_ids=input_ids, attention_mask=attention_mask)
-    logits = out.logits if hasattr(out, "logits") else out[0]
-    return logits.squeeze(-1).float()
+__all__ = ["RewardStage", "reward_scores"]
 
 
 class RewardStage(Stage):

@@ -8,7 +8,7 @@ from llmlab.losses import token_logps
 from llmlab.models.build import build_model
 from llmlab.stages.dpo import model_logits, padfree_sequence_logps
 from llmlab.stages.lm import SFTStage
-from llmlab.stages.padfree import pack_rows, packs_documents
+from llmlab.models.padfree import pack_rows, packs_documents
 
 LENS = [9, 5, 12, 3]
 

@@ -297,8 +297,8 @@ def test_grpo_one_update_per_rollout_skips_the_old_logp_forward(monkeypatch):
     """With one update per rollout and no dropout, the rollout's "old" log-probs are the loss
     forward's own: the rollout skips that forward, and training follows the same trajectory as
     with it (up to float rounding between the eval-mode and train-mode forwards)."""
-    import llmlab.rl.online as online
-    from llmlab.rl.online import has_active_dropout
+    import llmlab.stages.online as online
+    from llmlab.stages.online import has_active_dropout
     from llmlab.stages.grpo import GRPOStage
 
     cfg = {"batch_size": 4, "group_size": 4, "max_new_tokens": 6, "kl_beta": 0.04, "reward": [W5]}

@@ -4,6 +4,10 @@ attention inside each sequence when position ids restart (llmlab's Transformer).
 The same idea as TRL's ``padding_free`` / ``DataCollatorWithFlattening`` and Axolotl's multipack
 (position ids restart at each sequence); ours works on CPU too, because llmlab's attention turns
 the restarts into a block-diagonal mask on every path.
+
+Shared by the sft, dpo, reward, grpo and ppo stages and by the RL reward sources: :func:`pack_rows`,
+:func:`packs_documents`, :func:`padfree_sequence_logps`, :func:`concat_pairs` (chosen over
+rejected), :func:`model_logits` and :func:`reward_scores`.
 """
 
 from __future__ import annotations
@@ -113,3 +117,68 @@ def pack_rows(input_ids: torch.Tensor, attention_mask: torch.Tensor,
         flat_labels[pos == 0] = -100
         flat_labels = flat_labels[None]
     return PackedRows(input_ids[keep][None], pos[None], flat_labels, seq, lengths)
+
+
+def model_logits(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Logits ``[B, T, V]`` of a causal LM (HF-style output object or tuple)."""
+    out = model(input_ids=input_ids, attention_mask=attention_mask)
+    return out.logits if hasattr(out, "logits") else out[0]
+
+
+def padfree_sequence_logps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                           labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed log-probs of the labelled tokens of each row of a right-padded batch, computed
+    padding-free: the real tokens of all R rows are laid end to end in one ``[1, N]`` row with
+    position ids restarting per sequence (the model must satisfy :func:`packs_documents`).
+
+    Shapes: input_ids, attention_mask, labels ``[R, T]`` → (seq_logps ``[R]``, labelled tokens ``[R]``).
+    Equals ``token_logps(model(ids, mask).logits, labels)`` summed per row (tested), with no compute
+    spent on padding.
+    """
+    packed = pack_rows(input_ids, attention_mask, labels)
+    seq, lens = packed.seq, packed.lengths
+    out = model(input_ids=packed.input_ids, position_ids=packed.position_ids, use_cache=False)
+    logits = (out.logits if hasattr(out, "logits") else out[0])[0]  # [N, V]
+    target = torch.full_like(seq, -100)
+    target[:-1] = packed.labels[0, 1:]  # −100 where the next token starts another row
+    mask = target != -100
+    lp = torch.gather(logits.float().log_softmax(-1), 1, target.clamp(min=0)[:, None])[:, 0] * mask
+    zeros = torch.zeros(len(lens), dtype=lp.dtype, device=seq.device)
+    return zeros.index_add(0, seq, lp), torch.zeros_like(lens).index_add(0, seq, mask.long())
+
+
+def concat_pairs(batch: dict, pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Stack chosen over rejected, right-padding both to the same length.
+
+    Returns:
+        ``(input_ids, attention_mask, labels)`` each ``[2B, T]``: rows ``0..B-1`` chosen, ``B..2B-1``
+        rejected.
+    """
+    T = max(batch["chosen_input_ids"].shape[1], batch["rejected_input_ids"].shape[1])
+
+    def pad(x, value):
+        return torch.nn.functional.pad(x, (0, T - x.shape[1]), value=value)
+
+    ids = torch.cat([pad(batch["chosen_input_ids"], pad_token_id), pad(batch["rejected_input_ids"], pad_token_id)])
+    att = torch.cat([pad(batch["chosen_attention_mask"], 0), pad(batch["rejected_attention_mask"], 0)])
+    lab = torch.cat([pad(batch["chosen_labels"], -100), pad(batch["rejected_labels"], -100)])
+    return ids, att, lab
+
+
+def reward_scores(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Scalar rewards ``[B]`` of a ``num_labels = 1`` sequence classifier for right-padded ``[B, T]``.
+
+    llmlab's Transformer scores the rows padding-free (their real tokens in one row, position ids
+    restarting per row, each scored at its last token); same scores as the padded batch (tested).
+    """
+    out = None
+    # pool_positions (one score per packed sequence) is llmlab's own sequence-classifier API
+    if getattr(getattr(model, "config", None), "model_type", None) == "llmlab":
+        packed = pack_rows(input_ids, attention_mask)
+        if bool((packed.lengths > 0).all()):
+            out = model(input_ids=packed.input_ids, position_ids=packed.position_ids,
+                        pool_positions=torch.cumsum(packed.lengths, 0) - 1)
+    if out is None:
+        out = model(input_ids=input_ids, attention_mask=attention_mask)
+    logits = out.logits if hasattr(out, "logits") else out[0]
+    return logits.squeeze(-1).float()

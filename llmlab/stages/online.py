@@ -26,7 +26,8 @@ import torch
 from llmlab.rl.generation import make_generator, rollout_seed, sample, sequence_forward
 from llmlab.rl.rewards import RewardFunction, Rollout, check_reward_specs
 from llmlab.stages.base import Stage
-from llmlab.stages.dpo import ReferenceModel, unwrap
+from llmlab.models.wrappers import unwrap
+from llmlab.stages.reference import ReferenceModel
 
 _BUFFER_META = ("rollout_stats",)
 #: config attributes that hold a dropout probability in common Hugging Face architectures
