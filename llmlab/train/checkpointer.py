@@ -14,6 +14,8 @@ import warnings
 
 import torch
 
+from llmlab.config import TrainingConfig
+from llmlab.layout import StageLayout
 from llmlab.stages.base import Stage
 from llmlab.train import checkpoint as ckpt_lib
 from llmlab.train.errors import TrainingError
@@ -24,8 +26,9 @@ log = logging.getLogger("llmlab")
 class Checkpointer:
     """Saves and restores one stage's checkpoints under ``<stage_dir>/checkpoints``.
 
-    Stage keys read: ``save_every`` [100], ``keep_last`` [2], ``save_best_only`` [false],
-    ``reset_optimizer`` [false], ``optimizer.name``, ``scheduler``.
+    Keys read: ``save_every``, ``keep_last``, ``save_best_only``, ``reset_optimizer``, ``optimizer.name``;
+    the stage's ``scheduler`` section as given is stored in each checkpoint (a changed schedule is
+    fast-forwarded rather than loaded).
 
     Attributes:
         best_eval, best_step: the lowest ``eval_loss`` seen (on the main process) and its step.
@@ -33,20 +36,20 @@ class Checkpointer:
         resumed_from: the step resumed from, or None for a fresh start.
     """
 
-    def __init__(self, stage: Stage, *, fingerprint: str, max_steps: int, accelerator):
-        cfg = stage.config
+    def __init__(self, stage: Stage, tc: TrainingConfig, *, fingerprint: str, accelerator):
         self.stage = stage
         self.name = stage.ctx.name
-        self.root = stage.ctx.stage_dir / "checkpoints"
+        self.layout = StageLayout(stage.ctx.stage_dir)
+        self.root = self.layout.checkpoints
         self.fingerprint = fingerprint
-        self.max_steps = max_steps
+        self.max_steps = tc.max_steps
         self.accelerator = accelerator
-        self.save_every = int(cfg.get("save_every", 100))
-        self.keep_last = int(cfg.get("keep_last", 2))
-        self.save_best_only = bool(cfg.get("save_best_only", False))
-        self.optimizer_name = cfg.get("optimizer", {}).get("name", "adamw")
-        self.scheduler_cfg = cfg.get("scheduler")
-        self.reset_optimizer = bool(cfg.get("reset_optimizer", False))
+        self.save_every = int(tc.save_every)
+        self.keep_last = int(tc.keep_last)
+        self.save_best_only = bool(tc.save_best_only)
+        self.optimizer_name = tc.optimizer.name
+        self.scheduler_cfg = stage.config.get("scheduler")
+        self.reset_optimizer = bool(tc.reset_optimizer)
         self.best_eval, self.best_step = math.inf, None
         self.last_good: str | None = None
         self.resumed_from: int | None = None
@@ -107,7 +110,7 @@ class Checkpointer:
     def restore_best(self, model: torch.nn.Module) -> None:
         """Under ``save_best_only``, load the best checkpoint's weights unless the last step was best."""
         if self.save_best_only and self.best_step is not None and self.best_step != self.max_steps:
-            best = self.root / f"{ckpt_lib.PREFIX}{self.best_step:06d}"
+            best = self.layout.checkpoint(self.best_step)
             if best.is_dir() and ckpt_lib.verify(best) is None:
                 ckpt_lib.load_checkpoint(best, model=model)
 

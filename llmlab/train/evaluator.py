@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from llmlab.stages.base import Stage
+from llmlab.config import TrainingConfig
 from llmlab.models.wrappers import unwrap
 from llmlab.train.tensors import to_device
 
@@ -12,14 +13,14 @@ from llmlab.train.tensors import to_device
 class Evaluator:
     """Runs ``stage.evaluate`` on the bare model (no DDP collectives, so rank 0 can run it alone).
 
-    Stage key read: ``eval_every`` [100]; the last step is always evaluated.
+    Key read: ``eval_every``; the last step is always evaluated.
     """
 
-    def __init__(self, stage: Stage, accelerator, max_steps: int):
+    def __init__(self, stage: Stage, tc: TrainingConfig, accelerator):
         self.stage = stage
         self.accelerator = accelerator
-        self.max_steps = max_steps
-        self.eval_every = int(stage.config.get("eval_every", 100))
+        self.max_steps = tc.max_steps
+        self.eval_every = int(tc.eval_every)
         self.batches = list(stage.eval_batches())
 
     def due(self, step: int) -> bool:

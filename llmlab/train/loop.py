@@ -18,10 +18,11 @@ from dataclasses import dataclass, field
 
 import torch
 
+from llmlab.config import TrainingConfig
 from llmlab.models.wrappers import unwrap
 from llmlab.stages.base import Stage
 from llmlab.train.checkpointer import Checkpointer
-from llmlab.train.errors import TrainingError
+from llmlab.train.errors import TrainingError, out_of_memory
 from llmlab.train.evaluator import Evaluator
 from llmlab.train.metrics import MetricsLogger
 from llmlab.train.optim import needs_hessian
@@ -72,22 +73,21 @@ def train(stage: Stage, *, fingerprint: str, accelerator=None, reset_optimizer: 
     from accelerate import Accelerator
     from accelerate.utils import set_seed
 
-    ctx, cfg = stage.ctx, stage.config
+    ctx = stage.ctx
     ctx.stage_dir.mkdir(parents=True, exist_ok=True)
-    if accelerator is None:
-        accelerator = Accelerator(cpu=ctx.device.type == "cpu")
+    accelerator = accelerator or Accelerator(cpu=ctx.device.type == "cpu")
     set_seed(ctx.seed)
-    max_steps = int(cfg["max_steps"])
+    tc = TrainingConfig.from_dict(stage.config, ctx.recipe.get("logging"))
+    max_steps = tc.max_steps
     model = setup_model(stage, accelerator)
-    optimizer, scheduler = setup_optimizer(model, cfg, accelerator.device, max_steps)
-    checkpointer = Checkpointer(stage, fingerprint=fingerprint, max_steps=max_steps, accelerator=accelerator)
+    optimizer, scheduler = setup_optimizer(model, tc, accelerator.device)
+    checkpointer = Checkpointer(stage, tc, fingerprint=fingerprint, accelerator=accelerator)
     step = start_step = checkpointer.resume(model, optimizer, scheduler, reset_optimizer=reset_optimizer)
     prepared_model, optimizer = accelerator.prepare(model, optimizer)
     prepared_model = maybe_compile(prepared_model, bool(ctx.recipe.get("compile")))
-    runner = StepRunner(stage, accelerator, prepared_model, optimizer, scheduler)
-    evaluator = Evaluator(stage, accelerator, max_steps)
-    metrics = MetricsLogger(stage, accelerator=accelerator, start_step=start_step, max_steps=max_steps,
-                            progress=progress)
+    runner = StepRunner(stage, tc, accelerator, prepared_model, optimizer, scheduler)
+    evaluator = Evaluator(stage, tc, accelerator)
+    metrics = MetricsLogger(stage, tc, accelerator=accelerator, start_step=start_step, progress=progress)
     is_main = accelerator.is_main_process
     if start_step == 0 and evaluator.batches and is_main:
         metrics.log_eval(0, evaluator.run(prepared_model))
@@ -116,10 +116,7 @@ def train(stage: Stage, *, fingerprint: str, accelerator=None, reset_optimizer: 
             if checkpointer.due(step, improved):
                 checkpointer.save(step, unwrap(prepared_model), optimizer, scheduler)
     except torch.OutOfMemoryError as e:
-        raise TrainingError(
-            f"stage {ctx.name}: out of memory at step {step + 1}. Lower batch_size (raise "
-            f"gradient_accumulation_steps to keep the global batch), lower seq_len, or set "
-            f"model.gradient_checkpointing: true") from e
+        raise out_of_memory(ctx.name, step + 1) from e
     finally:
         metrics.close()
     model = unwrap(prepared_model)
@@ -143,20 +140,19 @@ class StepOutput:
 class StepRunner:
     """One optimizer step: ``gradient_accumulation_steps`` micro-batches, clipping, optimizer and schedule.
 
-    Stage keys read: ``gradient_accumulation_steps`` [1], ``grad_clip`` [1.0],
-    ``optimizer.hessian_update_every`` [10] (Sophia: the backward pass builds a graph every that many steps).
+    Keys read: ``gradient_accumulation_steps``, ``grad_clip``, ``optimizer.hessian_update_every``
+    (Sophia: the backward pass builds a graph every that many steps).
     Micro-batch ``micro`` of step ``step`` on rank ``rank`` of ``world`` has global index
     ``(step * gradient_accumulation_steps + micro) * world + rank``.
     """
 
-    def __init__(self, stage: Stage, accelerator, model, optimizer, scheduler):
-        cfg = stage.config
+    def __init__(self, stage: Stage, tc: TrainingConfig, accelerator, model, optimizer, scheduler):
         self.stage, self.accelerator = stage, accelerator
         self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
-        self.gas = int(cfg.get("gradient_accumulation_steps", 1))
-        self.grad_clip = cfg.get("grad_clip", 1.0)
+        self.gas = int(tc.gradient_accumulation_steps)
+        self.grad_clip = tc.grad_clip
         self.hessian = needs_hessian(optimizer.optimizer if hasattr(optimizer, "optimizer") else optimizer)
-        self.hessian_every = int(cfg.get("optimizer", {}).get("hessian_update_every", 10))
+        self.hessian_every = int(tc.optimizer.hessian_update_every or 1)
         self.world, self.rank = accelerator.num_processes, accelerator.process_index
         self.device = accelerator.device
         # on CPU checking the loss costs no device sync, so it is checked every step

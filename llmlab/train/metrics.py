@@ -9,6 +9,8 @@ import json
 import time
 from pathlib import Path
 
+from llmlab.config import TrainingConfig
+from llmlab.layout import RunLayout, StageLayout
 from llmlab.metricsfile import read_records
 from llmlab.stages.base import Stage
 
@@ -48,7 +50,7 @@ def open_trackers(report_to: list[str], run_dir: Path, stage_name: str, config: 
     if "tensorboard" in report_to:
         from accelerate.tracking import TensorBoardTracker
 
-        trackers.append(TensorBoardTracker(stage_name, str(run_dir / "tensorboard")))
+        trackers.append(TensorBoardTracker(stage_name, str(RunLayout(run_dir).tensorboard(stage_name).parent)))
     if "wandb" in report_to:
         from accelerate.tracking import WandBTracker
 
@@ -61,21 +63,21 @@ def open_trackers(report_to: list[str], run_dir: Path, stage_name: str, config: 
 class MetricsLogger:
     """Logs a stage's training and eval records on the main process and counts tokens and time.
 
-    Keys read: the stage's ``log_every`` (else ``logging.log_every``, else 10), ``logging.report_to``,
+    Keys read: ``log_every`` (the stage's, else ``logging.log_every``), ``logging.report_to``,
     ``logging.wandb_project``. A training record is written at step ``start_step + 1``, every
     ``log_every`` steps and at the last step.
     """
 
-    def __init__(self, stage: Stage, *, accelerator, start_step: int, max_steps: int, progress=None):
-        ctx, cfg = stage.ctx, stage.config
+    def __init__(self, stage: Stage, tc: TrainingConfig, *, accelerator, start_step: int, progress=None):
+        ctx, cfg, max_steps = stage.ctx, stage.config, tc.max_steps
         self.is_main = accelerator.is_main_process
         self.world = accelerator.num_processes
         self.start_step, self.max_steps = start_step, max_steps
-        self.writer = MetricsWriter(ctx.stage_dir / "metrics.jsonl", start_step, enabled=self.is_main)
+        self.writer = MetricsWriter(StageLayout(ctx.stage_dir).metrics, start_step, enabled=self.is_main)
         log_cfg = ctx.recipe.get("logging", {}) or {}
         self.trackers = open_trackers(log_cfg.get("report_to") or [], Path(ctx.recipe["output_dir"]), ctx.name, cfg,
                                       log_cfg.get("wandb_project")) if self.is_main else []
-        self.log_every = int(cfg.get("log_every", log_cfg.get("log_every", 10)))
+        self.log_every = int(tc.log_every)
         self.progress, self.task = progress, None
         if progress is not None and self.is_main:
             self.task = progress.add_task(ctx.name, total=max_steps, completed=start_step, loss=float("nan"), tps=0.0)

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import torch
 
+from llmlab.config import OptimizerConfig, SchedulerConfig
+
 
 def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     """Weight decay on matrices (dim ≥ 2) only; biases, norms and 1-D parameters get none
@@ -77,46 +79,43 @@ class MuonWithAdamW(torch.optim.Optimizer):
         self.param_groups = [g for o in self._inner for g in o.param_groups]
 
 
-def build_optimizer(model: torch.nn.Module, cfg: dict, device: torch.device | None = None) -> torch.optim.Optimizer:
-    """Build the optimizer named by ``cfg["name"]`` over the model's trainable parameters.
+def build_optimizer(model: torch.nn.Module, cfg: OptimizerConfig | dict,
+                    device: torch.device | None = None) -> torch.optim.Optimizer:
+    """Build the optimizer named by ``cfg.name`` over the model's trainable parameters.
 
     Args:
         model: the model; only parameters with ``requires_grad`` are optimised.
-        cfg: the stage's resolved ``optimizer:`` section (name, lr, weight_decay, beta1, beta2, eps,
-            fused, momentum, nesterov, rho, hessian_update_every).
+        cfg: the stage's ``optimizer:`` section, as a view or a dict (absent keys: the schema's defaults).
         device: the training device (fused AdamW is used on CUDA unless ``fused: false``).
 
     Raises:
         ValueError: unknown optimizer name.
         RuntimeError: ``adamw_8bit`` without bitsandbytes and a CUDA device.
     """
-    name = cfg.get("name", "adamw")
-    lr = float(cfg.get("lr", 3e-4))
-    wd = float(cfg.get("weight_decay", 0.0))
-    beta1 = float(cfg.get("beta1", 0.9))
-    beta2 = cfg.get("beta2")
-    eps = float(cfg.get("eps", 1e-8))
+    if not isinstance(cfg, OptimizerConfig):
+        cfg = OptimizerConfig.from_dict(cfg)
+    name, lr, wd = cfg.name, float(cfg.lr), float(cfg.weight_decay)
+    beta1, beta2, eps = cfg.beta1, cfg.beta2, cfg.eps
     if name == "adamw":
-        fused = cfg.get("fused")
+        fused = cfg.fused
         if fused is None:
             fused = device is not None and device.type == "cuda"
-        return torch.optim.AdamW(_param_groups(model, wd), lr=lr, betas=(beta1, float(beta2 or 0.95)), eps=eps,
+        return torch.optim.AdamW(_param_groups(model, wd), lr=lr, betas=(beta1, beta2), eps=eps,
                                  fused=bool(fused) or None)
     if name == "adafactor":
         return torch.optim.Adafactor(_param_groups(model, wd), lr=lr)
     if name == "lion":
         from pytorch_optimizer import Lion
 
-        return Lion(_param_groups(model, wd), lr=lr, betas=(beta1, float(beta2 or 0.99)))
+        return Lion(_param_groups(model, wd), lr=lr, betas=(beta1, beta2))
     if name == "sophia":
         from pytorch_optimizer import SophiaH
 
-        return SophiaH(_param_groups(model, wd), lr=lr, betas=(beta1, float(beta2 or 0.99)),
-                       p=float(cfg.get("rho", 0.04)), update_period=int(cfg.get("hessian_update_every", 10)))
+        return SophiaH(_param_groups(model, wd), lr=lr, betas=(beta1, beta2), p=cfg.rho,
+                       update_period=cfg.hessian_update_every)
     if name == "muon":
-        return MuonWithAdamW(model, lr=lr, weight_decay=wd, momentum=float(cfg.get("momentum", 0.95)),
-                             nesterov=bool(cfg.get("nesterov", True)), beta1=beta1,
-                             beta2=float(beta2 or 0.95), eps=eps)
+        return MuonWithAdamW(model, lr=lr, weight_decay=wd, momentum=cfg.momentum, nesterov=bool(cfg.nesterov),
+                             beta1=beta1, beta2=beta2, eps=eps)
     if name == "adamw_8bit":
         if device is None or device.type != "cuda":
             raise RuntimeError("optimizer adamw_8bit needs bitsandbytes on a CUDA GPU; use adamw on this machine")
@@ -124,7 +123,7 @@ def build_optimizer(model: torch.nn.Module, cfg: dict, device: torch.device | No
             import bitsandbytes as bnb
         except ImportError as e:  # pragma: no cover - GPU extra
             raise RuntimeError("optimizer adamw_8bit needs the bitsandbytes package: pip install 'llmlab[gpu]'") from e
-        return bnb.optim.AdamW8bit(_param_groups(model, wd), lr=lr, betas=(beta1, float(beta2 or 0.95)), eps=eps)
+        return bnb.optim.AdamW8bit(_param_groups(model, wd), lr=lr, betas=(beta1, beta2), eps=eps)
     raise ValueError(f"unknown optimizer {name!r}")
 
 
@@ -134,22 +133,24 @@ def needs_hessian(optimizer: torch.optim.Optimizer) -> bool:
     return type(optimizer).__name__ == "SophiaH"
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, cfg: dict, max_steps: int):
+def build_scheduler(optimizer: torch.optim.Optimizer, cfg: SchedulerConfig | dict, max_steps: int):
     """A ``LambdaLR`` from ``transformers.get_scheduler``.
 
-    ``cfg``: the stage's ``scheduler:`` section: name none|constant|cosine|linear|polynomial,
-    warmup_steps, min_lr_ratio (cosine: the floor as a fraction of the peak lr), power (polynomial).
+    ``cfg``: the stage's ``scheduler:`` section, as a view or a dict (absent keys: the schema's
+    defaults): name none|constant|cosine|linear|polynomial, warmup_steps, min_lr_ratio (cosine: the
+    floor as a fraction of the peak lr), power (polynomial).
     """
     from transformers import get_scheduler
 
-    name = cfg.get("name", "cosine")
-    warmup = int(cfg.get("warmup_steps", 0))
+    if not isinstance(cfg, SchedulerConfig):
+        cfg = SchedulerConfig.from_dict(cfg)
+    name, warmup = cfg.name, int(cfg.warmup_steps or 0)
     kwargs = None
     if name in ("none", "constant"):
         name = "constant_with_warmup"
     elif name == "cosine":
-        name, kwargs = "cosine_with_min_lr", {"min_lr_rate": float(cfg.get("min_lr_ratio", 0.1))}
+        name, kwargs = "cosine_with_min_lr", {"min_lr_rate": float(cfg.min_lr_ratio)}
     elif name == "polynomial":
-        kwargs = {"power": float(cfg.get("power", 1.0))}
+        kwargs = {"power": float(cfg.power)}
     return get_scheduler(name, optimizer, num_warmup_steps=warmup, num_training_steps=max_steps,
                          scheduler_specific_kwargs=kwargs)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 
+from llmlab.config import TrainingConfig
 from llmlab.stages.base import Stage
 from llmlab.train.errors import TrainingError
 from llmlab.train.optim import build_optimizer, build_scheduler, needs_hessian
@@ -43,14 +44,14 @@ def setup_model(stage: Stage, accelerator) -> torch.nn.Module:
     return model
 
 
-def setup_optimizer(model: torch.nn.Module, cfg: dict, device: torch.device, max_steps: int):
-    """``(optimizer, scheduler)`` for the stage config ``cfg`` (its ``optimizer`` and ``scheduler``).
+def setup_optimizer(model: torch.nn.Module, tc: TrainingConfig, device: torch.device):
+    """``(optimizer, scheduler)`` of the stage's ``optimizer`` and ``scheduler`` over ``max_steps``.
 
     Sophia's Hessian estimate differentiates through the backward pass; fused SDPA kernels have no
     double backward, so with Sophia the model's attention is switched to plain PyTorch ops.
     """
-    optimizer = build_optimizer(model, cfg.get("optimizer", {}), device)
-    scheduler = build_scheduler(optimizer, cfg.get("scheduler", {}), max_steps)
+    optimizer = build_optimizer(model, tc.optimizer, device)
+    scheduler = build_scheduler(optimizer, tc.scheduler, tc.max_steps)
     if needs_hessian(optimizer):
         if hasattr(getattr(model, "config", None), "attn_backend"):
             model.config.attn_backend = "eager"

@@ -1,0 +1,130 @@
+"""Typed, frozen views of the resolved recipe's sections that the training loop reads.
+
+Each view is built from the resolved dict by ``from_dict``; a key the dict lacks takes the recipe
+schema's default (``schemas/recipe.schema.json``), so no default is written here or in the code that
+reads the view. The views are read-only: the resolved dict stays the record of the run (it is what
+``recipe.resolved.yaml`` and the fingerprints hold). Pure Python, no torch.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+from llmlab.recipe.schema import fill_defaults
+
+
+def _filled(ref: str, section: dict | None) -> dict:
+    out = copy.deepcopy(dict(section or {}))
+    fill_defaults({"$ref": ref}, out)
+    return out
+
+
+def _pick(cls, values: dict, **given) -> Any:
+    names = {f.name for f in dataclasses.fields(cls)}
+    return cls(**{k: values.get(k) for k in names if k not in given}, **given)
+
+
+@dataclass(frozen=True)
+class OptimizerConfig:
+    """A stage's ``optimizer:`` section (``$defs/optimizer`` in the schema). Keys that do not apply
+    to ``name`` are None."""
+
+    name: str
+    """adamw | adamw_8bit | adafactor | lion | sophia | muon."""
+    lr: float
+    """Peak learning rate."""
+    weight_decay: float
+    """Decoupled weight decay (not applied to biases and norm weights)."""
+    beta1: float | None = None
+    """First-moment decay (adamw, adamw_8bit, lion, sophia; muon's AdamW part)."""
+    beta2: float | None = None
+    """Second-moment decay (adamw, adamw_8bit, lion, sophia; muon's AdamW part)."""
+    eps: float | None = None
+    """Denominator epsilon (adamw, adamw_8bit, sophia, muon)."""
+    fused: bool | None = None
+    """adamw: the fused kernel (None: on CUDA only)."""
+    momentum: float | None = None
+    """muon: momentum of the orthogonalised update."""
+    nesterov: bool | None = None
+    """muon: Nesterov momentum."""
+    rho: float | None = None
+    """sophia: the update clip ρ."""
+    hessian_update_every: int | None = None
+    """sophia: steps between Hutchinson Hessian estimates."""
+
+    @classmethod
+    def from_dict(cls, section: dict | None) -> OptimizerConfig:
+        """The view of ``section`` (None or {}: the schema's default optimizer)."""
+        return _pick(cls, _filled("#/$defs/optimizer", section))
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    """A stage's ``scheduler:`` section (``$defs/scheduler``). Keys that do not apply to ``name`` are None."""
+
+    name: str
+    """none | constant | cosine | linear | polynomial."""
+    warmup_steps: int | None = None
+    """Linear warm-up steps from 0 to the peak learning rate."""
+    min_lr_ratio: float | None = None
+    """cosine: the floor as a fraction of the peak learning rate."""
+    power: float | None = None
+    """polynomial: the decay exponent."""
+
+    @classmethod
+    def from_dict(cls, section: dict | None) -> SchedulerConfig:
+        """The view of ``section`` (None or {}: the schema's default schedule)."""
+        return _pick(cls, _filled("#/$defs/scheduler", section))
+
+
+@dataclass(frozen=True)
+class TrainingConfig:
+    """The keys of a stage (``$defs/stage_common``) that the training loop reads."""
+
+    max_steps: int
+    """Optimizer steps to train to."""
+    batch_size: int
+    """Examples per micro-batch (per process)."""
+    gradient_accumulation_steps: int
+    """Micro-batches per optimizer step."""
+    grad_clip: float | None
+    """Clip the global gradient norm to this (None or 0: no clipping)."""
+    eval_every: int
+    """Steps between evaluations (the last step is always evaluated)."""
+    eval_steps: int
+    """Held-out batches per evaluation."""
+    log_every: int
+    """Steps between training records (the stage's ``log_every``, else ``logging.log_every``)."""
+    save_every: int
+    """Steps between checkpoints (the last step is always saved)."""
+    keep_last: int
+    """Newest checkpoints kept on disk."""
+    save_best_only: bool
+    """Also save at each new best eval loss, never prune the best checkpoint, and end with its weights."""
+    reset_optimizer: bool
+    """On resume, load only the weights (fresh optimizer, schedule fast-forwarded)."""
+    optimizer: OptimizerConfig
+    """The ``optimizer:`` section."""
+    scheduler: SchedulerConfig
+    """The ``scheduler:`` section."""
+
+    @classmethod
+    def from_dict(cls, stage: dict, logging: dict | None = None) -> TrainingConfig:
+        """The view of a stage's config ``stage`` (any stage type; the recipe's ``logging`` section
+        gives ``log_every`` when the stage has none).
+
+        Raises:
+            KeyError: ``max_steps`` is missing.
+        """
+        values = _filled("#/$defs/stage_common", {k: v for k, v in stage.items() if k not in ("optimizer", "scheduler")})
+        if values.get("log_every") is None:
+            values["log_every"] = _filled("#/properties/logging", logging)["log_every"]
+        values["max_steps"] = stage["max_steps"]
+        return _pick(cls, values, optimizer=OptimizerConfig.from_dict(stage.get("optimizer")),
+                     scheduler=SchedulerConfig.from_dict(stage.get("scheduler")))
+
+
+__all__ = ["OptimizerConfig", "SchedulerConfig", "TrainingConfig"]
