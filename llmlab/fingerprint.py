@@ -250,7 +250,7 @@ def stage_status(stage_dir: Path, fp: dict, max_steps: int) -> tuple[str, str]:
     return ("partial", f"at step {ck}") if ck else ("pending", "started, no checkpoint yet")
 
 
-def results_stage_status(stage_dir: Path, fp: dict, results_file: str = "results.json") -> tuple[str, str]:
+def results_stage_status(stage_dir: Path, fp: dict, results_file: str) -> tuple[str, str]:
     """(status, detail) of a stage that trains nothing (evaluate): ``done`` (stage.json says done with
     this fingerprint and ``results_file`` exists), ``stale`` (another fingerprint; detail says what
     changed) or ``pending``. The counterpart of :func:`stage_status`, which looks for final/ and steps."""

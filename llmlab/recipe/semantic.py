@@ -246,10 +246,9 @@ def _check_stages(doc: dict, datasets: dict, given, add) -> None:
         seq = _int(st.get("seq_len"))
         if seq and max_len and seq > max_len:
             add(base + ("seq_len",), f"seq_len ({seq}) exceeds model.max_seq_len ({max_len})")
-        trains = stype not in NON_TRAINING_TYPES
-        if "from_pretrained" in model and "arch" not in model and "seq_len" not in st and trains:
+        if "from_pretrained" in model and "arch" not in model and "seq_len" not in st and stype not in NON_TRAINING_TYPES:
             add(base, "seq_len is required with model.from_pretrained (the checkpoint's context length is unknown until it loads)")
-        if not trains:
+        if stype in NON_TRAINING_TYPES:
             _check_evaluate(doc, datasets, stages, types, idx, name, st, add)
             continue
         _stage_ref(stages, idx, st.get("from"), base + ("from",), add, "from:", types=types, not_types=NON_TRAINING_TYPES)

@@ -28,6 +28,8 @@ from typing import Callable
 
 import torch
 
+from llmlab.layout import StageLayout
+
 BUILTINS = ("token_fraction", "contains", "length")
 SOURCE_KEYS = ("from", "model", "function", "builtin")
 
@@ -218,7 +220,7 @@ class RewardFunction:
                 name = spec["from"]
                 if name not in ctx.stage_paths:
                     raise RewardConfigError(f"{where}.from: no stage named {name!r}")
-                path = Path(ctx.stage_paths[name]) / "final"
+                path = StageLayout(ctx.stage_paths[name]).final
                 if not path.exists():
                     raise RewardConfigError(f"{where}.from: {path} does not exist (stage {name!r} has not finished)")
                 src, label = _StageRewardModel(path, pad, ctx.device, ctx.allow_code), f"from:{name}"

@@ -35,7 +35,7 @@ from typing import Any
 from rich.table import Table
 
 from llmlab.fingerprint import models_inputs, results_stage_status
-from llmlab.layout import write_json_atomic
+from llmlab.layout import StageLayout, write_json_atomic
 from llmlab.recipe.schema import stage_defaults
 from llmlab.stage_specs import stage_spec
 from llmlab.stages.base import Stage
@@ -123,8 +123,9 @@ def _device_and_dtype(recipe: dict) -> tuple[str | None, str | None]:
 def _load(stage_dir: Path, stage: str, allow_code: bool, device: str | None, dtype: str | None):
     from llmlab.inference.loading import ModelLoadError, load_for_inference
 
-    if not (stage_dir / "final" / "config.json").is_file():
-        raise EvaluateError(f"stage {stage} has no finished output at {stage_dir / 'final'}; run it first")
+    final = StageLayout(stage_dir).final
+    if not (final / "config.json").is_file():
+        raise EvaluateError(f"stage {stage} has no finished output at {final}; run it first")
     try:
         return load_for_inference(stage_dir, allow_code=allow_code, device=device, dtype=dtype)
     except ModelLoadError as e:

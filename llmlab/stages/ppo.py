@@ -32,14 +32,13 @@ The value head is a submodule of the policy, so checkpoints save and restore it 
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 
+from llmlab.layout import StageLayout
 from llmlab.losses import (clipped_policy_loss, clipped_value_loss, explained_variance, gae, masked_whiten)
 from llmlab.rl.generation import sequence_forward
-from llmlab.stages.online import OnlineRLStage
 from llmlab.rl.value_head import V_HEAD, attach_value_head, base_model, get_value_head, save_value_head
+from llmlab.stages.online import OnlineRLStage
 
 
 class PPOStage(OnlineRLStage):
@@ -83,7 +82,7 @@ class PPOStage(OnlineRLStage):
         base = base_model(model)
         if hasattr(base, V_HEAD):
             self.ctx.stage_dir.mkdir(parents=True, exist_ok=True)
-            save_value_head(model, Path(self.ctx.stage_dir) / "value_head.safetensors")
+            save_value_head(model, StageLayout(self.ctx.stage_dir).value_head)
             delattr(base, V_HEAD)
         return model
 
