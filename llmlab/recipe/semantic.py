@@ -254,7 +254,8 @@ def _check_stages(doc: dict, datasets: dict, given, add) -> None:
         _stage_ref(stages, idx, st.get("from"), base + ("from",), add, "from:", types=types, not_types=NON_TRAINING_TYPES)
         _stage_ref(stages, idx, st.get("reference_from"), base + ("reference_from",), add, "reference_from:",
                    types=types, not_types=NON_TRAINING_TYPES)
-        accepted = STAGE_SPECS[stype].formats if stype in STAGE_SPECS else None
+        spec = STAGE_SPECS.get(stype)
+        accepted = spec.formats if spec else None
         for key in ("datasets", "eval_datasets"):
             mix = st.get(key)
             if not isinstance(mix, dict):
@@ -271,21 +272,9 @@ def _check_stages(doc: dict, datasets: dict, given, add) -> None:
                     src = _dict(datasets[ds]).get("builtin")
                     add(p, f"dataset {ds!r} has format {fmt!r}" + (f" (builtin {src})" if src else "")
                         + f", which a {stype} stage cannot use; expected {' or '.join(accepted)}")
-        if stype in ("grpo", "ppo"):
-            bs, mbs = _int(st.get("batch_size")), _int(st.get("mini_batch_size"))
-            if bs and mbs and bs % mbs:
-                add(base + ("mini_batch_size",) if given(base + ("mini_batch_size",)) else base + ("batch_size",),
-                    f"batch_size ({bs}) must be divisible by mini_batch_size ({mbs})")
-            rewards = st.get("reward")
-            if rewards is None:
-                add(base, f"a {stype} stage needs a 'reward': a list of {{from: REWARD_STAGE}}, {{model: PATH_OR_HUB_ID}} or {{function: 'module:function'}}")
-            elif isinstance(rewards, list):
-                for i, r in enumerate(rewards):
-                    if not isinstance(r, dict):
-                        continue
-                    _check_reward(r, base + ("reward", i), given, add)
-                    _stage_ref(stages, idx, r.get("from"), base + ("reward", i, "from"), add, "reward from:", "reward", types)
-        if stype and stype != "pretrain" and chat_template == "none":
+        if spec and spec.generates:
+            _check_online_rl(stages, types, idx, name, st, given, add)
+        if stype and (spec.kind if spec else None) != "text" and chat_template == "none":
             add(base + ("type",), f"a {stype} stage needs a chat template, but tokenizer.chat_template is 'none'")
         if stype == "ppo" and given(base + ("kl_horizon",)) and st.get("kl_target") is None:
             add(base + ("kl_horizon",), "kl_horizon only applies to the adaptive KL controller; set kl_target too")
@@ -314,6 +303,25 @@ def _check_stages(doc: dict, datasets: dict, given, add) -> None:
                             known = sorted(lora_presets.KNOWN_TARGETS[key])
                             add(base + ("lora", "target_modules"),
                                 f"{unknown} name no module of a {model.get('arch')} model; LoRA can adapt {known}")
+
+
+def _check_online_rl(stages: list, types: dict, idx: int, name: str, st: dict, given, add) -> None:
+    """A stage that samples rollouts (grpo, ppo): its mini-batches divide the rollout batch and it
+    names its rewards."""
+    base = ("stages", name)
+    bs, mbs = _int(st.get("batch_size")), _int(st.get("mini_batch_size"))
+    if bs and mbs and bs % mbs:
+        add(base + ("mini_batch_size",) if given(base + ("mini_batch_size",)) else base + ("batch_size",),
+            f"batch_size ({bs}) must be divisible by mini_batch_size ({mbs})")
+    rewards = st.get("reward")
+    if rewards is None:
+        add(base, f"a {st.get('type')} stage needs a 'reward': a list of {{from: REWARD_STAGE}}, {{model: PATH_OR_HUB_ID}} or {{function: 'module:function'}}")
+    elif isinstance(rewards, list):
+        for i, r in enumerate(rewards):
+            if not isinstance(r, dict):
+                continue
+            _check_reward(r, base + ("reward", i), given, add)
+            _stage_ref(stages, idx, r.get("from"), base + ("reward", i, "from"), add, "reward from:", "reward", types)
 
 
 def _check_evaluate(doc: dict, datasets: dict, stages: list, types: dict, idx: int, name: str, st: dict, add) -> None:
