@@ -175,7 +175,7 @@ def plan_rows(recipe: dict) -> tuple[list[dict], dict]:
             "stage": name, "type": cfg["type"], "from": stage_inputs(recipe, name, order)["from"] or "model",
             "datasets": shares, "steps": int(cfg["max_steps"]), "tokens": tokens, "params": params,
             "trainable": trainable, "memory_bytes": memory,
-            "tokens_per_param": tokens / params if (params and cfg["type"] == "pretrain") else None,
+            "tokens_per_param": tokens / params if (params and spec.kind == "text") else None,
             "status": status, "status_detail": detail, "fingerprint": fps[name]["fingerprint"][:12],
         })
     return rows, {"params": params, "vocab_size": vocab, "tokenizer": run_tokenizer_state(recipe)}

@@ -138,7 +138,7 @@ def save_final(model, tokenizer, stage_dir: Path, cfg: dict, keep_adapter: bool 
     if gc is not None:
         eos = [tokenizer.eos_token_id]
         im_end = tokenizer.convert_tokens_to_ids("<|im_end|>") if "<|im_end|>" in tokenizer.get_vocab() else None
-        if im_end is not None and cfg.get("type") != "pretrain":
+        if im_end is not None and stage_spec(cfg["type"]).kind != "text":  # a chat model also stops at <|im_end|>
             eos.append(im_end)
         gc.eos_token_id = eos if len(eos) > 1 else eos[0]
         gc.pad_token_id = tokenizer.pad_token_id
