@@ -1,7 +1,7 @@
 """The training loop's checkpointer: resume policy, periodic and best saves, pruning, best restore.
 
-Every checkpoint a stage writes goes through :meth:`Checkpointer.save` (which first checks that the
-loss is finite), and every resume through :meth:`Checkpointer.resume`. The files and their atomic
+Every checkpoint a stage writes goes through :meth:`Checkpointer.save` (which refuses non-finite
+weights, so a checkpoint is always finite), and every resume through :meth:`Checkpointer.resume`. The files and their atomic
 write are :mod:`llmlab.train.checkpoint`'s.
 """
 
@@ -123,19 +123,36 @@ class Checkpointer:
         """Whether to write a checkpoint at ``step``."""
         return step % self.save_every == 0 or step == self.max_steps or (self.save_best_only and improved)
 
-    def check_finite(self, loss: torch.Tensor, step: int) -> None:
-        """Raise when the training loss of ``step`` is NaN or infinite.
+    def check_finite(self, loss: torch.Tensor, step: int, grad_norm=None) -> None:
+        """Raise when the training loss or the gradient norm of ``step`` is NaN or infinite (a
+        non-finite gradient norm means the update just taken poisoned the weights, even while the
+        loss, computed before it, still looks fine).
 
         Raises:
             TrainingError: naming the step and the last good checkpoint (which is kept).
         """
         if not torch.isfinite(loss):
-            raise TrainingError(f"stage {self.name}: loss is {float(loss)} at step {step}; the last good "
-                                f"checkpoint is {self.last_good or 'none'} (lower the lr or set grad_clip)")
+            what = f"loss is {float(loss)}"
+        elif grad_norm is not None and not math.isfinite(float(grad_norm)):
+            what = f"the gradient norm is {float(grad_norm)}"
+        else:
+            return
+        raise TrainingError(f"stage {self.name}: {what} at step {step}; the last good checkpoint is "
+                            f"{self.last_good or 'none'} (lower the lr or set grad_clip)")
 
     def save(self, step: int, model: torch.nn.Module, optimizer, scheduler) -> None:
-        """Write ``checkpoints/step-NNNNNN`` (main process; every rank waits) and prune old ones."""
+        """Write ``checkpoints/step-NNNNNN`` (main process; every rank waits) and prune old ones.
+
+        Raises:
+            TrainingError: a trainable weight is NaN or infinite; nothing is written, so the last
+                good checkpoint named in the message is finite.
+        """
         self.accelerator.wait_for_everyone()
+        bad = nonfinite_parameters(model)
+        if bad:
+            raise TrainingError(f"stage {self.name}: after step {step} {len(bad)} weight tensor(s) are not finite "
+                                f"(first: {bad[0]}); not saved. The last good checkpoint is {self.last_good or 'none'} "
+                                "(lower the lr or set grad_clip)")
         if self.accelerator.is_main_process:
             protect = {self.best_step} if self.save_best_only and self.best_step else set()
             self.last_good = str(ckpt_lib.save_checkpoint(
@@ -149,3 +166,12 @@ class Checkpointer:
         return {"fingerprint": self.fingerprint, "max_steps": self.max_steps, "optimizer": self.optimizer_name,
                 "scheduler": self.scheduler_cfg, "best_eval": None if math.isinf(self.best_eval) else self.best_eval,
                 "best_step": self.best_step}
+
+
+def nonfinite_parameters(model: torch.nn.Module) -> list[str]:
+    """Names of the trainable parameters holding a NaN or an infinity (one device sync in all)."""
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    if not named:
+        return []
+    flags = torch.stack([torch.isfinite(p.detach()).all() for _, p in named]).cpu()
+    return [n for (n, _), ok in zip(named, flags.tolist()) if not ok]

@@ -22,7 +22,7 @@ from llmlab.config import TrainingConfig
 from llmlab.models.wrappers import unwrap
 from llmlab.stages.base import Stage
 from llmlab.train.checkpointer import Checkpointer
-from llmlab.train.errors import TrainingError, out_of_memory
+from llmlab.train.errors import TrainingError, is_cpu_out_of_memory, out_of_memory
 from llmlab.train.evaluator import Evaluator
 from llmlab.train.metrics import MetricsLogger
 from llmlab.train.optim import needs_hessian
@@ -101,7 +101,7 @@ def train(stage: Stage, *, fingerprint: str, accelerator=None, reset_optimizer: 
             if log_now:
                 out = runner.reduced(out)  # the global mean, as one process with the same global batch
             if runner.check_every_step or log_now or checkpointer.may_save(step, evaluator.due(step)):
-                checkpointer.check_finite(out.loss, step)
+                checkpointer.check_finite(out.loss, step, out.grad_norm)
             if log_now:
                 metrics.log_train(step, scalar(out.loss), scheduler.get_last_lr()[0],
                                   None if out.grad_norm is None else scalar(out.grad_norm),
@@ -116,6 +116,10 @@ def train(stage: Stage, *, fingerprint: str, accelerator=None, reset_optimizer: 
             if checkpointer.due(step, improved):
                 checkpointer.save(step, unwrap(prepared_model), optimizer, scheduler)
     except torch.OutOfMemoryError as e:
+        raise out_of_memory(ctx.name, step + 1) from e
+    except RuntimeError as e:  # the CPU allocator says it differently: "... can't allocate memory ..."
+        if not is_cpu_out_of_memory(e):
+            raise
         raise out_of_memory(ctx.name, step + 1) from e
     finally:
         metrics.close()
