@@ -25,7 +25,7 @@ from llmlab.train.checkpointer import Checkpointer
 from llmlab.train.errors import TrainingError, is_cpu_out_of_memory, out_of_memory
 from llmlab.train.evaluator import Evaluator
 from llmlab.train.metrics import MetricsLogger
-from llmlab.train.optim import needs_hessian
+from llmlab.train.optim import distributed_hutchinson, needs_hessian
 from llmlab.train.setup import maybe_compile, setup_model, setup_optimizer, stage_model_arch
 from llmlab.train.tensors import scalar, to_device
 
@@ -169,11 +169,14 @@ class StepRunner:
         metric_sums: dict = {}
         tokens = 0
         create_graph = self.hessian and step % self.hessian_every == 0
+        # Sophia's Hessian step under DDP: no DDP gradient hooks (they fail on graph-carrying
+        # gradients); distributed_hutchinson averages gradients and estimates itself
+        manual_sync = create_graph and self.world > 1
         for micro in range(gas):
             index = (step * gas + micro) * self.world + self.rank
             batch = to_device(self.stage.get_batch(index, unwrap(self.model)), self.device)
             tokens += self.stage.tokens_in_batch(batch)
-            sync_ctx = acc.no_sync(self.model) if micro < gas - 1 else contextlib.nullcontext()
+            sync_ctx = acc.no_sync(self.model) if micro < gas - 1 or manual_sync else contextlib.nullcontext()
             with sync_ctx, acc.autocast():
                 loss, m = self.stage.compute_loss(self.model, batch)
                 if create_graph:
@@ -183,8 +186,12 @@ class StepRunner:
             loss_sum += loss.detach() / gas
             for k, v in m.items():
                 metric_sums[k] = metric_sums.get(k, 0.0) + (v.detach() if isinstance(v, torch.Tensor) else v) / gas
+        hessian = distributed_hutchinson(self.optimizer.optimizer) if manual_sync else None
         grad_norm = acc.clip_grad_norm_(self.model.parameters(), float(self.grad_clip)) if self.grad_clip else None
-        self.optimizer.step()
+        if hessian is not None:
+            self.optimizer.optimizer.step(hessian=hessian)
+        else:
+            self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         return StepOutput(loss_sum, metric_sums, tokens, grad_norm)

@@ -127,6 +127,53 @@ def build_optimizer(model: torch.nn.Module, cfg: OptimizerConfig | dict,
     raise ValueError(f"unknown optimizer {name!r}")
 
 
+def distributed_hutchinson(optimizer) -> list[torch.Tensor]:
+    """Sophia's Hessian step under DDP: estimate, then average gradients and estimates over the
+    processes, so that every replica takes the same step.
+
+    DDP's gradient hooks write into the gradients in place, which fails for the graph-carrying
+    gradients of ``backward(create_graph=True)`` ("a leaf Variable that requires grad is being
+    used in an in-place operation"); the caller therefore runs that backward under ``no_sync``.
+    Here each process estimates the Hessian diagonal from its own graph (Hutchinson: z ⊙ Hz with
+    z ~ N(0, I), pytorch-optimizer's SophiaH; Liu et al. 2023, "Sophia: A Scalable Stochastic
+    Second-order Optimizer"), then its gradients (detached) and estimates are all-reduced to the
+    mean. A parameter keeps ``grad = None`` only when it has no gradient on every process.
+
+    Args:
+        optimizer: the (unwrapped) ``pytorch_optimizer.SophiaH``.
+
+    Returns:
+        the averaged estimates, one per parameter in parameter-group order, for
+        ``optimizer.step(hessian=...)``.
+    """
+    import torch.distributed as dist
+
+    world = dist.get_world_size()
+    for group in optimizer.param_groups:
+        optimizer.init_group(group)
+    optimizer.zero_hessian(optimizer.param_groups, optimizer.state)
+    optimizer.compute_hutchinson_hessian(param_groups=optimizer.param_groups, state=optimizer.state,
+                                         num_samples=optimizer.num_samples, distribution=optimizer.distribution)
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    has_grad = torch.tensor([p.grad is not None for p in params], dtype=torch.uint8, device=params[0].device)
+    dist.all_reduce(has_grad, op=dist.ReduceOp.MAX)
+    hessians = []
+    with torch.no_grad():
+        for p, anywhere in zip(params, has_grad.tolist()):
+            state = optimizer.state[p]
+            hessian = state.get("hessian")
+            if hessian is None:
+                hessian = state["hessian"] = torch.zeros_like(p)
+            if anywhere:
+                p.grad = torch.zeros_like(p) if p.grad is None else p.grad.detach()
+                dist.all_reduce(p.grad)
+                p.grad.div_(world)
+                dist.all_reduce(hessian)
+                hessian.div_(world)
+            hessians.append(hessian)
+    return hessians
+
+
 def needs_hessian(optimizer: torch.optim.Optimizer) -> bool:
     """True for optimizers whose step needs ``backward(create_graph=True)`` (Sophia's Hutchinson
     Hessian estimate)."""
