@@ -115,12 +115,10 @@ def train(stage: Stage, *, fingerprint: str, accelerator=None, reset_optimizer: 
                 improved = checkpointer.observe_eval(step, metrics.eval_loss if is_main else None)
             if checkpointer.due(step, improved):
                 checkpointer.save(step, unwrap(prepared_model), optimizer, scheduler)
-    except torch.OutOfMemoryError as e:
-        raise out_of_memory(ctx.name, step + 1) from e
-    except RuntimeError as e:  # the CPU allocator says it differently: "... can't allocate memory ..."
-        if not is_cpu_out_of_memory(e):
-            raise
-        raise out_of_memory(ctx.name, step + 1) from e
+    except RuntimeError as e:  # CUDA's OutOfMemoryError, or the CPU allocator's "... can't allocate memory ..."
+        if isinstance(e, torch.OutOfMemoryError) or is_cpu_out_of_memory(e):
+            raise out_of_memory(ctx.name, step + 1) from e
+        raise
     finally:
         metrics.close()
     model = unwrap(prepared_model)
