@@ -120,6 +120,26 @@ class RunLayout:
         """The layout of stage ``name``'s directory."""
         return StageLayout(self.root / name)
 
+    def portable(self, path: str | Path | None) -> str | None:
+        """``path`` as stage.json records it: relative to the run directory when inside it (so the
+        run directory can be moved), else absolute; None stays None."""
+        if path is None:
+            return None
+        path = Path(path)
+        try:
+            return path.resolve().relative_to(self.root.resolve()).as_posix()
+        except ValueError:
+            return str(path)
+
+    def locate(self, recorded: str | None) -> Path | None:
+        """The path a stage.json entry names: a relative one is inside this run directory (also
+        after the directory moved); an absolute one (outside it, or written by an older llmlab) as
+        it is."""
+        if recorded is None:
+            return None
+        p = Path(recorded)
+        return p if p.is_absolute() else self.root / p
+
     @property
     def resolved_recipe(self) -> Path:
         """``recipe.resolved.yaml``: the recipe as run (defaults filled), headed by package versions."""

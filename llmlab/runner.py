@@ -335,7 +335,7 @@ class Runner:
         if not cfg.get("lora"):
             dep_info = self.layout.stage(frm).read_record() or {}
             if (dep_info.get("outputs") or {}).get("adapter") and dep_info.get("init_path"):
-                return Path(dep_info["init_path"]), Path(dep_info["outputs"]["adapter"])
+                return self.layout.locate(dep_info["init_path"]), self.layout.locate(dep_info["outputs"]["adapter"])
         return init_path, None
 
     def _run_training_stage(self, stage, status: str, detail: str, env: _StageEnv) -> StageOutcome:
@@ -357,8 +357,7 @@ class Runner:
             name=name, type=cfg["type"], status="running", fingerprint=self.fps[name]["fingerprint"],
             parts=self.fps[name]["parts"], max_steps=int(cfg["max_steps"]),
             started_at=previous.get("started_at") or _now(), tokenizer_sha256=env.tok_sha,
-            init_path=str(ctx.init_path) if ctx.init_path else None,
-            init_adapter=str(ctx.init_adapter) if ctx.init_adapter else None,
+            init_path=self.layout.portable(ctx.init_path), init_adapter=self.layout.portable(ctx.init_adapter),
             device=env.device.type, precision=self.precision, distributed=self.distributed,
             absent=_FINISH_FIELDS | {"models"})
         extended_from = list(previous.get("extended_from") or [])
@@ -382,7 +381,8 @@ class Runner:
                           tokens=result.tokens, resumed_from=result.resumed_from,
                           first_loss=summary.get("first_loss"), last_loss=summary.get("last_loss"),
                           first_eval=summary.get("first_eval"), last_eval=summary.get("last_eval"),
-                          final_metrics=result.final_metrics, outputs=written)
+                          final_metrics=result.final_metrics,
+                          outputs={k: self.layout.portable(v) for k, v in written.items()})
             record.write(layout.record)
         env.accelerator.wait_for_everyone()
         del model
@@ -408,7 +408,7 @@ class Runner:
             results = stage.run()
             self.console.print(comparison_table(results, title=f"{name}: evaluation"))
             record.finish(finished_at=_now(), wall_time_s=round(time.perf_counter() - t0, 2),
-                          outputs={"results": str(layout.results)})
+                          outputs={"results": self.layout.portable(layout.results)})
             record.write(layout.record)
         env.accelerator.wait_for_everyone()
         return StageOutcome(name, cfg["type"], "ran", record.to_json())

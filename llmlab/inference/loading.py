@@ -148,8 +148,10 @@ def _adapter_base(adapter_dir: Path, run_dir: Path | None, stage_name: str | Non
     info = _read_json(stage_dir / "stage.json")
     for key in ("init_path", "input", "base_model"):
         val = info.get(key)
-        if isinstance(val, str) and _is_model_dir(Path(val)):
-            return Path(val).resolve()
+        # stage.json records paths inside the run directory relative to it (RunLayout.portable)
+        for cand in ((Path(val), stage_dir.parent / val) if isinstance(val, str) else ()):
+            if _is_model_dir(cand):
+                return cand.resolve()
     stages = read_run_recipe(run_dir).get("stages")
     if run_dir is not None and isinstance(stages, dict) and isinstance(stages.get(stage_name), dict):
         src = stages[stage_name].get("from")

@@ -264,3 +264,24 @@ def test_plan_counts_with_the_real_tokenizer_and_the_adapter_a_stage_continues(t
     assert plan_command(path, overrides=["tokenizer.train.vocab_size=600"]) == 0
     out = capsys.readouterr().out
     assert "retrains it and then every stage" in out and "another output_dir" in out
+
+
+def test_a_moved_run_continues_an_unmerged_adapter(tmp_path):
+    import json
+    import shutil
+
+    from llmlab.runner import run_command
+
+    stages = _short_stages(pretrain=2, sft=2, dpo=2)
+    stages["sft"]["lora"] = {"preset": "minimal", "r": 4, "alpha": 8, "merge": False}
+    proj = tmp_path / "proj"
+    proj.mkdir()
+    recipe = write_recipe(proj, {**TINY, "stages": stages})
+    assert run_command(recipe, until="sft") == 0
+    info = json.loads((proj / "run" / "sft" / "stage.json").read_text())
+    assert info["init_path"] == "pretrain/final" and info["outputs"]["adapter"] == "sft/adapter"
+    moved = tmp_path / "moved"
+    shutil.move(proj, moved)
+    assert run_command(moved / recipe.name) == 0  # dpo continues sft's adapter from the new place
+    dpo = json.loads((moved / "run" / "dpo" / "stage.json").read_text())
+    assert dpo["init_adapter"] == "sft/adapter" and dpo["init_path"] == "pretrain/final"
