@@ -6,6 +6,7 @@ import json
 import pytest
 import torch
 
+from llmlab.layout import RunLayout
 from llmlab.runner import run_command
 from tests.tiny import TINY, write_recipe
 
@@ -87,8 +88,9 @@ def test_unmerged_adapter_is_trained_further_by_the_next_stage(tmp_path):
     assert run_command(write_recipe(tmp_path, rec)) == 0
     run = tmp_path / "run"
     dpo = json.loads((run / "dpo" / "stage.json").read_text())
-    assert dpo["init_adapter"] == str(run / "sft" / "adapter")
-    assert dpo["init_path"] == str(run / "pretrain" / "final")  # the adapter's base, not sft's merged weights
+    layout = RunLayout(run)  # stage.json records paths inside the run relative to it
+    assert layout.locate(dpo["init_adapter"]) == run / "sft" / "adapter"
+    assert layout.locate(dpo["init_path"]) == run / "pretrain" / "final"  # the adapter's base, not sft's merged weights
     sft_ad = load_file(str(run / "sft" / "adapter" / "adapter_model.safetensors"))
     dpo_ad = load_file(str(run / "dpo" / "adapter" / "adapter_model.safetensors"))
     assert sft_ad.keys() == dpo_ad.keys()
