@@ -48,11 +48,40 @@ def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> t
     return logits
 
 
-def _forward(model, input_ids, attention_mask, position_ids, past=None, use_cache=True):
-    out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                past_key_values=past, use_cache=use_cache)
+def cache_argument(model) -> str | None:
+    """The keyword under which ``model.forward`` takes a KV cache, or None when it takes none.
+
+    transformers >= 5.2x names it ``cache`` (``past_key_values`` is a deprecated alias there, and a
+    model that only has ``**kwargs`` would swallow the wrong name silently); older models and
+    transformers 4.x use ``past_key_values``. A PEFT wrapper is looked through to the model it wraps.
+    """
+    import inspect
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    params = inspect.signature(base.forward).parameters
+    for name in ("cache", "past_key_values"):
+        if name in params:
+            return name
+    return None
+
+
+def returned_cache(out):
+    """The KV cache a forward returned: the ``cache`` field (transformers >= 5.2x) or ``past_key_values``."""
+    for name in ("cache", "past_key_values"):
+        c = getattr(out, name, None)
+        if c is not None:
+            return c
+    return None
+
+
+def _forward(model, input_ids, attention_mask, position_ids, cache_name: str | None, past=None):
+    """Logits ``[B, T, V]`` and the returned cache (None without ``cache_name``)."""
+    kw = {"use_cache": cache_name is not None}
+    if cache_name is not None and past is not None:
+        kw[cache_name] = past
+    out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, **kw)
     logits = out.logits if hasattr(out, "logits") else out[0]
-    return logits, getattr(out, "past_key_values", None)
+    return logits, (returned_cache(out) if cache_name is not None else None)
 
 
 def sample_categorical(probs: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
@@ -77,7 +106,8 @@ def sample(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, *, max_ne
     """Sample one completion per prompt row.
 
     Args:
-        model: a causal LM taking ``input_ids, attention_mask, position_ids, past_key_values, use_cache``.
+        model: a causal LM taking ``input_ids, attention_mask, position_ids, use_cache`` and a KV cache
+            under the name :func:`cache_argument` finds (without one, every step recomputes the sequence).
         prompt_ids: ``[B, P]`` left-padded prompt tokens; prompt_mask: ``[B, P]``.
         max_new_tokens: completion length cap ``N``.
         generator: the source of randomness (seeded per rollout by the caller).
@@ -98,7 +128,8 @@ def sample(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, *, max_ne
     B = prompt_ids.shape[0]
     attn = prompt_mask.long()
     pos = position_ids_from_mask(attn)
-    logits, past = _forward(model, prompt_ids, attn, pos)
+    cache_name = cache_argument(model)
+    logits, past = _forward(model, prompt_ids, attn, pos, cache_name)
     use_cache = past is not None
     seq = prompt_ids
     next_pos = pos[:, -1:] + 1
@@ -120,10 +151,10 @@ def sample(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, *, max_ne
                 break
             attn = torch.cat([attn, torch.ones(B, 1, dtype=attn.dtype, device=device)], dim=1)
             if use_cache:
-                logits, past = _forward(model, nxt[:, None], attn, next_pos, past)
+                logits, past = _forward(model, nxt[:, None], attn, next_pos, cache_name, past)
             else:  # a model without a KV cache: recompute the whole sequence
                 seq = torch.cat([seq, nxt[:, None]], dim=1)
-                logits, _ = _forward(model, seq, attn, position_ids_from_mask(attn), use_cache=False)
+                logits, _ = _forward(model, seq, attn, position_ids_from_mask(attn), None)
             next_pos = next_pos + 1
     finally:
         model.train(was_training)
