@@ -6,19 +6,29 @@ import sys
 from collections.abc import Callable
 from typing import Any, TextIO
 
-from llmlab.inference.generation import GenerationSettings, context_limit, encode_prompt, generate_ids
+from llmlab.inference.generation import (
+    GenerationSettings,
+    PromptTooLongError,
+    context_limit,
+    default_max_new_tokens,
+    encode_prompt,
+    generate_ids,
+)
 
 HELP = "Commands: /reset clears the conversation, /exit (or Ctrl+D, Ctrl+C) quits, /help shows this."
 
 
 def _fit_history(tokenizer: Any, history: list[dict], system: str | None, limit: int | None,
-                 max_new: int) -> list[int]:
-    """Prompt ids of the conversation, dropping the oldest exchanges until it fits the context."""
+                 max_new: int | None) -> tuple[list[int], int]:
+    """Prompt ids of the conversation and how many of the oldest messages were dropped so that the
+    prompt leaves room for a reply of ``max_new`` tokens (default: :func:`default_max_new_tokens`).
+    The newest message is always kept (:class:`PromptTooLongError` later if it alone is too long)."""
+    reserve = max_new if max_new is not None else default_max_new_tokens(limit)
     msgs = list(history)
     while True:
         ids = encode_prompt(tokenizer, msgs, True, system=system)
-        if limit is None or len(ids) + max_new <= limit or len(msgs) <= 1:
-            return ids
+        if limit is None or len(ids) + min(reserve, limit // 2) <= limit or len(msgs) <= 1:
+            return ids, len(history) - len(msgs)
         msgs = msgs[2:] if len(msgs) > 2 else msgs[1:]
 
 
@@ -75,12 +85,23 @@ def run_chat(model: Any, tokenizer: Any, is_chat: bool, settings: GenerationSett
             turn += 1
             if is_chat:
                 history.append({"role": "user", "content": line})
-                ids = _fit_history(tokenizer, history, system, limit, s.max_new_tokens)
+                ids, dropped = _fit_history(tokenizer, history, system, limit, s.max_new_tokens)
+                if dropped:
+                    del history[:dropped]
+                    write(f"(the {dropped} oldest message(s) no longer fit the {limit}-token context; dropped)\n")
             else:
                 ids = encode_prompt(tokenizer, line, False)
                 write(line)
-            result = generate_ids(model, tokenizer, ids, s, is_chat, on_text=write)
+            try:
+                result = generate_ids(model, tokenizer, ids, s, is_chat, on_text=write)
+            except PromptTooLongError as e:
+                write(f"\n(not sent: {e})\n")
+                if is_chat:
+                    history.pop()
+                continue
             write("\n" if result.finish_reason == "stop" else " [max tokens]\n")
+            if result.note:
+                write(f"({result.note})\n")
             if is_chat:
                 history.append({"role": "assistant", "content": result.text})
     except KeyboardInterrupt:

@@ -74,7 +74,7 @@ def _check_sampling(temperature, top_k, top_p, max_new_tokens, repetition_penalt
         problems.append("--top-k must be >= 0 (0 = off)")
     if not 0 < top_p <= 1:
         problems.append("--top-p must be in (0, 1]")
-    if max_new_tokens < 1:
+    if max_new_tokens is not None and max_new_tokens < 1:
         problems.append("--max-new-tokens must be >= 1")
     if repetition_penalty <= 0:
         problems.append("--repetition-penalty must be > 0")
@@ -85,7 +85,7 @@ def _check_sampling(temperature, top_k, top_p, max_new_tokens, repetition_penalt
 
 # -- chat ------------------------------------------------------------------------------------------
 def chat_command(path: Path, stage: str | None = None, temperature: float = 0.8, top_k: int = 50,
-                 top_p: float = 0.95, max_new_tokens: int = 256, repetition_penalty: float = 1.0,
+                 top_p: float = 0.95, max_new_tokens: int | None = None, repetition_penalty: float = 1.0,
                  seed: int | None = None, system: str | None = None, chat: bool | None = None,
                  allow_code: bool = False, device: str | None = None) -> int:
     """Interactive chat in the terminal; returns the exit code."""
@@ -132,7 +132,7 @@ def read_prompts(path: Path) -> list[Any]:
 
 def generate_command(path: Path, prompt: str | None = None, prompts: Path | None = None,
                      output: Path | None = None, stage: str | None = None, seed: int = 0,
-                     temperature: float = 0.8, top_k: int = 50, top_p: float = 0.95, max_new_tokens: int = 256,
+                     temperature: float = 0.8, top_k: int = 50, top_p: float = 0.95, max_new_tokens: int | None = None,
                      repetition_penalty: float = 1.0, system: str | None = None, chat: bool | None = None,
                      jsonl: bool = False, allow_code: bool = False, device: str | None = None) -> int:
     """Generate completions for one prompt or a file of prompts; returns the exit code.
@@ -162,12 +162,18 @@ def generate_command(path: Path, prompt: str | None = None, prompts: Path | None
     if loaded is None:
         return 1
     model, tok, is_chat, _ = loaded
-    from llmlab.inference.generation import generate_text
+    from llmlab.inference.generation import PromptTooLongError, generate_text
 
     settings = _settings(temperature, top_k, top_p, max_new_tokens, repetition_penalty, seed)
     with open(output, "w", encoding="utf-8") if output else contextlib.nullcontext() as fh:
         for i, p in enumerate(items):
-            r = generate_text(model, tok, p, settings.replace(seed=seed + i), is_chat, system=system)
+            try:
+                r = generate_text(model, tok, p, settings.replace(seed=seed + i), is_chat, system=system)
+            except PromptTooLongError as e:
+                _err(f"prompt {i}: {e}")
+                return 1
+            if r.note:
+                _info(f"prompt {i}: {r.note}")
             row = {"index": i, "prompt": p, "completion": r.text, "finish_reason": r.finish_reason,
                    "prompt_tokens": r.prompt_tokens, "completion_tokens": r.completion_tokens, "seed": seed + i}
             if fh:
@@ -310,7 +316,7 @@ def eval_command(path: Path, dataset: str | None = None, output: Path | None = N
 # -- serve -----------------------------------------------------------------------------------------
 def serve_command(path: Path, stage: str | None = None, host: str = "127.0.0.1", port: int = 8000,
                   model_id: str | None = None, temperature: float = 0.8, top_k: int = 50, top_p: float = 0.95,
-                  max_new_tokens: int = 256, repetition_penalty: float = 1.0, seed: int | None = None,
+                  max_new_tokens: int | None = None, repetition_penalty: float = 1.0, seed: int | None = None,
                   system: str | None = None, chat: bool | None = None, allow_code: bool = False,
                   device: str | None = None, verbose: bool = False) -> int:
     """Serve the model over HTTP until Ctrl+C (or SIGTERM); returns the exit code.
@@ -373,6 +379,8 @@ def register_commands(app) -> None:
     STAGE_HELP = "Stage to load when PATH is a run directory (default: the last finished stage)."
     CHAT_HELP = "Force chat-template (--chat) or plain-continuation (--plain) mode; default: detected."
     DEVICE_HELP = "Device: cpu, cuda, cuda:1 ... (default: cuda when available)."
+    MAX_NEW_HELP = ("longest reply, in tokens (default: 256, or a quarter of a smaller context); capped, "
+                    "with a note, to what the context leaves after the prompt.")
 
     @app.command()
     def chat(
@@ -381,7 +389,7 @@ def register_commands(app) -> None:
         temperature: float = typer.Option(0.8, "--temperature", help="Sampling temperature; 0 = greedy."),
         top_k: int = typer.Option(50, "--top-k", help="Sample from the k most likely tokens; 0 = off."),
         top_p: float = typer.Option(0.95, "--top-p", help="Nucleus sampling mass; 1 = off."),
-        max_new_tokens: int = typer.Option(256, "--max-new-tokens", help="Longest reply, in tokens."),
+        max_new_tokens: int | None = typer.Option(None, "--max-new-tokens", help=MAX_NEW_HELP),
         repetition_penalty: float = typer.Option(1.0, "--repetition-penalty", help="> 1 discourages repeats."),
         seed: int | None = typer.Option(None, "--seed", help="Seed for reproducible replies."),
         system: str | None = typer.Option(None, "--system", help="System prompt (chat models)."),
@@ -413,7 +421,7 @@ def register_commands(app) -> None:
         temperature: float = typer.Option(0.8, "--temperature", help="Sampling temperature; 0 = greedy."),
         top_k: int = typer.Option(50, "--top-k", help="Sample from the k most likely tokens; 0 = off."),
         top_p: float = typer.Option(0.95, "--top-p", help="Nucleus sampling mass; 1 = off."),
-        max_new_tokens: int = typer.Option(256, "--max-new-tokens", help="Longest completion, in tokens."),
+        max_new_tokens: int | None = typer.Option(None, "--max-new-tokens", help=MAX_NEW_HELP),
         repetition_penalty: float = typer.Option(1.0, "--repetition-penalty", help="> 1 discourages repeats."),
         system: str | None = typer.Option(None, "--system", help="System prompt (chat models)."),
         chat_mode: bool | None = typer.Option(None, "--chat/--plain", help=CHAT_HELP),
@@ -488,7 +496,7 @@ def register_commands(app) -> None:
         temperature: float = typer.Option(0.8, "--temperature", help="Default sampling temperature."),
         top_k: int = typer.Option(50, "--top-k", help="Default top-k; 0 = off."),
         top_p: float = typer.Option(0.95, "--top-p", help="Default nucleus mass; 1 = off."),
-        max_new_tokens: int = typer.Option(256, "--max-new-tokens", help="Default longest reply, in tokens."),
+        max_new_tokens: int | None = typer.Option(None, "--max-new-tokens", help="Default " + MAX_NEW_HELP),
         repetition_penalty: float = typer.Option(1.0, "--repetition-penalty", help="Default repetition penalty."),
         seed: int | None = typer.Option(None, "--seed", help="Default seed when a request gives none."),
         system: str | None = typer.Option(None, "--system", help="System prompt added to chat requests "

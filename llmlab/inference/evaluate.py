@@ -33,7 +33,13 @@ from typing import Any
 
 import torch
 
-from llmlab.inference.generation import GenerationSettings, context_limit, generate_text, messages_as_text
+from llmlab.inference.generation import (
+    GenerationSettings,
+    PromptTooLongError,
+    context_limit,
+    generate_text,
+    messages_as_text,
+)
 from llmlab.inference.loading import has_chatml_template, is_reward_model
 
 LN2 = math.log(2.0)
@@ -287,20 +293,30 @@ def eval_preference(model: Any, tokenizer: Any, rows: Sequence[dict], is_chat: b
 def eval_prompts(model: Any, tokenizer: Any, rows: Sequence[dict], is_chat: bool,
                  settings: GenerationSettings | None = None, num_samples: int = 8, reward_model: Any = None) -> dict:
     """Sample generations for the first ``num_samples`` prompts; score them with a reward model
-    ``(model, tokenizer, is_chat)`` when given. Sample ``i`` uses seed ``settings.seed + i``."""
+    ``(model, tokenizer, is_chat)`` when given. Sample ``i`` uses seed ``settings.seed + i``. A reply
+    longer than the context leaves is capped (the sample's ``note`` says so); a prompt that fills the
+    context is listed under ``skipped_prompts``, never cut."""
     settings = settings or GenerationSettings(max_new_tokens=64, seed=0)
     base_seed = settings.seed if settings.seed is not None else 0
-    samples = []
+    samples, skipped = [], []
     for i, r in enumerate(rows[:num_samples]):
-        g = generate_text(model, tokenizer, r["prompt"], settings.replace(seed=base_seed + i), is_chat)
+        try:
+            g = generate_text(model, tokenizer, r["prompt"], settings.replace(seed=base_seed + i), is_chat)
+        except PromptTooLongError as e:  # said in the report, never cut silently
+            skipped.append({"index": i, "reason": str(e)})
+            continue
         s = {"prompt": r["prompt"], "completion": g.text, "finish_reason": g.finish_reason,
              "completion_tokens": g.completion_tokens}
+        if g.note:
+            s["note"] = g.note
         if reward_model is not None:
             rm, rtok, rchat = reward_model
             s["reward"] = reward_scores(rm, rtok, [r["prompt"] + [{"role": "assistant", "content": g.text}]], rchat)[0]
         samples.append(s)
     res: dict = {"prompts": len(samples), "mean_completion_tokens": _mean([s["completion_tokens"] for s in samples]),
                  "samples": samples}
+    if skipped:
+        res["skipped_prompts"] = skipped
     if reward_model is not None:
         res["mean_reward"] = _mean([s["reward"] for s in samples])
     return res

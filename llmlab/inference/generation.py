@@ -8,6 +8,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
+from transformers import StoppingCriteria, StoppingCriteriaList
 
 from llmlab.inference.loading import CHATML_END
 
@@ -17,9 +18,10 @@ Message = dict  # {"role": ..., "content": ...}
 @dataclass
 class GenerationSettings:
     """Sampling settings. ``temperature <= 0`` means greedy decoding; ``top_k = 0`` and
-    ``top_p = 1`` disable those filters; ``seed`` makes sampling reproducible."""
+    ``top_p = 1`` disable those filters; ``seed`` makes sampling reproducible; ``max_new_tokens``
+    None means :func:`default_max_new_tokens` of the model's context."""
 
-    max_new_tokens: int = 256
+    max_new_tokens: int | None = None  # None: default_max_new_tokens(the model's context)
     temperature: float = 0.8
     top_k: int = 50
     top_p: float = 0.95
@@ -34,7 +36,7 @@ class GenerationSettings:
 
     def generate_kwargs(self) -> dict:
         """Keyword arguments for ``model.generate``."""
-        kw: dict[str, Any] = {"max_new_tokens": int(self.max_new_tokens)}
+        kw: dict[str, Any] = {"max_new_tokens": int(self.max_new_tokens or DEFAULT_MAX_NEW_TOKENS)}
         if self.temperature is None or self.temperature <= 0:
             kw["do_sample"] = False
             kw.update(temperature=None, top_k=None, top_p=None)
@@ -50,13 +52,15 @@ class GenerationSettings:
 @dataclass
 class GenerationResult:
     """One completion: its text (special tokens removed), token ids, why it stopped
-    (``"stop"``: a stop token; ``"length"``: max_new_tokens) and token counts."""
+    (``"stop"``: a stop token or stop string; ``"length"``: max_new_tokens), token counts, and a
+    ``note`` when the requested length was capped to fit the context."""
 
     text: str
     token_ids: list[int]
     finish_reason: str
     prompt_tokens: int
     completion_tokens: int
+    note: str | None = None
 
 
 def stop_token_ids(tokenizer: Any, is_chat: bool) -> list[int]:
@@ -103,84 +107,185 @@ def context_limit(model: Any) -> int | None:
     return None
 
 
-class CallbackStreamer:
-    """A ``generate`` streamer that calls ``callback(text_piece)`` as each new token is decoded.
+#: the reply length when nobody asks for one, for a model whose context is large enough
+DEFAULT_MAX_NEW_TOKENS = 256
 
-    The pieces concatenate to the decoded completion (special tokens skipped); text that ends in an
-    incomplete UTF-8 sequence is held back until the next token completes it.
+
+class PromptTooLongError(ValueError):
+    """The prompt leaves no room for a reply in the model's context."""
+
+    def __init__(self, prompt_tokens: int, limit: int):
+        super().__init__(f"the prompt is {prompt_tokens} tokens and the model's context holds {limit}: "
+                         "no room for a reply (shorten the prompt)")
+        self.prompt_tokens, self.limit = prompt_tokens, limit
+
+
+def default_max_new_tokens(limit: int | None) -> int:
+    """The reply length used when none is asked for: 256 tokens, or a quarter of a smaller context
+    (at least 16), so a 256-token model keeps three quarters of its context for the prompt."""
+    if limit is None:
+        return DEFAULT_MAX_NEW_TOKENS
+    return max(16, min(DEFAULT_MAX_NEW_TOKENS, limit // 4))
+
+
+def completion_budget(prompt_tokens: int, requested: int | None, limit: int | None) -> tuple[int, str | None]:
+    """How many tokens a reply may have: ``requested`` (default :func:`default_max_new_tokens`) capped
+    to what the context leaves after the prompt. The prompt is never cut.
+
+    Returns:
+        ``(max_new_tokens, note)``; ``note`` says so when an explicitly requested length was lowered.
+
+    Raises:
+        PromptTooLongError: the prompt alone fills the context.
     """
+    want = int(requested) if requested is not None else default_max_new_tokens(limit)
+    if limit is None:
+        return want, None
+    room = limit - prompt_tokens
+    if room < 1:
+        raise PromptTooLongError(prompt_tokens, limit)
+    if want <= room:
+        return want, None
+    note = (f"reply capped at {room} tokens (asked for {want}): the context holds {limit} tokens and the "
+            f"prompt uses {prompt_tokens}") if requested is not None else None
+    return room, note
 
-    def __init__(self, tokenizer: Any, callback: Callable[[str], None]):
-        self.tokenizer = tokenizer
-        self.callback = callback
+
+def _held_back(text: str, stops: list[str]) -> int:
+    """Length of the longest tail of ``text`` that could begin a stop string (not safe to show yet)."""
+    best = 0
+    for s in stops:
+        for k in range(min(len(s) - 1, len(text)), best, -1):
+            if s.startswith(text[-k:]):
+                best = k
+                break
+    return best
+
+
+class _Row:
+    """Bookkeeping of one row of a batched ``generate``: its own length cap, stop token ids and stop
+    strings, and streaming of its text (incomplete UTF-8 and possible stop-string starts held back)."""
+
+    def __init__(self, tokenizer: Any, prompt_len: int, max_new: int, stop_ids: list[int], stop: list[str],
+                 on_text: Callable[[str], None] | None):
+        self.tokenizer, self.prompt_len, self.max_new = tokenizer, prompt_len, max_new
+        self.stop_ids, self.stop, self.on_text = stop_ids, [x for x in stop if x], on_text
         self.ids: list[int] = []
-        self.sent = 0
-        self.prompt_seen = False
+        self.text, self.sent, self.finish = "", 0, None
 
-    def put(self, value: torch.Tensor) -> None:
-        """Receive new token ids from ``generate`` (the first call carries the prompt)."""
-        if not self.prompt_seen:
-            self.prompt_seen = True
+    def step(self, new_ids: list[int]) -> bool:
+        """Take the row's generated ids so far; True once the row is finished."""
+        if self.finish is not None:
+            return True
+        self.ids = new_ids
+        if new_ids and new_ids[-1] in self.stop_ids:
+            self.finish = "stop"
+        elif len(new_ids) >= self.max_new:
+            self.finish = "length"
+        if self.stop or self.on_text is not None:
+            text = self._decode()
+            cut = min((i for i in (text.find(x) for x in self.stop) if i >= 0), default=-1)
+            if cut >= 0:
+                text, self.finish = text[:cut], "stop"
+            self.text = text
+            self._stream(final=self.finish is not None)
+        return self.finish is not None
+
+    def _decode(self) -> str:
+        ids = self.ids[:-1] if self.ids and self.ids[-1] in self.stop_ids else self.ids
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+    def _stream(self, final: bool) -> None:
+        if self.on_text is None:
             return
-        self.ids.extend(value.reshape(-1).tolist())
-        self._flush(final=False)
-
-    def end(self) -> None:
-        """Flush what is left when generation ends."""
-        self._flush(final=True)
-
-    def _flush(self, final: bool) -> None:
-        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
-        if not final and text.endswith("\ufffd"):
-            return
+        text = self.text
+        if not final:
+            if text.endswith("\ufffd"):
+                return
+            text = text[: len(text) - _held_back(text, self.stop)]
         if len(text) > self.sent:
             piece, self.sent = text[self.sent:], len(text)
-            self.callback(piece)
+            self.on_text(piece)
+
+    def result(self) -> GenerationResult:
+        finish = self.finish or "length"
+        if not self.stop and self.on_text is None:
+            self.text = self._decode()
+        ids = self.ids[:-1] if finish == "stop" and self.ids and self.ids[-1] in self.stop_ids else self.ids
+        return GenerationResult(text=self.text, token_ids=ids, finish_reason=finish,
+                                prompt_tokens=self.prompt_len, completion_tokens=len(self.ids))
+
+
+class _RowsCriteria(StoppingCriteria):
+    """A ``generate`` stopping criterion that finishes each row on its own terms (see :class:`_Row`)."""
+
+    def __init__(self, rows: list[_Row], prompt_width: int):
+        self.rows, self.width = rows, prompt_width
+
+    def __call__(self, input_ids: torch.Tensor, scores: Any = None, **kwargs: Any) -> torch.Tensor:
+        new = input_ids[:, self.width:].tolist()
+        done = [row.step(ids) for row, ids in zip(self.rows, new)]
+        return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
 
 
 @torch.no_grad()
-def generate_ids(model: Any, tokenizer: Any, prompt_ids: list[int], settings: GenerationSettings,
-                 is_chat: bool, on_text: Callable[[str], None] | None = None) -> GenerationResult:
-    """Generate one completion for ``prompt_ids``.
+def generate_batch(model: Any, tokenizer: Any, prompts: list[list[int]], settings: GenerationSettings,
+                   is_chat: bool, max_new: list[int] | None = None, stop: list[list[str]] | None = None,
+                   on_text: list[Callable[[str], None] | None] | None = None) -> list[GenerationResult]:
+    """Generate one completion per prompt in one left-padded ``model.generate`` call.
 
-    With ``settings.seed`` set, sampling runs under a forked RNG seeded with it, so the result does not
-    depend on (and does not disturb) the global RNG. The prompt is cut from the left when prompt plus
-    ``max_new_tokens`` would exceed the model's context. ``on_text`` receives text pieces as they are
-    generated.
+    Args:
+        prompts: token ids, one list per row (not cut: see :func:`completion_budget`).
+        settings: sampling settings shared by the rows; with ``settings.seed`` the batch samples under a
+            forked RNG seeded with it (the global RNG is neither read nor advanced).
+        max_new: each row's length cap (default ``settings.max_new_tokens``).
+        stop: each row's stop strings; the text ends before the first one (``finish_reason "stop"``).
+        on_text: per row, a callback receiving text pieces as they are generated; the pieces
+            concatenate to the row's final text.
+
+    Greedy rows are the same as each prompt generated alone (left padding with position ids from the
+    attention mask; tested in tests/inference/test_cache_contract.py).
     """
-    limit = context_limit(model)
-    if limit is not None:
-        keep = max(limit - int(settings.max_new_tokens), 1)
-        prompt_ids = prompt_ids[-keep:]
-        max_new = min(int(settings.max_new_tokens), limit - len(prompt_ids))
-    else:
-        max_new = int(settings.max_new_tokens)
-    if not prompt_ids:  # nothing to condition on: start from BOS/EOS
-        start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
-        prompt_ids = [int(start)]
-    device = next(model.parameters()).device
-    input_ids = torch.tensor([prompt_ids], dtype=torch.long, device=device)
+    n = len(prompts)
+    max_new = list(max_new) if max_new is not None else [int(settings.max_new_tokens or DEFAULT_MAX_NEW_TOKENS)] * n
+    start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+    prompts = [list(p) if p else [int(start)] for p in prompts]  # nothing to condition on: BOS/EOS
     stops = stop_token_ids(tokenizer, is_chat)
-    kw = settings.replace(max_new_tokens=max_new).generate_kwargs()
-    kw.update(attention_mask=torch.ones_like(input_ids), eos_token_id=stops or None,
-              pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (stops or [0])[0])
-    if on_text is not None:
-        kw["streamer"] = CallbackStreamer(tokenizer, on_text)
-
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (stops or [0])[0]
+    device = next(model.parameters()).device
+    width = max(map(len, prompts))
+    input_ids = torch.full((n, width), int(pad), dtype=torch.long)
+    mask = torch.zeros((n, width), dtype=torch.long)
+    for r, p in enumerate(prompts):
+        input_ids[r, width - len(p):] = torch.tensor(p)
+        mask[r, width - len(p):] = 1
+    rows = [_Row(tokenizer, len(p), m, stops, (stop or [[]] * n)[r], (on_text or [None] * n)[r])
+            for r, (p, m) in enumerate(zip(prompts, max_new))]
+    kw = settings.replace(max_new_tokens=max(max_new)).generate_kwargs()
+    kw.update(attention_mask=mask.to(device), eos_token_id=stops or None, pad_token_id=int(pad),
+              stopping_criteria=StoppingCriteriaList([_RowsCriteria(rows, width)]))
     devices = [device.index or 0] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices, enabled=settings.seed is not None):
         if settings.seed is not None:
             torch.manual_seed(int(settings.seed))
-        out = model.generate(input_ids, **kw)
-    new = out[0, input_ids.shape[1]:].tolist()
-    finish = "length"
-    if new and new[-1] in stops:
-        finish = "stop"
-        new = new[:-1]
-    # generate pads after a stop when batch size is 1 only if asked; strip trailing pads defensively
-    text = tokenizer.decode(new, skip_special_tokens=True)
-    return GenerationResult(text=text, token_ids=new, finish_reason=finish, prompt_tokens=len(prompt_ids),
-                            completion_tokens=len(new) + (1 if finish == "stop" else 0))
+        model.generate(input_ids.to(device), **kw)
+    return [row.result() for row in rows]
+
+
+def generate_ids(model: Any, tokenizer: Any, prompt_ids: list[int], settings: GenerationSettings,
+                 is_chat: bool, on_text: Callable[[str], None] | None = None,
+                 stop: list[str] | None = None) -> GenerationResult:
+    """Generate one completion for ``prompt_ids`` (see :func:`generate_batch`).
+
+    The reply length is ``settings.max_new_tokens`` (default: :func:`default_max_new_tokens`) capped
+    to what the context leaves after the prompt; the result's ``note`` says so when a requested length
+    was lowered. The prompt is never cut: :class:`PromptTooLongError` when it fills the context.
+    """
+    max_new, note = completion_budget(len(prompt_ids), settings.max_new_tokens, context_limit(model))
+    r = generate_batch(model, tokenizer, [prompt_ids], settings, is_chat, max_new=[max_new],
+                       stop=[stop or []], on_text=[on_text])[0]
+    r.note = note
+    return r
 
 
 def generate_text(model: Any, tokenizer: Any, prompt: str | list[Message], settings: GenerationSettings,
