@@ -121,3 +121,27 @@ def test_base_model_continues_plain_text(tiny_run):
     assert "plain continuation" in out.getvalue()
     assert "In the beginning" + expected in out.getvalue()
     assert torch.get_num_threads() == 1
+
+
+def test_chat_keeps_the_prompt_when_the_reply_length_fills_the_context(tiny_run):
+    """--max-new-tokens as large as the context once cut each message to one token (255 spaces for any
+    message); now the replies follow the message, the cap is stated, and a message too long to fit is
+    refused without ending the chat."""
+    model, tok, _ = load_for_inference(tiny_run / "sft" / "final")
+    s = GenerationSettings(max_new_tokens=256, temperature=0)
+    greedy = GenerationSettings(max_new_tokens=24, temperature=0)
+    lines = iter(["How are you?", "/reset", "What is your name?", "/reset", "word " * 400, "Hi"])
+
+    def read(prompt):
+        try:
+            return next(lines)
+        except StopIteration:
+            raise EOFError from None
+
+    out = io.StringIO()
+    assert run_chat(model, tok, True, s, read=read, out=out) == 0
+    text = out.getvalue()
+    replies = [generate_text(model, tok, msg, greedy, True).text for msg in ("How are you?", "What is your name?")]
+    assert replies[0] != replies[1] and all(r.strip() and r in text for r in replies)  # each message's own reply
+    assert "reply capped at" in text and "not sent: the prompt is" in text
+    assert generate_text(model, tok, "Hi", greedy, True).text in text  # still chatting afterwards

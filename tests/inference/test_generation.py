@@ -146,3 +146,45 @@ def test_llmlab_transformer_loads_through_the_auto_classes(tiny_run, tmp_path):
     assert type(model).__name__ == "LlmlabForCausalLM"
     r = generate_text(model, tok2, "In the beginning", GenerationSettings(max_new_tokens=5, seed=0), False)
     assert r.completion_tokens >= 1
+
+
+def test_prompt_is_never_cut_the_reply_is_capped(tiny_run):
+    """Asking for as many new tokens as the context holds once cut the prompt to one token; now the
+    whole prompt is kept, the reply is capped to what is left, and the result says so."""
+    from llmlab.inference.generation import PromptTooLongError, context_limit, default_max_new_tokens
+
+    model, tok, is_chat = load_for_inference(tiny_run / "sft" / "final")
+    limit = context_limit(model)
+    assert limit == 256 and default_max_new_tokens(limit) == 64 and default_max_new_tokens(None) == 256
+    ids = encode_prompt(tok, "What is your name?", True)
+    greedy = GenerationSettings(temperature=0)
+    capped = generate_ids(model, tok, ids, greedy.replace(max_new_tokens=limit), is_chat)
+    assert capped.prompt_tokens == len(ids) > 1
+    assert capped.completion_tokens <= limit - len(ids)
+    assert capped.note and f"capped at {limit - len(ids)}" in capped.note
+    # the reply is the one the full prompt gives (greedy, a length well inside the context)
+    short = generate_ids(model, tok, ids, greedy.replace(max_new_tokens=20), is_chat)
+    assert short.note is None and capped.token_ids[:len(short.token_ids)] == short.token_ids
+    default = generate_ids(model, tok, ids, greedy, is_chat)  # no length asked: the default, no note
+    assert default.note is None and default.completion_tokens <= 64
+    with pytest.raises(PromptTooLongError, match="256"):
+        generate_ids(model, tok, list(ids) * (limit // len(ids) + 1), greedy, is_chat)
+
+
+def test_different_prompts_get_different_replies_and_stop_strings_cut(tiny_run):
+    from llmlab.inference.generation import generate_batch
+
+    model, tok, is_chat = load_for_inference(tiny_run / "sft" / "final")
+    greedy = GenerationSettings(max_new_tokens=24, temperature=0)
+    prompts = [encode_prompt(tok, p, True) for p in ("Hello", "How are you?", "What is your name?")]
+    alone = [generate_ids(model, tok, p, greedy, True) for p in prompts]
+    assert len({r.text for r in alone}) == 3  # replies follow the prompt
+    batch = generate_batch(model, tok, prompts, greedy, True, max_new=[24, 5, 24])
+    assert [r.token_ids for r in batch] == [alone[0].token_ids, alone[1].token_ids[:5], alone[2].token_ids]
+    assert batch[1].finish_reason == "length" or len(alone[1].token_ids) < 5
+    # a stop string ends the text before it, streamed pieces included
+    text = alone[0].text
+    stop = text[len(text) // 2: len(text) // 2 + 2]
+    pieces: list[str] = []
+    r = generate_ids(model, tok, prompts[0], greedy, True, on_text=pieces.append, stop=[stop])
+    assert r.text == text[: text.find(stop)] and r.finish_reason == "stop" and "".join(pieces) == r.text
