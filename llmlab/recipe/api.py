@@ -364,8 +364,30 @@ def load_recipe(path, overrides: Iterable[str] = (), env: Mapping[str, str] | No
     resolved = copy.deepcopy(doc)
     S.fill_defaults(S.load_schema(), resolved)
 
-    def given(p: tuple) -> bool:
-        return tuple(p) in positions
+    def given(p: tuple, non_default: bool = False) -> bool:
+        """Whether the user wrote key path ``p``; with ``non_default``, also with a value other than
+        the default (recipe.resolved.yaml writes every default, and must validate as written)."""
+        p = tuple(p)
+        if p not in positions:
+            return False
+        if not non_default:
+            return True
+        probe = copy.deepcopy(doc)
+        node = probe
+        for k in p[:-1]:
+            node = node.get(k) if isinstance(node, dict) else None
+        if not isinstance(node, dict):
+            return True
+        node.pop(p[-1], None)
+        S.fill_defaults(S.load_schema(), probe)
+        for k in p:
+            if not isinstance(probe, dict) or k not in probe:
+                return True
+            probe = probe[k]
+        node = doc
+        for k in p:
+            node = node[k]
+        return probe != node
 
     _fill_computed(resolved)
 

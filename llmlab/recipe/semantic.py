@@ -50,6 +50,8 @@ def check(doc: dict, given, add) -> None:
     """Run every semantic check on the defaults-filled ``doc``.
 
     ``given(path)`` tells whether a key path was written by the user (file, base recipe or --set);
+    ``given(path, non_default=True)`` also that its value is not the default ("only applies to ..."
+    checks use it: a default written out, as in recipe.resolved.yaml, is harmless);
     ``add(path, message)`` records an error at ``path``.
     """
     _check_model(_dict(doc.get("model")), given, add)
@@ -120,7 +122,7 @@ def _check_model(m: dict, given, add) -> None:
             add(("model", "experts_per_token"), f"experts_per_token ({ept}) cannot exceed n_experts ({ne})")
         if ne is None and m.get("n_experts") is None:
             for k in ("experts_per_token", "router_aux_loss_coef"):
-                if given(("model", k)):
+                if given(("model", k), non_default=True):
                     add(("model", k), f"{k} only applies to a mixture-of-experts model; set n_experts too")
     elif arch == "mamba2":
         d, e, hd, g = _int(m.get("d_model")), _int(m.get("expand")), _int(m.get("head_dim")), _int(m.get("n_groups"))
@@ -147,7 +149,7 @@ def _check_datasets(datasets: dict, given, add) -> None:
             add(("datasets", name, "format"), f"builtin {spec['builtin']!r} has format {native!r}, got format {fmt!r}")
         if "hub" not in spec:
             for k in HUB_ONLY:
-                if given(("datasets", name, k)):
+                if given(("datasets", name, k), non_default=True):
                     add(("datasets", name, k), f"{k!r} only applies to a hub dataset; {name!r} is not from the hub")
         if spec.get("streaming") is True and spec.get("max_samples") is None:
             add(("datasets", name, "streaming"), "streaming: true needs max_samples: llmlab reads the first "
@@ -157,7 +159,7 @@ def _check_datasets(datasets: dict, given, add) -> None:
         lo, hi = _int(f.get("min_length")), _int(f.get("max_length"))
         if lo is not None and hi is not None and lo > hi:
             add(("datasets", name, "filters", "min_length"), f"min_length ({lo}) is larger than max_length ({hi}); every row would be dropped")
-        if given(("datasets", name, "filters", "minhash_threshold")) and f.get("dedup") != "minhash":
+        if given(("datasets", name, "filters", "minhash_threshold"), non_default=True) and f.get("dedup") != "minhash":
             add(("datasets", name, "filters", "minhash_threshold"), f"minhash_threshold only applies with dedup 'minhash', got dedup {f.get('dedup')!r}")
 
 
@@ -224,7 +226,7 @@ def _check_reward(r: dict, p: tuple, given, add) -> None:
     for key, owner in ((k, name) for name, k in REWARD_BUILTIN_KEYS.items()):
         if key in r and b != owner:
             add(p + (key,), f"{key!r} only applies to builtin reward {owner!r}" + (f", got builtin {b!r}" if b else ""))
-    if given(p + ("revision",)) and "model" not in r:
+    if given(p + ("revision",), non_default=True) and "model" not in r:
         add(p + ("revision",), "'revision' only applies to a reward 'model'")
 
 
@@ -276,7 +278,7 @@ def _check_stages(doc: dict, datasets: dict, given, add) -> None:
             _check_online_rl(stages, types, idx, name, st, given, add)
         if stype and (spec.kind if spec else None) != "text" and chat_template == "none":
             add(base + ("type",), f"a {stype} stage needs a chat template, but tokenizer.chat_template is 'none'")
-        if stype == "ppo" and given(base + ("kl_horizon",)) and st.get("kl_target") is None:
+        if stype == "ppo" and given(base + ("kl_horizon",), non_default=True) and st.get("kl_target") is None:
             add(base + ("kl_horizon",), "kl_horizon only applies to the adaptive KL controller; set kl_target too")
         if st.get("save_best_only") is True:
             has_eval = bool(st.get("eval_datasets")) or any(
