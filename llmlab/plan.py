@@ -53,20 +53,46 @@ def vocab_size_for(recipe: dict) -> int | None:
     return None
 
 
-def safetensors_param_count(model_dir: Path) -> int | None:
-    """Number of parameters in a local checkpoint, read from the safetensors headers only
-    (``safe_open(framework="numpy")``: no tensor is loaded, torch is not imported)."""
+def safetensors_shapes(model_dir: Path) -> list[tuple[str, list[int]]] | None:
+    """``(name, shape)`` of every tensor in a local checkpoint, read from the safetensors headers only
+    (``safe_open(framework="numpy")``: no tensor is loaded, torch is not imported); None when the
+    directory holds no safetensors file."""
     from safetensors import safe_open
 
     files = sorted(model_dir.glob("*.safetensors"))
     if not files:
         return None
-    total = 0
+    out = []
     for f in files:
         with safe_open(str(f), framework="numpy") as st:
-            for k in st.keys():
-                total += math.prod(st.get_slice(k).get_shape())
-    return total
+            out.extend((k, list(st.get_slice(k).get_shape())) for k in st.keys())
+    return out
+
+
+def safetensors_param_count(model_dir: Path) -> int | None:
+    """Number of parameters in a local checkpoint, read from the safetensors headers only."""
+    shapes = safetensors_shapes(model_dir)
+    return None if shapes is None else sum(math.prod(shape) for _, shape in shapes)
+
+
+def pretrained_lora_trainable(model_dir: Path, lora_cfg: dict) -> int | None:
+    """Trainable LoRA parameters on a local ``from_pretrained`` checkpoint (its config.json names the
+    family, its safetensors headers the shapes); None when they cannot be known without loading."""
+    from llmlab.models.lora_presets import arch_key_for_model_type, resolve_targets
+    from llmlab.models.params import lora_parameters
+
+    shapes = safetensors_shapes(model_dir)
+    cfg_file = model_dir / "config.json"
+    if shapes is None or not cfg_file.is_file():
+        return None
+    config = json.loads(cfg_file.read_text())
+    preset = lora_cfg.get("preset") or "all"
+    key = arch_key_for_model_type(str(config.get("model_type")), config)
+    try:
+        targets = resolve_targets(key or "custom", preset, lora_cfg.get("target_modules"))
+    except ValueError:
+        return None
+    return lora_parameters(shapes, targets, int(lora_cfg.get("r") or 8))
 
 
 def _fmt_count(n: float | None) -> str:
@@ -160,6 +186,9 @@ def plan_rows(recipe: dict) -> tuple[list[dict], dict]:
             from llmlab.models.params import count_lora_parameters
 
             trainable = count_lora_parameters(model_cfg, vocab, lora)
+        elif lora:  # from_pretrained: from the checkpoint's headers, else unknown (not all)
+            src = Path(str(model_cfg.get("from_pretrained")))
+            trainable = pretrained_lora_trainable(src, lora) if src.is_dir() else None
         memory = None
         if params and model_cfg.get("arch") and vocab:
             from llmlab.models.params import estimate_training_memory

@@ -245,12 +245,20 @@ def _lora_targets(model_cfg: dict, lora_cfg: dict) -> list[str]:
 
 
 def count_lora_parameters(model_cfg: dict, vocab_size: int, lora_cfg: dict) -> int:
-    """Trainable LoRA parameters (Hu et al. 2021): r * (d_in + d_out) for every linear layer whose
-    name ends with a target module (as peft matches them; MoE experts' projections included)."""
-    targets = set(_lora_targets(model_cfg, lora_cfg))
-    r = int(_get(lora_cfg, "r", 8))
+    """Trainable LoRA parameters (Hu et al. 2021) of a model built from ``model_cfg``
+    (see :func:`lora_parameters`)."""
+    targets = _lora_targets(model_cfg, lora_cfg)
+    return lora_parameters(param_shapes(model_cfg, vocab_size), targets, int(_get(lora_cfg, "r", 8)))
+
+
+def lora_parameters(shapes, targets, r: int) -> int:
+    """Trainable LoRA parameters (Hu et al. 2021): r * (d_in + d_out) for every 2-D ``*.weight`` in
+    ``shapes`` (``(name, shape)`` pairs, shape ``[d_out, d_in]``) whose module name is one of
+    ``targets`` (as peft matches them; MoE experts' projections included; embeddings and the LM head
+    never)."""
+    targets = set(targets)
     total = 0
-    for name, shape in param_shapes(model_cfg, vocab_size):
+    for name, shape in shapes:
         if not name.endswith(".weight") or len(shape) != 2:
             continue
         module = name[: -len(".weight")].rsplit(".", 1)[-1]
