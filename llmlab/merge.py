@@ -43,7 +43,7 @@ def merge_adapter(adapter_dir: Path, out_dir: Path, base: Path | str | None = No
     merged = PeftModel.from_pretrained(model, str(adapter_dir)).merge_and_unload()
     merged.save_pretrained(out_dir, safe_serialization=True)
     tok_src = adapter_dir if (adapter_dir / "tokenizer_config.json").exists() else base
-    AutoTokenizer.from_pretrained(tok_src).save_pretrained(out_dir)
+    AutoTokenizer.from_pretrained(tok_src, trust_remote_code=bool(allow_code)).save_pretrained(out_dir)
     return out_dir
 
 

@@ -166,7 +166,7 @@ def load_tokenizer(path: Path | str, check_hash: bool = True):
     if cls in ("TokenizersBackend", "PreTrainedTokenizerFast"):
         # our own tokenizers: skip AutoTokenizer's (slow, ~5 s) first-use class discovery
         return PreTrainedTokenizerFast.from_pretrained(str(path))
-    return AutoTokenizer.from_pretrained(str(path))
+    return AutoTokenizer.from_pretrained(str(path), trust_remote_code=False)
 
 
 def tokenizer_hash(path: Path | str) -> str:
@@ -208,7 +208,9 @@ def _set_chat_template(tok, template) -> None:
 def _load_pretrained(cfg: dict, extra: list[str], template):
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(cfg["from_pretrained"], revision=cfg.get("revision"))
+    # trust_remote_code=False: a recipe runs no code, and a final/ whose config.json has an auto_map
+    # must not stop the run with transformers' interactive "run the custom code? [y/N]"
+    tok = AutoTokenizer.from_pretrained(cfg["from_pretrained"], revision=cfg.get("revision"), trust_remote_code=False)
     if extra:
         tok.add_special_tokens({"additional_special_tokens": extra})
     if tok.eos_token is None:

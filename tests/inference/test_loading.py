@@ -74,3 +74,33 @@ def test_foreign_checkpoint_chat_rule(tiny_run, tmp_path):
     for f in d.glob("chat_template.*"):
         f.unlink()
     assert load_for_inference(d)[2] is False
+
+
+def test_loading_a_final_tokenizer_never_asks_a_question(tiny_run, tmp_path):
+    """A final/ of llmlab's own model carries an auto_map in config.json; transformers' AutoTokenizer
+    then asks "run the custom code? [y/N]" unless trust_remote_code is decided. llmlab's tokenizer
+    loading (tokenizer.from_pretrained: a final/) decides it: no code, no question."""
+    import subprocess
+    import sys
+
+    from transformers import AutoTokenizer
+
+    from llmlab.models.build import build_model
+
+    from .conftest import subprocess_env
+
+    tok = AutoTokenizer.from_pretrained(tiny_run / "tokenizer")
+    final = tmp_path / "final"
+    build_model({"arch": "transformer", "d_model": 32, "n_layers": 1, "n_heads": 2, "d_ff": 64, "max_seq_len": 64},
+                tokenizer=tok).save_pretrained(final)
+    tok.save_pretrained(final)
+    assert "auto_map" in (final / "config.json").read_text()
+    script = ("import builtins, sys\n"
+              "def ask(*a, **k):\n    print('ASKED', flush=True); sys.exit(3)\n"
+              "builtins.input = ask\n"
+              "from llmlab.data.tokenizer import _load_pretrained\n"
+              "t = _load_pretrained({'from_pretrained': sys.argv[1]}, [], None)\n"
+              "print('OK', len(t))\n")
+    r = subprocess.run([sys.executable, "-c", script, str(final)], capture_output=True, text=True, timeout=120,
+                       env=subprocess_env(), stdin=subprocess.DEVNULL)
+    assert r.returncode == 0 and f"OK {len(tok)}" in r.stdout, r.stdout + r.stderr[-2000:]
