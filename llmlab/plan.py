@@ -69,27 +69,49 @@ def safetensors_shapes(model_dir: Path) -> list[tuple[str, list[int]]] | None:
     return out
 
 
+def _numel(shapes) -> int:
+    return sum(math.prod(shape) for _, shape in shapes)
+
+
 def safetensors_param_count(model_dir: Path) -> int | None:
     """Number of parameters in a local checkpoint, read from the safetensors headers only."""
     shapes = safetensors_shapes(model_dir)
-    return None if shapes is None else sum(math.prod(shape) for _, shape in shapes)
+    return None if shapes is None else _numel(shapes)
 
 
-def pretrained_lora_trainable(model_dir: Path, lora_cfg: dict) -> int | None:
-    """Trainable LoRA parameters on a local ``from_pretrained`` checkpoint (its config.json names the
-    family, its safetensors headers the shapes); None when they cannot be known without loading."""
+def pretrained_shapes(source: str) -> list[tuple[str, list[int]]] | None:
+    """Tensor shapes of a local ``from_pretrained`` checkpoint (a directory of safetensors, or a GGUF
+    file, read from headers only); None for a hub id or when they cannot be read."""
+    from llmlab.models.gguf import gguf_shapes, is_gguf, locate
+
+    if is_gguf(source):
+        try:
+            path = Path(locate(source))
+            return gguf_shapes(path) if path.is_file() else None
+        except (FileNotFoundError, ImportError):
+            return None
+    return safetensors_shapes(Path(source)) if Path(source).is_dir() else None
+
+
+def pretrained_lora_trainable(source: str, lora_cfg: dict) -> int | None:
+    """Trainable LoRA parameters on a local ``from_pretrained`` checkpoint (its config.json or GGUF
+    metadata names the family, the headers give the shapes); None when they cannot be known without
+    loading."""
+    from llmlab.models.gguf import gguf_architecture, is_gguf, locate
     from llmlab.models.lora_presets import arch_key_for_model_type, resolve_targets
     from llmlab.models.params import lora_parameters
 
-    shapes = safetensors_shapes(model_dir)
-    cfg_file = model_dir / "config.json"
-    if shapes is None or not cfg_file.is_file():
+    shapes = pretrained_shapes(source)
+    if shapes is None:
         return None
-    config = json.loads(cfg_file.read_text())
-    preset = lora_cfg.get("preset") or "all"
+    if is_gguf(source):
+        config = {"model_type": gguf_architecture(locate(source))}
+    else:
+        cfg_file = Path(source) / "config.json"
+        config = json.loads(cfg_file.read_text()) if cfg_file.is_file() else {}
     key = arch_key_for_model_type(str(config.get("model_type")), config)
     try:
-        targets = resolve_targets(key or "custom", preset, lora_cfg.get("target_modules"))
+        targets = resolve_targets(key or "custom", lora_cfg.get("preset") or "all", lora_cfg.get("target_modules"))
     except ValueError:
         return None
     return lora_parameters(shapes, targets, int(lora_cfg.get("r") or 8))
@@ -163,8 +185,9 @@ def plan_rows(recipe: dict) -> tuple[list[dict], dict]:
         from llmlab.models.params import count_parameters
 
         params = count_parameters(model_cfg, vocab)
-    elif model_cfg.get("from_pretrained") and Path(str(model_cfg["from_pretrained"])).is_dir():
-        params = safetensors_param_count(Path(str(model_cfg["from_pretrained"])))
+    elif model_cfg.get("from_pretrained"):
+        shapes = pretrained_shapes(str(model_cfg["from_pretrained"]))
+        params = _numel(shapes) if shapes is not None else None
     rows = []
     for name in order:
         cfg = recipe["stages"][name]
@@ -187,8 +210,7 @@ def plan_rows(recipe: dict) -> tuple[list[dict], dict]:
 
             trainable = count_lora_parameters(model_cfg, vocab, lora)
         elif lora:  # from_pretrained: from the checkpoint's headers, else unknown (not all)
-            src = Path(str(model_cfg.get("from_pretrained")))
-            trainable = pretrained_lora_trainable(src, lora) if src.is_dir() else None
+            trainable = pretrained_lora_trainable(str(model_cfg.get("from_pretrained")), lora)
         memory = None
         if params and model_cfg.get("arch") and vocab:
             from llmlab.models.params import estimate_training_memory

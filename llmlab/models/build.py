@@ -7,7 +7,7 @@ seed and the ``model:`` section).
 * ``arch: mamba2`` -> ``transformers.Mamba2ForCausalLM`` (Dao & Gu 2024, "Transformers are SSMs";
   it uses the mamba_ssm / causal_conv1d kernels when installed, a pure PyTorch path otherwise)
 * ``from_pretrained: PATH_OR_HUB_ID`` -> ``AutoModelForCausalLM.from_pretrained`` (safetensors only;
-  a ``.gguf`` file is dequantized by transformers with the ``gguf`` package)
+  a ``.gguf`` file is dequantized by transformers with the ``gguf`` package, see llmlab.models.gguf)
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, PreTrainedModel
 
 from llmlab.models import lora_presets
+from llmlab.models.gguf import drop_gguf_quantizer, is_gguf, split_gguf
 from llmlab.models.configuration_llmlab import LlmlabConfig
 from llmlab.models.modeling_llmlab import LlmlabForCausalLM, register_auto_classes
 
@@ -141,13 +142,12 @@ def _from_pretrained(model_cfg: dict, allow_code: bool) -> PreTrainedModel:
     dtype = "auto" if dtype_name == "auto" else _DTYPES[dtype_name]
     trust = _trust_remote_code(model_cfg, allow_code)
     kwargs: dict[str, Any] = {"revision": model_cfg.get("revision"), "dtype": dtype, "trust_remote_code": trust}
-    if source.endswith(".gguf"):
+    if is_gguf(source):
         # GGUF is a plain tensor container (no pickle); transformers dequantizes it (needs `gguf`)
-        path = Path(source)
-        if path.is_file():
-            return AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, **kwargs)
-        repo, _, name = source.rpartition("/")
-        return AutoModelForCausalLM.from_pretrained(repo, gguf_file=name, **kwargs)
+        where, name = split_gguf(source)
+        if dtype == "auto":  # GGUF weights are dequantised to float32; "auto" would mean fp16 here
+            kwargs["dtype"] = torch.float32
+        return drop_gguf_quantizer(AutoModelForCausalLM.from_pretrained(where, gguf_file=name, **kwargs))
     try:
         return AutoModelForCausalLM.from_pretrained(source, use_safetensors=True, **kwargs)
     except OSError as err:
