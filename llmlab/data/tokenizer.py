@@ -208,13 +208,13 @@ def _set_chat_template(tok, template) -> None:
 def _load_pretrained(cfg: dict, extra: list[str], template):
     from transformers import AutoTokenizer
 
-    # trust_remote_code=False: a recipe runs no code, and a final/ whose config.json has an auto_map
-    # must not stop the run with transformers' interactive "run the custom code? [y/N]"
     from llmlab.models.gguf import is_gguf, split_gguf
 
     src, gguf = cfg["from_pretrained"], {}
     if is_gguf(src):  # the tokenizer stored in a GGUF file's metadata
         src, gguf["gguf_file"] = split_gguf(src)
+    # trust_remote_code=False: a recipe runs no code, and a final/ whose config.json has an auto_map
+    # must not stop the run with transformers' interactive "run the custom code? [y/N]"
     tok = AutoTokenizer.from_pretrained(src, revision=cfg.get("revision"), trust_remote_code=False, **gguf)
     if extra:
         tok.add_special_tokens({"additional_special_tokens": extra})
