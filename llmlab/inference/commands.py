@@ -318,11 +318,16 @@ def serve_command(path: Path, stage: str | None = None, host: str = "127.0.0.1",
                   model_id: str | None = None, temperature: float = 0.8, top_k: int = 50, top_p: float = 0.95,
                   max_new_tokens: int | None = None, repetition_penalty: float = 1.0, seed: int | None = None,
                   system: str | None = None, chat: bool | None = None, allow_code: bool = False,
-                  device: str | None = None, verbose: bool = False) -> int:
+                  device: str | None = None, verbose: bool = False, max_batch: int = 8, timeout: float = 30.0,
+                  max_connections: int = 64) -> int:
     """Serve the model over HTTP until Ctrl+C (or SIGTERM); returns the exit code.
 
     Port 0 picks a free port; the first line on stdout is ``Serving <model> on http://HOST:PORT``.
+    ``max_batch``, ``timeout`` and ``max_connections`` are :class:`InferenceServer`'s.
     """
+    if max_batch < 1 or timeout <= 0 or max_connections < 1:
+        _err("--max-batch and --max-connections must be >= 1, --timeout > 0")
+        return 2
     if not _check_sampling(temperature, top_k, top_p, max_new_tokens, repetition_penalty):
         return 2
     loaded = _load(path, stage, allow_code, device, chat)
@@ -339,7 +344,8 @@ def serve_command(path: Path, stage: str | None = None, host: str = "127.0.0.1",
     try:
         server = InferenceServer(model, tok, is_chat, host=host, port=port, model_id=name,
                                  defaults=_settings(temperature, top_k, top_p, max_new_tokens, repetition_penalty, seed),
-                                 system=system, verbose=verbose)
+                                 system=system, verbose=verbose, max_batch=max_batch, timeout=timeout,
+                                 max_connections=max_connections)
     except OSError as e:
         _err(f"cannot listen on {host}:{port}: {e}")
         return 1
@@ -505,6 +511,10 @@ def register_commands(app) -> None:
         allow_code: bool = typer.Option(False, "--allow-code", help="Allow trust_remote_code checkpoints."),
         device: str | None = typer.Option(None, "--device", help=DEVICE_HELP),
         verbose: bool = typer.Option(False, "--verbose", help="Log each request."),
+        max_batch: int = typer.Option(8, "--max-batch", help="Most requests answered by one batched generate."),
+        timeout: float = typer.Option(30.0, "--timeout", help="Seconds a client may stall while sending."),
+        max_connections: int = typer.Option(64, "--max-connections", help="Connections served at once; "
+                                            "more get 503."),
     ):
         """Serve a model over HTTP: POST /generate, OpenAI-compatible POST /v1/chat/completions
         (streaming too) and GET /v1/models."""
@@ -514,7 +524,8 @@ def register_commands(app) -> None:
                                        temperature=temperature, top_k=top_k, top_p=top_p,
                                        max_new_tokens=max_new_tokens, repetition_penalty=repetition_penalty,
                                        seed=seed, system=system, chat=chat_mode, allow_code=allow_code,
-                                       device=device, verbose=verbose))
+                                       device=device, verbose=verbose, max_batch=max_batch, timeout=timeout,
+                                       max_connections=max_connections))
     # <<< paste into llmlab/cli.py until here
 
 
