@@ -294,7 +294,9 @@ def test_slow_clients_time_out_and_connections_are_bounded(tiny_run):
         # two idle connections hold both slots: a third is answered 503 at once
         idle = [socket.create_connection(srv.server_address[:2]) for _ in range(2)]
         try:
-            time.sleep(0.2)
+            deadline = time.monotonic() + 30  # wait until the server has taken both (slow on a busy machine)
+            while srv.slots._value > 0 and time.monotonic() < deadline:
+                time.sleep(0.05)
             reply = _raw_http(srv, b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n", wait=5)
             assert reply.split()[1] == b"503" and b"server_busy" in reply
         finally:
