@@ -79,6 +79,20 @@ def run(
 
 
 @app.command()
+def prepare(
+    recipe: Path = typer.Argument(..., help="Recipe file."),
+    output_dir: Optional[Path] = typer.Option(None, "--output-dir", help="Run directory (default: the recipe's output_dir)."),
+    set_: List[str] = typer.Option([], "--set", help=SET_HELP),
+    stage: Optional[str] = typer.Option(None, "--stage", help="Prepare only this stage's data."),
+    processes: Optional[int] = typer.Option(None, "--processes", help="Tokenising processes (default: all cores)."),
+):
+    """Tokenise the data of every stage ahead of training (idempotent, resumable after a kill)."""
+    from llmlab.data.prepare import prepare_command
+
+    raise typer.Exit(prepare_command(recipe, output_dir=output_dir, overrides=set_, stage=stage, processes=processes))
+
+
+@app.command()
 def report(
     run_dir: Path = typer.Argument(..., help="A run directory (the recipe's output_dir)."),
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="PNG to write (default RUN_DIR/report.png)."),

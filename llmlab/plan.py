@@ -251,7 +251,9 @@ def plan_command(recipe_path: Path, output_dir: Path | None = None, overrides=()
         return 0
     rows, facts = plan_rows(rec)
     if fmt == "json":
-        print(json.dumps({"rows": rows, **facts}, indent=2))
+        from llmlab.data.prepare import dataset_plan
+
+        print(json.dumps({"rows": rows, **facts, "datasets": dataset_plan(rec, rows)}, indent=2))
         return 0
     arch = rec["model"].get("arch") or f"from_pretrained {rec['model'].get('from_pretrained')}"
     console.print(f"[bold]{rec['name']}[/]: {arch}, {_fmt_count(facts['params'])} parameters "
@@ -262,7 +264,7 @@ def plan_command(recipe_path: Path, output_dir: Path | None = None, overrides=()
                       "recipe's tokenizer section (and its datasets) or give this recipe another output_dir.[/]")
     t = Table()
     for col in ("stage", "type", "from", "datasets (share)", "steps", "tokens", "trainable", "memory est.",
-                "tokens/param", "status"):
+                "tokens/param (Chinchilla 20)", "status"):
         t.add_column(col)
     for r in rows:
         ds = ", ".join(f"{k} {v:.0f}%" for k, v in r["datasets"].items())
@@ -271,4 +273,16 @@ def plan_command(recipe_path: Path, output_dir: Path | None = None, overrides=()
                   _fmt_count(r["trainable"]), _fmt_bytes(r["memory_bytes"]),
                   "-" if r["tokens_per_param"] is None else f"{r['tokens_per_param']:.1f}", status)
     console.print(t)
+    from llmlab.data.prepare import dataset_plan
+
+    ds_rows = dataset_plan(rec, rows)
+    if ds_rows:  # pretraining data: what the token stores hold once prepared (llmlab prepare)
+        d = Table(title="pretraining data")
+        for col in ("stage", "dataset", "documents", "tokens", "epochs seen"):
+            d.add_column(col)
+        for r in ds_rows:
+            d.add_row(r["stage"], r["dataset"], "not prepared" if r["documents"] is None else f"{r['documents']:,}",
+                      "-" if r["tokens"] is None else _fmt_count(r["tokens"]),
+                      "-" if r["epochs"] is None else f"{r['epochs']:.2f}")
+        console.print(d)
     return 0

@@ -269,6 +269,10 @@ class Runner:
                            f"device {device.type}, precision {self.precision}")
         with accelerator.main_process_first():  # under torchrun: rank 0 trains the tokenizer, the rest load it
             tokenizer, tok_sha = self.ensure_tokenizer()
+            from llmlab.data.prepare import prepare_stages  # fill missing token stores before any stage
+
+            prepare_stages(self.recipe, tokenizer, todo, pretrain_only=True,
+                           progress=accelerator.is_main_process)
         env = _StageEnv(device, accelerator, tokenizer, tok_sha, reset_optimizer)
         return [self._run_stage(name, name in forced, env) for name in selected]
 

@@ -22,6 +22,7 @@ also skips the per-document ``Encoding`` objects and the regex pass over repeate
 from __future__ import annotations
 
 import re
+import weakref
 
 import numpy as np
 
@@ -177,3 +178,33 @@ class PieceEncoder:
         self._piece_lens = np.concatenate([self._piece_lens, lens])
         self._flat = np.concatenate([self._flat, flat])
         self._n_pieces += len(pieces)
+
+
+_ENCODERS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def encode_flat(tokenizer, texts: list[str], append_id: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Token ids of ``texts`` (no special tokens added, ``append_id`` after each) as a flat stream.
+
+    Uses a :class:`PieceEncoder` (one per tokenizer, its cache kept across calls) when
+    :func:`supports_piece_cache` holds, else the tokenizer's batched Rust ``encode_batch_fast``
+    (or ``tokenizer(texts)``). Same ids either way.
+
+    Returns:
+        ``(ids, offsets)``: int32 [L] and int64 [B + 1]; document b is ``ids[offsets[b]:offsets[b+1]]``.
+    """
+    enc = _ENCODERS.get(tokenizer)
+    if enc is None and tokenizer not in _ENCODERS:
+        enc = PieceEncoder(tokenizer) if supports_piece_cache(tokenizer) else None
+        _ENCODERS[tokenizer] = enc
+    if enc is not None:
+        return enc.encode(texts, append_id)
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    fast = getattr(backend, "encode_batch_fast", None)
+    rows = [e.ids for e in fast(texts, add_special_tokens=False)] if fast is not None \
+        else tokenizer(texts, add_special_tokens=False)["input_ids"]
+    if append_id is not None:
+        rows = [list(r) + [append_id] for r in rows]
+    offsets = np.concatenate([[0], np.cumsum([len(r) for r in rows])]).astype(np.int64)
+    ids = np.fromiter((t for r in rows for t in r), dtype=np.int32, count=int(offsets[-1]))
+    return ids, offsets

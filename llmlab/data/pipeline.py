@@ -27,7 +27,6 @@ import contextlib
 import hashlib
 import json
 import logging
-import weakref
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,6 +36,7 @@ import numpy as np
 import torch
 
 from llmlab.data.formats import convert_kind
+from llmlab.data.packed import PackedSource, PretrainStream, eval_blocks, pack_documents  # noqa: F401 (re-export)
 from llmlab.data.sources import dataset_spec, load_named_dataset
 from llmlab.stage_specs import STAGE_SPECS
 
@@ -148,24 +148,10 @@ def encode_documents(tokenizer, texts: list[str], append_id: int | None = None):
     """
     import pyarrow as pa
 
-    from llmlab.data.fastencode import PieceEncoder, supports_piece_cache
+    from llmlab.data.fastencode import encode_flat
 
-    enc = _PIECE_ENCODERS.get(tokenizer)
-    if enc is None and tokenizer not in _PIECE_ENCODERS:
-        enc = PieceEncoder(tokenizer) if supports_piece_cache(tokenizer) else None
-        _PIECE_ENCODERS[tokenizer] = enc
-    if enc is not None:
-        ids, offsets = enc.encode(texts, append_id)
-    else:
-        rows = encode_texts(tokenizer, texts)
-        if append_id is not None:
-            rows = [r + [append_id] for r in rows]
-        offsets = np.concatenate([[0], np.cumsum([len(r) for r in rows])]).astype(np.int64)
-        ids = np.fromiter((t for r in rows for t in r), dtype=np.int32, count=int(offsets[-1]))
+    ids, offsets = encode_flat(tokenizer, texts, append_id)
     return pa.ListArray.from_arrays(pa.array(offsets.astype(np.int32)), pa.array(ids, type=pa.int32()))
-
-
-_PIECE_ENCODERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def _tok_pretrain(tokenizer, seq_len: int, cfg: dict, source: int):
@@ -286,7 +272,10 @@ class StageData:
 
     @property
     def num_train_examples(self) -> int:
-        """N: the number of training examples in one epoch (packed blocks for pretrain)."""
+        """N: the number of training examples in one epoch (packed blocks for pretrain: one epoch
+        of every source)."""
+        if isinstance(self._train, PretrainStream):
+            return self._train.num_blocks
         return _n_examples(self._train)
 
     @property
@@ -302,8 +291,12 @@ class StageData:
         """
         if index < 0:
             raise ValueError(f"batch index {index} < 0")
-        n = self.num_train_examples
         pos = np.arange(index * self.batch_size, (index + 1) * self.batch_size)
+        if isinstance(self._train, PretrainStream):  # blocks numbered source after source
+            src, block = self._train.locate(pos)
+            first = np.cumsum([0] + [s.num_blocks for s in self._train.sources])
+            return first[src] + block
+        n = self.num_train_examples
         out = np.empty(self.batch_size, dtype=np.int64)
         for epoch in np.unique(pos // n):
             sel = (pos // n) == epoch
@@ -332,6 +325,11 @@ class StageData:
         Shapes: pretrain [B, seq_len]; sft [B, T] with T the longest example of the batch;
         dpo/reward [B, T] with T the longest of chosen and rejected; grpo/ppo [B, P] left-padded.
         """
+        if isinstance(self._train, PretrainStream):
+            if index < 0:
+                raise ValueError(f"batch index {index} < 0")
+            pos = np.arange(index * self.batch_size, (index + 1) * self.batch_size)
+            return self._train.batch(pos, self.pad_token_id)
         return self._collate(self._train, self.train_indices(index))
 
     def eval_batches(self) -> list[dict]:
@@ -414,47 +412,6 @@ def _pad(seqs: list[list[int]], value: int, width: int | None = None, left: bool
             out[i, : len(s)] = t
             mask[i, : len(s)] = 1
     return out, mask
-
-
-# -- packing -------------------------------------------------------------------------------------
-
-def pack_documents(flat: np.ndarray, eos_id: int, seq_len: int, pad_id: int):
-    """Cut a stream of EOS-terminated documents into ``seq_len`` blocks.
-
-    Args:
-        flat: int array [L], the documents' token ids joined (each document ends with ``eos_id``).
-        eos_id, seq_len, pad_id: as named.
-
-    Returns:
-        ``(blocks, positions)``, int32 arrays [N, seq_len], N = L // seq_len (the remainder is
-        dropped; when L < seq_len one right-padded block). Position ids count from 0 at the start
-        of each document and at the start of each block.
-
-    Raises:
-        ValueError: empty stream.
-    """
-    flat = np.asarray(flat, dtype=np.int32)
-    if flat.size == 0:
-        raise ValueError("no tokens to pack")
-    if flat.size < seq_len:
-        flat = np.concatenate([flat, np.full(seq_len - flat.size, pad_id, dtype=np.int32)])
-    n = flat.size // seq_len
-    flat = flat[: n * seq_len]
-    ar = np.arange(flat.size, dtype=np.int64)
-    start = np.zeros(flat.size, dtype=bool)
-    start[0] = True
-    start[1:] = flat[:-1] == eos_id
-    start[::seq_len] = True
-    last_start = np.maximum.accumulate(np.where(start, ar, 0))
-    positions = (ar - last_start).astype(np.int32)
-    return flat.reshape(n, seq_len), positions.reshape(n, seq_len)
-
-
-def _flat_column(ds, column: str) -> np.ndarray:
-    import pyarrow.compute as pc
-
-    table = ds.with_format("arrow")[:]
-    return pc.list_flatten(table[column]).to_numpy(zero_copy_only=False).astype(np.int32)
 
 
 # -- mixing --------------------------------------------------------------------------------------
@@ -635,6 +592,9 @@ def build_stage_data(recipe: dict, stage_name: str, tokenizer) -> StageData:
         if eval_spec else weights
     eval_weights: list[float] = []
 
+    if family == "pretrain":
+        return _build_pretrain(recipe, stage_name, cfg, tokenizer, names, weights, eval_names, eval_w,
+                               bool(eval_spec))
     dropped: dict[str, dict[str, int]] = {}
     train_parts, eval_parts = [], []
     with _quiet_datasets():
@@ -675,24 +635,61 @@ def build_stage_data(recipe: dict, stage_name: str, tokenizer) -> StageData:
         tok_total = max(int(lens.sum()), 1)
         token_shares = {n: float(lens[src == i].sum() / tok_total) for i, n in enumerate(names)}
 
-        if family == "pretrain":
-            eos = tokenizer.eos_token_id
-            train = pack_documents(_flat_column(mixed, "input_ids"), eos, seq_len, pad_id)
-            eval_ = None
-            if eval_mixed is not None:
-                eval_ = pack_documents(_flat_column(eval_mixed, "input_ids"), eos, seq_len, pad_id)
-        else:
-            train = mixed
-            eval_ = None
-            if eval_mixed is not None:
-                perm = _rng(seed, "eval", stage_name).permutation(len(eval_mixed))
-                eval_ = eval_mixed.select(perm.tolist())
+        train = mixed
+        eval_ = None
+        if eval_mixed is not None:
+            perm = _rng(seed, "eval", stage_name).permutation(len(eval_mixed))
+            eval_ = eval_mixed.select(perm.tolist())
 
     data = StageData(stage=stage_name, type=cfg["type"], seed=seed,
                      batch_size=int(cfg["batch_size"]), seq_len=seq_len, pad_token_id=int(pad_id),
                      eval_steps=int(cfg.get("eval_steps") or 0), shares=shares,
                      token_shares=token_shares, dropped=dropped, _train=train, _eval=eval_,
-                     _sources=src.astype(np.int64) if family != "pretrain" else None)
+                     _sources=src.astype(np.int64))
     log.info("stage %s: %d training examples, shares %s, dropped %s", stage_name,
              data.num_train_examples, {k: round(v, 4) for k, v in shares.items()}, dropped)
+    return data
+
+
+def _build_pretrain(recipe: dict, stage_name: str, cfg: dict, tokenizer, names: list[str],
+                    weights: list[float], eval_names: list[str], eval_w: list[float],
+                    eval_named: bool, processes: int | None = None, progress: bool = False) -> StageData:
+    """A pretraining stage's data, read lazily from token stores (filled first where missing):
+    training blocks by :class:`~llmlab.data.packed.PretrainStream`, held-out blocks by
+    :func:`~llmlab.data.packed.eval_blocks` (at most ``eval_steps × batch_size``)."""
+    from llmlab.data.store import ensure_text_store
+
+    seed, seq_len, batch = int(recipe.get("seed", 0)), int(cfg["seq_len"]), int(cfg["batch_size"])
+    eos = tokenizer.eos_token_id
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
+    sources, dropped = [], {}
+    for name in names:
+        st = ensure_text_store(recipe, name, "train", tokenizer, processes=processes, progress=progress)
+        dropped[name] = dict(st.manifest.get("dropped") or {})
+        if st.tokens == 0:
+            raise ValueError(f"stages.{stage_name}: dataset {name!r} has no usable training "
+                             f"examples (dropped: {dropped[name]})")
+        sources.append(PackedSource(st, seq_len, eos, pad_id))
+    stream = PretrainStream(sources, names, weights, seed, stage_name)
+    needed = int(cfg.get("max_steps") or 0) * int(cfg.get("gradient_accumulation_steps") or 1) * batch
+    shares = stream.shares(needed)  # over the blocks the stage consumes
+    ev_stores, ev_weights = [], []
+    for name, w in zip(eval_names, eval_w):
+        # the held-out split; a dataset named only for evaluation is used whole
+        split = "eval" if float(dataset_spec(recipe, name).get("eval_split") or 0) > 0 else \
+            ("train" if eval_named else None)
+        if split is None:
+            continue
+        st = ensure_text_store(recipe, name, split, tokenizer, processes=processes, progress=progress)
+        if st.documents:
+            ev_stores.append(st)
+            ev_weights.append(w)
+    eval_ = eval_blocks(ev_stores, ev_weights, seed, stage_name, seq_len, eos, pad_id,
+                        int(cfg.get("eval_steps") or 0) * batch) if ev_stores else None
+    data = StageData(stage=stage_name, type=cfg["type"], seed=seed, batch_size=batch, seq_len=seq_len,
+                     pad_token_id=int(pad_id), eval_steps=int(cfg.get("eval_steps") or 0),
+                     shares=shares, token_shares=dict(shares), dropped=dropped, _train=stream,
+                     _eval=eval_)
+    log.info("stage %s: %d blocks of %d tokens, shares %s, dropped %s", stage_name, stream.num_blocks,
+             seq_len, {k: round(v, 4) for k, v in shares.items()}, dropped)
     return data

@@ -243,7 +243,9 @@ def _normalise(raw, fmt: str, kind: str):
         return out
 
     ds = raw.map(fn, batched=True, with_indices=True, remove_columns=raw.column_names,
-                 features=features, desc=None, load_from_cache_file=False, keep_in_memory=True)
+                 features=features, desc=None, load_from_cache_file=False,
+                 # file-backed sources stay on disk (memory-mapped) instead of filling RAM
+                 keep_in_memory=not raw.cache_files)
     problems = ds.with_format("arrow")[:].column("_bad").to_pylist()
     bad_idx = [i for i, p in enumerate(problems) if p]
     bad = [(i, problems[i]) for i in bad_idx]

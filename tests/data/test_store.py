@@ -1,0 +1,191 @@
+"""The token store: exact ids, atomic resumable shards, parallel = serial, max_tokens, sharing and
+moving, streaming, and lazy pretraining batches read from it."""
+
+from __future__ import annotations
+
+import json
+import multiprocessing as mp
+import os
+import shutil
+import signal
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from llmlab.data import store as S
+from llmlab.data.pipeline import build_stage_data
+from llmlab.data.sources import kjv_chapters
+from tests.data.conftest import make_recipe
+
+
+@pytest.fixture(scope="module")
+def chapters():
+    return [r["text"] for r in kjv_chapters()[:300]]
+
+
+def _files(path: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(path.glob("shard-*.npy"))}
+
+
+def test_ids_are_the_tokenizers_own_with_eos_and_uint16(tmp_path, tokenizer, chapters):
+    st = S.build_store(tmp_path / "s", chapters, tokenizer, processes=1, shard_bytes=200_000)
+    eos = tokenizer.eos_token_id
+    assert st.documents == 300 and len(st.manifest["shards"]) > 3
+    assert st.manifest["dtype"] == "uint16" and st.manifest["tokenizer_sha256"] == S.tokenizer_sha256(tokenizer)
+    for d in (0, 1, 150, 299):
+        want = tokenizer(chapters[d], add_special_tokens=False)["input_ids"] + [eos]
+        assert st.document(d).tolist() == want
+    # the stream is the documents in order; a window across a shard boundary reads both shards
+    first = st.manifest["shards"][0]["tokens"]
+    ref = np.concatenate([st.document(d) for d in range(st.documents)])
+    assert ref.size == st.tokens
+    assert np.array_equal(st.window(first - 5, first + 5), ref[first - 5:first + 5])
+    on_disk = sum(p.stat().st_size for p in st.path.glob("shard-*.npy"))
+    assert on_disk / st.tokens < 2.1  # uint16 ids + 8 bytes per document
+    st.verify()
+    np.load(st.path / st.manifest["shards"][1]["tokens_file"], mmap_mode="r+")[0] += 1
+    with pytest.raises(S.StoreError, match="sha256 differs"):
+        st.verify()
+
+
+def test_two_processes_write_the_same_bytes_as_one(tmp_path, tokenizer, chapters):
+    one = S.build_store(tmp_path / "one", chapters, tokenizer, processes=1, shard_bytes=150_000)
+    two = S.build_store(tmp_path / "two", chapters, tokenizer, processes=2, shard_bytes=150_000)
+    assert _files(one.path) == _files(two.path) and len(_files(one.path)) > 6
+
+
+def _slow_texts(texts, marker):
+    for i, t in enumerate(texts):
+        if i == 120:  # after a few shards are on disk: wait here to be killed
+            Path(marker).touch()
+            time.sleep(60)
+        yield t
+
+
+def _prepare_then_hang(path, tokenizer, texts, marker):
+    S.build_store(path, _slow_texts(texts, marker), tokenizer, processes=1, shard_bytes=150_000)
+
+
+def test_sigkill_mid_prepare_resumes_at_the_first_missing_shard(tmp_path, tokenizer, chapters):
+    path, marker = tmp_path / "s", tmp_path / "marker"
+    proc = mp.get_context("fork").Process(target=_prepare_then_hang, args=(path, tokenizer, chapters, marker))
+    proc.start()
+    for _ in range(600):
+        if marker.exists():
+            break
+        time.sleep(0.1)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.join()
+    part = path.with_name("s.partial")
+    assert not S.TokenStore.is_complete(path) and part.is_dir()
+    done = sorted(p.name for p in part.glob("shard-*.json"))
+    assert len(done) >= 2  # ~120 chapters of text at 150 kB per shard
+    stamps = {p.name: p.stat().st_mtime_ns for p in part.glob("shard-*.npy") if p.name.split(".")[0] + ".json" in done}
+    st = S.build_store(path, chapters, tokenizer, processes=1, shard_bytes=150_000)
+    fresh = S.build_store(tmp_path / "fresh", chapters, tokenizer, processes=1, shard_bytes=150_000)
+    assert _files(st.path) == _files(fresh.path)
+    for name, ns in stamps.items():  # finished shards were kept, not rewritten
+        assert (st.path / name).stat().st_mtime_ns == ns
+    assert st.manifest["documents"] == 300 and not part.exists()
+
+
+@pytest.mark.parametrize("processes", [1, 2])
+def test_max_tokens_stops_at_the_first_documents_reaching_it(tmp_path, tokenizer, chapters, processes):
+    full = S.build_store(tmp_path / "full", chapters, tokenizer, processes=1, shard_bytes=100_000)
+    bound = full.tokens // 3 + 7
+    st = S.build_store(tmp_path / f"cut{processes}", chapters, tokenizer, processes=processes,
+                       max_tokens=bound, shard_bytes=100_000)
+    last = st.document(st.documents - 1).size
+    assert st.tokens >= bound > st.tokens - last
+    assert np.array_equal(st.window(0, st.tokens), full.window(0, st.tokens))
+    assert not list(st.path.glob("*.tmp")) and len(list(st.path.glob("shard-*.json"))) == len(st.manifest["shards"])
+
+
+def _pretrain_recipe(tmp_path, weights=None, **stage):
+    rec = make_recipe(tmp_path)
+    rec["datasets"]["bible"]["max_samples"] = 300
+    rec["stages"]["pretrain"].update(stage)
+    if weights:
+        rec["stages"]["pretrain"]["datasets"] = weights
+    return rec
+
+
+def test_stores_survive_moving_the_run_dir_and_are_shared(tmp_path, tokenizer, monkeypatch):
+    rec = _pretrain_recipe(tmp_path / "a")
+    first = build_stage_data(rec, "pretrain", tokenizer)
+    before = {i: first.train_batch(i)["input_ids"] for i in (0, 7, 400)}
+    run_a = Path(rec["output_dir"])
+    shutil.move(str(run_a), str(tmp_path / "moved"))
+    rec["output_dir"] = str(tmp_path / "moved")
+
+    def refuse(*a, **k):
+        raise AssertionError("tokenised again")
+
+    monkeypatch.setattr(S, "build_store", refuse)
+    again = build_stage_data(rec, "pretrain", tokenizer)  # the moved store is found, not rebuilt
+    for i, ids in before.items():
+        assert torch.equal(ids, again.train_batch(i)["input_ids"])
+    # another recipe pointing at the same token_store shares it
+    other = _pretrain_recipe(tmp_path / "b")
+    other["token_store"] = str(tmp_path / "moved" / "cache" / "tokens")
+    build_stage_data(other, "pretrain", tokenizer)
+
+
+def test_edited_text_file_gets_a_new_store(tmp_path, tokenizer):
+    f = tmp_path / "t.jsonl"
+    rec = make_recipe(tmp_path)
+    rec["datasets"]["loc"] = {"path": str(f)}
+    rec["stages"]["pretrain"]["datasets"] = {"loc": 1.0}
+    f.write_text("".join(json.dumps({"text": f"first version {i}."}) + "\n" for i in range(50)))
+    a = build_stage_data(rec, "pretrain", tokenizer).train_batch(0)["input_ids"]
+    os.utime(f, ns=(0, 0))  # same size, another mtime and content
+    f.write_text("".join(json.dumps({"text": f"later version {i}."}) + "\n" for i in range(50)))
+    b = build_stage_data(rec, "pretrain", tokenizer).train_batch(0)["input_ids"]
+    assert "first" in tokenizer.decode(a[0]) and "later" in tokenizer.decode(b[0])
+
+
+def _word_file(path: Path, word: str, n: int) -> str:
+    path.write_text("".join(json.dumps({"text": f"{word} " * 20 + f"number {i}."}) + "\n" for i in range(n)))
+    return str(path)
+
+
+def test_pretrain_mixture_by_index_follows_the_weights_and_is_pure(tmp_path, tokenizer):
+    rec = make_recipe(tmp_path)
+    rec["datasets"]["alpha"] = {"path": _word_file(tmp_path / "a.jsonl", "alpha", 200)}
+    rec["datasets"]["beta"] = {"path": _word_file(tmp_path / "b.jsonl", "beta", 800)}
+    rec["stages"]["pretrain"].update(datasets={"alpha": 2.0, "beta": 1.0}, batch_size=100, max_steps=100)
+    data = build_stage_data(rec, "pretrain", tokenizer)
+    assert abs(data.shares["alpha"] - 2 / 3) <= 0.015
+    n_alpha = data._train.sources[0].num_blocks
+    idx = np.concatenate([data.train_indices(i) for i in range(100)])  # 10,000 blocks
+    assert abs(float((idx < n_alpha).mean()) - 2 / 3) <= 0.015  # alpha is read ~6 times over
+    assert len(np.unique(idx[idx < n_alpha])) == n_alpha  # every block of the smaller source, in epochs
+    b = data.train_batch(3)["input_ids"]
+    for row, j in zip(b, data.train_indices(3)):  # each block holds the text of its own source
+        text = tokenizer.decode(row)
+        assert ("alpha" in text, "beta" in text) == ((True, False) if j < n_alpha else (False, True))
+    again = build_stage_data(rec, "pretrain", tokenizer)
+    for i in (99, 3, 0, 5000):  # any order, past the stage's end too
+        x, y = data.train_batch(i), again.train_batch(i)
+        assert all(torch.equal(x[k], y[k]) for k in x)
+
+
+def test_streamed_local_file_equals_the_loaded_one(tmp_path, tokenizer):
+    f = tmp_path / "s.jsonl"
+    rows = [{"text": f"streamed line {i} of the corpus."} for i in range(400)] + [{"text": ""}]
+    f.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    rec = make_recipe(tmp_path)
+    rec["datasets"]["whole"] = {"path": str(f)}
+    rec["datasets"]["stream"] = {"path": str(f), "streaming": True, "max_tokens": 1000}
+    whole = S.ensure_text_store(rec, "whole", "train", tokenizer)
+    st = S.ensure_text_store(rec, "stream", "train", tokenizer)
+    assert st.tokens >= 1000 > st.tokens - st.document(st.documents - 1).size
+    assert np.array_equal(st.window(0, st.tokens), whole.window(0, st.tokens))
+    rec["datasets"]["all"] = {"path": str(f), "streaming": True, "max_samples": 401}
+    full = S.ensure_text_store(rec, "all", "train", tokenizer)
+    assert full.documents == whole.documents == 400
+    assert full.manifest["bad_rows"] == 1 and full.manifest["rows_read"] == 401
+    assert np.array_equal(full.window(0, full.tokens), whole.window(0, whole.tokens))
