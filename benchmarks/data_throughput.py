@@ -3,12 +3,13 @@ per-example loop and the idiomatic batched map, measured side by side in one run
 
     python benchmarks/data_throughput.py [--vocab-size 4096] [--seq-len 256] [--repeats 3]
 
-fast path   what ``llmlab.data.pipeline`` does for a pretrain stage: ``datasets.Dataset.map``
-            (batched, 1,000 documents per call) of the stage's tokeniser, which encodes each
+fast path   what a pretrain stage's token store does per shard (:mod:`llmlab.data.store`):
+            batches of 1,000 documents through :func:`llmlab.data.fastencode.encode_flat`, which encodes each
             distinct piece of text once with the Rust tokenizer and assembles documents by a
             vectorised gather (:mod:`llmlab.data.fastencode`, exact for byte-level BPE), then the
             token stream flattened with pyarrow and cut into blocks with position ids by
-            :func:`llmlab.data.pipeline.pack_documents` (numpy, vectorised); the piece cache is
+            :func:`llmlab.data.packed.pack_documents` (numpy, vectorised; training reads the same
+            blocks lazily from the store); the piece cache is
             emptied before every repeat, so each timing is a cold start;
 HF batched  ``ds.map(lambda b: tokenizer(b["text"]), batched=True)`` and the same packing;
 naive loop  ``for row in dataset``: one ``tokenizer(row["text"])`` call per document, then a
@@ -60,7 +61,7 @@ def batched(tokenizer, ds, seq_len: int):
     """The idiomatic Hugging Face way: ``ds.map(lambda b: tokenizer(b["text"]), batched=True)``
     (the Rust tokenizer encodes each batch of 1,000 documents across cores), then the same
     vectorised packing as the fast path."""
-    from llmlab.data.pipeline import _flat_column, pack_documents
+    from llmlab.data.packed import pack_documents
 
     eos = tokenizer.eos_token_id
 
@@ -69,21 +70,24 @@ def batched(tokenizer, ds, seq_len: int):
 
     tokd = ds.map(fn, batched=True, batch_size=1000, remove_columns=["text"], keep_in_memory=True,
                   new_fingerprint="batched")
-    return pack_documents(_flat_column(tokd, "input_ids"), eos, seq_len, tokenizer.pad_token_id)
+    flat = np.concatenate([np.asarray(r, dtype=np.int32) for r in tokd["input_ids"]])
+    return pack_documents(flat, eos, seq_len, tokenizer.pad_token_id)
 
 
 def fast(tokenizer, ds, seq_len: int):
-    """llmlab's path, the very functions a pretrain stage runs: a batched ``datasets.map`` of the
-    stage's tokeniser (:func:`llmlab.data.pipeline.encode_documents`: exact piece-cached encoding)
-    and vectorised packing. A fresh piece cache each time, so every repeat is a cold start."""
-    from llmlab.data import pipeline
+    """llmlab's path, the very functions a pretrain stage's token store runs per shard:
+    :func:`llmlab.data.fastencode.encode_flat` (exact piece-cached encoding, EOS appended) over
+    batches of 1,000 documents, then the blocks cut with position ids. A fresh piece cache each
+    time, so every repeat is a cold start."""
+    from llmlab.data import fastencode
+    from llmlab.data.packed import pack_documents
 
-    pipeline._PIECE_ENCODERS.clear()
-    fn, features = pipeline._tok_pretrain(tokenizer, seq_len, {}, 0)
-    tokd = ds.map(fn, batched=True, batch_size=1000, remove_columns=["text"], features=features,
-                  keep_in_memory=True, new_fingerprint="fast")
-    return pipeline.pack_documents(pipeline._flat_column(tokd, "input_ids"), tokenizer.eos_token_id,
-                                   seq_len, tokenizer.pad_token_id)
+    fastencode._ENCODERS.clear()
+    texts = ds["text"]
+    eos = tokenizer.eos_token_id
+    flat = np.concatenate([fastencode.encode_flat(tokenizer, texts[i:i + 1000], eos)[0]
+                           for i in range(0, len(texts), 1000)])
+    return pack_documents(flat, eos, seq_len, tokenizer.pad_token_id)
 
 
 def main() -> None:

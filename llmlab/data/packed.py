@@ -76,9 +76,14 @@ def pack_documents(flat: np.ndarray, eos_id: int, seq_len: int, pad_id: int):
     if flat.size < seq_len:
         flat = np.concatenate([flat, np.full(seq_len - flat.size, pad_id, dtype=np.int32)])
     n = flat.size // seq_len
-    blocks = flat[: n * seq_len].reshape(n, seq_len)
-    positions = np.stack([block_positions(b, eos_id) for b in blocks]).astype(np.int32)
-    return blocks, positions
+    flat = flat[: n * seq_len]
+    ar = np.arange(flat.size, dtype=np.int64)
+    start = np.zeros(flat.size, dtype=bool)
+    start[0] = True
+    start[1:] = flat[:-1] == eos_id
+    start[::seq_len] = True
+    positions = (ar - np.maximum.accumulate(np.where(start, ar, 0))).astype(np.int32)
+    return flat.reshape(n, seq_len), positions.reshape(n, seq_len)
 
 
 class PackedSource:

@@ -154,19 +154,6 @@ def encode_documents(tokenizer, texts: list[str], append_id: int | None = None):
     return pa.ListArray.from_arrays(pa.array(offsets.astype(np.int32)), pa.array(ids, type=pa.int32()))
 
 
-def _tok_pretrain(tokenizer, seq_len: int, cfg: dict, source: int):
-    eos = tokenizer.eos_token_id
-
-    def fn(batch):
-        import pyarrow as pa
-
-        n = len(batch["text"])
-        return pa.table({"input_ids": encode_documents(tokenizer, batch["text"], eos),
-                         "_source": pa.array(np.full(n, source, dtype=np.int32)),
-                         "_drop": pa.array([""] * n, type=pa.string())})
-    return fn, _int_list_features("input_ids")
-
-
 def _tok_sft(tokenizer, seq_len: int, cfg: dict, source: int):
     truncate = cfg.get("truncation", "drop") == "truncate"
 
@@ -236,7 +223,7 @@ def _tok_prompt(tokenizer, seq_len: int, cfg: dict, source: int):
     return fn, _int_list_features("prompt_input_ids", extra={"prompt": msgs})
 
 
-_TOKENISERS = {"pretrain": _tok_pretrain, "sft": _tok_sft, "pair": _tok_pair, "prompt": _tok_prompt}
+_TOKENISERS = {"sft": _tok_sft, "pair": _tok_pair, "prompt": _tok_prompt}
 
 
 # -- StageData -----------------------------------------------------------------------------------

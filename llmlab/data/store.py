@@ -522,7 +522,7 @@ def ensure_text_store(recipe: dict, name: str, split: str, tokenizer, *, process
     spec = dataset_spec(recipe, name)
     if spec.get("streaming"):
         info: dict[str, Any] = {"dataset": name, "split": split, "source": src_fp}
-        return build_store(path, stream_texts(recipe, name, info), tokenizer, info=info,
+        return build_store(path, stream_texts(recipe, name, info, split), tokenizer, info=info,
                            processes=processes, max_tokens=spec.get("max_tokens"), progress=progress,
                            label=f"{name} (stream)")
     splits = load_named_dataset(recipe, name)
@@ -537,18 +537,22 @@ def ensure_text_store(recipe: dict, name: str, split: str, tokenizer, *, process
 
 
 
-def stream_texts(recipe: dict, name: str, info: dict) -> Iterator[str]:
-    """The canonical text of a ``streaming: true`` dataset, row by row, never holding the rows.
+def stream_texts(recipe: dict, name: str, info: dict, split: str = "train") -> Iterator[str]:
+    """The canonical text of a ``streaming: true`` dataset's ``split``, row by row, never holding
+    the rows.
 
     Reads a hub dataset or local files with ``datasets.load_dataset(streaming=True)``, renames
     ``columns``, normalises each row (bad rows are counted and skipped), converts conversations
     to text, applies the length filters and exact dedup (a set of 16-byte hashes), and stops after
-    ``max_samples`` rows. Fills ``info`` with ``rows_read``, ``bad_rows``, ``dropped`` and
-    ``first_bad_rows`` once the stream ends.
+    ``max_samples`` rows. With ``eval_split`` f > 0 a row is held out when the hash of (seed,
+    dataset name, its text) falls in the lowest fraction f of the hash range: a split that needs
+    no second pass and no memory (unlike a loaded dataset's, which is drawn by permutation).
+    Fills ``info`` with ``rows_read``, ``bad_rows``, ``dropped`` and ``first_bad_rows`` once the
+    stream ends.
 
     Raises:
-        ValueError: ``eval_split`` or MinHash dedup on a stream (both need the whole dataset), a
-            format that cannot become text, or more than ``max_bad_fraction`` bad rows.
+        ValueError: MinHash dedup on a stream (it needs the whole dataset), a format that cannot
+            become text, or more than ``max_bad_fraction`` bad rows.
     """
     from datasets import load_dataset
 
@@ -557,9 +561,8 @@ def stream_texts(recipe: dict, name: str, info: dict) -> Iterator[str]:
 
     spec = dataset_spec(recipe, name)
     filters = spec["filters"]
-    if float(spec.get("eval_split") or 0) > 0:
-        raise ValueError(f"datasets.{name}.eval_split: a streamed dataset cannot hold rows out; "
-                         "name a separate dataset in eval_datasets")
+    frac = float(spec.get("eval_split") or 0)
+    salt = f"{int(recipe.get('seed', 0))}:{name}:".encode()
     if filters.get("dedup") == "minhash":
         raise ValueError(f"datasets.{name}.filters.dedup: minhash needs the whole dataset; use exact "
                          "with streaming")
@@ -604,6 +607,10 @@ def stream_texts(recipe: dict, name: str, info: dict) -> Iterator[str]:
         if hi is not None and len(text) > int(hi):
             dropped["max_length"] += 1
             continue
+        if frac > 0:
+            u = int.from_bytes(hashlib.blake2b(salt + text.encode(), digest_size=8).digest(), "big") / 2.0 ** 64
+            if (u < frac) != (split == "eval"):
+                continue
         if seen is not None:
             h = hashlib.blake2b(text.encode(), digest_size=16).digest()
             if h in seen:

@@ -233,7 +233,7 @@ def _load_pretrained(cfg: dict, extra: list[str], template):
 
 def _training_texts(recipe: dict, train_cfg: dict) -> Iterator[str]:
     """Documents for tokenizer training: the train split of each named dataset, in order."""
-    from llmlab.data.sources import load_named_dataset
+    from llmlab.data.sources import dataset_spec, load_named_dataset
 
     names = list(train_cfg.get("datasets") or [])
     if not names:
@@ -241,6 +241,16 @@ def _training_texts(recipe: dict, train_cfg: dict) -> Iterator[str]:
     limit = train_cfg.get("max_documents")
     docs: list[str] = []
     for name in names:
+        if dataset_spec(recipe, name).get("streaming"):  # read the stream up to what is needed
+            import itertools
+
+            from llmlab.data.store import stream_texts
+
+            want = None if limit is None else int(limit) - len(docs)
+            docs.extend(itertools.islice(stream_texts(recipe, name, {}), want))
+            if limit is not None and len(docs) >= int(limit):
+                break
+            continue
         splits = load_named_dataset(recipe, name)
         table = splits.train.with_format("arrow")[:]
         if splits.kind == "text":

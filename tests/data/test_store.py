@@ -189,3 +189,15 @@ def test_streamed_local_file_equals_the_loaded_one(tmp_path, tokenizer):
     assert full.documents == whole.documents == 400
     assert full.manifest["bad_rows"] == 1 and full.manifest["rows_read"] == 401
     assert np.array_equal(full.window(0, full.tokens), whole.window(0, whole.tokens))
+
+
+def test_streamed_eval_split_partitions_the_rows(tmp_path, tokenizer):
+    f = tmp_path / "s.jsonl"
+    f.write_text("".join(json.dumps({"text": f"row {i} of the stream."}) + "\n" for i in range(1000)))
+    rec = make_recipe(tmp_path)
+    rec["datasets"]["held"] = {"path": str(f), "streaming": True, "max_samples": 1000, "eval_split": 0.2}
+    tr = S.ensure_text_store(rec, "held", "train", tokenizer)
+    ev = S.ensure_text_store(rec, "held", "eval", tokenizer)
+    assert tr.documents + ev.documents == 1000 and 150 <= ev.documents <= 250
+    texts = {tokenizer.decode(st.document(d)[:-1]) for st in (tr, ev) for d in range(st.documents)}
+    assert len(texts) == 1000  # every row on exactly one side
