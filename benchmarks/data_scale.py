@@ -18,9 +18,10 @@ restart   the same run extended by one step (``--set stages.pretrain.max_steps=3
 Printed per size: tokens, the store's bytes per token, peak RSS and wall time of both, and the
 ratios of the largest size to the smallest (the issue's targets: peak RSS at most 300 MB above
 the smallest, restart at most 1.5 s slower, at most 2.1 bytes per token). Then the tokenising
-rate of 1 process against ``--procs`` processes on the largest corpus up to 40 M tokens: the same
-rows into two fresh stores, timed in one process, alternated (the store writer only: loading and
-normalising the rows is done once before).
+rate of 1 process against ``--procs`` processes on the largest corpus up to 40 M tokens: the
+corpus read as ``llmlab prepare`` reads it (the jsonl streamed and normalised row by row in the
+main process, shards tokenised in-process or by the worker pool) into fresh stores, timed in one
+process, alternated, best of 2.
 """
 
 from __future__ import annotations
@@ -85,24 +86,28 @@ stages:
 
 
 def measure(cmd: list[str], env: dict) -> dict:
-    """Run ``cmd``; wall seconds and the peak RSS (bytes) of its whole process tree."""
+    """Run ``cmd``; wall seconds, the peak RSS (bytes) of its main process (``ru_maxrss``, what
+    ``/usr/bin/time`` reports) and the peak PSS of its whole process tree (main + tokenising
+    workers; PSS splits the pages a forked worker shares with its parent instead of counting them
+    twice), sampled every 50 ms."""
     import psutil
 
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     ps = psutil.Process(proc.pid)
-    peak = 0
+    peak_rss = peak_pss = 0
     while proc.poll() is None:
         try:
-            rss = ps.memory_info().rss + sum(c.memory_info().rss for c in ps.children(recursive=True))
-            peak = max(peak, rss)
+            procs = [ps] + ps.children(recursive=True)
+            peak_rss = max(peak_rss, ps.memory_info().rss)
+            peak_pss = max(peak_pss, sum(p.memory_full_info().pss for p in procs))
         except psutil.Error:
             pass
-        time.sleep(0.02)
+        time.sleep(0.05)
     out = proc.stdout.read()
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed:\n{out[-3000:]}")
-    return {"seconds": time.perf_counter() - t0, "peak_rss": peak}
+    return {"seconds": time.perf_counter() - t0, "peak_rss": peak_rss, "peak_pss": peak_pss}
 
 
 def store_stats(run: Path) -> dict:
@@ -138,17 +143,15 @@ PROCS_SCRIPT = textwrap.dedent("""
     sys.path.insert(0, {root!r})
     from llmlab.recipe import load_recipe
     from llmlab.data.tokenizer import load_tokenizer
-    from llmlab.data.sources import load_named_dataset
-    from llmlab.data.store import build_store, iter_column
+    from llmlab.data.store import build_store, stream_texts
     rec, _ = load_recipe({recipe!r}, [])
     tok = load_tokenizer({tokdir!r})
-    rows = load_named_dataset(rec, "corpus").train
     out = {{}}
     for rep in range(2):
         for p in (1, {procs}):
             path = {tmp!r} + f"/procs{{p}}-{{rep}}"
             t0 = time.perf_counter()
-            st = build_store(path, iter_column(rows, "text"), tok, processes=p)
+            st = build_store(path, stream_texts(rec, "corpus", {{}}), tok, processes=p)
             out.setdefault(p, []).append((time.perf_counter() - t0, st.tokens))
             shutil.rmtree(path)
     print("RESULT", json.dumps(out))
@@ -196,25 +199,27 @@ def main() -> None:
                                        check=True).stdout.split("RESULT", 1)[1])
         row = {"size": size, "text_MB": nbytes / 1e6, "generate_s": gen, **store_stats(run),
                "data_startup_s": su["startup_s"], "far_batch_s": su["far_batch_s"], "data_rss": su["rss_kb"] * 1024,
-               "fresh_s": fresh["seconds"], "fresh_rss": fresh["peak_rss"],
+               "fresh_s": fresh["seconds"], "fresh_rss": fresh["peak_rss"], "fresh_pss": fresh["peak_pss"],
                "restart_s": restart["seconds"], "restart_rss": restart["peak_rss"]}
         results.append(row)
         print(f"{size:g}M: {row['tokens'] / 1e6:.1f} M tokens, {row['text_MB']:.0f} MB text, "
-              f"{row['bytes_per_token']:.3f} B/token; fresh {row['fresh_s']:.1f} s / {row['fresh_rss'] / 2**20:.0f} MiB; "
+              f"{row['bytes_per_token']:.3f} B/token; fresh {row['fresh_s']:.1f} s / {row['fresh_rss'] / 2**20:.0f} MiB "
+              f"(tree PSS {row['fresh_pss'] / 2**20:.0f} MiB); "
               f"restart {row['restart_s']:.1f} s / {row['restart_rss'] / 2**20:.0f} MiB; data start-up "
               f"{row['data_startup_s'] * 1e3:.0f} ms (+{row['data_rss'] / 2**20:.0f} MiB)", flush=True)
 
-    print("\n| corpus | tokens | text | store B/token | fresh run: wall | fresh: peak RSS | restart (+1 step): wall "
+    print("\n| corpus | tokens | text | store B/token | fresh run: wall | fresh: peak RSS (tree PSS) | restart (+1 step): wall "
           "| restart: peak RSS | data start-up (prepared) | its RSS growth | batch 10^6 |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in results:
         print(f"| {r['size']:g} M | {r['tokens'] / 1e6:.1f} M | {r['text_MB']:.0f} MB | {r['bytes_per_token']:.3f} | "
-              f"{r['fresh_s']:.1f} s | {r['fresh_rss'] / 2**20:.0f} MiB | {r['restart_s']:.1f} s | {r['restart_rss'] / 2**20:.0f} MiB | "
+              f"{r['fresh_s']:.1f} s | {r['fresh_rss'] / 2**20:.0f} MiB ({r['fresh_pss'] / 2**20:.0f}) | {r['restart_s']:.1f} s | {r['restart_rss'] / 2**20:.0f} MiB | "
               f"{r['data_startup_s'] * 1e3:.0f} ms | {r['data_rss'] / 2**20:.0f} MiB | {r['far_batch_s'] * 1e3:.0f} ms |")
     if len(results) > 1:
         a, b = results[0], results[-1]
         print(f"\n{b['size']:g} M vs {a['size']:g} M tokens ({b['tokens'] / a['tokens']:.1f}x the tokens): "
               f"fresh peak RSS {(b['fresh_rss'] - a['fresh_rss']) / 2**20:+.0f} MiB (x{b['fresh_rss'] / a['fresh_rss']:.2f}), "
+              f"fresh tree PSS {(b['fresh_pss'] - a['fresh_pss']) / 2**20:+.0f} MiB, "
               f"restart peak RSS {(b['restart_rss'] - a['restart_rss']) / 2**20:+.0f} MiB (x{b['restart_rss'] / a['restart_rss']:.2f}), "
               f"restart wall {b['restart_s'] - a['restart_s']:+.2f} s (x{b['restart_s'] / a['restart_s']:.2f}), "
               f"data start-up {(b['data_startup_s'] - a['data_startup_s']) * 1e3:+.0f} ms")

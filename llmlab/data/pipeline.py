@@ -1,7 +1,13 @@
 """Per-stage data: tokenisation (cached), mixing, packing, masking and batches.
 
 ``build_stage_data(recipe, stage_name, tokenizer)`` turns the datasets a stage names into a
-:class:`StageData` whose ``train_batch(index)`` is a pure function of (seed, stage name, index):
+:class:`StageData` whose ``train_batch(index)`` is a pure function of (seed, stage name, index).
+
+Pretraining reads token stores (:mod:`llmlab.data.store`, filled first where missing) lazily:
+blocks of ``seq_len`` tokens located by index and mixed by a seeded draw per position
+(:mod:`llmlab.data.packed`); nothing proportional to the corpus is held in memory.
+
+SFT, preference and prompt stages:
 
 1. each dataset is loaded (:func:`llmlab.data.sources.load_named_dataset`), converted to the kind
    the stage needs and tokenised with a batched ``datasets.map`` whose result is cached under
@@ -10,8 +16,7 @@
 2. the datasets are mixed with ``datasets.interleave_datasets`` (probabilities = the normalised
    weights, the recipe seed, the stage's ``mixing.stopping`` rule) into one fixed sequence of
    examples, pass after seeded pass until it covers the stage's max_steps × grad-accum × batch
-   examples (:func:`mix_stream`); for pretraining the examples are documents, which are then
-   joined with EOS and packed into ``seq_len`` blocks;
+   examples (:func:`mix_stream`);
 3. example ``p = index * batch_size + j`` of the training stream is element ``p mod N`` of a
    permutation of the N examples drawn for epoch ``p // N`` from a generator seeded by
    (seed, stage name, epoch). No iterator state exists, so a resumed stage sees exactly the batches

@@ -194,7 +194,9 @@ def load_named_dataset(recipe: dict, name: str) -> DatasetSplits:
         raise ValueError(f"datasets.{name}: no usable rows")
 
     ds, filtered = apply_filters(ds, spec["filters"], name)
-    train, eval_ = split_eval(ds, kind, float(spec.get("eval_split") or 0.0), seed, name)
+    # a streamed source is split by hash, row by row, as the token store reads it (store.py)
+    splitter = split_eval_by_hash if spec.get("streaming") else split_eval
+    train, eval_ = splitter(ds, kind, float(spec.get("eval_split") or 0.0), seed, name)
     out = DatasetSplits(name=name, format=fmt, kind=kind, train=train, eval=eval_,
                         num_raw=num_raw, num_bad=len(bad_all), bad_rows=bad_all[:_MAX_BAD_LOGGED],
                         filtered=filtered)
@@ -372,6 +374,43 @@ def split_eval(ds, kind: str, fraction: float, seed: int, name: str = ""):
     if not train_idx:
         raise ValueError(f"datasets.{name}.eval_split: nothing left to train on")
     return ds.select(train_idx), ds.select(sorted(eval_idx))
+
+
+def held_out(key: str, fraction: float, seed: int, name: str) -> bool:
+    """Whether a row whose group key (:func:`group_key`) is ``key`` is held out by a hash split:
+    blake2b of (seed, dataset name, key) read as a number in [0, 1) is below ``fraction``.
+
+    Needs neither the whole dataset nor memory, so a stream can be split as it is read; rows
+    sharing a key (a prompt) land on the same side.
+    """
+    h = hashlib.blake2b(f"{int(seed)}:{name}:".encode() + key.encode(), digest_size=8).digest()
+    return int.from_bytes(h, "big") / 2.0 ** 64 < fraction
+
+
+def group_key(row: dict, kind: str) -> str:
+    """The key that keeps related rows on one side of a split (the text; the prompt of a
+    conversation, preference pair or prompt row)."""
+    return _group_key(row, kind)
+
+
+def split_eval_by_hash(ds, kind: str, fraction: float, seed: int, name: str = ""):
+    """:func:`split_eval` for streamed sources: a row is held out when :func:`held_out` says so.
+
+    Returns:
+        ``(train, eval)`` datasets; eval is empty when ``fraction`` is 0.
+
+    Raises:
+        ValueError: ``fraction`` outside [0, 0.5], or nothing left to train on.
+    """
+    if not 0.0 <= fraction <= 0.5:
+        raise ValueError(f"datasets.{name}.eval_split: {fraction} is not in [0, 0.5]")
+    if fraction == 0.0 or len(ds) == 0:
+        return ds, ds.select([])
+    held = [held_out(_group_key(r, kind), fraction, seed, name) for r in ds]
+    train_idx = [i for i, h in enumerate(held) if not h]
+    if not train_idx:
+        raise ValueError(f"datasets.{name}.eval_split: nothing left to train on")
+    return ds.select(train_idx), ds.select([i for i, h in enumerate(held) if h])
 
 
 # -- sources -------------------------------------------------------------------------------------

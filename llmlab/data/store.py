@@ -504,6 +504,16 @@ def iter_column(ds, column: str, batch_size: int = 4096) -> Iterator[str]:
         yield from batch[column]
 
 
+def streamable(spec: dict) -> bool:
+    """Whether a dataset's text is read as a stream (:func:`stream_texts`) rather than loaded
+    whole: ``streaming: true``, or local files with no ``eval_split`` and no MinHash dedup (then
+    both ways give the same rows in the same order, and the stream holds none of them)."""
+    if spec.get("streaming"):
+        return True
+    return bool(spec.get("path")) and not float(spec.get("eval_split") or 0) \
+        and (spec.get("filters") or {}).get("dedup") != "minhash"
+
+
 def ensure_text_store(recipe: dict, name: str, split: str, tokenizer, *, processes: int | None = None,
                       progress: bool = False) -> TokenStore:
     """The store of ``split`` (train | eval) of text dataset ``name``: opened when complete, else
@@ -520,7 +530,7 @@ def ensure_text_store(recipe: dict, name: str, split: str, tokenizer, *, process
     from llmlab.data.sources import dataset_spec, load_named_dataset
 
     spec = dataset_spec(recipe, name)
-    if spec.get("streaming"):
+    if streamable(spec):
         info: dict[str, Any] = {"dataset": name, "split": split, "source": src_fp}
         return build_store(path, stream_texts(recipe, name, info, split), tokenizer, info=info,
                            processes=processes, max_tokens=spec.get("max_tokens"), progress=progress,
@@ -557,12 +567,13 @@ def stream_texts(recipe: dict, name: str, info: dict, split: str = "train") -> I
     from datasets import load_dataset
 
     from llmlab.data.formats import KIND_OF_FORMAT, BadRow, convert_kind, detect_format, normaliser
-    from llmlab.data.sources import _LOCAL_BUILDERS, _cache_dir, dataset_spec, resolve_files
+    from llmlab.data.sources import (_LOCAL_BUILDERS, _cache_dir, dataset_spec, group_key, held_out,
+                                     resolve_files)
 
     spec = dataset_spec(recipe, name)
     filters = spec["filters"]
     frac = float(spec.get("eval_split") or 0)
-    salt = f"{int(recipe.get('seed', 0))}:{name}:".encode()
+    seed = int(recipe.get("seed", 0))
     if filters.get("dedup") == "minhash":
         raise ValueError(f"datasets.{name}.filters.dedup: minhash needs the whole dataset; use exact "
                          "with streaming")
@@ -601,16 +612,14 @@ def stream_texts(recipe: dict, name: str, info: dict, split: str = "train") -> I
             if len(first_bad) < 5:
                 first_bad.append([str(n - 1), str(e)])
             continue
+        if frac > 0 and held_out(group_key(r, kind), frac, seed, name) != (split == "eval"):
+            continue
         if lo is not None and len(text) < int(lo):
             dropped["min_length"] += 1
             continue
         if hi is not None and len(text) > int(hi):
             dropped["max_length"] += 1
             continue
-        if frac > 0:
-            u = int.from_bytes(hashlib.blake2b(salt + text.encode(), digest_size=8).digest(), "big") / 2.0 ** 64
-            if (u < frac) != (split == "eval"):
-                continue
         if seen is not None:
             h = hashlib.blake2b(text.encode(), digest_size=16).digest()
             if h in seen:
