@@ -72,8 +72,12 @@ def tokenizer_sha256(tokenizer) -> str:
     ``tokenizers.Tokenizer.from_file(tokenizer.json)`` with the same EOS id, which ``llmlab plan``
     uses without importing transformers).
     """
-    backend = getattr(tokenizer, "backend_tokenizer", tokenizer)
-    return _tok_sha(backend.to_str(), tokenizer.eos_token_id)
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:  # a slow (Python) tokenizer: its vocabulary and class
+        desc = json.dumps([type(tokenizer).__name__, sorted(tokenizer.get_vocab().items())])
+    else:
+        desc = backend.to_str()
+    return _tok_sha(desc, tokenizer.eos_token_id)
 
 
 def _tok_sha(tokenizer_json: str, eos_id: int | None) -> str:
@@ -253,6 +257,23 @@ def _file_sha256(path: Path) -> str:
 # -- writing -------------------------------------------------------------------------------------
 
 _WORKER: dict[str, Any] = {}
+
+
+@dataclass(eq=False)  # hashable by identity: encode_flat keeps one piece cache per tokenizer
+class _RustTokenizer:
+    """What a tokenising worker needs of a tokenizer: the Rust ``tokenizers.Tokenizer`` and the
+    EOS token. Picklable and free of transformers/torch, so a spawned worker starts small."""
+
+    backend_tokenizer: Any
+    eos_token: str
+    eos_token_id: int
+
+
+def _worker_tokenizer(tokenizer):
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:  # a slow tokenizer: the worker gets it whole
+        return tokenizer
+    return _RustTokenizer(backend, tokenizer.eos_token, tokenizer.eos_token_id)
 
 
 def _init_worker(tokenizer) -> None:
@@ -441,9 +462,10 @@ def _run_shards(part: Path, shards: Iterator[list[str]], tokenizer, eos: int, dt
         if len(head) == 2 and processes > 1:  # two shards or more: a pool (one stays in-process)
             import multiprocessing as mp
 
-            ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
-            pool = ProcessPoolExecutor(processes, mp_context=ctx, initializer=_init_worker,
-                                       initargs=(tokenizer,))
+            # spawned, not forked: a fork of a process holding torch and a model would share (then
+            # copy, page by page, as Python touches its objects) hundreds of MB per worker
+            pool = ProcessPoolExecutor(processes, mp_context=mp.get_context("spawn"), initializer=_init_worker,
+                                       initargs=(_worker_tokenizer(tokenizer),))
         for i, texts in enumerate(itertools.chain(head, shards)):
             if i in done:
                 pending[i] = done[i]
