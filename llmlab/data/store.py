@@ -599,6 +599,7 @@ def stream_texts(recipe: dict, name: str, info: dict, split: str = "train") -> I
     if filters.get("dedup") == "minhash":
         raise ValueError(f"datasets.{name}.filters.dedup: minhash needs the whole dataset; use exact "
                          "with streaming")
+    files: list[str] = []
     if spec.get("hub"):
         ds = load_dataset(spec["hub"], spec.get("subset"), split=spec.get("split") or "train",
                           revision=spec.get("revision"), streaming=True, cache_dir=_cache_dir(recipe))
@@ -606,7 +607,13 @@ def stream_texts(recipe: dict, name: str, info: dict, split: str = "train") -> I
         files = resolve_files(spec["path"], recipe.get("_recipe_dir"))
         builder = _LOCAL_BUILDERS[Path(files[0]).suffix.lower()]
         kwargs = {"sample_by": "paragraph"} if builder == "text" else {}
-        ds = load_dataset(builder, data_files=files, split="train", streaming=True, **kwargs)
+        try:
+            ds = load_dataset(builder, data_files=files, split="train", streaming=True, **kwargs)
+        except Exception as exc:  # e.g. an empty file: datasets' error names no file
+            from llmlab.data.sources import diagnose_files
+
+            problem = diagnose_files(files, builder)
+            raise ValueError(f"datasets.{name}.path: {problem or f'cannot be read ({type(exc).__name__}: {exc})'}") from None
     columns = {src: dst for dst, src in (spec.get("columns") or {}).items() if src != dst}
     fmt, norm, kind = spec.get("format") or "auto", None, None
     lo, hi = filters.get("min_length"), filters.get("max_length")
@@ -616,7 +623,7 @@ def stream_texts(recipe: dict, name: str, info: dict, split: str = "train") -> I
     dropped = {"bad": 0, **{k: 0 for k, on in (("min_length", lo is not None), ("max_length", hi is not None),
                                                 ("dedup_exact", seen is not None)) if on}}
     limit = spec.get("max_samples")
-    for row in ds:
+    for row in _rows_or_diagnosis(ds, files if not spec.get("hub") else None, name):
         if limit is not None and n >= int(limit):
             break
         n += 1
@@ -649,9 +656,33 @@ def stream_texts(recipe: dict, name: str, info: dict, split: str = "train") -> I
                 continue
             seen.add(h)
         yield text
+    if n == 0 and files:
+        from llmlab.data.sources import diagnose_files
+
+        problem = diagnose_files(files, _LOCAL_BUILDERS[Path(files[0]).suffix.lower()])
+        raise ValueError(f"datasets.{name}.path: {problem or 'no rows'}")
     max_bad = float(spec.get("max_bad_fraction", 0.01))
     if n and bad / n > max_bad:
         raise ValueError(f"datasets.{name}: {bad} of {n} rows are bad ({bad / n:.1%} > max_bad_fraction "
                          f"{max_bad:g}); first bad row {first_bad[0][0]}: {first_bad[0][1]}")
     dropped["bad"] = bad
     info.update(rows_read=n, bad_rows=bad, dropped=dropped, first_bad_rows=first_bad)
+
+
+def _rows_or_diagnosis(ds, files: list[str] | None, name: str) -> Iterator[dict]:
+    """The rows of a streamed dataset; when reading fails on local files, a ValueError naming
+    the first broken file and line (:func:`llmlab.data.sources.diagnose_files`)."""
+    it = iter(ds)
+    while True:
+        try:
+            row = next(it)
+        except StopIteration:
+            return
+        except Exception as exc:
+            if not files:
+                raise
+            from llmlab.data.sources import _LOCAL_BUILDERS, diagnose_files
+
+            problem = diagnose_files(files, _LOCAL_BUILDERS[Path(files[0]).suffix.lower()])
+            raise ValueError(f"datasets.{name}.path: {problem or f'cannot be read ({type(exc).__name__}: {exc})'}") from exc
+        yield row

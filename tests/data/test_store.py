@@ -201,3 +201,17 @@ def test_streamed_eval_split_partitions_the_rows(tmp_path, tokenizer):
     assert tr.documents + ev.documents == 1000 and 150 <= ev.documents <= 250
     texts = {tokenizer.decode(st.document(d)[:-1]) for st in (tr, ev) for d in range(st.documents)}
     assert len(texts) == 1000  # every row on exactly one side
+
+
+def test_broken_local_text_is_named_with_its_line(tmp_path, tokenizer):
+    f = tmp_path / "t.jsonl"
+    lines = [json.dumps({"text": f"line {i}"}) for i in range(30)]
+    lines[11] = lines[11][:-3]
+    f.write_text("\n".join(lines) + "\n")
+    rec = make_recipe(tmp_path)
+    rec["datasets"]["loc"] = {"path": str(f)}
+    with pytest.raises(ValueError, match=rf"datasets\.loc\.path: {f}:12: not valid JSON"):
+        S.ensure_text_store(rec, "loc", "train", tokenizer)
+    f.write_text("")
+    with pytest.raises(ValueError, match=rf"datasets\.loc\.path: {f}: the file is empty"):
+        S.ensure_text_store(rec, "loc", "train", tokenizer)
