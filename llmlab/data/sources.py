@@ -285,46 +285,57 @@ def apply_filters(ds, filters: dict, name: str = ""):
         return ds, counts
     if dedup not in ("none", "exact", "minhash"):
         raise ValueError(f"datasets.{name}.filters.dedup: {dedup!r} is not none/exact/minhash")
-    rows = ds.to_list()
-    texts = [row_text(r) for r in rows]
-    keep = list(range(len(texts)))
-    if lo is not None:
-        before = len(keep)
-        keep = [i for i in keep if len(texts[i]) >= int(lo)]
-        counts["min_length"] = before - len(keep)
-    if hi is not None:
-        before = len(keep)
-        keep = [i for i in keep if len(texts[i]) <= int(hi)]
-        counts["max_length"] = before - len(keep)
-    if dedup in ("exact", "minhash"):
-        before, seen, kept = len(keep), set(), []
-        for i in keep:
-            h = hashlib.sha256(json.dumps(rows[i], sort_keys=True).encode()).digest()
-            if h not in seen:
-                seen.add(h)
-                kept.append(i)
-        keep = kept
-        counts["dedup_exact"] = before - len(keep)
+    # one pass over the rows in batches (memory: the kept indices and the dedup hashes, not the rows)
+    lsh = None
     if dedup == "minhash":
         from datasketch import MinHash, MinHashLSH
 
         num_perm = 128
-        threshold = float(filters.get("minhash_threshold", 0.85))
-        lsh = MinHashLSH(threshold=threshold, num_perm=num_perm)
-        hashes = MinHash.bulk([_shingles(texts[i]) for i in keep], num_perm=num_perm, seed=1)
-        kept = []
-        for i, mh in zip(keep, hashes):
+        lsh = MinHashLSH(threshold=float(filters.get("minhash_threshold", 0.85)), num_perm=num_perm)
+    for k in ("min_length", "max_length"):
+        if filters[k] is not None:
+            counts[k] = 0
+    if dedup in ("exact", "minhash"):
+        counts["dedup_exact"] = 0
+    if dedup == "minhash":
+        counts["dedup_minhash"] = 0
+    keep, seen = [], set()
+    for i, row in enumerate(iter_rows(ds)):
+        text = row_text(row)
+        if lo is not None and len(text) < int(lo):
+            counts["min_length"] += 1
+            continue
+        if hi is not None and len(text) > int(hi):
+            counts["max_length"] += 1
+            continue
+        if dedup in ("exact", "minhash"):
+            h = hashlib.sha256(json.dumps(row, sort_keys=True).encode()).digest()
+            if h in seen:
+                counts["dedup_exact"] += 1
+                continue
+            seen.add(h)
+        if lsh is not None:
+            mh = MinHash(num_perm=num_perm, seed=1)
+            mh.update_batch(list(_shingles(text)))
             if lsh.query(mh):
+                counts["dedup_minhash"] += 1
                 continue
             lsh.insert(str(i), mh)
-            kept.append(i)
-        counts["dedup_minhash"] = len(keep) - len(kept)
-        keep = kept
+        keep.append(i)
     if len(keep) != len(ds):
         ds = ds.select(keep)
     if any(counts.values()):
         log.info("datasets.%s: filters removed %s", name, counts)
     return ds, counts
+
+
+def iter_rows(ds, batch_size: int = 1000):
+    """The rows of a ``datasets.Dataset`` as dicts, read in batches (a memory-mapped dataset is
+    never loaded whole)."""
+    for batch in ds.iter(batch_size=batch_size):
+        cols = list(batch)
+        for j in range(len(batch[cols[0]]) if cols else 0):
+            yield {c: batch[c][j] for c in cols}
 
 
 def _group_key(row: dict, kind: str) -> str:
@@ -358,9 +369,10 @@ def split_eval(ds, kind: str, fraction: float, seed: int, name: str = ""):
     if fraction == 0.0 or len(ds) == 0:
         return ds, ds.select([])
     target = max(1, round(fraction * len(ds)))
-    groups: dict[str, list[int]] = {}
-    for i, row in enumerate(ds.to_list()):
-        groups.setdefault(_group_key(row, kind), []).append(i)
+    groups: dict[bytes, list[int]] = {}
+    for i, row in enumerate(iter_rows(ds)):  # keys as 16-byte digests: the rows are not held
+        key = hashlib.blake2b(_group_key(row, kind).encode(), digest_size=16).digest()
+        groups.setdefault(key, []).append(i)
     order = list(groups.values())
     rng = np.random.default_rng([seed, zlib.crc32(name.encode())])
     perm = rng.permutation(len(order))
@@ -406,7 +418,7 @@ def split_eval_by_hash(ds, kind: str, fraction: float, seed: int, name: str = ""
         raise ValueError(f"datasets.{name}.eval_split: {fraction} is not in [0, 0.5]")
     if fraction == 0.0 or len(ds) == 0:
         return ds, ds.select([])
-    held = [held_out(_group_key(r, kind), fraction, seed, name) for r in ds]
+    held = [held_out(_group_key(r, kind), fraction, seed, name) for r in iter_rows(ds)]
     train_idx = [i for i, h in enumerate(held) if not h]
     if not train_idx:
         raise ValueError(f"datasets.{name}.eval_split: nothing left to train on")

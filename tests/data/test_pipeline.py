@@ -266,3 +266,28 @@ def test_drops_are_announced_with_the_seq_len_that_keeps_them_and_too_many_fail(
     rec["stages"]["sft"]["seq_len"] = needed  # the announced length keeps every example
     kept = build_stage_data(rec, "sft", tokenizer)
     assert "too_long" not in kept.dropped["chat"] and kept.num_train_examples > data.num_train_examples
+
+
+def test_local_sft_data_stays_memory_mapped(tmp_path, tokenizer):
+    """Conversations from local files are normalised, filtered, split and tokenised into Arrow files
+    that the stage reads memory-mapped, not loaded into RAM (issue 13 item 6)."""
+    import json
+
+    from datasets.table import MemoryMappedTable
+
+    path = tmp_path / "chat.jsonl"
+    rows = [{"messages": [{"role": "user", "content": f"Question {i % 700}?"},
+                          {"role": "assistant", "content": f"Answer {i}."}]} for i in range(1000)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    rec = make_recipe(tmp_path)
+    rec["datasets"]["local"] = {"path": str(path), "eval_split": 0.1, "filters": {"dedup": "exact"}}
+    rec["stages"]["sft"]["datasets"] = {"local": 1.0}
+    data = build_stage_data(rec, "sft", tokenizer)
+    from llmlab.data.sources import load_named_dataset
+
+    loaded = load_named_dataset(rec, "local")  # the canonical rows before tokenisation, too
+    assert isinstance(loaded.train.data, MemoryMappedTable) and isinstance(loaded.eval.data, MemoryMappedTable)
+    assert isinstance(data._train.data, MemoryMappedTable) and data._train.cache_files
+    assert data._train.cache_files[0]["filename"].startswith(str(tmp_path / "run" / "cache"))
+    assert 850 <= data.num_train_examples <= 950  # the same prompt (i % 700) is never on both sides
+    assert data.train_batch(0)["input_ids"].shape[0] == 8
