@@ -7,6 +7,8 @@ Public API (imported lazily, so ``import llmlab.data`` stays cheap):
 - :func:`load_named_dataset`, :class:`DatasetSplits`, :func:`load_builtin` (llmlab.data.sources)
 - :func:`build_stage_data`, :class:`StageData`, :func:`pack_documents`, :func:`mix`
   (llmlab.data.pipeline)
+- :class:`TokenStore`, :func:`build_store`, :func:`ensure_text_store` (llmlab.data.store: the
+  memory-mapped token store of pretraining text); :func:`prepare_stages` (llmlab.data.prepare)
 """
 
 from __future__ import annotations
@@ -19,6 +21,8 @@ _EXPORTS = {
     "load_named_dataset": "sources", "DatasetSplits": "sources", "load_builtin": "sources",
     "build_stage_data": "pipeline", "StageData": "pipeline", "pack_documents": "pipeline",
     "mix": "pipeline",
+    "TokenStore": "store", "build_store": "store", "ensure_text_store": "store",
+    "prepare_stages": "prepare",
 }
 __all__ = sorted(_EXPORTS)
 
