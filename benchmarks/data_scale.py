@@ -139,7 +139,7 @@ STARTUP_SCRIPT = textwrap.dedent("""
 
 
 PROCS_SCRIPT = textwrap.dedent("""
-    import json, sys, time, shutil
+    import json, resource, sys, time, shutil
     sys.path.insert(0, {root!r})
     from llmlab.recipe import load_recipe
     from llmlab.data.tokenizer import load_tokenizer
@@ -150,12 +150,36 @@ PROCS_SCRIPT = textwrap.dedent("""
     for rep in range(2):
         for p in (1, {procs}):
             path = {tmp!r} + f"/procs{{p}}-{{rep}}"
+            r0s, r0c = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
             t0 = time.perf_counter()
             st = build_store(path, stream_texts(rec, "corpus", {{}}), tok, processes=p)
-            out.setdefault(p, []).append((time.perf_counter() - t0, st.tokens))
+            wall = time.perf_counter() - t0
+            r1s, r1c = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+            cpu_main = r1s.ru_utime + r1s.ru_stime - r0s.ru_utime - r0s.ru_stime
+            cpu_workers = r1c.ru_utime + r1c.ru_stime - r0c.ru_utime - r0c.ru_stime
+            out.setdefault(p, []).append((wall, st.tokens, cpu_main, cpu_workers))
             shutil.rmtree(path)
     print("RESULT", json.dumps(out))
 """)
+
+
+def print_table(results: list[dict]) -> None:
+    """The per-size table and the largest-vs-smallest ratios."""
+    print("\n| corpus | tokens | text | store B/token | fresh run: wall | fresh: peak RSS (tree PSS) | restart (+1 step): wall "
+          "| restart: peak RSS | data start-up (prepared) | its RSS growth | batch 10^6 |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for r in results:
+        print(f"| {r['size']:g} M | {r['tokens'] / 1e6:.1f} M | {r['text_MB']:.0f} MB | {r['bytes_per_token']:.3f} | "
+              f"{r['fresh_s']:.1f} s | {r['fresh_rss'] / 2**20:.0f} MiB ({r['fresh_pss'] / 2**20:.0f}) | {r['restart_s']:.1f} s | {r['restart_rss'] / 2**20:.0f} MiB | "
+              f"{r['data_startup_s'] * 1e3:.0f} ms | {r['data_rss'] / 2**20:.0f} MiB | {r['far_batch_s'] * 1e3:.0f} ms |")
+    if len(results) > 1:
+        a, b = results[0], results[-1]
+        print(f"\n{b['size']:g} M vs {a['size']:g} M tokens ({b['tokens'] / a['tokens']:.1f}x the tokens): "
+              f"fresh peak RSS {(b['fresh_rss'] - a['fresh_rss']) / 2**20:+.0f} MiB (x{b['fresh_rss'] / a['fresh_rss']:.2f}), "
+              f"fresh tree PSS {(b['fresh_pss'] - a['fresh_pss']) / 2**20:+.0f} MiB, "
+              f"restart peak RSS {(b['restart_rss'] - a['restart_rss']) / 2**20:+.0f} MiB (x{b['restart_rss'] / a['restart_rss']:.2f}), "
+              f"restart wall {b['restart_s'] - a['restart_s']:+.2f} s (x{b['restart_s'] / a['restart_s']:.2f}), "
+              f"data start-up {(b['data_startup_s'] - a['data_startup_s']) * 1e3:+.0f} ms")
 
 
 def main() -> None:
@@ -163,6 +187,7 @@ def main() -> None:
     ap.add_argument("--sizes", type=float, nargs="+", default=[8, 40, 160], help="corpus sizes, M tokens")
     ap.add_argument("--procs", type=int, default=os.cpu_count() or 2, help="processes to compare with 1")
     ap.add_argument("--keep", type=Path, default=None, help="work in this folder and keep it")
+    ap.add_argument("--procs-only", action="store_true", help="only the 1 vs N processes comparison")
     args = ap.parse_args()
     work = args.keep or Path(tempfile.mkdtemp(prefix="llmlab-data-scale-"))
     work.mkdir(parents=True, exist_ok=True)
@@ -180,7 +205,7 @@ def main() -> None:
                    stdout=subprocess.DEVNULL)
 
     results = []
-    for size in args.sizes:
+    for size in ([] if args.procs_only else args.sizes):
         corpus = work / f"corpus-{size:g}M.jsonl"
         t0 = time.perf_counter()
         nbytes = write_corpus(corpus, size)
@@ -208,34 +233,29 @@ def main() -> None:
               f"restart {row['restart_s']:.1f} s / {row['restart_rss'] / 2**20:.0f} MiB; data start-up "
               f"{row['data_startup_s'] * 1e3:.0f} ms (+{row['data_rss'] / 2**20:.0f} MiB)", flush=True)
 
-    print("\n| corpus | tokens | text | store B/token | fresh run: wall | fresh: peak RSS (tree PSS) | restart (+1 step): wall "
-          "| restart: peak RSS | data start-up (prepared) | its RSS growth | batch 10^6 |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
-    for r in results:
-        print(f"| {r['size']:g} M | {r['tokens'] / 1e6:.1f} M | {r['text_MB']:.0f} MB | {r['bytes_per_token']:.3f} | "
-              f"{r['fresh_s']:.1f} s | {r['fresh_rss'] / 2**20:.0f} MiB ({r['fresh_pss'] / 2**20:.0f}) | {r['restart_s']:.1f} s | {r['restart_rss'] / 2**20:.0f} MiB | "
-              f"{r['data_startup_s'] * 1e3:.0f} ms | {r['data_rss'] / 2**20:.0f} MiB | {r['far_batch_s'] * 1e3:.0f} ms |")
-    if len(results) > 1:
-        a, b = results[0], results[-1]
-        print(f"\n{b['size']:g} M vs {a['size']:g} M tokens ({b['tokens'] / a['tokens']:.1f}x the tokens): "
-              f"fresh peak RSS {(b['fresh_rss'] - a['fresh_rss']) / 2**20:+.0f} MiB (x{b['fresh_rss'] / a['fresh_rss']:.2f}), "
-              f"fresh tree PSS {(b['fresh_pss'] - a['fresh_pss']) / 2**20:+.0f} MiB, "
-              f"restart peak RSS {(b['restart_rss'] - a['restart_rss']) / 2**20:+.0f} MiB (x{b['restart_rss'] / a['restart_rss']:.2f}), "
-              f"restart wall {b['restart_s'] - a['restart_s']:+.2f} s (x{b['restart_s'] / a['restart_s']:.2f}), "
-              f"data start-up {(b['data_startup_s'] - a['data_startup_s']) * 1e3:+.0f} ms")
+    if results:
+        print_table(results)
 
     # 1 vs N tokenising processes on the largest corpus up to 40 M tokens
     size = max([s for s in args.sizes if s <= 40] or [min(args.sizes)])
+    if args.procs_only:
+        write_corpus(work / f"corpus-{size:g}M.jsonl", size)
+        (work / f"r{size:g}.yaml").write_text(RECIPE.format(corpus=work / f"corpus-{size:g}M.jsonl"))
     script = PROCS_SCRIPT.format(root=str(ROOT), recipe=str(work / f"r{size:g}.yaml"),
                                  tokdir=str(tok_run / "tokenizer"), procs=args.procs, tmp=str(work))
     out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, check=True).stdout
     res = json.loads(out.split("RESULT", 1)[1])
-    best = {int(p): min(t for t, _ in v) for p, v in res.items()}
-    tokens = next(iter(res.values()))[0][1]
-    one, many = best[1], best[args.procs]
+    best = {int(p): min(v) for p, v in res.items()}  # the fastest repeat: (wall, tokens, cpu main, cpu workers)
+    tokens = best[1][1]
+    one, many = best[1][0], best[args.procs][0]
     print(f"\ntokenising {tokens / 1e6:.1f} M tokens into a store (best of 2, alternated): "
           f"1 process {one:.1f} s ({tokens / one / 1e6:.2f} M tok/s), {args.procs} processes {many:.1f} s "
           f"({tokens / many / 1e6:.2f} M tok/s): x{one / many:.2f}")
+    m_main, m_workers = best[args.procs][2], best[args.procs][3]
+    bound = best[1][2] / max(m_main, m_workers / args.procs)
+    print(f"CPU seconds: 1 process {best[1][2]:.1f}; {args.procs} processes: main {m_main:.1f} (reading, "
+          f"normalising, cutting shards) + workers {m_workers:.1f}. On {args.procs} idle cores the wall time "
+          f"is at least max(main, workers / {args.procs}): speed-up bound x{bound:.2f}")
     if not args.keep:
         shutil.rmtree(work, ignore_errors=True)
 
