@@ -87,7 +87,7 @@ def prepare(
     processes: Optional[int] = typer.Option(None, "--processes", help="Tokenising processes (default: all cores)."),
 ):
     """Tokenise the data of every stage ahead of training (idempotent, resumable after a kill)."""
-    from llmlab.data.prepare import prepare_command
+    from llmlab.prepare import prepare_command
 
     raise typer.Exit(prepare_command(recipe, output_dir=output_dir, overrides=set_, stage=stage, processes=processes))
 

@@ -7,6 +7,7 @@
       tokenizer/  tokenizer.fingerprint
       tensorboard/<stage>/
       error.log
+      cache/tokens/<key>/  (token stores, unless the recipe's token_store puts them elsewhere)
       <stage>/stage.json  metrics.jsonl  checkpoints/step-NNNNNN/  final/  adapter/
               results.json (evaluate)  value_head.safetensors (ppo)
 
@@ -164,6 +165,11 @@ class RunLayout:
     def tensorboard(self, stage: str) -> Path:
         """``tensorboard/<stage>``: TensorBoard event files (``logging.report_to: [tensorboard]``)."""
         return self.root / "tensorboard" / stage
+
+    @property
+    def token_store(self) -> Path:
+        """``cache/tokens/``: the default root of the token stores (:mod:`llmlab.data.store`)."""
+        return self.root / "cache" / "tokens"
 
     @property
     def error_log(self) -> Path:

@@ -147,7 +147,9 @@ def store_root(recipe: dict) -> Path:
         if not p.is_absolute() and recipe.get("_recipe_dir"):
             p = Path(recipe["_recipe_dir"]) / p
         return p
-    return Path(recipe.get("output_dir") or "runs/default") / "cache" / "tokens"
+    from llmlab.layout import RunLayout
+
+    return RunLayout.of(recipe).token_store
 
 
 def store_key(tok_sha: str, source_fp: dict, split: str) -> str:

@@ -1,0 +1,45 @@
+"""``llmlab prepare``: tokenise what a recipe's stages need before training (see
+:mod:`llmlab.data.prepare`), with the run's tokenizer trained or loaded as ``llmlab run`` does."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def prepare_command(recipe_path: Path, output_dir: Path | None = None, overrides=(), stage: str | None = None,
+                    processes: int | None = None) -> int:
+    """``llmlab prepare``: returns 0 when everything is prepared, 1 on an invalid recipe or bad data."""
+    import logging
+
+    from rich.table import Table
+
+    from llmlab.console import make_console
+    from llmlab.data.prepare import prepare_stages
+    from llmlab.recipe import load_recipe
+    from llmlab.runner import Runner, quiet_libraries
+
+    console = make_console()
+    rec, errors = load_recipe(recipe_path, list(overrides))
+    if errors:
+        for e in errors:
+            console.print(str(e), markup=False, highlight=False)
+        return 1
+    if output_dir is not None:
+        rec["output_dir"] = str(Path(output_dir).resolve())
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    quiet_libraries()
+    try:
+        Path(rec["output_dir"]).mkdir(parents=True, exist_ok=True)
+        tokenizer, _ = Runner(rec, console).ensure_tokenizer()
+        rows = prepare_stages(rec, tokenizer, [stage] if stage else None, processes=processes, progress=True)
+    except (KeyError, ValueError, FileNotFoundError) as e:
+        console.print(f"error: {e}", style="red", markup=False, highlight=False)
+        return 1
+    t = Table(title=f"llmlab prepare → {rec['output_dir']}")
+    for col in ("stage", "dataset", "split", "documents / examples", "tokens", "time", "store"):
+        t.add_column(col)
+    for r in rows:
+        t.add_row(r["stage"], r["dataset"], r["split"], f"{r['documents']:,}",
+                  "-" if r["tokens"] is None else f"{r['tokens']:,}", f"{r['seconds']:.1f} s", r["store"] or "cache/")
+    console.print(t)
+    return 0
