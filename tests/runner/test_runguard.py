@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -30,10 +31,15 @@ def test_second_run_on_a_live_directory_fails_at_once_and_the_first_loses_nothin
             assert first.poll() is None, first.stdout.read()
             assert time.time() < deadline
             time.sleep(0.1)
-        t0 = time.perf_counter()
-        second = subprocess.run([sys.executable, "-m", "llmlab.cli", "run", str(recipe), "--set",
-                                 "stages.pretrain.optimizer.lr=0.003"], env=env, capture_output=True, text=True)
-        waited = time.perf_counter() - t0
+        # pause the first run (it keeps its lock) so the second meets it alive however slow this machine is
+        os.kill(first.pid, signal.SIGSTOP)
+        try:
+            t0 = time.perf_counter()
+            second = subprocess.run([sys.executable, "-m", "llmlab.cli", "run", str(recipe), "--set",
+                                     "stages.pretrain.optimizer.lr=0.003"], env=env, capture_output=True, text=True)
+            waited = time.perf_counter() - t0
+        finally:
+            os.kill(first.pid, signal.SIGCONT)
         assert second.returncode == 1
         said = second.stdout + second.stderr
         assert "in use by another llmlab run" in said and f"pid {first.pid}" in said, said
