@@ -49,6 +49,8 @@ from typing import Any, Iterable, Iterator
 
 import numpy as np
 
+from llmlab.fingerprint import sha256_file
+
 log = logging.getLogger(__name__)
 
 STORE_VERSION = "1"
@@ -244,16 +246,8 @@ class TokenStore:
         """
         for s in self.manifest["shards"]:
             for f, want in ((s["tokens_file"], s["tokens_sha256"]), (s["offsets_file"], s["offsets_sha256"])):
-                if _file_sha256(self.path / f) != want:
+                if sha256_file(self.path / f) != want:
                     raise StoreError(f"{self.path / f}: sha256 differs from manifest.json")
-
-
-def _file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 # -- writing -------------------------------------------------------------------------------------
@@ -302,7 +296,7 @@ def _write_shard(folder: str, index: int, texts: list[str], eos_id: int, dtype: 
             np.save(fh, arr)
             fh.flush()
             os.fsync(fh.fileno())
-        meta[f"{kind}_sha256"] = _file_sha256(tmp)
+        meta[f"{kind}_sha256"] = sha256_file(tmp)
         os.replace(tmp, final)
     _write_json(folder_p / f"{stem}.json", meta)
     return meta
@@ -500,7 +494,7 @@ def _truncate_shard(part: Path, meta: dict, budget: int) -> dict:
         tmp = final.with_name(final.name + ".tmp")
         with open(tmp, "wb") as fh:
             np.save(fh, arr)
-        new[f"{kind}_sha256"] = _file_sha256(tmp)
+        new[f"{kind}_sha256"] = sha256_file(tmp)
         os.replace(tmp, final)
     _write_json(part / f"shard-{meta['index']:05d}.json", new)
     return new

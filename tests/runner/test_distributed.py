@@ -1,4 +1,5 @@
-"""torchrun --nproc_per_node 2 on CPU (gloo): the loss curve matches one process with the same global batch."""
+"""Two processes on CPU (gloo) under torchrun and accelerate launch: the same training as one
+process with the same global batch (gradient accumulation 2)."""
 
 import copy
 import json
@@ -21,13 +22,21 @@ def _losses(d: Path) -> list[float]:
     return [r["loss"] for r in lines if "loss" in r]
 
 
-def test_torchrun_two_processes_match_single_process(tmp_path):
+def _free_port() -> int:
+    with socket.socket() as sock:  # a free loopback port for the rendezvous
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _one_and_two(tmp_path: Path, launcher: str, **stage) -> tuple[Path, Path, subprocess.CompletedProcess]:
+    """Train TINY's pretrain stage once in one process with gradient accumulation 2 and once in
+    two processes (``launcher``: torchrun or accelerate) without; returns (single dir, multi dir,
+    the two-process run)."""
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
     rec = copy.deepcopy(TINY)
     rec["stages"] = {"pretrain": rec["stages"]["pretrain"]}
-    rec["stages"]["pretrain"].update(max_steps=6, log_every=1, eval_every=100, save_every=100, batch_size=4)
-    rec["device"] = "cpu"
-    rec["precision"] = "fp32"
+    rec["stages"]["pretrain"].update(log_every=1, eval_every=100, save_every=100, batch_size=4, **stage)
+    rec["device"], rec["precision"] = "cpu", "fp32"
     single, multi = tmp_path / "single", tmp_path / "multi"
     single.mkdir()
     multi.mkdir()
@@ -36,14 +45,22 @@ def test_torchrun_two_processes_match_single_process(tmp_path):
     r1 = subprocess.run([sys.executable, "-m", "llmlab.cli", "run", str(write_recipe(single, one))],
                         cwd=single, env=env, capture_output=True, text=True, timeout=600)
     assert r1.returncode == 0, r1.stdout + r1.stderr
-    with socket.socket() as sock:  # a free loopback port for the rendezvous
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    r2 = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                         "--master_addr", "127.0.0.1", "--master_port", str(port),
-                         "-m", "llmlab.cli", "run", str(write_recipe(multi, rec))],
+    port = str(_free_port())
+    launch = {
+        "torchrun": ["-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+                     "--master_port", port],
+        # accelerate launch --multi_gpu runs torch.distributed.run; without a GPU it trains on gloo
+        "accelerate": ["-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines",
+                       "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", port],
+    }[launcher]
+    r2 = subprocess.run([sys.executable, *launch, "-m", "llmlab.cli", "run", str(write_recipe(multi, rec))],
                         cwd=multi, env=env, capture_output=True, text=True, timeout=600)
     assert r2.returncode == 0, r2.stdout[-3000:] + r2.stderr[-3000:]
+    return single, multi, r2
+
+
+def test_torchrun_two_processes_match_single_process(tmp_path):
+    single, multi, r2 = _one_and_two(tmp_path, "torchrun", max_steps=6)
     a, b = _losses(single), _losses(multi)
     assert len(a) == len(b) == 6
     for x, y in zip(a, b):
@@ -59,31 +76,10 @@ def test_torchrun_two_processes_match_single_process(tmp_path):
 
 
 def test_accelerate_launch_two_processes_on_cpu_match_single_process(tmp_path):
-    """accelerate launch --multi_gpu runs torch.distributed.run; without a GPU accelerate trains on
-    gloo (MULTI_CPU). Weights after 4 steps equal one process with gradient accumulation 2."""
+    """Weights after 4 steps are byte-equal to one process with gradient accumulation 2."""
     from safetensors.torch import load_file
 
-    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
-    rec = copy.deepcopy(TINY)
-    rec["stages"] = {"pretrain": rec["stages"]["pretrain"]}
-    rec["stages"]["pretrain"].update(max_steps=4, log_every=1, eval_every=100, save_every=100, batch_size=4)
-    rec["device"], rec["precision"] = "cpu", "fp32"
-    single, multi = tmp_path / "single", tmp_path / "multi"
-    single.mkdir()
-    multi.mkdir()
-    one = copy.deepcopy(rec)
-    one["stages"]["pretrain"]["gradient_accumulation_steps"] = 2
-    r1 = subprocess.run([sys.executable, "-m", "llmlab.cli", "run", str(write_recipe(single, one))],
-                        cwd=single, env=env, capture_output=True, text=True, timeout=600)
-    assert r1.returncode == 0, r1.stdout + r1.stderr
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    r2 = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-                         "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-                         "--main_process_port", str(port), "-m", "llmlab.cli", "run", str(write_recipe(multi, rec))],
-                        cwd=multi, env=env, capture_output=True, text=True, timeout=600)
-    assert r2.returncode == 0, r2.stdout[-3000:] + r2.stderr[-3000:]
+    single, multi, _ = _one_and_two(tmp_path, "accelerate", max_steps=4)
     info = json.loads((multi / "run" / "pretrain" / "stage.json").read_text())
     assert info["distributed"]["world_size"] == 2
     a = load_file(single / "run" / "pretrain" / "final" / "model.safetensors")
@@ -96,28 +92,8 @@ def test_accelerate_launch_two_processes_on_cpu_match_single_process(tmp_path):
 def test_sophia_under_ddp_trains_like_one_process(tmp_path):
     """Sophia's Hessian steps run backward(create_graph=True), which DDP's gradient hooks cannot
     take; llmlab averages gradients and Hessian estimates itself (issue 14 item 3)."""
-    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
-    rec = copy.deepcopy(TINY)
-    rec["stages"] = {"pretrain": rec["stages"]["pretrain"]}
-    rec["stages"]["pretrain"].update(max_steps=6, log_every=1, eval_every=100, save_every=100, batch_size=4,
-                                     optimizer={"name": "sophia", "lr": 1e-2, "rho": 0.04, "hessian_update_every": 2})
-    rec["device"], rec["precision"] = "cpu", "fp32"
-    single, multi = tmp_path / "single", tmp_path / "multi"
-    single.mkdir()
-    multi.mkdir()
-    one = copy.deepcopy(rec)
-    one["stages"]["pretrain"]["gradient_accumulation_steps"] = 2
-    r1 = subprocess.run([sys.executable, "-m", "llmlab.cli", "run", str(write_recipe(single, one))],
-                        cwd=single, env=env, capture_output=True, text=True, timeout=600)
-    assert r1.returncode == 0, r1.stdout + r1.stderr
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    r2 = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                         "--master_addr", "127.0.0.1", "--master_port", str(port),
-                         "-m", "llmlab.cli", "run", str(write_recipe(multi, rec))],
-                        cwd=multi, env=env, capture_output=True, text=True, timeout=600)
-    assert r2.returncode == 0, r2.stdout[-3000:] + r2.stderr[-3000:]
+    single, multi, _ = _one_and_two(tmp_path, "torchrun", max_steps=6, optimizer={
+        "name": "sophia", "lr": 1e-2, "rho": 0.04, "hessian_update_every": 2})
     a, b = _losses(single), _losses(multi)
     assert len(a) == len(b) == 6
     assert b[-1] < b[0]  # it trains
