@@ -151,7 +151,7 @@ def _check_datasets(datasets: dict, given, add) -> None:
             for k in HUB_ONLY:
                 if given(("datasets", name, k), non_default=True):
                     add(("datasets", name, k), f"{k!r} only applies to a hub dataset; {name!r} is not from the hub")
-        if "builtin" in spec and given(("datasets", name, "streaming")):
+        if "builtin" in spec and given(("datasets", name, "streaming"), non_default=True):
             add(("datasets", name, "streaming"), f"'streaming' only applies to a hub dataset or local files; {name!r} is builtin")
         if spec.get("streaming") is True and spec.get("max_samples") is None and spec.get("max_tokens") is None:
             add(("datasets", name, "streaming"), "streaming: true needs max_samples or max_tokens: llmlab reads "
