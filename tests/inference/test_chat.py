@@ -27,6 +27,16 @@ def _spawn(tiny_run):
     return pexpect.spawn(sys.executable, args, env=env, encoding="utf-8", timeout=60, dimensions=(24, 500))
 
 
+def _reader(lines):
+    """A ``read(prompt)`` for run_chat that answers ``lines`` in turn, then EOF (the user's Ctrl-D)."""
+    def read(prompt):
+        try:
+            return next(lines)
+        except StopIteration:
+            raise EOFError from None
+    return read
+
+
 def _norm(s: str) -> str:
     return s.replace("\r\n", "\n").replace("\r", "")
 
@@ -78,12 +88,7 @@ def test_chat_loop_in_process(tiny_run):
     model, tok, _ = load_for_inference(tiny_run / "sft" / "final")
     lines = iter(["Hello", "/help", "/nonsense", "Hello again"])
 
-    def read(prompt):
-        try:
-            return next(lines)
-        except StopIteration:
-            raise EOFError from None
-
+    read = _reader(lines)
     out = io.StringIO()
     assert run_chat(model, tok, True, GenerationSettings(max_new_tokens=8, seed=1), read=read, out=out) == 0
     text = out.getvalue()
@@ -109,12 +114,7 @@ def test_base_model_continues_plain_text(tiny_run):
     lines = iter(["In the beginning"])
     out = io.StringIO()
 
-    def read(prompt):
-        try:
-            return next(lines)
-        except StopIteration:
-            raise EOFError from None
-
+    read = _reader(lines)
     s = GenerationSettings(max_new_tokens=10, seed=0)
     run_chat(model, tok, False, s, read=read, out=out)
     expected = generate_text(model, tok, "In the beginning", s, False).text
@@ -132,12 +132,7 @@ def test_chat_keeps_the_prompt_when_the_reply_length_fills_the_context(tiny_run)
     greedy = GenerationSettings(max_new_tokens=24, temperature=0)
     lines = iter(["How are you?", "/reset", "What is your name?", "/reset", "word " * 400, "Hi"])
 
-    def read(prompt):
-        try:
-            return next(lines)
-        except StopIteration:
-            raise EOFError from None
-
+    read = _reader(lines)
     out = io.StringIO()
     assert run_chat(model, tok, True, s, read=read, out=out) == 0
     text = out.getvalue()
