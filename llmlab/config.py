@@ -127,4 +127,27 @@ class TrainingConfig:
                      scheduler=SchedulerConfig.from_dict(stage.get("scheduler")))
 
 
-__all__ = ["OptimizerConfig", "SchedulerConfig", "TrainingConfig"]
+@dataclass(frozen=True)
+class DataLoaderConfig:
+    """The recipe's top-level ``dataloader_*`` keys: how training batches are built ahead of the
+    step (:mod:`llmlab.data.prefetch`). They change speed, never weights, so no fingerprint holds them."""
+
+    num_workers: int | None
+    """Worker processes per training process (None: 0 on a CPU, else up to 4 within the cores)."""
+    pin_memory: bool
+    """Batches in pinned host memory (CUDA only), so the copy to the GPU overlaps the step."""
+    prefetch_factor: int
+    """Micro-batches each worker prepares ahead."""
+
+    @classmethod
+    def from_recipe(cls, recipe: dict) -> DataLoaderConfig:
+        """The view of ``recipe``'s ``dataloader_<field>`` keys (absent: the schema's defaults)."""
+        names = [f.name for f in dataclasses.fields(cls)]
+        from llmlab.recipe.schema import load_schema, resolve_ref
+
+        props = load_schema()["properties"]
+        return cls(**{n: recipe.get(f"dataloader_{n}", resolve_ref(props[f"dataloader_{n}"]).get("default"))
+                      for n in names})
+
+
+__all__ = ["DataLoaderConfig", "OptimizerConfig", "SchedulerConfig", "TrainingConfig"]

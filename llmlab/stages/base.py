@@ -112,6 +112,16 @@ class Stage:
         """
         raise NotImplementedError
 
+    def batch_function(self):
+        """``index -> batch`` when the training batches are a pure function of their index (the
+        stage's ``StageData.train_batch``), so they can be built ahead in other processes
+        (:class:`llmlab.data.prefetch.BatchPrefetcher`); None for a stage whose batches are sampled
+        from the model being trained (its spec ``generates``: grpo, ppo) or has no spec."""
+        from llmlab.stage_specs import STAGE_SPECS
+
+        spec = STAGE_SPECS.get(self.type)
+        return None if spec is None or spec.generates else self.data.train_batch
+
     def eval_batches(self) -> list[dict]:
         """Fixed held-out batches for evaluation (may be empty)."""
         return []

@@ -18,7 +18,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from llmlab.config import TrainingConfig
+from llmlab.config import DataLoaderConfig, TrainingConfig
+from llmlab.data.prefetch import BatchPrefetcher, auto_num_workers, step_indices
 from llmlab.models.wrappers import unwrap
 from llmlab.stages.base import Stage
 from llmlab.train.checkpointer import Checkpointer
@@ -85,7 +86,7 @@ def train(stage: Stage, *, fingerprint: str, accelerator=None, reset_optimizer: 
     step = start_step = checkpointer.resume(model, optimizer, scheduler, reset_optimizer=reset_optimizer)
     prepared_model, optimizer = accelerator.prepare(model, optimizer)
     prepared_model = maybe_compile(prepared_model, bool(ctx.recipe.get("compile")))
-    runner = StepRunner(stage, tc, accelerator, prepared_model, optimizer, scheduler)
+    runner = StepRunner(stage, tc, accelerator, prepared_model, optimizer, scheduler, start_step=start_step)
     evaluator = Evaluator(stage, tc, accelerator)
     metrics = MetricsLogger(stage, tc, accelerator=accelerator, start_step=start_step, progress=progress)
     is_main = accelerator.is_main_process
@@ -120,6 +121,7 @@ def train(stage: Stage, *, fingerprint: str, accelerator=None, reset_optimizer: 
             raise out_of_memory(ctx.name, step + 1) from e
         raise
     finally:
+        runner.close()
         metrics.close()
     model = unwrap(prepared_model)
     checkpointer.restore_best(model)
@@ -148,7 +150,8 @@ class StepRunner:
     ``(step * gradient_accumulation_steps + micro) * world + rank``.
     """
 
-    def __init__(self, stage: Stage, tc: TrainingConfig, accelerator, model, optimizer, scheduler):
+    def __init__(self, stage: Stage, tc: TrainingConfig, accelerator, model, optimizer, scheduler,
+                 start_step: int = 0):
         self.stage, self.accelerator = stage, accelerator
         self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
         self.gas = int(tc.gradient_accumulation_steps)
@@ -159,6 +162,12 @@ class StepRunner:
         self.device = accelerator.device
         # on CPU checking the loss costs no device sync, so it is checked every step
         self.check_every_step = self.device.type == "cpu"
+        self.batches = _prefetcher(stage, tc, accelerator, start_step,
+                                   lambda index: stage.get_batch(index, unwrap(self.model)))
+
+    def close(self) -> None:
+        """Stop the batch-building workers, if any."""
+        self.batches.close()
 
     def step(self, step: int) -> StepOutput:
         """Run step ``step`` (0-based) and return its local (this process's) loss and metrics."""
@@ -172,7 +181,7 @@ class StepRunner:
         manual_sync = create_graph and self.world > 1
         for micro in range(gas):
             index = (step * gas + micro) * self.world + self.rank
-            batch = to_device(self.stage.get_batch(index, unwrap(self.model)), self.device)
+            batch = to_device(self.batches.get(index), self.device)
             tokens += self.stage.tokens_in_batch(batch)
             sync_ctx = acc.no_sync(self.model) if micro < gas - 1 or manual_sync else contextlib.nullcontext()
             with sync_ctx, acc.autocast():
@@ -204,3 +213,15 @@ class StepRunner:
             return acc.reduce(v if isinstance(v, torch.Tensor) else torch.tensor(v, device=self.device), reduction="mean")
 
         return StepOutput(mean(out.loss), {k: mean(v) for k, v in out.metrics.items()}, out.tokens, out.grad_norm)
+
+
+def _prefetcher(stage: Stage, tc: TrainingConfig, accelerator, start_step: int, fallback) -> BatchPrefetcher:
+    """The stage's micro-batches from ``start_step`` on, built ahead by the recipe's
+    ``dataloader_*`` workers (none on a CPU by default; see :mod:`llmlab.data.prefetch`)."""
+    dl = DataLoaderConfig.from_recipe(stage.ctx.recipe)
+    world, rank = accelerator.num_processes, accelerator.process_index
+    workers = dl.num_workers if dl.num_workers is not None else auto_num_workers(accelerator.device, world)
+    batch_fn = stage.batch_function() if workers else None
+    indices = step_indices(start_step, tc.max_steps, tc.gradient_accumulation_steps, world, rank) if batch_fn else []
+    return BatchPrefetcher(batch_fn, indices, fallback, num_workers=workers, pin_memory=dl.pin_memory,
+                           prefetch_factor=dl.prefetch_factor, device=accelerator.device)
