@@ -21,7 +21,9 @@ the smallest, restart at most 1.5 s slower, at most 2.1 bytes per token). Then t
 rate of 1 process against ``--procs`` processes on the largest corpus up to 40 M tokens: the
 corpus read as ``llmlab prepare`` reads it (the jsonl streamed and normalised row by row in the
 main process, shards tokenised in-process or by the worker pool) into fresh stores, timed in one
-process, alternated, best of 2.
+process, alternated, best of 2; beside it, the machine's ceiling: two independent 1-process
+tokenisations of the whole corpus at once (two Python processes started together after their
+imports) against one alone, i.e. what any code could gain from 2 processes here.
 """
 
 from __future__ import annotations
@@ -159,7 +161,40 @@ PROCS_SCRIPT = textwrap.dedent("""
             cpu_workers = r1c.ru_utime + r1c.ru_stime - r0c.ru_utime - r0c.ru_stime
             out.setdefault(p, []).append((wall, st.tokens, cpu_main, cpu_workers))
             shutil.rmtree(path)
+        out.setdefault("pair", []).append(pair_wall(rep))
     print("RESULT", json.dumps(out))
+""")
+
+#: one 1-process tokenisation of the corpus, started at a given time (after its imports)
+ONE_SCRIPT = textwrap.dedent("""
+    import sys, time
+    sys.path.insert(0, {root!r})
+    from llmlab.recipe import load_recipe
+    from llmlab.data.tokenizer import load_tokenizer
+    from llmlab.data.store import build_store, stream_texts
+    rec, _ = load_recipe({recipe!r}, [])
+    tok = load_tokenizer({tokdir!r})
+    start = float(sys.argv[1])
+    while time.time() < start:
+        time.sleep(0.005)
+    build_store(sys.argv[2], stream_texts(rec, "corpus", {{}}), tok, processes=1)
+    print("END", time.time())
+""")
+
+#: the machine's own ceiling: two independent 1-process tokenisations of the whole corpus at once;
+#: their wall against one alone says how much two processes can gain on this machine for this
+#: work, whatever the code does
+PAIR_SCRIPT = textwrap.dedent("""
+    import subprocess, sys, time, shutil
+    def pair_wall(rep):
+        start = time.time() + 8.0
+        paths = [{tmp!r} + f"/pair{{rep}}-{{i}}" for i in range(2)]
+        ps = [subprocess.Popen([sys.executable, "-c", {one!r}, str(start), p], stdout=subprocess.PIPE, text=True)
+              for p in paths]
+        ends = [float(p.communicate()[0].split("END", 1)[1]) for p in ps]
+        for p in paths:
+            shutil.rmtree(p, ignore_errors=True)
+        return max(ends) - start
 """)
 
 
@@ -241,10 +276,12 @@ def main() -> None:
     if args.procs_only:
         write_corpus(work / f"corpus-{size:g}M.jsonl", size)
         (work / f"r{size:g}.yaml").write_text(RECIPE.format(corpus=work / f"corpus-{size:g}M.jsonl"))
-    script = PROCS_SCRIPT.format(root=str(ROOT), recipe=str(work / f"r{size:g}.yaml"),
-                                 tokdir=str(tok_run / "tokenizer"), procs=args.procs, tmp=str(work))
+    fmt = dict(root=str(ROOT), recipe=str(work / f"r{size:g}.yaml"), tokdir=str(tok_run / "tokenizer"),
+               procs=args.procs, tmp=str(work))
+    script = PAIR_SCRIPT.format(one=ONE_SCRIPT.format(**fmt), **fmt) + PROCS_SCRIPT.format(**fmt)
     out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, check=True).stdout
     res = json.loads(out.split("RESULT", 1)[1])
+    pair = min(res.pop("pair"))
     best = {int(p): min(v) for p, v in res.items()}  # the fastest repeat: (wall, tokens, cpu main, cpu workers)
     tokens = best[1][1]
     one, many = best[1][0], best[args.procs][0]
@@ -256,6 +293,9 @@ def main() -> None:
     print(f"CPU seconds: 1 process {best[1][2]:.1f}; {args.procs} processes: main {m_main:.1f} (reading, "
           f"normalising, cutting shards) + workers {m_workers:.1f}. On {args.procs} idle cores the wall time "
           f"is at least max(main, workers / {args.procs}): speed-up bound x{bound:.2f}")
+    print(f"this machine's ceiling for 2 processes: two independent 1-process tokenisations at once took "
+          f"{pair:.1f} s against {one:.1f} s alone: x{2 * one / pair:.2f} the throughput of one "
+          f"(the store's {args.procs} processes reach {one / many / (2 * one / pair):.0%} of it)")
     if not args.keep:
         shutil.rmtree(work, ignore_errors=True)
 
