@@ -555,7 +555,13 @@ def _cache_dir(recipe: dict) -> str | None:
 
 
 def _load_hub(spec: dict, recipe: dict):
-    """A hub dataset as a ``datasets.Dataset`` (streaming ones are read up to ``max_samples``)."""
+    """A hub dataset as a ``datasets.Dataset``.
+
+    A ``streaming: true`` one is read up to ``max_samples`` rows straight into an Arrow file of
+    the run's cache (``datasets.Dataset.from_generator``, written in batches and memory-mapped), so
+    the rows are never all in RAM; the file is keyed by (hub id, subset, split, revision,
+    max_samples), like ``load_dataset``'s own cache.
+    """
     from datasets import Dataset, load_dataset
 
     ds = load_dataset(spec["hub"], spec.get("subset"), split=spec.get("split") or "train",
@@ -564,8 +570,17 @@ def _load_hub(spec: dict, recipe: dict):
     if spec.get("streaming"):
         if spec.get("max_samples") is None:  # the validator refuses this; a guard for direct callers
             raise ValueError(f"datasets: hub dataset {spec['hub']!r} streams without max_samples")
-        ds = Dataset.from_list(list(ds.take(int(spec["max_samples"]))))
+        n = int(spec["max_samples"])
+        key = json.dumps([spec["hub"], spec.get("subset"), spec.get("split") or "train", spec.get("revision"), n])
+        ds = Dataset.from_generator(_take_rows, gen_kwargs={"stream": ds, "n": n}, features=ds.features,
+                                    cache_dir=_cache_dir(recipe),
+                                    fingerprint=hashlib.sha256(key.encode()).hexdigest()[:16])
     return ds
+
+
+def _take_rows(stream, n: int):
+    """The first ``n`` rows of an ``IterableDataset`` (a generator for ``Dataset.from_generator``)."""
+    yield from stream.take(n)
 
 
 def _row_label(row) -> str:

@@ -239,3 +239,19 @@ def test_hub_source_path_with_a_local_dataset_repo(tmp_path, streaming):
               name=f"hub{streaming}")
     assert s.format == "alpaca" and len(s.train) == 4
     assert s.train[3]["messages"] == [_m(U, "Say 3"), _m(A, "3")]
+
+
+def test_a_streamed_hub_dataset_goes_to_an_arrow_file_not_a_list(tmp_path):
+    # max_samples rows of a stream are written to a memory-mapped Arrow file of the run's cache
+    # (a million conversations need not fit in RAM), the same rows in the same order
+    from llmlab.data.sources import _load_hub
+
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    _write_jsonl(repo / "train.jsonl", [{"instruction": f"Say {i}", "output": str(i)} for i in range(50)])
+    recipe = {"output_dir": str(tmp_path / "run")}
+    ds = _load_hub({"hub": str(repo), "split": "train", "streaming": True, "max_samples": 30}, recipe)
+    assert ds.cache_files and all(f["filename"].startswith(str(tmp_path / "run" / "cache")) for f in ds.cache_files)
+    assert ds["instruction"] == [f"Say {i}" for i in range(30)]
+    again = _load_hub({"hub": str(repo), "split": "train", "streaming": True, "max_samples": 30}, recipe)
+    assert again.cache_files == ds.cache_files  # the same key reuses the file
