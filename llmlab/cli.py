@@ -85,11 +85,13 @@ def prepare(
     set_: List[str] = typer.Option([], "--set", help=SET_HELP),
     stage: Optional[str] = typer.Option(None, "--stage", help="Prepare only this stage's data."),
     processes: Optional[int] = typer.Option(None, "--processes", help="Tokenising processes (default: all cores)."),
+    verify: bool = typer.Option(False, "--verify", help="Also check every token-store shard against the sha256 in its manifest."),
 ):
     """Tokenise the data of every stage ahead of training (idempotent, resumable after a kill)."""
     from llmlab.prepare import prepare_command
 
-    raise typer.Exit(prepare_command(recipe, output_dir=output_dir, overrides=set_, stage=stage, processes=processes))
+    raise typer.Exit(prepare_command(recipe, output_dir=output_dir, overrides=set_, stage=stage, processes=processes,
+                                     verify=verify))
 
 
 @app.command()

@@ -7,14 +7,16 @@ from pathlib import Path
 
 
 def prepare_command(recipe_path: Path, output_dir: Path | None = None, overrides=(), stage: str | None = None,
-                    processes: int | None = None) -> int:
-    """``llmlab prepare``: returns 0 when everything is prepared, 1 on an invalid recipe or bad data."""
+                    processes: int | None = None, verify: bool = False) -> int:
+    """``llmlab prepare``: returns 0 when everything is prepared (and, with ``verify``, every store
+    shard matches its sha256), 1 on an invalid recipe, bad data or a damaged store."""
     import logging
 
     from rich.table import Table
 
     from llmlab.console import make_console
     from llmlab.data.prepare import prepare_stages
+    from llmlab.data.store import StoreError
     from llmlab.recipe import load_recipe
     from llmlab.runner import Runner, quiet_libraries
 
@@ -31,8 +33,9 @@ def prepare_command(recipe_path: Path, output_dir: Path | None = None, overrides
     try:
         Path(rec["output_dir"]).mkdir(parents=True, exist_ok=True)
         tokenizer, _ = Runner(rec, console).ensure_tokenizer()
-        rows = prepare_stages(rec, tokenizer, [stage] if stage else None, processes=processes, progress=True)
-    except (KeyError, ValueError, FileNotFoundError) as e:
+        rows = prepare_stages(rec, tokenizer, [stage] if stage else None, processes=processes, progress=True,
+                              verify=verify)
+    except (KeyError, ValueError, FileNotFoundError, StoreError) as e:
         console.print(f"error: {e}", style="red", markup=False, highlight=False)
         return 1
     t = Table(title=f"llmlab prepare → {rec['output_dir']}")

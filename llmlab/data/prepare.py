@@ -35,13 +35,14 @@ def pretrain_splits(recipe: dict, stage: str) -> list[tuple[str, str]]:
 
 
 def prepare_stages(recipe: dict, tokenizer, stages: list[str] | None = None, *, processes: int | None = None,
-                   progress: bool = False, pretrain_only: bool = False) -> list[dict]:
+                   progress: bool = False, pretrain_only: bool = False, verify: bool = False) -> list[dict]:
     """Prepare the data of ``stages`` (default: every training stage of the recipe).
 
     Args:
         recipe: the resolved recipe. tokenizer: the run's tokenizer.
         processes: tokenising processes for the stores (default: all cores).
         progress: draw progress bars. pretrain_only: skip the other stage types.
+        verify: check every shard of every store against the sha256 in its manifest.
 
     Returns:
         one dict per (stage, dataset, split): ``stage``, ``dataset``, ``split``, ``documents``,
@@ -49,6 +50,7 @@ def prepare_stages(recipe: dict, tokenizer, stages: list[str] | None = None, *, 
 
     Raises:
         KeyError: unknown stage. ValueError: bad data (as :func:`build_stage_data`).
+        llmlab.data.store.StoreError: ``verify`` found a shard whose bytes differ.
     """
     from llmlab.data.store import ensure_text_store
 
@@ -65,6 +67,8 @@ def prepare_stages(recipe: dict, tokenizer, stages: list[str] | None = None, *, 
             for name, split in pretrain_splits(recipe, stage):
                 t0 = time.perf_counter()
                 st = ensure_text_store(recipe, name, split, tokenizer, processes=processes, progress=progress)
+                if verify:
+                    st.verify()
                 rows.append({"stage": stage, "dataset": name, "split": split, "documents": st.documents,
                              "tokens": st.tokens, "store": str(st.path),
                              "seconds": round(time.perf_counter() - t0, 2)})

@@ -206,6 +206,14 @@ class TokenStore:
             except FileNotFoundError as e:
                 raise StoreError(f"{self.path}: shard file missing ({e.filename}); delete the folder "
                                  "and prepare again") from None
+            except ValueError as e:  # a truncated or overwritten .npy header
+                raise StoreError(f"{self.path / s['tokens_file']}: not a readable shard ({e}); delete the "
+                                 "folder and prepare again") from None
+            # a cheap check on every open (sizes); `llmlab prepare --verify` checks the sha256s
+            if self._ids[i].shape != (s["tokens"],) or self._offsets[i].shape != (s["documents"] + 1,):
+                self._ids[i] = self._offsets[i] = None
+                raise StoreError(f"{self.path / s['tokens_file']}: holds a different number of tokens or "
+                                 "documents than manifest.json says; delete the folder and prepare again")
         return self._ids[i], self._offsets[i]
 
     def window(self, start: int, stop: int) -> np.ndarray:

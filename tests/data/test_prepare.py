@@ -46,3 +46,27 @@ def test_prepare_a_bounded_slice_then_plan_shows_it(tmp_path, capsys):
     capsys.readouterr()
     assert prepare_command(LUMI, overrides=sets, stage="nope") == 1
     assert "stages.nope: no such stage" in capsys.readouterr().out
+
+
+def test_a_damaged_store_is_named_not_read(tmp_path, capsys):
+    """A shard whose bytes changed fails ``prepare --verify`` naming the file; a shard of the wrong
+    size fails on open (no silent garbage batches)."""
+    import numpy as np
+    import pytest
+
+    from llmlab.data.store import StoreError
+
+    sets = _overrides(tmp_path)
+    assert prepare_command(LUMI, overrides=sets, verify=True) == 0
+    train = next(TokenStore(p.parent) for p in (tmp_path / "run" / "cache" / "tokens").glob("*/manifest.json")
+                 if json.loads(p.read_text())["split"] == "train")
+    shard = train.path / train.manifest["shards"][0]["tokens_file"]
+    data = bytearray(shard.read_bytes())
+    data[-1] ^= 0xFF  # one token id changed, same size
+    shard.write_bytes(bytes(data))
+    capsys.readouterr()
+    assert prepare_command(LUMI, overrides=sets, verify=True) == 1
+    assert f"{shard}: sha256 differs" in capsys.readouterr().out.replace("\n", "")
+    np.save(shard, np.zeros(5, dtype=np.uint16))  # a shard of another size
+    with pytest.raises(StoreError, match="different number of tokens"):
+        TokenStore(train.path).window(0, 4)
