@@ -12,6 +12,7 @@ seed and the ``model:`` section).
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,8 @@ from llmlab.models import lora_presets
 from llmlab.models.gguf import drop_gguf_quantizer, is_gguf, split_gguf
 from llmlab.models.configuration_llmlab import LlmlabConfig
 from llmlab.models.modeling_llmlab import LlmlabForCausalLM, register_auto_classes
+
+log = logging.getLogger(__name__)
 
 register_auto_classes()
 
@@ -165,7 +168,9 @@ def build_model(model_cfg: dict, tokenizer=None, vocab_size: int | None = None, 
     Args:
         model_cfg: the resolved ``model:`` section (one of ``arch`` / ``from_pretrained``).
         tokenizer: the run's tokenizer; sets vocab_size = len(tokenizer) and pad/bos/eos ids
-            (pad falls back to eos).
+            (pad falls back to eos). A ``from_pretrained`` model whose embedding has fewer rows
+            than the tokenizer has tokens (a pad or chat-template token llmlab added) is grown to
+            fit (:func:`grow_embeddings_for`).
         vocab_size: used when no tokenizer is given.
         allow_code: the user passed --allow-code (needed with ``trust_remote_code: true``).
 
@@ -175,6 +180,8 @@ def build_model(model_cfg: dict, tokenizer=None, vocab_size: int | None = None, 
     """
     if model_cfg.get("from_pretrained") is not None:
         model = _from_pretrained(model_cfg, allow_code)
+        if tokenizer is not None:
+            grow_embeddings_for(model, tokenizer)
     else:
         arch = model_cfg.get("arch")
         vocab = _vocab_size(model_cfg, tokenizer, vocab_size)
@@ -190,6 +197,25 @@ def build_model(model_cfg: dict, tokenizer=None, vocab_size: int | None = None, 
     if model_cfg.get("gradient_checkpointing"):
         enable_gradient_checkpointing(model)
     return model
+
+
+def grow_embeddings_for(model: PreTrainedModel, tokenizer) -> bool:
+    """Grow ``model``'s input (and tied or separate output) embedding to ``len(tokenizer)`` rows
+    when it has fewer, as Axolotl and TRL do after adding special tokens: transformers'
+    ``resize_token_embeddings`` with ``mean_resizing`` (the new rows drawn around the mean of the
+    old ones, Hewitt 2021, "Initializing new word embeddings for pretrained language models"), and
+    ``pad_token_id`` set from the tokenizer. The existing rows are unchanged. Returns whether it grew.
+    """
+    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    n = len(tokenizer)
+    if emb is None or emb.num_embeddings >= n:
+        return False
+    old = emb.num_embeddings
+    model.resize_token_embeddings(n, mean_resizing=True)
+    if getattr(tokenizer, "pad_token_id", None) is not None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+    log.info("model embedding grown from %d to %d rows for the tokens the run's tokenizer added", old, n)
+    return True
 
 
 def enable_gradient_checkpointing(model: PreTrainedModel) -> None:

@@ -288,3 +288,40 @@ def test_mamba2_save_and_load_causal_lm(tmp_path):
     x = torch.randint(0, VOCAB, (1, 5))
     with torch.no_grad():
         assert torch.equal(model(x).logits, again(x).logits)
+
+
+def test_a_pretrained_model_grows_for_the_tokens_llmlab_adds(tmp_path):
+    """A checkpoint whose tokenizer has no pad and no ChatML tokens: the run's tokenizer adds
+    three, and the model built from the recipe's ``from_pretrained`` grows to fit (old rows kept)
+    instead of failing at setup with "the model's vocabulary does not cover the tokenizer"."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    from llmlab.data.tokenizer import _load_pretrained
+    from llmlab.models.build import grow_embeddings_for
+
+    raw = Tokenizer(models.BPE())
+    raw.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    raw.train_from_iterator(["In the beginning God created the heaven and the earth."] * 20,
+                            trainers.BpeTrainer(vocab_size=300, special_tokens=["</s>"],
+                                                initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    PreTrainedTokenizerFast(tokenizer_object=raw, eos_token="</s>").save_pretrained(tmp_path)
+    torch.manual_seed(0)
+    base = LlamaForCausalLM(LlamaConfig(vocab_size=raw.get_vocab_size(), hidden_size=32, intermediate_size=64,
+                                        num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
+                                        tie_word_embeddings=False))
+    base.save_pretrained(tmp_path)
+    tok = _load_pretrained({"from_pretrained": str(tmp_path)}, [], "chatml")
+    assert len(tok) == raw.get_vocab_size() + 3  # <pad>, <|im_start|>, <|im_end|>
+    model = build_model({"from_pretrained": str(tmp_path), "dtype": "float32"}, tokenizer=tok)
+    emb, head = model.get_input_embeddings().weight, model.get_output_embeddings().weight
+    assert emb.shape[0] == head.shape[0] == len(tok)
+    n = raw.get_vocab_size()
+    assert torch.equal(emb[:n], base.get_input_embeddings().weight)
+    assert torch.equal(head[:n], base.get_output_embeddings().weight)
+    assert model.config.pad_token_id == tok.pad_token_id
+    ids = tok.apply_chat_template([{"role": "user", "content": "In the beginning"}], return_tensors="pt",
+                                  return_dict=True)["input_ids"]
+    assert int(ids.max()) >= n and torch.isfinite(model(ids).logits).all()  # the new tokens run
+    # a model that already fits is left alone
+    assert not grow_embeddings_for(model, tok)
