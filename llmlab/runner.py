@@ -20,7 +20,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from llmlab.console import make_console, process_rank
+from llmlab.console import make_console, process_rank, single_process_launch_warning
 from llmlab.fingerprint import recipe_stage_status, stage_fingerprints, stage_inputs, tokenizer_fingerprint
 from llmlab.layout import RunLayout, StageLayout, StageRecord
 from llmlab.metricsfile import read_records
@@ -267,6 +267,9 @@ class Runner:
         self.console.print(f"processes: {self.distributed['world_size']} ({self.distributed['strategy']}"
                            f"{', ' + self.distributed['backend'] if self.distributed['backend'] else ''}), "
                            f"device {device.type}, precision {self.precision}")
+        launch_warning = single_process_launch_warning()
+        if launch_warning and self.distributed["world_size"] == 1:
+            self.console.print(f"warning: {launch_warning}", style="yellow", markup=False, highlight=False)
         with accelerator.main_process_first():  # under torchrun: rank 0 trains the tokenizer, the rest load it
             tokenizer, tok_sha = self.ensure_tokenizer()
             from llmlab.data.prepare import prepare_stages  # fill missing token stores before any stage

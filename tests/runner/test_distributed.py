@@ -99,3 +99,16 @@ def test_sophia_under_ddp_trains_like_one_process(tmp_path):
     assert b[-1] < b[0]  # it trains
     for x, y in zip(a, b):
         assert abs(x - y) < 1e-3, (a, b)
+
+
+def test_accelerate_launch_that_started_one_process_is_called_out():
+    # what accelerate's simple launcher leaves (num_processes 2, no --multi_gpu) against a real
+    # multi-process launch, torchrun and a plain run
+    from llmlab.console import single_process_launch_warning
+
+    simple = {"ACCELERATE_USE_CPU": "False", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500"}
+    assert "started ONE process" in single_process_launch_warning(simple)
+    assert single_process_launch_warning({**simple, "WORLD_SIZE": "2", "RANK": "0"}) is None
+    assert single_process_launch_warning({"ACCELERATE_USE_CPU": "False"}) is None  # asked for one
+    assert single_process_launch_warning({"MASTER_PORT": "1", "WORLD_SIZE": "2", "RANK": "1"}) is None
+    assert single_process_launch_warning({}) is None
