@@ -150,4 +150,32 @@ class DataLoaderConfig:
                       for n in names})
 
 
-__all__ = ["DataLoaderConfig", "OptimizerConfig", "SchedulerConfig", "TrainingConfig"]
+
+#: optimizers that train under ``distributed.strategy: fsdp``: their update reads each parameter
+#: element by element (AdamW, Lion) or through reductions DTensor computes over the whole matrix
+#: (Adafactor's row and column factors), so a shard of a matrix updates as the whole would. Muon
+#: orthogonalises whole matrices (Newton-Schulz on a shard is another matrix), Sophia
+#: differentiates through the backward pass (FSDP2's gradient hooks take no double backward) and
+#: adamw_8bit's bitsandbytes kernels take no DTensor: validate refuses those three under fsdp.
+FSDP_OPTIMIZERS = ("adamw", "adafactor", "lion")
+
+
+@dataclass(frozen=True)
+class DistributedConfig:
+    """The recipe's ``distributed:`` section (``#/properties/distributed`` in the schema)."""
+
+    strategy: str
+    """ddp | fsdp."""
+    reshard_after_forward: bool
+    """fsdp: free gathered block parameters after the forward (ZeRO-3) rather than after the backward."""
+    cpu_offload: bool
+    """fsdp: sharded parameters, gradients and optimizer state live in CPU memory."""
+
+    @classmethod
+    def from_dict(cls, section: dict | None) -> DistributedConfig:
+        """The view of ``section`` (None or {}: ddp)."""
+        return _pick(cls, _filled("#/properties/distributed", section))
+
+
+__all__ = ["FSDP_OPTIMIZERS", "DataLoaderConfig", "DistributedConfig", "OptimizerConfig", "SchedulerConfig",
+           "TrainingConfig"]

@@ -186,13 +186,19 @@ def resolve_precision(precision: str, device) -> str:
     return "bf16" if cpu_supports_bf16() else "fp32"
 
 
-def distributed_info(accelerator) -> dict:
+def distributed_info(accelerator, recipe: dict | None = None) -> dict:
     """What ran, for stage.json and the start line: ``world_size`` (processes), ``strategy``
-    (accelerate's distributed type: NO, MULTI_CPU, MULTI_GPU, FSDP, ...) and the
+    (``FSDP`` when the recipe's ``distributed.strategy: fsdp`` shards the model over several
+    processes, else accelerate's distributed type: NO, MULTI_CPU, MULTI_GPU, ...) and the
     torch.distributed ``backend`` (gloo, nccl; None for one process)."""
     import torch.distributed as dist
 
+    from llmlab.config import DistributedConfig
+    from llmlab.train.fsdp import fsdp_enabled
+
     strategy = getattr(accelerator.distributed_type, "value", str(accelerator.distributed_type))
+    if fsdp_enabled(DistributedConfig.from_dict((recipe or {}).get("distributed")), int(accelerator.num_processes)):
+        strategy = "FSDP"
     backend = dist.get_backend() if dist.is_available() and dist.is_initialized() else None
     return {"world_size": int(accelerator.num_processes), "strategy": str(strategy), "backend": backend}
 
@@ -263,7 +269,7 @@ class Runner:
 
         device = self._device()
         accelerator = self._accelerator(device)
-        self.distributed = distributed_info(accelerator)
+        self.distributed = distributed_info(accelerator, self.recipe)
         self.console.print(f"processes: {self.distributed['world_size']} ({self.distributed['strategy']}"
                            f"{', ' + self.distributed['backend'] if self.distributed['backend'] else ''}), "
                            f"device {device.type}, precision {self.precision}")

@@ -60,6 +60,33 @@ def check(doc: dict, given, add) -> None:
     _check_tokenizer(doc, datasets, add)
     _check_stages(doc, datasets, given, add)
     _check_trackers(_dict(doc.get("logging")), add)
+    _check_distributed(doc, add)
+
+
+def _check_distributed(doc: dict, add) -> None:
+    """Under ``distributed.strategy: fsdp`` every training stage can be sharded: it samples nothing
+    (a generating stage runs a different number of forwards on each process, and each FSDP forward
+    is a collective all-gather), its optimizer is one of :data:`llmlab.config.FSDP_OPTIMIZERS` and
+    its LoRA base is not quantized (bitsandbytes' 4-bit weights are no DTensor)."""
+    from llmlab.config import FSDP_OPTIMIZERS
+
+    if _dict(doc.get("distributed")).get("strategy") != "fsdp":
+        return
+    for name, st in _dict(doc.get("stages")).items():
+        spec = STAGE_SPECS.get(_dict(st).get("type"))
+        if spec is None or not spec.trains:
+            continue
+        base = ("stages", name)
+        if spec.generates:
+            add(base + ("type",), f"a {spec.type} stage samples completions, which distributed.strategy fsdp cannot "
+                                  "shard (each process generates a different number of tokens); use strategy ddp")
+        opt = _dict(st.get("optimizer")).get("name")
+        if isinstance(opt, str) and opt not in FSDP_OPTIMIZERS:
+            add(base + ("optimizer", "name"), f"optimizer {opt} does not train under distributed.strategy fsdp "
+                                              f"(see docs/distributed.md); use {', '.join(FSDP_OPTIMIZERS)} or strategy ddp")
+        if _dict(st.get("lora")).get("quantize"):
+            add(base + ("lora", "quantize"), "a quantized LoRA base (QLoRA) cannot be sharded by distributed.strategy "
+                                             "fsdp; use strategy ddp")
 
 
 #: logging.report_to tracker -> the package it needs (installed by the `logging` extra)

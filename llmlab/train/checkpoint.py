@@ -80,11 +80,12 @@ def set_rng_state(tensors: dict, plain: dict) -> None:
     np.random.set_state((n[0], np.array(n[1], dtype=np.uint32), n[2], n[3], n[4]))
 
 
-def model_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The model's state dict with shared (tied) tensors stored once and every tensor contiguous."""
+def unique_tensors(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``state`` with shared (tied) tensors kept once (the first key) and every tensor contiguous
+    on the CPU, as safetensors requires."""
     seen: dict[int, str] = {}
     out = {}
-    for k, v in model.state_dict().items():
+    for k, v in state.items():
         ptr = v.data_ptr()
         if ptr in seen and v.numel() > 0:
             continue
@@ -93,12 +94,20 @@ def model_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
-def save_checkpoint(ckpt_root: Path, step: int, *, model: torch.nn.Module, optimizer, scheduler,
-                    stage_state: dict, trainer_state: dict, keep_last: int = 2,
+def model_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The model's state dict with shared (tied) tensors stored once and every tensor contiguous."""
+    return unique_tensors(model.state_dict())
+
+
+def save_checkpoint(ckpt_root: Path, step: int, *, model_state: dict[str, torch.Tensor], optimizer_state: dict,
+                    scheduler, stage_state: dict, trainer_state: dict, keep_last: int = 2,
                     protect: set[int] | None = None) -> Path:
     """Write ``ckpt_root/step-{step:06d}`` atomically and prune older checkpoints.
 
     Args:
+        model_state: the whole model's tensors (:func:`model_state`, or the full state dict
+            gathered from FSDP shards), tied tensors once.
+        optimizer_state: the optimizer's state dict (for FSDP the full, FQN-keyed one).
         keep_last: how many of the newest checkpoints to keep (≥ 1).
         protect: steps never pruned (e.g. the best checkpoint under ``save_best_only``).
 
@@ -113,8 +122,8 @@ def save_checkpoint(ckpt_root: Path, step: int, *, model: torch.nn.Module, optim
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir()
-    save_file(model_state(model), str(tmp / "model.safetensors"))
-    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+    save_file(model_state, str(tmp / "model.safetensors"))
+    torch.save(optimizer_state, tmp / "optimizer.pt")
     torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
     tensors, plain = rng_state()
     torch.save(tensors, tmp / "rng.pt")
@@ -190,23 +199,27 @@ def latest_intact(ckpt_root: Path) -> Path | None:
     return None
 
 
-def load_checkpoint(ckpt: Path, *, model: torch.nn.Module, optimizer=None, scheduler=None) -> dict:
+def load_checkpoint(ckpt: Path, *, model: torch.nn.Module, optimizer=None, scheduler=None, state_io=None) -> dict:
     """Load weights (and optimizer/scheduler state when given) from ``ckpt``; restore RNG states.
+
+    Args:
+        state_io: how model and optimizer state go in (:mod:`llmlab.train.fsdp`: whole, or sliced
+            into FSDP shards); default whole.
 
     Returns:
         ``{"trainer_state": dict, "stage_state": dict}``.
+
+    Raises:
+        RuntimeError: the checkpoint's tensors do not fit the model (tied weights may be absent).
     """
     from safetensors.torch import load_file
 
-    state = load_file(str(ckpt / "model.safetensors"))
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    # Tied weights are stored once; anything else missing is an error.
-    tied = {k for k in missing if k.endswith("lm_head.weight") or "embed" in k}
-    if set(missing) - tied or unexpected:
-        raise RuntimeError(f"checkpoint {ckpt} does not fit the model: missing {sorted(set(missing) - tied)[:5]}, "
-                           f"unexpected {sorted(unexpected)[:5]}")
+    from llmlab.train.fsdp import LOCAL
+
+    state_io = state_io or LOCAL
+    state_io.load_model(model, load_file(str(ckpt / "model.safetensors")), ckpt)
     if optimizer is not None:
-        optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", weights_only=True))
+        state_io.load_optimizer(model, optimizer, torch.load(ckpt / "optimizer.pt", weights_only=True))
     if scheduler is not None:
         scheduler.load_state_dict(torch.load(ckpt / "scheduler.pt", weights_only=True))
     set_rng_state(torch.load(ckpt / "rng.pt", weights_only=True), json.loads((ckpt / "rng.json").read_text()))

@@ -36,8 +36,11 @@ class Checkpointer:
         resumed_from: the step resumed from, or None for a fresh start.
     """
 
-    def __init__(self, stage: Stage, tc: TrainingConfig, *, fingerprint: str, accelerator):
+    def __init__(self, stage: Stage, tc: TrainingConfig, *, fingerprint: str, accelerator, state_io=None):
+        from llmlab.train.fsdp import LOCAL
+
         self.stage = stage
+        self.state_io = state_io or LOCAL  # whole model, or FSDP shards gathered / sliced
         self.name = stage.ctx.name
         self.layout = StageLayout(stage.ctx.stage_dir)
         self.root = self.layout.checkpoints
@@ -59,8 +62,9 @@ class Checkpointer:
         """Load the newest intact checkpoint, if any, into ``model`` / ``optimizer`` / ``scheduler``.
 
         Loads the weights only (fresh optimizer, schedule fast-forwarded) when ``reset_optimizer``
-        (or the stage's ``reset_optimizer``) is set or the checkpoint's optimizer differs from the
-        recipe's (with a warning); the scheduler state only when ``max_steps`` and ``scheduler`` are
+        (or the stage's ``reset_optimizer``) is set or the checkpoint's optimizer or the keys of its
+        optimizer state (parameter index, or names under FSDP) differ from this run's (with a
+        warning); the scheduler state only when ``max_steps`` and ``scheduler`` are
         unchanged. Restores RNG states and the stage's own state.
 
         Returns:
@@ -75,9 +79,16 @@ class Checkpointer:
             warnings.warn(f"stage {self.name}: the checkpoint was trained with optimizer {info.get('optimizer')!r}, "
                           f"the recipe now says {self.optimizer_name!r}: loading the weights only")
             weights_only = True
+        saved_format = info.get("optimizer_format", "param_index")
+        if saved_format != self.state_io.optimizer_format and not weights_only:
+            warnings.warn(f"stage {self.name}: the checkpoint's optimizer state is keyed by {saved_format} (written "
+                          f"under another distributed strategy), this run's by {self.state_io.optimizer_format}: "
+                          "loading the weights only")
+            weights_only = True
         same_schedule = info.get("max_steps") == self.max_steps and info.get("scheduler") == self.scheduler_cfg
         state = ckpt_lib.load_checkpoint(ckpt, model=model, optimizer=None if weights_only else optimizer,
-                                         scheduler=scheduler if (same_schedule and not weights_only) else None)
+                                         scheduler=scheduler if (same_schedule and not weights_only) else None,
+                                         state_io=self.state_io)
         start_step = int(state["trainer_state"]["step"])
         if not same_schedule or weights_only:
             with warnings.catch_warnings():
@@ -112,7 +123,7 @@ class Checkpointer:
         if self.save_best_only and self.best_step is not None and self.best_step != self.max_steps:
             best = self.layout.checkpoint(self.best_step)
             if best.is_dir() and ckpt_lib.verify(best) is None:
-                ckpt_lib.load_checkpoint(best, model=model)
+                ckpt_lib.load_checkpoint(best, model=model, state_io=self.state_io)
 
     # -- save ------------------------------------------------------------------------------
     def may_save(self, step: int, eval_due: bool) -> bool:
@@ -148,15 +159,19 @@ class Checkpointer:
                 good checkpoint named in the message is finite.
         """
         self.accelerator.wait_for_everyone()
-        bad = nonfinite_parameters(model)
+        bad = nonfinite_parameters(model, collective=self.state_io.collective)
         if bad:
             raise TrainingError(f"stage {self.name}: after step {step} {len(bad)} weight tensor(s) are not finite "
                                 f"(first: {bad[0]}); not saved. The last good checkpoint is {self.last_good or 'none'} "
                                 "(lower the lr or set grad_clip)")
-        if self.accelerator.is_main_process:
+        main = self.accelerator.is_main_process
+        io = self.state_io  # under FSDP every rank joins the gather; rank 0 gets the full state
+        model_state = io.model_state(model) if main or io.collective else None
+        optimizer_state = io.optimizer_state(model, optimizer) if main or io.collective else None
+        if main:
             protect = {self.best_step} if self.save_best_only and self.best_step else set()
             self.last_good = str(ckpt_lib.save_checkpoint(
-                self.root, step, model=model, optimizer=optimizer, scheduler=scheduler,
+                self.root, step, model_state=model_state, optimizer_state=optimizer_state, scheduler=scheduler,
                 stage_state=self.stage.state_dict(), trainer_state=self.trainer_state(), keep_last=self.keep_last,
                 protect=protect))
         self.accelerator.wait_for_everyone()
@@ -165,13 +180,27 @@ class Checkpointer:
         """What ``trainer_state.json`` holds besides the step."""
         return {"fingerprint": self.fingerprint, "max_steps": self.max_steps, "optimizer": self.optimizer_name,
                 "scheduler": self.scheduler_cfg, "best_eval": None if math.isinf(self.best_eval) else self.best_eval,
-                "best_step": self.best_step}
+                "best_step": self.best_step, "optimizer_format": self.state_io.optimizer_format}
 
 
-def nonfinite_parameters(model: torch.nn.Module) -> list[str]:
-    """Names of the trainable parameters holding a NaN or an infinity (one device sync in all)."""
+def nonfinite_parameters(model: torch.nn.Module, collective: bool = False) -> list[str]:
+    """Names of the trainable parameters holding a NaN or an infinity (one device sync in all).
+
+    ``collective``: the parameters are FSDP shards (DTensors); each rank checks its own shard and
+    the flags are all-reduced, so every rank gets the same answer (and takes the same branch).
+    """
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     if not named:
         return []
-    flags = torch.stack([torch.isfinite(p.detach()).all() for _, p in named]).cpu()
+
+    def local(p):
+        return p.to_local() if hasattr(p, "to_local") else p
+
+    flags = torch.stack([torch.isfinite(local(p.detach())).all() for _, p in named])
+    if collective:
+        import torch.distributed as dist
+
+        flags = flags.to(torch.int32)
+        dist.all_reduce(flags, op=dist.ReduceOp.MIN)
+    flags = flags.bool().cpu()
     return [n for (n, _), ok in zip(named, flags.tolist()) if not ok]

@@ -18,13 +18,14 @@ from dataclasses import dataclass, field
 
 import torch
 
-from llmlab.config import DataLoaderConfig, TrainingConfig
+from llmlab.config import DataLoaderConfig, DistributedConfig, TrainingConfig
 from llmlab.data.prefetch import BatchPrefetcher, auto_num_workers, step_indices
 from llmlab.models.wrappers import unwrap
 from llmlab.stages.base import Stage
 from llmlab.train.checkpointer import Checkpointer
 from llmlab.train.errors import TrainingError, is_cpu_out_of_memory, out_of_memory
 from llmlab.train.evaluator import Evaluator
+from llmlab.train.fsdp import clip_grad_norm_, fsdp_enabled, gather_full_model, meta_skeleton, shard_model, state_io
 from llmlab.train.metrics import MetricsLogger
 from llmlab.train.optim import distributed_hutchinson, needs_hessian
 from llmlab.train.setup import maybe_compile, setup_model, setup_optimizer, stage_model_arch
@@ -55,7 +56,9 @@ def train(stage: Stage, *, fingerprint: str, accelerator=None, reset_optimizer: 
     The loop only calls components: :mod:`llmlab.train.setup` (model, LoRA, optimizer, compile),
     :class:`~llmlab.train.checkpointer.Checkpointer` (resume, save, best, non-finite check),
     :class:`~llmlab.train.evaluator.Evaluator`, :class:`~llmlab.train.metrics.MetricsLogger` and
-    :class:`StepRunner` (one optimizer step).
+    :class:`StepRunner` (one optimizer step). Under ``distributed.strategy: fsdp`` with several
+    processes the model is sharded (:mod:`llmlab.train.fsdp`), every rank evaluates (a sharded
+    forward is a collective) and the returned model is the gathered whole on rank 0.
 
     Args:
         stage: the stage to train (its ``ctx.stage_dir`` is the stage's run directory).
@@ -80,18 +83,30 @@ def train(stage: Stage, *, fingerprint: str, accelerator=None, reset_optimizer: 
     set_seed(ctx.seed)
     tc = TrainingConfig.from_dict(stage.config, ctx.recipe.get("logging"))
     max_steps = tc.max_steps
+    dist_cfg = DistributedConfig.from_dict(ctx.recipe.get("distributed"))
+    sharded = fsdp_enabled(dist_cfg, accelerator.num_processes)
+    is_main = accelerator.is_main_process
     model = setup_model(stage, accelerator)
+    skeleton = meta_skeleton(model) if sharded and is_main else None  # final/'s structure, no memory
+    if sharded:
+        shard_model(model, dist_cfg, accelerator.device, accelerator.mixed_precision)
     optimizer, scheduler = setup_optimizer(model, tc, accelerator.device)
-    checkpointer = Checkpointer(stage, tc, fingerprint=fingerprint, accelerator=accelerator)
+    checkpointer = Checkpointer(stage, tc, fingerprint=fingerprint, accelerator=accelerator, state_io=state_io(sharded))
     step = start_step = checkpointer.resume(model, optimizer, scheduler, reset_optimizer=reset_optimizer)
-    prepared_model, optimizer = accelerator.prepare(model, optimizer)
+    if sharded:  # FSDP2 does its own gradient reduction: no DDP wrapper
+        prepared_model, optimizer = model, accelerator.prepare(optimizer)
+    else:
+        prepared_model, optimizer = accelerator.prepare(model, optimizer)
     prepared_model = maybe_compile(prepared_model, bool(ctx.recipe.get("compile")))
-    runner = StepRunner(stage, tc, accelerator, prepared_model, optimizer, scheduler, start_step=start_step)
+    runner = StepRunner(stage, tc, accelerator, prepared_model, optimizer, scheduler, start_step=start_step,
+                        sharded=sharded)
     evaluator = Evaluator(stage, tc, accelerator)
     metrics = MetricsLogger(stage, tc, accelerator=accelerator, start_step=start_step, progress=progress)
-    is_main = accelerator.is_main_process
-    if start_step == 0 and evaluator.batches and is_main:
-        metrics.log_eval(0, evaluator.run(prepared_model))
+    evaluates = is_main or sharded  # a sharded forward needs every rank
+    if start_step == 0 and evaluator.batches and evaluates:
+        eval_metrics = evaluator.run(prepared_model)
+        if is_main:
+            metrics.log_eval(0, eval_metrics)
     prepared_model.train()
     try:
         while step < max_steps:
@@ -111,8 +126,10 @@ def train(stage: Stage, *, fingerprint: str, accelerator=None, reset_optimizer: 
                 metrics.tick(step)
             improved = False
             if evaluator.due(step):
-                if is_main:
-                    metrics.log_eval(step, evaluator.run(prepared_model))
+                if evaluates:
+                    eval_metrics = evaluator.run(prepared_model)
+                    if is_main:
+                        metrics.log_eval(step, eval_metrics)
                 improved = checkpointer.observe_eval(step, metrics.eval_loss if is_main else None)
             if checkpointer.due(step, improved):
                 checkpointer.save(step, unwrap(prepared_model), optimizer, scheduler)
@@ -125,6 +142,8 @@ def train(stage: Stage, *, fingerprint: str, accelerator=None, reset_optimizer: 
         metrics.close()
     model = unwrap(prepared_model)
     checkpointer.restore_best(model)
+    if sharded:
+        model = gather_full_model(model, skeleton, is_main)
     return model, StageResult(
         steps=step, first_loss=metrics.first_loss, last_loss=metrics.last_loss, eval_loss=metrics.eval_loss,
         first_eval_loss=metrics.first_eval_loss, wall_time_s=metrics.elapsed_s(), tokens=metrics.tokens,
@@ -151,8 +170,8 @@ class StepRunner:
     """
 
     def __init__(self, stage: Stage, tc: TrainingConfig, accelerator, model, optimizer, scheduler,
-                 start_step: int = 0):
-        self.stage, self.accelerator = stage, accelerator
+                 start_step: int = 0, sharded: bool = False):
+        self.stage, self.accelerator, self.sharded = stage, accelerator, sharded
         self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
         self.gas = int(tc.gradient_accumulation_steps)
         self.grad_clip = tc.grad_clip
@@ -184,6 +203,8 @@ class StepRunner:
             batch = to_device(self.batches.get(index), self.device)
             tokens += self.stage.tokens_in_batch(batch)
             sync_ctx = acc.no_sync(self.model) if micro < gas - 1 or manual_sync else contextlib.nullcontext()
+            if self.sharded:  # FSDP2: reduce-scatter the gradients after the last micro-batch only
+                self.model.set_requires_gradient_sync(micro == gas - 1)
             with sync_ctx, acc.autocast():
                 loss, m = self.stage.compute_loss(self.model, batch)
                 if create_graph:
@@ -194,7 +215,7 @@ class StepRunner:
             for k, v in m.items():
                 metric_sums[k] = metric_sums.get(k, 0.0) + (v.detach() if isinstance(v, torch.Tensor) else v) / gas
         hessian = distributed_hutchinson(self.optimizer.optimizer) if manual_sync else None
-        grad_norm = acc.clip_grad_norm_(self.model.parameters(), float(self.grad_clip)) if self.grad_clip else None
+        grad_norm = self._clip() if self.grad_clip else None
         if hessian is not None:
             self.optimizer.optimizer.step(hessian=hessian)
         else:
@@ -202,6 +223,12 @@ class StepRunner:
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         return StepOutput(loss_sum, metric_sums, tokens, grad_norm)
+
+    def _clip(self) -> torch.Tensor:
+        """Clip the global gradient norm to ``grad_clip``; returns the norm before clipping."""
+        if self.sharded:
+            return clip_grad_norm_(self.model.parameters(), float(self.grad_clip))
+        return self.accelerator.clip_grad_norm_(self.model.parameters(), float(self.grad_clip))
 
     def reduced(self, out: StepOutput) -> StepOutput:
         """``out`` with loss and metrics averaged over the processes (unchanged on one process)."""

@@ -21,7 +21,8 @@ def _objs(seed=0):
 
 
 def _save(root, step, model, opt, sched, keep_last=5):
-    return ck.save_checkpoint(root, step, model=model, optimizer=opt, scheduler=sched, stage_state={"buf": torch.arange(3)},
+    return ck.save_checkpoint(root, step, model_state=ck.model_state(model), optimizer_state=opt.state_dict(),
+                              scheduler=sched, stage_state={"buf": torch.arange(3)},
                               trainer_state={"fingerprint": "x"}, keep_last=keep_last)
 
 

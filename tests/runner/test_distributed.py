@@ -28,32 +28,51 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _one_and_two(tmp_path: Path, launcher: str, **stage) -> tuple[Path, Path, subprocess.CompletedProcess]:
-    """Train TINY's pretrain stage once in one process with gradient accumulation 2 and once in
-    two processes (``launcher``: torchrun or accelerate) without; returns (single dir, multi dir,
-    the two-process run)."""
-    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
+ENV = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
+
+
+def _recipe(stages=("pretrain",), top: dict | None = None, per_stage: dict | None = None, **stage) -> dict:
+    """TINY with ``stages`` only, each updated with ``stage`` (and ``per_stage[name]``), on CPU in
+    fp32, plus ``top`` keys."""
     rec = copy.deepcopy(TINY)
-    rec["stages"] = {"pretrain": rec["stages"]["pretrain"]}
-    rec["stages"]["pretrain"].update(log_every=1, eval_every=100, save_every=100, batch_size=4, **stage)
+    rec["stages"] = {k: rec["stages"][k] for k in stages}
+    for name, cfg in rec["stages"].items():
+        cfg.update({"log_every": 1, "eval_every": 100, "save_every": 100, "batch_size": 4, **stage})
+        cfg.update((per_stage or {}).get(name, {}))
     rec["device"], rec["precision"] = "cpu", "fp32"
-    single, multi = tmp_path / "single", tmp_path / "multi"
-    single.mkdir()
-    multi.mkdir()
-    one = copy.deepcopy(rec)
-    one["stages"]["pretrain"]["gradient_accumulation_steps"] = 2  # global batch 2 × 4, same micro-batches
-    r1 = subprocess.run([sys.executable, "-m", "llmlab.cli", "run", str(write_recipe(single, one))],
-                        cwd=single, env=env, capture_output=True, text=True, timeout=600)
-    assert r1.returncode == 0, r1.stdout + r1.stderr
+    rec.update(top or {})
+    return rec
+
+
+def _launch(launcher: str) -> list[str]:
+    """The python arguments that start two processes on this machine under ``launcher``."""
     port = str(_free_port())
-    launch = {
+    return {
         "torchrun": ["-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
                      "--master_port", port],
         # accelerate launch --multi_gpu runs torch.distributed.run; without a GPU it trains on gloo
         "accelerate": ["-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines",
                        "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", port],
     }[launcher]
-    r2 = subprocess.run([sys.executable, *launch, "-m", "llmlab.cli", "run", str(write_recipe(multi, rec))],
+
+
+def _one_and_two(tmp_path: Path, launcher: str, stages=("pretrain",), top: dict | None = None,
+                 per_stage: dict | None = None, **stage) -> tuple[Path, Path, subprocess.CompletedProcess]:
+    """Train TINY's ``stages`` once in one process with gradient accumulation 2 and once in two
+    processes (``launcher``: torchrun or accelerate) without; ``top``: extra recipe keys (e.g.
+    ``distributed``). Returns (single dir, multi dir, the two-process run)."""
+    env = ENV
+    rec = _recipe(stages, top, per_stage, **stage)
+    single, multi = tmp_path / "single", tmp_path / "multi"
+    single.mkdir()
+    multi.mkdir()
+    one = copy.deepcopy(rec)
+    for cfg in one["stages"].values():
+        cfg["gradient_accumulation_steps"] = 2  # global batch 2 × 4, same micro-batches
+    r1 = subprocess.run([sys.executable, "-m", "llmlab.cli", "run", str(write_recipe(single, one))],
+                        cwd=single, env=env, capture_output=True, text=True, timeout=600)
+    assert r1.returncode == 0, r1.stdout + r1.stderr
+    r2 = subprocess.run([sys.executable, *_launch(launcher), "-m", "llmlab.cli", "run", str(write_recipe(multi, rec))],
                         cwd=multi, env=env, capture_output=True, text=True, timeout=600)
     assert r2.returncode == 0, r2.stdout[-3000:] + r2.stderr[-3000:]
     return single, multi, r2

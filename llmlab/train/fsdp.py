@@ -1,0 +1,232 @@
+"""Sharded training (``distributed.strategy: fsdp``) with PyTorch FSDP2 (``fully_shard``).
+
+Under ``torchrun`` / ``accelerate launch`` with more than one process, :func:`shard_model` gives
+every transformer block (the model's ``_no_split_modules`` classes, as torchtitan and torchtune
+wrap them) and then the root its own FSDP2 parameter group over a 1-D device mesh of all
+processes: each parameter, its gradient and its optimizer state are ``DTensor`` shards along dim 0,
+and a block's parameters are all-gathered just for its forward and backward; gradients are
+reduce-scattered (averaged) at the end of the backward.
+
+The loop reads and writes model and optimizer state through a :class:`StateIO`:
+
+- :data:`LOCAL` (one process, DDP): ``state_dict()`` / ``load_state_dict()`` of the whole model;
+- :class:`ShardedStateIO` (FSDP): ``torch.distributed.checkpoint.state_dict``'s full state
+  dicts, gathered to rank 0's CPU for a save (a collective every rank joins) and sliced by every
+  rank from the full dict on a load. Checkpoints hence have one format whatever the strategy and
+  world size (``model.safetensors`` holds the whole model), at the cost of rank 0 holding the
+  full model and optimizer state in CPU memory while it writes.
+
+Reference: Zhao et al. 2023, "PyTorch FSDP"; the FSDP2 API in ``torch.distributed.fsdp``.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+
+from llmlab.config import DistributedConfig
+
+#: accelerate's mixed-precision name -> the dtype FSDP2 gathers parameters in (gradients are
+#: reduced in fp32); fp32 and fp16 (GradScaler) gather the fp32 master weights themselves
+PARAM_DTYPES = {"bf16": torch.bfloat16}
+
+
+def fsdp_enabled(cfg: DistributedConfig, world_size: int) -> bool:
+    """Whether the model is sharded: strategy fsdp under more than one process (one process holds
+    the whole model whatever the strategy)."""
+    return cfg.strategy == "fsdp" and world_size > 1
+
+
+def block_classes(model: torch.nn.Module) -> set[str]:
+    """Class names of the model's transformer blocks: the ``_no_split_modules`` of the first
+    Hugging Face ``PreTrainedModel`` inside ``model`` (a PEFT model's base included)."""
+    for m in model.modules():
+        names = getattr(m, "_no_split_modules", None)
+        if names:
+            return set(names)
+    return set()
+
+
+def shard_model(model: torch.nn.Module, cfg: DistributedConfig, device: torch.device,
+                mixed_precision: str = "no") -> torch.nn.Module:
+    """Apply ``fully_shard`` to every transformer block of ``model`` and then to ``model`` itself,
+    in place (``model`` becomes an ``FSDPModule``; its parameters become DTensor shards).
+
+    Args:
+        model: the stage's model on ``device`` (LoRA already applied; frozen parameters are
+            sharded like trainable ones).
+        cfg: the recipe's ``distributed:`` section (``reshard_after_forward``, ``cpu_offload``).
+        device: the process's device (``cpu`` with gloo, ``cuda`` with nccl).
+        mixed_precision: accelerate's name (``no``, ``bf16``, ``fp16``); under ``bf16``
+            parameters are gathered in bf16 and gradients reduced in fp32.
+
+    Returns:
+        ``model``.
+
+    Raises:
+        RuntimeError: torch.distributed is not initialised.
+    """
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
+
+    if not dist.is_initialized():
+        raise RuntimeError("distributed.strategy fsdp needs torch.distributed (run under torchrun or accelerate launch)")
+    mesh = init_device_mesh(device.type, (dist.get_world_size(),))
+    kwargs = {"mesh": mesh, "reshard_after_forward": cfg.reshard_after_forward}
+    if mixed_precision in PARAM_DTYPES:
+        kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=PARAM_DTYPES[mixed_precision], reduce_dtype=torch.float32)
+    if cfg.cpu_offload:
+        kwargs["offload_policy"] = CPUOffloadPolicy()
+    names = block_classes(model)
+    for module in list(model.modules()):
+        if type(module).__name__ in names:
+            fully_shard(module, **kwargs)
+    fully_shard(model, **kwargs)
+    return model
+
+
+def meta_skeleton(model: torch.nn.Module) -> torch.nn.Module:
+    """A copy of ``model`` whose parameters are on the meta device (no memory; buffers, small and
+    partly not in the state dict, e.g. rotary frequencies, are copied): the structure
+    :func:`gather_full_model` fills with the trained weights. Made before sharding."""
+    memo: dict = {}
+    for p in model.parameters():
+        memo[id(p)] = torch.nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=p.requires_grad)
+    return copy.deepcopy(model, memo)
+
+
+def _materialize(skeleton: torch.nn.Module) -> None:
+    """Give every meta parameter of ``skeleton`` CPU storage (uninitialised), keeping tied
+    parameters tied."""
+    new: dict[int, torch.nn.Parameter] = {}
+    for module in skeleton.modules():
+        for name, p in list(module._parameters.items()):
+            if p is not None and p.is_meta:
+                if id(p) not in new:
+                    new[id(p)] = torch.nn.Parameter(torch.empty_like(p, device="cpu"), requires_grad=p.requires_grad)
+                module._parameters[name] = new[id(p)]
+
+
+def clip_grad_norm_(parameters, max_norm: float) -> torch.Tensor:
+    """Clip the global gradient norm of DTensor (sharded) gradients to ``max_norm``; returns the
+    norm before clipping as a plain tensor (torchtitan's ``clip_grad_norm_``: the norm of each
+    shard is all-reduced into the whole model's)."""
+    grads = [p.grad for p in parameters if p.grad is not None]
+    total = torch.nn.utils.get_total_norm(grads, 2.0)
+    if hasattr(total, "full_tensor"):
+        total = total.full_tensor()
+    torch.nn.utils.clip_grads_with_norm_(grads, max_norm, total)
+    return total
+
+
+class LocalStateIO:
+    """Model and optimizer state of a model each process holds whole (one process, DDP).
+
+    ``collective`` is False: only the main process calls :meth:`model_state` /
+    :meth:`optimizer_state`.
+    """
+
+    optimizer_format = "param_index"  # torch's optimizer.state_dict(): states keyed by parameter index
+    collective = False
+
+    def model_state(self, model: torch.nn.Module) -> dict[str, torch.Tensor]:
+        """The model's state dict on the CPU (tied tensors once, see ``checkpoint.model_state``)."""
+        from llmlab.train.checkpoint import model_state
+
+        return model_state(model)
+
+    def optimizer_state(self, model: torch.nn.Module, optimizer) -> dict:
+        return optimizer.state_dict()
+
+    def load_model(self, model: torch.nn.Module, state: dict, where) -> None:
+        """Load ``state`` (from checkpoint ``where``) into ``model``.
+
+        Raises:
+            RuntimeError: keys other than tied weights are missing, or unexpected ones present.
+        """
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        check_keys(missing, unexpected, where)
+
+    def load_optimizer(self, model: torch.nn.Module, optimizer, state: dict) -> None:
+        optimizer.load_state_dict(state)
+
+
+class ShardedStateIO(LocalStateIO):
+    """Full (unsharded) state dicts of an FSDP2 model, gathered to rank 0's CPU.
+
+    ``collective`` is True: every rank calls :meth:`model_state` and :meth:`optimizer_state`
+    (ranks other than 0 get empty dicts); every rank loads from the full dict it read.
+    """
+
+    optimizer_format = "fqn"  # torch.distributed.checkpoint: states keyed by parameter name
+    collective = True
+
+    def _options(self, **kw):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+        return StateDictOptions(full_state_dict=True, **kw)
+
+    def model_state(self, model: torch.nn.Module) -> dict[str, torch.Tensor]:
+        from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+        from llmlab.train.checkpoint import unique_tensors
+
+        return unique_tensors(get_model_state_dict(model, options=self._options(cpu_offload=True)))
+
+    def optimizer_state(self, model: torch.nn.Module, optimizer) -> dict:
+        from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+        return get_optimizer_state_dict(model, _inner(optimizer), options=self._options(cpu_offload=True))
+
+    def load_model(self, model: torch.nn.Module, state: dict, where) -> None:
+        from torch.distributed.checkpoint.state_dict import set_model_state_dict
+
+        missing, unexpected = set_model_state_dict(model, state, options=self._options(strict=False))
+        check_keys(missing, unexpected, where)
+
+    def load_optimizer(self, model: torch.nn.Module, optimizer, state: dict) -> None:
+        from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
+
+        set_optimizer_state_dict(model, _inner(optimizer), state, options=self._options())
+
+
+LOCAL = LocalStateIO()
+
+
+def state_io(sharded: bool) -> LocalStateIO:
+    """:class:`ShardedStateIO` for an FSDP-sharded model, else :data:`LOCAL`."""
+    return ShardedStateIO() if sharded else LOCAL
+
+
+def check_keys(missing, unexpected, where) -> None:
+    """Tied weights are stored once; raise on any other missing or unexpected key.
+
+    Raises:
+        RuntimeError: naming the checkpoint ``where`` and up to five keys of each kind.
+    """
+    tied = {k for k in missing if k.endswith("lm_head.weight") or "embed" in k}
+    if set(missing) - tied or unexpected:
+        raise RuntimeError(f"checkpoint {where} does not fit the model: missing {sorted(set(missing) - tied)[:5]}, "
+                           f"unexpected {sorted(unexpected)[:5]}")
+
+
+def _inner(optimizer):
+    """The torch optimizer inside accelerate's ``AcceleratedOptimizer``."""
+    return getattr(optimizer, "optimizer", optimizer)
+
+
+def gather_full_model(model: torch.nn.Module, skeleton: torch.nn.Module | None, is_main: bool) -> torch.nn.Module:
+    """The trained weights of FSDP ``model`` in a plain (unsharded) copy on rank 0's CPU.
+
+    Every rank must call it (the gather is a collective). ``skeleton`` is rank 0's
+    :func:`meta_skeleton`, filled here; other ranks get ``model`` back unchanged.
+    """
+    state = ShardedStateIO().model_state(model)
+    if not is_main or skeleton is None:
+        return model
+    _materialize(skeleton)
+    missing, unexpected = skeleton.load_state_dict(state, strict=False)
+    check_keys(missing, unexpected, "gathered from the FSDP shards")
+    return skeleton
