@@ -152,12 +152,13 @@ class DataLoaderConfig:
 
 
 #: optimizers that train under ``distributed.strategy: fsdp``: their update reads each parameter
-#: element by element (AdamW, Lion) or through reductions DTensor computes over the whole matrix
-#: (Adafactor's row and column factors), so a shard of a matrix updates as the whole would. Muon
-#: orthogonalises whole matrices (Newton-Schulz on a shard is another matrix), Sophia
-#: differentiates through the backward pass (FSDP2's gradient hooks take no double backward) and
-#: adamw_8bit's bitsandbytes kernels take no DTensor: validate refuses those three under fsdp.
-FSDP_OPTIMIZERS = ("adamw", "adafactor", "lion")
+#: element by element (AdamW, Lion), so a shard updates as the whole matrix would. Validate refuses
+#: the others: Muon orthogonalises whole matrices (Newton-Schulz on a shard is another matrix);
+#: Sophia differentiates through the backward pass (FSDP2's gradient hooks take no double
+#: backward); Adafactor's factored second moment is a reduction over the sharded dim, which
+#: torch.optim.Adafactor updates in place and DTensor refuses ("in-place operations that require
+#: placement changes are not supported", torch 2.13); adamw_8bit's bitsandbytes kernels take no DTensor.
+FSDP_OPTIMIZERS = ("adamw", "lion")
 
 
 @dataclass(frozen=True)
