@@ -52,11 +52,15 @@ def plan(
     output_dir: Optional[Path] = typer.Option(None, "--output-dir", help="Run directory (default: the recipe's output_dir)."),
     set_: List[str] = typer.Option([], "--set", help=SET_HELP),
     resolved: bool = typer.Option(False, "--resolved", help="Print the fully resolved recipe instead of the table."),
+    world_size: Optional[int] = typer.Option(None, "--world-size", "--nproc", min=1,
+                                             help="Processes that will train together (default: $WORLD_SIZE, else 1): "
+                                                  "tokens per step count all of them, memory is per device."),
 ):
     """Show the stage graph without training: sizes, mixtures, tokens, memory and the status of each stage."""
     from llmlab.plan import plan_command
 
-    raise typer.Exit(plan_command(recipe, output_dir=output_dir, overrides=set_, resolved=resolved))
+    raise typer.Exit(plan_command(recipe, output_dir=output_dir, overrides=set_, resolved=resolved,
+                                  world_size=world_size))
 
 
 @app.command()

@@ -174,9 +174,20 @@ def _exactness(recipe: dict, facts: dict) -> str:
     return f"exact: {facts['params']}"
 
 
-def plan_rows(recipe: dict) -> tuple[list[dict], dict]:
-    """One row per stage, plus model facts. Pure Python."""
+def plan_rows(recipe: dict, world_size: int = 1) -> tuple[list[dict], dict]:
+    """One row per stage, plus model and run facts. Pure Python.
+
+    ``world_size``: processes training together (``torchrun --nproc_per_node`` × nodes); a
+    row's ``tokens`` and ``tokens_per_step`` count all of them (``batch_size`` is per process),
+    ``memory`` / ``memory_bytes`` are one device's (sharded by ``world_size`` under
+    ``distributed.strategy: fsdp``, see :func:`llmlab.models.params.training_memory`).
+    """
+    from llmlab.config import DistributedConfig
+
     order = list(recipe["stages"])
+    world_size = max(1, int(world_size))
+    strategy = DistributedConfig.from_dict(recipe.get("distributed")).strategy
+    shards = world_size if strategy == "fsdp" else 1
     fps = stage_fingerprints(recipe, order)
     vocab = vocab_size_for(recipe)
     model_cfg = recipe["model"]
@@ -197,7 +208,8 @@ def plan_rows(recipe: dict) -> tuple[list[dict], dict]:
             ds = list(cfg.get("datasets") or {})
             rows.append({"stage": name, "type": cfg["type"], "from": ", ".join(cfg.get("models") or []),
                          "datasets": {k: 100.0 / len(ds) for k in ds}, "steps": 0, "tokens": 0, "params": params,
-                         "trainable": 0, "memory_bytes": None, "tokens_per_param": None, "status": status,
+                         "trainable": 0, "memory_bytes": None, "memory": None, "tokens_per_step": 0,
+                         "tokens_per_param": None, "status": status,
                          "status_detail": detail, "fingerprint": fps[name]["fingerprint"][:12]})
             continue
         weights = cfg.get("datasets") or {}
@@ -213,28 +225,71 @@ def plan_rows(recipe: dict) -> tuple[list[dict], dict]:
             trainable = pretrained_lora_trainable(str(model_cfg.get("from_pretrained")), lora)
         memory = None
         if params and model_cfg.get("arch") and vocab:
-            from llmlab.models.params import estimate_training_memory
+            from llmlab.models.params import training_memory
 
             seq = int(cfg.get("seq_len") or model_cfg.get("max_seq_len", 512))
             batch = int(cfg["batch_size"]) * spec.sequences_per_example
-            memory = estimate_training_memory(model_cfg, vocab, batch, seq, trainable,
-                                              (cfg.get("optimizer") or {}).get("name", "adamw"),
-                                              recipe.get("precision", "auto"))
-        tokens = stage_tokens(cfg)
+            memory = training_memory(model_cfg, vocab, batch, seq, trainable,
+                                     (cfg.get("optimizer") or {}).get("name", "adamw"),
+                                     recipe.get("precision", "auto"), shards=shards)
+        tokens = stage_tokens(cfg) * world_size  # batch_size is per process
         status, detail = recipe_stage_status(recipe, name, fps)
         rows.append({
             "stage": name, "type": cfg["type"], "from": stage_inputs(recipe, name, order)["from"] or "model",
             "datasets": shares, "steps": int(cfg["max_steps"]), "tokens": tokens, "params": params,
-            "trainable": trainable, "memory_bytes": memory,
+            "trainable": trainable, "memory_bytes": None if memory is None else sum(memory.values()),
+            "memory": memory, "tokens_per_step": tokens // max(1, int(cfg["max_steps"])),
             "tokens_per_param": tokens / params if (params and spec.kind == "text") else None,
             "status": status, "status_detail": detail, "fingerprint": fps[name]["fingerprint"][:12],
         })
-    return rows, {"params": params, "vocab_size": vocab, "tokenizer": run_tokenizer_state(recipe)}
+    return rows, {"params": params, "vocab_size": vocab, "tokenizer": run_tokenizer_state(recipe),
+                  "world_size": world_size, "strategy": strategy, "sharded": shards > 1}
+
+
+def default_world_size() -> int:
+    """The world size to plan for when none is given: ``$WORLD_SIZE`` (set by torchrun and
+    accelerate launch), else 1."""
+    import os
+
+    try:
+        return max(1, int(os.environ.get("WORLD_SIZE", "1")))
+    except ValueError:
+        return 1
+
+
+def world_line(facts: dict) -> str:
+    """How the plan spreads over processes, e.g. ``2 processes, fsdp: parameters, gradients and
+    optimizer state sharded 2 ways``."""
+    n, strategy = facts["world_size"], facts["strategy"]
+    if n == 1:
+        return f"1 process (strategy {strategy} has no effect; plan another with --world-size N)"
+    if facts["sharded"]:
+        return f"{n} processes, fsdp: parameters, gradients and optimizer state sharded {n} ways"
+    return f"{n} processes, ddp: every process holds the whole model"
+
+
+def memory_table(rows: list[dict], facts: dict) -> Table | None:
+    """Each training stage's per-device memory estimate by part (None when no row has one)."""
+    rows = [r for r in rows if r["memory"]]
+    if not rows:
+        return None
+    parts = ("weights", "grads", "optimizer", "activations", "gathered")
+    n = facts["world_size"]
+    t = Table(title=f"memory per device: {n} process{'es' if n > 1 else ''}, "
+                    f"{'fsdp (sharded)' if facts['sharded'] else 'whole model on each'}")
+    for col in ("stage", *parts, "total"):
+        t.add_column(col)
+    for r in rows:
+        m = r["memory"]
+        t.add_row(r["stage"], *(_fmt_bytes(m[k]) if m[k] else "-" for k in parts), _fmt_bytes(sum(m.values())))
+    return t
 
 
 def plan_command(recipe_path: Path, output_dir: Path | None = None, overrides=(), resolved: bool = False,
-                 fmt: str = "text") -> int:
-    """``llmlab plan``: print the table (or the resolved recipe); 0 ok, 1 invalid recipe."""
+                 fmt: str = "text", world_size: int | None = None) -> int:
+    """``llmlab plan``: print the table (or the resolved recipe); 0 ok, 1 invalid recipe.
+
+    ``world_size``: processes to plan for (None: :func:`default_world_size`)."""
     from llmlab.recipe import dump_resolved, load_recipe
 
     console = make_console()
@@ -249,7 +304,7 @@ def plan_command(recipe_path: Path, output_dir: Path | None = None, overrides=()
     if resolved:
         print(dump_resolved(rec), end="")
         return 0
-    rows, facts = plan_rows(rec)
+    rows, facts = plan_rows(rec, world_size or default_world_size())
     if fmt == "json":
         from llmlab.data.prepare import dataset_plan
 
@@ -258,21 +313,25 @@ def plan_command(recipe_path: Path, output_dir: Path | None = None, overrides=()
     arch = rec["model"].get("arch") or f"from_pretrained {rec['model'].get('from_pretrained')}"
     console.print(f"[bold]{rec['name']}[/]: {arch}, {_fmt_count(facts['params'])} parameters "
                   f"({_exactness(rec, facts)}), vocab {facts['vocab_size']}, run dir {rec['output_dir']}")
+    console.print(world_line(facts))
     if facts["tokenizer"] == "changed":
         console.print("[yellow]the tokenizer in the run directory was trained from a different tokenizer section or "
                       "data: `llmlab run` retrains it and then every stage. To keep the finished run, restore the "
                       "recipe's tokenizer section (and its datasets) or give this recipe another output_dir.[/]")
     t = Table()
-    for col in ("stage", "type", "from", "datasets (share)", "steps", "tokens", "trainable", "memory est.",
-                "tokens/param (Chinchilla 20)", "status"):
+    for col in ("stage", "type", "from", "datasets (share)", "steps", "tokens", "tokens/step", "trainable",
+                "memory est. per device", "tokens/param (Chinchilla 20)", "status"):
         t.add_column(col)
     for r in rows:
         ds = ", ".join(f"{k} {v:.0f}%" for k, v in r["datasets"].items())
         status = r["status"] + (f" ({r['status_detail']})" if r["status_detail"] else "")
         t.add_row(r["stage"], r["type"], r["from"], ds, str(r["steps"]), _fmt_count(r["tokens"]),
-                  _fmt_count(r["trainable"]), _fmt_bytes(r["memory_bytes"]),
+                  _fmt_count(r["tokens_per_step"]), _fmt_count(r["trainable"]), _fmt_bytes(r["memory_bytes"]),
                   "-" if r["tokens_per_param"] is None else f"{r['tokens_per_param']:.1f}", status)
     console.print(t)
+    mem = memory_table(rows, facts)
+    if mem is not None:
+        console.print(mem)
     from llmlab.data.prepare import dataset_plan
 
     ds_rows = dataset_plan(rec, rows)

@@ -337,7 +337,7 @@ def activation_elements_per_token(model_cfg: dict, seq_len: int) -> int:
     return 0
 
 
-def estimate_training_memory(
+def training_memory(
     model_cfg: dict,
     vocab_size: int,
     batch_size: int,
@@ -345,10 +345,9 @@ def estimate_training_memory(
     trainable_params: int,
     optimizer_name: str = "adamw",
     precision: str = "fp32",
-) -> int:
-    """Peak training memory in bytes (a planning estimate, not a measurement).
-
-    ``weights + grads + optimizer states + activations``, where
+    shards: int = 1,
+) -> dict[str, int]:
+    """Peak training memory of one device in bytes, by part (a planning estimate, not a measurement).
 
     * weights = P * w, w = 4 bytes (fp32 master weights; mixed precision autocasts on the fly),
       2 for a ``from_pretrained`` model loaded in bfloat16/float16;
@@ -359,28 +358,56 @@ def estimate_training_memory(
     * activations = B * T * a * (elements per token, :func:`activation_elements_per_token`, or
       2 * D per layer plus one layer's worth with ``gradient_checkpointing``) + the logits:
       3 * B * T * V * 4 bytes (the logits, their fp32 copy in the loss, and the gradient),
-      a = 2 bytes in bf16/fp16, 4 in fp32/auto (auto is planned as fp32, the worst case).
+      a = 2 bytes in bf16/fp16, 4 in fp32/auto (auto is planned as fp32, the worst case);
+    * gathered (FSDP, ``shards`` > 1): weights, grads and optimizer state are divided by
+      ``shards`` (ZeRO-3), and the parameters gathered whole at a time are added: the root's
+      (embeddings, final norm, LM head: FSDP2 keeps the root gathered through the step) and two
+      transformer blocks (the one computing and the one prefetched), in the gather dtype (a).
 
-    For ``from_pretrained`` models only weights/grads/optimizer are known before loading (P from
-    the local safetensors); activations are then not counted.
+    ``batch_size`` is per device. For ``from_pretrained`` models only weights/grads/optimizer are
+    known before loading (P from the local safetensors); activations and gathered blocks are then
+    not counted.
+
+    Returns:
+        ``{"weights", "grads", "optimizer", "activations", "gathered"}`` in bytes.
     """
     total = count_parameters(model_cfg, vocab_size)
     trainable = int(trainable_params)
     w = _weight_bytes(model_cfg)
-    weights = total * w
-    grads = trainable * w
+    shards = max(1, int(shards))
     optimizer = _optimizer_bytes(model_cfg, vocab_size, trainable, total, optimizer_name)
     a = _act_bytes(precision)
     tokens = int(batch_size) * int(seq_len)
-    acts = 0
+    acts = gathered = 0
     if model_cfg.get("from_pretrained") is None:
         per_token = activation_elements_per_token(model_cfg, seq_len)
+        n_layers = int(_get(model_cfg, "n_layers", 4))
         if model_cfg.get("gradient_checkpointing"):
-            n_layers = int(_get(model_cfg, "n_layers", 4))
             d = int(_get(model_cfg, "d_model", 256))
             per_token = n_layers * d + per_token // max(n_layers, 1)
         acts = tokens * per_token * a + 3 * tokens * int(vocab_size) * 4
-    return int(weights + grads + optimizer + acts)
+        if shards > 1:
+            block = (total - count_parameters({**model_cfg, "n_layers": n_layers - 1}, vocab_size)) if n_layers else 0
+            root = total - n_layers * block
+            gathered = (root + 2 * block) * a
+    return {"weights": -(-total * w // shards), "grads": -(-trainable * w // shards),
+            "optimizer": -(-optimizer // shards), "activations": int(acts), "gathered": int(gathered)}
+
+
+def estimate_training_memory(
+    model_cfg: dict,
+    vocab_size: int,
+    batch_size: int,
+    seq_len: int,
+    trainable_params: int,
+    optimizer_name: str = "adamw",
+    precision: str = "fp32",
+    shards: int = 1,
+) -> int:
+    """Peak training memory of one device in bytes: the sum of :func:`training_memory`'s parts
+    (``weights + grads + optimizer states + activations``, sharded over ``shards`` FSDP processes)."""
+    return sum(training_memory(model_cfg, vocab_size, batch_size, seq_len, trainable_params, optimizer_name,
+                               precision, shards).values())
 
 
 __all__ = [
@@ -393,5 +420,6 @@ __all__ = [
     "mamba2_dims",
     "param_shapes",
     "safetensors_parameter_count",
+    "training_memory",
     "transformer_dims",
 ]

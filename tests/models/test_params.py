@@ -122,3 +122,20 @@ def test_params_module_does_not_import_torch():
             "assert p.count_parameters({'arch': 'transformer'}, 100) > 0; "
             "assert 'torch' not in sys.modules and 'transformers' not in sys.modules, 'heavy import'")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_fsdp_shards_weights_grads_and_optimizer_state_but_not_activations():
+    from llmlab.models.params import training_memory
+
+    cfg = tiny_cfg()
+    p = count_parameters(cfg, VOCAB)
+    whole = training_memory(cfg, VOCAB, 2, 64, p, "adamw", "fp32")
+    four = training_memory(cfg, VOCAB, 2, 64, p, "adamw", "fp32", shards=4)
+    for part in ("weights", "grads", "optimizer"):
+        assert four[part] == -(-whole[part] // 4)
+    assert four["activations"] == whole["activations"]  # batch_size is per device
+    assert whole["gathered"] == 0
+    # the root (embeddings, norm, head) and two blocks are gathered whole at a time: fewer than all layers
+    per_block = p - count_parameters({**cfg, "n_layers": cfg["n_layers"] - 1}, VOCAB)
+    assert four["gathered"] == (p - cfg["n_layers"] * per_block + 2 * per_block) * 4
+    assert estimate_training_memory(cfg, VOCAB, 2, 64, p, "adamw", "fp32", shards=4) == sum(four.values())

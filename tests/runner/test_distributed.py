@@ -40,7 +40,7 @@ def _recipe(stages=("pretrain",), top: dict | None = None, per_stage: dict | Non
         cfg.update({"log_every": 1, "eval_every": 100, "save_every": 100, "batch_size": 4, **stage})
         cfg.update((per_stage or {}).get(name, {}))
     rec["device"], rec["precision"] = "cpu", "fp32"
-    rec.update(top or {})
+    rec.update(copy.deepcopy(top or {}))
     return rec
 
 

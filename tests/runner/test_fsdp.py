@@ -106,3 +106,39 @@ def test_validate_refuses_what_fsdp_cannot_shard(tmp_path, path, value, where):
     rec["distributed"]["strategy"] = "ddp"
     _, errors = load_recipe(write_recipe(tmp_path, rec), [])
     assert not any("fsdp" in str(e) for e in errors), [str(e) for e in errors]
+
+
+def test_plan_per_device_memory_and_tokens_per_step_follow_world_size_and_strategy(tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from llmlab.cli import app
+    from llmlab.plan import plan_rows
+
+    rec = _recipe(("pretrain",), max_steps=10, gradient_accumulation_steps=3)
+    rec["stages"]["pretrain"]["batch_size"] = 4
+    path = write_recipe(tmp_path, rec)
+    ddp, _ = load_recipe(path, [])
+    fsdp, _ = load_recipe(path, ["distributed.strategy=fsdp"])
+
+    def row(r, n):
+        rows, facts = plan_rows(r, world_size=n)
+        return rows[0], facts
+
+    one, facts1 = row(ddp, 1)
+    assert one["tokens_per_step"] == 4 * 64 * 3 and facts1["world_size"] == 1
+    eight, _ = row(ddp, 8)
+    assert eight["tokens_per_step"] == 4 * 64 * 3 * 8 and eight["tokens"] == 8 * one["tokens"]
+    assert eight["memory"] == one["memory"]  # ddp: every process holds everything
+    sharded, facts = row(fsdp, 8)
+    assert facts["sharded"] and sharded["tokens_per_step"] == eight["tokens_per_step"]
+    for part in ("weights", "grads", "optimizer"):
+        assert sharded["memory"][part] * 8 >= one["memory"][part] > sharded["memory"][part] * 7
+    assert sharded["memory"]["activations"] == one["memory"]["activations"]
+    assert row(fsdp, 1)[0]["memory"] == one["memory"]  # one process: fsdp is a no-op
+    # the CLI flag, and $WORLD_SIZE (set by torchrun) as its default
+    out = CliRunner().invoke(app, ["plan", str(path), "--set", "distributed.strategy=fsdp", "--world-size", "4"])
+    assert out.exit_code == 0, out.output
+    assert "4 processes, fsdp" in out.output and "memory per device" in out.output
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    out = CliRunner().invoke(app, ["plan", str(path)])
+    assert "2 processes, ddp" in out.output, out.output
