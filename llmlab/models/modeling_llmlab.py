@@ -47,8 +47,12 @@ from .configuration_llmlab import LlmlabConfig
 
 try:  # pragma: no cover - only on machines with flash-attn
     from flash_attn import flash_attn_func as _flash_attn_func
+    from flash_attn import flash_attn_varlen_func as _flash_attn_varlen_func
 except Exception:  # ImportError, or a broken CUDA build
-    _flash_attn_func = None
+    _flash_attn_func = _flash_attn_varlen_func = None
+
+#: devices whose tensors flash-attn's kernels take (tests add "cpu" with a reference kernel)
+FLASH_DEVICES = ("cuda",)
 
 _TRANSFORMERS_MAJOR = int(transformers.__version__.split(".")[0])
 
@@ -283,6 +287,26 @@ class AttentionMaskSpec:
         self.device = device
         self._cache: dict = {}
 
+    def varlen_seqlens(self) -> tuple[torch.Tensor, int]:
+        """The documents of the packed batch laid end to end, as ``flash_attn_varlen_func`` takes
+        them: ``cu_seqlens`` (int32 [N + 1], the offsets of the N documents in the flattened
+        [B * T] tokens; a row boundary always ends a document) and ``max_seqlen`` (the longest
+        document's length). Built once per forward and shared by the layers; needs ``doc_ids``
+        (packing) and no padding mask or cache. Costs one device-to-host copy (the number of
+        documents and the longest one), as transformers' own varlen path does.
+        """
+        key = ("varlen",)
+        if key not in self._cache:
+            b, t = self.doc_ids.shape
+            # documents numbered apart across rows, so a row boundary always starts a new one
+            flat = (self.doc_ids + torch.arange(b, device=self.doc_ids.device)[:, None] * (t + 1)).reshape(-1)
+            starts = torch.ones_like(flat, dtype=torch.bool)
+            starts[1:] = flat[1:] != flat[:-1]
+            offsets = torch.nonzero(starts).flatten()
+            cu = F.pad(offsets, (0, 1), value=b * t).to(torch.int32)
+            self._cache[key] = (cu, int(torch.diff(cu).max()))
+        return self._cache[key]
+
     @property
     def is_plain(self) -> bool:
         """No padding and no packing: causal (+ window, + alibi) only; flash-attn can do it."""
@@ -420,6 +444,8 @@ class LlmlabAttention(nn.Module):
         backend = self._backend(q, mask, prefix)
         if backend == "flash":
             out = self._flash(q, k, v, mask, p)
+        elif backend == "flash_varlen":
+            out = self._flash_varlen(q, k, v, mask, p)
         elif backend == "eager":
             out = self._eager(q, k, v, mask, kv_len, p, prefix)
         else:
@@ -438,19 +464,20 @@ class LlmlabAttention(nn.Module):
         return self.o_proj(out)
 
     def _backend(self, q: torch.Tensor, mask: AttentionMaskSpec, prefix: bool) -> str:
+        """``flash`` (plain causal), ``flash_varlen`` (packed documents, no padding), ``sdpa`` or
+        ``eager``: the config's ``attn_backend``, where ``auto`` takes flash-attn when it is
+        installed and the tensors suit it (CUDA, fp16/bf16)."""
         choice = self.config.attn_backend
-        flash_ok = (
-            _flash_attn_func is not None
-            and q.is_cuda
-            and q.dtype in (torch.float16, torch.bfloat16)
-            and mask.is_plain
-            and not prefix
-        )
+        kernel_ok = q.device.type in FLASH_DEVICES and q.dtype in (torch.float16, torch.bfloat16) and not prefix
+        if (kernel_ok and _flash_attn_varlen_func is not None and choice in ("auto", "flash")
+                and mask.doc_ids is not None and mask.attention_mask is None):
+            return "flash_varlen"
+        flash_ok = kernel_ok and _flash_attn_func is not None and mask.is_plain
         if choice == "flash":
             if not flash_ok:
                 raise RuntimeError(
                     "attn_backend 'flash' needs flash-attn installed, a CUDA tensor in fp16/bf16, no "
-                    "padding or packing mask, and a dynamic cache"
+                    "padding mask (packed documents go through flash_attn_varlen_func), and a dynamic cache"
                 )
             return "flash"
         if choice == "auto":
@@ -466,6 +493,24 @@ class LlmlabAttention(nn.Module):
             q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), dropout_p=p,
             softmax_scale=self.scaling, causal=True, window_size=window, alibi_slopes=slopes,
         )
+
+    def _flash_varlen(self, q, k, v, mask: AttentionMaskSpec, p: float) -> torch.Tensor:
+        """Packed documents through ``flash_attn_varlen_func``: q [B, H, T, Dh], k and v
+        [B, H_kv, T, Dh] -> [B, T, H, Dh], attention inside each document of
+        :meth:`AttentionMaskSpec.varlen_seqlens` (causal, window and ALiBi as in :meth:`_flash`)."""
+        b, h, t, d = q.shape
+        cu, max_len = mask.varlen_seqlens()
+        window = (mask.sliding_window - 1, 0) if mask.sliding_window is not None else (-1, -1)
+        slopes = mask.slopes.to(q.device, torch.float32) if mask.slopes is not None else None
+
+        def flat(x):  # [B, heads, T, Dh] -> [B * T, heads, Dh]
+            return x.transpose(1, 2).reshape(b * t, x.shape[1], d)
+
+        out = _flash_attn_varlen_func(
+            flat(q), flat(k), flat(v), cu, cu, max_len, max_len, dropout_p=p, softmax_scale=self.scaling,
+            causal=True, window_size=window, alibi_slopes=slopes,
+        )
+        return out.reshape(b, t, h, d)
 
     def _eager(self, q, k, v, mask: AttentionMaskSpec, kv_len: int, p: float, prefix: bool = False) -> torch.Tensor:
         k, v = repeat_kv(k, self.n_rep), repeat_kv(v, self.n_rep)
@@ -729,9 +774,11 @@ class LlmlabModel(LlmlabPreTrainedModel):
 
         doc_ids = None
         if explicit_positions and past_len == 0 and t > 1:
+            # a restart of the position ids starts a new document. Built without asking the device
+            # whether any restart exists (no host sync): a row without one is a single document,
+            # whose mask is the causal mask
             step = torch.diff(position_ids, dim=-1) != 1
-            if bool(step.any()):
-                doc_ids = F.pad(step.long().cumsum(-1), (1, 0))
+            doc_ids = F.pad(step.long().cumsum(-1), (1, 0))
 
         mask = AttentionMaskSpec(
             attention_mask=attention_mask,

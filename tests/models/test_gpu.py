@@ -65,6 +65,31 @@ def test_flash_attn_matches_sdpa(name):
     assert (step[:, 0] - flash[:, 40]).abs().max().item() < 0.05
 
 
+@pytest.mark.skipif(not HAS_FLASH, reason="flash-attn is not installed")
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_packed_documents_through_flash_varlen_match_the_masked_sdpa_path(name):
+    """Packed rows (restarting position ids) take flash_attn_varlen_func under ``auto``; the
+    per-document mask through SDPA is the reference."""
+    import llmlab.models.modeling_llmlab as ml
+
+    x = _ids()
+    pos = torch.cat([torch.arange(20), torch.arange(30), torch.arange(14)])[None].expand(2, -1).cuda()
+    model = _gpu_model(torch.bfloat16, "sdpa", **CASES[name])
+    with torch.no_grad():
+        sdpa = model(x, position_ids=pos).logits.float()
+        model.config.attn_backend = "auto"
+        calls = []
+        real = ml._flash_attn_varlen_func
+        ml._flash_attn_varlen_func = lambda *a, **k: calls.append(1) or real(*a, **k)
+        try:
+            varlen = model(x, position_ids=pos).logits.float()
+        finally:
+            ml._flash_attn_varlen_func = real
+    err = (sdpa - varlen).abs().max().item()
+    print(f"flash varlen vs sdpa doc mask bf16 [{name}]: max abs diff {err:.3e}")
+    assert calls and err < 0.05
+
+
 def test_generate_on_gpu_with_and_without_cache():
     model = _gpu_model(torch.float32, "auto", sliding_window=8)
     x = _ids(t=12)
