@@ -11,14 +11,16 @@ from llmlab.train.tensors import to_device
 
 
 class Evaluator:
-    """Runs ``stage.evaluate`` on the bare model (no DDP collectives, so rank 0 can run it alone).
+    """Runs ``stage.evaluate`` on the bare model: on rank 0 alone (no DDP collectives), or on every
+    rank when the model is FSDP-sharded (each forward all-gathers parameters).
 
     Key read: ``eval_every``; the last step is always evaluated.
     """
 
-    def __init__(self, stage: Stage, tc: TrainingConfig, accelerator):
+    def __init__(self, stage: Stage, tc: TrainingConfig, accelerator, sharded: bool = False):
         self.stage = stage
         self.accelerator = accelerator
+        self.sharded = sharded
         self.max_steps = tc.max_steps
         self.eval_every = int(tc.eval_every)
         self.batches = list(stage.eval_batches())
@@ -26,6 +28,14 @@ class Evaluator:
     def due(self, step: int) -> bool:
         """Whether ``step`` is an evaluation step (never when the stage has no eval batches)."""
         return bool(self.batches) and (step % self.eval_every == 0 or step == self.max_steps)
+
+    def log(self, model: torch.nn.Module, step: int, metrics) -> None:
+        """Evaluate ``model`` at ``step`` and log it on the main process (``metrics``: the loop's
+        :class:`~llmlab.train.metrics.MetricsLogger`)."""
+        if self.accelerator.is_main_process or self.sharded:
+            out = self.run(model)
+            if self.accelerator.is_main_process:
+                metrics.log_eval(step, out)
 
     def run(self, model: torch.nn.Module) -> dict[str, float]:
         """The stage's eval metrics (``eval_loss``, ...) of ``model``; leaves it in train mode."""

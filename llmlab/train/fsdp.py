@@ -7,14 +7,15 @@ processes: each parameter, its gradient and its optimizer state are ``DTensor`` 
 and a block's parameters are all-gathered just for its forward and backward; gradients are
 reduce-scattered (averaged) at the end of the backward.
 
-The loop reads and writes model and optimizer state through a :class:`StateIO`:
+The loop reads and writes model and optimizer state through a state IO:
 
 - :data:`LOCAL` (one process, DDP): ``state_dict()`` / ``load_state_dict()`` of the whole model;
 - :class:`ShardedStateIO` (FSDP): ``torch.distributed.checkpoint.state_dict``'s full state
   dicts, gathered to rank 0's CPU for a save (a collective every rank joins) and sliced by every
-  rank from the full dict on a load. Checkpoints hence have one format whatever the strategy and
-  world size (``model.safetensors`` holds the whole model), at the cost of rank 0 holding the
-  full model and optimizer state in CPU memory while it writes.
+  rank from the full dict on a load. ``model.safetensors`` hence holds the whole model whatever
+  the strategy and world size, and a checkpoint resumes on another world size; ``optimizer.pt``
+  is keyed by parameter name (``optimizer_format`` "fqn") rather than index. The cost: rank 0
+  holds the full model and optimizer state in CPU memory while it writes.
 
 Reference: Zhao et al. 2023, "PyTorch FSDP"; the FSDP2 API in ``torch.distributed.fsdp``.
 """

@@ -25,10 +25,10 @@ from llmlab.stages.base import Stage
 from llmlab.train.checkpointer import Checkpointer
 from llmlab.train.errors import TrainingError, is_cpu_out_of_memory, out_of_memory
 from llmlab.train.evaluator import Evaluator
-from llmlab.train.fsdp import clip_grad_norm_, fsdp_enabled, gather_full_model, meta_skeleton, shard_model, state_io
+from llmlab.train.fsdp import clip_grad_norm_, gather_full_model, state_io
 from llmlab.train.metrics import MetricsLogger
 from llmlab.train.optim import distributed_hutchinson, needs_hessian
-from llmlab.train.setup import maybe_compile, setup_model, setup_optimizer, stage_model_arch
+from llmlab.train.setup import maybe_compile, maybe_shard, setup_model, setup_optimizer, stage_model_arch
 from llmlab.train.tensors import scalar, to_device
 
 __all__ = ["StageResult", "TrainingError", "stage_model_arch", "train"]
@@ -83,13 +83,9 @@ def train(stage: Stage, *, fingerprint: str, accelerator=None, reset_optimizer: 
     set_seed(ctx.seed)
     tc = TrainingConfig.from_dict(stage.config, ctx.recipe.get("logging"))
     max_steps = tc.max_steps
-    dist_cfg = DistributedConfig.from_dict(ctx.recipe.get("distributed"))
-    sharded = fsdp_enabled(dist_cfg, accelerator.num_processes)
     is_main = accelerator.is_main_process
     model = setup_model(stage, accelerator)
-    skeleton = meta_skeleton(model) if sharded and is_main else None  # final/'s structure, no memory
-    if sharded:
-        shard_model(model, dist_cfg, accelerator.device, accelerator.mixed_precision)
+    sharded, skeleton = maybe_shard(model, DistributedConfig.from_dict(ctx.recipe.get("distributed")), accelerator)
     optimizer, scheduler = setup_optimizer(model, tc, accelerator.device)
     checkpointer = Checkpointer(stage, tc, fingerprint=fingerprint, accelerator=accelerator, state_io=state_io(sharded))
     step = start_step = checkpointer.resume(model, optimizer, scheduler, reset_optimizer=reset_optimizer)
@@ -100,13 +96,10 @@ def train(stage: Stage, *, fingerprint: str, accelerator=None, reset_optimizer: 
     prepared_model = maybe_compile(prepared_model, bool(ctx.recipe.get("compile")))
     runner = StepRunner(stage, tc, accelerator, prepared_model, optimizer, scheduler, start_step=start_step,
                         sharded=sharded)
-    evaluator = Evaluator(stage, tc, accelerator)
+    evaluator = Evaluator(stage, tc, accelerator, sharded=sharded)
     metrics = MetricsLogger(stage, tc, accelerator=accelerator, start_step=start_step, progress=progress)
-    evaluates = is_main or sharded  # a sharded forward needs every rank
-    if start_step == 0 and evaluator.batches and evaluates:
-        eval_metrics = evaluator.run(prepared_model)
-        if is_main:
-            metrics.log_eval(0, eval_metrics)
+    if start_step == 0 and evaluator.batches:
+        evaluator.log(prepared_model, 0, metrics)
     prepared_model.train()
     try:
         while step < max_steps:
@@ -126,10 +119,7 @@ def train(stage: Stage, *, fingerprint: str, accelerator=None, reset_optimizer: 
                 metrics.tick(step)
             improved = False
             if evaluator.due(step):
-                if evaluates:
-                    eval_metrics = evaluator.run(prepared_model)
-                    if is_main:
-                        metrics.log_eval(step, eval_metrics)
+                evaluator.log(prepared_model, step, metrics)
                 improved = checkpointer.observe_eval(step, metrics.eval_loss if is_main else None)
             if checkpointer.due(step, improved):
                 checkpointer.save(step, unwrap(prepared_model), optimizer, scheduler)

@@ -2,7 +2,7 @@
 
 :func:`setup_model` builds the stage's model, checks it against the tokenizer, applies LoRA and
 gradient checkpointing, moves it to the device and lets the stage finish its own setup (reference
-model, data). :func:`setup_optimizer` builds the optimizer and schedule (and switches attention to
+model, data); :func:`maybe_shard` shards it under ``distributed.strategy: fsdp``. :func:`setup_optimizer` builds the optimizer and schedule (and switches attention to
 plain PyTorch ops for Sophia). :func:`maybe_compile` wraps the prepared model in ``torch.compile``.
 """
 
@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from llmlab.config import TrainingConfig
+from llmlab.config import DistributedConfig, TrainingConfig
 from llmlab.stages.base import Stage
 from llmlab.train.errors import TrainingError
 from llmlab.train.optim import build_optimizer, build_scheduler, needs_hessian
@@ -42,6 +42,23 @@ def setup_model(stage: Stage, accelerator) -> torch.nn.Module:
         stage.setup(model)
         _ = stage.data
     return model
+
+
+def maybe_shard(model: torch.nn.Module, dist_cfg: DistributedConfig, accelerator) -> tuple[bool, torch.nn.Module | None]:
+    """Shard ``model`` in place with FSDP2 under ``distributed.strategy: fsdp`` and several processes
+    (:func:`llmlab.train.fsdp.shard_model`; one process keeps the whole model).
+
+    Returns:
+        (whether it was sharded, rank 0's meta-device copy of the unsharded model that
+        ``final/`` is gathered into — None elsewhere or when not sharded).
+    """
+    from llmlab.train.fsdp import fsdp_enabled, meta_skeleton, shard_model
+
+    if not fsdp_enabled(dist_cfg, accelerator.num_processes):
+        return False, None
+    skeleton = meta_skeleton(model) if accelerator.is_main_process else None  # before sharding: no memory
+    shard_model(model, dist_cfg, accelerator.device, accelerator.mixed_precision)
+    return True, skeleton
 
 
 def setup_optimizer(model: torch.nn.Module, tc: TrainingConfig, device: torch.device):
