@@ -142,3 +142,51 @@ def test_plan_per_device_memory_and_tokens_per_step_follow_world_size_and_strate
     monkeypatch.setenv("WORLD_SIZE", "2")
     out = CliRunner().invoke(app, ["plan", str(path)])
     assert "2 processes, ddp" in out.output, out.output
+
+
+def test_shard_then_gather_gives_back_the_plain_model_with_tied_weights(monkeypatch):
+    """In one process (a gloo world of 1): fully_shard per block + root, one AdamW step, then the
+    full state gathered into rank 0's meta skeleton equals the sharded model's weights, the
+    skeleton is a plain (un-sharded) model with its embedding and LM head still one tensor, and a
+    whole-model checkpoint state loads back into the shards."""
+    import torch
+    import torch.distributed as dist
+
+    from llmlab.config import DistributedConfig
+    from llmlab.models.build import build_model
+    from llmlab.train.fsdp import ShardedStateIO, gather_full_model, meta_skeleton, shard_model
+    from tests.runner.test_distributed import _free_port
+    from tests.tiny import TINY
+
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", str(_free_port()))
+    dist.init_process_group("gloo", rank=0, world_size=1)
+    try:
+        torch.manual_seed(0)
+        model = build_model(TINY["model"], vocab_size=128)
+        skeleton = meta_skeleton(model)
+        assert all(p.is_meta for p in skeleton.parameters())
+        shard_model(model, DistributedConfig.from_dict({"strategy": "fsdp"}), torch.device("cpu"))
+        assert type(model).__name__.startswith("FSDP") and type(model.model.layers[0]).__name__.startswith("FSDP")
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+        x = torch.randint(0, 128, (2, 16))
+        model(x, labels=x).loss.backward()
+        opt.step()
+        io = ShardedStateIO()
+        saved = io.model_state(model)
+        plain = gather_full_model(model, skeleton, is_main=True)
+        assert plain is skeleton and not any(type(m).__name__.startswith("FSDP") for m in plain.modules())
+        assert plain.lm_head.weight is plain.model.embed_tokens.weight
+        for k, v in plain.state_dict().items():
+            assert torch.equal(v, saved.get(k, saved["model.embed_tokens.weight"])), k
+        with torch.no_grad():
+            assert torch.equal(plain(x).logits, model(x).logits)
+        # a checkpoint's whole-model state (tied weight once) loads back into the shards
+        with torch.no_grad():
+            for p in model.parameters():
+                p.zero_()
+        io.load_model(model, {k: v.clone() for k, v in saved.items()}, "test")
+        back = io.model_state(model)
+        assert back.keys() == saved.keys() and all(torch.equal(back[k], v) for k, v in saved.items())
+    finally:
+        dist.destroy_process_group()
