@@ -150,17 +150,6 @@ class DataLoaderConfig:
                       for n in names})
 
 
-
-#: optimizers that train under ``distributed.strategy: fsdp``: their update reads each parameter
-#: element by element (AdamW, Lion), so a shard updates as the whole matrix would. Validate refuses
-#: the others: Muon orthogonalises whole matrices (Newton-Schulz on a shard is another matrix);
-#: Sophia differentiates through the backward pass (FSDP2's gradient hooks take no double
-#: backward); Adafactor's factored second moment is a reduction over the sharded dim, which
-#: torch.optim.Adafactor updates in place and DTensor refuses ("in-place operations that require
-#: placement changes are not supported", torch 2.13); adamw_8bit's bitsandbytes kernels take no DTensor.
-FSDP_OPTIMIZERS = ("adamw", "lion")
-
-
 @dataclass(frozen=True)
 class DistributedConfig:
     """The recipe's ``distributed:`` section (``#/properties/distributed`` in the schema)."""
@@ -178,5 +167,4 @@ class DistributedConfig:
         return _pick(cls, _filled("#/properties/distributed", section))
 
 
-__all__ = ["FSDP_OPTIMIZERS", "DataLoaderConfig", "DistributedConfig", "OptimizerConfig", "SchedulerConfig",
-           "TrainingConfig"]
+__all__ = ["DataLoaderConfig", "DistributedConfig", "OptimizerConfig", "SchedulerConfig", "TrainingConfig"]

@@ -19,6 +19,15 @@ _CONVERSATION = CONVERSATION_FORMATS
 #: dataset keys that only mean something for a hub source
 HUB_ONLY = ("subset", "revision")
 
+#: optimizers that train under ``distributed.strategy: fsdp``: their update reads each parameter
+#: element by element (AdamW, Lion), so a shard updates as the whole matrix would. Validate refuses
+#: the others: Muon orthogonalises whole matrices (Newton-Schulz on a shard is another matrix);
+#: Sophia differentiates through the backward pass (FSDP2's gradient hooks take no double
+#: backward); Adafactor's factored second moment is a reduction over the sharded dim, which
+#: torch.optim.Adafactor updates in place and DTensor refuses ("in-place operations that require
+#: placement changes are not supported", torch 2.13); adamw_8bit's bitsandbytes kernels take no DTensor.
+FSDP_OPTIMIZERS = ("adamw", "lion")
+
 #: names of run-directory entries llmlab writes beside the stage directories
 RESERVED_STAGE_NAMES = ("tokenizer", "cache")
 
@@ -66,12 +75,14 @@ def check(doc: dict, given, add) -> None:
 def _check_distributed(doc: dict, add) -> None:
     """Under ``distributed.strategy: fsdp`` every training stage can be sharded: it samples nothing
     (a generating stage runs a different number of forwards on each process, and each FSDP forward
-    is a collective all-gather), its optimizer is one of :data:`llmlab.config.FSDP_OPTIMIZERS` and
-    its LoRA base is not quantized (bitsandbytes' 4-bit weights are no DTensor)."""
-    from llmlab.config import FSDP_OPTIMIZERS
-
+    is a collective all-gather), its optimizer is one of :data:`FSDP_OPTIMIZERS` and
+    its LoRA base is not quantized (bitsandbytes' 4-bit weights are no DTensor); and the precision
+    is not fp16 (the loss scaler's unscale is not wired for sharded gradients)."""
     if _dict(doc.get("distributed")).get("strategy") != "fsdp":
         return
+    if doc.get("precision") == "fp16":
+        add(("precision",), "precision fp16 (loss scaling) is not supported with distributed.strategy fsdp; use bf16 "
+                            "or fp32")
     for name, st in _dict(doc.get("stages")).items():
         spec = STAGE_SPECS.get(_dict(st).get("type"))
         if spec is None or not spec.trains:

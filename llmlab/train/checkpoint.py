@@ -99,6 +99,51 @@ def model_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return unique_tensors(model.state_dict())
 
 
+class LocalStateIO:
+    """Model and optimizer state of a model each process holds whole (one process, DDP).
+
+    ``collective`` is False: only the main process calls :meth:`model_state` /
+    :meth:`optimizer_state`.
+    """
+
+    optimizer_format = "param_index"  # torch's optimizer.state_dict(): states keyed by parameter index
+    collective = False
+
+    def model_state(self, model: torch.nn.Module) -> dict[str, torch.Tensor]:
+        """The model's state dict on the CPU (tied tensors once, see ``checkpoint.model_state``)."""
+        return model_state(model)
+
+    def optimizer_state(self, model: torch.nn.Module, optimizer) -> dict:
+        return optimizer.state_dict()
+
+    def load_model(self, model: torch.nn.Module, state: dict, where) -> None:
+        """Load ``state`` (from checkpoint ``where``) into ``model``.
+
+        Raises:
+            RuntimeError: keys other than tied weights are missing, or unexpected ones present.
+        """
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        check_keys(missing, unexpected, where)
+
+    def load_optimizer(self, model: torch.nn.Module, optimizer, state: dict) -> None:
+        optimizer.load_state_dict(state)
+
+
+LOCAL = LocalStateIO()
+
+
+def check_keys(missing, unexpected, where) -> None:
+    """Tied weights are stored once; raise on any other missing or unexpected key.
+
+    Raises:
+        RuntimeError: naming the checkpoint ``where`` and up to five keys of each kind.
+    """
+    tied = {k for k in missing if k.endswith("lm_head.weight") or "embed" in k}
+    if set(missing) - tied or unexpected:
+        raise RuntimeError(f"checkpoint {where} does not fit the model: missing {sorted(set(missing) - tied)[:5]}, "
+                           f"unexpected {sorted(unexpected)[:5]}")
+
+
 def save_checkpoint(ckpt_root: Path, step: int, *, model_state: dict[str, torch.Tensor], optimizer_state: dict,
                     scheduler, stage_state: dict, trainer_state: dict, keep_last: int = 2,
                     protect: set[int] | None = None) -> Path:
@@ -213,8 +258,6 @@ def load_checkpoint(ckpt: Path, *, model: torch.nn.Module, optimizer=None, sched
         RuntimeError: the checkpoint's tensors do not fit the model (tied weights may be absent).
     """
     from safetensors.torch import load_file
-
-    from llmlab.train.fsdp import LOCAL
 
     state_io = state_io or LOCAL
     state_io.load_model(model, load_file(str(ckpt / "model.safetensors")), ckpt)

@@ -37,10 +37,8 @@ class Checkpointer:
     """
 
     def __init__(self, stage: Stage, tc: TrainingConfig, *, fingerprint: str, accelerator, state_io=None):
-        from llmlab.train.fsdp import LOCAL
-
         self.stage = stage
-        self.state_io = state_io or LOCAL  # whole model, or FSDP shards gathered / sliced
+        self.state_io = state_io or ckpt_lib.LOCAL  # whole model, or FSDP shards gathered / sliced
         self.name = stage.ctx.name
         self.layout = StageLayout(stage.ctx.stage_dir)
         self.root = self.layout.checkpoints

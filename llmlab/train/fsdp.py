@@ -9,7 +9,7 @@ reduce-scattered (averaged) at the end of the backward.
 
 The loop reads and writes model and optimizer state through a state IO:
 
-- :data:`LOCAL` (one process, DDP): ``state_dict()`` / ``load_state_dict()`` of the whole model;
+- :data:`~llmlab.train.checkpoint.LOCAL` (one process, DDP): ``state_dict()`` / ``load_state_dict()`` of the whole model;
 - :class:`ShardedStateIO` (FSDP): ``torch.distributed.checkpoint.state_dict``'s full state
   dicts, gathered to rank 0's CPU for a save (a collective every rank joins) and sliced by every
   rank from the full dict on a load. ``model.safetensors`` hence holds the whole model whatever
@@ -27,6 +27,7 @@ import copy
 import torch
 
 from llmlab.config import DistributedConfig
+from llmlab.train.checkpoint import LOCAL, LocalStateIO, check_keys, unique_tensors
 
 #: accelerate's mixed-precision name -> the dtype FSDP2 gathers parameters in (gradients are
 #: reduced in fp32); fp32 and fp16 (GradScaler) gather the fp32 master weights themselves
@@ -122,38 +123,6 @@ def clip_grad_norm_(parameters, max_norm: float) -> torch.Tensor:
     return total
 
 
-class LocalStateIO:
-    """Model and optimizer state of a model each process holds whole (one process, DDP).
-
-    ``collective`` is False: only the main process calls :meth:`model_state` /
-    :meth:`optimizer_state`.
-    """
-
-    optimizer_format = "param_index"  # torch's optimizer.state_dict(): states keyed by parameter index
-    collective = False
-
-    def model_state(self, model: torch.nn.Module) -> dict[str, torch.Tensor]:
-        """The model's state dict on the CPU (tied tensors once, see ``checkpoint.model_state``)."""
-        from llmlab.train.checkpoint import model_state
-
-        return model_state(model)
-
-    def optimizer_state(self, model: torch.nn.Module, optimizer) -> dict:
-        return optimizer.state_dict()
-
-    def load_model(self, model: torch.nn.Module, state: dict, where) -> None:
-        """Load ``state`` (from checkpoint ``where``) into ``model``.
-
-        Raises:
-            RuntimeError: keys other than tied weights are missing, or unexpected ones present.
-        """
-        missing, unexpected = model.load_state_dict(state, strict=False)
-        check_keys(missing, unexpected, where)
-
-    def load_optimizer(self, model: torch.nn.Module, optimizer, state: dict) -> None:
-        optimizer.load_state_dict(state)
-
-
 class ShardedStateIO(LocalStateIO):
     """Full (unsharded) state dicts of an FSDP2 model, gathered to rank 0's CPU.
 
@@ -171,8 +140,6 @@ class ShardedStateIO(LocalStateIO):
 
     def model_state(self, model: torch.nn.Module) -> dict[str, torch.Tensor]:
         from torch.distributed.checkpoint.state_dict import get_model_state_dict
-
-        from llmlab.train.checkpoint import unique_tensors
 
         return unique_tensors(get_model_state_dict(model, options=self._options(cpu_offload=True)))
 
@@ -193,24 +160,9 @@ class ShardedStateIO(LocalStateIO):
         set_optimizer_state_dict(model, _inner(optimizer), state, options=self._options())
 
 
-LOCAL = LocalStateIO()
-
-
 def state_io(sharded: bool) -> LocalStateIO:
     """:class:`ShardedStateIO` for an FSDP-sharded model, else :data:`LOCAL`."""
     return ShardedStateIO() if sharded else LOCAL
-
-
-def check_keys(missing, unexpected, where) -> None:
-    """Tied weights are stored once; raise on any other missing or unexpected key.
-
-    Raises:
-        RuntimeError: naming the checkpoint ``where`` and up to five keys of each kind.
-    """
-    tied = {k for k in missing if k.endswith("lm_head.weight") or "embed" in k}
-    if set(missing) - tied or unexpected:
-        raise RuntimeError(f"checkpoint {where} does not fit the model: missing {sorted(set(missing) - tied)[:5]}, "
-                           f"unexpected {sorted(unexpected)[:5]}")
 
 
 def _inner(optimizer):

@@ -93,6 +93,7 @@ def test_fsdp_resume_after_kill_equals_uninterrupted_run(tmp_path):
     ("stages.pretrain.optimizer.name", "muon", "stages.pretrain.optimizer.name: optimizer muon does not train"),
     ("stages.sft.optimizer.name", "sophia", "stages.sft.optimizer.name: optimizer sophia does not train"),
     ("stages.sft.lora", {"r": 4, "quantize": "4bit"}, "stages.sft.lora.quantize: a quantized LoRA base"),
+    ("precision", "fp16", "precision: precision fp16 (loss scaling) is not supported"),
 ])
 def test_validate_refuses_what_fsdp_cannot_shard(tmp_path, path, value, where):
     rec = _recipe(("pretrain", "sft"), FSDP)
