@@ -486,12 +486,18 @@ class Runner:
 
 #: eval metrics worth a glance in the summary table, per stage type (the first found are shown)
 KEY_METRICS = (("eval_rewards/accuracies", "acc"), ("eval_rewards/margins", "margin"), ("eval_accuracy", "acc"),
-               ("eval_margin", "margin"), ("eval_reward", "reward"))
+               ("eval_margin", "margin"), ("eval_exact_answer", "exact"), ("eval_reward", "reward"))
 
 
-def key_metrics(last_eval: dict) -> str:
-    """e.g. ``acc 0.62, margin 0.48`` from a stage's last eval record."""
-    return ", ".join(f"{label} {last_eval[k]:.3f}" for k, label in KEY_METRICS if k in last_eval) or "-"
+def key_metrics(last_eval: dict, first_eval: dict | None = None) -> str:
+    """e.g. ``acc 0.62, margin 0.48`` from a stage's last eval record, or ``acc 0.50 → 0.62, …``
+    with the stage's first eval record (step 0: the model the stage started from)."""
+    first = first_eval or {}
+
+    def one(k: str, label: str) -> str:
+        was = f"{first[k]:.3f} → " if k in first and first is not last_eval else ""
+        return f"{label} {was}{last_eval[k]:.3f}"
+    return ", ".join(one(k, label) for k, label in KEY_METRICS if k in last_eval) or "-"
 
 
 def summary_table(outcomes: list[StageOutcome], out_dir: Path) -> Table:
@@ -508,7 +514,7 @@ def summary_table(outcomes: list[StageOutcome], out_dir: Path) -> Table:
         i = o.info
         fe, le = (i.get("first_eval") or {}).get("eval_loss"), (i.get("last_eval") or {}).get("eval_loss")
         t.add_row(o.name, o.type, o.action, str(i.get("steps", "-")), f"{f(i.get('first_loss'))} → {f(i.get('last_loss'))}",
-                  f"{f(fe)} → {f(le)}", key_metrics(i.get("last_eval") or {}), f"{i.get('wall_time_s', 0):.1f} s",
+                  f"{f(fe)} → {f(le)}", key_metrics(i.get("last_eval") or {}, i.get("first_eval")), f"{i.get('wall_time_s', 0):.1f} s",
                   str((i.get("outputs") or {}).get("final") or (i.get("outputs") or {}).get("results") or "-"))
     return t
 

@@ -10,7 +10,8 @@ conversation   ``messages: list[{role, content}]`` (system?, then user/assistant
                ending with an assistant turn)
 preference     ``prompt``, ``chosen``, ``rejected``: ``list[{role, content}]``; the prompt ends
                with a user turn, chosen/rejected are the assistant continuation(s)
-prompt         ``prompt: list[{role, content}]`` ending with a user turn
+prompt         ``prompt: list[{role, content}]`` ending with a user turn; ``answer: str``, the
+               reference answer a verifiable reward compares with (``""`` when there is none)
 =============  ==============================================================================
 
 Each normaliser takes one raw row (a dict) and returns a canonical row, or raises
@@ -40,8 +41,11 @@ COLUMNS_OF_KIND = {
     "text": ("text",),
     "conversation": ("messages",),
     "preference": ("prompt", "chosen", "rejected"),
-    "prompt": ("prompt",),
+    "prompt": ("prompt", "answer"),
 }
+
+#: canonical columns that hold a string (every other canonical column holds a message list)
+STRING_COLUMNS = ("text", "answer")
 
 ROLES = ("system", "user", "assistant")
 _SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
@@ -302,13 +306,25 @@ def norm_preference(row: dict) -> dict:
 
 
 def norm_prompt(row: dict) -> dict:
-    """``{prompt}`` (string or messages ending with a user turn) → ``{prompt}``.
+    """``{prompt, answer?}`` (prompt: a string or messages ending with a user turn; answer: the
+    reference answer, a string or a number) → ``{prompt, answer}`` (answer ``""`` when absent).
 
-    Raises BadRow: missing or empty prompt, or a prompt that does not end with the user.
+    Raises BadRow: missing or empty prompt, a prompt that does not end with the user, or an answer
+    that is neither a string nor a number.
     """
     if row.get("prompt") is None:
         raise BadRow("missing field 'prompt'")
-    return {"prompt": check_order(_as_messages(row["prompt"], "prompt", "user"), "prompt", "user")}
+    prompt = check_order(_as_messages(row["prompt"], "prompt", "user"), "prompt", "user")
+    return {"prompt": prompt, "answer": _answer(row.get("answer"))}
+
+
+def _answer(value: Any) -> str:
+    """A reference answer as a string: ``""`` for none, numbers written as Python writes them."""
+    if value is None:
+        return ""
+    if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+        raise BadRow(f"'answer' is {type(value).__name__}, not a string or a number")
+    return str(value)
 
 
 _NORMALISERS: dict[str, Callable[[dict], dict]] = {
@@ -325,7 +341,8 @@ _NORMALISERS: dict[str, Callable[[dict], dict]] = {
 def convert_kind(row: dict, src: str, dst: str) -> dict:
     """Convert a canonical row of kind ``src`` to kind ``dst`` where that has one meaning.
 
-    conversation → prompt (all turns before the last assistant turn); preference → prompt;
+    conversation → prompt (all turns before the last assistant turn; the answer is that turn's
+    content, so an SFT conversation is also a verifiable prompt); preference → prompt (no answer);
     preference → conversation (prompt + chosen); conversation → text and preference → text (the
     message contents joined by blank lines, for tokenizer training).
 
@@ -337,9 +354,9 @@ def convert_kind(row: dict, src: str, dst: str) -> dict:
     if dst == "prompt" and src == "conversation":
         msgs = row["messages"]
         last = max(i for i, m in enumerate(msgs) if m["role"] == "assistant")
-        return {"prompt": msgs[:last]}
+        return {"prompt": msgs[:last], "answer": msgs[last]["content"]}
     if dst == "prompt" and src == "preference":
-        return {"prompt": row["prompt"]}
+        return {"prompt": row["prompt"], "answer": ""}
     if dst == "conversation" and src == "preference":
         return {"messages": row["prompt"] + row["chosen"]}
     if dst == "text" and src in ("conversation", "preference", "prompt"):
@@ -356,4 +373,6 @@ def row_text(row: dict) -> str:
     for key in ("messages", "prompt", "chosen", "rejected"):
         for m in row.get(key) or []:
             parts.append(m["content"])
+    if row.get("answer"):
+        parts.append(row["answer"])
     return "\n".join(parts)

@@ -47,7 +47,7 @@ from llmlab.stage_specs import STAGE_SPECS
 
 log = logging.getLogger(__name__)
 
-DATA_VERSION = "1"  # bump when tokenisation changes, to invalidate cached files
+DATA_VERSION = "2"  # bump when tokenisation changes, to invalidate cached files
 IGNORE_INDEX = -100
 #: stage type -> (family, canonical kind it consumes)
 STAGE_FAMILY = {t: (s.family, s.kind) for t, s in STAGE_SPECS.items() if s.family}
@@ -223,9 +223,10 @@ def _tok_prompt(tokenizer, seq_len: int, cfg: dict, source: int):
         # the length recorded is what seq_len would have to be (prompt + max_new_tokens)
         drops = [f"too_long:{len(ids) + seq_len - budget}" if len(ids) > budget else "" for ids in enc["input_ids"]]
         return {"prompt_input_ids": [[] if d else ids for ids, d in zip(enc["input_ids"], drops)],
-                "prompt": batch["prompt"], "_source": [source] * len(drops), "_drop": drops}
+                "prompt": batch["prompt"], "answer": batch["answer"], "_source": [source] * len(drops),
+                "_drop": drops}
     msgs = List({"role": Value("string"), "content": Value("string")})
-    return fn, _int_list_features("prompt_input_ids", extra={"prompt": msgs})
+    return fn, _int_list_features("prompt_input_ids", extra={"prompt": msgs, "answer": Value("string")})
 
 
 _TOKENISERS = {"sft": _tok_sft, "pair": _tok_pair, "prompt": _tok_prompt}
@@ -361,7 +362,7 @@ class StageData:
             return out
         ids, attn = _pad(rows["prompt_input_ids"], self.pad_token_id, left=True)
         return {"prompt_input_ids": ids, "prompt_attention_mask": attn,
-                "prompts": [list(p) for p in rows["prompt"]]}
+                "prompts": [list(p) for p in rows["prompt"]], "answers": list(rows["answer"])}
 
 
 def column(ds, name: str):

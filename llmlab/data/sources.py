@@ -18,6 +18,12 @@ Built-in sources (real data shipped in small PyPI packages, so the quick-start r
   real reply is ``chosen`` and a reply to a *different* question, drawn with the recipe seed, is
   ``rejected``.
 - ``chatterbot_prompts``: the distinct prompts of those pairs (for grpo / ppo).
+- ``arithmetic``: generated, verifiable problems (no package needed): every sum of four one-digit
+  numbers as a conversation ("What is 3 + 5 + 0 + 7?" → "15"), 10,000 rows in an order drawn with
+  the recipe seed (:func:`arithmetic_problems`). An SFT stage trains on the conversations; a
+  grpo / ppo stage given the same dataset gets the question as its prompt and the reply as the
+  row's ``answer`` (for the ``exact_answer`` reward), and the same eval split holds out the same
+  problems for both stages.
 """
 
 from __future__ import annotations
@@ -34,14 +40,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from llmlab.data.formats import (COLUMNS_OF_KIND, KIND_OF_FORMAT, BadRow, detect_format,
-                                 normaliser, row_text)
+from llmlab.data.formats import (COLUMNS_OF_KIND, KIND_OF_FORMAT, STRING_COLUMNS, BadRow,
+                                 detect_format, normaliser, row_text)
 
 log = logging.getLogger(__name__)
 
-BUILTINS = ("kjv", "chatterbot", "chatterbot_pairs", "chatterbot_prompts")
+BUILTINS = ("kjv", "chatterbot", "chatterbot_pairs", "chatterbot_prompts", "arithmetic")
 BUILTIN_FORMAT = {"kjv": "text", "chatterbot": "messages", "chatterbot_pairs": "preference",
-                  "chatterbot_prompts": "prompt"}
+                  "chatterbot_prompts": "prompt", "arithmetic": "messages"}
 #: chatterbot files whose lists are real alternating dialogues (looked at by hand); in every other
 #: file a list is one question followed by alternative replies.
 ALTERNATING_FILES = frozenset({"conversations.yml", "health.yml", "sports.yml", "psychology.yml",
@@ -213,9 +219,7 @@ def canonical_features(kind: str):
     from datasets import Features, List, Value
 
     msgs = List({"role": Value("string"), "content": Value("string")})
-    if kind == "text":
-        return Features({"text": Value("string")})
-    return Features({c: msgs for c in COLUMNS_OF_KIND[kind]})
+    return Features({c: Value("string") if c in STRING_COLUMNS else msgs for c in COLUMNS_OF_KIND[kind]})
 
 
 def _normalise(raw, fmt: str, kind: str):
@@ -224,7 +228,7 @@ def _normalise(raw, fmt: str, kind: str):
 
     norm = normaliser(fmt)
     cols = COLUMNS_OF_KIND[kind]
-    empty = {c: ("" if kind == "text" else []) for c in cols}
+    empty = {c: ("" if c in STRING_COLUMNS else []) for c in cols}
     features = canonical_features(kind)
     from datasets import Value
 
@@ -541,7 +545,9 @@ def _load_builtin(builtin: str, seed: int, name: str):
             key = json.dumps(p["prompt"])
             if key not in seen:
                 seen.add(key)
-                rows.append({"prompt": p["prompt"]})
+                rows.append({"prompt": p["prompt"], "answer": ""})
+    elif builtin == "arithmetic":
+        rows, bad = arithmetic_problems(seed), []
     else:
         raise ValueError(f"datasets.{name}.builtin: unknown builtin {builtin!r} "
                          f"(one of {', '.join(BUILTINS)})")
@@ -706,3 +712,20 @@ def load_builtin(name: str, split: str | None = None, seed: int = 0,
     splits = load_named_dataset(recipe, name)
     ds = splits.eval if split == "eval" else splits.train
     return ds.to_list()
+
+
+ARITHMETIC_TERMS = 4
+
+
+def arithmetic_problems(seed: int) -> list[dict]:
+    """Every sum of ``ARITHMETIC_TERMS`` one-digit numbers as a conversation
+    ``[{user: "What is 3 + 5 + 0 + 7?"}, {assistant: "15"}]``, in an order shuffled by
+    ``random.Random(seed)``: 10,000 rows, each prompt once, so a recipe's ``eval_split`` holds out
+    whole problems. A pure function of ``seed``.
+    """
+    import itertools
+
+    terms = list(itertools.product(range(10), repeat=ARITHMETIC_TERMS))
+    random.Random(seed).shuffle(terms)
+    return [{"messages": [{"role": "user", "content": f"What is {' + '.join(map(str, t))}?"},
+                          {"role": "assistant", "content": str(sum(t))}]} for t in terms]

@@ -58,7 +58,7 @@ Beyond the types, ranges and enums below, `validate` checks (each error on the o
   none (pretraining only) or Jinja.
 - datasets: exactly one of `builtin` / `hub` / `path`; a local `path` names an existing file, directory
   or glob match; a builtin's `format` matches it (kjv text,
-  chatterbot messages, chatterbot_pairs preference, chatterbot_prompts prompt); hub-only keys only on hub
+  chatterbot messages, chatterbot_pairs preference, chatterbot_prompts prompt, arithmetic messages); hub-only keys only on hub
   sources; `min_length <= max_length`.
 - stages: names are unique and not `tokenizer`; `seq_len <= model.max_seq_len` (and required with
   `model.from_pretrained`); `from`, `reference_from` and reward `from` name an earlier stage (reward

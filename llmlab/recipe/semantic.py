@@ -12,7 +12,8 @@ from llmlab.recipe.schema import suggest
 from llmlab.stage_specs import CONVERSATION_FORMATS, NON_LM_TYPES, NON_TRAINING_TYPES, STAGE_SPECS
 
 #: the format each builtin source produces
-BUILTIN_FORMATS = {"kjv": "text", "chatterbot": "messages", "chatterbot_pairs": "preference", "chatterbot_prompts": "prompt"}
+BUILTIN_FORMATS = {"kjv": "text", "chatterbot": "messages", "chatterbot_pairs": "preference", "chatterbot_prompts": "prompt",
+                   "arithmetic": "messages"}
 
 _CONVERSATION = CONVERSATION_FORMATS
 
@@ -250,8 +251,8 @@ def _stage_ref(stages: list, idx: int, value, path, add, what: str, need_type: s
             add(path, f"{what} {value!r} is a {types.get(value)} stage; expected a stage that trains a language model")
 
 
-#: builtin reward -> the key it needs
-REWARD_BUILTIN_KEYS = {"token_fraction": "token", "contains": "text", "length": "target"}
+#: builtin reward -> the key it needs (None: none)
+REWARD_BUILTIN_KEYS = {"token_fraction": "token", "contains": "text", "length": "target", "exact_answer": None}
 
 
 def _check_reward(r: dict, p: tuple, given, add) -> None:
@@ -263,7 +264,7 @@ def _check_reward(r: dict, p: tuple, given, add) -> None:
     need = REWARD_BUILTIN_KEYS.get(b) if isinstance(b, str) else None
     if need and need not in r:
         add(p + ("builtin",), f"builtin reward {b!r} needs the key {need!r}")
-    for key, owner in ((k, name) for name, k in REWARD_BUILTIN_KEYS.items()):
+    for key, owner in ((k, name) for name, k in REWARD_BUILTIN_KEYS.items() if k is not None):
         if key in r and b != owner:
             add(p + (key,), f"{key!r} only applies to builtin reward {owner!r}" + (f", got builtin {b!r}" if b else ""))
     if given(p + ("revision",), non_default=True) and "model" not in r:

@@ -11,26 +11,35 @@ Each entry is exactly one of (plus ``weight`` [1.0]; the stage reward is the wei
   Never ``trust_remote_code``; safetensors weights only.
 - ``{function: "module:function"}``: Python code, called as ``function(prompts=..., completions=...)``
   with ``prompts: list[list[{role, content}]]`` and ``completions: list[str]``, returning one number per
-  completion. Only with ``--allow-code``: a shared recipe must never run code on its own.
+  completion; a function that takes an ``answer`` argument (or ``**kwargs``, as TRL's reward functions
+  do) also gets ``answer: list[str]``, the rows' reference answers. Only with ``--allow-code``: a
+  shared recipe must never run code on its own.
 - ``{builtin: NAME, ...}``: rule-based rewards that run no recipe code:
     - ``token_fraction`` with ``token: STR`` (one token of the run tokenizer): the fraction of the
       completion's tokens that are that token;
     - ``contains`` with ``text: STR``: 1.0 when the decoded completion contains ``text``, else 0.0;
-    - ``length`` with ``target: INT``: ``-|n - target| / target`` for a completion of ``n`` tokens.
+    - ``length`` with ``target: INT``: ``-|n - target| / target`` for a completion of ``n`` tokens;
+    - ``exact_answer``: 1.0 when the completion's final answer (:func:`extract_answer`) equals the
+      row's reference ``answer`` exactly, else 0.0 (also 0.0 for a row without an answer).
 """
 
 from __future__ import annotations
 
 import importlib
-from dataclasses import dataclass
+import inspect
+import re
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
 import torch
 
 from llmlab.layout import StageLayout
+from llmlab.recipe.semantic import REWARD_BUILTIN_KEYS
 
-BUILTINS = ("token_fraction", "contains", "length")
+#: builtin reward -> the key it needs (None: none); validate checks recipes against the same table
+BUILTIN_KEYS = REWARD_BUILTIN_KEYS
+BUILTINS = tuple(BUILTIN_KEYS)
 SOURCE_KEYS = ("from", "model", "function", "builtin")
 
 
@@ -47,6 +56,8 @@ class Rollout:
         completion_ids, completion_mask: ``[N, C]`` right-padded (mask includes EOS).
         prompts: ``N`` message lists.
         completions: ``N`` decoded completion strings (special tokens skipped).
+        answers: ``N`` reference answers (``""`` where a row has none); empty when the data has no
+            answer column at all.
     """
 
     prompt_ids: torch.Tensor
@@ -55,6 +66,51 @@ class Rollout:
     completion_mask: torch.Tensor
     prompts: list
     completions: list[str]
+    answers: list[str] = field(default_factory=list)
+
+
+_ANSWER_TAG = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
+_BOXED = re.compile(r"\\boxed\{([^{}]*)\}")
+
+
+def extract_answer(text: str) -> str:
+    """The final answer written in ``text``, for an exact comparison.
+
+    Rules, first match wins: the content of the last ``<answer>…</answer>`` (DeepSeek-R1-Zero's
+    format); the content of the last ``\\boxed{…}`` (MATH); the text after the last ``####``
+    (GSM8K); else the whole text. The result is stripped of surrounding whitespace and of one
+    trailing full stop. Nothing else is normalised: ``"81"`` and ``"81.0"`` or ``" 081"`` differ.
+    Applied to completions and to reference answers alike (so a GSM8K reference "… #### 72" is 72).
+    """
+    tags = _ANSWER_TAG.findall(text)
+    if tags:
+        out = tags[-1]
+    else:
+        boxed = _BOXED.findall(text)
+        if boxed:
+            out = boxed[-1]
+        elif "####" in text:
+            out = text.rsplit("####", 1)[1]
+        else:
+            out = text
+    out = out.strip()
+    return out[:-1].rstrip() if out.endswith(".") else out
+
+
+def exact_answer_rewards(completions: list[str], answers: list[str]) -> list[float]:
+    """1.0 where ``extract_answer(completion) == extract_answer(answer)`` and the answer is not
+    empty, else 0.0.
+
+    Raises:
+        ValueError: the two lists differ in length.
+    """
+    if len(completions) != len(answers):
+        raise ValueError(f"{len(completions)} completions but {len(answers)} reference answers")
+    out = []
+    for c, a in zip(completions, answers):
+        ref = extract_answer(a or "")
+        out.append(float(bool(ref) and extract_answer(c) == ref))
+    return out
 
 
 def check_reward_specs(specs: list[dict], stage_name: str, allow_code: bool) -> None:
@@ -85,8 +141,8 @@ def check_reward_specs(specs: list[dict], stage_name: str, allow_code: bool) -> 
             name = spec["builtin"]
             if name not in BUILTINS:
                 raise RewardConfigError(f"{where}[{i}].builtin: {name!r} is not one of {', '.join(BUILTINS)}")
-            need = {"token_fraction": "token", "contains": "text", "length": "target"}[name]
-            if need not in spec:
+            need = BUILTIN_KEYS[name]
+            if need is not None and need not in spec:
                 raise RewardConfigError(f"{where}[{i}]: builtin {name} needs the key {need!r}")
 
 
@@ -122,7 +178,7 @@ class _BuiltinReward:
             self.token_id = ids[0]
         elif self.name == "contains":
             self.text = str(spec["text"])
-        else:
+        elif self.name == "length":
             self.target = max(int(spec["target"]), 1)
 
     def __call__(self, r: Rollout) -> torch.Tensor:
@@ -133,6 +189,9 @@ class _BuiltinReward:
             return (hits / n.clamp(min=1)).cpu()
         if self.name == "contains":
             return torch.tensor([float(self.text in c) for c in r.completions])
+        if self.name == "exact_answer":
+            answers = r.answers or [""] * len(r.completions)
+            return torch.tensor(exact_answer_rewards(r.completions, answers))
         return (-(n - self.target).abs() / self.target).cpu()
 
 
@@ -193,9 +252,15 @@ class _FunctionReward:
             self.fn: Callable = getattr(importlib.import_module(module), fn)
         except (ImportError, AttributeError) as e:
             raise RewardConfigError(f"{where}.function: cannot import {target!r}: {e}") from e
+        try:
+            params = inspect.signature(self.fn).parameters.values()
+        except (TypeError, ValueError):  # a builtin without a signature
+            params = []
+        self.takes_answer = any(p.name == "answer" or p.kind is p.VAR_KEYWORD for p in params)
 
     def __call__(self, r: Rollout) -> torch.Tensor:
-        out = self.fn(prompts=r.prompts, completions=r.completions)
+        extra = {"answer": list(r.answers or [""] * len(r.completions))} if self.takes_answer else {}
+        out = self.fn(prompts=r.prompts, completions=r.completions, **extra)
         return torch.as_tensor([float(x) for x in out], dtype=torch.float32)
 
 

@@ -21,10 +21,12 @@ Reported with every step (stats of the rollout the step trains on): see the stag
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from llmlab.rl.generation import make_generator, rollout_seed, sample, sequence_forward
-from llmlab.rl.rewards import RewardFunction, Rollout, check_reward_specs
+from llmlab.rl.rewards import RewardFunction, Rollout, check_reward_specs, exact_answer_rewards
 from llmlab.stages.base import Stage
 from llmlab.models.wrappers import unwrap
 from llmlab.stages.reference import ReferenceModel
@@ -127,10 +129,12 @@ class OnlineRLStage(Stage):
         epoch, mb = divmod(k, self.n_minibatches)
         return rollout, epoch, mb, micro
 
-    def generate(self, model, prompt_ids, prompt_mask, seed: int):
+    def generate(self, model, prompt_ids, prompt_mask, seed: int, greedy: bool = False):
+        """Completions ``[B, C]`` and their mask for left-padded prompts ``[B, P]``: sampled with
+        the stage's settings from a generator seeded by ``seed``, or greedy (argmax) decoding."""
         gen = make_generator(seed, prompt_ids.device)
         return sample(model, prompt_ids, prompt_mask, max_new_tokens=self.max_new_tokens, generator=gen,
-                      temperature=self.temperature, top_k=self.top_k, top_p=self.top_p,
+                      temperature=0.0 if greedy else self.temperature, top_k=self.top_k, top_p=self.top_p,
                       eos_token_id=self.eos_token_ids, pad_token_id=self.pad_token_id)
 
     def _expand(self, batch: dict):
@@ -138,11 +142,13 @@ class OnlineRLStage(Stage):
         ids = batch["prompt_input_ids"].to(device)
         mask = batch["prompt_attention_mask"].to(device)
         prompts = list(batch.get("prompts") or [[] for _ in range(ids.shape[0])])
+        answers = list(batch.get("answers") or [])
         G = self.group_size
         if G > 1:
             ids, mask = ids.repeat_interleave(G, 0), mask.repeat_interleave(G, 0)
             prompts = [p for p in prompts for _ in range(G)]
-        return ids, mask, prompts
+            answers = [a for a in answers for _ in range(G)]
+        return ids, mask, prompts, answers
 
     def reference_logps(self, model, prompt_ids, prompt_mask, comp, cmask) -> torch.Tensor:
         ref = self.reference.forward_model(model)
@@ -169,7 +175,7 @@ class OnlineRLStage(Stage):
         """
         model = unwrap(model)
         was_training = model.training
-        ids, mask, prompts = self._expand(self.data.train_batch(rollout))
+        ids, mask, prompts, answers = self._expand(self.data.train_batch(rollout))
         comp, cmask = self.generate(model, ids, mask, rollout_seed(self.ctx.seed, self.ctx.name, rollout))
         model.eval()
         old_logps = values = ref_logps = None
@@ -188,7 +194,7 @@ class OnlineRLStage(Stage):
         finally:
             model.train(was_training)
         texts = self.reward_fn.decode(comp, cmask)
-        rewards = self.reward_fn(Rollout(ids, mask, comp, cmask, prompts, texts)).to(ids.device)
+        rewards = self.reward_fn(Rollout(ids, mask, comp, cmask, prompts, texts, answers)).to(ids.device)
         buf = {"prompt_input_ids": ids, "prompt_attention_mask": mask, "completion_ids": comp,
                "completion_mask": cmask, "rewards": rewards.float()}
         if old_logps is not None:
@@ -238,23 +244,44 @@ class OnlineRLStage(Stage):
 
     @torch.no_grad()
     def evaluate(self, model: torch.nn.Module, batches: list[dict]) -> dict[str, float]:
-        """Mean reward of completions sampled (with the stage's generation settings, fixed seeds) for
-        the held-out prompts: ``eval_reward``, ``eval_completion_length`` and ``eval_loss`` =
-        ``-eval_reward`` (so "best" checkpoints are the highest-reward ones)."""
+        """Held-out metrics over the eval prompts (fixed seeds, so two evals differ only by the model).
+
+        - ``eval_reward``: mean reward of one completion per prompt sampled with the stage's
+          generation settings; ``eval_reward_se``: its standard error over the ``n`` prompts,
+          ``std / sqrt(n)`` (so a change of more than ~3 of it is not eval noise);
+          ``eval_loss = -eval_reward`` (so "best" checkpoints are the highest-reward ones);
+          ``eval_completion_length``: mean completion tokens.
+        - when the eval rows carry reference answers: ``eval_exact_answer``, the share of prompts
+          whose greedy (argmax) completion's final answer equals the reference exactly
+          (:func:`llmlab.rl.rewards.exact_answer_rewards`), and ``eval_exact_answer_se``, its
+          binomial standard error ``sqrt(p (1 - p) / n)``.
+        """
         model = unwrap(model)
-        total, length, n = 0.0, 0.0, 0
+        rewards, exact, length = [], [], 0.0
         for i, batch in enumerate(batches):
             ids = batch["prompt_input_ids"].to(self.ctx.device)
             mask = batch["prompt_attention_mask"].to(self.ctx.device)
             prompts = list(batch.get("prompts") or [[] for _ in range(ids.shape[0])])
+            answers = list(batch.get("answers") or [])
             comp, cmask = self.generate(model, ids, mask, rollout_seed(self.ctx.seed, self.ctx.name, i, salt="eval"))
-            r = self.reward_fn(Rollout(ids, mask, comp, cmask, prompts, self.reward_fn.decode(comp, cmask)))
-            total += float(r.sum())
+            texts = self.reward_fn.decode(comp, cmask)
+            rewards.append(self.reward_fn(Rollout(ids, mask, comp, cmask, prompts, texts, answers)).float())
             length += float(cmask.sum())
-            n += r.shape[0]
-        if n == 0:
+            if any(answers):
+                comp, cmask = self.generate(model, ids, mask, 0, greedy=True)
+                exact += exact_answer_rewards(self.reward_fn.decode(comp, cmask), answers)
+        if not rewards:
             return {}
-        return {"eval_reward": total / n, "eval_loss": -total / n, "eval_completion_length": length / n}
+        r = torch.cat(rewards)
+        n = r.numel()
+        mean = float(r.mean())
+        out = {"eval_reward": mean, "eval_loss": -mean, "eval_completion_length": length / n,
+               "eval_reward_se": float(r.std(unbiased=True)) / math.sqrt(n) if n > 1 else 0.0}
+        if exact:
+            p = sum(exact) / len(exact)
+            out["eval_exact_answer"] = p
+            out["eval_exact_answer_se"] = math.sqrt(p * (1 - p) / len(exact))
+        return out
 
     # -- resume ----------------------------------------------------------------------------
     def state_dict(self) -> dict:

@@ -137,3 +137,8 @@ def run_steps(stage, model, steps: int, lr: float, start: int = 0, opt=None):
         opt.step()
         history.append(metrics)
     return history, opt
+
+
+def matches_answer(prompts, completions, answer):
+    """A TRL-style Python reward function taking the dataset's ``answer`` column: 1.0 on a match."""
+    return [float(c.strip() == a) for c, a in zip(completions, answer)]

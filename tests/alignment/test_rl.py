@@ -101,6 +101,81 @@ def test_builtin_rewards_and_weights():
         RewardFunction([{"builtin": "contains", "text": "x", "from": "rm"}], ctx)
 
 
+@pytest.mark.parametrize("text,answer", [
+    ("81", "81"), (" 81.\n", "81"), ("81.0", "81.0"), ("081", "081"),
+    ("I think <answer> 12 </answer>", "12"), ("<answer>1</answer> no, <answer>2</answer>", "2"),
+    ("so the total is \\boxed{7}.", "7"), ("3 + 4 = 7 #### 7", "7"), ("The answer is 81", "The answer is 81"),
+    ("81 82", "81 82"), ("", "")])
+def test_extract_answer_rules(text, answer):
+    from llmlab.rl.rewards import extract_answer
+
+    assert extract_answer(text) == answer
+
+
+def test_exact_answer_reward_compares_exactly_with_the_rows_answer():
+    from llmlab.rl.rewards import Rollout, RewardFunction, exact_answer_rewards
+
+    completions = ["81", "81 or 82", "<answer>81</answer>", "81.0", "18", "81", "anything"]
+    answers = ["81", "81", "81", "81", "81", "Step by step: 80 + 1 #### 81", ""]
+    assert exact_answer_rewards(completions, answers) == [1.0, 0.0, 1.0, 0.0, 0.0, 1.0, 0.0]
+    with pytest.raises(ValueError, match="7 completions but 1 reference"):
+        exact_answer_rewards(completions, ["81"])
+    ctx = make_ctx("grpo", {}, allow_code=True)
+    n = len(completions)
+    ids, mask = torch.ones(n, 2, dtype=torch.long), torch.ones(n, 2, dtype=torch.long)
+    r = Rollout(ids, mask, ids, mask, [[{"role": "user", "content": "q"}]] * n, completions, answers)
+    fn = RewardFunction([{"builtin": "exact_answer"},
+                         {"function": "tests.alignment.helpers:matches_answer", "weight": 10.0}], ctx)
+    # the Python function is handed the answers as TRL hands dataset columns: answer=[...]
+    want = torch.tensor([1.0, 0, 1, 0, 0, 1, 0]) + 10 * torch.tensor([1.0, 0, 0, 0, 0, 0, 0])
+    torch.testing.assert_close(fn(r), want)
+    # data without an answer column: the builtin scores 0, never raises
+    no_answers = Rollout(ids, mask, ids, mask, r.prompts, completions)
+    assert RewardFunction([{"builtin": "exact_answer"}], ctx)(no_answers).tolist() == [0.0] * n
+
+
+def test_eval_reports_greedy_exact_answer_rate_on_the_held_out_prompts():
+    """eval_exact_answer is the share of held-out prompts whose greedy completion is the reference
+    answer (train answers are never looked at); eval_reward_se is the standard error of eval_reward."""
+    import math
+
+    from llmlab.rl.generation import make_generator, rollout_seed, sample
+    from llmlab.stages.grpo import GRPOStage
+
+    cfg = {"batch_size": 8, "group_size": 2, "max_new_tokens": 1, "kl_beta": 0.0,
+           "reward": [{"builtin": "exact_answer"}]}
+    stage = GRPOStage(make_ctx("grpo", cfg))
+    model = tiny_lm(0)
+    stage.setup(model)
+    tok = stage.ctx.tokenizer
+    g = torch.Generator().manual_seed(5)
+    held_out = prompt_batch(random_prompts(16, g))
+    greedy, gmask = sample(model, held_out["prompt_input_ids"], held_out["prompt_attention_mask"], max_new_tokens=1,
+                           generator=make_generator(0, "cpu"), temperature=0.0, eos_token_id=EOS, pad_token_id=PAD)
+    words = [tok.decode(c[m.bool()].tolist(), skip_special_tokens=True) for c, m in zip(greedy, gmask)]
+    assert all(words)
+    # the first 10 answers are what the model says greedily, the other 6 are not
+    held_out["answers"] = words[:10] + [("w1" if w != "w1" else "w2") for w in words[10:]]
+    train = prompt_batch(random_prompts(8, g))
+    train["answers"] = ["w0"] * 8
+    stage._data = ListData([train], [held_out])
+    out = stage.evaluate(model, stage.eval_batches())
+    assert out["eval_exact_answer"] == 10 / 16
+    assert out["eval_exact_answer_se"] == pytest.approx(math.sqrt(10 / 16 * 6 / 16 / 16))
+    # eval_reward: the same reward on completions sampled with the stage's settings and the eval seed
+    comp, cmask = sample(model, held_out["prompt_input_ids"], held_out["prompt_attention_mask"], max_new_tokens=1,
+                         generator=make_generator(rollout_seed(0, "stage", 0, salt="eval"), "cpu"),
+                         temperature=1.0, eos_token_id=EOS, pad_token_id=PAD)
+    sampled = [tok.decode(c[m.bool()].tolist(), skip_special_tokens=True) for c, m in zip(comp, cmask)]
+    r = torch.tensor([float(s == a) for s, a in zip(sampled, held_out["answers"])])
+    assert out["eval_reward"] == pytest.approx(float(r.mean()))
+    assert out["eval_reward_se"] == pytest.approx(float(r.std()) / math.sqrt(16))
+    assert out["eval_loss"] == -out["eval_reward"]
+    # prompts without answers: no exact-answer metric
+    del held_out["answers"]
+    assert "eval_exact_answer" not in stage.evaluate(model, stage.eval_batches())
+
+
 def test_reward_model_sources(tmp_path):
     """{from: STAGE} scores the ids directly; {model: PATH} decodes and re-tokenizes with its own
     tokenizer. Both equal scoring the same text by hand."""

@@ -158,7 +158,8 @@ def test_dpo_labels_only_the_completion(tmp_path, tokenizer):
 def test_grpo_prompts_are_left_padded(tmp_path, tokenizer):
     data = build_stage_data(make_recipe(tmp_path), "grpo", tokenizer)
     b = data.train_batch(0)
-    assert set(b) == {"prompt_input_ids", "prompt_attention_mask", "prompts"}
+    assert set(b) == {"prompt_input_ids", "prompt_attention_mask", "prompts", "answers"}
+    assert b["answers"] == [""] * 4  # chatterbot prompts carry no reference answer
     ids, mask = b["prompt_input_ids"], b["prompt_attention_mask"]
     assert ids.shape == mask.shape and ids.shape[0] == 4 and (mask[:, -1] == 1).all()
     for row, m, msgs in zip(ids, mask, b["prompts"]):
@@ -195,6 +196,7 @@ def test_conversations_and_pairs_feed_other_stage_types(tmp_path, tokenizer):
     g = build_stage_data(rec, "grpo", tokenizer).train_batch(0)
     for msgs in g["prompts"]:
         assert msgs[-1]["role"] == "user"
+    assert all(g["answers"])  # a conversation's last reply is its prompt's reference answer
     s = build_stage_data(rec, "sft", tokenizer)
     b = s.train_batch(0)
     assert (b["labels"] != IGNORE_INDEX).any(dim=1).all()

@@ -111,7 +111,7 @@ FORMATS = {
                   "rejected": "\n\nHuman: What is 2+2?\n\nAssistant: 4.\n\nHuman: And 3+3?\n\nAssistant: No idea."},
                  {"chosen": "\n\nHuman: Hi\n\nAssistant: Hello!",
                   "rejected": "\n\nHuman: Hi\n\nAssistant: Go away."}], "preference"),
-    "prompt": ([{"prompt": "Tell me a joke"}, {"prompt": [_m(U, "Why?")]}], "prompt"),
+    "prompt": ([{"prompt": "Tell me a joke"}, {"prompt": [_m(U, "Why?")], "answer": 42}], "prompt"),
 }
 
 
@@ -136,8 +136,9 @@ def test_every_format_loads_from_local_jsonl(tmp_path, name, explicit):
     if name == "hh_rlhf":  # the shared prefix up to the last human turn is the prompt
         assert out[0]["prompt"] == [_m(U, "What is 2+2?"), _m(A, "4."), _m(U, "And 3+3?")]
         assert out[0]["chosen"] == [_m(A, "6.")] and out[0]["rejected"] == [_m(A, "No idea.")]
-    if name == "prompt":
-        assert out[0]["prompt"] == [_m(U, "Tell me a joke")]
+    if name == "prompt":  # a reference answer is kept as a string; none is ""
+        assert out == [{"prompt": [_m(U, "Tell me a joke")], "answer": ""},
+                       {"prompt": [_m(U, "Why?")], "answer": "42"}]
 
 
 def test_columns_mapping(tmp_path):
@@ -255,3 +256,51 @@ def test_a_streamed_hub_dataset_goes_to_an_arrow_file_not_a_list(tmp_path):
     assert ds["instruction"] == [f"Say {i}" for i in range(30)]
     again = _load_hub({"hub": str(repo), "split": "train", "streaming": True, "max_samples": 30}, recipe)
     assert again.cache_files == ds.cache_files  # the same key reuses the file
+
+
+# -- generated, verifiable problems --------------------------------------------------------------
+
+def test_arithmetic_is_seeded_complete_and_correct():
+    import re
+
+    from llmlab.data.sources import ARITHMETIC_TERMS, arithmetic_problems
+
+    a, b, c = arithmetic_problems(3), arithmetic_problems(3), arithmetic_problems(4)
+    assert a == b and a != c  # a pure function of the seed
+    assert len(a) == 10 ** ARITHMETIC_TERMS
+    prompts = [r["messages"][0]["content"] for r in a]
+    assert len(set(prompts)) == len(a) and sorted(prompts) == sorted(r["messages"][0]["content"] for r in c)
+    for r in a:
+        (user, reply) = r["messages"]
+        assert user["role"] == U and reply["role"] == A
+        terms = re.fullmatch(r"What is (\d(?: \+ \d)*)\?", user["content"]).group(1).split(" + ")
+        assert len(terms) == ARITHMETIC_TERMS and reply["content"] == str(sum(map(int, terms)))
+
+
+def test_arithmetic_as_prompts_carries_the_answer_and_holds_out_the_same_problems(tmp_path, tokenizer):
+    """One dataset feeds SFT (conversations) and GRPO (prompt + answer): the problems held out from
+    one are held out from the other, and a prompt's answer is its conversation's reply."""
+    from llmlab.data.pipeline import build_stage_data
+    from tests.data.conftest import make_recipe
+
+    rec = make_recipe(tmp_path)
+    rec["datasets"]["arith"] = {"builtin": "arithmetic", "format": "messages", "eval_split": 0.05}
+    rec["stages"]["sft"].update(datasets={"arith": 1.0}, seq_len=64, eval_steps=100, batch_size=32)
+    rec["stages"]["grpo"].update(datasets={"arith": 1.0}, seq_len=64, eval_steps=100, batch_size=32,
+                                 max_new_tokens=4)
+    splits = load_named_dataset(rec, "arith")
+    assert len(splits.eval) == 500 and len(splits.train) == 9500
+    train_q = {r["messages"][0]["content"] for r in splits.train.to_list()}
+    eval_rows = splits.eval.to_list()
+    assert not any(r["messages"][0]["content"] in train_q for r in eval_rows)
+    grpo = build_stage_data(rec, "grpo", tokenizer)
+    seen = []
+    for b in grpo.eval_batches():
+        for prompt, answer in zip(b["prompts"], b["answers"]):
+            q = prompt[-1]["content"]
+            assert q not in train_q and answer == str(sum(int(t) for t in q[8:-1].split(" + ")))
+            seen.append(q)
+    assert sorted(seen) == sorted(r["messages"][0]["content"] for r in eval_rows)  # every held-out problem
+    train_batch = grpo.train_batch(0)
+    assert all(p[-1]["content"] in train_q for p in train_batch["prompts"])
+    assert len(train_batch["answers"]) == 32 and all(a.isdigit() for a in train_batch["answers"])
