@@ -16,6 +16,8 @@ Metrics: ``reward`` / ``reward_std`` (mean / std over the rollout's completions)
 (mean within-group variance), ``best_of_group`` (mean over prompts of the group's best reward),
 ``completion_length`` (mean tokens), ``kl`` (mean per-token k3 KL to the reference), ``policy_loss``,
 ``clip_fraction``, ``approx_kl`` (to the sampling policy).
+Held-out metrics (``eval_reward`` and its standard error, ``eval_exact_answer`` when the prompts carry
+reference answers): :meth:`llmlab.stages.online.OnlineRLStage.evaluate`.
 """
 
 from __future__ import annotations

@@ -25,6 +25,8 @@ Recipe keys (``stages.NAME``, type ``ppo``): the generation keys of grpo (``temp
 Metrics: ``reward`` (mean sequence reward), ``kl`` (mean summed per-sequence KL to the reference at
 rollout time), ``kl_coef``, ``non_score_reward``, ``completion_length``, ``policy_loss``,
 ``value_loss``, ``clip_fraction``, ``value_clip_fraction``, ``approx_kl``, ``explained_variance``.
+Held-out metrics (``eval_reward`` and its standard error, ``eval_exact_answer`` when the prompts carry
+reference answers): :meth:`llmlab.stages.online.OnlineRLStage.evaluate`.
 
 The value head is a submodule of the policy, so checkpoints save and restore it with the weights;
 :meth:`PPOStage.finalize` moves it out of the model into ``<stage>/value_head.safetensors``.

@@ -176,6 +176,15 @@ def test_eval_reports_greedy_exact_answer_rate_on_the_held_out_prompts():
     assert "eval_exact_answer" not in stage.evaluate(model, stage.eval_batches())
 
 
+def test_closing_table_shows_the_rl_stages_held_out_metrics_first_to_last():
+    from llmlab.runner import key_metrics
+
+    first = {"eval_exact_answer": 0.156, "eval_reward": 0.133, "eval_loss": -0.133}
+    last = {"eval_exact_answer": 0.582, "eval_reward": 0.473, "eval_loss": -0.473}
+    assert key_metrics(last, first) == "exact 0.156 → 0.582, reward 0.133 → 0.473"
+    assert key_metrics(last) == "exact 0.582, reward 0.473"
+
+
 def test_reward_model_sources(tmp_path):
     """{from: STAGE} scores the ids directly; {model: PATH} decodes and re-tokenizes with its own
     tokenizer. Both equal scoring the same text by hand."""
