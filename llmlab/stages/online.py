@@ -251,7 +251,7 @@ class OnlineRLStage(Stage):
           ``std / sqrt(n)`` (so a change of more than ~3 of it is not eval noise);
           ``eval_loss = -eval_reward`` (so "best" checkpoints are the highest-reward ones);
           ``eval_completion_length``: mean completion tokens.
-        - when the eval rows carry reference answers: ``eval_exact_answer``, the share of prompts
+        - when eval rows carry reference answers: ``eval_exact_answer``, the share of those prompts
           whose greedy (argmax) completion's final answer equals the reference exactly
           (:func:`llmlab.rl.rewards.exact_answer_rewards`), and ``eval_exact_answer_se``, its
           binomial standard error ``sqrt(p (1 - p) / n)``.
@@ -269,7 +269,8 @@ class OnlineRLStage(Stage):
             length += float(cmask.sum())
             if any(answers):
                 comp, cmask = self.generate(model, ids, mask, 0, greedy=True)
-                exact += exact_answer_rewards(self.reward_fn.decode(comp, cmask), answers)
+                scores = exact_answer_rewards(self.reward_fn.decode(comp, cmask), answers)
+                exact += [x for x, ref in zip(scores, answers) if ref]  # rows without one do not count
         if not rewards:
             return {}
         r = torch.cat(rewards)

@@ -154,20 +154,21 @@ def test_eval_reports_greedy_exact_answer_rate_on_the_held_out_prompts():
                            generator=make_generator(0, "cpu"), temperature=0.0, eos_token_id=EOS, pad_token_id=PAD)
     words = [tok.decode(c[m.bool()].tolist(), skip_special_tokens=True) for c, m in zip(greedy, gmask)]
     assert all(words)
-    # the first 10 answers are what the model says greedily, the other 6 are not
-    held_out["answers"] = words[:10] + [("w1" if w != "w1" else "w2") for w in words[10:]]
+    # the first 10 answers are what the model says greedily, the next 4 are not, the last 2 rows have
+    # no reference answer (they do not count)
+    held_out["answers"] = words[:10] + [("w1" if w != "w1" else "w2") for w in words[10:14]] + ["", ""]
     train = prompt_batch(random_prompts(8, g))
     train["answers"] = ["w0"] * 8
     stage._data = ListData([train], [held_out])
     out = stage.evaluate(model, stage.eval_batches())
-    assert out["eval_exact_answer"] == 10 / 16
-    assert out["eval_exact_answer_se"] == pytest.approx(math.sqrt(10 / 16 * 6 / 16 / 16))
+    assert out["eval_exact_answer"] == 10 / 14
+    assert out["eval_exact_answer_se"] == pytest.approx(math.sqrt(10 / 14 * 4 / 14 / 14))
     # eval_reward: the same reward on completions sampled with the stage's settings and the eval seed
     comp, cmask = sample(model, held_out["prompt_input_ids"], held_out["prompt_attention_mask"], max_new_tokens=1,
                          generator=make_generator(rollout_seed(0, "stage", 0, salt="eval"), "cpu"),
                          temperature=1.0, eos_token_id=EOS, pad_token_id=PAD)
     sampled = [tok.decode(c[m.bool()].tolist(), skip_special_tokens=True) for c, m in zip(comp, cmask)]
-    r = torch.tensor([float(s == a) for s, a in zip(sampled, held_out["answers"])])
+    r = torch.tensor([float(bool(a) and s == a) for s, a in zip(sampled, held_out["answers"])])
     assert out["eval_reward"] == pytest.approx(float(r.mean()))
     assert out["eval_reward_se"] == pytest.approx(float(r.std()) / math.sqrt(16))
     assert out["eval_loss"] == -out["eval_reward"]
