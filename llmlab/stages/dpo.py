@@ -1,7 +1,13 @@
 """Direct Preference Optimization (Rafailov et al. 2023) and IPO (Azar et al. 2023).
 
-Recipe keys (``stages.NAME``, type ``dpo``): ``beta`` [0.1], ``loss_type`` sigmoid|ipo [sigmoid],
-``label_smoothing`` [0.0], ``reference_from`` [null].
+Recipe keys (``stages.NAME``, type ``dpo``; defaults in the recipe schema): ``beta``, ``loss_type``
+sigmoid|ipo, ``label_smoothing``, ``rpo_alpha``, ``reference_from``.
+
+``rpo_alpha`` (RPO: Pang et al. 2024, "Iterative Reasoning Preference Optimization", eq. 3; TRL's
+``DPOConfig.rpo_alpha``, in TRL 1.x ``loss_type=["sigmoid", "sft"]`` with ``loss_weights=[1, alpha]``)
+adds ``alpha`` times the negative log-likelihood of the chosen completions, averaged over all chosen
+completion tokens of the micro-batch, to the preference loss. It keeps the policy's likelihood of
+good replies from falling while DPO pushes the rejected ones down (0, the default, is plain DPO).
 
 The reference model is, in this order of precedence:
 
@@ -22,13 +28,14 @@ import torch
 
 from llmlab.losses import dpo_loss, token_logps
 from llmlab.models.padfree import concat_pairs, model_logits, packs_documents, padfree_sequence_logps
+from llmlab.recipe.schema import stage_defaults
 from llmlab.stages.base import Stage, StageContext
 from llmlab.stages.reference import ReferenceModel
 
 __all__ = ["DPOStage", "concat_pairs", "model_logits", "padfree_sequence_logps"]
 
 DPO_METRICS = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
-               "logps/chosen", "logps/rejected")
+               "logps/chosen", "logps/rejected", "nll_loss")
 
 
 class DPOStage(Stage):
@@ -40,17 +47,21 @@ class DPOStage(Stage):
 
     Metrics: ``rewards/chosen``, ``rewards/rejected`` (mean implicit reward ``beta * log(pi/ref)``),
     ``rewards/accuracies`` (fraction of pairs with chosen reward > rejected reward),
-    ``rewards/margins``, ``logps/chosen``, ``logps/rejected`` (mean summed completion log-probs).
+    ``rewards/margins``, ``logps/chosen``, ``logps/rejected`` (mean summed completion log-probs),
+    ``nll_loss`` (the chosen completions' negative log-likelihood per token, nats: the RPO term
+    before its weight ``rpo_alpha``; logged whatever the weight). ``loss`` is the preference loss
+    plus ``rpo_alpha * nll_loss``.
     """
 
     type = "dpo"
 
     def __init__(self, ctx: StageContext):
         super().__init__(ctx)
-        cfg = self.config
-        self.beta = float(cfg.get("beta", 0.1))
-        self.loss_type = cfg.get("loss_type", "sigmoid")
-        self.label_smoothing = float(cfg.get("label_smoothing", 0.0))
+        cfg = {**stage_defaults(self.type), **self.config}
+        self.beta = float(cfg["beta"])
+        self.loss_type = cfg["loss_type"]
+        self.label_smoothing = float(cfg["label_smoothing"])
+        self.rpo_alpha = float(cfg["rpo_alpha"])
         if self.loss_type not in ("sigmoid", "ipo"):
             raise ValueError(f"stages.{ctx.name}.loss_type: {self.loss_type!r} is not one of sigmoid, ipo")
         if self.loss_type == "ipo" and self.label_smoothing:
@@ -99,7 +110,9 @@ class DPOStage(Stage):
             seq_logps[:B], seq_logps[B:], ref_seq[:B], ref_seq[B:], beta=self.beta,
             loss_type=self.loss_type, label_smoothing=self.label_smoothing,
             chosen_lengths=lengths[:B], rejected_lengths=lengths[B:])
-        loss = losses.mean()
+        # RPO's NLL term: chosen-token NLL averaged over the micro-batch's chosen tokens (TRL's "sft" loss)
+        nll = -seq_logps[:B].sum() / lengths[:B].sum().clamp(min=1)
+        loss = losses.mean() + self.rpo_alpha * nll if self.rpo_alpha else losses.mean()
         metrics = {
             "rewards/chosen": chosen_r.mean().detach(),
             "rewards/rejected": rejected_r.mean().detach(),
@@ -107,5 +120,6 @@ class DPOStage(Stage):
             "rewards/margins": (chosen_r - rejected_r).mean().detach(),
             "logps/chosen": seq_logps[:B].detach().mean(),
             "logps/rejected": seq_logps[B:].detach().mean(),
+            "nll_loss": nll.detach(),
         }
         return loss, metrics

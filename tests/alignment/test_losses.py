@@ -44,12 +44,17 @@ def trl_dpo():
     return trainer, policy, ref
 
 
-@pytest.mark.parametrize("loss_type,beta", [("sigmoid", 0.1), ("sigmoid", 0.7), ("ipo", 0.1), ("ipo", 0.5)])
-def test_dpo_stage_matches_trl(trl_dpo, loss_type, beta):
+@pytest.mark.parametrize("loss_type,beta,rpo_alpha", [("sigmoid", 0.1, 0.0), ("sigmoid", 0.7, 0.0), ("ipo", 0.1, 0.0),
+                                                     ("ipo", 0.5, 0.0), ("sigmoid", 0.1, 0.5), ("sigmoid", 0.3, 2.0)])
+def test_dpo_stage_matches_trl(trl_dpo, loss_type, beta, rpo_alpha):
+    """Loss, metrics and gradients equal TRL's; rpo_alpha > 0 against TRL 1.16's form of RPO
+    (``rpo_alpha`` of older TRL): ``loss_type=[loss_type, "sft"]``, ``loss_weights=[1, rpo_alpha]``."""
     from llmlab.stages.dpo import DPOStage
 
     trainer, policy, ref = trl_dpo
     trainer.beta, trainer.loss_types, trainer.loss_weights = beta, [loss_type], [1.0]
+    if rpo_alpha:
+        trainer.loss_types, trainer.loss_weights = [loss_type, "sft"], [1.0, rpo_alpha]
     trainer._metrics["train"].clear()
     batch = preference_batch(PAIRS)
 
@@ -58,7 +63,7 @@ def test_dpo_stage_matches_trl(trl_dpo, loss_type, beta):
     trl_grads = torch.autograd.grad(trl_loss, [p for p in policy.parameters()], allow_unused=True)
     trl_metrics = {k: v[-1] for k, v in trainer._metrics["train"].items()}
 
-    stage = DPOStage(make_ctx("dpo", {"beta": beta, "loss_type": loss_type}))
+    stage = DPOStage(make_ctx("dpo", {"beta": beta, "loss_type": loss_type, "rpo_alpha": rpo_alpha}))
     stage.reference.model = ref
     stage.setup(policy)
     loss, metrics = stage.compute_loss(policy, batch)
@@ -71,12 +76,20 @@ def test_dpo_stage_matches_trl(trl_dpo, loss_type, beta):
                  "logps/chosen", "logps/rejected"):
         assert metrics[name] == pytest.approx(trl_metrics[name], abs=1e-5), name
     assert metrics["rewards/margins"] != 0.0  # the reference really differs from the policy
+    if rpo_alpha:  # the NLL term is really there: plain DPO + alpha * (chosen-token NLL)
+        plain = DPOStage(make_ctx("dpo", {"beta": beta, "loss_type": loss_type}))
+        plain.reference.model = ref
+        plain.setup(policy)
+        with torch.no_grad():
+            plain_loss, plain_metrics = plain.compute_loss(policy, batch)
+        assert metrics["nll_loss"] > 0 and metrics["nll_loss"] == pytest.approx(float(plain_metrics["nll_loss"]))
+        assert float(loss) == pytest.approx(float(plain_loss) + rpo_alpha * float(metrics["nll_loss"]), rel=1e-6)
     gdiff = 0.0
     for g, tg in zip(grads, trl_grads):
         if tg is not None:
             torch.testing.assert_close(g, tg, atol=1e-6, rtol=1e-4)
             gdiff = max(gdiff, float((g - tg).abs().max()))
-    print(f"DPO {loss_type} beta={beta}: loss {float(loss):.6f} vs TRL {float(trl_loss):.6f}, "
+    print(f"DPO {loss_type} beta={beta} rpo_alpha={rpo_alpha}: loss {float(loss):.6f} vs TRL {float(trl_loss):.6f}, "
           f"|diff| {abs(float(loss) - float(trl_loss)):.2e}, max |grad diff| {gdiff:.2e}")
 
 
