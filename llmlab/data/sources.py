@@ -14,9 +14,10 @@ Built-in sources (real data shipped in small PyPI packages, so the quick-start r
   *alternative* replies; those become one (user, assistant) conversation per reply. The files in
   :data:`ALTERNATING_FILES` hold real dialogues whose turns alternate; a trailing user turn is
   dropped so each conversation ends with the assistant.
-- ``chatterbot_pairs``: preference pairs from the same conversations: for each assistant turn the
-  real reply is ``chosen`` and a reply to a *different* question, drawn with the recipe seed, is
-  ``rejected``.
+- ``chatterbot_pairs``: preference pairs from the same conversations, drawn with the recipe seed
+  (:func:`chatterbot_pairs`): for each assistant turn the real reply is ``chosen`` against (1) a
+  reply from a *different topic* file and, for replies of 4+ words, (2) the same reply with its
+  words shuffled.
 - ``chatterbot_prompts``: the distinct prompts of those pairs (for grpo / ppo).
 - ``arithmetic``: generated, verifiable problems (no package needed): every sum of four one-digit
   numbers as a conversation ("What is 3 + 5 + 0 + 7?" → "15"), 10,000 rows in an order drawn with
@@ -459,10 +460,17 @@ def chatterbot_conversations() -> tuple[list[dict], list[tuple[str, str]]]:
         ``(rows, bad)``: rows ``{"messages": [...]}``; bad lists ``(location, problem)`` for source
         lists that are not a conversation (e.g. a string split into single characters).
     """
+    rows, topics, bad = _chatterbot_conversations_by_topic()
+    return rows, bad
+
+
+def _chatterbot_conversations_by_topic() -> tuple[list[dict], list[str], list[tuple[str, str]]]:
+    """:func:`chatterbot_conversations` plus the topic (source file name) of each row."""
     import yaml
 
     root = _package_dir("chatterbot_corpus", "chatterbot-corpus") / "data" / "english"
     rows: list[dict] = []
+    topics: list[str] = []
     bad: list[tuple[str, str]] = []
     for path in sorted(root.glob("*.yml")):
         doc = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
@@ -484,48 +492,84 @@ def chatterbot_conversations() -> tuple[list[dict], list[tuple[str, str]]]:
                 msgs = [{"role": "user" if i % 2 == 0 else "assistant", "content": t}
                         for i, t in enumerate(turns)]
                 rows.append({"messages": msgs})
+                topics.append(path.name)
             else:
                 for reply in turns[1:]:
                     rows.append({"messages": [{"role": "user", "content": turns[0]},
                                               {"role": "assistant", "content": reply}]})
-    return rows, bad
+                    topics.append(path.name)
+    return rows, topics, bad
+
+
+#: a reply needs at least this many words to get a word-shuffled twin as a rejected reply
+SHUFFLE_MIN_WORDS = 4
+
+
+def shuffled_words(text: str, rng: random.Random) -> str | None:
+    """``text``'s words (split on whitespace) in an order drawn from ``rng`` that differs from the
+    original, joined by single spaces; ``None`` when it has fewer than :data:`SHUFFLE_MIN_WORDS`
+    words or no different order exists (all words equal)."""
+    words = text.split()
+    if len(words) < SHUFFLE_MIN_WORDS or len(set(words)) < 2:
+        return None
+    while True:
+        order = words[:]
+        rng.shuffle(order)
+        if order != words:
+            return " ".join(order)
 
 
 def chatterbot_pairs(seed: int) -> tuple[list[dict], list[tuple[str, str]]]:
-    """Preference pairs from the chatterbot conversations.
+    """Preference pairs from the chatterbot conversations, two kinds, drawn with ``random.Random(seed)``.
 
-    For every assistant turn: prompt = the turns before it, chosen = the real reply, rejected = a
-    reply (drawn with ``random.Random(seed)``) that answers a different question and is not a
-    valid reply to this one. Exact duplicate (prompt, chosen) pairs are kept once.
+    For every distinct (prompt, assistant reply) of the conversations (prompt = the turns before it,
+    chosen = the real reply), in corpus order:
+
+    1. *off-topic*: rejected = a reply from a *different topic* (another source file of the corpus)
+       that is not a valid reply to this question. A reply is wrong here because it is about
+       something else: learnable from the words of prompt and reply. (Until 2026-11 the rejected
+       reply could come from the same file, e.g. one tech-support answer for another question, which
+       a small model cannot tell apart.)
+    2. *shuffled*, right after it, when the reply has at least :data:`SHUFFLE_MIN_WORDS` words:
+       rejected = the same reply with its words in a random different order (word salad). Wrong
+       because it is not language, whatever the prompt.
+
+    Both kinds share the prompt, so an ``eval_split`` (held out by prompt) keeps them together.
+    A reply of kind 2 is recognisable as such: its words are a permutation of the chosen reply's.
     """
-    convs, bad = chatterbot_conversations()
-    items = []  # (prompt, reply)
-    for row in convs:
+    convs, topics, bad = _chatterbot_conversations_by_topic()
+    items = []  # (prompt, reply, topic)
+    for row, topic in zip(convs, topics):
         msgs = row["messages"]
         for i, m in enumerate(msgs):
             if m["role"] == "assistant":
-                items.append((msgs[:i], m["content"]))
+                items.append((msgs[:i], m["content"], topic))
     replies_of: dict[str, set[str]] = {}
-    for prompt, reply in items:
+    for prompt, reply, _ in items:
         replies_of.setdefault(prompt[-1]["content"].strip().lower(), set()).add(reply)
-    pool = sorted({reply for _, reply in items})
+    pool = sorted({(reply, topic) for _, reply, topic in items})
     rng = random.Random(seed)
     rows, seen = [], set()
-    for prompt, reply in items:
+    for prompt, reply, topic in items:
         key = json.dumps([prompt, reply])
         if key in seen:
             continue
         seen.add(key)
         valid = replies_of[prompt[-1]["content"].strip().lower()]
         for _ in range(1000):
-            rejected = pool[rng.randrange(len(pool))]
-            if rejected not in valid:
+            rejected, other_topic = pool[rng.randrange(len(pool))]
+            if other_topic != topic and rejected not in valid:
                 break
         else:  # every reply answers this question: no honest rejected reply exists
-            bad.append((f"pair {len(rows)}", "no reply from another question to reject"))
+            bad.append((f"pair {len(rows)}", "no reply from another topic to reject"))
             continue
-        rows.append({"prompt": prompt, "chosen": [{"role": "assistant", "content": reply}],
+        chosen = [{"role": "assistant", "content": reply}]
+        rows.append({"prompt": prompt, "chosen": chosen,
                      "rejected": [{"role": "assistant", "content": rejected}]})
+        salad = shuffled_words(reply, rng)
+        if salad is not None:
+            rows.append({"prompt": prompt, "chosen": chosen,
+                         "rejected": [{"role": "assistant", "content": salad}]})
     return rows, bad
 
 

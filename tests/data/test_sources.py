@@ -74,6 +74,55 @@ def test_chatterbot_pairs_reject_a_reply_to_another_question():
     assert other.train["rejected"] != s.train["rejected"]
 
 
+def _replies_by_file() -> dict[str, set[str]]:
+    """Oracle read straight from the corpus files: reply text -> the files it is a reply in."""
+    import yaml
+
+    from llmlab.data.sources import ALTERNATING_FILES, _package_dir
+
+    root = _package_dir("chatterbot_corpus", "chatterbot-corpus") / "data" / "english"
+    files: dict[str, set[str]] = {}
+    for path in root.glob("*.yml"):
+        for conv in yaml.safe_load(path.read_text(encoding="utf-8")).get("conversations") or []:
+            if isinstance(conv, list) and all(isinstance(t, str) for t in conv):
+                turns = [t.strip() for t in conv]
+                replies = turns[1::2] if path.name in ALTERNATING_FILES else turns[1:]
+                for reply in replies:
+                    files.setdefault(reply, set()).add(path.name)
+    return files
+
+
+def test_chatterbot_pairs_follow_their_two_documented_rules():
+    """Each distinct (prompt, reply) gives one off-topic pair (the rejected reply comes from another
+    topic file) and, for replies of 4+ words, one pair rejecting the reply's words shuffled."""
+    from llmlab.data.sources import SHUFFLE_MIN_WORDS, chatterbot_pairs
+
+    rows, _ = chatterbot_pairs(7)
+    files = _replies_by_file()
+    kinds: dict[str, list[str]] = {}
+    for r in rows:
+        chosen, rejected = r["chosen"][0]["content"], r["rejected"][0]["content"]
+        key = json.dumps([r["prompt"], chosen])
+        if sorted(rejected.split()) == sorted(chosen.split()):
+            assert rejected != chosen and len(chosen.split()) >= SHUFFLE_MIN_WORDS
+            kinds.setdefault(key, []).append("shuffled")
+        else:
+            assert files[rejected] - files[chosen], (chosen, rejected)  # some other topic's reply
+            kinds.setdefault(key, []).append("off_topic")
+    convs, _ = chatterbot_conversations()
+    expected = {}
+    for c in convs:
+        for i, m in enumerate(c["messages"]):
+            if m["role"] == A:
+                words = m["content"].split()
+                shuffle = len(words) >= SHUFFLE_MIN_WORDS and len(set(words)) > 1
+                expected[json.dumps([c["messages"][:i], m["content"]])] = ["off_topic"] + ["shuffled"] * shuffle
+    assert kinds == expected
+    shuffled = sum(k.count("shuffled") for k in kinds.values())
+    assert 0.3 * len(rows) < shuffled < 0.5 * len(rows)  # both kinds are a large share
+    assert chatterbot_pairs(7)[0] == rows  # seeded
+
+
 def test_eval_split_is_deterministic_and_held_out_by_prompt():
     rec = {"seed": 11, "datasets": {"p": {"builtin": "chatterbot_pairs", "eval_split": 0.1}}}
     s = load_named_dataset(rec, "p")
