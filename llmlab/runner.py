@@ -485,7 +485,8 @@ class Runner:
 
 
 #: eval metrics worth a glance in the summary table, per stage type (the first found are shown)
-KEY_METRICS = (("eval_rewards/accuracies", "acc"), ("eval_rewards/margins", "margin"), ("eval_accuracy", "acc"),
+KEY_METRICS = (("eval_rewards/accuracies", "acc"), ("eval_rewards/margins", "margin"),
+               ("eval_preference_loss", "dpo loss"), ("eval_nll_loss", "nll"), ("eval_accuracy", "acc"),
                ("eval_margin", "margin"), ("eval_exact_answer", "exact"), ("eval_reward", "reward"))
 
 

@@ -35,7 +35,7 @@ from llmlab.stages.reference import ReferenceModel
 __all__ = ["DPOStage", "concat_pairs", "model_logits", "padfree_sequence_logps"]
 
 DPO_METRICS = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
-               "logps/chosen", "logps/rejected", "nll_loss")
+               "logps/chosen", "logps/rejected", "preference_loss", "nll_loss")
 
 
 class DPOStage(Stage):
@@ -48,9 +48,9 @@ class DPOStage(Stage):
     Metrics: ``rewards/chosen``, ``rewards/rejected`` (mean implicit reward ``beta * log(pi/ref)``),
     ``rewards/accuracies`` (fraction of pairs with chosen reward > rejected reward),
     ``rewards/margins``, ``logps/chosen``, ``logps/rejected`` (mean summed completion log-probs),
-    ``nll_loss`` (the chosen completions' negative log-likelihood per token, nats: the RPO term
-    before its weight ``rpo_alpha``; logged whatever the weight). ``loss`` is the preference loss
-    plus ``rpo_alpha * nll_loss``.
+    ``preference_loss`` (the DPO / IPO loss alone), ``nll_loss`` (the chosen completions' negative
+    log-likelihood per token, nats: the RPO term before its weight ``rpo_alpha``; logged whatever the
+    weight). ``loss`` is ``preference_loss + rpo_alpha * nll_loss``.
     """
 
     type = "dpo"
@@ -112,7 +112,8 @@ class DPOStage(Stage):
             chosen_lengths=lengths[:B], rejected_lengths=lengths[B:])
         # RPO's NLL term: chosen-token NLL averaged over the micro-batch's chosen tokens (TRL's "sft" loss)
         nll = -seq_logps[:B].sum() / lengths[:B].sum().clamp(min=1)
-        loss = losses.mean() + self.rpo_alpha * nll if self.rpo_alpha else losses.mean()
+        preference_loss = losses.mean()
+        loss = preference_loss + self.rpo_alpha * nll if self.rpo_alpha else preference_loss
         metrics = {
             "rewards/chosen": chosen_r.mean().detach(),
             "rewards/rejected": rejected_r.mean().detach(),
@@ -120,6 +121,7 @@ class DPOStage(Stage):
             "rewards/margins": (chosen_r - rejected_r).mean().detach(),
             "logps/chosen": seq_logps[:B].detach().mean(),
             "logps/rejected": seq_logps[B:].detach().mean(),
+            "preference_loss": preference_loss.detach(),
             "nll_loss": nll.detach(),
         }
         return loss, metrics

@@ -82,6 +82,7 @@ def test_dpo_stage_matches_trl(trl_dpo, loss_type, beta, rpo_alpha):
         plain.setup(policy)
         with torch.no_grad():
             plain_loss, plain_metrics = plain.compute_loss(policy, batch)
+        assert metrics["preference_loss"] == pytest.approx(float(plain_loss))
         assert metrics["nll_loss"] > 0 and metrics["nll_loss"] == pytest.approx(float(plain_metrics["nll_loss"]))
         assert float(loss) == pytest.approx(float(plain_loss) + rpo_alpha * float(metrics["nll_loss"]), rel=1e-6)
     gdiff = 0.0
