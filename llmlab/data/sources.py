@@ -49,6 +49,10 @@ log = logging.getLogger(__name__)
 BUILTINS = ("kjv", "chatterbot", "chatterbot_pairs", "chatterbot_prompts", "arithmetic")
 BUILTIN_FORMAT = {"kjv": "text", "chatterbot": "messages", "chatterbot_pairs": "preference",
                   "chatterbot_prompts": "prompt", "arithmetic": "messages"}
+#: bumped when a builtin's rows change for the same package version and seed; a revision above 1
+#: enters the builtin's fingerprints (llmlab.fingerprint, llmlab.data.store), so runs and caches made
+#: with the older rows are redone. chatterbot_pairs 2: off-topic and shuffled rejected replies.
+BUILTIN_REVISION = {"chatterbot_pairs": 2}
 #: chatterbot files whose lists are real alternating dialogues (looked at by hand); in every other
 #: file a list is one question followed by alternative replies.
 ALTERNATING_FILES = frozenset({"conversations.yml", "health.yml", "sports.yml", "psychology.yml",

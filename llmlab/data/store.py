@@ -116,7 +116,7 @@ def source_fingerprint(recipe: dict, name: str) -> dict:
     Raises:
         KeyError: no dataset ``name``; ValueError: a local ``path`` matches no file.
     """
-    from llmlab.data.sources import dataset_spec, resolve_files
+    from llmlab.data.sources import BUILTIN_REVISION, dataset_spec, resolve_files
 
     spec = dataset_spec(recipe, name)
     fp: dict[str, Any] = {k: spec.get(k) for k in _ROW_SETTINGS}
@@ -128,6 +128,8 @@ def source_fingerprint(recipe: dict, name: str) -> dict:
             fp["package"] = f"{pkg}=={version(pkg)}"
         except PackageNotFoundError:
             fp["package"] = pkg
+        if spec["builtin"] in BUILTIN_REVISION:  # the builtin's rows changed for the same package
+            fp["builtin_revision"] = BUILTIN_REVISION[spec["builtin"]]
         if spec["builtin"] == "chatterbot_pairs":  # its rejected replies are drawn with the seed
             fp["seed"] = int(recipe.get("seed", 0))
     if spec.get("path"):

@@ -353,3 +353,20 @@ def test_arithmetic_as_prompts_carries_the_answer_and_holds_out_the_same_problem
     train_batch = grpo.train_batch(0)
     assert all(p[-1]["content"] in train_q for p in train_batch["prompts"])
     assert len(train_batch["answers"]) == 32 and all(a.isdigit() for a in train_batch["answers"])
+
+
+def test_a_builtin_revision_changes_that_builtins_fingerprints_only(monkeypatch):
+    """Rows of a builtin that change for the same package version must not reuse old runs or caches."""
+    from llmlab import fingerprint
+    from llmlab.data import sources, store
+
+    rec = {"seed": 1, "datasets": {"p": {"builtin": "chatterbot_pairs"}, "k": {"builtin": "kjv"}}}
+
+    def fps():
+        return {n: (fingerprint.source_fingerprint(rec["datasets"][n]), store.source_fingerprint(rec, n)) for n in "pk"}
+
+    before = fps()
+    monkeypatch.setitem(sources.BUILTIN_REVISION, "chatterbot_pairs", sources.BUILTIN_REVISION["chatterbot_pairs"] + 1)
+    after = fps()
+    assert after["p"][0] != before["p"][0] and after["p"][1] != before["p"][1]
+    assert after["k"] == before["k"]
