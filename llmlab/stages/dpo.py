@@ -3,7 +3,7 @@
 Recipe keys (``stages.NAME``, type ``dpo``; defaults in the recipe schema): ``beta``, ``loss_type``
 sigmoid|ipo, ``label_smoothing``, ``rpo_alpha``, ``reference_from``.
 
-``rpo_alpha`` (RPO: Pang et al. 2024, "Iterative Reasoning Preference Optimization", eq. 3; TRL's
+``rpo_alpha`` (RPO: Pang et al. 2024, "Iterative Reasoning Preference Optimization"; TRL's
 ``DPOConfig.rpo_alpha``, in TRL 1.x ``loss_type=["sigmoid", "sft"]`` with ``loss_weights=[1, alpha]``)
 adds ``alpha`` times the negative log-likelihood of the chosen completions, averaged over all chosen
 completion tokens of the micro-batch, to the preference loss. It keeps the policy's likelihood of
