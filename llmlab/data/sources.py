@@ -49,10 +49,6 @@ log = logging.getLogger(__name__)
 BUILTINS = ("kjv", "chatterbot", "chatterbot_pairs", "chatterbot_prompts", "arithmetic")
 BUILTIN_FORMAT = {"kjv": "text", "chatterbot": "messages", "chatterbot_pairs": "preference",
                   "chatterbot_prompts": "prompt", "arithmetic": "messages"}
-#: bumped when a builtin's rows change for the same package version and seed; a revision above 1
-#: enters the builtin's fingerprints (llmlab.fingerprint, llmlab.data.store), so runs and caches made
-#: with the older rows are redone. chatterbot_pairs 2: off-topic and shuffled rejected replies.
-BUILTIN_REVISION = {"chatterbot_pairs": 2}
 #: chatterbot files whose lists are real alternating dialogues (looked at by hand); in every other
 #: file a list is one question followed by alternative replies.
 ALTERNATING_FILES = frozenset({"conversations.yml", "health.yml", "sports.yml", "psychology.yml",
@@ -539,6 +535,7 @@ def chatterbot_pairs(seed: int) -> tuple[list[dict], list[tuple[str, str]]]:
        because it is not language, whatever the prompt.
 
     Both kinds share the prompt, so an ``eval_split`` (held out by prompt) keeps them together.
+    These rows are revision 2 of the builtin (:data:`llmlab.fingerprint.BUILTIN_REVISION`).
     A reply of kind 2 is recognisable as such: its words are a permutation of the chosen reply's.
     """
     convs, topics, bad = _chatterbot_conversations_by_topic()

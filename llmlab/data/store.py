@@ -49,7 +49,7 @@ from typing import Any, Iterable, Iterator
 
 import numpy as np
 
-from llmlab.fingerprint import sha256_file
+from llmlab.fingerprint import BUILTIN_REVISION, sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -116,7 +116,7 @@ def source_fingerprint(recipe: dict, name: str) -> dict:
     Raises:
         KeyError: no dataset ``name``; ValueError: a local ``path`` matches no file.
     """
-    from llmlab.data.sources import BUILTIN_REVISION, dataset_spec, resolve_files
+    from llmlab.data.sources import dataset_spec, resolve_files
 
     spec = dataset_spec(recipe, name)
     fp: dict[str, Any] = {k: spec.get(k) for k in _ROW_SETTINGS}

@@ -358,7 +358,7 @@ def test_arithmetic_as_prompts_carries_the_answer_and_holds_out_the_same_problem
 def test_a_builtin_revision_changes_that_builtins_fingerprints_only(monkeypatch):
     """Rows of a builtin that change for the same package version must not reuse old runs or caches."""
     from llmlab import fingerprint
-    from llmlab.data import sources, store
+    from llmlab.data import store
 
     rec = {"seed": 1, "datasets": {"p": {"builtin": "chatterbot_pairs"}, "k": {"builtin": "kjv"}}}
 
@@ -366,7 +366,8 @@ def test_a_builtin_revision_changes_that_builtins_fingerprints_only(monkeypatch)
         return {n: (fingerprint.source_fingerprint(rec["datasets"][n]), store.source_fingerprint(rec, n)) for n in "pk"}
 
     before = fps()
-    monkeypatch.setitem(sources.BUILTIN_REVISION, "chatterbot_pairs", sources.BUILTIN_REVISION["chatterbot_pairs"] + 1)
+    revisions = fingerprint.BUILTIN_REVISION
+    monkeypatch.setitem(revisions, "chatterbot_pairs", revisions["chatterbot_pairs"] + 1)
     after = fps()
     assert after["p"][0] != before["p"][0] and after["p"][1] != before["p"][1]
     assert after["k"] == before["k"]
