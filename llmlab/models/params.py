@@ -394,20 +394,11 @@ def training_memory(
             "optimizer": -(-optimizer // shards), "activations": int(acts), "gathered": int(gathered)}
 
 
-def estimate_training_memory(
-    model_cfg: dict,
-    vocab_size: int,
-    batch_size: int,
-    seq_len: int,
-    trainable_params: int,
-    optimizer_name: str = "adamw",
-    precision: str = "fp32",
-    shards: int = 1,
-) -> int:
+def estimate_training_memory(*args, **kwargs) -> int:
     """Peak training memory of one device in bytes: the sum of :func:`training_memory`'s parts
-    (``weights + grads + optimizer states + activations``, sharded over ``shards`` FSDP processes)."""
-    return sum(training_memory(model_cfg, vocab_size, batch_size, seq_len, trainable_params, optimizer_name,
-                               precision, shards).values())
+    (``weights + grads + optimizer states + activations``, sharded over ``shards`` FSDP processes);
+    same arguments."""
+    return sum(training_memory(*args, **kwargs).values())
 
 
 __all__ = [
