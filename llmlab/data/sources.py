@@ -46,9 +46,10 @@ from llmlab.data.formats import (COLUMNS_OF_KIND, KIND_OF_FORMAT, STRING_COLUMNS
 
 log = logging.getLogger(__name__)
 
-BUILTINS = ("kjv", "chatterbot", "chatterbot_pairs", "chatterbot_prompts", "arithmetic")
+#: each builtin source and the format its rows have
 BUILTIN_FORMAT = {"kjv": "text", "chatterbot": "messages", "chatterbot_pairs": "preference",
                   "chatterbot_prompts": "prompt", "arithmetic": "messages"}
+BUILTINS = tuple(BUILTIN_FORMAT)
 #: chatterbot files whose lists are real alternating dialogues (looked at by hand); in every other
 #: file a list is one question followed by alternative replies.
 ALTERNATING_FILES = frozenset({"conversations.yml", "health.yml", "sports.yml", "psychology.yml",
