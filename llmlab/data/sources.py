@@ -43,12 +43,10 @@ from typing import Any
 
 from llmlab.data.formats import (COLUMNS_OF_KIND, KIND_OF_FORMAT, STRING_COLUMNS, BadRow,
                                  detect_format, normaliser, row_text)
+from llmlab.recipe.semantic import BUILTIN_FORMATS as BUILTIN_FORMAT
 
 log = logging.getLogger(__name__)
 
-#: each builtin source and the format its rows have
-BUILTIN_FORMAT = {"kjv": "text", "chatterbot": "messages", "chatterbot_pairs": "preference",
-                  "chatterbot_prompts": "prompt", "arithmetic": "messages"}
 BUILTINS = tuple(BUILTIN_FORMAT)
 #: chatterbot files whose lists are real alternating dialogues (looked at by hand); in every other
 #: file a list is one question followed by alternative replies.

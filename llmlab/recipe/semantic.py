@@ -7,11 +7,15 @@ type has already been reported by the schema, so a check that cannot apply is sk
 
 from __future__ import annotations
 
-from llmlab.data.sources import BUILTIN_FORMAT as BUILTIN_FORMATS  # the format each builtin source produces
 from llmlab.models import lora_presets
 from llmlab.recipe.schema import suggest
 from llmlab.stage_specs import CONVERSATION_FORMATS, NON_LM_TYPES, NON_TRAINING_TYPES, STAGE_SPECS
 
+
+#: each builtin source (llmlab.data.sources) and the format its rows have: written once, here, where
+#: the recipe checker needs it without importing llmlab.data
+BUILTIN_FORMATS = {"kjv": "text", "chatterbot": "messages", "chatterbot_pairs": "preference",
+                   "chatterbot_prompts": "prompt", "arithmetic": "messages"}
 
 _CONVERSATION = CONVERSATION_FORMATS
 
