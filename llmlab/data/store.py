@@ -434,8 +434,9 @@ def build_store(path: str | os.PathLike, texts: Iterable[str], tokenizer, *, inf
 
 def _run_shards(part: Path, shards: Iterator[list[str]], tokenizer, eos: int, dtype: str, done: dict,
                 processes: int, max_tokens: int | None, prog: _Progress) -> list[dict]:
-    """Write the missing shards (in a pool of ``processes`` when > 1); returns the metas in order,
-    the shard crossing ``max_tokens`` truncated and those after it left out."""
+    """Write the missing shards (in a pool of ``processes`` when > 1, shard 0 in this process while
+    the pool's workers start); returns the metas in order, the shard crossing ``max_tokens``
+    truncated and those after it left out."""
     pool = None
     pending: dict[int, Future | dict] = {}
     metas: list[dict] = []
@@ -472,13 +473,20 @@ def _run_shards(part: Path, shards: Iterator[list[str]], tokenizer, eos: int, dt
             # copy, page by page, as Python touches its objects) hundreds of MB per worker
             pool = ProcessPoolExecutor(processes, mp_context=mp.get_context("spawn"), initializer=_init_worker,
                                        initargs=(_worker_tokenizer(tokenizer),))
+        first = None  # with a pool, shard 0 is tokenised here while the workers start
         for i, texts in enumerate(itertools.chain(head, shards)):
             if i in done:
                 pending[i] = done[i]
             elif pool is None:
                 pending[i] = _write_shard(str(part), i, texts, eos, dtype, tokenizer)
+            elif i == 0:
+                first = texts
+                continue
             else:
                 pending[i] = pool.submit(_write_shard, str(part), i, texts, eos, dtype)
+            if first is not None:  # shard 1 is on its way to a worker: do shard 0 meanwhile
+                pending[0] = _write_shard(str(part), 0, first, eos, dtype, tokenizer)
+                first = None
             if collect(block=len(pending) >= 2 * processes):
                 return metas
         while pending:
