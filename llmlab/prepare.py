@@ -16,7 +16,6 @@ def prepare_command(recipe_path: Path, output_dir: Path | None = None, overrides
 
     from llmlab.console import make_console
     from llmlab.data.prepare import prepare_stages
-    from llmlab.data.store import StoreError
     from llmlab.recipe import load_recipe
     from llmlab.runner import Runner, quiet_libraries
 
@@ -35,7 +34,7 @@ def prepare_command(recipe_path: Path, output_dir: Path | None = None, overrides
         tokenizer, _ = Runner(rec, console).ensure_tokenizer()
         rows = prepare_stages(rec, tokenizer, [stage] if stage else None, processes=processes, progress=True,
                               verify=verify)
-    except (KeyError, ValueError, FileNotFoundError, StoreError) as e:
+    except (KeyError, ValueError, FileNotFoundError) as e:  # a damaged store's StoreError is a ValueError
         console.print(f"error: {e}", style="red", markup=False, highlight=False)
         return 1
     t = Table(title=f"llmlab prepare → {rec['output_dir']}")
