@@ -637,7 +637,8 @@ def stream_texts(recipe: dict, name: str, info: dict, split: str = "train") -> I
     dropped = {"bad": 0, **{k: 0 for k, on in (("min_length", lo is not None), ("max_length", hi is not None),
                                                 ("dedup_exact", seen is not None)) if on}}
     limit = spec.get("max_samples")
-    for row in _rows_or_diagnosis(ds, files if not spec.get("hub") else None, name):
+    batch = min(1000, int(limit)) if limit is not None else 1000
+    for row in _rows_or_diagnosis(ds, files if not spec.get("hub") else None, name, batch):
         if limit is not None and n >= int(limit):
             break
         n += 1
@@ -683,10 +684,14 @@ def stream_texts(recipe: dict, name: str, info: dict, split: str = "train") -> I
     info.update(rows_read=n, bad_rows=bad, dropped=dropped, first_bad_rows=first_bad)
 
 
-def _rows_or_diagnosis(ds, files: list[str] | None, name: str) -> Iterator[dict]:
-    """The rows of a streamed dataset; when reading fails on local files, a ValueError naming
-    the first broken file and line (:func:`llmlab.data.sources.diagnose_files`)."""
-    it = iter(ds)
+def _rows_or_diagnosis(ds, files: list[str] | None, name: str, batch_size: int = 1000) -> Iterator[dict]:
+    """The rows of a streamed dataset, read ``batch_size`` at a time (datasets' per-row iterator
+    costs twice the CPU, and this runs serially beside the tokenising workers); when reading
+    fails on local files, a ValueError naming the first broken file and line
+    (:func:`llmlab.data.sources.diagnose_files`)."""
+    from llmlab.data.sources import iter_rows
+
+    it = iter_rows(ds, batch_size)
     while True:
         try:
             row = next(it)
