@@ -174,6 +174,46 @@ def _exactness(recipe: dict, facts: dict) -> str:
     return f"exact: {facts['params']}"
 
 
+def model_params(recipe: dict, vocab: int | None) -> int | None:
+    """The model's parameter count: exact from the config of an ``arch`` model (given the
+    vocabulary), from the safetensors headers of a local ``from_pretrained`` checkpoint; None when
+    unknown (no vocabulary yet, or a hub id not in the local cache)."""
+    model_cfg = recipe["model"]
+    if model_cfg.get("arch") and vocab:
+        from llmlab.models.params import count_parameters
+
+        return count_parameters(model_cfg, vocab)
+    if model_cfg.get("from_pretrained"):
+        shapes = pretrained_shapes(str(model_cfg["from_pretrained"]))
+        return _numel(shapes) if shapes is not None else None
+    return None
+
+
+def stage_memory(recipe: dict, name: str, params: int | None, vocab: int | None,
+                 shards: int = 1) -> tuple[int | None, dict[str, int] | None]:
+    """``(trainable parameters, per-device memory by part in bytes)`` of training stage ``name``
+    (:func:`llmlab.models.params.training_memory`; ``shards`` > 1 under FSDP). The memory is None
+    when the model is not an ``arch`` model or its size is unknown."""
+    model_cfg, cfg = recipe["model"], recipe["stages"][name]
+    trainable = params
+    lora = _trained_lora(recipe, name)
+    if lora and model_cfg.get("arch") and vocab:
+        from llmlab.models.params import count_lora_parameters
+
+        trainable = count_lora_parameters(model_cfg, vocab, lora)
+    elif lora:  # from_pretrained: from the checkpoint's headers, else unknown (not all)
+        trainable = pretrained_lora_trainable(str(model_cfg.get("from_pretrained")), lora)
+    if not (params and model_cfg.get("arch") and vocab):
+        return trainable, None
+    from llmlab.models.params import training_memory
+
+    seq = int(cfg.get("seq_len") or model_cfg.get("max_seq_len", 512))
+    batch = int(cfg["batch_size"]) * stage_spec(cfg["type"]).sequences_per_example
+    return trainable, training_memory(model_cfg, vocab, batch, seq, trainable,
+                                      (cfg.get("optimizer") or {}).get("name", "adamw"),
+                                      recipe.get("precision", "auto"), shards=shards)
+
+
 def plan_rows(recipe: dict, world_size: int = 1) -> tuple[list[dict], dict]:
     """One row per stage, plus model and run facts. Pure Python.
 
@@ -190,15 +230,7 @@ def plan_rows(recipe: dict, world_size: int = 1) -> tuple[list[dict], dict]:
     shards = world_size if strategy == "fsdp" else 1
     fps = stage_fingerprints(recipe, order)
     vocab = vocab_size_for(recipe)
-    model_cfg = recipe["model"]
-    params = None
-    if model_cfg.get("arch") and vocab:
-        from llmlab.models.params import count_parameters
-
-        params = count_parameters(model_cfg, vocab)
-    elif model_cfg.get("from_pretrained"):
-        shapes = pretrained_shapes(str(model_cfg["from_pretrained"]))
-        params = _numel(shapes) if shapes is not None else None
+    params = model_params(recipe, vocab)
     rows = []
     for name in order:
         cfg = recipe["stages"][name]
@@ -215,23 +247,7 @@ def plan_rows(recipe: dict, world_size: int = 1) -> tuple[list[dict], dict]:
         weights = cfg.get("datasets") or {}
         total_w = sum(weights.values()) or 1.0
         shares = {k: 100.0 * v / total_w for k, v in weights.items()}
-        trainable = params
-        lora = _trained_lora(recipe, name)
-        if lora and model_cfg.get("arch") and vocab:
-            from llmlab.models.params import count_lora_parameters
-
-            trainable = count_lora_parameters(model_cfg, vocab, lora)
-        elif lora:  # from_pretrained: from the checkpoint's headers, else unknown (not all)
-            trainable = pretrained_lora_trainable(str(model_cfg.get("from_pretrained")), lora)
-        memory = None
-        if params and model_cfg.get("arch") and vocab:
-            from llmlab.models.params import training_memory
-
-            seq = int(cfg.get("seq_len") or model_cfg.get("max_seq_len", 512))
-            batch = int(cfg["batch_size"]) * spec.sequences_per_example
-            memory = training_memory(model_cfg, vocab, batch, seq, trainable,
-                                     (cfg.get("optimizer") or {}).get("name", "adamw"),
-                                     recipe.get("precision", "auto"), shards=shards)
+        trainable, memory = stage_memory(recipe, name, params, vocab, shards)
         tokens = stage_tokens(cfg) * world_size  # batch_size is per process
         status, detail = recipe_stage_status(recipe, name, fps)
         rows.append({

@@ -8,6 +8,8 @@
 - :func:`remove_owned_dir` deletes a stage directory only when llmlab's own ``stage.json`` is in
   it (or it is empty), so an ``output_dir`` pointing at a folder of the user's never loses files
   that llmlab did not make.
+- :func:`memory_shortfall` says, before a stage trains, when its planned peak memory is more
+  than the device has free, so an out-of-memory kill is foreseen rather than met an hour in.
 """
 
 from __future__ import annotations
@@ -123,3 +125,55 @@ def remove_owned_dir(path: Path, marker: str = STAGE_MARKER) -> None:
         return
     raise NotOwnedError(f"{path} holds files that llmlab did not write (no {marker}); move it away or choose "
                         "another output_dir (nothing was deleted)")
+
+
+def free_memory(device) -> tuple[int, str]:
+    """``(bytes free, what)`` on ``device``: ``torch.cuda.mem_get_info`` for a CUDA device (its
+    free memory, other processes' allocations excluded), else the host's available RAM
+    (``psutil.virtual_memory().available``: free plus reclaimable page cache)."""
+    if getattr(device, "type", str(device)) == "cuda":
+        import torch
+
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free), f"{torch.cuda.get_device_name(device)} has free"
+    import psutil  # a dependency of accelerate
+
+    return int(psutil.virtual_memory().available), "this machine has available"
+
+
+def memory_shortfall(stage: str, parts: dict[str, int] | None, device, processes_here: int = 1,
+                     free: int | None = None) -> str | None:
+    """A warning when training ``stage`` is planned to need more memory than ``device`` has free.
+
+    Args:
+        stage: the stage's name (named in the message).
+        parts: the per-process peak estimate by part in bytes
+            (:func:`llmlab.plan.stage_memory`, :func:`llmlab.models.params.training_memory`); None
+            when unknown (a ``from_pretrained`` model): no warning.
+        device: the torch device the stage trains on.
+        processes_here: training processes sharing this memory (on a CPU, every process of the
+            machine shares its RAM; a GPU holds one process's share).
+        free: bytes free (default: :func:`free_memory`), for tests.
+
+    Returns:
+        the message, or None when the estimate fits.
+    """
+    if not parts:
+        return None
+    per_process = sum(parts.values())
+    cpu = getattr(device, "type", str(device)) != "cuda"
+    need = per_process * (max(1, processes_here) if cpu else 1)
+    what = "this machine has available"
+    if free is None:
+        free, what = free_memory(device)
+    if need <= free:
+        return None
+    gib = 2.0 ** 30
+    detail = ", ".join(f"{k} {v / gib:.2f}" for k, v in parts.items() if v)
+    who = f"{processes_here} processes x {per_process / gib:.2f} GiB" if cpu and processes_here > 1 else \
+        f"{per_process / gib:.2f} GiB"
+    return (f"stage {stage}: its planned peak training memory, {need / gib:.2f} GiB ({who}; GiB by part: "
+            f"{detail}), is more than the {free / gib:.2f} GiB {what}; it may be killed for lack of "
+            "memory. Lower batch_size (and raise gradient_accumulation_steps to keep the tokens per step), "
+            "set gradient_checkpointing: true, train a LoRA adapter, or shard with distributed.strategy: "
+            "fsdp; `llmlab plan` shows the estimate.")

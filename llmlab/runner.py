@@ -24,7 +24,7 @@ from llmlab.console import make_console, process_rank, single_process_launch_war
 from llmlab.fingerprint import recipe_stage_status, stage_fingerprints, stage_inputs, tokenizer_fingerprint
 from llmlab.layout import RunLayout, StageLayout, StageRecord
 from llmlab.metricsfile import read_records
-from llmlab.runguard import NotOwnedError, RunLockedError, remove_owned_dir, run_lock
+from llmlab.runguard import NotOwnedError, RunLockedError, memory_shortfall, remove_owned_dir, run_lock
 from llmlab.stage_specs import stage_spec
 
 log = logging.getLogger("llmlab")
@@ -381,6 +381,7 @@ class Runner:
         main = env.accelerator.is_main_process
         if main:
             record.write(layout.record)
+            self._warn_memory(name, env)
         env.accelerator.wait_for_everyone()
         with self._progress() as progress:
             model, result = train(stage, fingerprint=self.fps[name]["fingerprint"], accelerator=env.accelerator,
@@ -402,6 +403,20 @@ class Runner:
         if env.device.type == "cuda":
             torch.cuda.empty_cache()
         return StageOutcome(name, cfg["type"], action, record.to_json())
+
+    def _warn_memory(self, name: str, env: _StageEnv) -> None:
+        """Warn when the stage's planned peak memory is more than the device has free
+        (:func:`llmlab.runguard.memory_shortfall`); a warning, not an error: it is an estimate."""
+        from llmlab.plan import model_params, stage_memory, vocab_size_for
+
+        world = int(self.distributed["world_size"])
+        vocab = vocab_size_for(self.recipe)
+        _, parts = stage_memory(self.recipe, name, model_params(self.recipe, vocab), vocab,
+                                shards=world if self.distributed["strategy"] == "FSDP" else 1)
+        here = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+        message = memory_shortfall(name, parts, env.device, processes_here=here)
+        if message:
+            self.console.print(f"warning: {message}", style="yellow", markup=False, highlight=False)
 
     def _run_results_stage(self, stage, env: _StageEnv) -> StageOutcome:
         """Run a stage that trains nothing (evaluate; main process only): its results, stage.json, the

@@ -121,3 +121,50 @@ def test_cache_is_a_reserved_stage_name(tmp_path):
     stages = {"cache": {**TINY["stages"]["pretrain"]}}
     _, errors = load_recipe(write_recipe(tmp_path, {**TINY, "stages": stages}))
     assert any(e.path == "stages.cache" for e in errors), errors
+
+
+# -- memory check before a stage trains ------------------------------------------------------------
+
+PARTS = {"weights": 2 << 30, "grads": 2 << 30, "optimizer": 4 << 30, "activations": 1 << 30}
+
+
+def test_memory_shortfall_only_when_the_estimate_exceeds_what_is_free():
+    from llmlab.runguard import memory_shortfall
+
+    assert memory_shortfall("pretrain", PARTS, "cpu", free=10 << 30) is None  # 9 GiB fits in 10
+    said = memory_shortfall("pretrain", PARTS, "cpu", free=8 << 30)
+    assert said.startswith("stage pretrain: its planned peak training memory, 9.00 GiB")
+    assert "8.00 GiB this machine has available" in said and "optimizer 4.00" in said
+    assert "gradient_checkpointing" in said and "batch_size" in said
+    assert memory_shortfall("pretrain", None, "cpu", free=0) is None  # unknown (from_pretrained): no claim
+
+
+def test_processes_of_one_machine_share_its_ram():
+    from llmlab.runguard import memory_shortfall
+
+    # 2 CPU processes x 9 GiB do not fit in 10 GiB of RAM; on GPUs each process has its own device
+    said = memory_shortfall("sft", PARTS, "cpu", processes_here=2, free=10 << 30)
+    assert "18.00 GiB (2 processes x 9.00 GiB" in said
+    assert memory_shortfall("sft", PARTS, "cuda", processes_here=2, free=10 << 30) is None
+
+
+def test_run_warns_before_a_stage_that_will_not_fit_and_still_trains(tmp_path, monkeypatch, capsys):
+    import llmlab.runguard as runguard
+    from llmlab.plan import model_params, stage_memory, vocab_size_for
+    from llmlab.recipe import load_recipe
+
+    recipe = write_recipe(tmp_path, {**PRETRAIN_ONLY, "stages": {"pretrain": {**PRETRAIN_ONLY["stages"]["pretrain"],
+                                                                            "max_steps": 2}}})
+    monkeypatch.setattr(runguard, "free_memory", lambda device: (1 << 20, "this machine has available"))
+    assert run_command(recipe) == 0
+    said = " ".join(capsys.readouterr().out.split())
+    assert "warning: stage pretrain: its planned peak training memory" in said
+    assert "0.00 GiB this machine has available" in said
+    # the figure is plan's own estimate for this stage (one source for both)
+    rec, _ = load_recipe(recipe, [])
+    vocab = vocab_size_for(rec)
+    _, parts = stage_memory(rec, "pretrain", model_params(rec, vocab), vocab)
+    assert f"{sum(parts.values()) / 2 ** 30:.2f} GiB" in said
+    monkeypatch.setattr(runguard, "free_memory", lambda device: (1 << 40, "this machine has available"))
+    assert run_command(recipe, overrides=["stages.pretrain.max_steps=3"]) == 0
+    assert "planned peak training memory" not in capsys.readouterr().out
