@@ -22,7 +22,7 @@ import socket
 import sys
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 from llmlab.console import process_rank
@@ -52,6 +52,67 @@ def _holder_text(path: Path) -> str:
 
 
 @contextmanager
+def file_lock(path: Path, *, wait: bool, on_busy=None) -> Iterator[str | None]:
+    """Hold an exclusive ``flock`` on the file ``path`` (created if missing) for the ``with``
+    block, with the holder (pid, host, start time, command) written into it.
+
+    Args:
+        path: the lock file.
+        wait: block until the holder releases it; else raise :class:`RunLockedError` at once.
+        on_busy: called with the holder's description when the lock is held by another process
+            (before waiting, or before raising).
+
+    Yields:
+        the description of a holder that is gone when the file still named one (a lock left by a
+        killed process, now taken over); None otherwise. A file that cannot be created (read-only
+        mount, no permission) or a platform without ``fcntl`` yields None without a lock.
+
+    Raises:
+        RunLockedError: ``wait`` is False and another live process holds the lock.
+    """
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - Windows: no advisory locks through fcntl
+        yield None
+        return
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as exc:
+        if exc.errno not in (errno.EROFS, errno.EACCES):
+            raise
+        # a place this process cannot write: no lock to take, and every write the caller would
+        # make fails with its own clear error
+        yield None
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        holder = _holder_text(path)
+        if on_busy is not None:
+            on_busy(holder)
+        if not wait:
+            os.close(fd)
+            raise RunLockedError(holder) from None
+        fcntl.flock(fd, fcntl.LOCK_EX)
+    try:
+        stale = _holder_text(path) if os.read(fd, 65536).strip() else None
+        info = {"pid": os.getpid(), "host": socket.gethostname(),
+                "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "command": " ".join(sys.argv)[:500]}
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, json.dumps(info).encode(), 0)
+        os.fsync(fd)
+        yield stale
+    finally:
+        # empty the file while still holding the lock (never unlink: a waiting opener would lock
+        # an orphaned inode), then release
+        os.ftruncate(fd, 0)
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
+
+
+@contextmanager
 def run_lock(out_dir: Path, announce=None) -> Iterator[None]:
     """Hold the exclusive lock of ``out_dir`` for the ``with`` block (created if missing).
 
@@ -67,46 +128,18 @@ def run_lock(out_dir: Path, announce=None) -> Iterator[None]:
     if process_rank() != 0:
         yield
         return
-    try:
-        import fcntl
-    except ImportError:  # pragma: no cover - Windows: no advisory locks through fcntl
-        yield
-        return
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / LOCK_NAME
-    try:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    except OSError as exc:
-        if exc.errno not in (errno.EROFS, errno.EACCES):
-            raise
-        # a directory this process cannot write (a finished run re-checked on a read-only mount):
-        # no lock to take, and every write the run would make fails with its own clear error
+    with ExitStack() as stack:
+        try:
+            stale = stack.enter_context(file_lock(path, wait=False))
+        except RunLockedError as exc:
+            raise RunLockedError(
+                f"{out_dir} is in use by another llmlab run ({exc}; lock file {path}); "
+                "wait for it to finish, or give this run another output_dir") from None
+        if stale and announce is not None:
+            announce(f"took over the lock of {out_dir} left by {stale}, which is no longer running")
         yield
-        return
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        os.close(fd)
-        raise RunLockedError(
-            f"{out_dir} is in use by another llmlab run ({_holder_text(path)}; lock file {path}); "
-            "wait for it to finish, or give this run another output_dir") from None
-    try:
-        left = os.read(fd, 65536)
-        if left.strip() and announce is not None:
-            announce(f"took over the lock of {out_dir} left by {_holder_text(path)}, which is no longer running")
-        info = {"pid": os.getpid(), "host": socket.gethostname(),
-                "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "command": " ".join(sys.argv)[:500]}
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, json.dumps(info).encode(), 0)
-        os.fsync(fd)
-        yield
-    finally:
-        # empty the file while still holding the lock (never unlink: a waiting opener would lock
-        # an orphaned inode), then release
-        os.ftruncate(fd, 0)
-        fcntl.flock(fd, fcntl.LOCK_UN)
-        os.close(fd)
 
 
 def remove_owned_dir(path: Path, marker: str = STAGE_MARKER) -> None:

@@ -382,12 +382,34 @@ def build_store(path: str | os.PathLike, texts: Iterable[str], tokenizer, *, inf
     Returns:
         the complete :class:`TokenStore`.
 
+    Concurrent writers of one store (another node's ranks, another run sharing the store root)
+    are serialised by an ``flock`` on ``<path>.lock``: the second waits, then opens the complete
+    store.
+
     Raises:
         ValueError: the tokenizer has no EOS token.
     """
     path = Path(path)
     if TokenStore.is_complete(path):
         return TokenStore(path)
+    from llmlab.runguard import file_lock
+
+    # one writer per store: ranks of another node, or another run sharing the store root, wait
+    # here and then find it complete (two writers would write the same *.tmp files)
+    with file_lock(path.with_name(path.name + ".lock"), wait=True,
+                   on_busy=lambda who: log.warning("token store %s is being written by %s; waiting for it",
+                                                   path, who)):
+        if TokenStore.is_complete(path):
+            return TokenStore(path)
+        return _build_store_locked(path, texts, tokenizer, info=info, processes=processes,
+                                   max_tokens=max_tokens, total_documents=total_documents,
+                                   progress=progress, label=label, shard_bytes=shard_bytes)
+
+
+def _build_store_locked(path: Path, texts: Iterable[str], tokenizer, *, info: dict | None, processes: int | None,
+                        max_tokens: int | None, total_documents: int | None, progress: bool, label: str,
+                        shard_bytes: int) -> TokenStore:
+    """:func:`build_store`'s work, under the store's lock."""
     eos = tokenizer.eos_token_id
     if eos is None:
         raise ValueError("the token store needs a tokenizer with an eos token")

@@ -92,6 +92,34 @@ def test_sigkill_mid_prepare_resumes_at_the_first_missing_shard(tmp_path, tokeni
     assert st.manifest["documents"] == 300 and not part.exists()
 
 
+def test_a_second_writer_waits_for_the_first_then_opens_its_store(tmp_path, tokenizer, chapters, caplog):
+    """Two writers of one store (another node's ranks, another run sharing the store root) must
+    not write the same *.tmp files at once: the second waits on ``<key>.lock``."""
+    import threading
+
+    from llmlab.runguard import file_lock
+
+    path = tmp_path / "s"
+    result = {}
+    with file_lock(path.with_name("s.lock"), wait=False):  # a writer at work
+        second = threading.Thread(target=lambda: result.update(st=S.build_store(
+            path, chapters, tokenizer, processes=1, shard_bytes=150_000)))
+        with caplog.at_level("WARNING", logger="llmlab.data.store"):
+            second.start()
+            time.sleep(1.0)
+            assert second.is_alive() and not path.with_name("s.partial").exists()  # waiting, writing nothing
+            assert f"being written by pid {os.getpid()}" in caplog.text
+            # the first writer finishes its store
+            first = S._build_store_locked(path, chapters, tokenizer, info=None, processes=1, max_tokens=None,
+                                          total_documents=None, progress=False, label="", shard_bytes=150_000)
+            stamps = {p.name: p.stat().st_mtime_ns for p in path.glob("shard-*.npy")}
+    second.join(timeout=60)
+    assert not second.is_alive()
+    assert result["st"].manifest == first.manifest  # opened, not written again
+    assert {p.name: p.stat().st_mtime_ns for p in path.glob("shard-*.npy")} == stamps
+    result["st"].verify()
+
+
 @pytest.mark.parametrize("processes", [1, 2])
 def test_max_tokens_stops_at_the_first_documents_reaching_it(tmp_path, tokenizer, chapters, processes):
     full = S.build_store(tmp_path / "full", chapters, tokenizer, processes=1, shard_bytes=100_000)
