@@ -99,6 +99,22 @@ def prepare(
 
 
 @app.command()
+def cache(
+    target: Path = typer.Argument(..., help="A recipe (its token-store root) or a store-root folder."),
+    output_dir: Optional[Path] = typer.Option(None, "--output-dir", help="Run directory (default: the recipe's output_dir)."),
+    set_: List[str] = typer.Option([], "--set", help=SET_HELP),
+    prune: bool = typer.Option(False, "--prune", help="Delete stores unused for more than --unused-days (never the recipe's own, never one being written)."),
+    unused_days: float = typer.Option(30.0, "--unused-days", help="With --prune: days since a store was last opened."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="With --prune: only list what would be deleted."),
+):
+    """List the token stores of a store root (size, tokens, last use); --prune deletes old ones."""
+    from llmlab.cache import cache_command
+
+    raise typer.Exit(cache_command(target, output_dir=output_dir, overrides=set_, prune=prune,
+                                   unused_days=unused_days, dry_run=dry_run))
+
+
+@app.command()
 def report(
     run_dir: Path = typer.Argument(..., help="A run directory (the recipe's output_dir)."),
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="PNG to write (default RUN_DIR/report.png)."),

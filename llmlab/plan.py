@@ -126,7 +126,8 @@ def _fmt_count(n: float | None) -> str:
     return str(int(n))
 
 
-def _fmt_bytes(n: float | None) -> str:
+def fmt_bytes(n: float | None) -> str:
+    """Bytes for people: ``1.5 GiB``, ``12.0 MiB``, ``512 B``; ``?`` for None."""
     if n is None:
         return "?"
     for unit, div in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
@@ -297,7 +298,7 @@ def memory_table(rows: list[dict], facts: dict) -> Table | None:
         t.add_column(col)
     for r in rows:
         m = r["memory"]
-        t.add_row(r["stage"], *(_fmt_bytes(m[k]) if m[k] else "-" for k in parts), _fmt_bytes(sum(m.values())))
+        t.add_row(r["stage"], *(fmt_bytes(m[k]) if m[k] else "-" for k in parts), fmt_bytes(sum(m.values())))
     return t
 
 
@@ -342,7 +343,7 @@ def plan_command(recipe_path: Path, output_dir: Path | None = None, overrides=()
         ds = ", ".join(f"{k} {v:.0f}%" for k, v in r["datasets"].items())
         status = r["status"] + (f" ({r['status_detail']})" if r["status_detail"] else "")
         t.add_row(r["stage"], r["type"], r["from"], ds, str(r["steps"]), _fmt_count(r["tokens"]),
-                  _fmt_count(r["tokens_per_step"]), _fmt_count(r["trainable"]), _fmt_bytes(r["memory_bytes"]),
+                  _fmt_count(r["tokens_per_step"]), _fmt_count(r["trainable"]), fmt_bytes(r["memory_bytes"]),
                   "-" if r["tokens_per_param"] is None else f"{r['tokens_per_param']:.1f}", status)
     console.print(t)
     mem = memory_table(rows, facts)

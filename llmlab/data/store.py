@@ -193,6 +193,10 @@ class TokenStore:
         self._doc_start = np.concatenate([[0], np.cumsum([s["documents"] for s in shards])]).astype(np.int64)
         self._ids: list = [None] * len(shards)
         self._offsets: list = [None] * len(shards)
+        try:  # the folder's mtime is its last use (llmlab cache prunes stores unused for long)
+            os.utime(self.path)
+        except OSError:  # a read-only store root
+            pass
 
     @staticmethod
     def is_complete(path: str | os.PathLike) -> bool:

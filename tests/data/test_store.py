@@ -175,6 +175,52 @@ def test_edited_text_file_gets_a_new_store(tmp_path, tokenizer):
     assert "first" in tokenizer.decode(a[0]) and "later" in tokenizer.decode(b[0])
 
 
+def test_cache_prune_deletes_old_unused_stores_only(tmp_path, tokenizer, capsys):
+    """``llmlab cache --prune``: a store left behind by edited data goes once unused for the given
+    days; the store the recipe reads now, a recently used one and one being written stay."""
+    from llmlab.cache import cache_command
+    from llmlab.data.store_admin import list_stores, prune_stores, recipe_store_keys
+    from llmlab.runguard import file_lock
+
+    f = tmp_path / "t.jsonl"
+    rec = make_recipe(tmp_path)
+    rec["datasets"]["loc"] = {"path": str(f)}
+    rec["stages"]["pretrain"]["datasets"] = {"loc": 1.0}
+    rec["stages"]["pretrain"]["eval_datasets"] = {"loc": 1.0}
+    tokenizer.save_pretrained(Path(rec["output_dir"]) / "tokenizer")
+    f.write_text("".join(json.dumps({"text": f"first version {i}."}) + "\n" for i in range(50)))
+    build_stage_data(rec, "pretrain", tokenizer)
+    old = {e.path.name for e in list_stores(S.store_root(rec))}
+    os.utime(f, ns=(0, 0))
+    f.write_text("".join(json.dumps({"text": f"later version {i}."}) + "\n" for i in range(50)))
+    build_stage_data(rec, "pretrain", tokenizer)
+    root = S.store_root(rec)
+    keep = recipe_store_keys(rec)
+    current = {e.path.name for e in list_stores(root)} - old
+    assert len(old) == 1 and current == keep  # the edited file's store is the recipe's now
+    recent = root / ("f" * 32)  # a store of another recipe, used yesterday
+    shutil.copytree(root / next(iter(old)), recent)
+    writing = root / ("a" * 32 + ".partial")
+    (abandoned := root / ("b" * 32 + ".partial")).mkdir()
+    writing.mkdir()
+    month_ago = time.time() - 40 * 86400
+    for d in root.iterdir():
+        os.utime(d, (month_ago, month_ago))
+    os.utime(recent, (time.time() - 86400,) * 2)
+    with file_lock(root / ("a" * 32 + ".lock"), wait=False):
+        would = prune_stores(root, 30, keep=keep, dry_run=True)
+        assert {e.path.name for e in would} == old | {abandoned.name} and (root / next(iter(old))).is_dir()
+        # given only the folder (no recipe to protect), the command would also take the current store
+        assert cache_command(root, prune=True, unused_days=30, dry_run=True) == 0
+        said = " ".join(capsys.readouterr().out.split())
+        assert "5 folders" in said and "would delete 3 folders unused for more than 30 days" in said
+        assert {e.path.name for e in prune_stores(root, 30, keep=keep)} == old | {abandoned.name}
+    assert {e.path.name for e in list_stores(root)} == current | {recent.name, writing.name}
+    # opening a store marks it used
+    st = S.TokenStore(recent)
+    assert time.time() - st.path.stat().st_mtime < 60
+
+
 def _word_file(path: Path, word: str, n: int) -> str:
     path.write_text("".join(json.dumps({"text": f"{word} " * 20 + f"number {i}."}) + "\n" for i in range(n)))
     return str(path)
