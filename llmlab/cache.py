@@ -22,15 +22,11 @@ def cache_command(target: Path, output_dir: Path | None = None, overrides=(), pr
     keep: set[str] = set()
     if target.is_file():
         from llmlab.data.store import store_root
-        from llmlab.recipe import load_recipe
+        from llmlab.recipe import load_for_command
 
-        rec, errors = load_recipe(target, list(overrides))
-        if errors:
-            for e in errors:
-                console.print(str(e), markup=False, highlight=False)
+        rec = load_for_command(target, overrides, output_dir, console)
+        if rec is None:
             return 1
-        if output_dir is not None:
-            rec["output_dir"] = str(Path(output_dir).resolve())
         root, keep = store_root(rec), recipe_store_keys(rec)
     elif target.is_dir():
         root = target

@@ -307,17 +307,12 @@ def plan_command(recipe_path: Path, output_dir: Path | None = None, overrides=()
     """``llmlab plan``: print the table (or the resolved recipe); 0 ok, 1 invalid recipe.
 
     ``world_size``: processes to plan for (None: :func:`default_world_size`)."""
-    from llmlab.recipe import dump_resolved, load_recipe
+    from llmlab.recipe import dump_resolved, load_for_command
 
     console = make_console()
-    warnings: list = []
-    rec, errors = load_recipe(recipe_path, list(overrides), warnings=warnings)
-    for e in errors or warnings:
-        console.print(str(e), markup=False, highlight=False, style="yellow" if e.severity == "warning" else None)
-    if errors:
+    rec = load_for_command(recipe_path, overrides, output_dir, console)
+    if rec is None:
         return 1
-    if output_dir is not None:
-        rec["output_dir"] = str(Path(output_dir).resolve())
     if resolved:
         print(dump_resolved(rec), end="")
         return 0

@@ -16,17 +16,13 @@ def prepare_command(recipe_path: Path, output_dir: Path | None = None, overrides
 
     from llmlab.console import make_console
     from llmlab.data.prepare import prepare_stages
-    from llmlab.recipe import load_recipe
+    from llmlab.recipe import load_for_command
     from llmlab.runner import Runner, quiet_libraries
 
     console = make_console()
-    rec, errors = load_recipe(recipe_path, list(overrides))
-    if errors:
-        for e in errors:
-            console.print(str(e), markup=False, highlight=False)
+    rec = load_for_command(recipe_path, overrides, output_dir, console)
+    if rec is None:
         return 1
-    if output_dir is not None:
-        rec["output_dir"] = str(Path(output_dir).resolve())
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     quiet_libraries()
     try:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import importlib
 
 _EXPORTS = {
-    "RecipeLoadError": "api", "dump_resolved": "api", "load_recipe": "api", "load_recipe_or_raise": "api",
+    "RecipeLoadError": "api", "dump_resolved": "api", "load_for_command": "api", "load_recipe": "api", "load_recipe_or_raise": "api",
     "stage_order": "api", "RecipeError": "errors", "load_schema": "schema", "schema_path": "schema",
 }
 __all__ = sorted(_EXPORTS)

@@ -476,3 +476,22 @@ def dump_resolved(resolved: dict) -> str:
 def stage_order(resolved: dict) -> list[str]:
     """Stage names in execution order (file order)."""
     return list(resolved.get("stages", {}))
+
+
+def load_for_command(path, overrides: Iterable[str], output_dir, console) -> dict | None:
+    """Load a recipe for a command that reads it (plan, prepare, cache): every error and warning
+    (:func:`load_recipe` with ``allow_code=None``) printed to the rich ``console``, warnings in
+    yellow; ``output_dir`` (``--output-dir``), when given, replaces the recipe's.
+
+    Returns:
+        the resolved recipe, or None when it has errors (the command then exits 1).
+    """
+    warnings: list = []
+    rec, errors = load_recipe(path, list(overrides), warnings=warnings)
+    for e in errors or warnings:
+        console.print(str(e), markup=False, highlight=False, style="yellow" if e.severity == "warning" else None)
+    if errors:
+        return None
+    if output_dir is not None:
+        rec["output_dir"] = str(Path(output_dir).resolve())
+    return rec
