@@ -12,34 +12,49 @@ from llmlab.inference.generation import (
     context_limit,
     default_max_new_tokens,
     encode_prompt,
+    fit_conversation,
     generate_ids,
+    turn_starts,
 )
 
 HELP = "Commands: /reset clears the conversation, /exit (or Ctrl+D, Ctrl+C) quits, /help shows this."
 
 
-def _fit_history(tokenizer: Any, history: list[dict], system: str | None, limit: int | None,
-                 max_new: int | None) -> tuple[list[int], int]:
-    """Prompt ids of the conversation and how many of the oldest messages were dropped so that the
-    prompt leaves room for a reply of ``max_new`` tokens (default: :func:`default_max_new_tokens`).
-    The newest message is always kept (:class:`PromptTooLongError` later if it alone is too long)."""
+def _dim(out: TextIO, text: str) -> str:
+    """``text`` dimmed (ANSI faint) when ``out`` is a terminal, as is otherwise."""
+    isatty = getattr(out, "isatty", None)
+    return f"\x1b[2m{text}\x1b[0m" if isatty is not None and isatty() else text
+
+
+def chat_prompt(tokenizer: Any, history: list[dict], text: str, system: str | None, limit: int | None,
+                max_new: int | None) -> tuple[list[int], list[dict]]:
+    """Prompt ids for the next turn of a chat and the conversation they render.
+
+    The conversation is ``history`` plus ``text`` as a new user message, rendered by the chat template
+    with the generation prompt (:func:`~llmlab.inference.generation.fit_conversation`); when it
+    outgrows the ``limit``-token context, its oldest whole turns are dropped so that a reply of
+    ``max_new`` tokens (default :func:`default_max_new_tokens`, at most half the context) still fits.
+
+    Returns:
+        ``(ids, kept)``: ``kept`` ends with the new user message; ``history`` is not changed.
+    """
     reserve = max_new if max_new is not None else default_max_new_tokens(limit)
-    msgs = list(history)
-    while True:
-        ids = encode_prompt(tokenizer, msgs, True, system=system)
-        if limit is None or len(ids) + min(reserve, limit // 2) <= limit or len(msgs) <= 1:
-            return ids, len(history) - len(msgs)
-        msgs = msgs[2:] if len(msgs) > 2 else msgs[1:]
+    if limit is not None:
+        reserve = min(reserve, limit // 2)
+    return fit_conversation(tokenizer, history + [{"role": "user", "content": text}], limit, reserve, system=system)
 
 
 def run_chat(model: Any, tokenizer: Any, is_chat: bool, settings: GenerationSettings, system: str | None = None,
              read: Callable[[str], str] = input, out: TextIO | None = None, banner: str | None = None) -> int:
     """Run the chat loop until /exit, end of input or Ctrl+C; returns the exit code (0).
 
-    A chat model keeps the conversation and renders it with the chat template each turn; a base model
-    continues each line as plain text (no history). The reply is written to ``out`` piece by piece as
-    tokens are generated. Settings use ``settings.seed + turn`` per turn when a seed is given, so a
-    scripted session is reproducible.
+    A chat model keeps the conversation and renders all of it with the chat template each turn
+    (:func:`chat_prompt`; messages are stored stripped of surrounding whitespace, as the SFT data
+    is); when it outgrows the context the oldest whole turns are dropped, and a dim line says so the
+    first time. A message too long to answer is refused and leaves the conversation as it was. A
+    base model continues each line as plain text (no history). The reply is written to ``out`` piece
+    by piece as tokens are generated. Settings use ``settings.seed + turn`` per turn when a seed is
+    given, so a scripted session is reproducible.
     """
     out = out or sys.stdout
     try:  # line editing and history when the platform has readline
@@ -57,22 +72,21 @@ def run_chat(model: Any, tokenizer: Any, is_chat: bool, settings: GenerationSett
     write(f"Mode: {mode}. {HELP}\n")
     history: list[dict] = []
     limit = context_limit(model)
-    turn = 0
+    turn, told = 0, False
     try:
         while True:
             try:
-                line = read(">>> ")
+                text = read(">>> ").strip()
             except EOFError:
                 write("\n")
                 break
-            text = line.strip()
             if not text:
                 continue
             if text in ("/exit", "/quit", "/bye"):
                 break
             if text == "/reset":
                 history.clear()
-                turn = 0  # a fresh conversation replays like a new session
+                turn, told = 0, False  # a fresh conversation replays like a new session
                 write("(conversation cleared)\n")
                 continue
             if text == "/help":
@@ -84,26 +98,25 @@ def run_chat(model: Any, tokenizer: Any, is_chat: bool, settings: GenerationSett
             s = settings if settings.seed is None else settings.replace(seed=settings.seed + turn)
             turn += 1
             if is_chat:
-                history.append({"role": "user", "content": line})
-                ids, dropped = _fit_history(tokenizer, history, system, limit, s.max_new_tokens)
-                if dropped:
-                    del history[:dropped]
-                    write(f"(the {dropped} oldest message(s) no longer fit the {limit}-token context; dropped)\n")
+                ids, kept = chat_prompt(tokenizer, history, text, system, limit, s.max_new_tokens)
             else:
-                ids = encode_prompt(tokenizer, line, False)
-                write(line)
+                ids = encode_prompt(tokenizer, text, False)
+                write(text)
             try:
                 result = generate_ids(model, tokenizer, ids, s, is_chat, on_text=write)
             except PromptTooLongError as e:
                 write(f"\n(not sent: {e})\n")
-                if is_chat:
-                    history.pop()
                 continue
             write("\n" if result.finish_reason == "stop" else " [max tokens]\n")
             if result.note:
                 write(f"({result.note})\n")
             if is_chat:
-                history.append({"role": "assistant", "content": result.text})
+                dropped = len(turn_starts(history)) + 1 - len(turn_starts(kept))
+                if dropped and not told:
+                    told = True
+                    write(_dim(out, f"(the conversation outgrew the model's {limit}-token context: its oldest "
+                                    f"turns are dropped from now on, {dropped} so far)") + "\n")
+                history[:] = kept + [{"role": "assistant", "content": result.text.strip()}]
     except KeyboardInterrupt:
         write("\n")
     write("Bye.\n")

@@ -97,6 +97,68 @@ def encode_prompt(tokenizer: Any, prompt: str | list[Message], is_chat: bool, sy
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
+def turn_starts(messages: list[Message]) -> list[int]:
+    """Indices where the turns of a conversation begin, after its leading system messages.
+
+    A turn is a user message and every message after it up to the next user message (the
+    assistant's reply, tool messages); messages before the first user message count as one turn.
+    ``[]`` when there is nothing but system messages.
+    """
+    lead = 0
+    while lead < len(messages) and messages[lead].get("role") == "system":
+        lead += 1
+    return [i for i in range(lead, len(messages)) if i == lead or messages[i].get("role") == "user"]
+
+
+def fit_conversation(tokenizer: Any, messages: list[Message], limit: int | None, reserve: int,
+                     system: str | None = None) -> tuple[list[int], list[Message]]:
+    """Chat-template prompt ids of a conversation, its oldest whole turns dropped until the prompt
+    leaves ``reserve`` tokens of the ``limit``-token context for the reply.
+
+    Turns are cut whole (see :func:`turn_starts`), oldest first; the leading system messages (and
+    ``system``, rendered as :func:`encode_prompt` does) and the newest turn are always kept, so the
+    prompt never starts mid-turn (a left cut of the token ids would start it inside a message, or
+    without its ``<|im_start|>``, a format SFT never trained on). The rendering is
+    :func:`encode_prompt`'s: token for token the SFT training format of the same messages up to the
+    generation prompt.
+
+    Args:
+        messages: the conversation, ending with the user message to answer.
+        limit: the model's context in tokens (None: no limit, nothing is dropped).
+        reserve: tokens to leave for the reply.
+        system: a system prompt added when the conversation has none.
+
+    Returns:
+        ``(ids, kept)``: the prompt ids and the messages they render (a tail of ``messages`` after its
+        system messages, which stay in front). If the newest turn alone leaves less than ``reserve``
+        it is returned alone, and :func:`completion_budget` caps the reply or refuses the prompt.
+
+    Cost: O(log turns) renderings (binary search on the number of turns dropped; a prompt never
+    grows when a turn is dropped).
+    """
+    starts = turn_starts(messages)
+    lead = messages[: starts[0]] if starts else list(messages)
+
+    def render(k: int) -> tuple[list[int], list[Message]]:
+        kept = lead + messages[starts[k]:] if starts else list(messages)
+        return encode_prompt(tokenizer, kept, True, system=system), kept
+
+    ids, kept = render(0)
+    if limit is None or len(ids) + reserve <= limit or len(starts) <= 1:
+        return ids, kept
+    # the fewest turns to drop that fit lies in [lo, hi]; hi = all but the newest turn is the fallback
+    lo, hi = 1, len(starts) - 1
+    found = {}
+    while lo < hi:
+        mid = (lo + hi) // 2
+        found[mid] = render(mid)
+        if len(found[mid][0]) + reserve <= limit:
+            hi = mid
+        else:
+            lo = mid + 1
+    return found[hi] if hi in found else render(hi)
+
+
 def context_limit(model: Any) -> int | None:
     """The model's maximum sequence length, when its config declares one."""
     cfg = getattr(model, "config", None)
