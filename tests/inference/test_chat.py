@@ -140,3 +140,115 @@ def test_chat_keeps_the_prompt_when_the_reply_length_fills_the_context(tiny_run)
     assert replies[0] != replies[1] and all(r.strip() and r in text for r in replies)  # each message's own reply
     assert "reply capped at" in text and "not sent: the prompt is" in text
     assert generate_text(model, tok, "Hi", greedy, True).text in text  # still chatting afterwards
+
+
+def _recording(monkeypatch):
+    """Record the prompt ids and replies of every turn run_chat generates (the real generate_ids runs)."""
+    import llmlab.inference.chat as chat_mod
+
+    real, seen = chat_mod.generate_ids, []
+
+    def spy(model, tokenizer, ids, settings, is_chat, **kw):
+        r = real(model, tokenizer, ids, settings, is_chat, **kw)
+        seen.append((list(ids), r.text))
+        return r
+
+    monkeypatch.setattr(chat_mod, "generate_ids", spy)
+    return seen
+
+
+def test_turn_n_prompt_is_the_chat_template_of_the_whole_history(tiny_run, monkeypatch):
+    """Each turn's prompt is apply_chat_template(history, add_generation_prompt=True), token for token the
+    SFT training tokenization of the conversation up to the reply; messages are kept stripped as the SFT
+    data is (the old loop kept the user's stray spaces in the history)."""
+    model, tok, _ = load_for_inference(tiny_run / "sft" / "final")
+    seen = _recording(monkeypatch)
+    lines = ["  Hello  ", "What is your name?\t", " Do you like music?"]
+    out = io.StringIO()
+    run_chat(model, tok, True, GenerationSettings(max_new_tokens=12, temperature=0), system="Be brief.",
+             read=_reader(iter(lines)), out=out)
+    assert len(seen) == 3
+    history = [{"role": "system", "content": "Be brief."}]
+    for (ids, reply), line in zip(seen, lines):
+        history.append({"role": "user", "content": line.strip()})
+        want = tok.apply_chat_template(history, add_generation_prompt=True, tokenize=True, return_dict=True)
+        assert ids == list(want["input_ids"])
+        # the SFT format: the whole conversation tokenized at once (llmlab.data), cut before the reply
+        history.append({"role": "assistant", "content": reply.strip()})
+        trained = tok.apply_chat_template(history, tokenize=True, return_dict=True)["input_ids"]
+        assert list(trained[: len(ids)]) == ids
+    assert "outgrew" not in out.getvalue()  # three short turns fit: nothing dropped
+
+
+def test_a_conversation_longer_than_the_context_is_cut_at_turn_boundaries(tiny_run, monkeypatch):
+    model, tok, _ = load_for_inference(tiny_run / "sft" / "final")
+    limit = model.config.max_position_embeddings
+    seen = _recording(monkeypatch)
+    lines = [f"Question {i}: " + "tell me about the light and the waters " * 3 for i in range(12)]
+    out = io.StringIO()
+    s = GenerationSettings(max_new_tokens=16, temperature=0)
+    run_chat(model, tok, True, s, system="You are helpful.", read=_reader(iter(lines)), out=out)
+    assert len(seen) == len(lines)
+
+    conversation = []  # every message of the session, in order
+    cut_turns = 0
+    for (ids, reply), line in zip(seen, lines):
+        conversation.append({"role": "user", "content": line.strip()})
+        assert len(ids) + 16 <= limit  # room left for the reply
+        # the prompt is the system message plus a suffix of WHOLE turns ending with the newest message
+        starts = [i for i, m in enumerate(conversation) if m["role"] == "user"]
+        renders = {k: tok.apply_chat_template([{"role": "system", "content": "You are helpful."}]
+                                              + conversation[starts[k]:], add_generation_prompt=True,
+                                              tokenize=True, return_dict=True)["input_ids"]
+                   for k in range(len(starts))}
+        matches = [k for k, r in renders.items() if list(r) == ids]
+        assert matches, "the prompt is not the rendering of whole turns"
+        k = matches[0]
+        # ... and the longest such suffix that fits
+        assert k == 0 or len(renders[k - 1]) + 16 > limit
+        cut_turns = max(cut_turns, k)
+        conversation.append({"role": "assistant", "content": reply.strip()})
+    assert cut_turns >= 3  # the session did outgrow the context
+    text = out.getvalue()
+    assert text.count("outgrew the model's 256-token context") == 1  # said once
+
+
+def test_a_refused_message_leaves_the_conversation_as_it_was(tiny_run, monkeypatch):
+    """A message too long for the context is refused; the old loop had already dropped every earlier turn
+    to make room for it, so the next message started a new conversation."""
+    model, tok, _ = load_for_inference(tiny_run / "sft" / "final")
+    seen = _recording(monkeypatch)
+    lines = ["Hello", "How are you?", "word " * 400, "What is your name?"]
+    out = io.StringIO()
+    run_chat(model, tok, True, GenerationSettings(max_new_tokens=8, temperature=0), read=_reader(iter(lines)),
+             out=out)
+    assert "not sent: the prompt is" in out.getvalue()
+    assert len(seen) == 3
+    (_, r1), (_, r2), (last, _) = seen
+    history = [{"role": "user", "content": "Hello"}, {"role": "assistant", "content": r1.strip()},
+               {"role": "user", "content": "How are you?"}, {"role": "assistant", "content": r2.strip()},
+               {"role": "user", "content": "What is your name?"}]
+    assert last == list(tok.apply_chat_template(history, add_generation_prompt=True, tokenize=True,
+                                                return_dict=True)["input_ids"])
+    assert "outgrew" not in out.getvalue()
+
+
+def test_fit_conversation_drops_the_fewest_whole_turns(tiny_run):
+    from llmlab.inference.generation import encode_prompt, fit_conversation, turn_starts
+
+    _, tok, _ = load_for_inference(tiny_run / "sft" / "final")
+    msgs = [{"role": "system", "content": "Be kind."}]
+    for i in range(9):
+        msgs += [{"role": "user", "content": f"message {i} " + "and " * i},
+                 {"role": "assistant", "content": f"reply {i}"}]
+    msgs.append({"role": "user", "content": "last"})
+    starts = turn_starts(msgs)
+    assert starts == list(range(1, len(msgs), 2))
+    lengths = [len(encode_prompt(tok, msgs[:1] + msgs[s:], True)) for s in starts]
+    for limit in range(lengths[-1] + 1, lengths[0] + 10, 7):  # every cut point, by a linear scan
+        ids, kept = fit_conversation(tok, msgs, limit, 0)
+        k = next(i for i, n in enumerate(lengths) if n <= limit)
+        assert kept == msgs[:1] + msgs[starts[k]:] and ids == encode_prompt(tok, kept, True)
+    ids, kept = fit_conversation(tok, msgs, lengths[-1] - 1, 0)  # not even the last turn fits: it alone
+    assert kept == msgs[:1] + msgs[-1:]
+    assert fit_conversation(tok, msgs, None, 10**6)[1] == msgs
