@@ -303,6 +303,10 @@ def eval_command(path: Path, dataset: str | None = None, output: Path | None = N
         except ValueError as e:
             _err(str(e))
             return 1
+        if report.get("truncated"):
+            _info(f"note: {report['truncated']} row(s) were longer than the length limit (--max-length, default the "
+                  "model's context) and were cut from the left, scored without their oldest tokens "
+                  "('truncated' in the report)")
     if tasks:
         report["lm_eval"] = run_lm_eval(model, tok, list(tasks), batch_size=batch_size, limit=limit)
     _print_report(report)

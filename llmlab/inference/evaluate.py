@@ -22,6 +22,11 @@ stage type. What it reports per kind:
   and the mean rewards. A reward model (``*ForSequenceClassification``) is scored directly: its
   accuracy and margin on chosen vs rejected.
 - prompt: sample generations (seeded), with a reward model's score for each when one is given.
+
+A conversation or preference sequence longer than the limit (``max_length``, default the model's
+context) is cut from the left, keeping its scored tail; ``truncated`` counts the rows so cut
+(conversations; pairs whose chosen or rejected sequence was cut; sampled prompts whose reward-model
+input was cut), and ``llmlab eval`` prints a note when it is not 0: a cut eval is never silent.
 """
 
 from __future__ import annotations
@@ -47,13 +52,12 @@ LN2 = math.log(2.0)
 
 # -- scoring ---------------------------------------------------------------------------------------
 @torch.no_grad()
-def score_tokens(model: Any, items: Sequence[tuple[list[int], list[bool]]], pad_id: int,
-                 batch_size: int = 8) -> list[tuple[float, int]]:
+def score_tokens(model: Any, items: Sequence[tuple], pad_id: int, batch_size: int = 8) -> list[tuple[float, int]]:
     """Summed log-probability of the flagged tokens of each sequence.
 
     Args:
-        items: ``(ids, scored)`` pairs; ``scored[i]`` says whether token ``i`` (predicted from the
-            tokens before it) counts. ``scored[0]`` is ignored.
+        items: ``(ids, scored, ...)`` tuples (further items ignored); ``scored[i]`` says whether token
+            ``i`` (predicted from the tokens before it) counts. ``scored[0]`` is ignored.
     Returns:
         ``(sum_logprob, n_scored)`` per item, in order.
     """
@@ -67,7 +71,7 @@ def score_tokens(model: Any, items: Sequence[tuple[list[int], list[bool]]], pad_
         att = torch.zeros((len(idx), T), dtype=torch.long)
         sc = torch.zeros((len(idx), T), dtype=torch.bool)
         for r, i in enumerate(idx):
-            seq, flags = items[i]
+            seq, flags = items[i][0], items[i][1]
             ids[r, : len(seq)] = torch.tensor(seq, dtype=torch.long)
             att[r, : len(seq)] = 1
             sc[r, 1: len(seq)] = torch.tensor(flags[1:], dtype=torch.bool)
@@ -133,13 +137,13 @@ def _spans(mask: Sequence[int]) -> list[tuple[int, int]]:
     return out
 
 
-def _chat_scored(tokenizer: Any, messages: list[dict], last_k: int | None, limit: int) -> tuple[list[int], list[bool]]:
+def _chat_scored(tokenizer: Any, messages: list[dict], last_k: int | None, limit: int) -> Scored:
     """Chat-rendered ids with the tokens of the last ``last_k`` assistant turns flagged (all when None).
 
     Follows the training convention of ``llmlab.data``: the whole conversation tokenized by the chat
     template, scored tokens = the template's generation spans (reply + ``<|im_end|>``), no BOS added.
     Templates without generation markers fall back to rendering prefix by prefix, scoring each
-    assistant turn's rendering minus its trailing whitespace.
+    assistant turn's rendering minus its trailing whitespace. Cut from the left to ``limit`` (:func:`_fit`).
     """
     enc = tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True,
                                         return_assistant_tokens_mask=True)
@@ -155,8 +159,7 @@ def _chat_scored(tokenizer: Any, messages: list[dict], last_k: int | None, limit
     return _fit(ids, flags, limit)
 
 
-def _chat_scored_by_prefix(tokenizer: Any, messages: list[dict], last_k: int | None,
-                           limit: int) -> tuple[list[int], list[bool]]:
+def _chat_scored_by_prefix(tokenizer: Any, messages: list[dict], last_k: int | None, limit: int) -> Scored:
     n_assist = sum(m["role"] == "assistant" for m in messages)
     first_scored = 0 if last_k is None else n_assist - last_k
     ids: list[int] = []
@@ -179,23 +182,31 @@ def _chat_scored_by_prefix(tokenizer: Any, messages: list[dict], last_k: int | N
     return _fit(ids, flags, limit)
 
 
-def _fit(ids: list[int], flags: list[bool], limit: int) -> tuple[list[int], list[bool]]:
-    """Cut from the left to ``limit`` tokens, keeping the scored tail."""
+#: ``(ids, scored, cut)``: token ids, which of them are scored, and whether the sequence was cut from the
+#: left to fit the length limit (its oldest tokens not seen; the scored tokens cut with them not scored)
+Scored = tuple[list[int], list[bool], bool]
+
+
+def _fit(ids: list[int], flags: list[bool], limit: int) -> Scored:
+    """Cut from the left to ``limit`` tokens, keeping the scored tail; the third item says whether it cut."""
     if len(ids) > limit:
-        ids, flags = ids[-limit:], flags[-limit:]
-    return ids, flags
+        return ids[-limit:], flags[-limit:], True
+    return ids, flags, False
 
 
 def _prompt_completion(tokenizer: Any, prompt: list[dict], completion: list[dict], is_chat: bool,
-                       limit: int) -> tuple[list[int], list[bool]]:
-    """Token ids of prompt + completion with the completion's tokens flagged, cut to ``limit``."""
+                       limit: int) -> Scored:
+    """Token ids of prompt + completion with the completion's tokens flagged, cut to ``limit`` (the prompt
+    from the left first, then the completion's tail)."""
     if is_chat:
         return _chat_scored(tokenizer, prompt + completion,
                             sum(m["role"] == "assistant" for m in completion), limit)
     p_ids = _start_token(tokenizer) + _encode(tokenizer, messages_as_text(prompt) + "\n" if prompt else "")
-    c_ids = _encode(tokenizer, messages_as_text(completion))[: max(limit - 1, 1)]
+    c_ids = _encode(tokenizer, messages_as_text(completion))
+    n = len(p_ids) + len(c_ids)
+    c_ids = c_ids[: max(limit - 1, 1)]
     p_ids = p_ids[-max(limit - len(c_ids), 1):]
-    return p_ids + c_ids, [False] * len(p_ids) + [True] * len(c_ids)
+    return p_ids + c_ids, [False] * len(p_ids) + [True] * len(c_ids), len(p_ids) + len(c_ids) < n
 
 
 # -- per kind --------------------------------------------------------------------------------------
@@ -232,34 +243,38 @@ def eval_conversation(model: Any, tokenizer: Any, rows: Sequence[dict], batch_si
     n = sum(c for _, c in scores)
     mean = nll / max(n, 1)
     return {"conversations": len(rows), "tokens": n, "mean_loss": mean,
-            "perplexity": math.exp(mean) if n else float("nan")}
+            "perplexity": math.exp(mean) if n else float("nan"), "truncated": sum(it[2] for it in items)}
 
 
 def preference_logps(model: Any, tokenizer: Any, rows: Sequence[dict], is_chat: bool, batch_size: int = 8,
-                     max_length: int | None = None) -> tuple[list[float], list[float]]:
-    """Summed log-probabilities of the chosen and of the rejected completion, per pair."""
+                     max_length: int | None = None) -> tuple[list[float], list[float], int]:
+    """Summed log-probabilities of the chosen and of the rejected completion, per pair, and the number
+    of pairs whose chosen or rejected sequence was cut from the left to fit the length limit."""
     limit = _max_len(model, max_length)
     items = []
     for r in rows:
         items.append(_prompt_completion(tokenizer, r["prompt"], r["chosen"], is_chat, limit))
         items.append(_prompt_completion(tokenizer, r["prompt"], r["rejected"], is_chat, limit))
     scores = score_tokens(model, items, _pad_id(tokenizer), batch_size)
-    return [s for s, _ in scores[0::2]], [s for s, _ in scores[1::2]]
+    cut = sum(a[2] or b[2] for a, b in zip(items[0::2], items[1::2]))
+    return [s for s, _ in scores[0::2]], [s for s, _ in scores[1::2]], cut
 
 
 @torch.no_grad()
-def reward_scores(reward_model: Any, tokenizer: Any, conversations: Sequence[list[dict]], is_chat: bool) -> list[float]:
-    """A reward model's scalar score for each conversation (one at a time: no padding ambiguity)."""
+def reward_scores(reward_model: Any, tokenizer: Any, conversations: Sequence[list[dict]],
+                  is_chat: bool) -> tuple[list[float], list[bool]]:
+    """A reward model's scalar score for each conversation (one at a time: no padding ambiguity), and
+    for each whether it was longer than the model's context and cut from the left (scored on its tail)."""
     device = next(reward_model.parameters()).device
     limit = _max_len(reward_model, None)
-    out = []
+    out, cut = [], []
     for msgs in conversations:
         text = _render(tokenizer, msgs, is_chat, False)
         ids = _encode(tokenizer, text) if is_chat else _start_token(tokenizer) + _encode(tokenizer, text)
-        ids = ids[-limit:]
-        logits = reward_model(input_ids=torch.tensor([ids], device=device)).logits
+        cut.append(len(ids) > limit)
+        logits = reward_model(input_ids=torch.tensor([ids[-limit:]], device=device)).logits
         out.append(float(logits.reshape(-1)[0]))
-    return out
+    return out, cut
 
 
 def _mean(xs: Sequence[float]) -> float:
@@ -270,17 +285,19 @@ def eval_preference(model: Any, tokenizer: Any, rows: Sequence[dict], is_chat: b
                     beta: float = 0.1, batch_size: int = 8, max_length: int | None = None) -> dict:
     """Preference metrics of a policy (optionally against a reference) or of a reward model."""
     if is_reward_model(model):
-        convs_c = [r["prompt"] + r["chosen"] for r in rows]
-        convs_r = [r["prompt"] + r["rejected"] for r in rows]
-        sc, sr = reward_scores(model, tokenizer, convs_c, is_chat), reward_scores(model, tokenizer, convs_r, is_chat)
+        sc, cut_c = reward_scores(model, tokenizer, [r["prompt"] + r["chosen"] for r in rows], is_chat)
+        sr, cut_r = reward_scores(model, tokenizer, [r["prompt"] + r["rejected"] for r in rows], is_chat)
         diffs = [a - b for a, b in zip(sc, sr)]
+        cut = sum(a or b for a, b in zip(cut_c, cut_r))
         return {"pairs": len(rows), "reward_model": True, "reward_accuracy": _mean([float(d > 0) for d in diffs]),
-                "reward_margin": _mean(diffs), "chosen_reward": _mean(sc), "rejected_reward": _mean(sr)}
-    pc, pr = preference_logps(model, tokenizer, rows, is_chat, batch_size, max_length)
+                "reward_margin": _mean(diffs), "chosen_reward": _mean(sc), "rejected_reward": _mean(sr),
+                "truncated": cut}
+    pc, pr, cut = preference_logps(model, tokenizer, rows, is_chat, batch_size, max_length)
     res = {"pairs": len(rows), "logp_accuracy": _mean([float(a > b) for a, b in zip(pc, pr)]),
-           "chosen_logp": _mean(pc), "rejected_logp": _mean(pr)}
+           "chosen_logp": _mean(pc), "rejected_logp": _mean(pr), "truncated": cut}
     if reference is not None:
-        rc, rr = preference_logps(reference, tokenizer, rows, is_chat, batch_size, max_length)
+        rc, rr, ref_cut = preference_logps(reference, tokenizer, rows, is_chat, batch_size, max_length)
+        res["truncated"] = max(cut, ref_cut)
         r_c = [beta * (a - b) for a, b in zip(pc, rc)]
         r_r = [beta * (a - b) for a, b in zip(pr, rr)]
         res.update(beta=beta, reward_accuracy=_mean([float(a > b) for a, b in zip(r_c, r_r)]),
@@ -311,7 +328,10 @@ def eval_prompts(model: Any, tokenizer: Any, rows: Sequence[dict], is_chat: bool
             s["note"] = g.note
         if reward_model is not None:
             rm, rtok, rchat = reward_model
-            s["reward"] = reward_scores(rm, rtok, [r["prompt"] + [{"role": "assistant", "content": g.text}]], rchat)[0]
+            (s["reward"],), (cut,) = reward_scores(rm, rtok, [r["prompt"] + [{"role": "assistant", "content": g.text}]],
+                                                   rchat)
+            if cut:
+                s["truncated"] = True  # the reward model saw the tail of prompt + completion
         samples.append(s)
     res: dict = {"prompts": len(samples), "mean_completion_tokens": _mean([s["completion_tokens"] for s in samples]),
                  "samples": samples}
@@ -319,6 +339,7 @@ def eval_prompts(model: Any, tokenizer: Any, rows: Sequence[dict], is_chat: bool
         res["skipped_prompts"] = skipped
     if reward_model is not None:
         res["mean_reward"] = _mean([s["reward"] for s in samples])
+        res["truncated"] = sum(bool(s.get("truncated")) for s in samples)
     return res
 
 

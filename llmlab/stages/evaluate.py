@@ -204,6 +204,10 @@ def run_evaluate_stage(recipe: dict, name: str, stage_paths: dict[str, Path], to
                                    settings=settings, num_samples=num_samples)
         results[stage] = _score_datasets(scorer, is_reward_model(model), data, reference, reward, seed,
                                          f"stage {name}: {stage}")
+        for ds, m in results[stage].items():
+            if m.get("truncated"):  # never silent: the scores are of cut sequences
+                say(f"  evaluate {name}: {stage} on {ds}: {m['truncated']} of {m['rows']} rows were longer than "
+                    "the model's context and were cut from the left")
         del model, scorer
         if torch.cuda.is_available():
             torch.cuda.empty_cache()

@@ -207,3 +207,32 @@ def test_templates_without_generation_markers_score_the_same_tokens(tiny_run):
         assert _chat_scored(plain, msgs, last_k, 256) == marked
         assert sum(marked[1]) > 0
     assert sum(_chat_scored(tok, msgs, 1, 256)[1]) < sum(_chat_scored(tok, msgs, None, 256)[1])
+
+
+def test_sequences_cut_to_the_length_limit_are_counted(tiny_run, tmp_path, capsys):
+    """Conversations and preference pairs longer than --max-length are cut from the left; the report says
+    how many (it used to cut them silently), and `llmlab eval` prints a note."""
+    from llmlab.inference.commands import eval_command
+
+    model, tok, _ = load_for_inference(tiny_run / "sft" / "final")
+    short = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]
+    long = [{"role": "user", "content": "Tell me about the light " * 8}, {"role": "assistant", "content": "No."}]
+    convs = [{"messages": short}, {"messages": long}, {"messages": short + long}]
+    lengths = [len(tok.apply_chat_template(r["messages"], tokenize=True, return_dict=True)["input_ids"])
+               for r in convs]
+    limit = 40
+    assert lengths[0] <= limit < min(lengths[1:])  # the oracle: two of the three do not fit
+    assert evaluate_model(model, tok, convs, "conversation", max_length=limit)["truncated"] == 2
+    assert evaluate_model(model, tok, convs, "conversation")["truncated"] == 0
+
+    pairs = [{"prompt": short[:1], "chosen": short[1:], "rejected": long[1:]},
+             {"prompt": long[:1], "chosen": short[1:], "rejected": long[1:]}]
+    res = evaluate_model(model, tok, pairs, "preference", max_length=limit, reference=model)
+    assert res["truncated"] == 1 and evaluate_model(model, tok, pairs, "preference")["truncated"] == 0
+
+    data = tmp_path / "convs.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in convs))
+    out = tmp_path / "report.json"
+    assert eval_command(tiny_run / "sft" / "final", dataset=str(data), output=out, max_length=limit) == 0
+    assert json.loads(out.read_text())["truncated"] == 2
+    assert "note: 2 row(s) were longer than the length limit" in capsys.readouterr().err
