@@ -252,3 +252,29 @@ def test_fit_conversation_drops_the_fewest_whole_turns(tiny_run):
     ids, kept = fit_conversation(tok, msgs, lengths[-1] - 1, 0)  # not even the last turn fits: it alone
     assert kept == msgs[:1] + msgs[-1:]
     assert fit_conversation(tok, msgs, None, 10**6)[1] == msgs
+
+
+def test_a_reply_is_kept_without_its_surrounding_whitespace(tiny_run, monkeypatch):
+    """The quick-start model's greedy replies end in runs of spaces ("I't" + 60 spaces, [max tokens]); kept
+    as they were, the history filled with whitespace no SFT reply has (its turns are stripped) and from
+    turn 5 on the model answered with whitespace only. The reply is stored stripped."""
+    import dataclasses
+
+    import llmlab.inference.chat as chat_mod
+
+    model, tok, _ = load_for_inference(tiny_run / "sft" / "final")
+    real, prompts = chat_mod.generate_ids, []
+
+    def padded(model, tokenizer, ids, settings, is_chat, **kw):  # the real reply, as if it ended in blanks
+        prompts.append(list(ids))
+        r = real(model, tokenizer, ids, settings, is_chat, **kw)
+        return dataclasses.replace(r, text=r.text + " " * 30 + "\n")
+
+    monkeypatch.setattr(chat_mod, "generate_ids", padded)
+    s = GenerationSettings(max_new_tokens=8, temperature=0)
+    run_chat(model, tok, True, s, read=_reader(iter(["Hello", "How are you?"])), out=io.StringIO())
+    first = generate_text(model, tok, "Hello", s, True).text
+    history = [{"role": "user", "content": "Hello"}, {"role": "assistant", "content": first.strip()},
+               {"role": "user", "content": "How are you?"}]
+    assert prompts[1] == list(tok.apply_chat_template(history, add_generation_prompt=True, tokenize=True,
+                                                      return_dict=True)["input_ids"])
