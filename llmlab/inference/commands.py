@@ -409,8 +409,8 @@ def register_commands(app) -> None:
     ):
         """Talk to a model in the terminal; replies stream as they are generated.
 
-        Chat models (fine-tuned, with a ChatML template) keep the conversation; base models continue
-        each line as plain text. Type /reset to clear the conversation, /exit or Ctrl+C to quit.
+        Chat models (fine-tuned, with a ChatML template) keep the conversation, dropping its oldest whole
+        turns when it outgrows the context; base models continue each line as plain text. Type /reset to clear the conversation, /exit or Ctrl+C to quit.
         """
         from llmlab.inference.commands import chat_command
 
