@@ -31,6 +31,13 @@ _SMALL_FILE = 64 << 20
 #: chatterbot_pairs 2: off-topic and word-shuffled rejected replies.
 BUILTIN_REVISION = {"chatterbot_pairs": 2}
 
+#: revision of the rule that draws ``eval_split`` (llmlab.data.sources.held_out); it enters the
+#: fingerprints (here and in llmlab.data.store) of every dataset with ``eval_split`` > 0, so runs
+#: and caches split by an older rule are redone. 1: per dataset, permutation (loaded) or hash of
+#: (seed, dataset name, prompt) (streamed). 2: one hash split of (seed, first user turn) for the
+#: whole recipe, loaded and streamed alike.
+EVAL_SPLIT_RULE = 2
+
 
 def sha256_json(obj: Any) -> str:
     """sha256 of the canonical JSON form of ``obj`` (sorted keys)."""
@@ -101,6 +108,8 @@ def source_fingerprint(spec: dict) -> str:
             content = [pkg, "missing"]
         if spec["builtin"] in BUILTIN_REVISION:  # the builtin's rows changed for the same package
             content.append(BUILTIN_REVISION[spec["builtin"]])
+    if float(spec.get("eval_split") or 0) > 0:  # which rows are held out depends on the rule
+        content = [*content, {"eval_split_rule": EVAL_SPLIT_RULE}]
     return sha256_json({"spec": spec, "content": content})
 
 

@@ -36,7 +36,7 @@ import json
 import logging
 import os
 import random
-import zlib
+import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -187,22 +187,12 @@ def load_named_dataset(recipe: dict, name: str) -> DatasetSplits:
     ds, bad = _normalise(raw, fmt, kind)
     num_raw = len(raw) + len(pre_bad)
     bad_all = pre_bad + bad
-    if bad_all:
-        log.warning("datasets.%s: dropped %d bad row(s) of %d; first: %s", name, len(bad_all),
-                    num_raw, "; ".join(f"{_row_label(r)}: {p}" for r, p in bad_all[:_MAX_BAD_LOGGED]))
-    max_bad = float(spec.get("max_bad_fraction", 0.01))
-    if num_raw and len(bad_all) / num_raw > max_bad:
-        row, problem = bad_all[0]
-        raise ValueError(f"datasets.{name}: {len(bad_all)} of {num_raw} rows are bad "
-                         f"({len(bad_all) / num_raw:.1%} > max_bad_fraction {max_bad:g}); "
-                         f"first bad {_row_label(row)}: {problem}")
+    check_bad_rows(name, len(bad_all), num_raw, bad_all[:_MAX_BAD_LOGGED], float(spec.get("max_bad_fraction", 0.01)))
     if len(ds) == 0:
         raise ValueError(f"datasets.{name}: no usable rows")
 
     ds, filtered = apply_filters(ds, spec["filters"], name)
-    # a streamed source is split by hash, row by row, as the token store reads it (store.py)
-    splitter = split_eval_by_hash if spec.get("streaming") else split_eval
-    train, eval_ = splitter(ds, kind, float(spec.get("eval_split") or 0.0), seed, name)
+    train, eval_ = split_eval(ds, kind, float(spec.get("eval_split") or 0.0), seed, name)
     out = DatasetSplits(name=name, format=fmt, kind=kind, train=train, eval=eval_,
                         num_raw=num_raw, num_bad=len(bad_all), bad_rows=bad_all[:_MAX_BAD_LOGGED],
                         filtered=filtered)
@@ -270,8 +260,56 @@ def _shingles(text: str, n: int = 3) -> set[bytes]:
     return {" ".join(words[i:i + n]).encode() for i in range(len(words) - n + 1)}
 
 
+class RowFilter:
+    """The per-row filters of a dataset, one canonical row at a time: ``min_length`` /
+    ``max_length`` (characters of all the row's text, :func:`llmlab.data.formats.row_text`) and
+    exact dedup (the first of equal canonical rows is kept). The one implementation behind loaded
+    datasets (:func:`apply_filters`) and streamed ones (:func:`llmlab.data.store.stream_texts`), so
+    both drop the same rows and count them under the same keys.
+
+    Memory: exact dedup holds one 16-byte blake2b digest per distinct row kept (MinHash near-dedup
+    needs the whole dataset and is left to :func:`apply_filters`).
+
+    Attributes:
+        counts: rows removed per filter that is on: ``min_length``, ``max_length``, ``dedup_exact``.
+
+    Raises:
+        ValueError: unknown ``dedup`` mode (naming ``datasets.<name>.filters.dedup``).
+    """
+
+    def __init__(self, filters: dict | None, name: str = ""):
+        filters = {**FILTER_DEFAULTS, **(filters or {})}
+        self.dedup = filters["dedup"] or "none"
+        if self.dedup not in ("none", "exact", "minhash"):
+            raise ValueError(f"datasets.{name}.filters.dedup: {self.dedup!r} is not none/exact/minhash")
+        self.min_length, self.max_length = filters["min_length"], filters["max_length"]
+        self.counts: dict[str, int] = {k: 0 for k, on in (
+            ("min_length", self.min_length is not None), ("max_length", self.max_length is not None),
+            ("dedup_exact", self.dedup != "none")) if on}
+        self._seen: set[bytes] | None = set() if self.dedup != "none" else None
+
+    def keep(self, row: dict, text: str | None = None) -> bool:
+        """Whether canonical ``row`` passes (``text``: its :func:`row_text`, when already known);
+        a dropped row is counted under the first filter that drops it."""
+        text = row_text(row) if text is None else text
+        if self.min_length is not None and len(text) < int(self.min_length):
+            self.counts["min_length"] += 1
+            return False
+        if self.max_length is not None and len(text) > int(self.max_length):
+            self.counts["max_length"] += 1
+            return False
+        if self._seen is not None:
+            h = hashlib.blake2b(json.dumps(row, sort_keys=True).encode(), digest_size=16).digest()
+            if h in self._seen:
+                self.counts["dedup_exact"] += 1
+                return False
+            self._seen.add(h)
+        return True
+
+
 def apply_filters(ds, filters: dict, name: str = ""):
-    """Apply min/max length (characters of all the row's text), exact dedup and MinHash near-dedup.
+    """Apply :class:`RowFilter` (min/max length, exact dedup) and then MinHash near-dedup
+    (datasketch's MinHashLSH over word 3-shingles, 128 permutations; loaded datasets only).
 
     Rows are kept in order; of duplicates the first is kept.
 
@@ -282,42 +320,23 @@ def apply_filters(ds, filters: dict, name: str = ""):
     Raises:
         ValueError: unknown ``dedup`` mode.
     """
-    filters = {**FILTER_DEFAULTS, **(filters or {})}
-    counts: dict[str, int] = {}
-    lo, hi, dedup = filters["min_length"], filters["max_length"], filters["dedup"] or "none"
-    if lo is None and hi is None and dedup == "none":
-        return ds, counts
-    if dedup not in ("none", "exact", "minhash"):
-        raise ValueError(f"datasets.{name}.filters.dedup: {dedup!r} is not none/exact/minhash")
-    # one pass over the rows in batches (memory: the kept indices and the dedup hashes, not the rows)
+    rf = RowFilter(filters, name)
+    if not rf.counts:
+        return ds, {}
     lsh = None
-    if dedup == "minhash":
+    if rf.dedup == "minhash":
         from datasketch import MinHash, MinHashLSH
 
         num_perm = 128
-        lsh = MinHashLSH(threshold=float(filters.get("minhash_threshold", 0.85)), num_perm=num_perm)
-    for k in ("min_length", "max_length"):
-        if filters[k] is not None:
-            counts[k] = 0
-    if dedup in ("exact", "minhash"):
-        counts["dedup_exact"] = 0
-    if dedup == "minhash":
-        counts["dedup_minhash"] = 0
-    keep, seen = [], set()
+        threshold = float({**FILTER_DEFAULTS, **filters}["minhash_threshold"])
+        lsh = MinHashLSH(threshold=threshold, num_perm=num_perm)
+    counts = dict(rf.counts, **({"dedup_minhash": 0} if lsh is not None else {}))
+    # one pass over the rows in batches (memory: the kept indices and the dedup hashes, not the rows)
+    keep = []
     for i, row in enumerate(iter_rows(ds)):
         text = row_text(row)
-        if lo is not None and len(text) < int(lo):
-            counts["min_length"] += 1
+        if not rf.keep(row, text):
             continue
-        if hi is not None and len(text) > int(hi):
-            counts["max_length"] += 1
-            continue
-        if dedup in ("exact", "minhash"):
-            h = hashlib.sha256(json.dumps(row, sort_keys=True).encode()).digest()
-            if h in seen:
-                counts["dedup_exact"] += 1
-                continue
-            seen.add(h)
         if lsh is not None:
             mh = MinHash(num_perm=num_perm, seed=1)
             mh.update_batch(list(_shingles(text)))
@@ -326,11 +345,35 @@ def apply_filters(ds, filters: dict, name: str = ""):
                 continue
             lsh.insert(str(i), mh)
         keep.append(i)
+    counts.update(rf.counts)
     if len(keep) != len(ds):
         ds = ds.select(keep)
     if any(counts.values()):
         log.info("datasets.%s: filters removed %s", name, counts)
     return ds, counts
+
+
+def check_bad_rows(name: str, num_bad: int, num_raw: int, first_bad: list, max_bad_fraction: float) -> None:
+    """Log the bad rows of dataset ``name`` and fail when there are too many (loaded and streamed
+    datasets alike).
+
+    Args:
+        first_bad: the first few ``(row, problem)``; row: an index from 0 or a place a built-in
+            source names.
+
+    Raises:
+        ValueError: more than ``max_bad_fraction`` of ``num_raw`` rows are bad; the message names the
+            dataset, the first bad row (counted from 1) and its problem.
+    """
+    if not num_bad:
+        return
+    log.warning("datasets.%s: dropped %d bad row(s) of %d; first: %s", name, num_bad, num_raw,
+                "; ".join(f"{_row_label(r)}: {p}" for r, p in first_bad[:_MAX_BAD_LOGGED]))
+    if num_raw and num_bad / num_raw > max_bad_fraction:
+        row, problem = first_bad[0]
+        raise ValueError(f"datasets.{name}: {num_bad} of {num_raw} rows are bad "
+                         f"({num_bad / num_raw:.1%} > max_bad_fraction {max_bad_fraction:g}); "
+                         f"first bad {_row_label(row)}: {problem}")
 
 
 def iter_rows(ds, batch_size: int = 1000):
@@ -342,29 +385,57 @@ def iter_rows(ds, batch_size: int = 1000):
             yield {c: batch[c][j] for c in cols}
 
 
-def _group_key(row: dict, kind: str) -> str:
-    """Rows sharing a key go to the same side of the split (pairs are held out by prompt)."""
+def _normal_form(text: str) -> str:
+    """``text`` as a split key compares it: Unicode NFC, whitespace runs as one space, stripped,
+    case-folded."""
+    return " ".join(unicodedata.normalize("NFC", text).split()).casefold()
+
+
+def prompt_key(row: dict, kind: str) -> str:
+    """The key that decides a canonical row's side of every ``eval_split`` of a recipe.
+
+    Text rows: their text. Conversations, preference pairs and prompt rows: the *first user turn*
+    of the dialogue (``messages``, or ``prompt``), so a conversation, each pair built from any of
+    its assistant turns and each prompt row cut from it share one key (a multi-turn conversation
+    trains on every assistant turn, so keying by the whole prompt would let a pair cut at its first
+    turn land on the other side). A system turn is not part of the key. Both are compared in
+    :func:`_normal_form` (NFC, whitespace collapsed, case-folded).
+    """
     if kind == "text":
-        return row["text"]
-    if kind == "conversation":
-        msgs = row["messages"]
-        return json.dumps(msgs[:-1], sort_keys=True)
-    return json.dumps(row["prompt"], sort_keys=True)
+        return _normal_form(row["text"])
+    msgs = row["messages"] if kind == "conversation" else row["prompt"]
+    first = next((m["content"] for m in msgs if m["role"] == "user"), None)
+    if first is None:  # the normalisers refuse such rows; a guard for direct callers
+        return json.dumps(msgs, sort_keys=True)
+    return _normal_form(first)
+
+
+def held_out(key: str, fraction: float, seed: int) -> bool:
+    """Whether a row whose :func:`prompt_key` is ``key`` is held out for evaluation: blake2b of
+    (seed, key), read as a number in [0, 1), is below ``fraction``.
+
+    The dataset is not part of the hash, so a prompt lands on the same side in every dataset of a
+    recipe that uses the same fraction; with different fractions the held-out sets are nested (the
+    prompts held out at 0.05 are among those held out at 0.1). Needs neither the whole dataset nor
+    memory, so a stream is split as it is read.
+    """
+    h = hashlib.blake2b(f"{int(seed)}:".encode() + key.encode(), digest_size=8).digest()
+    return int.from_bytes(h, "big") / 2.0 ** 64 < fraction
 
 
 def split_eval(ds, kind: str, fraction: float, seed: int, name: str = ""):
-    """Hold out about ``fraction`` of the rows for evaluation, deterministically.
+    """Split a loaded dataset into train and eval rows by :func:`held_out` (the rule streamed
+    datasets follow row by row in :func:`llmlab.data.store.stream_texts`).
 
-    Rows are grouped by prompt (conversations: all turns but the last; preference and prompt rows:
-    the prompt) so a prompt never appears on both sides; the groups are shuffled with a generator
-    seeded by (seed, name) and taken until the eval side holds ``round(fraction * len(ds))`` rows
-    (at least one when ``fraction > 0``).
+    The eval side holds about ``fraction`` of the *prompts* (a Binomial draw, not an exact row
+    count: rows sharing a prompt go together, so the row count varies more when prompts repeat).
 
     Returns:
         ``(train, eval)`` datasets; eval is empty when ``fraction`` is 0.
 
     Raises:
-        ValueError: ``fraction`` outside [0, 0.5], or the split would leave no training rows.
+        ValueError: ``fraction`` outside [0, 0.5], no row held out (too few prompts for the
+            fraction), or nothing left to train on.
     """
     import numpy as np
 
@@ -372,61 +443,15 @@ def split_eval(ds, kind: str, fraction: float, seed: int, name: str = ""):
         raise ValueError(f"datasets.{name}.eval_split: {fraction} is not in [0, 0.5]")
     if fraction == 0.0 or len(ds) == 0:
         return ds, ds.select([])
-    target = max(1, round(fraction * len(ds)))
-    groups: dict[bytes, list[int]] = {}
-    for i, row in enumerate(iter_rows(ds)):  # keys as 16-byte digests: the rows are not held
-        key = hashlib.blake2b(_group_key(row, kind).encode(), digest_size=16).digest()
-        groups.setdefault(key, []).append(i)
-    order = list(groups.values())
-    rng = np.random.default_rng([seed, zlib.crc32(name.encode())])
-    perm = rng.permutation(len(order))
-    eval_idx: list[int] = []
-    for g in perm:
-        if len(eval_idx) >= target:
-            break
-        eval_idx.extend(order[g])
-    eval_set = set(eval_idx)
-    train_idx = [i for i in range(len(ds)) if i not in eval_set]
-    if not train_idx:
+    held = np.fromiter((held_out(prompt_key(r, kind), fraction, seed) for r in iter_rows(ds)),
+                       dtype=bool, count=len(ds))
+    if not held.any():
+        raise ValueError(f"datasets.{name}.eval_split: {fraction:g} holds out none of the {len(ds)} rows "
+                         "(a prompt is held out when a hash of it falls below the fraction); raise "
+                         "eval_split or add rows")
+    if held.all():
         raise ValueError(f"datasets.{name}.eval_split: nothing left to train on")
-    return ds.select(train_idx), ds.select(sorted(eval_idx))
-
-
-def held_out(key: str, fraction: float, seed: int, name: str) -> bool:
-    """Whether a row whose group key (:func:`group_key`) is ``key`` is held out by a hash split:
-    blake2b of (seed, dataset name, key) read as a number in [0, 1) is below ``fraction``.
-
-    Needs neither the whole dataset nor memory, so a stream can be split as it is read; rows
-    sharing a key (a prompt) land on the same side.
-    """
-    h = hashlib.blake2b(f"{int(seed)}:{name}:".encode() + key.encode(), digest_size=8).digest()
-    return int.from_bytes(h, "big") / 2.0 ** 64 < fraction
-
-
-def group_key(row: dict, kind: str) -> str:
-    """The key that keeps related rows on one side of a split (the text; the prompt of a
-    conversation, preference pair or prompt row)."""
-    return _group_key(row, kind)
-
-
-def split_eval_by_hash(ds, kind: str, fraction: float, seed: int, name: str = ""):
-    """:func:`split_eval` for streamed sources: a row is held out when :func:`held_out` says so.
-
-    Returns:
-        ``(train, eval)`` datasets; eval is empty when ``fraction`` is 0.
-
-    Raises:
-        ValueError: ``fraction`` outside [0, 0.5], or nothing left to train on.
-    """
-    if not 0.0 <= fraction <= 0.5:
-        raise ValueError(f"datasets.{name}.eval_split: {fraction} is not in [0, 0.5]")
-    if fraction == 0.0 or len(ds) == 0:
-        return ds, ds.select([])
-    held = [held_out(_group_key(r, kind), fraction, seed, name) for r in iter_rows(ds)]
-    train_idx = [i for i, h in enumerate(held) if not h]
-    if not train_idx:
-        raise ValueError(f"datasets.{name}.eval_split: nothing left to train on")
-    return ds.select(train_idx), ds.select([i for i, h in enumerate(held) if h])
+    return ds.select(np.flatnonzero(~held).tolist()), ds.select(np.flatnonzero(held).tolist())
 
 
 # -- sources -------------------------------------------------------------------------------------

@@ -19,7 +19,7 @@ tokenizer sha256 hashes the Rust tokenizer's JSON and the EOS id (:func:`tokeniz
 the source fingerprint (:func:`source_fingerprint`) names what the rows are: the source (builtin
 and its package version; hub id, subset, split, revision; or every local file's relative path,
 size and modification time) and every setting that changes the rows (format, columns, filters,
-``eval_split`` with the seed and dataset name it is drawn with, ``max_samples``, ``max_tokens``).
+``eval_split`` with the seed and the revision of the split rule, ``max_samples``, ``max_tokens``).
 Every stage, run and recipe naming the same data with the same tokenizer so shares one store.
 
 **Root.** ``token_store`` in the recipe (a path relative to the recipe file), else the environment
@@ -49,7 +49,7 @@ from typing import Any, Iterable, Iterator
 
 import numpy as np
 
-from llmlab.fingerprint import BUILTIN_REVISION, sha256_file
+from llmlab.fingerprint import BUILTIN_REVISION, EVAL_SPLIT_RULE, sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -137,8 +137,9 @@ def source_fingerprint(recipe: dict, name: str) -> dict:
         files = resolve_files(spec["path"], base)
         root = os.path.commonpath([os.path.dirname(f) for f in files])
         fp["files"] = [(os.path.relpath(f, root), os.stat(f).st_size, os.stat(f).st_mtime_ns) for f in files]
-    if float(spec.get("eval_split") or 0.0) > 0:  # the hold-out is drawn with (seed, name)
-        fp.update(eval_split=float(spec["eval_split"]), seed=int(recipe.get("seed", 0)), name=name)
+    if float(spec.get("eval_split") or 0.0) > 0:  # the hold-out is drawn with the seed, by a rule
+        fp.update(eval_split=float(spec["eval_split"]), seed=int(recipe.get("seed", 0)),
+                  split_rule=EVAL_SPLIT_RULE)
     return fp
 
 
@@ -568,12 +569,11 @@ def iter_column(ds, column: str, batch_size: int = 4096) -> Iterator[str]:
 
 def streamable(spec: dict) -> bool:
     """Whether a dataset's text is read as a stream (:func:`stream_texts`) rather than loaded
-    whole: ``streaming: true``, or local files with no ``eval_split`` and no MinHash dedup (then
-    both ways give the same rows in the same order, and the stream holds none of them)."""
+    whole: ``streaming: true``, or local files without MinHash dedup (then both ways give the same
+    rows in the same order, ``eval_split`` included, and the stream holds none of them)."""
     if spec.get("streaming"):
         return True
-    return bool(spec.get("path")) and not float(spec.get("eval_split") or 0) \
-        and (spec.get("filters") or {}).get("dedup") != "minhash"
+    return bool(spec.get("path")) and (spec.get("filters") or {}).get("dedup") != "minhash"
 
 
 def ensure_text_store(recipe: dict, name: str, split: str, tokenizer, *, processes: int | None = None,
@@ -614,11 +614,13 @@ def stream_texts(recipe: dict, name: str, info: dict, split: str = "train") -> I
     the rows.
 
     Reads a hub dataset or local files with ``datasets.load_dataset(streaming=True)``, renames
-    ``columns``, normalises each row (bad rows are counted and skipped), converts conversations
-    to text, applies the length filters and exact dedup (a set of 16-byte hashes), and stops after
-    ``max_samples`` rows. With ``eval_split`` f > 0 a row is held out when the hash of (seed,
-    dataset name, its text) falls in the lowest fraction f of the hash range: a split that needs
-    no second pass and no memory (unlike a loaded dataset's, which is drawn by permutation).
+    ``columns``, normalises each row (bad rows are counted and skipped), filters it, converts
+    conversations to text, and stops after ``max_samples`` rows. Filters (:class:`llmlab.data.sources.RowFilter`) and bad-row accounting
+    (:func:`llmlab.data.sources.check_bad_rows`) are those of a loaded dataset, applied to every row
+    read (both sides of the split), so the counts are the loaded dataset's; then, with
+    ``eval_split`` > 0, a row is kept for ``split`` by the recipe-wide hash split
+    (:func:`llmlab.data.sources.held_out`), which needs no second pass and no memory. Local files
+    therefore give exactly the rows of the loaded dataset, in order.
     Fills ``info`` with ``rows_read``, ``bad_rows``, ``dropped`` and ``first_bad_rows`` once the
     stream ends.
 
@@ -629,8 +631,8 @@ def stream_texts(recipe: dict, name: str, info: dict, split: str = "train") -> I
     from datasets import load_dataset
 
     from llmlab.data.formats import KIND_OF_FORMAT, BadRow, convert_kind, detect_format, normaliser
-    from llmlab.data.sources import (_LOCAL_BUILDERS, _cache_dir, dataset_spec, group_key, held_out,
-                                     resolve_files)
+    from llmlab.data.sources import (_LOCAL_BUILDERS, RowFilter, _cache_dir, check_bad_rows, dataset_spec,
+                                     held_out, prompt_key, resolve_files)
 
     spec = dataset_spec(recipe, name)
     filters = spec["filters"]
@@ -656,12 +658,9 @@ def stream_texts(recipe: dict, name: str, info: dict, split: str = "train") -> I
             raise ValueError(f"datasets.{name}.path: {problem or f'cannot be read ({type(exc).__name__}: {exc})'}") from None
     columns = {src: dst for dst, src in (spec.get("columns") or {}).items() if src != dst}
     fmt, norm, kind = spec.get("format") or "auto", None, None
-    lo, hi = filters.get("min_length"), filters.get("max_length")
-    seen: set[bytes] | None = set() if filters.get("dedup") == "exact" else None
+    row_filter = RowFilter(filters, name)
     n = bad = 0
     first_bad: list = []
-    dropped = {"bad": 0, **{k: 0 for k, on in (("min_length", lo is not None), ("max_length", hi is not None),
-                                                ("dedup_exact", seen is not None)) if on}}
     limit = spec.get("max_samples")
     batch = min(1000, int(limit)) if limit is not None else 1000
     for row in _rows_or_diagnosis(ds, files if not spec.get("hub") else None, name, batch):
@@ -676,37 +675,24 @@ def stream_texts(recipe: dict, name: str, info: dict, split: str = "train") -> I
             norm = normaliser(fmt)
         try:
             r = norm(row)
-            text = r["text"] if kind == "text" else convert_kind(r, kind, "text")["text"]
         except BadRow as e:
             bad += 1
             if len(first_bad) < 5:
-                first_bad.append([str(n - 1), str(e)])
+                first_bad.append((n - 1, str(e)))
             continue
-        if frac > 0 and held_out(group_key(r, kind), frac, seed, name) != (split == "eval"):
+        if not row_filter.keep(r):
             continue
-        if lo is not None and len(text) < int(lo):
-            dropped["min_length"] += 1
+        if frac > 0 and held_out(prompt_key(r, kind), frac, seed) != (split == "eval"):
             continue
-        if hi is not None and len(text) > int(hi):
-            dropped["max_length"] += 1
-            continue
-        if seen is not None:
-            h = hashlib.blake2b(text.encode(), digest_size=16).digest()
-            if h in seen:
-                dropped["dedup_exact"] += 1
-                continue
-            seen.add(h)
-        yield text
+        yield r["text"] if kind == "text" else convert_kind(r, kind, "text")["text"]
     if n == 0 and files:
         from llmlab.data.sources import diagnose_files
 
         problem = diagnose_files(files, _LOCAL_BUILDERS[Path(files[0]).suffix.lower()])
         raise ValueError(f"datasets.{name}.path: {problem or 'no rows'}")
-    max_bad = float(spec.get("max_bad_fraction", 0.01))
-    if n and bad / n > max_bad:
-        raise ValueError(f"datasets.{name}: {bad} of {n} rows are bad ({bad / n:.1%} > max_bad_fraction "
-                         f"{max_bad:g}); first bad row {first_bad[0][0]}: {first_bad[0][1]}")
-    dropped["bad"] = bad
+    check_bad_rows(name, bad, n, first_bad, float(spec.get("max_bad_fraction", 0.01)))
+    dropped = {"bad": bad, **row_filter.counts}
+    first_bad = [[str(r), p] for r, p in first_bad]
     info.update(rows_read=n, bad_rows=bad, dropped=dropped, first_bad_rows=first_bad)
 
 

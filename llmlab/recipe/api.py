@@ -421,6 +421,9 @@ def load_recipe(path, overrides: Iterable[str] = (), env: Mapping[str, str] | No
         return None, _finish(errors)
     resolved.pop("extends", None)
     _absolutize(resolved, positions, dirs)
+    if warnings is not None:  # datasets sharing prompts with different held-out fractions
+        for p, msg in semantic.eval_split_warnings(resolved):
+            warnings.append(RecipeError(*where(p), dotted(tuple(p)), msg, severity="warning"))
     return _reorder(resolved), []
 
 

@@ -59,7 +59,10 @@ Beyond the types, ranges and enums below, `validate` checks (each error on the o
 - datasets: exactly one of `builtin` / `hub` / `path`; a local `path` names an existing file, directory
   or glob match; a builtin's `format` matches it (kjv text,
   chatterbot messages, chatterbot_pairs preference, chatterbot_prompts prompt, arithmetic messages); hub-only keys only on hub
-  sources; `min_length <= max_length`.
+  sources; `min_length <= max_length`. A warning (not an error): datasets that share prompts (the
+  chatterbot builtins among themselves, the same builtin, local `path` or hub id/subset/split) with
+  different `eval_split` fractions, since a held-out prompt of the higher fraction is trained on
+  from the lower one (the held-out sets are nested).
 - stages: names are unique and not `tokenizer`; `seq_len <= model.max_seq_len` (and required with
   `model.from_pretrained`); `from`, `reference_from` and reward `from` name an earlier stage (reward
   `from` a reward stage); every dataset used is defined, has weight > 0 and a format the stage can use

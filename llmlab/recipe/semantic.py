@@ -17,6 +17,9 @@ from llmlab.stage_specs import CONVERSATION_FORMATS, NON_LM_TYPES, NON_TRAINING_
 BUILTIN_FORMATS = {"kjv": "text", "chatterbot": "messages", "chatterbot_pairs": "preference",
                    "chatterbot_prompts": "prompt", "arithmetic": "messages"}
 
+#: builtins whose rows are cut from another builtin's dialogues (same prompts): its name
+_PROMPTS_FROM = {"chatterbot_pairs": "chatterbot", "chatterbot_prompts": "chatterbot"}
+
 _CONVERSATION = CONVERSATION_FORMATS
 
 #: dataset keys that only mean something for a hub source
@@ -34,6 +37,50 @@ FSDP_OPTIMIZERS = ("adamw", "lion")
 #: names of run-directory entries llmlab writes beside the stage directories
 RESERVED_STAGE_NAMES = ("tokenizer", "cache")
 
+
+
+def prompt_source(spec: dict) -> tuple | None:
+    """What a dataset's prompts are drawn from, when the recipe alone tells: a builtin (pairs and
+    prompts cut from chatterbot's dialogues count as chatterbot), a local ``path`` (as resolved), or
+    a hub ``(id, subset, split)``. Two datasets with the same source share prompts."""
+    if isinstance(spec.get("builtin"), str):
+        return ("builtin", _PROMPTS_FROM.get(spec["builtin"], spec["builtin"]))
+    if isinstance(spec.get("path"), str):
+        return ("path", spec["path"])
+    if isinstance(spec.get("hub"), str):
+        return ("hub", spec["hub"], spec.get("subset"), spec.get("split"))
+    return None
+
+
+def eval_split_warnings(resolved: dict) -> list[tuple[tuple, str]]:
+    """``(key path, message)`` for each group of datasets that share prompts
+    (:func:`prompt_source`) but have different ``eval_split`` fractions.
+
+    A prompt is held out in every dataset whose fraction its hash falls under
+    (:func:`llmlab.data.sources.held_out`), so the held-out sets are nested: the prompts a dataset
+    holds out above the group's lowest fraction are trained on from the datasets at that fraction,
+    and its held-out figures are partly measured on seen prompts. The warning sits on the
+    ``eval_split`` of the dataset with the highest fraction and names every key of the group.
+    """
+    groups: dict[tuple, list[tuple[str, float]]] = {}
+    for name, spec in _dict(resolved.get("datasets")).items():
+        src = prompt_source(_dict(spec))
+        frac = _num(_dict(spec).get("eval_split", 0.0))
+        if src is not None and frac is not None:
+            groups.setdefault(src, []).append((name, float(frac)))
+    out = []
+    for src, members in groups.items():
+        fracs = sorted({f for _, f in members})
+        if len(fracs) < 2:
+            continue
+        top = max(members, key=lambda m: m[1])[0]
+        keys = ", ".join(f"datasets.{n}.eval_split={f:g}" for n, f in members)
+        low = [n for n, f in members if f == fracs[0]]
+        out.append((("datasets", top, "eval_split"),
+                    f"{keys} share prompts ({src[0]} {src[1]}) but hold out different fractions: a prompt "
+                    f"is held out wherever its hash falls under the fraction, so what the others hold out "
+                    f"above {fracs[0]:g} is trained on from {', '.join(low)}; give them one eval_split"))
+    return out
 
 
 def _int(x):

@@ -66,7 +66,9 @@ def test_pretrain_packing_on_the_bible(tmp_path, tokenizer):
     assert set(b) == {"input_ids", "labels", "position_ids"}
     assert all(v.shape == (8, 128) and v.dtype == torch.long for v in b.values())
     assert torch.equal(b["labels"], b["input_ids"])  # the model shifts
-    ids, pos = b["input_ids"], b["position_ids"]
+    # blocks of chapters of ~1,000 tokens: some of 5 batches' 40 blocks cross a chapter's end
+    several = [data.train_batch(i) for i in range(5)]
+    ids, pos = (torch.cat([x[k] for x in several]) for k in ("input_ids", "position_ids"))
     assert (pos[:, 0] == 0).all()
     after_eos = ids[:, :-1] == eos
     assert after_eos.any()
