@@ -43,6 +43,7 @@ import torch
 from llmlab.data.formats import convert_kind
 from llmlab.data.packed import PackedSource, PretrainStream, eval_blocks, pack_documents  # noqa: F401 (re-export)
 from llmlab.data.sources import dataset_spec, load_named_dataset
+from llmlab.models.padfree import bucket_width
 from llmlab.stage_specs import STAGE_SPECS
 
 log = logging.getLogger(__name__)
@@ -348,11 +349,13 @@ class StageData:
                     "position_ids": torch.from_numpy(positions[idx].astype(np.int64))}
         rows = _take(data, idx)
         if self.family == "sft":
-            ids, attn = _pad(rows["input_ids"], self.pad_token_id)
-            labels, _ = _pad(rows["labels"], IGNORE_INDEX)
+            width = bucket_width(max(map(len, rows["input_ids"])), self.seq_len)
+            ids, attn = _pad(rows["input_ids"], self.pad_token_id, width)
+            labels, _ = _pad(rows["labels"], IGNORE_INDEX, width)
             return {"input_ids": ids, "labels": labels, "attention_mask": attn}
         if self.family == "pair":
-            width = max(max(map(len, rows["chosen_input_ids"])), max(map(len, rows["rejected_input_ids"])))
+            width = bucket_width(max(max(map(len, rows["chosen_input_ids"])),
+                                     max(map(len, rows["rejected_input_ids"]))), self.seq_len)
             out = {}
             for side in ("chosen", "rejected"):
                 ids, attn = _pad(rows[f"{side}_input_ids"], self.pad_token_id, width)

@@ -80,12 +80,14 @@ class PackedRows:
     """R right-padded rows flattened into one.
 
     Attributes:
-        input_ids: ``[1, N]``, the N real tokens of all rows in order.
-        position_ids: ``[1, N]``, 0 at the start of each row's tokens.
-        labels: ``[1, N]`` or None: the rows' labels, with −100 on the first token of every row
+        input_ids: ``[1, L]``, the N real tokens of all rows in order, then L − N padding tokens
+            (``bucket``; L = N without).
+        position_ids: ``[1, L]``, 0 at the start of each row's tokens (and of the padding).
+        labels: ``[1, L]`` or None: the rows' labels, with −100 on the first token of every row
             (so the token before it, the last of the previous row, is never trained to predict
-            it; with the model's one-step label shift the loss equals the padded batch's).
-        seq: ``[N]``, the row each token came from.
+            it; with the model's one-step label shift the loss equals the padded batch's), −100
+            on the padding.
+        seq: ``[N]``, the row each real token came from.
         lengths: ``[R]``, real tokens per row.
     """
 
@@ -97,8 +99,14 @@ class PackedRows:
 
 
 def pack_rows(input_ids: torch.Tensor, attention_mask: torch.Tensor,
-              labels: torch.Tensor | None = None) -> PackedRows:
+              labels: torch.Tensor | None = None, bucket: bool = True) -> PackedRows:
     """Flatten a right-padded batch (``[R, T]`` each; attention_mask 1 on real tokens) into one row.
+
+    With ``bucket`` the row is padded from its N real tokens to ``bucket_width(N)`` by one more
+    sequence (position ids from 0, labels −100, token id 0) that attention keeps apart and the loss
+    ignores: the same loss and the same logits on the real tokens, in a few row lengths instead of
+    a new one at nearly every step (:func:`bucket_width`). ``seq`` and ``lengths`` describe the
+    real tokens only; the padding is the row's tail, ``input_ids[0, N:]``.
 
     Raises:
         ValueError: a row is not right-padded (a 0 in the mask before a 1).
@@ -111,12 +119,40 @@ def pack_rows(input_ids: torch.Tensor, attention_mask: torch.Tensor,
     seq = torch.repeat_interleave(torch.arange(len(lengths), device=device), lengths)
     starts = torch.cumsum(lengths, 0) - lengths
     pos = torch.arange(seq.numel(), device=device) - starts[seq]
+    flat_ids = input_ids[keep]
     flat_labels = None
     if labels is not None:
         flat_labels = labels[keep].clone()
         flat_labels[pos == 0] = -100
-        flat_labels = flat_labels[None]
-    return PackedRows(input_ids[keep][None], pos[None], flat_labels, seq, lengths)
+    extra = bucket_width(seq.numel()) - seq.numel() if bucket else 0
+    if extra:
+        flat_ids = torch.cat([flat_ids, flat_ids.new_zeros(extra)])
+        pos = torch.cat([pos, torch.arange(extra, device=device)])
+        if flat_labels is not None:
+            flat_labels = torch.cat([flat_labels, flat_labels.new_full((extra,), -100)])
+    return PackedRows(flat_ids[None], pos[None], None if flat_labels is None else flat_labels[None], seq, lengths)
+
+
+def bucket_width(longest: int, cap: int | None = None) -> int:
+    """The width a padded batch whose longest row holds ``longest`` tokens is padded to: the next
+    multiple of 16 up to 128, then of a quarter of the power of two below (128, 160, 192, 224,
+    256, 320, ...: 4 widths per doubling), at most ``cap`` (the stage's seq_len) and never below
+    ``longest``.
+
+    Used for the width of padded batches (sft, preference) and the length of padding-free rows
+    (:func:`pack_rows`). A batch then carries at most 25 % padding beyond its longest row (16
+    tokens below 64), and a stage sees about 8 + 4 * log2(length / 128) distinct shapes instead of
+    one per length. On a CPU under bf16 autocast every new shape keeps tens of MB of oneDNN kernels
+    and buffers that are never given back (the quick-start's padding-free SFT stage grew
+    0.7 -> 2.6 GB over 150 steps, a new row length at nearly every step), and widths that are not
+    multiples of 16 take slower bf16 kernels (``benchmarks/batch_shapes.py``); ``compile: true``
+    recompiles per shape as well.
+    """
+    step = max(16, 1 << max(longest.bit_length() - 3, 0))  # a quarter of 2^floor(log2 longest)
+    width = -(-max(longest, 1) // step) * step
+    if cap is not None:
+        width = min(width, int(cap))
+    return max(width, longest)
 
 
 def model_logits(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
@@ -137,10 +173,11 @@ def padfree_sequence_logps(model, input_ids: torch.Tensor, attention_mask: torch
     """
     packed = pack_rows(input_ids, attention_mask, labels)
     seq, lens = packed.seq, packed.lengths
+    n = seq.numel()
     out = model(input_ids=packed.input_ids, position_ids=packed.position_ids, use_cache=False)
-    logits = (out.logits if hasattr(out, "logits") else out[0])[0]  # [N, V]
+    logits = (out.logits if hasattr(out, "logits") else out[0])[0, :n]  # [N, V]: the bucket's padding cut
     target = torch.full_like(seq, -100)
-    target[:-1] = packed.labels[0, 1:]  # −100 where the next token starts another row
+    target[:-1] = packed.labels[0, 1:n]  # −100 where the next token starts another row
     mask = target != -100
     lp = torch.gather(logits.float().log_softmax(-1), 1, target.clamp(min=0)[:, None])[:, 0] * mask
     zeros = torch.zeros(len(lens), dtype=lp.dtype, device=seq.device)

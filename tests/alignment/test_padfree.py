@@ -8,7 +8,7 @@ from llmlab.losses import token_logps
 from llmlab.models.build import build_model
 from llmlab.stages.dpo import model_logits, padfree_sequence_logps
 from llmlab.stages.lm import SFTStage
-from llmlab.models.padfree import pack_rows, packs_documents
+from llmlab.models.padfree import bucket_width, pack_rows, packs_documents
 
 LENS = [9, 5, 12, 3]
 
@@ -35,10 +35,14 @@ def _batch():
 
 def test_pack_rows_layout():
     ids, att, labels = _batch()
-    p = pack_rows(ids, att, labels)
-    assert p.input_ids.shape == (1, sum(LENS))
-    assert p.position_ids[0].tolist() == [i for n in LENS for i in range(n)]
-    assert p.lengths.tolist() == LENS
+    exact = pack_rows(ids, att, labels, bucket=False)
+    assert exact.input_ids.shape == (1, sum(LENS))
+    assert exact.position_ids[0].tolist() == [i for n in LENS for i in range(n)]
+    p = pack_rows(ids, att, labels)  # 29 real tokens, bucketed to 32: a 3-token sequence of its own
+    assert p.input_ids.shape == (1, 32) and bucket_width(29) == 32
+    assert p.position_ids[0].tolist() == [i for n in LENS for i in range(n)] + [0, 1, 2]
+    assert p.labels[0, 29:].tolist() == [-100] * 3 and torch.equal(p.input_ids[0, :29], exact.input_ids[0])
+    assert p.lengths.tolist() == LENS and p.seq.numel() == 29
     starts = torch.tensor([0, 9, 14, 26])
     assert (p.labels[0, starts] == -100).all()
     assert p.labels[0, 10:14].tolist() == ids[1, 1:5].tolist()
@@ -72,7 +76,7 @@ def test_padfree_sft_loss_and_grads_equal_padded(kw):
     loss_packed, _ = stage.compute_loss(packed, {"input_ids": ids, "attention_mask": att, "labels": labels})
     loss_packed.backward()
 
-    assert calls == [torch.Size([1, sum(LENS)])]  # one row of the real tokens, no padding
+    assert calls == [torch.Size([1, bucket_width(sum(LENS))])]  # one row: the real tokens + the bucket's 3
     assert torch.allclose(loss_packed, loss_padded, atol=1e-6)
     for (name, a), b in zip(padded.named_parameters(), packed.parameters()):
         assert torch.allclose(a.grad, b.grad, atol=1e-6), name
@@ -99,7 +103,7 @@ def test_padfree_reward_scores_and_grads_equal_padded(lora):
     packed.register_forward_pre_hook(lambda m, a, k: calls.append(k["input_ids"].shape), with_kwargs=True)
     want = padded(input_ids=ids, attention_mask=att).logits.squeeze(-1)
     got = reward_scores(packed, ids, att)
-    assert calls == [torch.Size([1, sum(LENS)])]
+    assert calls == [torch.Size([1, bucket_width(sum(LENS))])]
     assert torch.allclose(got, want, atol=1e-5)
     want.pow(2).sum().backward()
     got.pow(2).sum().backward()
@@ -135,7 +139,7 @@ def test_hub_decoders_are_probed_for_packing():
     packed.register_forward_pre_hook(lambda m, a, k: calls.append(k["input_ids"].shape), with_kwargs=True)
     loss_packed, _ = object.__new__(SFTStage).compute_loss(packed, {"input_ids": ids, "attention_mask": att,
                                                                     "labels": labels})
-    assert calls == [torch.Size([1, sum(LENS)])]
+    assert calls == [torch.Size([1, bucket_width(sum(LENS))])]
     assert torch.allclose(loss_packed, loss_padded, atol=1e-6)
     loss_padded.backward()
     loss_packed.backward()
@@ -152,3 +156,12 @@ def test_hub_decoders_are_probed_for_packing():
     mamba.register_forward_pre_hook(lambda m, a, k: calls.append(k["input_ids"].shape), with_kwargs=True)
     object.__new__(SFTStage).compute_loss(mamba, {"input_ids": ids, "attention_mask": att, "labels": labels})
     assert calls == [ids.shape]  # the padded batch
+
+
+def test_bucket_widths_are_few_multiples_of_16_with_bounded_padding():
+    widths = {n: bucket_width(n) for n in range(1, 4097)}
+    assert all(n <= w for n, w in widths.items())
+    assert all(w % 16 == 0 for w in widths.values())
+    assert max((w - n) / n for n, w in widths.items() if n >= 64) <= 0.25
+    assert len(set(widths.values())) == 8 + 4 * 5  # 16..128 by 16, then 4 per doubling to 4096
+    assert bucket_width(300, cap=256) == 300 and bucket_width(250, cap=256) == 256
