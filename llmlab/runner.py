@@ -409,6 +409,8 @@ class Runner:
         (:func:`llmlab.runguard.memory_shortfall`); a warning, not an error: it is an estimate."""
         from llmlab.plan import model_params, stage_memory, vocab_size_for
 
+        if not self.recipe["model"].get("arch"):  # from_pretrained: plan has no estimate for it
+            return
         world = int(self.distributed["world_size"])
         vocab = vocab_size_for(self.recipe)
         _, parts = stage_memory(self.recipe, name, model_params(self.recipe, vocab), vocab,

@@ -80,14 +80,13 @@ def recipe_store_keys(recipe: dict) -> set[str]:
     return keys
 
 
-def prune_stores(root: str | Path, unused_days: float, keep: set[str] = frozenset(), dry_run: bool = False,
-                 now: float | None = None) -> list[StoreEntry]:
+def prune_stores(root: str | Path, unused_days: float, keep: set[str] = frozenset(),
+                 dry_run: bool = False) -> list[StoreEntry]:
     """Delete the store folders under ``root`` last used more than ``unused_days`` days ago.
 
     Args:
         keep: folder names never deleted (:func:`recipe_store_keys`).
         dry_run: only say what would be deleted.
-        now: the current time (seconds since the epoch), for tests.
 
     Returns:
         the entries deleted (or, with ``dry_run``, that would be). A folder whose ``<key>.lock`` is
@@ -95,7 +94,7 @@ def prune_stores(root: str | Path, unused_days: float, keep: set[str] = frozense
     """
     from llmlab.runguard import RunLockedError, file_lock
 
-    cutoff = (time.time() if now is None else now) - unused_days * 86400.0
+    cutoff = time.time() - unused_days * 86400.0
     gone = []
     for e in list_stores(root):
         key = e.path.name.removesuffix(".partial")
