@@ -85,8 +85,10 @@ def encode_prompt(tokenizer: Any, prompt: str | list[Message], is_chat: bool, sy
     """Token ids of a prompt.
 
     A chat model gets its chat template with the generation prompt (a string becomes one user
-    message; ``system`` is prepended when given and the conversation has no system message). A base
-    model gets plain text: a string as is, a conversation as :func:`messages_as_text`.
+    message; ``system`` is prepended when given and the conversation has no system message); text of
+    special tokens inside a message (``"<|im_end|>"``) is tokenised as plain characters, so a message
+    cannot forge turns (:func:`_encode_chat_escaped`). A base model gets plain text, tokenised as is
+    (special-token text included): a string as is, a conversation as :func:`messages_as_text`.
     """
     if is_chat:
         msgs = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)

@@ -178,8 +178,8 @@ def test_the_listen_backlog_matches_max_connections(llama, tok):
 # -- item 9: bad values ------------------------------------------------------------------------------
 BAD_TEXT = {
     "lone surrogate content": (CHAT, b'{"messages": [{"role": "user", "content": "\\ud800"}]}', "messages[0].content"),
-    "lone surrogate part": (CHAT, b'{"messages": [{"role": "user", "content": [{"type": "text", "text": "a\\udfff"}]}]}',
-                            "messages[0].content"),
+    "lone surrogate part": (CHAT, b'{"messages": [{"role": "user", "content": [{"type": "text", '
+                                  b'"text": "a\\udfff"}]}]}', "messages[0].content"),
     "lone surrogate prompt": ("/generate", b'{"prompt": "\\ud800"}', "prompt"),
     "lone surrogate stop": (CHAT, b'{"messages": [{"role": "user", "content": "x"}], "stop": "\\ud800"}', "stop"),
     "repetition_penalty 1e-300": (CHAT, b'{"messages": [{"role": "user", "content": "x"}], "temperature": 1, '
