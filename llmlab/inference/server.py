@@ -521,8 +521,8 @@ class _Handler(BaseHTTPRequestHandler):
         does not count)."""
         try:
             readable, _, _ = select.select([self.connection], [], [], 0)
-            return bool(readable) and not self.connection.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
-        except BlockingIOError:
+            return bool(readable) and not self.connection.recv(1, socket.MSG_PEEK)  # b"": EOF
+        except (BlockingIOError, TimeoutError):
             return False
         except OSError:
             return True
