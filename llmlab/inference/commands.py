@@ -516,7 +516,8 @@ def register_commands(app) -> None:
         device: str | None = typer.Option(None, "--device", help=DEVICE_HELP),
         verbose: bool = typer.Option(False, "--verbose", help="Log each request."),
         max_batch: int = typer.Option(8, "--max-batch", help="Most requests answered by one batched generate."),
-        timeout: float = typer.Option(30.0, "--timeout", help="Seconds a client may stall while sending."),
+        timeout: float = typer.Option(30.0, "--timeout", help="Seconds a client has to send a whole request "
+                                      "(headers and body)."),
         max_connections: int = typer.Option(64, "--max-connections", help="Connections served at once; "
                                             "more get 503."),
     ):

@@ -3,6 +3,7 @@ seeded and streamed generation."""
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -84,17 +85,56 @@ def encode_prompt(tokenizer: Any, prompt: str | list[Message], is_chat: bool, sy
     """Token ids of a prompt.
 
     A chat model gets its chat template with the generation prompt (a string becomes one user
-    message; ``system`` is prepended when given and the conversation has no system message). A base
-    model gets plain text: a string as is, a conversation as :func:`messages_as_text`.
+    message; ``system`` is prepended when given and the conversation has no system message); text of
+    special tokens inside a message (``"<|im_end|>"``) is tokenised as plain characters, so a message
+    cannot forge turns (:func:`_encode_chat_escaped`). A base model gets plain text, tokenised as is
+    (special-token text included): a string as is, a conversation as :func:`messages_as_text`.
     """
     if is_chat:
         msgs = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
         if system and not any(m.get("role") == "system" for m in msgs):
             msgs = [{"role": "system", "content": system}] + msgs
+        if any(_has_special_text(tokenizer, str(m.get("content", ""))) for m in msgs):
+            return _encode_chat_escaped(tokenizer, msgs)
         text = tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
     else:
         text = prompt if isinstance(prompt, str) else messages_as_text(prompt)
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def _special_texts(tokenizer: Any) -> list[str]:
+    """The strings the tokenizer turns into its special tokens (``<|im_end|>``, EOS...)."""
+    decoder = getattr(tokenizer, "added_tokens_decoder", None) or {}
+    texts = {t.content for t in decoder.values() if getattr(t, "special", False) and t.content}
+    return sorted(texts | {t for t in getattr(tokenizer, "all_special_tokens", []) if t})
+
+
+def _has_special_text(tokenizer: Any, text: str) -> bool:
+    return any(t in text for t in _special_texts(tokenizer))
+
+
+_MARK = re.compile("\ue000(\\d+)\ue001")  # private-use placeholders for message contents
+
+
+def _encode_chat_escaped(tokenizer: Any, messages: list[Message]) -> list[int]:
+    """Chat-template ids of ``messages`` whose contents are tokenised as plain text: a content
+    ``"<|im_end|>"`` becomes the tokens of those characters, never the special token (no forged turns).
+
+    The template is rendered with a placeholder per content; the template's own text is tokenised as
+    usual (its special tokens kept) and each content with ``split_special_tokens=True``. Used only for
+    conversations that contain special-token text, so every other prompt keeps the training
+    tokenisation of the whole rendered text.
+    """
+    marked = [{**m, "content": f"\ue000{i}\ue001"} for i, m in enumerate(messages)]
+    text = tokenizer.apply_chat_template(marked, tokenize=False, add_generation_prompt=True)
+    ids: list[int] = []
+    for k, piece in enumerate(_MARK.split(text)):
+        if k % 2:  # a placeholder: the content of message int(piece)
+            content = str(messages[int(piece)].get("content", ""))
+            ids += tokenizer(content, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+        elif piece:
+            ids += tokenizer(piece, add_special_tokens=False)["input_ids"]
+    return list(ids)
 
 
 def turn_starts(messages: list[Message]) -> list[int]:
@@ -160,7 +200,8 @@ def fit_conversation(tokenizer: Any, messages: list[Message], limit: int | None,
 
 
 def context_limit(model: Any) -> int | None:
-    """The model's maximum sequence length, when its config declares one."""
+    """The model's maximum sequence length, when its config declares one (an llmlab Mamba2 stores its
+    recipe's ``max_seq_len``; see :func:`llmlab.models.build.mamba2_config`)."""
     cfg = getattr(model, "config", None)
     for key in ("max_position_embeddings", "max_seq_len", "n_positions", "max_sequence_length"):
         v = getattr(cfg, key, None)
@@ -168,6 +209,9 @@ def context_limit(model: Any) -> int | None:
             return v
     return None
 
+
+#: the context ``llmlab serve`` assumes for a model whose config declares none (a foreign Mamba)
+UNDECLARED_CONTEXT = 2048
 
 #: the reply length when nobody asks for one, for a model whose context is large enough
 DEFAULT_MAX_NEW_TOKENS = 256
@@ -226,12 +270,14 @@ def _held_back(text: str, stops: list[str]) -> int:
 
 class _Row:
     """Bookkeeping of one row of a batched ``generate``: its own length cap, stop token ids and stop
-    strings, and streaming of its text (incomplete UTF-8 and possible stop-string starts held back)."""
+    strings, streaming of its text (incomplete UTF-8 and possible stop-string starts held back), and
+    ``cancelled``, polled each step: once it returns True the row ends (``finish_reason "cancelled"``)."""
 
     def __init__(self, tokenizer: Any, prompt_len: int, max_new: int, stop_ids: list[int], stop: list[str],
-                 on_text: Callable[[str], None] | None):
+                 on_text: Callable[[str], None] | None, cancelled: Callable[[], bool] | None = None):
         self.tokenizer, self.prompt_len, self.max_new = tokenizer, prompt_len, max_new
         self.stop_ids, self.stop, self.on_text = stop_ids, [x for x in stop if x], on_text
+        self.cancelled = cancelled
         self.ids: list[int] = []
         self.text, self.sent, self.finish = "", 0, None
 
@@ -240,6 +286,9 @@ class _Row:
         if self.finish is not None:
             return True
         self.ids = new_ids
+        if self.cancelled is not None and self.cancelled():
+            self.finish = "cancelled"
+            return True
         if new_ids and new_ids[-1] in self.stop_ids:
             self.finish = "stop"
         elif len(new_ids) >= self.max_new:
@@ -293,7 +342,8 @@ class _RowsCriteria(StoppingCriteria):
 @torch.no_grad()
 def generate_batch(model: Any, tokenizer: Any, prompts: list[list[int]], settings: GenerationSettings,
                    is_chat: bool, max_new: list[int] | None = None, stop: list[list[str]] | None = None,
-                   on_text: list[Callable[[str], None] | None] | None = None) -> list[GenerationResult]:
+                   on_text: list[Callable[[str], None] | None] | None = None,
+                   cancelled: list[Callable[[], bool] | None] | None = None) -> list[GenerationResult]:
     """Generate one completion per prompt in one left-padded ``model.generate`` call.
 
     Args:
@@ -304,6 +354,9 @@ def generate_batch(model: Any, tokenizer: Any, prompts: list[list[int]], setting
         stop: each row's stop strings; the text ends before the first one (``finish_reason "stop"``).
         on_text: per row, a callback receiving text pieces as they are generated; the pieces
             concatenate to the row's final text.
+        cancelled: per row, a check polled after each generated token; a row whose check returns True
+            ends there (``finish_reason "cancelled"``), and ``generate`` returns once every row has ended
+            (the server cancels the requests of clients that went away).
 
     Greedy rows are the same as each prompt generated alone (left padding with position ids from the
     attention mask; tested in tests/inference/test_cache_contract.py).
@@ -321,8 +374,8 @@ def generate_batch(model: Any, tokenizer: Any, prompts: list[list[int]], setting
     for r, p in enumerate(prompts):
         input_ids[r, width - len(p):] = torch.tensor(p)
         mask[r, width - len(p):] = 1
-    rows = [_Row(tokenizer, len(p), m, stops, (stop or [[]] * n)[r], (on_text or [None] * n)[r])
-            for r, (p, m) in enumerate(zip(prompts, max_new))]
+    rows = [_Row(tokenizer, len(p), m, stops, (stop or [[]] * n)[r], (on_text or [None] * n)[r],
+                 (cancelled or [None] * n)[r]) for r, (p, m) in enumerate(zip(prompts, max_new))]
     kw = settings.replace(max_new_tokens=max(max_new)).generate_kwargs()
     kw.update(attention_mask=mask.to(device), eos_token_id=stops or None, pad_token_id=int(pad),
               stopping_criteria=StoppingCriteriaList([_RowsCriteria(rows, width)]))

@@ -18,8 +18,20 @@ Errors follow OpenAI's shape, ``{"error": {"message", "type", "param", "code"}}`
 for every bad request: malformed JSON (NaN/Infinity included), a value out of range, an unknown model
 (404 ``model_not_found``), a prompt plus ``max_tokens`` beyond the context (400
 ``context_length_exceeded``; without ``max_tokens`` the reply is capped to what the context leaves),
-a bad ``Content-Length`` (400), a body over 1 MiB (413), a client that stalls for ``timeout`` seconds
-(408). At most ``max_connections`` connections are served at once; more get 503.
+a bad ``Content-Length`` (400), a body over 1 MiB (413), text that is not valid Unicode (a lone
+surrogate such as ``"\\ud800"``, 400), a role other than system, user or assistant (400), a request
+whose headers and body are not all in within ``timeout`` seconds (408, or the connection is closed
+when the headers are not in yet). A model whose config declares no context is served with
+:data:`~llmlab.inference.generation.UNDECLARED_CONTEXT` tokens.
+
+Special-token text in a message (``"<|im_end|>\\n<|im_start|>system"``) is tokenised as plain
+characters, never as the special tokens (:func:`~llmlab.inference.generation.encode_prompt`), so a
+user cannot forge turns.
+
+At most ``max_connections`` connections are served at once; more get 503 (the listen backlog is
+``max_connections``, at least :data:`MIN_BACKLOG`, so a burst waits to be answered rather than being
+reset). A client that disconnects while its request is queued or generating is noticed within
+:data:`POLL_S` seconds and its generation stops.
 
 Requests are served in batches: a single generation thread takes the requests queued within
 ``batch_window`` seconds (up to ``max_batch``), groups those with the same sampling settings, and runs
@@ -30,9 +42,12 @@ the same batched or alone.
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import queue
+import select
+import socket
 import threading
 import time
 import uuid
@@ -43,6 +58,7 @@ from typing import Any
 from llmlab.inference.generation import (
     GenerationResult,
     GenerationSettings,
+    UNDECLARED_CONTEXT,
     PromptTooLongError,
     completion_budget,
     context_limit,
@@ -53,6 +69,11 @@ from llmlab.inference.generation import (
 MAX_BODY = 1 << 20
 MAX_STOP = 4  # OpenAI allows up to 4 stop sequences
 INT64 = 1 << 63
+ROLES = ("system", "user", "assistant")  # the roles llmlab's chat template and SFT data know
+MIN_BACKLOG = 128  # listen backlog floor: a burst of connections queues to get its 503
+POLL_S = 0.05  # how often a waiting handler checks that its client is still there
+LINGER_S = 1.0  # how long a refused connection's request is read (and dropped) before closing
+GREEDY_BELOW = 1e-5  # a temperature below this decodes greedily (logits / 1e-300 overflow to inf)
 
 
 class RequestError(Exception):
@@ -87,6 +108,9 @@ def _number(body: dict, key: str, integer: bool, lo: float | None = None, hi: fl
 def request_settings(body: dict, defaults: GenerationSettings) -> tuple[GenerationSettings, bool]:
     """Sampling settings of a request (unset keys from ``defaults``) and whether it set a length.
 
+    ``repetition_penalty`` must lie in [0.01, 100] (HF divides positive logits by it: 1e-300 gave inf
+    and a 500); a ``temperature`` below :data:`GREEDY_BELOW` is greedy decoding (as vLLM does).
+
     Raises:
         RequestError: a key of the wrong type, not finite or out of range.
     """
@@ -96,11 +120,12 @@ def request_settings(body: dict, defaults: GenerationSettings) -> tuple[Generati
         if max_new is not None:
             break
     seed = _number(body, "seed", True, lo=-INT64, hi=INT64 - 1)
+    temperature = _number(body, "temperature", False, lo=0, hi=100)
     s = defaults.replace(max_new_tokens=max_new,
-                         temperature=_number(body, "temperature", False, lo=0, hi=100),
+                         temperature=0 if temperature is not None and temperature < GREEDY_BELOW else temperature,
                          top_p=_number(body, "top_p", False, lo=0, hi=1, lo_open=True),
                          top_k=_number(body, "top_k", True, lo=0, hi=INT64 - 1),
-                         repetition_penalty=_number(body, "repetition_penalty", False, lo=0, hi=100, lo_open=True),
+                         repetition_penalty=_number(body, "repetition_penalty", False, lo=0.01, hi=100),
                          seed=None if seed is None else seed % (1 << 64))
     return s, max_new is not None
 
@@ -114,29 +139,48 @@ def _stop(body: dict) -> list[str]:
     if not isinstance(stop, list) or len(stop) > MAX_STOP or not all(isinstance(x, str) for x in stop):
         raise RequestError(f"'stop' must be a string or a list of up to {MAX_STOP} strings", param="stop",
                            code="invalid_value")
-    return [x for x in stop if x]
+    return [_text(x, "stop") for x in stop if x]
 
 
-def _messages(x: Any) -> list[dict]:
+def _text(x: str, param: str) -> str:
+    """``x`` when it is valid Unicode (encodable as UTF-8); RequestError for a lone surrogate, which
+    JSON's ``\\ud800`` escape can carry and no tokenizer takes."""
+    try:
+        x.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise RequestError(f"'{param}' is not valid Unicode: {e.reason} at character {e.start}", param=param,
+                           code="invalid_value") from None
+    return x
+
+
+def _messages(x: Any, param: str = "messages") -> list[dict]:
+    """The ``{role, content}`` messages of a request: roles among :data:`ROLES`, contents strings (or
+    OpenAI text parts) of valid Unicode; RequestError naming the message otherwise."""
     if not isinstance(x, list) or not x:
-        raise RequestError("'messages' must be a non-empty list of {role, content}", param="messages")
+        raise RequestError(f"'{param}' must be a non-empty list of {{role, content}}", param=param)
     out = []
-    for m in x:
+    for i, m in enumerate(x):
+        where = f"{param}[{i}]"
         if not isinstance(m, dict) or "role" not in m:
-            raise RequestError("each message needs a 'role' and a 'content'", param="messages")
+            raise RequestError(f"{where} needs a 'role' and a 'content'", param=where)
+        if m["role"] not in ROLES:
+            raise RequestError(f"{where}.role must be one of {', '.join(ROLES)}, got {m['role']!r}",
+                               param=f"{where}.role", code="invalid_value")
         c = m.get("content")
         if isinstance(c, list):  # OpenAI content parts: keep the text ones
-            c = "".join(p.get("text", "") for p in c if isinstance(p, dict) and p.get("type") == "text")
+            c = "".join(p.get("text", "") for p in c if isinstance(p, dict) and p.get("type") == "text"
+                        and isinstance(p.get("text", ""), str))
         if not isinstance(c, str):
-            raise RequestError("message 'content' must be a string", param="messages")
-        out.append({"role": str(m["role"]), "content": c})
+            raise RequestError(f"{where}.content must be a string", param=f"{where}.content")
+        out.append({"role": m["role"], "content": _text(c, f"{where}.content")})
     return out
 
 
 @dataclass
 class Job:
     """One request waiting for the generation thread. ``events`` receives ``("text", piece)`` when
-    streaming, then ``("done", GenerationResult)`` or ``("error", exception)``."""
+    streaming, then ``("done", GenerationResult)`` or ``("error", exception)``. ``cancel`` is set when
+    the client went away: the job is skipped, or its row stops at the next token."""
 
     prompt_ids: list[int]
     settings: GenerationSettings
@@ -145,6 +189,7 @@ class Job:
     stop: list[str]
     stream: bool = False
     events: queue.Queue = field(default_factory=queue.Queue)
+    cancel: threading.Event = field(default_factory=threading.Event)
 
     def key(self) -> tuple:
         """Requests with equal keys can share a ``generate`` call."""
@@ -197,6 +242,9 @@ class Batcher(threading.Thread):
                     self._run(group[i: i + self.max_batch])
 
     def _run(self, jobs: list[Job]) -> None:
+        jobs = [j for j in jobs if not j.cancel.is_set()]  # their clients went away while queued
+        if not jobs:
+            return
         self.batches.append(len(jobs))
 
         def sink(job: Job):
@@ -205,7 +253,8 @@ class Batcher(threading.Thread):
         try:
             results: list[GenerationResult] = generate_batch(
                 self.model, self.tokenizer, [j.prompt_ids for j in jobs], jobs[0].settings, jobs[0].is_chat,
-                max_new=[j.max_new for j in jobs], stop=[j.stop for j in jobs], on_text=[sink(j) for j in jobs])
+                max_new=[j.max_new for j in jobs], stop=[j.stop for j in jobs], on_text=[sink(j) for j in jobs],
+                cancelled=[j.cancel.is_set for j in jobs])
         except Exception as e:  # noqa: BLE001 - reported to every waiting request as a 500
             for j in jobs:
                 j.events.put(("error", e))
@@ -219,8 +268,12 @@ class InferenceServer(ThreadingHTTPServer):
     ``server_close()`` stop it.
 
     Args:
-        timeout: seconds a client may stall while sending its request (socket timeout).
-        max_connections: connections served at once; more are answered 503 and closed.
+        timeout: seconds a client has to send a whole request, headers and body (one deadline for all
+            of it, not per read: a client trickling a byte at a time is cut off too); also the limit
+            on each write of the reply to a client that stops reading. An idle keep-alive connection
+            is closed after it.
+        max_connections: connections served at once; more are answered 503 and closed. The listen
+            backlog is as large (at least :data:`MIN_BACKLOG`), so a burst is queued and answered.
         batch_window, max_batch: see :class:`Batcher`.
     """
 
@@ -238,7 +291,8 @@ class InferenceServer(ThreadingHTTPServer):
         self.verbose = verbose
         self.timeout_s = timeout
         self.slots = threading.BoundedSemaphore(max_connections)
-        self.limit = context_limit(model)
+        self.request_queue_size = max(max_connections, MIN_BACKLOG)  # listen() backlog (socketserver)
+        self.limit = context_limit(model) or UNDECLARED_CONTEXT
         self.created = int(time.time())
         self.batcher = Batcher(model, tokenizer, window=batch_window, max_batch=max_batch)
         super().__init__((host, port), _Handler)
@@ -252,15 +306,29 @@ class InferenceServer(ThreadingHTTPServer):
 
     def process_request(self, request, client_address) -> None:
         if not self.slots.acquire(blocking=False):
-            try:
-                body = json.dumps(_error_body(503, "too many connections; retry later", code="server_busy")).encode()
-                request.sendall(b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
-                                + f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode() + body)
-            except OSError:
-                pass
-            self.shutdown_request(request)
+            threading.Thread(target=self._refuse, args=(request,), daemon=True, name="llmlab-503").start()
             return
         super().process_request(request, client_address)
+
+    def _refuse(self, request: socket.socket) -> None:
+        """Answer 503 and close gracefully: the request the client sent is read and dropped for up to
+        :data:`LINGER_S` seconds first, since closing a socket with unread data sends a reset that
+        can destroy the 503 before the client reads it (ECONNRESET)."""
+        try:
+            body = json.dumps(_error_body(503, "too many connections; retry later", code="server_busy")).encode()
+            request.settimeout(LINGER_S)
+            request.sendall(b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
+                            + f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode() + body)
+            request.shutdown(socket.SHUT_WR)
+            end = time.monotonic() + LINGER_S
+            while (left := end - time.monotonic()) > 0:
+                request.settimeout(left)
+                if not request.recv(65536):
+                    break
+        except OSError:
+            pass
+        finally:
+            request.close()
 
     def process_request_thread(self, request, client_address) -> None:
         try:
@@ -279,13 +347,40 @@ def _error_body(status: int, message: str, param: str | None = None, code: str |
     return {"error": {"message": message, "type": typ, "param": param, "code": code}}
 
 
+class _DeadlineReader(io.RawIOBase):
+    """A socket's reads under one deadline (``handler.deadline``, ``time.monotonic()`` seconds): each
+    ``recv`` may wait only for what is left of it, so the whole request, not each read, is bounded."""
+
+    def __init__(self, sock: socket.socket, handler: _Handler):
+        super().__init__()
+        self.sock, self.handler = sock, handler
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b) -> int:
+        left = self.handler.deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError("the request deadline passed")
+        self.sock.settimeout(left)
+        return self.sock.recv_into(b)
+
+
 class _Handler(BaseHTTPRequestHandler):
     server: InferenceServer
     protocol_version = "HTTP/1.1"
+    deadline = math.inf
 
     def setup(self) -> None:
-        self.timeout = self.server.timeout_s  # socket timeout: a stalled client cannot hold a thread
+        self.timeout = self.server.timeout_s  # socket timeout for writes: a client that stops reading
         super().setup()
+        self.rfile.close()  # the plain socket file: reads go through the request deadline instead
+        self.rfile = io.BufferedReader(_DeadlineReader(self.connection, self), io.DEFAULT_BUFFER_SIZE)
+
+    def handle_one_request(self) -> None:
+        # headers and body of the next request must all arrive within timeout_s from now
+        self.deadline = time.monotonic() + self.server.timeout_s
+        super().handle_one_request()
 
     def log_message(self, format: str, *args: Any) -> None:
         if self.server.verbose:
@@ -296,6 +391,7 @@ class _Handler(BaseHTTPRequestHandler):
 
     def send_response(self, code: int, message: str | None = None) -> None:
         self._responded = True
+        self.connection.settimeout(self.server.timeout_s)  # writes: per send, not the request deadline
         super().send_response(code, message)
 
     def _json(self, status: int, obj: Any) -> None:
@@ -420,23 +516,47 @@ class _Handler(BaseHTTPRequestHandler):
                 "completion.", param="max_tokens", code="context_length_exceeded")
         return self.server.batcher.submit(Job(ids, settings, chat, max_new, stop, stream))
 
+    def _client_gone(self) -> bool:
+        """True when the client closed its end (EOF or an error on the socket; a pipelined request
+        does not count)."""
+        try:
+            readable, _, _ = select.select([self.connection], [], [], 0)
+            return bool(readable) and not self.connection.recv(1, socket.MSG_PEEK)  # b"": EOF
+        except (BlockingIOError, TimeoutError):
+            return False
+        except OSError:
+            return True
+
     def _wait(self, job: Job, on_text=None) -> GenerationResult:
-        while True:
-            kind, value = job.events.get()
-            if kind == "text" and on_text is not None:
-                on_text(value)
-            elif kind == "done":
-                return value
-            elif kind == "error":
-                raise RuntimeError(f"generation failed: {value}") from value
+        """The job's result, passing streamed text to ``on_text``; cancels the job when the client
+        goes away (checked every :data:`POLL_S` s, or a write fails) and raises ConnectionResetError."""
+        try:
+            while True:
+                try:
+                    kind, value = job.events.get(timeout=POLL_S)
+                except queue.Empty:
+                    if self._client_gone():
+                        raise ConnectionResetError("the client went away") from None
+                    continue
+                if kind == "text" and on_text is not None:
+                    on_text(value)
+                elif kind == "done":
+                    return value
+                elif kind == "error":
+                    raise RuntimeError(f"generation failed: {value}") from value
+        except BaseException:
+            job.cancel.set()
+            raise
 
     def _generate(self, body: dict) -> None:
         srv = self.server
         self._check_model(body)
         prompt = body.get("prompt")
         if isinstance(prompt, list):
-            prompt = _messages(prompt)
-        elif not isinstance(prompt, str):
+            prompt = _messages(prompt, "prompt")
+        elif isinstance(prompt, str):
+            prompt = _text(prompt, "prompt")
+        else:
             raise RequestError("'prompt' must be a string or a list of messages", param="prompt")
         settings, explicit = request_settings(body, srv.defaults)
         stop = _stop(body)

@@ -96,7 +96,9 @@ def mamba2_config(model_cfg: dict, vocab_size: int, special_ids: dict | None = N
 
     Mapping: d_model -> hidden_size, n_layers -> num_hidden_layers, num_heads = expand * d_model /
     head_dim (must divide exactly, and be a multiple of n_groups), state_size, head_dim, expand,
-    conv_kernel, n_groups, chunk_size as named, tie_embeddings -> tie_word_embeddings.
+    conv_kernel, n_groups, chunk_size as named, tie_embeddings -> tie_word_embeddings; max_seq_len is
+    stored as is (config.json ``max_seq_len``): Mamba2 has no position limit, but this is the context
+    it was trained for, and inference (``context_limit``) caps prompt plus reply to it.
     """
     from transformers import Mamba2Config
 
@@ -109,6 +111,7 @@ def mamba2_config(model_cfg: dict, vocab_size: int, special_ids: dict | None = N
     if num_heads % c["n_groups"]:
         raise ValueError(f"mamba2: num_heads = expand*d_model/head_dim = {num_heads} must be divisible by n_groups ({c['n_groups']})")
     ids = {k: v for k, v in (special_ids or {}).items() if v is not None}
+    context = {"max_seq_len": int(model_cfg["max_seq_len"])} if model_cfg.get("max_seq_len") is not None else {}
     return Mamba2Config(
         vocab_size=vocab_size,
         hidden_size=c["d_model"],
@@ -124,6 +127,7 @@ def mamba2_config(model_cfg: dict, vocab_size: int, special_ids: dict | None = N
         pad_token_id=ids.get("pad_token_id"),
         bos_token_id=ids.get("bos_token_id"),
         eos_token_id=ids.get("eos_token_id"),
+        **context,
     )
 
 
