@@ -72,12 +72,29 @@ STAGE_SPECS: dict[str, StageSpec] = {s.type: s for s in (
     StageSpec("reward", "llmlab.stages.reward:RewardStage", ("preference",), "pair", "preference",
               sequences_per_example=2, language_model=False),
     StageSpec("dpo", "llmlab.stages.dpo:DPOStage", ("preference",), "pair", "preference", sequences_per_example=2),
+    StageSpec("orpo", "llmlab.stages.orpo:ORPOStage", ("preference",), "pair", "preference", sequences_per_example=2),
+    StageSpec("kto", "llmlab.stages.kto:KTOStage", ("preference",), "pair", "preference", sequences_per_example=4),
     StageSpec("grpo", "llmlab.stages.grpo:GRPOStage", _PROMPT_FORMATS, "prompt", "prompt", samples_key="group_size",
               generates=True),
     StageSpec("ppo", "llmlab.stages.ppo:PPOStage", _PROMPT_FORMATS, "prompt", "prompt", generates=True),
     StageSpec("evaluate", "llmlab.stages.evaluate:EvaluateStage", ("text",) + _PROMPT_FORMATS, inputs="models",
               trains=False, results_file="results.json", language_model=False),
 )}
+
+#: ``loss_type`` values of a dpo stage that load no reference model (SimPO, CPO)
+REFERENCE_FREE_DPO_LOSSES = ("simpo", "cpo")
+#: the stage types that always load a frozen reference model (``reference_from`` or the starting weights)
+_REFERENCE_TYPES = ("kto", "grpo", "ppo")
+
+
+def uses_reference(cfg: dict) -> bool:
+    """Whether a stage with config ``cfg`` (``type``, and for dpo its ``loss_type``, default sigmoid
+    from the schema when absent) keeps a frozen reference model: dpo (but not simpo / cpo), kto,
+    grpo, ppo; never orpo. Under LoRA the reference is the base with adapters disabled (no copy)."""
+    if cfg["type"] == "dpo":
+        return cfg.get("loss_type") not in REFERENCE_FREE_DPO_LOSSES
+    return cfg["type"] in _REFERENCE_TYPES
+
 
 #: the types that train nothing (no weights for ``from:`` / ``reference_from:`` / ``models:`` to name)
 NON_TRAINING_TYPES = tuple(t for t, s in STAGE_SPECS.items() if not s.trains)

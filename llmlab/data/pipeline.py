@@ -125,7 +125,7 @@ def _labels_for_last_spans(ids: list[int], mask: list[int], k: int) -> list[int]
 def _chat(tokenizer, conversations: list, **kw):
     if not getattr(tokenizer, "chat_template", None):
         raise ValueError("the tokenizer has no chat template (tokenizer.chat_template: none); "
-                         "sft, dpo, reward, grpo and ppo stages need one")
+                         "sft, dpo, orpo, kto, reward, grpo and ppo stages need one")
     return tokenizer.apply_chat_template(conversations, tokenize=True, return_dict=True, **kw)
 
 
@@ -240,7 +240,7 @@ class StageData:
     """The data of one stage: a fixed example sequence and pure batch functions.
 
     Attributes:
-        stage: the stage name; ``type``: its type (pretrain, sft, dpo, reward, grpo, ppo).
+        stage: the stage name; ``type``: its type (pretrain, sft, dpo, orpo, kto, reward, grpo, ppo).
         seed: the recipe seed; ``batch_size``; ``seq_len``.
         pad_token_id: the padding id used in every batch.
         shares: dataset name → realised share of the training examples (documents for pretrain).
@@ -274,7 +274,7 @@ class StageData:
 
     @property
     def family(self) -> str:
-        """pretrain | sft | pair (dpo, reward) | prompt (grpo, ppo)."""
+        """pretrain | sft | pair (dpo, orpo, kto, reward) | prompt (grpo, ppo)."""
         return STAGE_FAMILY[self.type][0]
 
     def train_indices(self, index: int) -> np.ndarray:
