@@ -33,8 +33,10 @@ class StageSpec:
             (``pretrain``, ``sft``, ``pair``, ``prompt``), or None for a stage that trains nothing.
         kind: the canonical row kind that family consumes (``text``, ``conversation``,
             ``preference``, ``prompt``), or None.
-        sequences_per_example: sequences one example puts through the model (2 for a chosen /
-            rejected pair), for ``llmlab plan``'s token and memory estimates.
+        sequences_per_example: sequences one example puts through the model with gradients (2 for a
+            chosen / rejected pair), for ``llmlab plan``'s token and memory estimates.
+        extra_sequences_per_example: sequences it also puts through without gradients (KTO's two
+            mismatched pairs): counted in ``llmlab plan``'s tokens, not in its activation memory.
         samples_key: the stage key giving completions sampled per prompt (GRPO's ``group_size``),
             or None for one.
         generates: the stage samples completions of ``max_new_tokens`` (sequence length for plan
@@ -55,6 +57,7 @@ class StageSpec:
     family: str | None = None
     kind: str | None = None
     sequences_per_example: int = 1
+    extra_sequences_per_example: int = 0
     samples_key: str | None = None
     generates: bool = False
     inputs: str = "chain"
@@ -73,7 +76,8 @@ STAGE_SPECS: dict[str, StageSpec] = {s.type: s for s in (
               sequences_per_example=2, language_model=False),
     StageSpec("dpo", "llmlab.stages.dpo:DPOStage", ("preference",), "pair", "preference", sequences_per_example=2),
     StageSpec("orpo", "llmlab.stages.orpo:ORPOStage", ("preference",), "pair", "preference", sequences_per_example=2),
-    StageSpec("kto", "llmlab.stages.kto:KTOStage", ("preference",), "pair", "preference", sequences_per_example=4),
+    StageSpec("kto", "llmlab.stages.kto:KTOStage", ("preference",), "pair", "preference", sequences_per_example=2,
+              extra_sequences_per_example=2),
     StageSpec("grpo", "llmlab.stages.grpo:GRPOStage", _PROMPT_FORMATS, "prompt", "prompt", samples_key="group_size",
               generates=True),
     StageSpec("ppo", "llmlab.stages.ppo:PPOStage", _PROMPT_FORMATS, "prompt", "prompt", generates=True),
@@ -83,17 +87,18 @@ STAGE_SPECS: dict[str, StageSpec] = {s.type: s for s in (
 
 #: ``loss_type`` values of a dpo stage that load no reference model (SimPO, CPO)
 REFERENCE_FREE_DPO_LOSSES = ("simpo", "cpo")
-#: the stage types that always load a frozen reference model (``reference_from`` or the starting weights)
-_REFERENCE_TYPES = ("kto", "grpo", "ppo")
 
 
-def uses_reference(cfg: dict) -> bool:
-    """Whether a stage with config ``cfg`` (``type``, and for dpo its ``loss_type``, default sigmoid
-    from the schema when absent) keeps a frozen reference model: dpo (but not simpo / cpo), kto,
-    grpo, ppo; never orpo. Under LoRA the reference is the base with adapters disabled (no copy)."""
+def uses_reference(cfg: dict) -> bool | None:
+    """Whether a preference stage with config ``cfg`` keeps a frozen reference model: dpo (not its
+    reference-free ``loss_type`` simpo / cpo; an absent ``loss_type`` is the schema's sigmoid) and
+    kto do, orpo and the other types that train on pairs (reward) do not. None for grpo and ppo, which
+    decide from their own keys (their stages' ``needs_reference``), and for types that train nothing."""
     if cfg["type"] == "dpo":
         return cfg.get("loss_type") not in REFERENCE_FREE_DPO_LOSSES
-    return cfg["type"] in _REFERENCE_TYPES
+    if cfg["type"] in ("kto", "orpo", "reward", "pretrain", "sft"):
+        return cfg["type"] == "kto"
+    return None
 
 
 #: the types that train nothing (no weights for ``from:`` / ``reference_from:`` / ``models:`` to name)
