@@ -37,6 +37,9 @@ class StageSpec:
             chosen / rejected pair), for ``llmlab plan``'s token and memory estimates.
         extra_sequences_per_example: sequences it also puts through without gradients (KTO's two
             mismatched pairs): counted in ``llmlab plan``'s tokens, not in its activation memory.
+        own_kinds: row kinds it also takes as they are, through the :mod:`llmlab.data.pipeline`
+            family of the same name, when all its datasets have that kind (kto:
+            ``unpaired_preference``, whose format has the same name).
         samples_key: the stage key giving completions sampled per prompt (GRPO's ``group_size``),
             or None for one.
         generates: the stage samples completions of ``max_new_tokens`` (sequence length for plan
@@ -58,6 +61,7 @@ class StageSpec:
     kind: str | None = None
     sequences_per_example: int = 1
     extra_sequences_per_example: int = 0
+    own_kinds: tuple[str, ...] = ()
     samples_key: str | None = None
     generates: bool = False
     inputs: str = "chain"
@@ -76,8 +80,8 @@ STAGE_SPECS: dict[str, StageSpec] = {s.type: s for s in (
               sequences_per_example=2, language_model=False),
     StageSpec("dpo", "llmlab.stages.dpo:DPOStage", ("preference",), "pair", "preference", sequences_per_example=2),
     StageSpec("orpo", "llmlab.stages.orpo:ORPOStage", ("preference",), "pair", "preference", sequences_per_example=2),
-    StageSpec("kto", "llmlab.stages.kto:KTOStage", ("preference",), "pair", "preference", sequences_per_example=2,
-              extra_sequences_per_example=2),
+    StageSpec("kto", "llmlab.stages.kto:KTOStage", ("preference", "unpaired_preference"), "pair", "preference",
+              sequences_per_example=2, extra_sequences_per_example=2, own_kinds=("unpaired_preference",)),
     StageSpec("grpo", "llmlab.stages.grpo:GRPOStage", _PROMPT_FORMATS, "prompt", "prompt", samples_key="group_size",
               generates=True),
     StageSpec("ppo", "llmlab.stages.ppo:PPOStage", _PROMPT_FORMATS, "prompt", "prompt", generates=True),

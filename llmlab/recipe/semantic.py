@@ -105,6 +105,18 @@ def dataset_format(spec: dict) -> str | None:
     return BUILTIN_FORMATS.get(builtin) if isinstance(builtin, str) else None
 
 
+def _check_one_kind(spec, mix: dict, datasets: dict, ds: str, fmt: str, path: tuple, add) -> None:
+    """A stage with ``own_kinds`` (kto) takes rows of one such kind or of its usual kind, not both:
+    report dataset ``ds`` (format ``fmt``) when an earlier dataset of ``mix`` is of the other side."""
+    own = fmt in spec.own_kinds  # such a kind's format has its name
+    for other in list(mix)[:list(mix).index(ds)]:
+        other_fmt = dataset_format(_dict(datasets.get(other)))
+        if other_fmt and (other_fmt in spec.own_kinds) != own:
+            add(path, f"dataset {ds!r} has format {fmt!r} but {other!r} has {other_fmt!r}: a {spec.type} stage "
+                      f"takes unpaired_preference rows or preference rows, not both")
+            return
+
+
 def check(doc: dict, given, add) -> None:
     """Run every semantic check on the defaults-filled ``doc``.
 
@@ -364,6 +376,8 @@ def _check_stages(doc: dict, datasets: dict, given, add) -> None:
                     src = _dict(datasets[ds]).get("builtin")
                     add(p, f"dataset {ds!r} has format {fmt!r}" + (f" (builtin {src})" if src else "")
                         + f", which a {stype} stage cannot use; expected {' or '.join(accepted)}")
+                elif spec and fmt and spec.own_kinds:
+                    _check_one_kind(spec, mix, datasets, ds, fmt, p, add)
         if spec and spec.generates:
             _check_online_rl(stages, types, idx, name, st, given, add)
         if stype and (spec.kind if spec else None) != "text" and chat_template == "none":

@@ -3,9 +3,11 @@
 Recipe keys (``stages.NAME``, type ``kto``; defaults in the recipe schema): ``beta``,
 ``desirable_weight``, ``undesirable_weight`` (the paper's lambda_D, lambda_U), ``reference_from``.
 
-KTO learns from unpaired examples labelled desirable or undesirable. Each preference pair of a batch
-becomes one desirable example (prompt + chosen) and one undesirable one (prompt + rejected), so a
-batch of ``B`` pairs holds ``2B`` examples: rows ``0..B-1`` desirable, ``B..2B-1`` undesirable.
+KTO learns from unpaired examples labelled desirable or undesirable. Its datasets are either all
+``unpaired_preference`` (``prompt/completion/label`` rows, TRL's unpaired preference format; batches
+``input_ids``, ``attention_mask``, ``labels`` ``[B, T]`` and ``desirable`` ``[B]`` bool) or all
+``preference``: each pair of a batch becomes one desirable example (prompt + chosen) and one
+undesirable one (prompt + rejected), so a batch of ``B`` pairs holds ``2B`` examples.
 
 The reference point ``z_0`` (:func:`llmlab.losses.kto_kl`) is estimated per micro-batch, as TRL 1.16's
 ``KTOTrainer`` does, from mismatched pairs: the completions rotated by one row within the batch
@@ -58,15 +60,31 @@ def mismatched_rows(ids: torch.Tensor, att: torch.Tensor, labels: torch.Tensor,
     return out_ids, out_att, out_lab
 
 
+def unpaired_metrics(rewards: torch.Tensor, logps: torch.Tensor, desirable: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Mean reward and log-prob of the desirable (``*/chosen``) and undesirable (``*/rejected``)
+    examples of a batch, and their margin, as TRL's KTOTrainer logs them (a side with no example
+    logs nothing). Inputs ``[N]``."""
+    out = {}
+    for side, sel in (("chosen", desirable), ("rejected", ~desirable)):
+        if sel.any():
+            out[f"rewards/{side}"] = rewards[sel].mean()
+            out[f"logps/{side}"] = logps[sel].mean()
+    if "rewards/chosen" in out and "rewards/rejected" in out:
+        out["rewards/margins"] = out["rewards/chosen"] - out["rewards/rejected"]
+    return out
+
+
 class KTOStage(Stage):
     """KTO on preference pairs split into desirable / undesirable examples (batch keys as
     :class:`llmlab.stages.dpo.DPOStage`).
 
     Metrics (TRL's names): ``rewards/chosen``, ``rewards/rejected`` (mean ``beta * log(pi/ref)`` of
     the desirable / undesirable examples), ``rewards/margins``, ``logps/chosen``, ``logps/rejected``,
-    ``kl`` (the reference point ``z_0``), and ``rewards/accuracies``: the share of *pairs* whose
-    chosen reward exceeds the rejected one (ties one half), the preference accuracy every
-    pairwise stage reports. ``loss`` is the mean per-example KTO loss.
+    ``kl`` (the reference point ``z_0``), and on pairs ``rewards/accuracies``: the share of pairs
+    whose chosen reward exceeds the rejected one (ties one half), the preference accuracy every
+    pairwise stage reports. Unpaired batches have no pairs, hence no accuracy; a batch with no
+    desirable (undesirable) example logs no ``*/chosen`` (``*/rejected``) metric and no margin.
+    ``loss`` is the mean per-example KTO loss.
     """
 
     type = "kto"
@@ -95,9 +113,12 @@ class KTOStage(Stage):
 
     def compute_loss(self, model: torch.nn.Module, batch: dict) -> tuple[torch.Tensor, dict]:
         device = self.ctx.device
-        ids, att, labels = (t.to(device) for t in concat_pairs(batch, self.pad_token_id))
-        B = batch["chosen_input_ids"].shape[0]
-        desirable = torch.arange(2 * B, device=device) < B
+        if "desirable" in batch:  # unpaired rows
+            ids, att, labels = (batch[k].to(device) for k in ("input_ids", "attention_mask", "labels"))
+            desirable = batch["desirable"].to(device)
+        else:  # pairs: chosen rows desirable, rejected rows undesirable
+            ids, att, labels = (t.to(device) for t in concat_pairs(batch, self.pad_token_id))
+            desirable = torch.arange(ids.shape[0], device=device) < ids.shape[0] // 2
         kl_ids, kl_att, kl_labels = mismatched_rows(ids, att, labels, self.pad_token_id)
         logps, _ = pair_sequence_logps(model, ids, att, labels)
         with torch.no_grad():
@@ -107,7 +128,11 @@ class KTOStage(Stage):
         kl = kto_kl(kl_logps, ref_kl_logps)
         losses, rewards = kto_loss(logps, ref_logps, desirable, kl, self.beta,
                                    self.desirable_weight, self.undesirable_weight)
-        metrics = pair_metrics(rewards[:B], rewards[B:], logps[:B], logps[B:])
+        if "desirable" in batch:
+            metrics = unpaired_metrics(rewards, logps.detach(), desirable)
+        else:
+            B = ids.shape[0] // 2
+            metrics = pair_metrics(rewards[:B], rewards[B:], logps[:B], logps[B:])
         metrics["kl"] = kl
         return losses.mean(), metrics
 

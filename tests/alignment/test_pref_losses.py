@@ -176,3 +176,40 @@ def test_kto_stage_matches_trl(ref_seed, beta, desirable_weight, undesirable_wei
     worst = _assert_grads_equal(grads, trl_grads)
     print(f"KTO beta={beta} lambda_D={desirable_weight} lambda_U={undesirable_weight}: loss {float(loss):.6f} vs "
           f"TRL {float(trl_loss):.6f}, kl {float(metrics['kl']):.4f}, max |grad diff| {worst:.2e}")
+
+
+def test_kto_stage_matches_trl_on_unpaired_rows():
+    """Unpaired rows with unbalanced labels (3 desirable, 2 undesirable) in TRL's own batch layout."""
+    from tests.alignment.helpers import pad_rows
+
+    pytest.importorskip("trl")
+    from llmlab.stages.kto import KTOStage, mismatched_rows
+
+    trainer, policy, ref = trl_kto(5)
+    trainer.beta, trainer.desirable_weight, trainer.undesirable_weight = 0.3, 1.0, 1.5
+    trainer._metrics["train"].clear()
+    rows = [([5, 6, 7], [8, 9, 1], True), ([11], [12, 13, 14, 15, 1], False), ([18, 19], [23, 1], True),
+            ([20, 21, 22], [24, 25, 26, 1], True), ([30, 31], [32, 1], False)]
+    batch = {"input_ids": pad_rows([p + c for p, c, _ in rows], PAD),
+             "attention_mask": pad_rows([[1] * (len(p) + len(c)) for p, c, _ in rows], 0),
+             "labels": pad_rows([[-100] * len(p) + c for p, c, _ in rows], -100),
+             "desirable": torch.tensor([d for _, _, d in rows])}
+    kl_ids, kl_att, kl_labels = mismatched_rows(batch["input_ids"], batch["attention_mask"], batch["labels"], PAD)
+    trl_batch = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"],
+                 "completion_mask": (batch["labels"] != -100).long(), "KL_input_ids": kl_ids,
+                 "KL_attention_mask": kl_att, "KL_completion_mask": (kl_labels != -100).long(),
+                 "label": batch["desirable"]}
+    policy.train()
+    trl_loss = trainer.compute_loss(policy, trl_batch)
+    trl_grads = _grads(trl_loss, policy)
+    trl_metrics = {k: v[-1] for k, v in trainer._metrics["train"].items()}
+
+    stage = KTOStage(make_ctx("kto", {"beta": 0.3, "undesirable_weight": 1.5}))
+    stage.reference.model = ref
+    stage.setup(policy)
+    loss, metrics = stage.compute_loss(policy, batch)
+    assert float(loss) == pytest.approx(float(trl_loss), rel=1e-6)
+    for name in ("rewards/chosen", "rewards/rejected", "rewards/margins", "logps/chosen", "logps/rejected", "kl"):
+        assert float(metrics[name]) == pytest.approx(trl_metrics[name], abs=1e-5), name
+    assert "rewards/accuracies" not in metrics  # no pairs, no pairwise accuracy
+    _assert_grads_equal(_grads(loss, policy), trl_grads)

@@ -57,3 +57,19 @@ def test_keys_of_another_type_or_loss_are_refused(tmp_path):
     assert any("loss_type" in str(e) for e in errors), errors
     _, errors = load_recipe(_recipe(tmp_path, dpo2={"loss_type": "kto"}))
     assert any("loss_type" in str(e) for e in errors), errors
+
+
+def test_kto_takes_unpaired_or_paired_datasets_not_both(tmp_path):
+    rec = copy.deepcopy(TINY)
+    (tmp_path / "kto.jsonl").write_text('{"prompt": "Hi?", "completion": "Hello.", "label": true}\n')
+    rec["datasets"]["unpaired"] = {"path": "kto.jsonl", "format": "unpaired_preference"}
+    rec["stages"]["kto"] = {**copy.deepcopy(TINY["stages"]["dpo"]), "type": "kto", "datasets": {"unpaired": 1.0}}
+    _, errors = load_recipe(write_recipe(tmp_path, rec))
+    assert errors == []
+    rec["stages"]["kto"]["datasets"] = {"chat_pairs": 1.0, "unpaired": 1.0}
+    _, errors = load_recipe(write_recipe(tmp_path, rec))
+    assert any("not both" in str(e) and "unpaired" in str(e) for e in errors), errors
+    rec["stages"]["dpo"]["datasets"] = {"unpaired": 1.0}  # only kto takes unpaired rows
+    rec["stages"]["kto"]["datasets"] = {"unpaired": 1.0}
+    _, errors = load_recipe(write_recipe(tmp_path, rec))
+    assert any("a dpo stage cannot use" in str(e) for e in errors), errors
