@@ -8,7 +8,8 @@ An evaluate stage trains nothing. For each stage named in ``models`` it loads ``
 
 - text: perplexity and bits per byte;
 - conversation: perplexity on the assistant tokens;
-- preference: ``logp_accuracy``; with ``reference_from``, the DPO implicit-reward ``reward_accuracy``
+- preference: ``logp_accuracy``, ``avg_logp_accuracy`` (per-token means: SimPO's and ORPO's reward);
+  with ``reference_from``, the DPO implicit-reward ``reward_accuracy``
   and ``reward_margin`` (β = ``beta``); a reward-model stage is scored directly;
 - prompt: ``num_samples`` sampled generations (sample ``i`` seeded with the recipe seed + ``i``),
   scored by the ``reward_from`` stage's reward model when given.
@@ -47,13 +48,13 @@ RESULTS_FILE = stage_spec(EVALUATE).results_file
 HEADLINE = {
     "text": ("perplexity", "bits_per_byte"),
     "conversation": ("perplexity",),
-    "preference": ("logp_accuracy", "reward_accuracy"),
+    "preference": ("logp_accuracy", "avg_logp_accuracy", "reward_accuracy"),
     "prompt": ("mean_reward", "mean_completion_tokens"),
 }
 #: metrics where lower is better (the best value of a column is shown in bold)
 LOWER_IS_BETTER = {"perplexity", "bits_per_byte", "bits_per_token", "mean_loss"}
 #: metrics where higher is better
-HIGHER_IS_BETTER = {"logp_accuracy", "reward_accuracy", "reward_margin", "mean_reward"}
+HIGHER_IS_BETTER = {"logp_accuracy", "avg_logp_accuracy", "reward_accuracy", "reward_margin", "mean_reward"}
 
 _DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
