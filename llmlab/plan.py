@@ -114,7 +114,7 @@ def pretrained_lora_trainable(source: str, lora_cfg: dict) -> int | None:
         targets = resolve_targets(key or "custom", lora_cfg.get("preset") or "all", lora_cfg.get("target_modules"))
     except ValueError:
         return None
-    return lora_parameters(shapes, targets, int(lora_cfg.get("r") or 8))
+    return lora_parameters(shapes, targets, int(lora_cfg.get("r") or 8), bool(lora_cfg.get("use_dora")))
 
 
 def _fmt_count(n: float | None) -> str:
