@@ -62,7 +62,7 @@ class DPOStage(Stage):
     ``rewards/accuracies`` (fraction of pairs with chosen reward > rejected reward, a tie one half),
     ``rewards/margins``, ``logps/chosen``, ``logps/rejected`` (mean summed completion log-probs;
     simpo: mean per-token log-probs),
-    ``preference_loss`` (the DPO / IPO loss alone), ``nll_loss`` (the chosen completions' negative
+    ``preference_loss`` (the DPO / IPO / SimPO / CPO loss alone), ``nll_loss`` (the chosen completions' negative
     log-likelihood per token, nats: the RPO term before its weight ``rpo_alpha``; logged whatever the
     weight). ``loss`` is ``preference_loss + rpo_alpha * nll_loss`` (cpo: ``cpo_alpha``).
     """
