@@ -19,6 +19,7 @@ CASES = {
     "orpo": ("orpo", {"beta": 0.2}),
     "kto": ("kto", {"beta": 0.1, "desirable_weight": 1.0, "undesirable_weight": 1.2}),
     "kto_lora": ("kto", {"lora": {"preset": "all", "r": 4, "alpha": 8, "dropout": 0.0}}),
+    "kto_unpaired": ("kto", {"beta": 0.1}),
     "simpo": ("dpo", {"loss_type": "simpo", "beta": 2.0, "simpo_gamma": 0.5}),
     "cpo": ("dpo", {"loss_type": "cpo", "beta": 0.1, "cpo_alpha": 1.0}),
 }
@@ -45,8 +46,23 @@ def _stage(tmp_path, case: str, crash_at: int | None = None):
             return super().get_batch(index, model)
 
     stage = Tiny(ctx)
-    stage._data = ListData(synthetic_pairs(6, 4, seed=0), synthetic_pairs(1, 8, seed=1))
+    train, held_out = synthetic_pairs(6, 4, seed=0), synthetic_pairs(1, 8, seed=1)
+    if case == "kto_unpaired":
+        train, held_out = [unpaired(b, i) for i, b in enumerate(train)], [unpaired(b, 7) for b in held_out]
+    stage._data = ListData(train, held_out)
     return stage
+
+
+def unpaired(pair_batch: dict, seed: int) -> dict:
+    """A pair batch's 2B rows as unpaired examples (chosen desirable), shuffled, a few dropped: the
+    unpaired_preference batch layout."""
+    from llmlab.stages.dpo import concat_pairs
+
+    ids, att, labels = concat_pairs(pair_batch, 0)
+    B = pair_batch["chosen_input_ids"].shape[0]
+    keep = torch.randperm(2 * B, generator=torch.Generator().manual_seed(seed))[: 2 * B - 1]
+    return {"input_ids": ids[keep], "attention_mask": att[keep], "labels": labels[keep],
+            "desirable": (torch.arange(2 * B) < B)[keep]}
 
 
 @pytest.mark.parametrize("case", list(CASES))
@@ -65,10 +81,14 @@ def test_stage_trains_evaluates_and_resumes_bitwise(tmp_path, case):
     trainable = [n for n, p in full.named_parameters() if p.requires_grad]
     assert trainable and (all("lora_" in n for n in trainable) if "lora" in case else len(trainable) == len(a))
     records = [json.loads(x) for x in (tmp_path / "a" / case / "metrics.jsonl").read_text().splitlines()]
-    evals = [r for r in records if "eval_rewards/accuracies" in r]
+    evals = [r for r in records if "eval_loss" in r]
     assert [r["step"] for r in evals][-1] == 6
     for r in evals:
-        assert 0.0 <= r["eval_rewards/accuracies"] <= 1.0 and r["eval_loss"] == r["eval_loss"]  # not NaN
+        assert r["eval_loss"] == r["eval_loss"]  # not NaN
+        if case == "kto_unpaired":  # no pairs: no pairwise accuracy, but both sides' rewards and the KL
+            assert "eval_rewards/accuracies" not in r and {"eval_rewards/margins", "eval_kl"} <= set(r)
+        else:
+            assert 0.0 <= r["eval_rewards/accuracies"] <= 1.0
 
 
 def test_reference_free_types_keep_no_reference_model():
