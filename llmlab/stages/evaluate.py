@@ -8,8 +8,9 @@ An evaluate stage trains nothing. For each stage named in ``models`` it loads ``
 
 - text: perplexity and bits per byte;
 - conversation: perplexity on the assistant tokens;
-- preference: ``logp_accuracy``, ``avg_logp_accuracy`` (per-token means: SimPO's and ORPO's reward);
-  with ``reference_from``, the DPO implicit-reward ``reward_accuracy``
+- preference: ``logp_accuracy`` (in results.json also ``avg_logp_accuracy``, on per-token means:
+  SimPO's and ORPO's reward; not a table column, which would not fit 80 columns); with
+  ``reference_from``, the DPO implicit-reward ``reward_accuracy``
   and ``reward_margin`` (β = ``beta``); a reward-model stage is scored directly;
 - prompt: ``num_samples`` sampled generations (sample ``i`` seeded with the recipe seed + ``i``),
   scored by the ``reward_from`` stage's reward model when given.
@@ -48,7 +49,7 @@ RESULTS_FILE = stage_spec(EVALUATE).results_file
 HEADLINE = {
     "text": ("perplexity", "bits_per_byte"),
     "conversation": ("perplexity",),
-    "preference": ("logp_accuracy", "avg_logp_accuracy", "reward_accuracy"),
+    "preference": ("logp_accuracy", "reward_accuracy"),
     "prompt": ("mean_reward", "mean_completion_tokens"),
 }
 #: metrics where lower is better (the best value of a column is shown in bold)

@@ -110,8 +110,7 @@ def test_comparison_table_has_a_row_per_model_and_headline_columns(evaluated):
     table = comparison_table(results, title="compare")
     headers = [c.header for c in table.columns]
     assert headers == ["model", "bible:perplexity", "bible:bits_per_byte", "chat:perplexity",
-                       "chat_pairs:logp_accuracy", "chat_pairs:avg_logp_accuracy", "chat_pairs:reward_accuracy",
-                       "prompts:mean_completion_tokens"]
+                       "chat_pairs:logp_accuracy", "chat_pairs:reward_accuracy", "prompts:mean_completion_tokens"]
     assert table.row_count == 3
     console = Console(record=True, width=300, color_system=None)
     console.print(table)
