@@ -13,6 +13,13 @@ References:
       noisy preferences".
     - IPO: Azar et al. 2023, "A General Theoretical Paradigm to Understand Learning from Human
       Preferences" (eq. 17).
+    - ORPO: Hong et al. 2024, "ORPO: Monolithic Preference Optimization without Reference Model"
+      (eq. 4-7); the definitions of TRL 1.16's ``ORPOTrainer``.
+    - CPO: Xu et al. 2024, "Contrastive Preference Optimization" (eq. 3 plus the NLL regulariser);
+      SimPO: Meng et al. 2024, "SimPO: Simple Preference Optimization with a Reference-Free Reward"
+      (eq. 6); both as TRL 1.16's ``CPOTrainer`` (``loss_type`` sigmoid / simpo).
+    - KTO: Ethayarajh et al. 2024, "KTO: Model Alignment as Prospect Theoretic Optimization"
+      (eq. 7-8); the definitions of TRL 1.16's ``KTOTrainer`` (batch KL estimate from mismatched pairs).
     - Bradley-Terry reward modelling: Ouyang et al. 2022, "Training language models to follow
       instructions with human feedback" (eq. 1).
     - PPO: Schulman et al. 2017, "Proximal Policy Optimization Algorithms" (clipped surrogate, eq. 7).
@@ -189,6 +196,116 @@ def dpo_loss(
     chosen_rewards = beta * chosen_logratios.detach()
     rejected_rewards = beta * rejected_logratios.detach()
     return losses, chosen_rewards, rejected_rewards
+
+
+def log1mexp(x: torch.Tensor) -> torch.Tensor:
+    """``log(1 - exp(x))`` for ``x < 0``, stable at both ends (branch at ``-log 2``; Maechler 2012,
+    "Accurately Computing log(1 - exp(-|a|))"). Shapes as input."""
+    return torch.where(x < -0.6931471805599453, torch.log1p(-torch.exp(x)), torch.log(-torch.expm1(x)))
+
+
+def orpo_loss(chosen_avg_logps: torch.Tensor, rejected_avg_logps: torch.Tensor,
+              beta: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-pair odds-ratio term of ORPO (Hong et al. 2024, eq. 4-7), reference-free.
+
+    With ``odds(y) = p(y) / (1 - p(y))`` and ``log p(y)`` the *average* per-token log-probability of
+    the completion, ``log_odds = log odds(y_w) - log odds(y_l)`` and the term is
+    ``-beta * log sigma(log_odds)``. The full ORPO loss adds the chosen sequence's NLL (the stage
+    does). ``beta`` is the paper's lambda.
+
+    Args:
+        chosen_avg_logps, rejected_avg_logps: ``[B]`` mean log-prob per completion token (< 0).
+        beta: weight of the odds-ratio term.
+
+    Returns:
+        ``(losses, chosen_rewards, rejected_rewards, log_sigmoid_odds, log_odds)``, each ``[B]``:
+        losses ``-beta log sigma(log_odds)``; rewards ``beta * avg logp`` (detached); the last two
+        are ``log sigma(log_odds)`` and ``log_odds`` (TRL's ``log_odds_ratio``/``log_odds_chosen``
+        metrics are their means).
+    """
+    c, r = chosen_avg_logps.float(), rejected_avg_logps.float()
+    log_odds = (c - r) - (log1mexp(c) - log1mexp(r))
+    log_sigmoid_odds = F.logsigmoid(log_odds)
+    return (-beta * log_sigmoid_odds, beta * c.detach(), beta * r.detach(), log_sigmoid_odds.detach(),
+            log_odds.detach())
+
+
+def cpo_loss(chosen_logps: torch.Tensor, rejected_logps: torch.Tensor, beta: float, loss_type: str = "cpo",
+             simpo_gamma: float = 0.5, label_smoothing: float = 0.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-pair reference-free preference loss of CPO (Xu et al. 2024, eq. 3) or SimPO (Meng et al. 2024, eq. 6).
+
+    With ``h = log pi(y_w) - log pi(y_l)``:
+
+    - ``cpo``: ``-(1 - eps) log sigma(beta h) - eps log sigma(-beta h)`` on *summed* completion
+      log-probs (CPO's behaviour-cloning NLL term is added by the caller);
+    - ``simpo``: ``-(1 - eps) log sigma(beta h - gamma) - eps log sigma(-(beta h - gamma))`` on
+      *average* per-token log-probs (the length normalisation), ``gamma = simpo_gamma`` the target margin.
+
+    Which log-probs to pass (sums or averages) is the caller's choice; this function only combines them.
+
+    Args:
+        chosen_logps, rejected_logps: ``[B]``.
+        beta: temperature; loss_type: ``cpo`` or ``simpo``; simpo_gamma: SimPO's margin (simpo only);
+        label_smoothing: eps in ``[0, 0.5)``.
+
+    Returns:
+        ``(losses, chosen_rewards, rejected_rewards)``, each ``[B]``; rewards ``beta * logps`` (detached).
+
+    Raises:
+        ValueError: an unknown ``loss_type``.
+    """
+    if loss_type not in ("cpo", "simpo"):
+        raise ValueError(f"unknown reference-free loss_type {loss_type!r}; expected 'cpo' or 'simpo'")
+    logits = beta * (chosen_logps - rejected_logps)
+    if loss_type == "simpo":
+        logits = logits - simpo_gamma
+    losses = -(1.0 - label_smoothing) * F.logsigmoid(logits) - label_smoothing * F.logsigmoid(-logits)
+    return losses, beta * chosen_logps.detach(), beta * rejected_logps.detach()
+
+
+def kto_kl(policy_kl_logps: torch.Tensor, ref_kl_logps: torch.Tensor) -> torch.Tensor:
+    """KTO's reference point ``z_0`` (Ethayarajh et al. 2024, eq. 8 as implemented by TRL 1.16): the
+    batch mean of ``log pi(y'|x) - log ref(y'|x)`` over *mismatched* pairs (each prompt with another
+    example's completion), detached and clamped at 0 (a KL divergence is never negative).
+
+    Args:
+        policy_kl_logps, ref_kl_logps: ``[N]`` summed completion log-probs of the mismatched pairs.
+
+    Returns:
+        scalar tensor ``>= 0``, no gradient.
+    """
+    return (policy_kl_logps - ref_kl_logps).mean().detach().clamp(min=0)
+
+
+def kto_loss(policy_logps: torch.Tensor, ref_logps: torch.Tensor, desirable: torch.Tensor, kl: torch.Tensor,
+             beta: float, desirable_weight: float = 1.0,
+             undesirable_weight: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-example KTO loss (Ethayarajh et al. 2024, eq. 7) on unpaired desirable / undesirable examples.
+
+    With ``r = log pi(y|x) - log ref(y|x)`` and ``z_0 = kl`` (:func:`kto_kl`): a desirable example
+    costs ``desirable_weight * (1 - sigma(beta (r - z_0)))``, an undesirable one
+    ``undesirable_weight * (1 - sigma(beta (z_0 - r)))``. The stage loss is their mean over all examples.
+
+    Args:
+        policy_logps, ref_logps: ``[N]`` summed completion log-probs under the policy / the reference.
+        desirable: ``[N]`` bool, True for a desirable (chosen) example.
+        kl: scalar reference point (no gradient).
+        beta: temperature; desirable_weight, undesirable_weight: the paper's lambda_D, lambda_U.
+
+    Returns:
+        ``(losses, rewards)``, each ``[N]``; rewards ``beta * r`` (detached).
+    """
+    logratios = policy_logps - ref_logps
+    desirable = desirable.bool()
+    losses = torch.where(desirable, desirable_weight * (1.0 - torch.sigmoid(beta * (logratios - kl))),
+                         undesirable_weight * (1.0 - torch.sigmoid(beta * (kl - logratios))))
+    return losses, beta * logratios.detach()
+
+
+def preference_accuracy(chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor) -> torch.Tensor:
+    """Share of pairs whose chosen reward exceeds the rejected one, a tie counting one half (at a
+    stage's step 0 every implicit reward is 0: a tie, not a miss). ``[B]``, ``[B]`` -> scalar."""
+    return ((chosen_rewards > rejected_rewards).float() + 0.5 * (chosen_rewards == rejected_rewards).float()).mean()
 
 
 def bradley_terry_loss(chosen_scores: torch.Tensor, rejected_scores: torch.Tensor,

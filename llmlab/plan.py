@@ -16,7 +16,7 @@ from rich.table import Table
 from llmlab.console import make_console
 from llmlab.fingerprint import recipe_stage_status, stage_fingerprints, stage_inputs
 from llmlab.recipe.schema import stage_defaults
-from llmlab.stage_specs import stage_spec
+from llmlab.stage_specs import stage_spec, uses_reference
 
 
 def run_tokenizer_state(recipe: dict) -> str:
@@ -114,7 +114,7 @@ def pretrained_lora_trainable(source: str, lora_cfg: dict) -> int | None:
         targets = resolve_targets(key or "custom", lora_cfg.get("preset") or "all", lora_cfg.get("target_modules"))
     except ValueError:
         return None
-    return lora_parameters(shapes, targets, int(lora_cfg.get("r") or 8))
+    return lora_parameters(shapes, targets, int(lora_cfg.get("r") or 8), bool(lora_cfg.get("use_dora")))
 
 
 def _fmt_count(n: float | None) -> str:
@@ -143,7 +143,8 @@ def stage_tokens(cfg: dict) -> int:
     cfg = {**stage_defaults(cfg["type"]), **cfg}
     per_seq = int(cfg.get("seq_len") or 0)
     n = int(cfg["max_steps"]) * int(cfg["batch_size"]) * int(cfg["gradient_accumulation_steps"])
-    n *= spec.sequences_per_example * (int(cfg[spec.samples_key]) if spec.samples_key else 1)
+    n *= (spec.sequences_per_example + spec.extra_sequences_per_example) * (
+        int(cfg[spec.samples_key]) if spec.samples_key else 1)
     if spec.generates:
         per_seq = per_seq or int(cfg["max_new_tokens"])
     return n * per_seq
@@ -210,9 +211,21 @@ def stage_memory(recipe: dict, name: str, params: int | None, vocab: int | None,
 
     seq = int(cfg.get("seq_len") or model_cfg.get("max_seq_len", 512))
     batch = int(cfg["batch_size"]) * stage_spec(cfg["type"]).sequences_per_example
-    return trainable, training_memory(model_cfg, vocab, batch, seq, trainable,
-                                      (cfg.get("optimizer") or {}).get("name", "adamw"),
-                                      recipe.get("precision", "auto"), shards=shards)
+    memory = training_memory(model_cfg, vocab, batch, seq, trainable,
+                             (cfg.get("optimizer") or {}).get("name", "adamw"),
+                             recipe.get("precision", "auto"), shards=shards)
+    memory["reference"] = reference_bytes(cfg, memory["weights"] * max(1, shards))
+    return trainable, memory
+
+
+def reference_bytes(cfg: dict, weight_bytes: int) -> int:
+    """Memory of a preference stage's frozen reference model (:func:`llmlab.stage_specs.uses_reference`):
+    a whole copy of the weights (``weight_bytes``), unsharded, unless the stage trains its own LoRA
+    and has no ``reference_from`` (the base with adapters disabled is the reference: no copy); 0 for
+    the reference-free types (orpo, dpo's simpo / cpo) and the stages that decide elsewhere."""
+    if not uses_reference(cfg) or (cfg.get("lora") and not cfg.get("reference_from")):
+        return 0
+    return int(weight_bytes)
 
 
 def plan_rows(recipe: dict, world_size: int = 1) -> tuple[list[dict], dict]:
@@ -290,7 +303,7 @@ def memory_table(rows: list[dict], facts: dict) -> Table | None:
     rows = [r for r in rows if r["memory"]]
     if not rows:
         return None
-    parts = ("weights", "grads", "optimizer", "activations", "gathered")
+    parts = ("weights", "reference", "grads", "optimizer", "activations", "gathered")
     n = facts["world_size"]
     t = Table(title=f"memory per device: {n} process{'es' if n > 1 else ''}, "
                     f"{'fsdp (sharded)' if facts['sharded'] else 'whole model on each'}")

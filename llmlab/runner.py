@@ -503,7 +503,7 @@ class Runner:
 
 #: eval metrics worth a glance in the summary table, per stage type (the first found are shown)
 KEY_METRICS = (("eval_rewards/accuracies", "acc"), ("eval_rewards/margins", "margin"),
-               ("eval_preference_loss", "dpo loss"), ("eval_nll_loss", "nll"), ("eval_accuracy", "acc"),
+               ("eval_preference_loss", "pref loss"), ("eval_nll_loss", "nll"), ("eval_accuracy", "acc"),
                ("eval_margin", "margin"), ("eval_exact_answer", "exact"), ("eval_reward", "reward"))
 
 

@@ -33,8 +33,13 @@ class StageSpec:
             (``pretrain``, ``sft``, ``pair``, ``prompt``), or None for a stage that trains nothing.
         kind: the canonical row kind that family consumes (``text``, ``conversation``,
             ``preference``, ``prompt``), or None.
-        sequences_per_example: sequences one example puts through the model (2 for a chosen /
-            rejected pair), for ``llmlab plan``'s token and memory estimates.
+        sequences_per_example: sequences one example puts through the model with gradients (2 for a
+            chosen / rejected pair), for ``llmlab plan``'s token and memory estimates.
+        extra_sequences_per_example: sequences it also puts through without gradients (KTO's two
+            mismatched pairs): counted in ``llmlab plan``'s tokens, not in its activation memory.
+        own_kinds: row kinds it also takes as they are, through the :mod:`llmlab.data.pipeline`
+            family of the same name, when all its datasets have that kind (kto:
+            ``unpaired_preference``, whose format has the same name).
         samples_key: the stage key giving completions sampled per prompt (GRPO's ``group_size``),
             or None for one.
         generates: the stage samples completions of ``max_new_tokens`` (sequence length for plan
@@ -55,6 +60,8 @@ class StageSpec:
     family: str | None = None
     kind: str | None = None
     sequences_per_example: int = 1
+    extra_sequences_per_example: int = 0
+    own_kinds: tuple[str, ...] = ()
     samples_key: str | None = None
     generates: bool = False
     inputs: str = "chain"
@@ -72,12 +79,31 @@ STAGE_SPECS: dict[str, StageSpec] = {s.type: s for s in (
     StageSpec("reward", "llmlab.stages.reward:RewardStage", ("preference",), "pair", "preference",
               sequences_per_example=2, language_model=False),
     StageSpec("dpo", "llmlab.stages.dpo:DPOStage", ("preference",), "pair", "preference", sequences_per_example=2),
+    StageSpec("orpo", "llmlab.stages.orpo:ORPOStage", ("preference",), "pair", "preference", sequences_per_example=2),
+    StageSpec("kto", "llmlab.stages.kto:KTOStage", ("preference", "unpaired_preference"), "pair", "preference",
+              sequences_per_example=2, extra_sequences_per_example=2, own_kinds=("unpaired_preference",)),
     StageSpec("grpo", "llmlab.stages.grpo:GRPOStage", _PROMPT_FORMATS, "prompt", "prompt", samples_key="group_size",
               generates=True),
     StageSpec("ppo", "llmlab.stages.ppo:PPOStage", _PROMPT_FORMATS, "prompt", "prompt", generates=True),
     StageSpec("evaluate", "llmlab.stages.evaluate:EvaluateStage", ("text",) + _PROMPT_FORMATS, inputs="models",
               trains=False, results_file="results.json", language_model=False),
 )}
+
+#: ``loss_type`` values of a dpo stage that load no reference model (SimPO, CPO)
+REFERENCE_FREE_DPO_LOSSES = ("simpo", "cpo")
+
+
+def uses_reference(cfg: dict) -> bool | None:
+    """Whether a preference stage with config ``cfg`` keeps a frozen reference model: dpo (not its
+    reference-free ``loss_type`` simpo / cpo; an absent ``loss_type`` is the schema's sigmoid) and
+    kto do, orpo and the other types that train on pairs (reward) do not. None for grpo and ppo, which
+    decide from their own keys (their stages' ``needs_reference``), and for types that train nothing."""
+    if cfg["type"] == "dpo":
+        return cfg.get("loss_type") not in REFERENCE_FREE_DPO_LOSSES
+    if cfg["type"] in ("kto", "orpo", "reward", "pretrain", "sft"):
+        return cfg["type"] == "kto"
+    return None
+
 
 #: the types that train nothing (no weights for ``from:`` / ``reference_from:`` / ``models:`` to name)
 NON_TRAINING_TYPES = tuple(t for t, s in STAGE_SPECS.items() if not s.trains)

@@ -12,6 +12,9 @@ preference     ``prompt``, ``chosen``, ``rejected``: ``list[{role, content}]``; 
                with a user turn, chosen/rejected are the assistant continuation(s)
 prompt         ``prompt: list[{role, content}]`` ending with a user turn; ``answer: str``, the
                reference answer a verifiable reward compares with (``""`` when there is none)
+unpaired_      ``prompt`` (ending with a user turn) and ``completion`` (the assistant
+               continuation): ``list[{role, content}]``; ``label: bool``, True for a desirable
+preference     completion (KTO's unpaired preference data, TRL's ``prompt/completion/label``)
 =============  ==============================================================================
 
 Each normaliser takes one raw row (a dict) and returns a canonical row, or raises
@@ -23,7 +26,8 @@ from __future__ import annotations
 import re
 from typing import Any, Callable
 
-FORMATS = ("text", "messages", "sharegpt", "alpaca", "prompt_completion", "preference", "prompt")
+FORMATS = ("text", "messages", "sharegpt", "alpaca", "prompt_completion", "preference", "prompt",
+           "unpaired_preference")
 
 #: format -> canonical kind
 KIND_OF_FORMAT = {
@@ -34,6 +38,7 @@ KIND_OF_FORMAT = {
     "prompt_completion": "conversation",
     "preference": "preference",
     "prompt": "prompt",
+    "unpaired_preference": "unpaired_preference",
 }
 
 #: canonical kind -> its columns
@@ -42,10 +47,13 @@ COLUMNS_OF_KIND = {
     "conversation": ("messages",),
     "preference": ("prompt", "chosen", "rejected"),
     "prompt": ("prompt", "answer"),
+    "unpaired_preference": ("prompt", "completion", "label"),
 }
 
-#: canonical columns that hold a string (every other canonical column holds a message list)
+#: canonical columns that hold a string, and one that holds a bool (every other canonical column
+#: holds a message list)
 STRING_COLUMNS = ("text", "answer")
+BOOL_COLUMNS = ("label",)
 
 ROLES = ("system", "user", "assistant")
 _SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
@@ -76,6 +84,8 @@ def detect_format(columns: list[str] | tuple[str, ...], first_row: dict | None =
         return "sharegpt"
     if "instruction" in cols and ({"output", "response"} & cols):
         return "alpaca"
+    if {"prompt", "completion", "label"} <= cols:
+        return "unpaired_preference"
     if {"prompt", "completion"} <= cols:
         return "prompt_completion"
     if "text" in cols:
@@ -305,6 +315,26 @@ def norm_preference(row: dict) -> dict:
     return {"prompt": prompt, "chosen": chosen, "rejected": rejected}
 
 
+def norm_unpaired_preference(row: dict) -> dict:
+    """``{prompt, completion, label}`` (prompt / completion: strings or message lists; label: a
+    bool, or 0 / 1) → ``{prompt, completion, label}`` with message lists and a bool.
+
+    Raises BadRow: a missing field, a wrong role order, or a label that is not a bool or 0 / 1.
+    """
+    for key in ("prompt", "completion", "label"):
+        if row.get(key) is None:
+            raise BadRow(f"missing field {key!r}")
+    label = row["label"]
+    if not isinstance(label, bool) and label not in (0, 1):
+        raise BadRow(f"'label' is {label!r}, not true/false (desirable or not)")
+    prompt = check_order(_as_messages(row["prompt"], "prompt", "user"), "prompt", "user")
+    completion = _as_messages(row["completion"], "completion", "assistant")
+    if completion[0]["role"] != "assistant":
+        raise BadRow(f"'completion' starts with a {completion[0]['role']!r} turn, expected 'assistant'")
+    check_order([{"role": "user", "content": "."}] + completion, "completion", "assistant")
+    return {"prompt": prompt, "completion": completion, "label": bool(label)}
+
+
 def norm_prompt(row: dict) -> dict:
     """``{prompt, answer?}`` (prompt: a string or messages ending with a user turn; answer: the
     reference answer, a string or a number) → ``{prompt, answer}`` (answer ``""`` when absent).
@@ -335,6 +365,7 @@ _NORMALISERS: dict[str, Callable[[dict], dict]] = {
     "prompt_completion": norm_prompt_completion,
     "preference": norm_preference,
     "prompt": norm_prompt,
+    "unpaired_preference": norm_unpaired_preference,
 }
 
 
@@ -342,9 +373,10 @@ def convert_kind(row: dict, src: str, dst: str) -> dict:
     """Convert a canonical row of kind ``src`` to kind ``dst`` where that has one meaning.
 
     conversation → prompt (all turns before the last assistant turn; the answer is that turn's
-    content, so an SFT conversation is also a verifiable prompt); preference → prompt (no answer);
-    preference → conversation (prompt + chosen); conversation → text and preference → text (the
-    message contents joined by blank lines, for tokenizer training).
+    content, so an SFT conversation is also a verifiable prompt); preference or unpaired_preference →
+    prompt (no answer);
+    preference → conversation (prompt + chosen); conversation, preference, prompt or unpaired_preference → text
+    (the message contents joined by blank lines, for tokenizer training).
 
     Raises:
         ValueError: the conversion has no meaning (e.g. text → conversation).
@@ -355,12 +387,12 @@ def convert_kind(row: dict, src: str, dst: str) -> dict:
         msgs = row["messages"]
         last = max(i for i, m in enumerate(msgs) if m["role"] == "assistant")
         return {"prompt": msgs[:last], "answer": msgs[last]["content"]}
-    if dst == "prompt" and src == "preference":
+    if dst == "prompt" and src in ("preference", "unpaired_preference"):
         return {"prompt": row["prompt"], "answer": ""}
     if dst == "conversation" and src == "preference":
         return {"messages": row["prompt"] + row["chosen"]}
-    if dst == "text" and src in ("conversation", "preference", "prompt"):
-        msgs = row.get("messages") or (row.get("prompt", []) + row.get("chosen", []))
+    if dst == "text" and src in ("conversation", "preference", "prompt", "unpaired_preference"):
+        msgs = row.get("messages") or (row.get("prompt", []) + row.get("chosen", []) + row.get("completion", []))
         return {"text": "\n\n".join(m["content"] for m in msgs)}
     raise ValueError(f"{src} data cannot be used where {dst} data is needed")
 
@@ -370,7 +402,7 @@ def row_text(row: dict) -> str:
     if "text" in row:
         return row["text"]
     parts = []
-    for key in ("messages", "prompt", "chosen", "rejected"):
+    for key in ("messages", "prompt", "chosen", "rejected", "completion"):
         for m in row.get(key) or []:
             parts.append(m["content"])
     if row.get("answer"):

@@ -125,7 +125,7 @@ def _labels_for_last_spans(ids: list[int], mask: list[int], k: int) -> list[int]
 def _chat(tokenizer, conversations: list, **kw):
     if not getattr(tokenizer, "chat_template", None):
         raise ValueError("the tokenizer has no chat template (tokenizer.chat_template: none); "
-                         "sft, dpo, reward, grpo and ppo stages need one")
+                         "sft, dpo, orpo, kto, reward, grpo and ppo stages need one")
     return tokenizer.apply_chat_template(conversations, tokenize=True, return_dict=True, **kw)
 
 
@@ -214,6 +214,30 @@ def _tok_pair(tokenizer, seq_len: int, cfg: dict, source: int):
                                   "rejected_labels")
 
 
+def _tok_unpaired(tokenizer, seq_len: int, cfg: dict, source: int):
+    """Unpaired preference rows (kto): prompt + completion, labels on the completion's assistant
+    turns, ``desirable`` the row's label."""
+    def fn(batch):
+        out = {k: [] for k in ("input_ids", "labels", "desirable", "_source", "_drop")}
+        convs = [p + c for p, c in zip(batch["prompt"], batch["completion"])]
+        enc = _chat(tokenizer, convs, return_assistant_tokens_mask=True)
+        for ids, mask, comp, label in zip(enc["input_ids"], enc["assistant_masks"], batch["completion"],
+                                          batch["label"]):
+            labels = _labels_for_last_spans(ids, mask, sum(m["role"] == "assistant" for m in comp))
+            drop = f"too_long:{len(ids)}" if len(ids) > seq_len else ""
+            if not drop and all(x == IGNORE_INDEX for x in labels):
+                drop = "no_assistant_tokens"
+            out["input_ids"].append([] if drop else ids)
+            out["labels"].append([] if drop else labels)
+            out["desirable"].append(int(bool(label)))
+            out["_source"].append(source)
+            out["_drop"].append(drop)
+        return out
+    from datasets import Value
+
+    return fn, _int_list_features("input_ids", "labels", extra={"desirable": Value("int64")})
+
+
 def _tok_prompt(tokenizer, seq_len: int, cfg: dict, source: int):
     from datasets import List, Value
 
@@ -230,7 +254,7 @@ def _tok_prompt(tokenizer, seq_len: int, cfg: dict, source: int):
     return fn, _int_list_features("prompt_input_ids", extra={"prompt": msgs, "answer": Value("string")})
 
 
-_TOKENISERS = {"sft": _tok_sft, "pair": _tok_pair, "prompt": _tok_prompt}
+_TOKENISERS = {"sft": _tok_sft, "pair": _tok_pair, "prompt": _tok_prompt, "unpaired_preference": _tok_unpaired}
 
 
 # -- StageData -----------------------------------------------------------------------------------
@@ -240,7 +264,7 @@ class StageData:
     """The data of one stage: a fixed example sequence and pure batch functions.
 
     Attributes:
-        stage: the stage name; ``type``: its type (pretrain, sft, dpo, reward, grpo, ppo).
+        stage: the stage name; ``type``: its type (pretrain, sft, dpo, orpo, kto, reward, grpo, ppo).
         seed: the recipe seed; ``batch_size``; ``seq_len``.
         pad_token_id: the padding id used in every batch.
         shares: dataset name → realised share of the training examples (documents for pretrain).
@@ -263,6 +287,7 @@ class StageData:
     _eval: Any = field(repr=False, default=None)
     _perms: dict = field(repr=False, default_factory=dict)
     _sources: Any = field(repr=False, default=None)  # int array [N]: dataset of each example
+    _family: str | None = field(repr=False, default=None)  # set where the data's kind chose it (kto)
 
     @property
     def num_train_examples(self) -> int:
@@ -274,8 +299,9 @@ class StageData:
 
     @property
     def family(self) -> str:
-        """pretrain | sft | pair (dpo, reward) | prompt (grpo, ppo)."""
-        return STAGE_FAMILY[self.type][0]
+        """pretrain | sft | pair (dpo, orpo, kto, reward) | prompt (grpo, ppo) |
+        unpaired_preference (kto on unpaired rows)."""
+        return self._family or STAGE_FAMILY[self.type][0]
 
     def train_indices(self, index: int) -> np.ndarray:
         """The example indices (into one epoch) of micro-batch ``index``: shape [batch_size].
@@ -348,11 +374,14 @@ class StageData:
             return {"input_ids": ids, "labels": labels,
                     "position_ids": torch.from_numpy(positions[idx].astype(np.int64))}
         rows = _take(data, idx)
-        if self.family == "sft":
+        if self.family in ("sft", "unpaired_preference"):
             width = bucket_width(max(map(len, rows["input_ids"])), self.seq_len)
             ids, attn = _pad(rows["input_ids"], self.pad_token_id, width)
             labels, _ = _pad(rows["labels"], IGNORE_INDEX, width)
-            return {"input_ids": ids, "labels": labels, "attention_mask": attn}
+            out = {"input_ids": ids, "labels": labels, "attention_mask": attn}
+            if self.family == "unpaired_preference":
+                out["desirable"] = torch.tensor(rows["desirable"], dtype=torch.bool)
+            return out
         if self.family == "pair":
             width = bucket_width(max(max(map(len, rows["chosen_input_ids"])),
                                      max(map(len, rows["rejected_input_ids"]))), self.seq_len)
@@ -553,6 +582,25 @@ def _announce_drops(name: str, split: str, counts: dict[str, int], total: int, n
     log.warning("%s", message)
 
 
+def stage_family(stage_type: str, kinds: dict[str, str], stage_name: str) -> tuple[str, str]:
+    """``(family, kind)`` a stage's rows go through: the spec's, unless its datasets (name → loaded
+    kind) are of one of the spec's ``own_kinds`` (kto's ``unpaired_preference``), which keep their kind and the
+    family of that name.
+
+    Raises:
+        ValueError: the datasets mix such a kind with another (kto on pairs and unpaired rows at once).
+    """
+    spec = STAGE_SPECS[stage_type]
+    own = sorted({k for k in kinds.values() if k in spec.own_kinds})
+    if not own:
+        return spec.family, spec.kind
+    others = sorted(n for n, k in kinds.items() if k != own[0])
+    if others:
+        raise ValueError(f"stages.{stage_name}: a {stage_type} stage takes {own[0]} rows or "
+                         f"{spec.kind} rows, not both; {', '.join(others)} are not {own[0]}")
+    return own[0], own[0]
+
+
 def build_stage_data(recipe: dict, stage_name: str, tokenizer) -> StageData:
     """Build the data of stage ``stage_name``: tokenised, mixed, (packed,) with pure batch access.
 
@@ -572,11 +620,10 @@ def build_stage_data(recipe: dict, stage_name: str, tokenizer) -> StageData:
             or nothing is left to train on after dropping over-long examples.
     """
     cfg = _stage_config(recipe, stage_name)
-    family, kind_dst = STAGE_FAMILY[cfg["type"]]
     seed = int(recipe.get("seed", 0))
     seq_len = int(cfg["seq_len"])
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    if family == "pretrain" and tokenizer.eos_token_id is None:
+    if STAGE_FAMILY[cfg["type"]][0] == "pretrain" and tokenizer.eos_token_id is None:
         raise ValueError("pretraining needs a tokenizer with an eos token")
     tok_hash = tokenizer_fingerprint(tokenizer)
     names = list(cfg["datasets"])
@@ -588,14 +635,16 @@ def build_stage_data(recipe: dict, stage_name: str, tokenizer) -> StageData:
         if eval_spec else weights
     eval_weights: list[float] = []
 
-    if family == "pretrain":
+    if STAGE_FAMILY[cfg["type"]][0] == "pretrain":
         return _build_pretrain(recipe, stage_name, cfg, tokenizer, names, weights, eval_names, eval_w,
                                bool(eval_spec))
     dropped: dict[str, dict[str, int]] = {}
     train_parts, eval_parts = [], []
     with _quiet_datasets():
+        loaded = {name: load_named_dataset(recipe, name) for name in dict.fromkeys(names + eval_names)}
+        family, kind_dst = stage_family(cfg["type"], {n: s.kind for n, s in loaded.items()}, stage_name)
         for i, name in enumerate(names):
-            splits = load_named_dataset(recipe, name)
+            splits = loaded[name]
             tokd, counts = _tokenise(recipe, name, "train", splits.train, cfg, family, splits.kind,
                                      kind_dst, tokenizer, tok_hash, i)
             dropped[name] = {**splits.dropped, **counts}
@@ -604,7 +653,7 @@ def build_stage_data(recipe: dict, stage_name: str, tokenizer) -> StageData:
                                  f"examples (dropped: {dropped[name]})")
             train_parts.append(tokd)
         for name in eval_names:
-            splits = load_named_dataset(recipe, name)
+            splits = loaded[name]
             # the held-out split; a dataset named only for evaluation is used whole
             rows = splits.eval if (not eval_spec or len(splits.eval)) else splits.train
             tokd, counts = _tokenise(recipe, name, "eval", rows, cfg, family, splits.kind,
@@ -622,7 +671,7 @@ def build_stage_data(recipe: dict, stage_name: str, tokenizer) -> StageData:
                              "first_exhausted")
 
         id_col = {"pretrain": "input_ids", "sft": "input_ids", "pair": "chosen_input_ids",
-                  "prompt": "prompt_input_ids"}[family]
+                  "prompt": "prompt_input_ids", "unpaired_preference": "input_ids"}[family]
         mixed = mix_stream(train_parts, weights, seed, cfg["mixing"]["stopping"],
                            _examples_needed(cfg, family), id_col if family == "pretrain" else None)
         src = column(mixed, "_source").to_numpy()
@@ -641,7 +690,7 @@ def build_stage_data(recipe: dict, stage_name: str, tokenizer) -> StageData:
                      batch_size=int(cfg["batch_size"]), seq_len=seq_len, pad_token_id=int(pad_id),
                      eval_steps=int(cfg.get("eval_steps") or 0), shares=shares,
                      token_shares=token_shares, dropped=dropped, _train=train, _eval=eval_,
-                     _sources=src.astype(np.int64))
+                     _sources=src.astype(np.int64), _family=family)
     log.info("stage %s: %d training examples, shares %s, dropped %s", stage_name,
              data.num_train_examples, {k: round(v, 4) for k, v in shares.items()}, dropped)
     return data

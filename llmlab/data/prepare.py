@@ -15,7 +15,7 @@ from pathlib import Path
 
 from llmlab.data.sources import dataset_spec
 
-TRAINING_TYPES = ("pretrain", "sft", "dpo", "reward", "grpo", "ppo")
+TRAINING_TYPES = ("pretrain", "sft", "dpo", "orpo", "kto", "reward", "grpo", "ppo")
 
 
 def pretrain_splits(recipe: dict, stage: str) -> list[tuple[str, str]]:

@@ -41,7 +41,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from llmlab.data.formats import (COLUMNS_OF_KIND, KIND_OF_FORMAT, STRING_COLUMNS, BadRow,
+from llmlab.data.formats import (BOOL_COLUMNS, COLUMNS_OF_KIND, KIND_OF_FORMAT, STRING_COLUMNS, BadRow,
                                  detect_format, normaliser, row_text)
 from llmlab.recipe.semantic import BUILTIN_FORMATS as BUILTIN_FORMAT
 
@@ -209,7 +209,8 @@ def canonical_features(kind: str):
     from datasets import Features, List, Value
 
     msgs = List({"role": Value("string"), "content": Value("string")})
-    return Features({c: Value("string") if c in STRING_COLUMNS else msgs for c in COLUMNS_OF_KIND[kind]})
+    return Features({c: Value("string") if c in STRING_COLUMNS else Value("bool") if c in BOOL_COLUMNS else msgs
+                     for c in COLUMNS_OF_KIND[kind]})
 
 
 def _normalise(raw, fmt: str, kind: str):
@@ -218,7 +219,7 @@ def _normalise(raw, fmt: str, kind: str):
 
     norm = normaliser(fmt)
     cols = COLUMNS_OF_KIND[kind]
-    empty = {c: ("" if c in STRING_COLUMNS else []) for c in cols}
+    empty = {c: ("" if c in STRING_COLUMNS else False if c in BOOL_COLUMNS else []) for c in cols}
     features = canonical_features(kind)
     from datasets import Value
 

@@ -16,7 +16,8 @@ stage type. What it reports per kind:
   the whole conversation, no BOS added, scored tokens = the template's generation spans (each reply
   plus its ``<|im_end|>``), so these numbers match the sft/dpo stages' own eval metrics. For a base
   model (no chat template) the prompt's contents and the completion are joined as plain text. ``logp_accuracy`` is the share of pairs where the model prefers the chosen one (needs no
-  reference, so it compares any two models). With a reference model, the DPO implicit reward
+  reference, so it compares any two models); ``avg_logp_accuracy`` the same on log-probabilities
+  averaged per completion token (the implicit reward of the reference-free SimPO and ORPO). With a reference model, the DPO implicit reward
   ``r = beta * (log pi(y|x) - log pi_ref(y|x))`` gives ``reward_accuracy`` (share with
   r_chosen > r_rejected, ties count as wrong as in TRL), ``reward_margin`` (mean r_chosen - r_rejected)
   and the mean rewards. A reward model (``*ForSequenceClassification``) is scored directly: its
@@ -247,9 +248,10 @@ def eval_conversation(model: Any, tokenizer: Any, rows: Sequence[dict], batch_si
 
 
 def preference_logps(model: Any, tokenizer: Any, rows: Sequence[dict], is_chat: bool, batch_size: int = 8,
-                     max_length: int | None = None) -> tuple[list[float], list[float], int]:
+                     max_length: int | None = None, per_token: bool = False):
     """Summed log-probabilities of the chosen and of the rejected completion, per pair, and the number
-    of pairs whose chosen or rejected sequence was cut from the left to fit the length limit."""
+    of pairs whose chosen or rejected sequence was cut from the left to fit the length limit; with
+    ``per_token`` also the per-token means ``(chosen_means, rejected_means)`` as a fourth item."""
     limit = _max_len(model, max_length)
     items = []
     for r in rows:
@@ -257,7 +259,11 @@ def preference_logps(model: Any, tokenizer: Any, rows: Sequence[dict], is_chat: 
         items.append(_prompt_completion(tokenizer, r["prompt"], r["rejected"], is_chat, limit))
     scores = score_tokens(model, items, _pad_id(tokenizer), batch_size)
     cut = sum(a[2] or b[2] for a, b in zip(items[0::2], items[1::2]))
-    return [s for s, _ in scores[0::2]], [s for s, _ in scores[1::2]], cut
+    sums = [s for s, _ in scores[0::2]], [s for s, _ in scores[1::2]], cut
+    if not per_token:
+        return sums
+    means = tuple([s / max(n, 1) for s, n in scores[k::2]] for k in (0, 1))
+    return (*sums, means)
 
 
 @torch.no_grad()
@@ -292,8 +298,9 @@ def eval_preference(model: Any, tokenizer: Any, rows: Sequence[dict], is_chat: b
         return {"pairs": len(rows), "reward_model": True, "reward_accuracy": _mean([float(d > 0) for d in diffs]),
                 "reward_margin": _mean(diffs), "chosen_reward": _mean(sc), "rejected_reward": _mean(sr),
                 "truncated": cut}
-    pc, pr, cut = preference_logps(model, tokenizer, rows, is_chat, batch_size, max_length)
+    pc, pr, cut, (mc, mr) = preference_logps(model, tokenizer, rows, is_chat, batch_size, max_length, per_token=True)
     res = {"pairs": len(rows), "logp_accuracy": _mean([float(a > b) for a, b in zip(pc, pr)]),
+           "avg_logp_accuracy": _mean([float(a > b) for a, b in zip(mc, mr)]),
            "chosen_logp": _mean(pc), "rejected_logp": _mean(pr), "truncated": cut}
     if reference is not None:
         rc, rr, ref_cut = preference_logps(reference, tokenizer, rows, is_chat, batch_size, max_length)

@@ -317,7 +317,8 @@ def apply_lora(model: PreTrainedModel, lora_cfg: dict, arch_key: str | None = No
     Args:
         model: the model to adapt (its base weights are frozen by peft).
         lora_cfg: the stage's ``lora:`` section: ``preset``, ``r``, ``alpha``, ``dropout``,
-            ``target_modules`` (custom).
+            ``target_modules`` (custom), ``use_dora`` (DoRA, Liu et al. 2024), ``use_rslora``
+            (rsLoRA, Kalajdzievski 2023: scale alpha / sqrt(r)).
         arch_key: a ``lora_presets.PRESETS`` key; ``None`` -> derived from ``model.config``.
 
     Returns:
@@ -345,6 +346,8 @@ def apply_lora(model: PreTrainedModel, lora_cfg: dict, arch_key: str | None = No
         lora_dropout=float(lora_cfg.get("dropout", 0.0)),
         target_modules=targets,
         task_type=TaskType.SEQ_CLS if is_seq_cls else TaskType.CAUSAL_LM,
+        use_dora=bool(lora_cfg.get("use_dora")),
+        use_rslora=bool(lora_cfg.get("use_rslora")),
     )
     return get_peft_model(model, config)
 

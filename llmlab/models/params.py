@@ -248,14 +248,15 @@ def count_lora_parameters(model_cfg: dict, vocab_size: int, lora_cfg: dict) -> i
     """Trainable LoRA parameters (Hu et al. 2021) of a model built from ``model_cfg``
     (see :func:`lora_parameters`)."""
     targets = _lora_targets(model_cfg, lora_cfg)
-    return lora_parameters(param_shapes(model_cfg, vocab_size), targets, int(_get(lora_cfg, "r", 8)))
+    return lora_parameters(param_shapes(model_cfg, vocab_size), targets, int(_get(lora_cfg, "r", 8)),
+                           bool(lora_cfg.get("use_dora")))
 
 
-def lora_parameters(shapes, targets, r: int) -> int:
+def lora_parameters(shapes, targets, r: int, dora: bool = False) -> int:
     """Trainable LoRA parameters (Hu et al. 2021): r * (d_in + d_out) for every 2-D ``*.weight`` in
     ``shapes`` (``(name, shape)`` pairs, shape ``[d_out, d_in]``) whose module name is one of
     ``targets`` (as peft matches them; MoE experts' projections included; embeddings and the LM head
-    never)."""
+    never); with ``dora`` (Liu et al. 2024) plus a magnitude vector of d_out per adapted weight."""
     targets = set(targets)
     total = 0
     for name, shape in shapes:
@@ -264,7 +265,7 @@ def lora_parameters(shapes, targets, r: int) -> int:
         module = name[: -len(".weight")].rsplit(".", 1)[-1]
         if module in targets and not name.startswith(("model.embed_tokens", "backbone.embeddings", "lm_head")):
             d_out, d_in = shape
-            total += r * (d_in + d_out)
+            total += r * (d_in + d_out) + (d_out if dora else 0)
     return total
 
 

@@ -66,7 +66,7 @@ Beyond the types, ranges and enums below, `validate` checks (each error on the o
 - stages: names are unique and not `tokenizer`; `seq_len <= model.max_seq_len` (and required with
   `model.from_pretrained`); `from`, `reference_from` and reward `from` name an earlier stage (reward
   `from` a reward stage); every dataset used is defined, has weight > 0 and a format the stage can use
-  (pretrain: text; sft: conversations or preference; dpo, reward: preference; grpo, ppo: anything with
+  (pretrain: text; sft: conversations or preference; dpo, orpo, kto, reward: preference; grpo, ppo: anything with
   a prompt); grpo/ppo have a `reward` and `batch_size % mini_batch_size == 0`; a LoRA preset means
   something for the architecture (e.g. no ffn_only on mamba2; PEFT refuses out_proj and conv1d on
   Mamba) and `target_modules` only with preset custom, naming modules the model has (checked for models

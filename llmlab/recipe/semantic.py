@@ -9,7 +9,8 @@ from __future__ import annotations
 
 from llmlab.models import lora_presets
 from llmlab.recipe.schema import suggest
-from llmlab.stage_specs import CONVERSATION_FORMATS, NON_LM_TYPES, NON_TRAINING_TYPES, STAGE_SPECS
+from llmlab.stage_specs import (CONVERSATION_FORMATS, NON_LM_TYPES, NON_TRAINING_TYPES, REFERENCE_FREE_DPO_LOSSES,
+                                STAGE_SPECS)
 
 
 #: each builtin source (llmlab.data.sources) and the format its rows have: written once, here, where
@@ -103,6 +104,30 @@ def dataset_format(spec: dict) -> str | None:
         return fmt if isinstance(fmt, str) else None
     builtin = spec.get("builtin")
     return BUILTIN_FORMATS.get(builtin) if isinstance(builtin, str) else None
+
+
+def _check_dpo_loss(st: dict, base: tuple, given, add) -> None:
+    """Keys a dpo stage's ``loss_type`` does not use: ``reference_from`` with the reference-free
+    simpo / cpo, ``rpo_alpha`` with cpo (whose NLL weight is ``cpo_alpha``), ``label_smoothing`` with ipo."""
+    loss = st.get("loss_type")
+    if loss in REFERENCE_FREE_DPO_LOSSES and st.get("reference_from"):
+        add(base + ("reference_from",), f"loss_type {loss} loads no reference model; remove reference_from")
+    if loss == "cpo" and given(base + ("rpo_alpha",), non_default=True):
+        add(base + ("rpo_alpha",), "loss_type cpo weighs its NLL term with cpo_alpha; remove rpo_alpha")
+    if loss == "ipo" and given(base + ("label_smoothing",), non_default=True):
+        add(base + ("label_smoothing",), "label_smoothing does not apply to loss_type ipo")
+
+
+def _check_one_kind(spec, mix: dict, datasets: dict, ds: str, fmt: str, path: tuple, add) -> None:
+    """A stage with ``own_kinds`` (kto) takes rows of one such kind or of its usual kind, not both:
+    report dataset ``ds`` (format ``fmt``) when an earlier dataset of ``mix`` is of the other side."""
+    own = fmt in spec.own_kinds  # such a kind's format has its name
+    for other in list(mix)[:list(mix).index(ds)]:
+        other_fmt = dataset_format(_dict(datasets.get(other)))
+        if other_fmt and (other_fmt in spec.own_kinds) != own:
+            add(path, f"dataset {ds!r} has format {fmt!r} but {other!r} has {other_fmt!r}: a {spec.type} stage "
+                      f"takes unpaired_preference rows or preference rows, not both")
+            return
 
 
 def check(doc: dict, given, add) -> None:
@@ -364,6 +389,10 @@ def _check_stages(doc: dict, datasets: dict, given, add) -> None:
                     src = _dict(datasets[ds]).get("builtin")
                     add(p, f"dataset {ds!r} has format {fmt!r}" + (f" (builtin {src})" if src else "")
                         + f", which a {stype} stage cannot use; expected {' or '.join(accepted)}")
+                elif spec and fmt and spec.own_kinds:
+                    _check_one_kind(spec, mix, datasets, ds, fmt, p, add)
+        if stype == "dpo":
+            _check_dpo_loss(st, base, given, add)
         if spec and spec.generates:
             _check_online_rl(stages, types, idx, name, st, given, add)
         if stype and (spec.kind if spec else None) != "text" and chat_template == "none":

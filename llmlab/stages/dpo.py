@@ -1,7 +1,14 @@
-"""Direct Preference Optimization (Rafailov et al. 2023) and IPO (Azar et al. 2023).
+"""Direct Preference Optimization (Rafailov et al. 2023), IPO (Azar et al. 2023), and the
+reference-free SimPO (Meng et al. 2024) and CPO (Xu et al. 2024).
 
 Recipe keys (``stages.NAME``, type ``dpo``; defaults in the recipe schema): ``beta``, ``loss_type``
-sigmoid|ipo, ``label_smoothing``, ``rpo_alpha``, ``reference_from``.
+sigmoid|ipo|simpo|cpo, ``label_smoothing``, ``rpo_alpha``, ``simpo_gamma``, ``cpo_alpha``,
+``reference_from``.
+
+``loss_type: simpo`` and ``cpo`` load no reference model (:func:`llmlab.losses.cpo_loss`, TRL 1.16's
+``CPOTrainer`` with ``loss_type`` simpo / sigmoid): SimPO compares the *average* per-token log-probs
+of chosen and rejected with margin ``simpo_gamma``; CPO compares the summed log-probs and adds
+``cpo_alpha`` times the chosen replies' NLL (the same term as ``rpo_alpha``, which SimPO may use).
 
 ``rpo_alpha`` (RPO: Pang et al. 2024, "Iterative Reasoning Preference Optimization"; TRL's
 ``DPOConfig.rpo_alpha``, in TRL 1.x ``loss_type=["sigmoid", "sft"]`` with ``loss_weights=[1, alpha]``)
@@ -26,31 +33,38 @@ from __future__ import annotations
 
 import torch
 
-from llmlab.losses import dpo_loss, token_logps
+from llmlab.losses import cpo_loss, dpo_loss, preference_accuracy, token_logps
 from llmlab.models.padfree import concat_pairs, model_logits, packs_documents, padfree_sequence_logps
 from llmlab.recipe.schema import stage_defaults
+from llmlab.stage_specs import REFERENCE_FREE_DPO_LOSSES
 from llmlab.stages.base import Stage, StageContext
 from llmlab.stages.reference import ReferenceModel
 
-__all__ = ["DPOStage", "concat_pairs", "model_logits", "padfree_sequence_logps"]
+__all__ = ["DPOStage", "concat_pairs", "model_logits", "padfree_sequence_logps", "pair_sequence_logps",
+           "reference_sequence_logps", "pair_metrics", "REFERENCE_FREE_LOSSES"]
+
+#: loss types of the dpo stage that load no reference model
+REFERENCE_FREE_LOSSES = REFERENCE_FREE_DPO_LOSSES
 
 DPO_METRICS = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
                "logps/chosen", "logps/rejected", "preference_loss", "nll_loss")
 
 
 class DPOStage(Stage):
-    """DPO / IPO on preference pairs.
+    """DPO / IPO / SimPO / CPO on preference pairs.
 
     Batch keys (from :func:`llmlab.data.pipeline.build_stage_data`): ``chosen_input_ids``,
     ``chosen_attention_mask``, ``chosen_labels``, ``rejected_input_ids``, ``rejected_attention_mask``,
     ``rejected_labels`` — ``[B, T]``, right-padded, labels only on the completion.
 
-    Metrics: ``rewards/chosen``, ``rewards/rejected`` (mean implicit reward ``beta * log(pi/ref)``),
-    ``rewards/accuracies`` (fraction of pairs with chosen reward > rejected reward),
-    ``rewards/margins``, ``logps/chosen``, ``logps/rejected`` (mean summed completion log-probs),
-    ``preference_loss`` (the DPO / IPO loss alone), ``nll_loss`` (the chosen completions' negative
+    Metrics: ``rewards/chosen``, ``rewards/rejected`` (mean implicit reward ``beta * log(pi/ref)``;
+    simpo / cpo: ``beta * log pi``, per token for simpo, as TRL),
+    ``rewards/accuracies`` (fraction of pairs with chosen reward > rejected reward, a tie one half),
+    ``rewards/margins``, ``logps/chosen``, ``logps/rejected`` (mean summed completion log-probs;
+    simpo: mean per-token log-probs),
+    ``preference_loss`` (the DPO / IPO / SimPO / CPO loss alone), ``nll_loss`` (the chosen completions' negative
     log-likelihood per token, nats: the RPO term before its weight ``rpo_alpha``; logged whatever the
-    weight). ``loss`` is ``preference_loss + rpo_alpha * nll_loss``.
+    weight). ``loss`` is ``preference_loss + rpo_alpha * nll_loss`` (cpo: ``cpo_alpha``).
     """
 
     type = "dpo"
@@ -62,20 +76,30 @@ class DPOStage(Stage):
         self.loss_type = cfg["loss_type"]
         self.label_smoothing = float(cfg["label_smoothing"])
         self.rpo_alpha = float(cfg["rpo_alpha"])
-        if self.loss_type not in ("sigmoid", "ipo"):
-            raise ValueError(f"stages.{ctx.name}.loss_type: {self.loss_type!r} is not one of sigmoid, ipo")
+        self.simpo_gamma = float(cfg["simpo_gamma"])
+        if self.loss_type not in ("sigmoid", "ipo") + REFERENCE_FREE_LOSSES:
+            raise ValueError(f"stages.{ctx.name}.loss_type: {self.loss_type!r} is not one of sigmoid, ipo, simpo, cpo")
         if self.loss_type == "ipo" and self.label_smoothing:
-            raise ValueError(f"stages.{ctx.name}.label_smoothing applies to loss_type sigmoid only")
-        self.reference = ReferenceModel(ctx, cfg.get("reference_from"))
+            raise ValueError(f"stages.{ctx.name}.label_smoothing does not apply to loss_type ipo")
+        if self.loss_type == "cpo" and self.rpo_alpha:
+            raise ValueError(f"stages.{ctx.name}.rpo_alpha: loss_type cpo weighs its NLL term with cpo_alpha")
+        if self.loss_type in REFERENCE_FREE_LOSSES and cfg.get("reference_from"):
+            raise ValueError(f"stages.{ctx.name}.reference_from: loss_type {self.loss_type} uses no reference model")
+        #: weight of the chosen replies' NLL term: CPO's cpo_alpha, else RPO's rpo_alpha
+        self.nll_weight = float(cfg["cpo_alpha"]) if self.loss_type == "cpo" else self.rpo_alpha
+        self.reference = (None if self.loss_type in REFERENCE_FREE_LOSSES
+                          else ReferenceModel(ctx, cfg.get("reference_from")))
 
     # -- model -----------------------------------------------------------------------------
     def build_model(self) -> torch.nn.Module:
         policy = super().build_model()
-        self.reference.capture(policy)
+        if self.reference is not None:
+            self.reference.capture(policy)
         return policy
 
     def setup(self, model: torch.nn.Module) -> None:
-        self.reference.setup(model, self.ctx.device)
+        if self.reference is not None:
+            self.reference.setup(model, self.ctx.device)
 
     # -- data ------------------------------------------------------------------------------
     def get_batch(self, index: int, model: torch.nn.Module) -> dict:
@@ -89,39 +113,62 @@ class DPOStage(Stage):
         device = self.ctx.device
         ids, att, labels = (t.to(device) for t in concat_pairs(batch, self.pad_token_id))
         B = batch["chosen_input_ids"].shape[0]
-
-        # models that keep attention inside each document get padding-free forwards: ~1.5x faster
-        # DPO on CPU (benchmarks/dpo_throughput.py); others take the padded batch
-        if packs_documents(model):
-            seq_logps, lengths = padfree_sequence_logps(model, ids, att, labels)
+        seq_logps, lengths = pair_sequence_logps(model, ids, att, labels)
+        if self.reference is None:  # simpo / cpo: reference-free
+            # SimPO's length normalisation: average log-prob per completion token
+            logps = seq_logps / lengths.clamp(min=1) if self.loss_type == "simpo" else seq_logps
+            losses, chosen_r, rejected_r = cpo_loss(
+                logps[:B], logps[B:], beta=self.beta, loss_type=self.loss_type, simpo_gamma=self.simpo_gamma,
+                label_smoothing=self.label_smoothing)
         else:
-            logps, mask = token_logps(model_logits(model, ids, att), labels)
-            seq_logps, lengths = logps.sum(-1), mask.sum(-1)
-        with torch.no_grad():
-            ref_model = self.reference.forward_model(model)
-            if packs_documents(ref_model):
-                with self.reference.context(model):
-                    ref_seq, _ = padfree_sequence_logps(ref_model, ids, att, labels)
-            else:
-                ref_tok, _ = token_logps(self.reference.logits(model, ids, att), labels)
-                ref_seq = ref_tok.sum(-1)
-
-        losses, chosen_r, rejected_r = dpo_loss(
-            seq_logps[:B], seq_logps[B:], ref_seq[:B], ref_seq[B:], beta=self.beta,
-            loss_type=self.loss_type, label_smoothing=self.label_smoothing,
-            chosen_lengths=lengths[:B], rejected_lengths=lengths[B:])
-        # RPO's NLL term: chosen-token NLL averaged over the micro-batch's chosen tokens (TRL's "sft" loss)
+            logps = seq_logps
+            ref_seq = reference_sequence_logps(self.reference, model, ids, att, labels)
+            losses, chosen_r, rejected_r = dpo_loss(
+                seq_logps[:B], seq_logps[B:], ref_seq[:B], ref_seq[B:], beta=self.beta,
+                loss_type=self.loss_type, label_smoothing=self.label_smoothing,
+                chosen_lengths=lengths[:B], rejected_lengths=lengths[B:])
+        # RPO's / CPO's NLL term: chosen-token NLL averaged over the micro-batch's chosen tokens (TRL's "sft" loss)
         nll = -seq_logps[:B].sum() / lengths[:B].sum().clamp(min=1)
         preference_loss = losses.mean()
-        loss = preference_loss + self.rpo_alpha * nll if self.rpo_alpha else preference_loss
-        metrics = {
-            "rewards/chosen": chosen_r.mean().detach(),
-            "rewards/rejected": rejected_r.mean().detach(),
-            "rewards/accuracies": (chosen_r > rejected_r).float().mean().detach(),
-            "rewards/margins": (chosen_r - rejected_r).mean().detach(),
-            "logps/chosen": seq_logps[:B].detach().mean(),
-            "logps/rejected": seq_logps[B:].detach().mean(),
-            "preference_loss": preference_loss.detach(),
-            "nll_loss": nll.detach(),
-        }
+        loss = preference_loss + self.nll_weight * nll if self.nll_weight else preference_loss
+        metrics = pair_metrics(chosen_r, rejected_r, logps[:B], logps[B:])
+        metrics.update(preference_loss=preference_loss.detach(), nll_loss=nll.detach())
         return loss, metrics
+
+
+def pair_sequence_logps(model: torch.nn.Module, ids: torch.Tensor, att: torch.Tensor,
+                        labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed completion log-probs ``[R]`` (with grad) and completion token counts ``[R]`` of the
+    right-padded rows ``[R, T]``. Models that keep attention inside each document get a padding-free
+    forward (~1.5x faster DPO on CPU, benchmarks/dpo_throughput.py); others take the padded batch."""
+    if packs_documents(model):
+        return padfree_sequence_logps(model, ids, att, labels)
+    logps, mask = token_logps(model_logits(model, ids, att), labels)
+    return logps.sum(-1), mask.sum(-1)
+
+
+@torch.no_grad()
+def reference_sequence_logps(reference: ReferenceModel, policy: torch.nn.Module, ids: torch.Tensor,
+                             att: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Summed completion log-probs ``[R]`` of the rows under the frozen reference (no grad)."""
+    ref_model = reference.forward_model(policy)
+    if packs_documents(ref_model):
+        with reference.context(policy):
+            return padfree_sequence_logps(ref_model, ids, att, labels)[0]
+    ref_tok, _ = token_logps(reference.logits(policy, ids, att), labels)
+    return ref_tok.sum(-1)
+
+
+def pair_metrics(chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor, chosen_logps: torch.Tensor,
+                 rejected_logps: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The preference metrics every pairwise stage (dpo, orpo, kto on pairs) logs, TRL's names:
+    mean chosen / rejected reward, accuracy (ties count one half:
+    :func:`llmlab.losses.preference_accuracy`), mean margin, mean chosen / rejected log-prob. Inputs ``[B]``."""
+    return {
+        "rewards/chosen": chosen_rewards.mean().detach(),
+        "rewards/rejected": rejected_rewards.mean().detach(),
+        "rewards/accuracies": preference_accuracy(chosen_rewards, rejected_rewards).detach(),
+        "rewards/margins": (chosen_rewards - rejected_rewards).mean().detach(),
+        "logps/chosen": chosen_logps.detach().mean(),
+        "logps/rejected": rejected_logps.detach().mean(),
+    }

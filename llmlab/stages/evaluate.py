@@ -8,7 +8,9 @@ An evaluate stage trains nothing. For each stage named in ``models`` it loads ``
 
 - text: perplexity and bits per byte;
 - conversation: perplexity on the assistant tokens;
-- preference: ``logp_accuracy``; with ``reference_from``, the DPO implicit-reward ``reward_accuracy``
+- preference: ``logp_accuracy`` (in results.json also ``avg_logp_accuracy``, on per-token means:
+  SimPO's and ORPO's reward; not a table column, which would not fit 80 columns); with
+  ``reference_from``, the DPO implicit-reward ``reward_accuracy``
   and ``reward_margin`` (β = ``beta``); a reward-model stage is scored directly;
 - prompt: ``num_samples`` sampled generations (sample ``i`` seeded with the recipe seed + ``i``),
   scored by the ``reward_from`` stage's reward model when given.
@@ -53,7 +55,7 @@ HEADLINE = {
 #: metrics where lower is better (the best value of a column is shown in bold)
 LOWER_IS_BETTER = {"perplexity", "bits_per_byte", "bits_per_token", "mean_loss"}
 #: metrics where higher is better
-HIGHER_IS_BETTER = {"logp_accuracy", "reward_accuracy", "reward_margin", "mean_reward"}
+HIGHER_IS_BETTER = {"logp_accuracy", "avg_logp_accuracy", "reward_accuracy", "reward_margin", "mean_reward"}
 
 _DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 

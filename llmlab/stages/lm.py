@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from llmlab.stages.base import Stage
@@ -51,6 +53,31 @@ class PretrainStage(_CausalLMStage):
 
 
 class SFTStage(_CausalLMStage):
-    """Supervised fine-tuning on conversations, loss on assistant tokens only."""
+    """Supervised fine-tuning on conversations, loss on assistant tokens only; with
+    ``neftune_alpha`` NEFTune noise on the input embeddings while training (:func:`add_neftune`)."""
 
     type = "sft"
+
+    def setup(self, model: torch.nn.Module) -> None:
+        if self.config.get("neftune_alpha"):
+            add_neftune(model, float(self.config["neftune_alpha"]))
+
+
+def add_neftune(model: torch.nn.Module, alpha: float) -> torch.utils.hooks.RemovableHandle:
+    """NEFTune (Jain et al. 2023, "NEFTune: Noisy Embeddings Improve Instruction Finetuning", alg. 1):
+    while the embedding module is in training mode, its output ``[B, L, d]`` gets uniform noise in
+    ``[-alpha / sqrt(L d), alpha / sqrt(L d)]`` (as transformers' ``neftune_post_forward_hook``, the
+    one TRL uses; ``L`` is the fed row's length, the packed row under padding-free batches). Drawn
+    from torch's default generator on the embeddings' device, so a resumed run (RNG state restored)
+    draws the same noise. Evaluation and generation see no noise.
+
+    Returns:
+        the hook's handle (``.remove()`` turns it off).
+    """
+    def hook(module, inputs, output):
+        if not module.training:
+            return output
+        bound = alpha / math.sqrt(output.shape[1] * output.shape[2])
+        return output + torch.zeros_like(output).uniform_(-bound, bound)
+
+    return model.get_input_embeddings().register_forward_hook(hook)

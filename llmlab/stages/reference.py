@@ -1,4 +1,4 @@
-"""The frozen reference model of the preference and RL stages (dpo, grpo, ppo).
+"""The frozen reference model of the preference and RL stages (dpo, kto, grpo, ppo).
 
 The reference is, in this order of precedence:
 

@@ -59,8 +59,8 @@ def test_dpo_raises_heldout_reward_accuracy(loss_type):
     losses = train(stage, policy, steps=30)
     after = stage.evaluate(policy, stage.eval_batches())
 
-    # at the start the policy is its reference: implicit rewards are exactly 0, no pair is won
-    assert before["eval_rewards/margins"] == 0.0 and before["eval_rewards/accuracies"] == 0.0
+    # at the start the policy is its reference: implicit rewards are exactly 0, every pair a tie (one half)
+    assert before["eval_rewards/margins"] == 0.0 and before["eval_rewards/accuracies"] == 0.5
     if loss_type == "sigmoid":
         assert losses[0] == pytest.approx(math.log(2), abs=1e-6)
     assert after["eval_rewards/accuracies"] >= 0.9, after

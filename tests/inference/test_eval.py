@@ -76,19 +76,25 @@ def test_preference_implicit_rewards_match_an_independent_computation(tiny_run):
         assert full.startswith(p_text) and full.endswith("<|im_end|>\n")
         p_ids = tok(p_text, add_special_tokens=False)["input_ids"]
         c_ids = tok(full[len(p_text):-1], add_special_tokens=False)["input_ids"]
+        n_tokens[key] = len(c_ids)
         return _logp(model, p_ids + c_ids, len(p_ids))
 
-    margins, wins, logp_wins = [], [], []
+    n_tokens = {}
+
+    margins, wins, logp_wins, avg_wins = [], [], [], []
     for r in rows:
         rc = beta * (seq_logps(policy, r, "chosen") - seq_logps(ref, r, "chosen"))
         rr = beta * (seq_logps(policy, r, "rejected") - seq_logps(ref, r, "rejected"))
         margins.append(rc - rr)
         wins.append(rc > rr)
         logp_wins.append(seq_logps(policy, r, "chosen") > seq_logps(policy, r, "rejected"))
+        avg_wins.append(seq_logps(policy, r, "chosen") / n_tokens["chosen"]
+                        > seq_logps(policy, r, "rejected") / n_tokens["rejected"])
     assert res["pairs"] == len(rows) == 12
     assert res["reward_margin"] == pytest.approx(sum(margins) / len(rows), rel=1e-3, abs=1e-4)
     assert res["reward_accuracy"] == pytest.approx(sum(wins) / len(rows))
     assert res["logp_accuracy"] == pytest.approx(sum(logp_wins) / len(rows))
+    assert res["avg_logp_accuracy"] == pytest.approx(sum(avg_wins) / len(rows))
 
     same = evaluate_model(policy, tok, rows, "preference", reference=policy)
     assert same["reward_margin"] == pytest.approx(0.0, abs=1e-6) and same["reward_accuracy"] == 0.0

@@ -55,15 +55,17 @@ def test_mamba2_count_is_exact(name):
     assert dict(param_shapes(cfg, VOCAB)) == {n: tuple(p.shape) for n, p in model.named_parameters()}
 
 
-@pytest.mark.parametrize("cfg,preset", [
-    (tiny_cfg(), "all"), (tiny_cfg(), "minimal"), (tiny_cfg(activation="gelu"), "ffn_only"),
-    (tiny_cfg(n_experts=2), "all"), (tiny_cfg(), "attention_only"),
-    ({"arch": "mamba2", "d_model": 32, "n_layers": 2}, "all"),
+@pytest.mark.parametrize("cfg,preset,dora", [
+    (tiny_cfg(), "all", False), (tiny_cfg(), "minimal", False), (tiny_cfg(activation="gelu"), "ffn_only", False),
+    (tiny_cfg(n_experts=2), "all", False), (tiny_cfg(), "attention_only", False),
+    ({"arch": "mamba2", "d_model": 32, "n_layers": 2}, "all", False),
+    (tiny_cfg(), "all", True), (tiny_cfg(), "minimal", True),
 ])
-def test_lora_count_matches_peft(cfg, preset):
+def test_lora_count_matches_peft(cfg, preset, dora):
+    """Also with DoRA's magnitude vectors (one per output feature of each adapted weight)."""
     from llmlab.models.build import apply_lora
 
-    lora = {"preset": preset, "r": 4, "alpha": 8}
+    lora = {"preset": preset, "r": 4, "alpha": 8, "use_dora": dora}
     peft_model = apply_lora(_model(cfg), lora, lora_presets.arch_key(cfg))
     trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
     assert count_lora_parameters(cfg, VOCAB, lora) == trainable
