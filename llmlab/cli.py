@@ -74,12 +74,18 @@ def run(
     force: bool = typer.Option(False, "--force", help="Rerun every selected stage, even finished ones."),
     reset_optimizer: bool = typer.Option(False, "--reset-optimizer", help="On resume, load the weights only."),
     allow_code: bool = typer.Option(False, "--allow-code", help="Allow the recipe to run Python code (reward functions, trust_remote_code)."),
+    adopt: bool = typer.Option(False, "--adopt", help="Run in a non-empty output folder llmlab did not create; "
+                               "llmlab still never deletes or overwrites the files already there."),
 ):
-    """Run a recipe: skip finished stages, resume a partial one, start the rest."""
+    """Run a recipe: skip finished stages, resume a partial one, start the rest.
+
+    llmlab deletes or overwrites only what it wrote (a marker file in every folder it creates): a
+    --force or a stale stage removes llmlab's files of that stage and keeps any other file."""
     from llmlab.runner import run_command
 
     raise typer.Exit(run_command(recipe, output_dir=output_dir, overrides=set_, only=only, from_stage=from_,
-                                 until=until, force=force, reset_optimizer=reset_optimizer, allow_code=allow_code))
+                                 until=until, force=force, reset_optimizer=reset_optimizer, allow_code=allow_code,
+                                 adopt=adopt))
 
 
 @app.command()
@@ -103,7 +109,7 @@ def cache(
     target: Path = typer.Argument(..., help="A recipe (its token-store root) or a store-root folder."),
     output_dir: Optional[Path] = typer.Option(None, "--output-dir", help="Run directory (default: the recipe's output_dir)."),
     set_: List[str] = typer.Option([], "--set", help=SET_HELP),
-    prune: bool = typer.Option(False, "--prune", help="Delete stores unused for more than --unused-days (never the recipe's own, never one being written)."),
+    prune: bool = typer.Option(False, "--prune", help="Delete stores unused for more than --unused-days (never the recipe's own, never one being written, never a folder that is not a token store)."),
     unused_days: float = typer.Option(30.0, "--unused-days", help="With --prune: days since a store was last opened."),
     dry_run: bool = typer.Option(False, "--dry-run", help="With --prune: only list what would be deleted."),
 ):

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from llmlab.runguard import LOCK_NAME, NotOwnedError, RunLockedError, remove_owned_dir, run_lock
+from llmlab.runguard import LOCK_NAME, RunLockedError, run_lock
 from llmlab.runner import run_command
 from tests.tiny import TINY, write_recipe
 
