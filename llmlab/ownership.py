@@ -29,10 +29,12 @@ from pathlib import Path
 
 #: the marker file in every folder llmlab creates (a dot file: tokenizer hashes skip it)
 MARKER = ".llmlab-owned"
+#: the run directory's lock file (:func:`llmlab.runguard.run_lock`)
+LOCK_NAME = ".llmlab.lock"
 
 #: per folder kind, the file names llmlab writes into it (its atomic writers' temporary names too)
 KIND_FILES: dict[str, re.Pattern] = {
-    "run": re.compile(r"recipe\.resolved\.yaml|tokenizer\.fingerprint|error\.log|\.llmlab\.lock"),
+    "run": re.compile(r"recipe\.resolved\.yaml|tokenizer\.fingerprint|error\.log|" + re.escape(LOCK_NAME)),
     "stage": re.compile(r"\.?(stage\.json|metrics\.jsonl|results\.json|value_head\.safetensors)(\.tmp-?\d*)?"),
     "checkpoints": re.compile(r"(?!)"),
     "checkpoint": re.compile(r"model\.safetensors|optimizer\.pt|scheduler\.pt|rng\.pt|rng\.json|stage_state\.pt|"
@@ -254,11 +256,14 @@ def check_run_dir(out: Path, stage_names, adopt: bool) -> None:
         NotOwnedError: listing what is there.
     """
     out = Path(out)
-    if not out.is_dir() or out.is_symlink() or owns(out, "run") or not any(out.iterdir()) or legacy_run(out):
+    if not out.is_dir() or out.is_symlink() or owns(out, "run") or legacy_run(out):
         return  # absent or a file: the run's own mkdir says what is wrong
+    there = [p.name + ("/" if p.is_dir() else "") for p in out.iterdir() if p.name != LOCK_NAME]  # lock: this run's
+    if not there:
+        return
     if not adopt:
         raise NotOwnedError(f"{out} is not empty and llmlab did not write it (no {MARKER}): it holds "
-                            f"{_listing(out)}. Choose another output_dir (an empty or new folder), or pass "
+                            f"{_listing(out, there)}. Choose another output_dir (an empty or new folder), or pass "
                             "--adopt to run in it: llmlab then never deletes or overwrites what is there")
     clashes = sorted(n for n in run_entry_names(stage_names) if (out / n).exists() or (out / n).is_symlink())
     if clashes:

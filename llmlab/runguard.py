@@ -24,10 +24,9 @@ from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 from llmlab.console import process_rank
-from llmlab.ownership import NotOwnedError  # noqa: F401  (raised by runs; its home is llmlab.ownership)
+from llmlab.ownership import LOCK_NAME, NotOwnedError  # noqa: F401  (NotOwnedError's home is llmlab.ownership)
 from llmlab.recipe.secrets import mask_command, mask_secrets
 
-LOCK_NAME = ".llmlab.lock"
 
 
 class RunLockedError(RuntimeError):

@@ -353,6 +353,11 @@ class Runner:
         status, detail = recipe_stage_status(self.recipe, name, self.fps)
         if status == "done" and not forced:
             return self._skip(name, detail)
+        if env.accelerator.is_main_process:  # before anything is deleted or trained
+            from llmlab.ownership import check_replaceable
+
+            for out in (self.layout.stage(name).final, self.layout.stage(name).adapter):
+                check_replaceable(out)
         if status == "stale" or forced:
             why = "forced" if forced and status != "stale" else f"stale: {detail}"
             self.console.print(f"[yellow]↻[/] stage {name}: {why}; starting over")

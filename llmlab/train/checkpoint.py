@@ -17,8 +17,9 @@ previous intact one is used. A full disk removes the partial write at once and s
 (:func:`disk_full_error`).
 
 ``checkpoints/`` and every checkpoint folder carry llmlab's ownership marker
-(:mod:`llmlab.ownership`) from the moment they are made; only marked checkpoints are listed,
-resumed from or pruned, so a folder of the user's named ``step-000001`` is never touched.
+(:mod:`llmlab.ownership`) from the moment they are made; only marked checkpoints (with their
+MANIFEST.json) are listed, resumed from or pruned, so a folder of the user's named
+``step-000001`` is never touched.
 """
 
 from __future__ import annotations
@@ -255,12 +256,14 @@ def _write_files(tmp: Path, model_state: dict, optimizer_state: dict, scheduler,
 
 
 def list_checkpoints(ckpt_root: Path) -> list[Path]:
-    """Checkpoint directories llmlab wrote (marked), oldest first (temporary ones excluded)."""
+    """Checkpoint directories llmlab wrote (marked, with a MANIFEST.json), oldest first
+    (temporary ones excluded)."""
     if not ckpt_root.is_dir():
         return []
     n = len(PREFIX)
     dirs = [d for d in ckpt_root.iterdir()
-            if d.name.startswith(PREFIX) and d.name[n:].isdigit() and owns(d, "checkpoint")]
+            if d.name.startswith(PREFIX) and d.name[n:].isdigit() and owns(d, "checkpoint")
+            and (d / "MANIFEST.json").is_file()]
     return sorted(dirs, key=lambda d: int(d.name[len(PREFIX):]))
 
 

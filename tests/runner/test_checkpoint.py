@@ -68,6 +68,7 @@ def test_truncated_file_and_unfinished_write_are_detected(tmp_path):
     no_manifest = tmp_path / "step-000004"
     no_manifest.mkdir()
     assert "MANIFEST" in ck.verify(no_manifest)
+    assert [p.name for p in ck.list_checkpoints(tmp_path)] == ["step-000001", "step-000002"]
 
 
 def test_keep_last_prunes_old_checkpoints_and_leftovers(tmp_path):
