@@ -341,15 +341,20 @@ def adopt_legacy_run(out: Path) -> None:
     - a stage folder whose ``stage.json`` names it (its known files become llmlab's, nothing else);
     - its ``checkpoints/`` and each ``step-*`` whose files are exactly those its MANIFEST.json names;
     - its ``final/`` and ``adapter/`` when its stage.json's ``outputs`` names them (every file in them);
-    - ``tokenizer/`` when ``tokenizer.fingerprint`` is beside it (every file in it).
+    - ``tokenizer/`` when ``tokenizer.fingerprint`` is beside it (every file in it);
+    - the temporary folders of a write it was killed in: ``.tokenizer.tmp``, a stage's
+      ``.final.tmp`` / ``.adapter.tmp`` (every file in them: only llmlab uses these names, inside
+      folders it is known to have written), and ``checkpoints/.tmp-step-*`` holding only
+      checkpoint file names.
 
     Anything else stays unmarked, so llmlab never deletes it. A folder it cannot write (a
     read-only mount) stays unmarked.
     """
     out = Path(out)
     try:
-        if (out / "tokenizer.fingerprint").is_file() and (out / "tokenizer").is_dir() and not owns(out / "tokenizer"):
-            mark(out / "tokenizer", "tokenizer", [p.name for p in (out / "tokenizer").iterdir() if p.is_file()])
+        if (out / "tokenizer.fingerprint").is_file():
+            _mark_listed(out / "tokenizer", "tokenizer")
+        _mark_listed(out / ".tokenizer.tmp", "tokenizer")
         for d in sorted(out.iterdir()):
             rec = _legacy_stage(d) if d.is_dir() and not d.is_symlink() and not owns(d) else None
             if rec is not None:
@@ -365,15 +370,26 @@ def _adopt_legacy_stage(d: Path, rec: dict) -> None:
     lay = StageLayout(d)
     outputs = {Path(str(v)).name for v in (rec.get("outputs") or {}).values() if v}
     for sub in (lay.final, lay.adapter):
-        if sub.name in outputs and sub.is_dir() and not sub.is_symlink() and not owns(sub):
-            mark(sub, sub.name, [p.name for p in sub.iterdir() if p.is_file()])
+        if sub.name in outputs:
+            _mark_listed(sub, sub.name)
+    _mark_listed(lay.tmp("final"), "final")
+    _mark_listed(lay.tmp("adapter"), "adapter")
     if lay.checkpoints.is_dir() and not lay.checkpoints.is_symlink() and not owns(lay.checkpoints):
         for ck in lay.checkpoints.iterdir():
-            files = legacy_checkpoint_files(ck) if ck.is_dir() and not ck.is_symlink() else None
-            if files is not None:
+            if not ck.is_dir() or ck.is_symlink():
+                continue
+            if legacy_checkpoint_files(ck) is not None or (ck.name.startswith((".tmp-", ".old-")) and all(
+                    p.is_file() and KIND_FILES["checkpoint"].fullmatch(p.name) for p in ck.iterdir())):
                 mark(ck, "checkpoint")
         mark(lay.checkpoints, "checkpoints")
     mark(d, "stage")
+
+
+def _mark_listed(d: Path, kind: str) -> None:
+    """Mark the unmarked real folder ``d`` (if there) as owning the plain files now in it, and no
+    sub-folder."""
+    if d.is_dir() and not d.is_symlink() and not owns(d):
+        mark(d, kind, [p.name for p in d.iterdir() if p.is_file() and not p.is_symlink()])
 
 
 def legacy_store(d: Path) -> bool:

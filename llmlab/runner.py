@@ -164,6 +164,7 @@ def writing_folder(tmp: Path, dest: Path, kind: str):
     from llmlab.train.checkpoint import disk_full_error
 
     check_replaceable(dest)
+    check_replaceable(tmp)
     remove_owned(tmp)  # a copy left by a killed write
     make_dir(tmp, kind)
     try:
@@ -260,6 +261,7 @@ class Runner:
             from llmlab.ownership import check_replaceable, mark_written, replace_owned
 
             check_replaceable(d)  # before the build: refuse a folder of the user's at once
+            check_replaceable(tmp)
             remove_owned(tmp)
             build_tokenizer(self.recipe, tmp)
             mark_written(tmp, "tokenizer")
@@ -356,7 +358,8 @@ class Runner:
         if env.accelerator.is_main_process:  # before anything is deleted or trained
             from llmlab.ownership import check_replaceable
 
-            for out in (self.layout.stage(name).final, self.layout.stage(name).adapter):
+            lay = self.layout.stage(name)
+            for out in (lay.final, lay.adapter, lay.tmp("final"), lay.tmp("adapter")):
                 check_replaceable(out)
         if status == "stale" or forced:
             why = "forced" if forced and status != "stale" else f"stale: {detail}"
