@@ -29,6 +29,8 @@ from pathlib import Path
 
 #: the marker file in every folder llmlab creates (a dot file: tokenizer hashes skip it)
 MARKER = ".llmlab-owned"
+#: the marker's temporary name while it is written (:func:`llmlab.layout.write_json_atomic`)
+_MARKER_TMP = re.compile(re.escape("." + MARKER) + r"\.tmp-\d+")
 #: the run directory's lock file (:func:`llmlab.runguard.run_lock`)
 LOCK_NAME = ".llmlab.lock"
 
@@ -112,7 +114,7 @@ def owns(path: Path, kind: str | None = None) -> bool:
 
 
 def _is_llmlab_file(name: str, rec: dict) -> bool:
-    if name == MARKER:
+    if name == MARKER or _MARKER_TMP.fullmatch(name):
         return True
     if "files" in rec:
         return name in rec["files"]
@@ -258,7 +260,9 @@ def check_run_dir(out: Path, stage_names, adopt: bool) -> None:
     out = Path(out)
     if not out.is_dir() or out.is_symlink() or owns(out, "run") or legacy_run(out):
         return  # absent or a file: the run's own mkdir says what is wrong
-    there = [p.name + ("/" if p.is_dir() else "") for p in out.iterdir() if p.name != LOCK_NAME]  # lock: this run's
+    # the lock is this run's; a marker being written is another rank's claim
+    there = [p.name + ("/" if p.is_dir() else "") for p in out.iterdir()
+             if p.name != LOCK_NAME and not p.name.startswith((MARKER, "." + MARKER))]
     if not there:
         return
     if not adopt:

@@ -286,7 +286,7 @@ class Runner:
         if force:
             forced |= set(selected)
         check_run_dir(self.out, self.order, adopt)
-        if claim_run_dir(self.out):
+        if process_rank() == 0 and claim_run_dir(self.out):  # one process marks (other ranks: the same folder)
             self.console.print(f"{self.out}: written by an llmlab before ownership markers; marked the folders it "
                                "wrote as llmlab's (other files in it are never deleted)", markup=False, highlight=False)
         from llmlab.recipe import dump_resolved
@@ -614,7 +614,9 @@ def _write_error_log(out: Path) -> Path:
 
 def run_command(recipe_path: Path, output_dir: Path | None = None, overrides=(), only=None, from_stage=None,
                 until=None, force=False, reset_optimizer=False, allow_code=False, adopt=False) -> int:
-    """``llmlab run``: returns the exit status (0 ok, 1 invalid recipe or failed stage, 130 interrupted)."""
+    """``llmlab run``: returns the exit status (0 ok, 1 invalid recipe, failed stage or an
+    ``output_dir`` that holds files llmlab did not write and ``adopt`` is not set; 130 interrupted).
+    Error messages and ``error.log`` have secrets masked (:mod:`llmlab.recipe.secrets`)."""
     from llmlab.recipe import load_recipe
 
     rank = process_rank()
@@ -649,8 +651,8 @@ def run_command(recipe_path: Path, output_dir: Path | None = None, overrides=(),
         return 1
     except OSError as e:  # read-only mount, full disk, output_dir that is a file, missing file ...
         what = f"{e.strerror}: {e.filename}" if e.strerror and e.filename else str(e)
-        alarm.print(mask_secrets(f"{prefix}error: {what}; finished stages and checkpoints are kept"), style="red", markup=False,
-                      highlight=False)
+        alarm.print(mask_secrets(f"{prefix}error: {what}; finished stages and checkpoints are kept"), style="red",
+                    markup=False, highlight=False)
         return 1
     except Exception as e:  # anything else: say what and where, keep the traceback for a bug report
         log_path = _write_error_log(runner.out)
