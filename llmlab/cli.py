@@ -63,6 +63,10 @@ def plan(
                                   world_size=world_size))
 
 
+ADOPT_HELP = ("Write into a non-empty output folder llmlab did not create; llmlab still never deletes or "
+              "overwrites the files already there.")
+
+
 @app.command()
 def run(
     recipe: Path = typer.Argument(..., help="Recipe file."),
@@ -74,8 +78,7 @@ def run(
     force: bool = typer.Option(False, "--force", help="Rerun every selected stage, even finished ones."),
     reset_optimizer: bool = typer.Option(False, "--reset-optimizer", help="On resume, load the weights only."),
     allow_code: bool = typer.Option(False, "--allow-code", help="Allow the recipe to run Python code (reward functions, trust_remote_code)."),
-    adopt: bool = typer.Option(False, "--adopt", help="Run in a non-empty output folder llmlab did not create; "
-                               "llmlab still never deletes or overwrites the files already there."),
+    adopt: bool = typer.Option(False, "--adopt", help=ADOPT_HELP),
 ):
     """Run a recipe: skip finished stages, resume a partial one, start the rest.
 
@@ -96,12 +99,13 @@ def prepare(
     stage: Optional[str] = typer.Option(None, "--stage", help="Prepare only this stage's data."),
     processes: Optional[int] = typer.Option(None, "--processes", help="Tokenising processes (default: all cores)."),
     verify: bool = typer.Option(False, "--verify", help="Also check every token-store shard against the sha256 in its manifest."),
+    adopt: bool = typer.Option(False, "--adopt", help=ADOPT_HELP),
 ):
     """Tokenise the data of every stage ahead of training (idempotent, resumable after a kill)."""
     from llmlab.prepare import prepare_command
 
     raise typer.Exit(prepare_command(recipe, output_dir=output_dir, overrides=set_, stage=stage, processes=processes,
-                                     verify=verify))
+                                     verify=verify, adopt=adopt))
 
 
 @app.command()

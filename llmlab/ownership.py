@@ -257,8 +257,8 @@ def check_run_dir(out: Path, stage_names, adopt: bool) -> None:
     Raises:
         NotOwnedError: listing what is there.
     """
-    out = Path(out)
-    if not out.is_dir() or out.is_symlink() or owns(out, "run") or legacy_run(out):
+    out = Path(out).resolve()  # an output_dir that is a link to a folder elsewhere: that folder
+    if not out.is_dir() or owns(out, "run") or legacy_run(out):
         return  # absent or a file: the run's own mkdir says what is wrong
     # the lock is this run's; a marker being written is another rank's claim
     there = [p.name + ("/" if p.is_dir() else "") for p in out.iterdir()
@@ -291,7 +291,7 @@ def claim_run_dir(out: Path) -> bool:
     Returns:
         whether a legacy (unmarked) run directory was adopted.
     """
-    out = Path(out)
+    out = Path(out).resolve()
     if owns(out, "run"):
         return False
     legacy = out.is_dir() and legacy_run(out)

@@ -271,6 +271,19 @@ class Runner:
             self.console.print(f"tokenizer: {len(tok)} tokens, built in {time.perf_counter() - t0:.1f} s → {d}")
         return tok, tokenizer_hash(d)
 
+    def claim_output_dir(self, adopt: bool = False) -> None:
+        """Create or take the run directory for llmlab (:func:`llmlab.ownership.check_run_dir`,
+        then :func:`~llmlab.ownership.claim_run_dir` on one process).
+
+        Raises:
+            NotOwnedError: it holds files llmlab did not write and ``adopt`` is not set (or they
+                have names llmlab writes); nothing was written.
+        """
+        check_run_dir(self.out, self.order, adopt)
+        if process_rank() == 0 and claim_run_dir(self.out):  # one process marks (other ranks: the same folder)
+            self.console.print(f"{self.out}: written by an llmlab before ownership markers; marked the folders it "
+                               "wrote as llmlab's (other files in it are never deleted)", markup=False, highlight=False)
+
     # -- stages ------------------------------------------------------------------------------
     def run(self, only=None, from_stage=None, until=None, force=False, reset_optimizer=False,
             adopt=False) -> list[StageOutcome]:
@@ -285,10 +298,7 @@ class Runner:
         selected, forced = select_stages(self.order, only, from_stage, until)
         if force:
             forced |= set(selected)
-        check_run_dir(self.out, self.order, adopt)
-        if process_rank() == 0 and claim_run_dir(self.out):  # one process marks (other ranks: the same folder)
-            self.console.print(f"{self.out}: written by an llmlab before ownership markers; marked the folders it "
-                               "wrote as llmlab's (other files in it are never deleted)", markup=False, highlight=False)
+        self.claim_output_dir(adopt)
         from llmlab.recipe import dump_resolved
 
         header = "# resolved by llmlab; package versions:\n" + "".join(

@@ -64,6 +64,16 @@ def test_a_users_folder_is_refused_with_a_list_and_not_one_byte_changes(tmp_path
         assert sorted(p.name for p in out.iterdir()) == ["pretrain", "recipe.resolved.yaml"]  # no lock, no marker
 
 
+def test_a_link_to_a_users_folder_is_refused_too(tmp_path, capsys):
+    recipe = write_recipe(tmp_path, SHORT)
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("mine")
+    (tmp_path / "link").symlink_to(tmp_path / "mine")
+    assert run_command(recipe, output_dir=tmp_path / "link") == 1
+    assert "notes.txt" in capsys.readouterr().out
+    assert [p.name for p in (tmp_path / "mine").iterdir()] == ["notes.txt"]
+
+
 def test_adopt_runs_beside_the_users_files_and_keeps_them(tmp_path, capsys):
     recipe = write_recipe(tmp_path, SHORT)
     out = tmp_path / "mine"
