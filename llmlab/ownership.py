@@ -88,11 +88,15 @@ def mark(path: Path, kind: str, files=None) -> None:
 
 
 def mark_written(path: Path, kind: str) -> None:
-    """Mark ``path`` as owning every file now directly in it (a folder another library just
-    wrote into a fresh temporary folder), and give those files :func:`default_file_mode`."""
+    """Mark ``path`` as owning every file now in it, its sub-folders included (a fresh temporary
+    folder another library just wrote into: ``save_pretrained``), and give those files
+    :func:`default_file_mode`."""
     path = Path(path)
     match_umask(path)
-    mark(path, kind, [p.name for p in path.iterdir() if p.is_file() and p.name != MARKER])
+    for sub in path.iterdir():
+        if sub.is_dir() and not sub.is_symlink():
+            mark_written(sub, kind)
+    mark(path, kind, [p.name for p in path.iterdir() if p.is_file() and not p.is_symlink() and p.name != MARKER])
 
 
 def marker(path: Path) -> dict | None:

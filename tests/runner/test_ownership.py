@@ -334,3 +334,16 @@ def test_claim_marks_only_what_an_old_llmlab_wrote(tmp_path):
     assert claim_run_dir(run) is True
     assert owns(run, "run") and owns(stage, "stage") and owns(stage / "checkpoints", "checkpoints")
     assert not owns(stage / "checkpoints" / "step-000001") and not owns(run / "other")
+
+
+def test_what_a_library_wrote_into_a_fresh_folder_is_llmlabs_subfolders_too(tmp_path):
+    from llmlab.ownership import mark_written
+
+    d = make_dir(tmp_path / ".final.tmp", "final")
+    (d / "config.json").write_text("{}")
+    (d / "extra").mkdir()
+    (d / "extra" / "a.bin").write_bytes(b"x")
+    mark_written(d, "final")
+    (d / "notes.txt").write_text("mine")  # put there afterwards
+    assert remove_owned(d) == ["notes.txt"]
+    assert sorted(p.name for p in d.iterdir()) == [MARKER, "notes.txt"]
