@@ -307,15 +307,14 @@ def claim_run_dir(out: Path) -> bool:
 
 
 # -- folders of an llmlab that wrote no markers ------------------------------------------------
-_LEGACY_HEADER = "# resolved by llmlab; package versions:"
-
-
 def legacy_run(out: Path) -> bool:
     """Whether the unmarked folder ``out`` is a run directory written by an llmlab before markers:
     its ``recipe.resolved.yaml`` starts with the header only llmlab writes."""
+    from llmlab.layout import RESOLVED_HEADER, RunLayout
+
     try:
-        with open(Path(out) / "recipe.resolved.yaml", encoding="utf-8") as f:
-            return f.readline().rstrip("\n") == _LEGACY_HEADER
+        with open(RunLayout(Path(out)).resolved_recipe, encoding="utf-8") as f:
+            return f.readline().rstrip("\n") == RESOLVED_HEADER
     except (OSError, UnicodeDecodeError):
         return False
 

@@ -22,7 +22,7 @@ from rich.table import Table
 
 from llmlab.console import make_console, process_rank, single_process_launch_warning
 from llmlab.fingerprint import recipe_stage_status, stage_fingerprints, stage_inputs, tokenizer_fingerprint
-from llmlab.layout import RunLayout, StageLayout, StageRecord
+from llmlab.layout import RESOLVED_HEADER, RunLayout, StageLayout, StageRecord
 from llmlab.metricsfile import read_records
 from llmlab.ownership import NotOwnedError, check_run_dir, claim_run_dir, make_dir, remove_owned
 from llmlab.recipe.secrets import mask_secrets
@@ -280,7 +280,9 @@ class Runner:
                 have names llmlab writes); nothing was written.
         """
         check_run_dir(self.out, self.order, adopt)
-        if process_rank() == 0 and claim_run_dir(self.out):  # one process marks (other ranks: the same folder)
+        if process_rank() != 0:  # one process marks; the others share its folder
+            self.out.mkdir(parents=True, exist_ok=True)
+        elif claim_run_dir(self.out):
             self.console.print(f"{self.out}: written by an llmlab before ownership markers; marked the folders it "
                                "wrote as llmlab's (other files in it are never deleted)", markup=False, highlight=False)
 
@@ -299,14 +301,14 @@ class Runner:
         if force:
             forced |= set(selected)
         self.claim_output_dir(adopt)
-        from llmlab.recipe import dump_resolved
+        if process_rank() == 0:
+            from llmlab.recipe import dump_resolved
 
-        header = "# resolved by llmlab; package versions:\n" + "".join(
-            f"#   {k}: {v}\n" for k, v in package_versions().items())
-        resolved_file = self.layout.resolved_recipe
-        text = header + dump_resolved(self.recipe)
-        if not resolved_file.is_file() or resolved_file.read_text() != text:  # a done run re-checks read-only
-            resolved_file.write_text(text)
+            header = RESOLVED_HEADER + "\n" + "".join(f"#   {k}: {v}\n" for k, v in package_versions().items())
+            resolved_file = self.layout.resolved_recipe
+            text = header + dump_resolved(self.recipe)
+            if not resolved_file.is_file() or resolved_file.read_text() != text:  # a done run re-checks read-only
+                resolved_file.write_text(text)
 
         statuses = {n: recipe_stage_status(self.recipe, n, self.fps) for n in self.order}
         todo = [n for n in selected if n in forced or statuses[n][0] != "done"]
