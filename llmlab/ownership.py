@@ -17,6 +17,10 @@ a non-empty folder without one, listing what is in it.
 
 Folders written by llmlab before markers existed are recognised once, by
 :func:`adopt_legacy_run`, from contents that only llmlab writes (see there), and marked.
+
+Writing a folder another library fills (:func:`writing_folder`) gives its files the umask's mode
+(safetensors alone writes 0600) and turns a full disk's opaque error into an ``OSError(ENOSPC)``
+naming the disk (:func:`disk_full_error`), with the partial folder removed at once.
 """
 
 from __future__ import annotations
@@ -25,6 +29,8 @@ import errno
 import json
 import os
 import re
+import shutil
+from contextlib import contextmanager
 from pathlib import Path
 
 #: the marker file in every folder llmlab creates (a dot file: tokenizer hashes skip it)
@@ -245,8 +251,68 @@ def replace_owned(src: Path, dst: Path) -> None:
     kept = remove_owned(dst)
     if kept:
         raise NotOwnedError(f"{dst} holds files that llmlab did not write ({_listing(dst, kept)}); move them away "
-                            f"(llmlab's files were replaced by nothing yet: the new output is in {src})")
+                            f"(the new output is kept in {src})")
     os.replace(src, dst)
+
+
+#: a write that fails with less than this free on its disk failed because the disk is full (torch and
+#: safetensors report it as a RuntimeError: "[enforce fail at inline_container.cc:672] ...",
+#: "661067 requested and 587712 written")
+DISK_FULL_FREE_BYTES = 16 << 20
+
+
+def _mount_point(path: Path) -> Path:
+    path = Path(os.path.abspath(path))
+    while not path.exists() or not os.path.ismount(path):
+        if path.parent == path:
+            break
+        path = path.parent
+    return path
+
+
+def disk_full_error(exc: BaseException, path: Path, what: str) -> OSError | None:
+    """An ``OSError(ENOSPC)`` saying the disk is full and where, when ``exc`` (raised while
+    ``what`` was being written at ``path``) came from a full disk: an ENOSPC / EDQUOT OSError, or
+    any write error while less than :data:`DISK_FULL_FREE_BYTES` are free there. None otherwise."""
+    full = isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)
+    mount = _mount_point(path)
+    try:
+        free = shutil.disk_usage(mount).free
+    except OSError:
+        free = None
+    if not full and (free is None or free >= DISK_FULL_FREE_BYTES):
+        return None
+    left = "" if free is None else f", {free / 2**20:.1f} MiB free"
+    return OSError(errno.ENOSPC, f"the disk is full ({mount}{left}) while {what}; the partial write was removed. "
+                   "Free some space there (or set output_dir elsewhere) and run the same command to resume",
+                   str(path))
+
+
+@contextmanager
+def writing_folder(tmp: Path, dest: Path, kind: str):
+    """Yield the empty folder ``tmp`` to write ``dest`` (``final/``, ``adapter/``) into; then mark
+    the files written there as llmlab's (:func:`llmlab.ownership.mark_written`, which also gives
+    them the umask's mode) and rename it over ``dest``, whose old copy is removed only when llmlab
+    owns it.
+
+    Raises:
+        NotOwnedError: ``tmp`` or ``dest`` holds files llmlab did not write (checked before writing).
+        OSError: ENOSPC when the disk filled up (``tmp`` is removed at once, the message says where).
+    """
+    check_replaceable(dest)
+    check_replaceable(tmp)
+    remove_owned(tmp)  # a copy left by a killed write
+    make_dir(tmp, kind)
+    try:
+        yield tmp
+        mark_written(tmp, kind)
+    except (OSError, RuntimeError) as exc:
+        full = disk_full_error(exc, tmp, f"writing {dest}")
+        remove_owned(tmp)
+        if full is not None:
+            raise full from exc
+        raise
+    replace_owned(tmp, dest)
 
 
 # -- the run directory -------------------------------------------------------------------------

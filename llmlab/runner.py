@@ -13,7 +13,6 @@ import logging
 import os
 import sys
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,7 +23,7 @@ from llmlab.console import make_console, process_rank, single_process_launch_war
 from llmlab.fingerprint import recipe_stage_status, stage_fingerprints, stage_inputs, tokenizer_fingerprint
 from llmlab.layout import RESOLVED_HEADER, RunLayout, StageLayout, StageRecord
 from llmlab.metricsfile import read_records
-from llmlab.ownership import NotOwnedError, check_run_dir, claim_run_dir, make_dir, remove_owned
+from llmlab.ownership import NotOwnedError, check_run_dir, claim_run_dir, make_dir, remove_owned, writing_folder
 from llmlab.recipe.secrets import mask_secrets
 from llmlab.runguard import RunLockedError, memory_shortfall, run_lock
 from llmlab.stage_specs import stage_spec
@@ -147,36 +146,6 @@ def save_final(model, tokenizer, stage_dir: Path, cfg: dict, keep_adapter: bool 
         tokenizer.save_pretrained(tmp)
     written["final"] = str(layout.final)
     return written
-
-
-@contextmanager
-def writing_folder(tmp: Path, dest: Path, kind: str):
-    """Yield the empty folder ``tmp`` to write ``dest`` (``final/``, ``adapter/``) into; then mark
-    the files written there as llmlab's (:func:`llmlab.ownership.mark_written`, which also gives
-    them the umask's mode) and rename it over ``dest``, whose old copy is removed only when llmlab
-    owns it.
-
-    Raises:
-        NotOwnedError: ``tmp`` or ``dest`` holds files llmlab did not write (checked before writing).
-        OSError: ENOSPC when the disk filled up (``tmp`` is removed at once, the message says where).
-    """
-    from llmlab.ownership import check_replaceable, mark_written, replace_owned
-    from llmlab.train.checkpoint import disk_full_error
-
-    check_replaceable(dest)
-    check_replaceable(tmp)
-    remove_owned(tmp)  # a copy left by a killed write
-    make_dir(tmp, kind)
-    try:
-        yield tmp
-        mark_written(tmp, kind)
-    except (OSError, RuntimeError) as exc:
-        full = disk_full_error(exc, tmp, f"writing {dest}")
-        remove_owned(tmp)
-        if full is not None:
-            raise full from exc
-        raise
-    replace_owned(tmp, dest)
 
 
 def _metrics_summary(path: Path) -> dict:

@@ -14,7 +14,7 @@ It is written into a temporary sibling directory, every file fsynced, then renam
 the parent directory fsynced, so a kill at any instant leaves either the old or the new checkpoint
 whole. Loading verifies the manifest; a truncated or corrupt newest checkpoint is reported and the
 previous intact one is used. A full disk removes the partial write at once and says so
-(:func:`disk_full_error`).
+(:func:`llmlab.ownership.disk_full_error`).
 
 ``checkpoints/`` and every checkpoint folder carry llmlab's ownership marker
 (:mod:`llmlab.ownership`) from the moment they are made; only marked checkpoints (with their
@@ -24,12 +24,10 @@ MANIFEST.json) are listed, resumed from or pruned, so a folder of the user's nam
 
 from __future__ import annotations
 
-import errno
 import json
 import logging
 import os
 import random
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -37,7 +35,16 @@ import torch
 
 from llmlab.fingerprint import sha256_file
 from llmlab.layout import CHECKPOINT_PREFIX
-from llmlab.ownership import MARKER, check_replaceable, make_dir, match_umask, owns, remove_owned, try_remove_owned
+from llmlab.ownership import (
+    MARKER,
+    check_replaceable,
+    disk_full_error,
+    make_dir,
+    match_umask,
+    owns,
+    remove_owned,
+    try_remove_owned,
+)
 
 log = logging.getLogger("llmlab")
 
@@ -140,39 +147,6 @@ class LocalStateIO:
 LOCAL = LocalStateIO()
 
 
-#: a write that fails with less than this free on its disk failed because the disk is full (torch and
-#: safetensors report it as a RuntimeError: "[enforce fail at inline_container.cc:672] ...",
-#: "661067 requested and 587712 written")
-DISK_FULL_FREE_BYTES = 16 << 20
-
-
-def _mount_point(path: Path) -> Path:
-    path = Path(os.path.abspath(path))
-    while not path.exists() or not os.path.ismount(path):
-        if path.parent == path:
-            break
-        path = path.parent
-    return path
-
-
-def disk_full_error(exc: BaseException, path: Path, what: str) -> OSError | None:
-    """An ``OSError(ENOSPC)`` saying the disk is full and where, when ``exc`` (raised while
-    ``what`` was being written at ``path``) came from a full disk: an ENOSPC / EDQUOT OSError, or
-    any write error while less than :data:`DISK_FULL_FREE_BYTES` are free there. None otherwise."""
-    full = isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)
-    mount = _mount_point(path)
-    try:
-        free = shutil.disk_usage(mount).free
-    except OSError:
-        free = None
-    if not full and (free is None or free >= DISK_FULL_FREE_BYTES):
-        return None
-    left = "" if free is None else f", {free / 2**20:.1f} MiB free"
-    return OSError(errno.ENOSPC, f"the disk is full ({mount}{left}) while {what}; the partial write was removed. "
-                   "Free some space there (or set output_dir elsewhere) and run the same command to resume",
-                   str(path))
-
-
 def check_keys(missing, unexpected, where) -> None:
     """Tied weights are stored once; raise on any other missing or unexpected key.
 
@@ -202,7 +176,7 @@ def save_checkpoint(ckpt_root: Path, step: int, *, model_state: dict[str, torch.
 
     Raises:
         NotOwnedError: ``ckpt_root`` or the step's folder holds files llmlab did not write.
-        OSError: ENOSPC when the disk filled up (:func:`disk_full_error`); nothing partial is left.
+        OSError: ENOSPC when the disk filled up (:func:`llmlab.ownership.disk_full_error`); nothing partial is left.
     """
     make_dir(ckpt_root, "checkpoints")
     final = ckpt_root / f"{PREFIX}{step:06d}"

@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from llmlab.ownership import MARKER, NotOwnedError, claim_run_dir, make_dir, mark, owns, remove_owned
-from llmlab.runner import Runner, run_command, writing_folder
+from llmlab.ownership import MARKER, NotOwnedError, claim_run_dir, make_dir, mark, owns, remove_owned, writing_folder
+from llmlab.runner import Runner, run_command
 from llmlab.train import checkpoint as ck
 from tests.tiny import TINY, write_recipe
 
@@ -264,7 +264,7 @@ def _fill_disk(monkeypatch, free: int):
         raise RuntimeError("661067 requested and 587712 written")
 
     monkeypatch.setattr(safetensors.torch, "save_file", half_written)
-    monkeypatch.setattr(ck.shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(100 << 20, 100 << 20, free))
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(100 << 20, 100 << 20, free))
 
 
 def test_a_full_disk_says_so_and_where_and_leaves_no_partial_checkpoint(tmp_path, monkeypatch):
