@@ -375,14 +375,22 @@ def claim_run_dir(out: Path) -> bool:
 # -- folders of an llmlab that wrote no markers ------------------------------------------------
 def legacy_run(out: Path) -> bool:
     """Whether the unmarked folder ``out`` is a run directory written by an llmlab before markers:
-    its ``recipe.resolved.yaml`` starts with the header only llmlab writes."""
+    its ``recipe.resolved.yaml`` starts with the header only llmlab writes, or (``llmlab prepare``
+    ran there, not ``run``) its ``tokenizer.fingerprint`` is a sha256 beside a ``tokenizer/``."""
     from llmlab.layout import RESOLVED_HEADER, RunLayout
 
+    lay = RunLayout(Path(out))
     try:
-        with open(RunLayout(Path(out)).resolved_recipe, encoding="utf-8") as f:
-            return f.readline().rstrip("\n") == RESOLVED_HEADER
+        with open(lay.resolved_recipe, encoding="utf-8") as f:
+            if f.readline().rstrip("\n") == RESOLVED_HEADER:
+                return True
+    except (OSError, UnicodeDecodeError):
+        pass
+    try:
+        fp = lay.tokenizer_fingerprint.read_text(encoding="utf-8").strip()
     except (OSError, UnicodeDecodeError):
         return False
+    return bool(re.fullmatch(r"[0-9a-f]{64}", fp)) and lay.tokenizer.is_dir() and not lay.tokenizer.is_symlink()
 
 
 def _legacy_stage(d: Path) -> dict | None:

@@ -347,3 +347,12 @@ def test_what_a_library_wrote_into_a_fresh_folder_is_llmlabs_subfolders_too(tmp_
     (d / "notes.txt").write_text("mine")  # put there afterwards
     assert remove_owned(d) == ["notes.txt"]
     assert sorted(p.name for p in d.iterdir()) == [MARKER, "notes.txt"]
+
+
+def test_a_folder_an_older_llmlab_prepare_wrote_is_recognised(finished, tmp_path):
+    recipe, run = _copy(finished, tmp_path)
+    shutil.rmtree(run / "pretrain")
+    (run / "recipe.resolved.yaml").unlink()  # prepare writes the tokenizer and the stores, no recipe
+    _strip_markers(run)
+    assert run_command(recipe, output_dir=run) == 0
+    assert owns(run, "run") and owns(run / "tokenizer", "tokenizer")
