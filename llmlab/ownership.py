@@ -49,8 +49,6 @@ KIND_FILES: dict[str, re.Pattern] = {
                              r"trainer_state\.json|MANIFEST\.json"),
     "token-store": re.compile(r"manifest\.json(\.tmp)?|shard-\d+\.(tokens\.npy|offsets\.npy|json)(\.tmp)?"),
 }
-#: kinds whose marker lists the files (written by another library's save_pretrained)
-LISTED_KINDS = ("final", "adapter", "tokenizer")
 
 
 class NotOwnedError(RuntimeError):
@@ -83,8 +81,9 @@ def match_umask(*paths: Path) -> None:
 
 
 def mark(path: Path, kind: str, files=None) -> None:
-    """Write the marker of ``kind`` into the folder ``path`` (``files``: the names it owns, for
-    the kinds of :data:`LISTED_KINDS`)."""
+    """Write the marker of ``kind`` into the folder ``path``; ``files``: the names of the files
+    it owns, for a folder another library filled (``final``, ``adapter``, ``tokenizer``); without
+    it the kind's :data:`KIND_FILES` say."""
     from llmlab.layout import write_json_atomic
 
     rec: dict = {"llmlab": kind}
