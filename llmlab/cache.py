@@ -47,6 +47,11 @@ def cache_command(target: Path, output_dir: Path | None = None, overrides=(), pr
     console.print(t)
     total = sum(e.bytes for e in entries)
     console.print(f"{len(entries)} folders, {fmt_bytes(total)}")
+    others = [d.name for d in sorted(root.iterdir()) if d.is_dir() and d not in {e.path for e in entries}] \
+        if root.is_dir() else []
+    if others:
+        console.print(f"{len(others)} other folder(s) in {root} are not token stores and are left alone: "
+                      f"{', '.join(others[:8])}", markup=False, highlight=False)
     if prune:
         gone = prune_stores(root, unused_days, keep=keep, dry_run=dry_run)
         verb = "would delete" if dry_run else "deleted"

@@ -63,6 +63,10 @@ def plan(
                                   world_size=world_size))
 
 
+ADOPT_HELP = ("Write into a non-empty output folder llmlab did not create; llmlab still never deletes or "
+              "overwrites the files already there.")
+
+
 @app.command()
 def run(
     recipe: Path = typer.Argument(..., help="Recipe file."),
@@ -74,12 +78,17 @@ def run(
     force: bool = typer.Option(False, "--force", help="Rerun every selected stage, even finished ones."),
     reset_optimizer: bool = typer.Option(False, "--reset-optimizer", help="On resume, load the weights only."),
     allow_code: bool = typer.Option(False, "--allow-code", help="Allow the recipe to run Python code (reward functions, trust_remote_code)."),
+    adopt: bool = typer.Option(False, "--adopt", help=ADOPT_HELP),
 ):
-    """Run a recipe: skip finished stages, resume a partial one, start the rest."""
+    """Run a recipe: skip finished stages, resume a partial one, start the rest.
+
+    llmlab deletes or overwrites only what it wrote (a marker file in every folder it creates): a
+    --force or a stale stage removes llmlab's files of that stage and keeps any other file."""
     from llmlab.runner import run_command
 
     raise typer.Exit(run_command(recipe, output_dir=output_dir, overrides=set_, only=only, from_stage=from_,
-                                 until=until, force=force, reset_optimizer=reset_optimizer, allow_code=allow_code))
+                                 until=until, force=force, reset_optimizer=reset_optimizer, allow_code=allow_code,
+                                 adopt=adopt))
 
 
 @app.command()
@@ -90,12 +99,13 @@ def prepare(
     stage: Optional[str] = typer.Option(None, "--stage", help="Prepare only this stage's data."),
     processes: Optional[int] = typer.Option(None, "--processes", help="Tokenising processes (default: all cores)."),
     verify: bool = typer.Option(False, "--verify", help="Also check every token-store shard against the sha256 in its manifest."),
+    adopt: bool = typer.Option(False, "--adopt", help=ADOPT_HELP),
 ):
     """Tokenise the data of every stage ahead of training (idempotent, resumable after a kill)."""
     from llmlab.prepare import prepare_command
 
     raise typer.Exit(prepare_command(recipe, output_dir=output_dir, overrides=set_, stage=stage, processes=processes,
-                                     verify=verify))
+                                     verify=verify, adopt=adopt))
 
 
 @app.command()
@@ -103,7 +113,7 @@ def cache(
     target: Path = typer.Argument(..., help="A recipe (its token-store root) or a store-root folder."),
     output_dir: Optional[Path] = typer.Option(None, "--output-dir", help="Run directory (default: the recipe's output_dir)."),
     set_: List[str] = typer.Option([], "--set", help=SET_HELP),
-    prune: bool = typer.Option(False, "--prune", help="Delete stores unused for more than --unused-days (never the recipe's own, never one being written)."),
+    prune: bool = typer.Option(False, "--prune", help="Delete stores unused for more than --unused-days (never the recipe's own, never one being written, never a folder that is not a token store)."),
     unused_days: float = typer.Option(30.0, "--unused-days", help="With --prune: days since a store was last opened."),
     dry_run: bool = typer.Option(False, "--dry-run", help="With --prune: only list what would be deleted."),
 ):

@@ -77,8 +77,10 @@ def _files_digest(root: Path, files: list[Path]) -> list[tuple[str, str]]:
 def _local_dir_content(value) -> list | None:
     """Content digests of a local ``from_pretrained`` directory, None for a hub id."""
     if isinstance(value, str) and os.path.isdir(value):
-        d = Path(value)
-        return _files_digest(d, sorted(d.iterdir()))
+        from llmlab.ownership import MARKER
+
+        d = Path(value)  # llmlab's ownership marker is no content (an older run's final/ gains one)
+        return _files_digest(d, sorted(p for p in d.iterdir() if p.name != MARKER))
     return None
 
 

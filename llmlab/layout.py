@@ -25,6 +25,8 @@ from pathlib import Path
 from typing import Any
 
 CHECKPOINT_PREFIX = "step-"
+#: the first line of ``recipe.resolved.yaml`` (package versions follow); only llmlab writes it
+RESOLVED_HEADER = "# resolved by llmlab; package versions:"
 
 
 def write_json_atomic(path: Path, obj: Any) -> None:

@@ -7,15 +7,17 @@ from pathlib import Path
 
 
 def prepare_command(recipe_path: Path, output_dir: Path | None = None, overrides=(), stage: str | None = None,
-                    processes: int | None = None, verify: bool = False) -> int:
+                    processes: int | None = None, verify: bool = False, adopt: bool = False) -> int:
     """``llmlab prepare``: returns 0 when everything is prepared (and, with ``verify``, every store
-    shard matches its sha256), 1 on an invalid recipe, bad data or a damaged store."""
+    shard matches its sha256), 1 on an invalid recipe, bad data, a damaged store or an
+    ``output_dir`` holding files llmlab did not write (unless ``adopt``: see ``llmlab run --adopt``)."""
     import logging
 
     from rich.table import Table
 
     from llmlab.console import make_console
     from llmlab.data.prepare import prepare_stages
+    from llmlab.ownership import NotOwnedError
     from llmlab.recipe import load_for_command
     from llmlab.runner import Runner, quiet_libraries
 
@@ -26,11 +28,12 @@ def prepare_command(recipe_path: Path, output_dir: Path | None = None, overrides
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     quiet_libraries()
     try:
-        Path(rec["output_dir"]).mkdir(parents=True, exist_ok=True)
-        tokenizer, _ = Runner(rec, console).ensure_tokenizer()
+        runner = Runner(rec, console)
+        runner.claim_output_dir(adopt)
+        tokenizer, _ = runner.ensure_tokenizer()
         rows = prepare_stages(rec, tokenizer, [stage] if stage else None, processes=processes, progress=True,
                               verify=verify)
-    except (KeyError, ValueError, FileNotFoundError) as e:  # a damaged store's StoreError is a ValueError
+    except (KeyError, ValueError, FileNotFoundError, NotOwnedError) as e:  # a damaged store's StoreError is a ValueError
         console.print(f"error: {e}", style="red", markup=False, highlight=False)
         return 1
     t = Table(title=f"llmlab prepare → {rec['output_dir']}")

@@ -1,13 +1,12 @@
-"""Guards on a run directory: one ``llmlab run`` at a time, and deletes only of what llmlab wrote.
+"""Guards on a run directory: one ``llmlab run`` at a time, and memory foreseen.
 
 - :func:`run_lock` takes an exclusive ``flock`` on ``<output_dir>/.llmlab.lock`` for the whole
   run and writes the holder (pid, host, start time, command) into it. A second run on the same
   directory fails at once with a message naming the holder. The kernel drops the lock when its
   process dies (even on SIGKILL), so a lock left by a dead run is taken over, and said so.
   Under torchrun / accelerate only the process of global rank 0 takes it.
-- :func:`remove_owned_dir` deletes a stage directory only when llmlab's own ``stage.json`` is in
-  it (or it is empty), so an ``output_dir`` pointing at a folder of the user's never loses files
-  that llmlab did not make.
+  The command line written there has secrets masked (:mod:`llmlab.recipe.secrets`).
+- What llmlab may delete is :mod:`llmlab.ownership`'s rule (its marker in every folder it makes).
 - :func:`memory_shortfall` says, before a stage trains, when its planned peak memory is more
   than the device has free, so an out-of-memory kill is foreseen rather than met an hour in.
 """
@@ -17,7 +16,6 @@ from __future__ import annotations
 import errno
 import json
 import os
-import shutil
 import socket
 import sys
 import time
@@ -26,18 +24,13 @@ from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 from llmlab.console import process_rank
+from llmlab.ownership import LOCK_NAME, NotOwnedError  # noqa: F401  (NotOwnedError's home is llmlab.ownership)
+from llmlab.recipe.secrets import mask_command, mask_secrets
 
-LOCK_NAME = ".llmlab.lock"
-#: the file whose presence marks a directory as a stage directory written by llmlab
-STAGE_MARKER = "stage.json"
 
 
 class RunLockedError(RuntimeError):
     """Another live ``llmlab run`` holds the run directory's lock; the message names it."""
-
-
-class NotOwnedError(RuntimeError):
-    """A directory llmlab would delete was not written by llmlab; nothing was deleted."""
 
 
 def _holder_text(path: Path) -> str:
@@ -47,8 +40,9 @@ def _holder_text(path: Path) -> str:
         return "an unknown process"
     if not info:
         return "an unknown process"
-    return (f"pid {info.get('pid')} on {info.get('host')} since {info.get('started_at')} "
-            f"({info.get('command', '')})").rstrip(" ()")
+    # masked again when read: a lock written by an older llmlab holds the command as typed
+    return mask_secrets(f"pid {info.get('pid')} on {info.get('host')} since {info.get('started_at')} "
+                        f"({info.get('command', '')})").rstrip(" ()")
 
 
 @contextmanager
@@ -99,7 +93,7 @@ def file_lock(path: Path, *, wait: bool, on_busy=None) -> Iterator[str | None]:
     try:
         stale = _holder_text(path) if os.read(fd, 65536).strip() else None
         info = {"pid": os.getpid(), "host": socket.gethostname(),
-                "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "command": " ".join(sys.argv)[:500]}
+                "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "command": mask_command(sys.argv)[:500]}
         os.ftruncate(fd, 0)
         os.pwrite(fd, json.dumps(info).encode(), 0)
         os.fsync(fd)
@@ -140,24 +134,6 @@ def run_lock(out_dir: Path, announce=None) -> Iterator[None]:
         if stale and announce is not None:
             announce(f"took over the lock of {out_dir} left by {stale}, which is no longer running")
         yield
-
-
-def remove_owned_dir(path: Path, marker: str = STAGE_MARKER) -> None:
-    """Delete ``path`` if llmlab wrote it: it holds ``marker`` or is empty; nothing if it is absent.
-
-    Raises:
-        NotOwnedError: ``path`` is not a directory, or holds files but no ``marker``.
-    """
-    path = Path(path)
-    if not path.exists() and not path.is_symlink():
-        return
-    if path.is_symlink() or not path.is_dir():
-        raise NotOwnedError(f"{path} is not a directory llmlab made; move it away (nothing was deleted)")
-    if (path / marker).is_file() or not any(path.iterdir()):
-        shutil.rmtree(path)
-        return
-    raise NotOwnedError(f"{path} holds files that llmlab did not write (no {marker}); move it away or choose "
-                        "another output_dir (nothing was deleted)")
 
 
 def free_memory(device) -> tuple[int, str]:

@@ -11,7 +11,6 @@ import datetime as _dt
 import json
 import logging
 import os
-import shutil
 import sys
 import time
 from dataclasses import dataclass
@@ -22,9 +21,11 @@ from rich.table import Table
 
 from llmlab.console import make_console, process_rank, single_process_launch_warning
 from llmlab.fingerprint import recipe_stage_status, stage_fingerprints, stage_inputs, tokenizer_fingerprint
-from llmlab.layout import RunLayout, StageLayout, StageRecord
+from llmlab.layout import RESOLVED_HEADER, RunLayout, StageLayout, StageRecord
 from llmlab.metricsfile import read_records
-from llmlab.runguard import NotOwnedError, RunLockedError, memory_shortfall, remove_owned_dir, run_lock
+from llmlab.ownership import NotOwnedError, check_run_dir, claim_run_dir, make_dir, remove_owned, writing_folder
+from llmlab.recipe.secrets import mask_secrets
+from llmlab.runguard import RunLockedError, memory_shortfall, run_lock
 from llmlab.stage_specs import stage_spec
 
 log = logging.getLogger("llmlab")
@@ -126,12 +127,9 @@ def save_final(model, tokenizer, stage_dir: Path, cfg: dict, keep_adapter: bool 
     lora = cfg.get("lora") or {}
     if isinstance(model, PeftModel):
         if not lora.get("merge", True) or (keep_adapter and not lora):
-            tmp = layout.tmp("adapter")
-            shutil.rmtree(tmp, ignore_errors=True)
-            model.save_pretrained(tmp)
-            tokenizer.save_pretrained(tmp)
-            shutil.rmtree(layout.adapter, ignore_errors=True)
-            os.replace(tmp, layout.adapter)
+            with writing_folder(layout.tmp("adapter"), layout.adapter, "adapter") as tmp:
+                model.save_pretrained(tmp)
+                tokenizer.save_pretrained(tmp)
             written["adapter"] = str(layout.adapter)
         model = model.merge_and_unload()
     gc = getattr(model, "generation_config", None)
@@ -143,12 +141,9 @@ def save_final(model, tokenizer, stage_dir: Path, cfg: dict, keep_adapter: bool 
         gc.eos_token_id = eos if len(eos) > 1 else eos[0]
         gc.pad_token_id = tokenizer.pad_token_id
         gc.bos_token_id = tokenizer.bos_token_id
-    tmp = layout.tmp("final")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp, safe_serialization=True)
-    tokenizer.save_pretrained(tmp)
-    shutil.rmtree(layout.final, ignore_errors=True)
-    os.replace(tmp, layout.final)
+    with writing_folder(layout.tmp("final"), layout.final, "final") as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
     written["final"] = str(layout.final)
     return written
 
@@ -232,34 +227,57 @@ class Runner:
         else:
             t0 = time.perf_counter()
             tmp = self.layout.tokenizer_tmp
-            remove_owned_dir(d, marker="tokenizer_config.json")  # before the build: refuse a folder of the user's at once
-            shutil.rmtree(tmp, ignore_errors=True)
+            from llmlab.ownership import check_replaceable, mark_written, replace_owned
+
+            check_replaceable(d)  # before the build: refuse a folder of the user's at once
+            check_replaceable(tmp)
+            remove_owned(tmp)
             build_tokenizer(self.recipe, tmp)
-            os.replace(tmp, d)
+            mark_written(tmp, "tokenizer")
+            replace_owned(tmp, d)
             marker.write_text(fp)
             tok = load_tokenizer(d)
             self.console.print(f"tokenizer: {len(tok)} tokens, built in {time.perf_counter() - t0:.1f} s → {d}")
         return tok, tokenizer_hash(d)
 
-    # -- stages ------------------------------------------------------------------------------
-    def run(self, only=None, from_stage=None, until=None, force=False, reset_optimizer=False) -> list[StageOutcome]:
-        """Execute the selected stages in order.
+    def claim_output_dir(self, adopt: bool = False) -> None:
+        """Create or take the run directory for llmlab (:func:`llmlab.ownership.check_run_dir`,
+        then :func:`~llmlab.ownership.claim_run_dir` on one process).
 
         Raises:
-            RunError, llmlab.train.loop.TrainingError.
+            NotOwnedError: it holds files llmlab did not write and ``adopt`` is not set (or they
+                have names llmlab writes); nothing was written.
+        """
+        check_run_dir(self.out, self.order, adopt)
+        if process_rank() != 0:  # one process marks; the others share its folder
+            self.out.mkdir(parents=True, exist_ok=True)
+        elif claim_run_dir(self.out):
+            self.console.print(f"{self.out}: written by an llmlab before ownership markers; marked the folders it "
+                               "wrote as llmlab's (other files in it are never deleted)", markup=False, highlight=False)
+
+    # -- stages ------------------------------------------------------------------------------
+    def run(self, only=None, from_stage=None, until=None, force=False, reset_optimizer=False,
+            adopt=False) -> list[StageOutcome]:
+        """Execute the selected stages in order.
+
+        Args:
+            adopt: run in a non-empty folder llmlab did not write (:func:`llmlab.ownership.check_run_dir`).
+
+        Raises:
+            RunError, llmlab.train.loop.TrainingError, NotOwnedError.
         """
         selected, forced = select_stages(self.order, only, from_stage, until)
         if force:
             forced |= set(selected)
-        self.out.mkdir(parents=True, exist_ok=True)
-        from llmlab.recipe import dump_resolved
+        self.claim_output_dir(adopt)
+        if process_rank() == 0:
+            from llmlab.recipe import dump_resolved
 
-        header = "# resolved by llmlab; package versions:\n" + "".join(
-            f"#   {k}: {v}\n" for k, v in package_versions().items())
-        resolved_file = self.layout.resolved_recipe
-        text = header + dump_resolved(self.recipe)
-        if not resolved_file.is_file() or resolved_file.read_text() != text:  # a done run re-checks read-only
-            resolved_file.write_text(text)
+            header = RESOLVED_HEADER + "\n" + "".join(f"#   {k}: {v}\n" for k, v in package_versions().items())
+            resolved_file = self.layout.resolved_recipe
+            text = header + dump_resolved(self.recipe)
+            if not resolved_file.is_file() or resolved_file.read_text() != text:  # a done run re-checks read-only
+                resolved_file.write_text(text)
 
         statuses = {n: recipe_stage_status(self.recipe, n, self.fps) for n in self.order}
         todo = [n for n in selected if n in forced or statuses[n][0] != "done"]
@@ -318,11 +336,20 @@ class Runner:
         status, detail = recipe_stage_status(self.recipe, name, self.fps)
         if status == "done" and not forced:
             return self._skip(name, detail)
+        if env.accelerator.is_main_process:  # before anything is deleted or trained
+            from llmlab.ownership import check_replaceable
+
+            lay = self.layout.stage(name)
+            for out in (lay.final, lay.adapter, lay.tmp("final"), lay.tmp("adapter")):
+                check_replaceable(out)
         if status == "stale" or forced:
             why = "forced" if forced and status != "stale" else f"stale: {detail}"
             self.console.print(f"[yellow]↻[/] stage {name}: {why}; starting over")
             if env.accelerator.is_main_process:
-                remove_owned_dir(stage_dir)
+                kept = remove_owned(stage_dir)
+                if kept:
+                    self.console.print(f"  kept {len(kept)} file(s) in {stage_dir} that llmlab did not write: "
+                                       f"{', '.join(kept[:8])}", markup=False, highlight=False)
             env.accelerator.wait_for_everyone()
             status = "pending"
         inputs = stage_inputs(self.recipe, name, self.order)
@@ -364,7 +391,9 @@ class Runner:
             self.console.print(f"[cyan]→[/] stage {name}: {status} ({detail}); continuing")
         else:
             self.console.print(f"[bold]▶[/] stage {name} ({cfg['type']})")
-        layout.dir.mkdir(parents=True, exist_ok=True)
+        main = env.accelerator.is_main_process
+        if main:
+            make_dir(layout.dir, "stage")
         previous = layout.read_record() or {}
         record = StageRecord(
             name=name, type=cfg["type"], status="running", fingerprint=self.fps[name]["fingerprint"],
@@ -378,7 +407,6 @@ class Runner:
             extended_from.append(int(previous["max_steps"]))
         record.extended_from = extended_from or None
         record.absent = record.absent | (set() if extended_from else {"extended_from"})
-        main = env.accelerator.is_main_process
         if main:
             record.write(layout.record)
             self._warn_memory(name, env)
@@ -432,7 +460,7 @@ class Runner:
                              parts=self.fps[name]["parts"], started_at=_now(), tokenizer_sha256=env.tok_sha,
                              models=list(cfg["models"]), absent=_TRAINING_FIELDS | _FINISH_FIELDS)
         if env.accelerator.is_main_process:
-            layout.dir.mkdir(parents=True, exist_ok=True)
+            make_dir(layout.dir, "stage")
             record.write(layout.record)
             t0 = time.perf_counter()
             results = stage.run()
@@ -553,7 +581,7 @@ def _write_error_log(out: Path) -> Path:
     import tempfile
     import traceback
 
-    text = traceback.format_exc()
+    text = mask_secrets(traceback.format_exc())
     try:
         out.mkdir(parents=True, exist_ok=True)
         RunLayout(out).error_log.write_text(text)
@@ -566,8 +594,10 @@ def _write_error_log(out: Path) -> Path:
 
 
 def run_command(recipe_path: Path, output_dir: Path | None = None, overrides=(), only=None, from_stage=None,
-                until=None, force=False, reset_optimizer=False, allow_code=False) -> int:
-    """``llmlab run``: returns the exit status (0 ok, 1 invalid recipe or failed stage, 130 interrupted)."""
+                until=None, force=False, reset_optimizer=False, allow_code=False, adopt=False) -> int:
+    """``llmlab run``: returns the exit status (0 ok, 1 invalid recipe, failed stage or an
+    ``output_dir`` that holds files llmlab did not write and ``adopt`` is not set; 130 interrupted).
+    Error messages and ``error.log`` have secrets masked (:mod:`llmlab.recipe.secrets`)."""
     from llmlab.recipe import load_recipe
 
     rank = process_rank()
@@ -590,24 +620,25 @@ def run_command(recipe_path: Path, output_dir: Path | None = None, overrides=(),
     from llmlab.train.loop import TrainingError
 
     try:
+        check_run_dir(runner.out, runner.order, adopt)  # before the lock file: refuse a user's folder untouched
         with run_lock(runner.out, announce=lambda msg: console.print(msg, style="yellow")):
             outcomes = runner.run(only=only, from_stage=from_stage, until=until, force=force,
-                                  reset_optimizer=reset_optimizer)
+                                  reset_optimizer=reset_optimizer, adopt=adopt)
     except RunLockedError as e:  # before the generic handler: never write error.log into another run's dir
-        alarm.print(f"{prefix}error: {e}", style="red", markup=False, highlight=False)
+        alarm.print(mask_secrets(f"{prefix}error: {e}"), style="red", markup=False, highlight=False)
         return 1
     except (RunError, TrainingError, NotOwnedError, ValueError) as e:
-        alarm.print(f"{prefix}error: {e}", style="red", markup=False, highlight=False)
+        alarm.print(mask_secrets(f"{prefix}error: {e}"), style="red", markup=False, highlight=False)
         return 1
     except OSError as e:  # read-only mount, full disk, output_dir that is a file, missing file ...
         what = f"{e.strerror}: {e.filename}" if e.strerror and e.filename else str(e)
-        alarm.print(f"{prefix}error: {what}; finished stages and checkpoints are kept", style="red", markup=False,
-                      highlight=False)
+        alarm.print(mask_secrets(f"{prefix}error: {what}; finished stages and checkpoints are kept"), style="red",
+                    markup=False, highlight=False)
         return 1
     except Exception as e:  # anything else: say what and where, keep the traceback for a bug report
         log_path = _write_error_log(runner.out)
-        alarm.print(f"{prefix}error: {type(e).__name__}: {e}\n(traceback in {log_path}; finished stages and "
-                      "checkpoints are kept)", style="red", markup=False, highlight=False)
+        alarm.print(mask_secrets(f"{prefix}error: {type(e).__name__}: {e}\n(traceback in {log_path}; finished "
+                                 "stages and checkpoints are kept)"), style="red", markup=False, highlight=False)
         return 1
     except KeyboardInterrupt:
         console.print("interrupted; finished stages and checkpoints are kept. Run the same command to resume.",

@@ -29,6 +29,8 @@ variable ``LLMLAB_TOKEN_STORE``, else ``<output_dir>/cache/tokens`` (:func:`stor
 :data:`SHARD_TEXT_BYTES` of text (a pure function of the rows), each shard is tokenised by one
 worker process and written as ``*.tmp`` files renamed into place, its own small JSON last; the
 folder is ``<key>.partial`` until the manifest is written and the folder renamed to ``<key>``.
+The folder carries llmlab's ownership marker (:mod:`llmlab.ownership`) from its creation, so
+``llmlab cache --prune`` deletes only folders that are token stores.
 A killed prepare resumes at the first missing shard. Tokenising uses the exact piece cache of
 :mod:`llmlab.data.fastencode` in every worker (one cache per process, kept across its shards).
 """
@@ -40,7 +42,6 @@ import itertools
 import json
 import logging
 import os
-import shutil
 import time
 from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass
@@ -421,7 +422,11 @@ def _build_store_locked(path: Path, texts: Iterable[str], tokenizer, *, info: di
     vocab = len(tokenizer)
     dtype = "uint16" if vocab <= 65536 else "uint32"
     part = path.with_name(path.name + ".partial")
-    part.mkdir(parents=True, exist_ok=True)
+    from llmlab.ownership import legacy_store, make_dir, mark, owns
+
+    if part.is_dir() and not owns(part) and legacy_store(part):  # left by an llmlab without markers
+        mark(part, "token-store")
+    make_dir(part, "token-store")  # the marker that lets `llmlab cache --prune` delete it
     done = {}
     for f in part.glob("shard-*.json"):
         meta = json.loads(f.read_text())
@@ -452,7 +457,9 @@ def _build_store_locked(path: Path, texts: Iterable[str], tokenizer, *, info: di
             f.unlink()
     _write_json(part / "manifest.json", manifest)
     if path.exists():  # a concurrent prepare finished first
-        shutil.rmtree(part, ignore_errors=True)
+        from llmlab.ownership import try_remove_owned
+
+        try_remove_owned(part)
     else:
         os.replace(part, path)
     log.info("token store %s: %d documents, %d tokens", path, manifest["documents"], manifest["tokens"])

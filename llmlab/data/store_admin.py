@@ -6,17 +6,22 @@ per billion tokens) a shared root fills a disk. Each store's folder modification
 *last use* (:class:`~llmlab.data.store.TokenStore` touches it when it opens the store), and a
 prune removes stores unused for a number of days, never one a given recipe still reads and never
 a folder another process is writing (its ``<key>.lock`` is held).
+
+Only folders that are token stores are listed or deleted: those carrying llmlab's token-store
+marker (:mod:`llmlab.ownership`), and, from an llmlab before markers, those recognised by
+:func:`llmlab.ownership.legacy_store` (a 32-hex key name and nothing but store files in them).
+Any other folder of a shared root (``photos/``, ``backup.partial/``) is left alone.
 """
 
 from __future__ import annotations
 
 import json
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from llmlab.data.store import TokenStore
+from llmlab.ownership import legacy_store, mark, owns, remove_owned
 
 
 @dataclass
@@ -48,12 +53,18 @@ def _size(path: Path) -> int:
     return sum(p.stat().st_size for p in path.iterdir() if p.is_file())
 
 
+def is_store_folder(d: Path) -> bool:
+    """Whether the folder ``d`` is a token store (complete or ``.partial``) llmlab wrote."""
+    return owns(d, "token-store") or legacy_store(d)
+
+
 def list_stores(root: str | Path) -> list[StoreEntry]:
-    """Every store folder under ``root``, oldest last use first (an absent root: none)."""
+    """Every token-store folder under ``root`` (:func:`is_store_folder`), oldest last use first (an
+    absent root: none)."""
     root = Path(root)
     out = []
     for d in sorted(root.iterdir()) if root.is_dir() else []:
-        if not d.is_dir():
+        if d.is_symlink() or not d.is_dir() or not is_store_folder(d):
             continue
         if d.name.endswith(".partial"):
             out.append(StoreEntry(d, False, None, None, None, None, _size(d), None, d.stat().st_mtime))
@@ -90,7 +101,8 @@ def prune_stores(root: str | Path, unused_days: float, keep: set[str] = frozense
 
     Returns:
         the entries deleted (or, with ``dry_run``, that would be). A folder whose ``<key>.lock`` is
-        held by another process (being written) is skipped.
+        held by another process (being written) is skipped; a file llmlab did not write found in
+        a store is kept (with the folder), and the store is not counted.
     """
     from llmlab.runguard import RunLockedError, file_lock
 
@@ -103,8 +115,11 @@ def prune_stores(root: str | Path, unused_days: float, keep: set[str] = frozense
         lock = e.path.with_name(key + ".lock")
         try:
             with file_lock(lock, wait=False):
-                if not dry_run:  # the (empty) lock file stays: a waiter may hold its inode
-                    shutil.rmtree(e.path)
+                # the (empty) lock file stays: a waiter may hold its inode
+                if not dry_run and not owns(e.path):  # an llmlab before markers wrote it
+                    mark(e.path, "token-store")
+                if not dry_run and remove_owned(e.path):
+                    continue
         except RunLockedError:
             continue
         gone.append(e)

@@ -14,10 +14,13 @@ import shutil
 import sys
 from pathlib import Path
 
+from llmlab.ownership import MARKER
+
 TARGETS = ("llama", "mistral")
 
-#: files that are not copied from the source directory (rewritten, or code not needed)
-_SKIP = {"config.json", "configuration_llmlab.py", "modeling_llmlab.py"}
+#: files that are not copied from the source directory (rewritten, or code not needed; the
+#: ownership marker of the run's final/: the export folder is the user's)
+_SKIP = {"config.json", "configuration_llmlab.py", "modeling_llmlab.py", MARKER}
 
 
 def export_mismatches(config, to: str) -> list[str]:

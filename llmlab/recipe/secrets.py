@@ -43,3 +43,24 @@ def mask_secrets(obj: Any, env: Mapping[str, str] | None = None, _values=None) -
     if isinstance(obj, (list, tuple)):
         return type(obj)(mask_secrets(v, env, values) for v in obj)
     return obj
+
+
+#: ``key=value`` as ``--set`` takes it (also ``--set=key=value``)
+_ASSIGNMENT = re.compile(r"^(--set=)?([\w.\-\[\]]+)=(.*)$", re.S)
+
+
+def mask_command(argv: list[str], env: Mapping[str, str] | None = None) -> str:
+    """The command line ``argv`` as one string, safe to write down (a lock file): every secret
+    variable's value masked (:func:`mask_secrets`), and the value of every ``key=value`` whose
+    last key part looks secret (``logging.wandb_api_key=...``) replaced by ``***`` unless it is a
+    number (``max_tokens=1000`` is kept)."""
+    out = []
+    for arg in mask_secrets(list(argv), env):
+        m = _ASSIGNMENT.match(arg)
+        if m and SECRET_NAME.search(m.group(2).split(".")[-1]) and "${" not in m.group(3):
+            try:
+                float(m.group(3))
+            except ValueError:
+                arg = f"{m.group(1) or ''}{m.group(2)}=***"
+        out.append(arg)
+    return " ".join(out)

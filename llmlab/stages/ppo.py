@@ -85,6 +85,9 @@ class PPOStage(OnlineRLStage):
         if hasattr(base, V_HEAD):
             self.ctx.stage_dir.mkdir(parents=True, exist_ok=True)
             save_value_head(model, StageLayout(self.ctx.stage_dir).value_head)
+            from llmlab.ownership import match_umask
+
+            match_umask(StageLayout(self.ctx.stage_dir).value_head)  # safetensors writes 0600
             delattr(base, V_HEAD)
         return model
 

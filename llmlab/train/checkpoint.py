@@ -13,7 +13,13 @@ A checkpoint is a directory ``checkpoints/step-NNNNNN/`` holding everything need
 It is written into a temporary sibling directory, every file fsynced, then renamed into place and
 the parent directory fsynced, so a kill at any instant leaves either the old or the new checkpoint
 whole. Loading verifies the manifest; a truncated or corrupt newest checkpoint is reported and the
-previous intact one is used.
+previous intact one is used. A full disk removes the partial write at once and says so
+(:func:`llmlab.ownership.disk_full_error`).
+
+``checkpoints/`` and every checkpoint folder carry llmlab's ownership marker
+(:mod:`llmlab.ownership`) from the moment they are made; only marked checkpoints (with their
+MANIFEST.json) are listed, resumed from or pruned, so a folder of the user's named
+``step-000001`` is never touched.
 """
 
 from __future__ import annotations
@@ -22,7 +28,6 @@ import json
 import logging
 import os
 import random
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -30,6 +35,16 @@ import torch
 
 from llmlab.fingerprint import sha256_file
 from llmlab.layout import CHECKPOINT_PREFIX
+from llmlab.ownership import (
+    MARKER,
+    check_replaceable,
+    disk_full_error,
+    make_dir,
+    match_umask,
+    owns,
+    remove_owned,
+    try_remove_owned,
+)
 
 log = logging.getLogger("llmlab")
 
@@ -158,35 +173,30 @@ def save_checkpoint(ckpt_root: Path, step: int, *, model_state: dict[str, torch.
 
     Returns:
         the checkpoint directory.
-    """
-    from safetensors.torch import save_file
 
-    ckpt_root.mkdir(parents=True, exist_ok=True)
+    Raises:
+        NotOwnedError: ``ckpt_root`` or the step's folder holds files llmlab did not write.
+        OSError: ENOSPC when the disk filled up (:func:`llmlab.ownership.disk_full_error`); nothing partial is left.
+    """
+    make_dir(ckpt_root, "checkpoints")
     final = ckpt_root / f"{PREFIX}{step:06d}"
+    check_replaceable(final)
     tmp = ckpt_root / f".tmp-{PREFIX}{step:06d}-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
-    save_file(model_state, str(tmp / "model.safetensors"))
-    torch.save(optimizer_state, tmp / "optimizer.pt")
-    torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-    tensors, plain = rng_state()
-    torch.save(tensors, tmp / "rng.pt")
-    (tmp / "rng.json").write_text(json.dumps(plain))
-    torch.save(stage_state, tmp / "stage_state.pt")
-    (tmp / "trainer_state.json").write_text(json.dumps({**trainer_state, "step": step}, indent=2))
-    manifest = {}
-    for f in sorted(tmp.iterdir()):
-        _fsync_file(f)
-        manifest[f.name] = {"sha256": sha256_file(f), "size": f.stat().st_size}
-    (tmp / "MANIFEST.json").write_text(json.dumps(manifest, indent=2))
-    _fsync_file(tmp / "MANIFEST.json")
-    fsync_dir(tmp)
+    remove_owned(tmp)
+    make_dir(tmp, "checkpoint")
+    try:
+        _write_files(tmp, model_state, optimizer_state, scheduler, stage_state, {**trainer_state, "step": step})
+    except (OSError, RuntimeError) as exc:
+        full = disk_full_error(exc, tmp, f"writing checkpoint {final}")
+        remove_owned(tmp)
+        if full is not None:
+            raise full from exc
+        raise
     if final.exists():  # a re-save of the same step (e.g. after an extend): replace atomically enough
         old = ckpt_root / f".old-{PREFIX}{step:06d}-{os.getpid()}"
         final.rename(old)
         tmp.rename(final)
-        shutil.rmtree(old, ignore_errors=True)
+        remove_owned(old)
     else:
         tmp.rename(final)
     fsync_dir(ckpt_root)
@@ -194,24 +204,55 @@ def save_checkpoint(ckpt_root: Path, step: int, *, model_state: dict[str, torch.
     return final
 
 
+def _write_files(tmp: Path, model_state: dict, optimizer_state: dict, scheduler, stage_state: dict,
+                 trainer_state: dict) -> None:
+    """Write a checkpoint's files into ``tmp``, fsynced, MANIFEST.json last."""
+    from safetensors.torch import save_file
+
+    save_file(model_state, str(tmp / "model.safetensors"))
+    torch.save(optimizer_state, tmp / "optimizer.pt")
+    torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+    tensors, plain = rng_state()
+    torch.save(tensors, tmp / "rng.pt")
+    (tmp / "rng.json").write_text(json.dumps(plain))
+    torch.save(stage_state, tmp / "stage_state.pt")
+    (tmp / "trainer_state.json").write_text(json.dumps(trainer_state, indent=2))
+    match_umask(tmp)  # safetensors writes 0600
+    manifest = {}
+    for f in sorted(tmp.iterdir()):
+        if f.name == MARKER:
+            continue
+        _fsync_file(f)
+        manifest[f.name] = {"sha256": sha256_file(f), "size": f.stat().st_size}
+    (tmp / "MANIFEST.json").write_text(json.dumps(manifest, indent=2))
+    _fsync_file(tmp / "MANIFEST.json")
+    fsync_dir(tmp)
+
+
 def list_checkpoints(ckpt_root: Path) -> list[Path]:
-    """Checkpoint directories, oldest first (temporary ones excluded)."""
+    """Checkpoint directories llmlab wrote (marked, with a MANIFEST.json), oldest first
+    (temporary ones excluded)."""
     if not ckpt_root.is_dir():
         return []
-    dirs = [d for d in ckpt_root.iterdir() if d.is_dir() and d.name.startswith(PREFIX)]
+    n = len(PREFIX)
+    dirs = [d for d in ckpt_root.iterdir()
+            if d.name.startswith(PREFIX) and d.name[n:].isdigit() and owns(d, "checkpoint")
+            and (d / "MANIFEST.json").is_file()]
     return sorted(dirs, key=lambda d: int(d.name[len(PREFIX):]))
 
 
 def prune(ckpt_root: Path, keep_last: int, protect: set[int]) -> None:
     """Delete all but the newest ``keep_last`` checkpoints (and the protected steps), and any
-    leftover temporary directories from a killed write."""
+    leftover temporary directories from a killed write; only what llmlab wrote
+    (:func:`llmlab.ownership.remove_owned`: a file of the user's put into a checkpoint stays,
+    with a warning)."""
     ckpts = list_checkpoints(ckpt_root)
-    for d in ckpts[: max(0, len(ckpts) - max(1, keep_last))]:
-        if int(d.name[len(PREFIX):]) not in protect:
-            shutil.rmtree(d, ignore_errors=True)
-    for d in ckpt_root.iterdir():
-        if d.name.startswith((".tmp-", ".old-")) and d.is_dir():
-            shutil.rmtree(d, ignore_errors=True)
+    doomed = [d for d in ckpts[: max(0, len(ckpts) - max(1, keep_last))] if int(d.name[len(PREFIX):]) not in protect]
+    doomed += [d for d in ckpt_root.iterdir() if d.name.startswith((".tmp-", ".old-")) and owns(d, "checkpoint")]
+    for d in doomed:
+        kept = try_remove_owned(d)
+        if kept:
+            log.warning("pruned checkpoint %s but kept what llmlab did not write in it: %s", d, ", ".join(kept))
 
 
 def verify(ckpt: Path) -> str | None:

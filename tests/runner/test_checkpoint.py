@@ -68,16 +68,21 @@ def test_truncated_file_and_unfinished_write_are_detected(tmp_path):
     no_manifest = tmp_path / "step-000004"
     no_manifest.mkdir()
     assert "MANIFEST" in ck.verify(no_manifest)
+    assert [p.name for p in ck.list_checkpoints(tmp_path)] == ["step-000001", "step-000002"]
 
 
 def test_keep_last_prunes_old_checkpoints_and_leftovers(tmp_path):
+    from llmlab.ownership import make_dir
+
     model, opt, sched = _objs()
-    (tmp_path / ".tmp-step-000009-1").mkdir()
+    root = tmp_path / "checkpoints"
+    left = make_dir(make_dir(root, "checkpoints") / ".tmp-step-000009-1", "checkpoint")  # a killed write
+    (left / "model.safetensors").write_bytes(b"half")
     for step in (1, 2, 3, 4):
-        _save(tmp_path, step, model, opt, sched, keep_last=2)
-    assert [p.name for p in ck.list_checkpoints(tmp_path)] == ["step-000003", "step-000004"]
-    assert not (tmp_path / ".tmp-step-000009-1").exists()
-    manifest = json.loads((tmp_path / "step-000004" / "MANIFEST.json").read_text())
+        _save(root, step, model, opt, sched, keep_last=2)
+    assert [p.name for p in ck.list_checkpoints(root)] == ["step-000003", "step-000004"]
+    assert not left.exists()
+    manifest = json.loads((root / "step-000004" / "MANIFEST.json").read_text())
     assert set(manifest) == {"model.safetensors", "optimizer.pt", "scheduler.pt", "rng.pt", "rng.json",
                              "stage_state.pt", "trainer_state.json"}
 

@@ -46,7 +46,7 @@ def test_resume_and_report_survive_a_torn_metrics_line(tmp_path, capsys):
 
     shutil.rmtree(stage / "final")
     for ckpt in (stage / "checkpoints").iterdir():  # only step 5's checkpoint existed at the kill
-        if ckpt.name != "step-000005":
+        if ckpt.is_dir() and ckpt.name != "step-000005":
             shutil.rmtree(ckpt)
     assert report_command(tmp_path / "run", tmp_path / "r.png") == 0
     assert run_command(recipe) == 0  # resumes from step 5 without a JSON error
