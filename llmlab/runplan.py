@@ -444,8 +444,9 @@ class StagePlan:
         return {"fingerprint": self.fingerprint, "parts": self.fingerprint_parts, "output": self.output_fingerprint}
 
 
-def _lora_and_adapter(stages: dict, name: str) -> tuple[dict | None, str | None]:
-    """(the LoRA config stage ``name`` trains, the stage whose unmerged adapter it continues)."""
+def trained_lora(stages: dict, name: str) -> tuple[dict | None, str | None]:
+    """(the LoRA config stage ``name`` trains, the stage whose unmerged adapter it continues): the
+    adapter-continuation rule of :class:`StageInit`, over a resolved recipe's ``stages:``."""
     cfg = stages[name]
     if cfg.get("lora"):
         return cfg["lora"], None
@@ -453,7 +454,7 @@ def _lora_and_adapter(stages: dict, name: str) -> tuple[dict | None, str | None]
     while src:  # a chain of adapter continuations leads back to the stage that made the adapter
         src_cfg = stages[src]
         if src_cfg.get("lora"):
-            return (src_cfg["lora"], src) if src_cfg["lora"]["merge"] is False else (None, None)
+            return (src_cfg["lora"], src) if src_cfg["lora"].get("merge") is False else (None, None)
         src = src_cfg.get("from")
     return None, None
 
@@ -473,7 +474,7 @@ def stage_plan(recipe: dict, name: str, fp: dict, inputs: dict, layout: RunLayou
     ``fp`` and ``inputs`` (:func:`llmlab.fingerprint.stage_inputs`)."""
     cfg = recipe["stages"][name]
     spec = stage_spec(cfg["type"])
-    lora, adapter_from = _lora_and_adapter(recipe["stages"], name) if spec.trains else (None, None)
+    lora, adapter_from = trained_lora(recipe["stages"], name) if spec.trains else (None, None)
     return StagePlan(
         name=name, type=cfg["type"], spec=spec, datasets=dict(cfg["datasets"]),
         eval_datasets=dict(cfg["eval_datasets"]) if cfg.get("eval_datasets") else None,
@@ -580,4 +581,5 @@ def build_run_plan(resolved: dict) -> RunPlan:
 
 __all__ = ["DatasetSource", "FilterSpec", "LoggingSpec", "LoraSpec", "Mamba2Spec", "ModelSpec", "PretrainedSpec",
            "RunPlan", "RunSettings", "StageInit", "StagePlan", "TokenizerSpec", "TokenizerTrainSpec",
-           "TransformerSpec", "build_run_plan", "dataset_source", "from_section", "model_spec", "stage_plan"]
+           "TransformerSpec", "build_run_plan", "dataset_source", "from_section", "model_spec", "stage_plan",
+           "trained_lora"]
