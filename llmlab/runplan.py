@@ -29,6 +29,7 @@ from typing import Any, ClassVar, Union
 
 from llmlab.config import DataLoaderConfig, DistributedConfig, TrainingConfig
 from llmlab.layout import RunLayout, StageLayout
+from llmlab.schemafile import schema_filled  # noqa: F401 (re-exported)
 from llmlab.stage_params import STAGE_PARAMS, RewardSpec
 from llmlab.stage_specs import StageSpec, stage_spec
 
@@ -581,5 +582,5 @@ def build_run_plan(resolved: dict) -> RunPlan:
 
 __all__ = ["DatasetSource", "FilterSpec", "LoggingSpec", "LoraSpec", "Mamba2Spec", "ModelSpec", "PretrainedSpec",
            "RunPlan", "RunSettings", "StageInit", "StagePlan", "TokenizerSpec", "TokenizerTrainSpec",
-           "TransformerSpec", "build_run_plan", "dataset_source", "from_section", "model_spec", "stage_plan",
+           "TransformerSpec", "build_run_plan", "dataset_source", "from_section", "model_spec", "schema_filled", "stage_plan",
            "trained_lora"]

@@ -44,6 +44,7 @@ from llmlab.data.formats import convert_kind
 from llmlab.data.packed import PackedSource, PretrainStream, eval_blocks, pack_documents  # noqa: F401 (re-export)
 from llmlab.data.sources import dataset_spec, load_named_dataset
 from llmlab.models.padfree import bucket_width
+from llmlab.schemafile import schema_filled
 from llmlab.stage_specs import STAGE_SPECS
 
 log = logging.getLogger(__name__)
@@ -52,9 +53,6 @@ DATA_VERSION = "2"  # bump when tokenisation changes, to invalidate cached files
 IGNORE_INDEX = -100
 #: stage type -> (family, canonical kind it consumes)
 STAGE_FAMILY = {t: (s.family, s.kind) for t, s in STAGE_SPECS.items() if s.family}
-STAGE_DEFAULTS: dict[str, Any] = {"batch_size": 8, "eval_steps": 10, "truncation": "drop",
-                                  "max_new_tokens": 32, "mixing": {"stopping": "all_exhausted"},
-                                  "eval_datasets": None}
 
 
 # -- helpers -------------------------------------------------------------------------------------
@@ -161,7 +159,7 @@ def encode_documents(tokenizer, texts: list[str], append_id: int | None = None):
 
 
 def _tok_sft(tokenizer, seq_len: int, cfg: dict, source: int):
-    truncate = cfg.get("truncation", "drop") == "truncate"
+    truncate = cfg["truncation"] == "truncate"
 
     def fn(batch):
         enc = _chat(tokenizer, batch["messages"], return_assistant_tokens_mask=True)
@@ -217,7 +215,7 @@ def _tok_pair(tokenizer, seq_len: int, cfg: dict, source: int):
 def _tok_prompt(tokenizer, seq_len: int, cfg: dict, source: int):
     from datasets import List, Value
 
-    budget = max(1, seq_len - int(cfg.get("max_new_tokens", 32)))
+    budget = max(1, seq_len - int(cfg["max_new_tokens"]))
 
     def fn(batch):
         enc = _chat(tokenizer, batch["prompt"], add_generation_prompt=True)
@@ -475,10 +473,9 @@ def _stage_config(recipe: dict, stage_name: str) -> dict:
     stages = recipe.get("stages") or {}
     if stage_name not in stages:
         raise KeyError(f"stages.{stage_name}: no such stage")
-    cfg = {**STAGE_DEFAULTS, **stages[stage_name]}
-    cfg["mixing"] = {**STAGE_DEFAULTS["mixing"], **(stages[stage_name].get("mixing") or {})}
-    if cfg.get("seq_len") is None:
-        cfg["seq_len"] = int((recipe.get("model") or {}).get("max_seq_len", 512))
+    cfg = schema_filled("#/$defs/stage", stages[stage_name])  # a bare stage too: the schema's defaults
+    if cfg.get("seq_len") is None:  # resolution's rule: the model's max_seq_len
+        cfg["seq_len"] = int(schema_filled("#/properties/model", recipe["model"])["max_seq_len"])
     if cfg.get("type") not in STAGE_FAMILY:
         raise ValueError(f"stages.{stage_name}.type: {cfg.get('type')!r} is not one of "
                          f"{', '.join(STAGE_FAMILY)}")
@@ -540,14 +537,14 @@ def _announce_drops(name: str, split: str, counts: dict[str, int], total: int, n
     parts = []
     if counts.get("too_long"):
         hint = f"seq_len {needed} would keep them" if needed else "a larger seq_len would keep them"
-        if cfg.get("type") == "sft" and cfg.get("truncation", "drop") == "drop":
+        if cfg["type"] == "sft" and cfg["truncation"] == "drop":
             hint += ", or truncation: truncate"
         parts.append(f"{counts['too_long']} longer than seq_len {cfg['seq_len']} ({hint})")
     if counts.get("no_assistant_tokens"):
         parts.append(f"{counts['no_assistant_tokens']} with no assistant token to train on")
     dropped = sum(counts.values())
     message = f"datasets.{name} ({split}): dropped {dropped} of {total} examples at tokenisation: {'; '.join(parts)}"
-    limit = float(cfg.get("max_dropped_fraction", 0.5))
+    limit = float(cfg["max_dropped_fraction"])
     if dropped / max(total, 1) > limit:
         raise ValueError(f"{message}; that is more than the stage's max_dropped_fraction {limit:g}")
     log.warning("%s", message)

@@ -54,13 +54,9 @@ ALTERNATING_FILES = frozenset({"conversations.yml", "health.yml", "sports.yml", 
                                "literature.yml"})
 _LOCAL_BUILDERS = {".txt": "text", ".text": "text", ".jsonl": "json", ".json": "json",
                    ".parquet": "parquet", ".csv": "csv"}
-DATASET_DEFAULTS: dict[str, Any] = {
-    "format": "auto", "columns": None, "eval_split": 0.0, "max_samples": None,
-    "split": "train", "subset": None, "revision": None, "streaming": False,
-    "max_bad_fraction": 0.01,
-}
-FILTER_DEFAULTS: dict[str, Any] = {"min_length": None, "max_length": None, "dedup": "none",
-                                   "minhash_threshold": 0.85}
+#: the schema sections of a dataset and of its filters (their defaults are the only ones)
+DATASET_SCHEMA = "#/$defs/dataset"
+FILTERS_SCHEMA = "#/$defs/dataset/properties/filters"
 _MAX_BAD_LOGGED = 5
 
 
@@ -101,7 +97,8 @@ _CACHE: dict[str, DatasetSplits] = {}
 
 
 def dataset_spec(recipe: dict, name: str) -> dict:
-    """``recipe["datasets"][name]`` with the defaults filled in.
+    """``recipe["datasets"][name]`` with the schema's defaults filled in, keys whose default is null
+    present as None (:func:`llmlab.runplan.schema_filled`).
 
     Raises:
         KeyError: the recipe defines no dataset ``name``.
@@ -109,9 +106,9 @@ def dataset_spec(recipe: dict, name: str) -> dict:
     datasets_ = recipe.get("datasets") or {}
     if name not in datasets_:
         raise KeyError(f"datasets.{name}: no such dataset (defined: {', '.join(datasets_) or 'none'})")
-    spec = {**DATASET_DEFAULTS, **datasets_[name]}
-    spec["filters"] = {**FILTER_DEFAULTS, **(datasets_[name].get("filters") or {})}
-    return spec
+    from llmlab.schemafile import schema_filled
+
+    return schema_filled(DATASET_SCHEMA, datasets_[name], nulls=True)
 
 
 def load_named_dataset(recipe: dict, name: str) -> DatasetSplits:
@@ -278,11 +275,14 @@ class RowFilter:
     """
 
     def __init__(self, filters: dict | None, name: str = ""):
-        filters = {**FILTER_DEFAULTS, **(filters or {})}
+        from llmlab.schemafile import schema_filled
+
+        filters = schema_filled(FILTERS_SCHEMA, filters, nulls=True)
         self.dedup = filters["dedup"] or "none"
         if self.dedup not in ("none", "exact", "minhash"):
             raise ValueError(f"datasets.{name}.filters.dedup: {self.dedup!r} is not none/exact/minhash")
         self.min_length, self.max_length = filters["min_length"], filters["max_length"]
+        self.minhash_threshold = filters["minhash_threshold"]
         self.counts: dict[str, int] = {k: 0 for k, on in (
             ("min_length", self.min_length is not None), ("max_length", self.max_length is not None),
             ("dedup_exact", self.dedup != "none")) if on}
@@ -328,7 +328,7 @@ def apply_filters(ds, filters: dict, name: str = ""):
         from datasketch import MinHash, MinHashLSH
 
         num_perm = 128
-        threshold = float({**FILTER_DEFAULTS, **filters}["minhash_threshold"])
+        threshold = float(rf.minhash_threshold)
         lsh = MinHashLSH(threshold=threshold, num_perm=num_perm)
     counts = dict(rf.counts, **({"dedup_minhash": 0} if lsh is not None else {}))
     # one pass over the rows in batches (memory: the kept indices and the dedup hashes, not the rows)

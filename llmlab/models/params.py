@@ -17,7 +17,6 @@ import math
 import struct
 from pathlib import Path
 
-_LORA_DEFAULTS = {"preset": "all", "r": 8, "alpha": 16, "target_modules": None}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -31,36 +30,42 @@ def default_d_ff(d_model: int, activation: str) -> int:
     return 4 * d_model
 
 
-def _get(cfg: dict, key: str, default):
-    value = cfg.get(key)
-    return default if value is None else value
+def filled_model(model_cfg: dict) -> dict:
+    """A ``model:`` section with the schema's defaults filled in (:func:`llmlab.runplan.schema_filled`;
+    keys given as null take their default too): a resolved section keeps its values, a bare one
+    (``{"arch": "transformer", "d_model": 64}``) gets the rest from the schema."""
+    from llmlab.schemafile import schema_filled
+
+    return schema_filled("#/properties/model", {k: v for k, v in model_cfg.items() if v is not None})
 
 
 def transformer_dims(model_cfg: dict) -> dict:
-    """The resolved numbers of an ``arch: transformer`` section (defaults filled)."""
-    d = int(_get(model_cfg, "d_model", 256))
-    h = int(_get(model_cfg, "n_heads", 4))
-    act = _get(model_cfg, "activation", "swiglu")
-    att = model_cfg.get("attention_type")
-    kv = model_cfg.get("n_kv_heads")
+    """The resolved numbers of an ``arch: transformer`` section (defaults from the schema; the
+    rules resolution applies to n_kv_heads and d_ff when they are absent)."""
+    m = filled_model(model_cfg)
+    d = int(m["d_model"])
+    h = int(m["n_heads"])
+    act = m["activation"]
+    att = m.get("attention_type")
+    kv = m.get("n_kv_heads")
     if att == "mqa":
         kv = 1
     elif att == "mha" or kv is None:
         kv = h if att != "mqa" else 1
     return {
         "d_model": d,
-        "n_layers": int(_get(model_cfg, "n_layers", 4)),
+        "n_layers": int(m["n_layers"]),
         "n_heads": h,
         "n_kv_heads": int(kv),
         "head_dim": d // h,
-        "d_ff": int(_get(model_cfg, "d_ff", default_d_ff(d, act))),
+        "d_ff": int(m["d_ff"]) if m.get("d_ff") is not None else default_d_ff(d, act),
         "gated": act == "swiglu",
-        "layernorm": _get(model_cfg, "norm_type", "rmsnorm") == "layernorm",
-        "attention_bias": bool(_get(model_cfg, "attention_bias", False)),
-        "mlp_bias": bool(_get(model_cfg, "mlp_bias", False)),
-        "tied": bool(_get(model_cfg, "tie_embeddings", True)),
-        "n_experts": model_cfg.get("n_experts"),
-        "experts_per_token": int(_get(model_cfg, "experts_per_token", 2)),
+        "layernorm": m["norm_type"] == "layernorm",
+        "attention_bias": bool(m["attention_bias"]),
+        "mlp_bias": bool(m["mlp_bias"]),
+        "tied": bool(m["tie_embeddings"]),
+        "n_experts": m.get("n_experts"),
+        "experts_per_token": int(m["experts_per_token"]),
     }
 
 
@@ -68,27 +73,28 @@ def mamba2_dims(model_cfg: dict) -> dict:
     """The resolved numbers of an ``arch: mamba2`` section (defaults filled; transformers'
     Mamba2Mixer layout: intermediate I = expand * d_model, conv_dim = I + 2 * n_groups * state_size,
     in_proj width = I + conv_dim + num_heads)."""
-    d = int(_get(model_cfg, "d_model", 256))
-    expand = int(_get(model_cfg, "expand", 2))
-    head_dim = int(_get(model_cfg, "head_dim", 32))
-    n = int(_get(model_cfg, "state_size", 64))
-    g = int(_get(model_cfg, "n_groups", 1))
+    m = filled_model(model_cfg)
+    d = int(m["d_model"])
+    expand = int(m["expand"])
+    head_dim = int(m["head_dim"])
+    n = int(m["state_size"])
+    g = int(m["n_groups"])
     inner = expand * d
     heads = inner // head_dim
     conv_dim = inner + 2 * g * n
     return {
         "d_model": d,
-        "n_layers": int(_get(model_cfg, "n_layers", 4)),
+        "n_layers": int(m["n_layers"]),
         "intermediate": inner,
         "num_heads": heads,
         "head_dim": head_dim,
         "state_size": n,
         "n_groups": g,
         "conv_dim": conv_dim,
-        "conv_kernel": int(_get(model_cfg, "conv_kernel", 4)),
-        "chunk_size": int(_get(model_cfg, "chunk_size", 64)),
+        "conv_kernel": int(m["conv_kernel"]),
+        "chunk_size": int(m["chunk_size"]),
         "in_proj": inner + conv_dim + heads,
-        "tied": bool(_get(model_cfg, "tie_embeddings", True)),
+        "tied": bool(m["tie_embeddings"]),
     }
 
 
@@ -240,15 +246,22 @@ def _lora_targets(model_cfg: dict, lora_cfg: dict) -> list[str]:
     key = arch_key(model_cfg)
     if key is None:
         raise ValueError("LoRA parameter count needs arch transformer or mamba2")
-    cfg = {**_LORA_DEFAULTS, **{k: v for k, v in lora_cfg.items() if v is not None}}
-    return resolve_targets(key, cfg["preset"], cfg["target_modules"])
+    cfg = filled_lora(lora_cfg)
+    return resolve_targets(key, cfg["preset"], cfg.get("target_modules"))
+
+
+def filled_lora(lora_cfg: dict) -> dict:
+    """A ``lora:`` section with the schema's defaults (``$defs/lora``) filled in (null values too)."""
+    from llmlab.schemafile import schema_filled
+
+    return schema_filled("#/$defs/lora", {k: v for k, v in lora_cfg.items() if v is not None})
 
 
 def count_lora_parameters(model_cfg: dict, vocab_size: int, lora_cfg: dict) -> int:
     """Trainable LoRA parameters (Hu et al. 2021) of a model built from ``model_cfg``
     (see :func:`lora_parameters`)."""
     targets = _lora_targets(model_cfg, lora_cfg)
-    return lora_parameters(param_shapes(model_cfg, vocab_size), targets, int(_get(lora_cfg, "r", 8)))
+    return lora_parameters(param_shapes(model_cfg, vocab_size), targets, int(filled_lora(lora_cfg)["r"]))
 
 
 def lora_parameters(shapes, targets, r: int) -> int:
@@ -381,9 +394,10 @@ def training_memory(
     acts = gathered = 0
     if model_cfg.get("from_pretrained") is None:
         per_token = activation_elements_per_token(model_cfg, seq_len)
-        n_layers = int(_get(model_cfg, "n_layers", 4))
-        if model_cfg.get("gradient_checkpointing"):
-            d = int(_get(model_cfg, "d_model", 256))
+        filled = filled_model(model_cfg)
+        n_layers = int(filled["n_layers"])
+        if filled["gradient_checkpointing"]:
+            d = int(filled["d_model"])
             per_token = n_layers * d + per_token // max(n_layers, 1)
         acts = tokens * per_token * a + 3 * tokens * int(vocab_size) * 4
         if shards > 1:
@@ -407,6 +421,8 @@ __all__ = [
     "count_parameters",
     "default_d_ff",
     "estimate_training_memory",
+    "filled_lora",
+    "filled_model",
     "gguf_parameter_count",
     "mamba2_dims",
     "param_shapes",
