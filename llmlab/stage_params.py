@@ -12,8 +12,11 @@ against the schema). A stage type whose schema section adds no key (pretrain, re
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
-from typing import ClassVar
+from typing import Any, ClassVar
+
+from llmlab.specs import typed_section
 
 
 @dataclass(frozen=True)
@@ -87,10 +90,11 @@ class _Sampling:
     """ε of the clipped policy ratio."""
     ppo_epochs: int
     """Optimisation passes over each batch of rollouts."""
-    mini_batch_size: int
-    """Rollouts per optimisation mini-batch (resolution: the stage's batch_size)."""
-    reward: tuple[RewardSpec, ...]
-    """The reward sources, summed with their weights."""
+    mini_batch_size: int | None = field(default=None, kw_only=True)
+    """Rollouts per optimisation mini-batch (resolution fills the stage's batch_size; None only in
+    a bare section)."""
+    reward: tuple[RewardSpec, ...] | None = field(default=None, kw_only=True)
+    """The reward sources, summed with their weights (required by validation)."""
 
 
 @dataclass(frozen=True)
@@ -164,4 +168,17 @@ class EvaluateParams:
 STAGE_PARAMS: dict[str, type] = {"sft": SFTParams, "dpo": DPOParams, "grpo": GRPOParams, "ppo": PPOParams,
                                  "evaluate": EvaluateParams}
 
-__all__ = ["DPOParams", "EvaluateParams", "GRPOParams", "PPOParams", "RewardSpec", "SFTParams", "STAGE_PARAMS"]
+def params_of(stage_type: str, config: dict) -> Any:
+    """The params of a stage of ``stage_type`` from its config (resolved or bare: absent keys take
+    the schema's defaults); None for a type whose schema section adds no key."""
+    cls = STAGE_PARAMS.get(stage_type)
+    if cls is None:
+        return None
+    given = {}
+    if "reward" in {f.name for f in dataclasses.fields(cls)}:
+        given["reward"] = tuple(typed_section(RewardSpec, r) for r in config["reward"]) \
+            if config.get("reward") else None
+    return typed_section(cls, config, **given)
+
+
+__all__ = ["params_of", "DPOParams", "EvaluateParams", "GRPOParams", "PPOParams", "RewardSpec", "SFTParams", "STAGE_PARAMS"]

@@ -20,6 +20,10 @@ The heuristic (static, on the AST of every ``llmlab/**/*.py``):
 - **Default table**: a module-level assignment to a name ending in ``_DEFAULTS`` (a dict of defaults
   that shadows the schema's).
 
+The typed layer that turns the resolved dict into objects (:data:`BUILDER`: llmlab/runplan.py and
+the modules it is made of) reads the dict by design, like llmlab/recipe/; its reads are printed
+on their own line and are not part of the headline count.
+
 It over- and under-counts at the edges (a local named ``cfg`` that holds something else; a recipe
 section bound to an unlisted name), so compare numbers of this script with each other, not with
 another tool's.
@@ -35,6 +39,9 @@ from collections import Counter
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+
+#: the modules that build the typed run plan from the resolved dict
+BUILDER = frozenset({"llmlab/runplan.py", "llmlab/specs.py", "llmlab/stage_params.py", "llmlab/schemafile.py"})
 
 #: names that hold the resolved recipe or one of its sections in llmlab's code
 RECIPE_NAMES = frozenset({
@@ -163,6 +170,9 @@ def main(argv=None) -> int:
         rel = path.relative_to(ROOT).as_posix()
         inside = rel.startswith("llmlab/recipe/")
         for kind, line, text in scan(path, keys):
+            if rel in BUILDER:
+                totals[(kind, "builder")] += 1
+                continue
             totals[(kind, inside)] += 1
             if kind == "read" and not inside:
                 per_file[rel] += 1
@@ -170,7 +180,8 @@ def main(argv=None) -> int:
                 print(f"{rel}:{line}: {kind}: {text.splitlines()[0] if text else ''}")
     out_reads = totals[("read", False)]
     print(f"string-key reads of recipe dicts outside llmlab/recipe/: {out_reads} "
-          f"in {len(per_file)} files (inside llmlab/recipe/: {totals[('read', True)]})")
+          f"in {len(per_file)} files (inside llmlab/recipe/: {totals[('read', True)]}; "
+          f"in the run-plan builder {', '.join(sorted(BUILDER))}: {totals[('read', 'builder')]})")
     print(f"literal fallbacks (.get(key, literal), _get(cfg, key, literal)) outside llmlab/recipe/: "
           f"{totals[('fallback', False)]}")
     print(f"default tables (*_DEFAULTS) outside llmlab/recipe/: {totals[('table', False)]}")

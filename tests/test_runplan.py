@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from llmlab import runplan, stage_params
+from llmlab import runplan, specs, stage_params
 from llmlab.recipe import load_recipe_or_raise
 from llmlab.recipe.schema import _lookup, allowed_keys, load_schema, resolve_ref
 from llmlab.runplan import build_run_plan
@@ -24,7 +24,7 @@ RECIPES = sorted((ROOT / "recipes").glob("*.yaml"))
 
 
 def _schema_classes() -> list[type]:
-    mods = (runplan, stage_params)
+    mods = (runplan, specs, stage_params)
     return [c for m in mods for c in vars(m).values()
             if isinstance(c, type) and dataclasses.is_dataclass(c) and "SCHEMA" in vars(c)]
 
@@ -43,7 +43,7 @@ def _expected_keys(cls) -> set[str]:
 
 def _fields(cls) -> dict[str, dataclasses.Field]:
     """Recipe key -> field, for the fields that hold a key of the class's schema section."""
-    return {runplan._key(f): f for f in dataclasses.fields(cls) if not f.metadata.get("derived")}
+    return {specs._key(f): f for f in dataclasses.fields(cls) if not f.metadata.get("derived")}
 
 
 def test_there_are_schema_classes_for_every_section():

@@ -136,7 +136,7 @@ def load_named_dataset(recipe: dict, name: str) -> DatasetSplits:
     if spec.get("path"):  # memo is invalidated when the files change
         try:
             stamp = [(f, os.stat(f).st_size, os.stat(f).st_mtime_ns)
-                     for f in resolve_files(spec["path"], recipe.get("_recipe_dir"))]
+                     for f in resolve_files(spec["path"])]  # absolute after resolution
         except (ValueError, OSError):
             stamp = None
     key = json.dumps({"spec": spec, "seed": seed, "name": name, "files": stamp}, sort_keys=True,
@@ -699,9 +699,8 @@ def resolve_files(path: str | os.PathLike, base: str | os.PathLike | None = None
 def _load_local(spec: dict, recipe: dict, name: str):
     from datasets import load_dataset
 
-    base = recipe.get("_recipe_dir")
     try:
-        files = resolve_files(spec["path"], base)
+        files = resolve_files(spec["path"])  # absolute after resolution (relative to the recipe file)
     except ValueError as e:
         raise ValueError(f"datasets.{name}.path: {e}") from None
     builder = _LOCAL_BUILDERS[Path(files[0]).suffix.lower()]
