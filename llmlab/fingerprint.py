@@ -17,6 +17,7 @@ from typing import Any
 
 from llmlab.layout import RunLayout, StageLayout
 from llmlab.recipe.secrets import mask_secrets
+from llmlab.schemafile import top_level
 from llmlab.stage_specs import stage_spec
 
 #: stage keys that do not change the trained weights
@@ -194,10 +195,10 @@ def stage_fingerprints(recipe: dict, order: list[str]) -> dict[str, dict]:
             "inputs": {k: (out[v]["output"] if v else None) for k, v in inputs.items()},
             "model": model_section_fingerprint_part(recipe["model"]) if inputs["from"] is None else None,
             "tokenizer": tok_fp,
-            "seed": recipe.get("seed", 0),
+            "seed": top_level(recipe, "seed"),
             "data": {n: source_fingerprint(recipe["datasets"][n]) for n in sorted(used) if n in recipe["datasets"]},
         }
-        precision = recipe.get("precision", "auto")
+        precision = top_level(recipe, "precision")
         if precision != "auto":  # a pinned precision changes the weights (auto's outcome is in stage.json)
             parts["precision"] = precision
         # secrets show as ${NAME}: stage.json keeps these parts, and a rotated token is no change

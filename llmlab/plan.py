@@ -15,6 +15,7 @@ from rich.table import Table
 
 from llmlab.console import make_console
 from llmlab.recipe.schema import stage_defaults
+from llmlab.schemafile import schema_filled
 from llmlab.stage_specs import stage_spec
 
 
@@ -48,7 +49,7 @@ def vocab_size_for(recipe: dict) -> int | None:
             ids = set(vocab.values()) | {t["id"] for t in data.get("added_tokens", [])}
             return max(ids) + 1 if ids else None
     if tok.get("train"):
-        return int(tok["train"].get("vocab_size", 8192))
+        return int(schema_filled("#/properties/tokenizer/properties/train", tok["train"])["vocab_size"])
     return None
 
 

@@ -207,13 +207,15 @@ class StageInit:
 
     A stage starts from ``weights_from``'s ``final/`` (None: the ``model:`` section). When it has
     no ``lora`` of its own and the chain of ``from`` stages without one leads to a stage that kept
-    its adapter unmerged (``lora.merge: false``), it continues that adapter: ``adapter_from`` names
-    the stage that made it, and the runner loads the adapter on its base."""
+    its adapter unmerged (``lora.merge: false``), it continues that adapter: it loads
+    ``adapter_from``'s ``adapter/`` (= ``weights_from``, which saved the adapter it trained or
+    continued) on that adapter's base, and trains the LoRA of the stage that made it
+    (:attr:`StagePlan.lora`)."""
 
     weights_from: str | None
     """The stage whose final weights it starts from (None: the model section)."""
     adapter_from: str | None
-    """The stage whose unmerged adapter it continues (None: none)."""
+    """The stage whose ``adapter/`` it continues training (None: it continues no adapter)."""
 
 
 @dataclass(frozen=True)
@@ -262,8 +264,9 @@ class StagePlan:
 
 
 def trained_lora(stages: dict, name: str) -> tuple[dict | None, str | None]:
-    """(the LoRA config stage ``name`` trains, the stage whose unmerged adapter it continues): the
-    adapter-continuation rule of :class:`StageInit`, over a resolved recipe's ``stages:``."""
+    """(the LoRA config stage ``name`` trains, the stage that made the unmerged adapter it continues
+    — None when it trains its own LoRA or none): the adapter-continuation rule of
+    :class:`StageInit`, over a resolved recipe's ``stages:``."""
     cfg = stages[name]
     if cfg.get("lora"):
         return cfg["lora"], None
@@ -281,13 +284,13 @@ def stage_plan(recipe: dict, name: str, fp: dict, inputs: dict, layout: RunLayou
     ``fp`` and ``inputs`` (:func:`llmlab.fingerprint.stage_inputs`)."""
     cfg = recipe["stages"][name]
     spec = stage_spec(cfg["type"])
-    lora, adapter_from = trained_lora(recipe["stages"], name) if spec.trains else (None, None)
+    lora, made_by = trained_lora(recipe["stages"], name) if spec.trains else (None, None)
     return StagePlan(
         name=name, type=cfg["type"], spec=spec, datasets=dict(cfg["datasets"]),
         eval_datasets=dict(cfg["eval_datasets"]) if cfg.get("eval_datasets") else None,
         training=TrainingConfig.from_dict(cfg, recipe.get("logging")) if spec.trains else None,
         params=params_of(cfg["type"], cfg), lora=from_section(LoraSpec, lora) if lora else None,
-        inputs=dict(inputs), init=StageInit(weights_from=inputs["from"], adapter_from=adapter_from),
+        inputs=dict(inputs), init=StageInit(weights_from=inputs["from"], adapter_from=inputs["from"] if made_by else None),
         fingerprint=fp["fingerprint"], fingerprint_parts=fp["parts"], output_fingerprint=fp["output"],
         layout=layout.stage(name), config=copy.deepcopy(cfg))
 

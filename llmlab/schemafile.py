@@ -121,6 +121,18 @@ def schema_filled(ref: str, section: dict | None, nulls: bool = False) -> dict:
     return out
 
 
+def top_level(recipe: dict, key: str):
+    """``recipe[key]``, or the schema's default of top-level ``key`` when ``recipe`` (a bare dict in
+    a test or helper) lacks it; a resolved recipe has every top-level key whose default is not null.
+
+    Raises:
+        KeyError: the schema has no top-level ``key``.
+    """
+    if key in recipe:
+        return recipe[key]
+    return resolve_ref(load_schema()["properties"][key]).get("default")
+
+
 def _fill_nulls(node: dict, instance: dict) -> None:
     for key, sub in (node.get("properties") or {}).items():
         sub = resolve_ref(sub)

@@ -135,9 +135,9 @@ def test_a_stage_without_lora_continues_an_unmerged_adapter_through_the_chain(tm
     plan = build_run_plan(_tiny(tmp_path, mutate))
     assert plan.stage("pretrain").lora is None and plan.stage("pretrain").init.adapter_from is None
     assert plan.stage("sft").lora.r == 4 and plan.stage("sft").init.adapter_from is None
-    for name in ("dpo", "dpo2"):  # dpo continues sft's adapter, dpo2 the one dpo handed on
-        assert plan.stage(name).init.adapter_from == "sft"
-        assert plan.stage(name).lora == plan.stage("sft").lora
+    for name, frm in (("dpo", "sft"), ("dpo2", "dpo")):  # dpo continues sft's adapter, dpo2 the one dpo saved
+        assert plan.stage(name).init.adapter_from == frm
+        assert plan.stage(name).lora == plan.stage("sft").lora  # sft's LoRA config, trained on
     assert plan.stage("dpo2").init.weights_from == "dpo"
 
 

@@ -44,7 +44,7 @@ from llmlab.data.formats import convert_kind
 from llmlab.data.packed import PackedSource, PretrainStream, eval_blocks, pack_documents  # noqa: F401 (re-export)
 from llmlab.data.sources import dataset_spec, load_named_dataset
 from llmlab.models.padfree import bucket_width
-from llmlab.schemafile import schema_filled
+from llmlab.schemafile import schema_filled, top_level
 from llmlab.stage_specs import STAGE_SPECS
 
 log = logging.getLogger(__name__)
@@ -497,7 +497,7 @@ def _tokenise(recipe: dict, name: str, split: str, rows, cfg: dict, family: str,
     fn, features = _TOKENISERS[family](tokenizer, int(cfg["seq_len"]), cfg, source)
     key = hashlib.sha256(json.dumps({
         "v": DATA_VERSION, "tok": tok_hash, "spec": dataset_spec(recipe, name), "split": split,
-        "seed": int(recipe.get("seed", 0)), "family": family, "seq_len": int(cfg["seq_len"]),
+        "seed": int(top_level(recipe, "seed")), "family": family, "seq_len": int(cfg["seq_len"]),
         "truncation": cfg.get("truncation"), "max_new_tokens": cfg.get("max_new_tokens"),
         "source": source, "n": len(rows),
         # content fingerprint of the canonical rows (datasets hashes in-memory tables and the
@@ -570,7 +570,7 @@ def build_stage_data(recipe: dict, stage_name: str, tokenizer) -> StageData:
     """
     cfg = _stage_config(recipe, stage_name)
     family, kind_dst = STAGE_FAMILY[cfg["type"]]
-    seed = int(recipe.get("seed", 0))
+    seed = int(top_level(recipe, "seed"))
     seq_len = int(cfg["seq_len"])
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     if family == "pretrain" and tokenizer.eos_token_id is None:
@@ -652,7 +652,7 @@ def _build_pretrain(recipe: dict, stage_name: str, cfg: dict, tokenizer, names: 
     :func:`~llmlab.data.packed.eval_blocks` (at most ``eval_steps × batch_size``)."""
     from llmlab.data.store import ensure_text_store
 
-    seed, seq_len, batch = int(recipe.get("seed", 0)), int(cfg["seq_len"]), int(cfg["batch_size"])
+    seed, seq_len, batch = int(top_level(recipe, "seed")), int(cfg["seq_len"]), int(cfg["batch_size"])
     eos = tokenizer.eos_token_id
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
     sources, dropped = [], {}

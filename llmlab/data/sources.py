@@ -44,6 +44,7 @@ from typing import Any
 from llmlab.data.formats import (COLUMNS_OF_KIND, KIND_OF_FORMAT, STRING_COLUMNS, BadRow,
                                  detect_format, normaliser, row_text)
 from llmlab.recipe.semantic import BUILTIN_FORMATS as BUILTIN_FORMAT
+from llmlab.schemafile import schema_filled, top_level
 
 log = logging.getLogger(__name__)
 
@@ -106,8 +107,6 @@ def dataset_spec(recipe: dict, name: str) -> dict:
     datasets_ = recipe.get("datasets") or {}
     if name not in datasets_:
         raise KeyError(f"datasets.{name}: no such dataset (defined: {', '.join(datasets_) or 'none'})")
-    from llmlab.schemafile import schema_filled
-
     return schema_filled(DATASET_SCHEMA, datasets_[name], nulls=True)
 
 
@@ -131,7 +130,7 @@ def load_named_dataset(recipe: dict, name: str) -> DatasetSplits:
             row and its problem).
     """
     spec = dataset_spec(recipe, name)
-    seed = int(recipe.get("seed", 0))
+    seed = int(top_level(recipe, "seed"))
     stamp = None
     if spec.get("path"):  # memo is invalidated when the files change
         try:
@@ -184,7 +183,7 @@ def load_named_dataset(recipe: dict, name: str) -> DatasetSplits:
     ds, bad = _normalise(raw, fmt, kind)
     num_raw = len(raw) + len(pre_bad)
     bad_all = pre_bad + bad
-    check_bad_rows(name, len(bad_all), num_raw, bad_all[:_MAX_BAD_LOGGED], float(spec.get("max_bad_fraction", 0.01)))
+    check_bad_rows(name, len(bad_all), num_raw, bad_all[:_MAX_BAD_LOGGED], float(spec["max_bad_fraction"]))
     if len(ds) == 0:
         raise ValueError(f"datasets.{name}: no usable rows")
 
@@ -275,8 +274,6 @@ class RowFilter:
     """
 
     def __init__(self, filters: dict | None, name: str = ""):
-        from llmlab.schemafile import schema_filled
-
         filters = schema_filled(FILTERS_SCHEMA, filters, nulls=True)
         self.dedup = filters["dedup"] or "none"
         if self.dedup not in ("none", "exact", "minhash"):

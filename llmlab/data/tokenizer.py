@@ -24,6 +24,8 @@ import time
 from pathlib import Path
 from typing import Iterator
 
+from llmlab.schemafile import schema_filled
+
 log = logging.getLogger(__name__)
 
 EOS_TOKEN = "<|endoftext|>"
@@ -73,7 +75,7 @@ def build_tokenizer(recipe: dict, out_dir: Path):
     out_dir = Path(out_dir)
     cfg = recipe.get("tokenizer") or {}
     extra = [t for t in (cfg.get("special_tokens") or []) if t not in BASE_SPECIAL_TOKENS]
-    template = cfg.get("chat_template", "chatml")
+    template = schema_filled("#/properties/tokenizer", cfg)["chat_template"]
     if cfg.get("from_pretrained"):
         tok = _load_pretrained(cfg, extra, template)
     elif cfg.get("train"):
@@ -104,8 +106,9 @@ def train_tokenizer(texts, train_cfg: dict, extra_special_tokens=(), chat_templa
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    vocab_size = int(train_cfg.get("vocab_size", 8192))
-    min_frequency = int(train_cfg.get("min_frequency", 2))
+    train_cfg = schema_filled("#/properties/tokenizer/properties/train", train_cfg)  # a bare one too
+    vocab_size = int(train_cfg["vocab_size"])
+    min_frequency = int(train_cfg["min_frequency"])
     special = BASE_SPECIAL_TOKENS + list(extra_special_tokens)
     alphabet = pre_tokenizers.ByteLevel.alphabet()
     if vocab_size < len(special) + len(alphabet):
