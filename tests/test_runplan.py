@@ -165,3 +165,26 @@ def test_building_the_plan_imports_no_torch():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True,
                          env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"})
     assert json.loads(out.stdout) == []
+
+
+def test_schema_filled_and_top_level_take_the_schemas_defaults():
+    from llmlab.schemafile import schema_filled, top_level
+
+    ds = schema_filled("#/$defs/dataset", {"builtin": "kjv"}, nulls=True)
+    props = load_schema()["$defs"]["dataset"]["properties"]
+    assert ds["split"] == props["split"]["default"] and ds["eval_split"] == props["eval_split"]["default"]
+    assert ds["subset"] is None and ds["filters"]["min_length"] is None  # null defaults present with nulls
+    assert "subset" not in schema_filled("#/$defs/dataset", {"builtin": "kjv"})
+    assert top_level({}, "seed") == load_schema()["properties"]["seed"]["default"]
+    assert top_level({"seed": 5}, "seed") == 5
+
+
+def test_a_bare_model_section_gets_the_schemas_defaults_not_the_codes():
+    from llmlab.models.params import as_model_spec
+
+    spec = as_model_spec({"arch": "transformer", "d_model": 64, "n_heads": 4})
+    props = load_schema()["$defs"]["model_transformer"]["properties"]
+    assert (spec.d_model, spec.n_layers, spec.activation) == (64, props["n_layers"]["default"],
+                                                             props["activation"]["default"])
+    with pytest.raises(ValueError, match="needs arch"):
+        as_model_spec({})
