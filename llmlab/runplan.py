@@ -22,7 +22,6 @@ changes shape (tests/runner/test_fingerprint_pins.py).
 from __future__ import annotations
 
 import copy
-import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -37,7 +36,6 @@ from llmlab.specs import (  # noqa: F401 (re-exported: the sections' types)
     ModelSpec,
     PretrainedSpec,
     TransformerSpec,
-    _key,
     from_section,
     model_spec,
 )

@@ -158,8 +158,8 @@ def encode_documents(tokenizer, texts: list[str], append_id: int | None = None):
     return pa.ListArray.from_arrays(pa.array(offsets.astype(np.int32)), pa.array(ids, type=pa.int32()))
 
 
-def _tok_sft(tokenizer, seq_len: int, cfg: dict, source: int):
-    truncate = cfg["truncation"] == "truncate"
+def _tok_sft(tokenizer, seq_len: int, cfg: StageDataConfig, source: int):
+    truncate = cfg.truncation == "truncate"
 
     def fn(batch):
         enc = _chat(tokenizer, batch["messages"], return_assistant_tokens_mask=True)
@@ -185,7 +185,7 @@ def _tok_sft(tokenizer, seq_len: int, cfg: dict, source: int):
     return fn, _int_list_features("input_ids", "labels")
 
 
-def _tok_pair(tokenizer, seq_len: int, cfg: dict, source: int):
+def _tok_pair(tokenizer, seq_len: int, cfg: StageDataConfig, source: int):
     def fn(batch):
         out = {k: [] for k in ("chosen_input_ids", "chosen_labels", "rejected_input_ids",
                                "rejected_labels", "_source", "_drop")}
@@ -212,10 +212,10 @@ def _tok_pair(tokenizer, seq_len: int, cfg: dict, source: int):
                                   "rejected_labels")
 
 
-def _tok_prompt(tokenizer, seq_len: int, cfg: dict, source: int):
+def _tok_prompt(tokenizer, seq_len: int, cfg: StageDataConfig, source: int):
     from datasets import List, Value
 
-    budget = max(1, seq_len - int(cfg["max_new_tokens"]))
+    budget = max(1, seq_len - int(cfg.max_new_tokens))
 
     def fn(batch):
         enc = _chat(tokenizer, batch["prompt"], add_generation_prompt=True)
@@ -460,31 +460,74 @@ def mix_stream(parts: list, weights: list[float], seed: int, stopping: str, need
     return passes[0] if len(passes) == 1 else concatenate_datasets(passes)
 
 
-def _examples_needed(cfg: dict, family: str) -> int:
+def _examples_needed(cfg: StageDataConfig, family: str) -> int:
     """Examples (tokens for pretrain) the stage consumes: max_steps × grad-accum × batch size."""
-    n = int(cfg.get("max_steps") or 0) * int(cfg.get("gradient_accumulation_steps") or 1) \
-        * int(cfg["batch_size"])
-    return n * int(cfg["seq_len"]) if family == "pretrain" else n
+    n = cfg.max_steps * cfg.gradient_accumulation_steps * cfg.batch_size
+    return n * cfg.seq_len if family == "pretrain" else n
 
 
 # -- build ---------------------------------------------------------------------------------------
 
-def _stage_config(recipe: dict, stage_name: str) -> dict:
+@dataclass(frozen=True)
+class StageDataConfig:
+    """What the data layer reads of a training stage's config: the ``$defs/stage_common`` keys that
+    shape its batches and the type's own ones. Built by :func:`_stage_config` from the config
+    filled with the schema's defaults (no default is written here)."""
+
+    type: str
+    """The stage type (its family: :data:`STAGE_FAMILY`)."""
+    datasets: dict
+    """Training datasets: name → mixture weight."""
+    eval_datasets: dict | None
+    """Held-out datasets: name → weight (None: the training datasets' held-out splits)."""
+    seq_len: int
+    """Tokens per sequence (resolution: the model's max_seq_len)."""
+    batch_size: int
+    """Examples per micro-batch."""
+    gradient_accumulation_steps: int
+    """Micro-batches per optimizer step."""
+    max_steps: int
+    """Optimizer steps (0 when a bare config gives none: nothing to size ahead)."""
+    eval_steps: int
+    """Held-out batches per evaluation."""
+    stopping: str
+    """``mixing.stopping``: first_exhausted | all_exhausted."""
+    max_dropped_fraction: float
+    """Most of a split that tokenisation may drop before the stage is refused."""
+    truncation: str | None
+    """sft: drop | truncate an over-long conversation; None for other types."""
+    max_new_tokens: int | None
+    """grpo / ppo: tokens generated per completion (the prompt budget is seq_len minus it)."""
+
+
+def _stage_config(recipe: dict, stage_name: str) -> StageDataConfig:
+    """The :class:`StageDataConfig` of stage ``stage_name`` (a bare stage too: the schema's defaults).
+
+    Raises:
+        KeyError: no such stage. ValueError: a stage type with no data family, or no dataset.
+    """
     stages = recipe.get("stages") or {}
     if stage_name not in stages:
         raise KeyError(f"stages.{stage_name}: no such stage")
-    cfg = schema_filled("#/$defs/stage", stages[stage_name])  # a bare stage too: the schema's defaults
-    if cfg.get("seq_len") is None:  # resolution's rule: the model's max_seq_len
-        cfg["seq_len"] = int(schema_filled("#/properties/model", recipe["model"])["max_seq_len"])
+    cfg = schema_filled("#/$defs/stage", stages[stage_name])
     if cfg.get("type") not in STAGE_FAMILY:
         raise ValueError(f"stages.{stage_name}.type: {cfg.get('type')!r} is not one of "
                          f"{', '.join(STAGE_FAMILY)}")
     if not cfg.get("datasets"):
         raise ValueError(f"stages.{stage_name}.datasets: name at least one dataset")
-    return cfg
+    seq_len = cfg.get("seq_len")
+    if seq_len is None:  # resolution's rule: the model's max_seq_len
+        seq_len = schema_filled("#/properties/model", recipe["model"])["max_seq_len"]
+    return StageDataConfig(
+        type=cfg["type"], datasets=dict(cfg["datasets"]), eval_datasets=cfg.get("eval_datasets"),
+        seq_len=int(seq_len), batch_size=int(cfg["batch_size"]),
+        gradient_accumulation_steps=int(cfg["gradient_accumulation_steps"]), max_steps=int(cfg.get("max_steps") or 0),
+        eval_steps=int(cfg["eval_steps"]), stopping=cfg["mixing"]["stopping"],
+        max_dropped_fraction=float(cfg["max_dropped_fraction"]), truncation=cfg.get("truncation"),
+        max_new_tokens=cfg.get("max_new_tokens"))
 
 
-def _tokenise(recipe: dict, name: str, split: str, rows, cfg: dict, family: str, kind_src: str,
+def _tokenise(recipe: dict, name: str, split: str, rows, cfg: StageDataConfig, family: str, kind_src: str,
               kind_dst: str, tokenizer, tok_hash: str, source: int):
     """Tokenise one dataset split (cached); returns (tokenised dataset, {reason: dropped})."""
     if kind_src != kind_dst:
@@ -493,12 +536,12 @@ def _tokenise(recipe: dict, name: str, split: str, rows, cfg: dict, family: str,
                             remove_columns=rows.column_names, keep_in_memory=True,
                             load_from_cache_file=False)
         except ValueError as e:
-            raise ValueError(f"datasets.{name}: {e} (stage type {cfg['type']})") from None
-    fn, features = _TOKENISERS[family](tokenizer, int(cfg["seq_len"]), cfg, source)
+            raise ValueError(f"datasets.{name}: {e} (stage type {cfg.type})") from None
+    fn, features = _TOKENISERS[family](tokenizer, cfg.seq_len, cfg, source)
     key = hashlib.sha256(json.dumps({
         "v": DATA_VERSION, "tok": tok_hash, "spec": dataset_spec(recipe, name), "split": split,
-        "seed": int(top_level(recipe, "seed")), "family": family, "seq_len": int(cfg["seq_len"]),
-        "truncation": cfg.get("truncation"), "max_new_tokens": cfg.get("max_new_tokens"),
+        "seed": int(top_level(recipe, "seed")), "family": family, "seq_len": cfg.seq_len,
+        "truncation": cfg.truncation, "max_new_tokens": cfg.max_new_tokens,
         "source": source, "n": len(rows),
         # content fingerprint of the canonical rows (datasets hashes in-memory tables and the
         # files a local/hub dataset was read from), so edited data never hits a stale cache
@@ -528,7 +571,8 @@ def _tokenise(recipe: dict, name: str, split: str, rows, cfg: dict, family: str,
     return tokd.remove_columns("_drop"), counts
 
 
-def _announce_drops(name: str, split: str, counts: dict[str, int], total: int, needed: int, cfg: dict) -> None:
+def _announce_drops(name: str, split: str, counts: dict[str, int], total: int, needed: int,
+                    cfg: StageDataConfig) -> None:
     """Say what tokenisation dropped from one dataset split, and what would keep it.
 
     Raises:
@@ -537,14 +581,14 @@ def _announce_drops(name: str, split: str, counts: dict[str, int], total: int, n
     parts = []
     if counts.get("too_long"):
         hint = f"seq_len {needed} would keep them" if needed else "a larger seq_len would keep them"
-        if cfg["type"] == "sft" and cfg["truncation"] == "drop":
+        if cfg.type == "sft" and cfg.truncation == "drop":
             hint += ", or truncation: truncate"
-        parts.append(f"{counts['too_long']} longer than seq_len {cfg['seq_len']} ({hint})")
+        parts.append(f"{counts['too_long']} longer than seq_len {cfg.seq_len} ({hint})")
     if counts.get("no_assistant_tokens"):
         parts.append(f"{counts['no_assistant_tokens']} with no assistant token to train on")
     dropped = sum(counts.values())
     message = f"datasets.{name} ({split}): dropped {dropped} of {total} examples at tokenisation: {'; '.join(parts)}"
-    limit = float(cfg["max_dropped_fraction"])
+    limit = cfg.max_dropped_fraction
     if dropped / max(total, 1) > limit:
         raise ValueError(f"{message}; that is more than the stage's max_dropped_fraction {limit:g}")
     log.warning("%s", message)
@@ -569,16 +613,16 @@ def build_stage_data(recipe: dict, stage_name: str, tokenizer) -> StageData:
             or nothing is left to train on after dropping over-long examples.
     """
     cfg = _stage_config(recipe, stage_name)
-    family, kind_dst = STAGE_FAMILY[cfg["type"]]
+    family, kind_dst = STAGE_FAMILY[cfg.type]
     seed = int(top_level(recipe, "seed"))
-    seq_len = int(cfg["seq_len"])
+    seq_len = cfg.seq_len
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     if family == "pretrain" and tokenizer.eos_token_id is None:
         raise ValueError("pretraining needs a tokenizer with an eos token")
     tok_hash = tokenizer_fingerprint(tokenizer)
-    names = list(cfg["datasets"])
-    weights = [float(cfg["datasets"][n]) for n in names]
-    eval_spec = cfg.get("eval_datasets")
+    names = list(cfg.datasets)
+    weights = [float(cfg.datasets[n]) for n in names]
+    eval_spec = cfg.eval_datasets
     eval_names = list(eval_spec) if eval_spec else names
     # the held-out mixture follows eval_datasets' weights (null: 1), else the training weights
     eval_w = [float(eval_spec[n]) if eval_spec[n] is not None else 1.0 for n in eval_names] \
@@ -620,7 +664,7 @@ def build_stage_data(recipe: dict, stage_name: str, tokenizer) -> StageData:
 
         id_col = {"pretrain": "input_ids", "sft": "input_ids", "pair": "chosen_input_ids",
                   "prompt": "prompt_input_ids"}[family]
-        mixed = mix_stream(train_parts, weights, seed, cfg["mixing"]["stopping"],
+        mixed = mix_stream(train_parts, weights, seed, cfg.stopping,
                            _examples_needed(cfg, family), id_col if family == "pretrain" else None)
         src = column(mixed, "_source").to_numpy()
         lens = _lengths(mixed, id_col)
@@ -634,9 +678,9 @@ def build_stage_data(recipe: dict, stage_name: str, tokenizer) -> StageData:
             perm = _rng(seed, "eval", stage_name).permutation(len(eval_mixed))
             eval_ = eval_mixed.select(perm.tolist())
 
-    data = StageData(stage=stage_name, type=cfg["type"], seed=seed,
-                     batch_size=int(cfg["batch_size"]), seq_len=seq_len, pad_token_id=int(pad_id),
-                     eval_steps=int(cfg.get("eval_steps") or 0), shares=shares,
+    data = StageData(stage=stage_name, type=cfg.type, seed=seed,
+                     batch_size=cfg.batch_size, seq_len=seq_len, pad_token_id=int(pad_id),
+                     eval_steps=cfg.eval_steps, shares=shares,
                      token_shares=token_shares, dropped=dropped, _train=train, _eval=eval_,
                      _sources=src.astype(np.int64))
     log.info("stage %s: %d training examples, shares %s, dropped %s", stage_name,
@@ -644,7 +688,7 @@ def build_stage_data(recipe: dict, stage_name: str, tokenizer) -> StageData:
     return data
 
 
-def _build_pretrain(recipe: dict, stage_name: str, cfg: dict, tokenizer, names: list[str],
+def _build_pretrain(recipe: dict, stage_name: str, cfg: StageDataConfig, tokenizer, names: list[str],
                     weights: list[float], eval_names: list[str], eval_w: list[float],
                     eval_named: bool, processes: int | None = None, progress: bool = False) -> StageData:
     """A pretraining stage's data, read lazily from token stores (filled first where missing):
@@ -652,7 +696,7 @@ def _build_pretrain(recipe: dict, stage_name: str, cfg: dict, tokenizer, names: 
     :func:`~llmlab.data.packed.eval_blocks` (at most ``eval_steps × batch_size``)."""
     from llmlab.data.store import ensure_text_store
 
-    seed, seq_len, batch = int(top_level(recipe, "seed")), int(cfg["seq_len"]), int(cfg["batch_size"])
+    seed, seq_len, batch = int(top_level(recipe, "seed")), cfg.seq_len, cfg.batch_size
     eos = tokenizer.eos_token_id
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
     sources, dropped = [], {}
@@ -664,7 +708,7 @@ def _build_pretrain(recipe: dict, stage_name: str, cfg: dict, tokenizer, names: 
                              f"examples (dropped: {dropped[name]})")
         sources.append(PackedSource(st, seq_len, eos, pad_id))
     stream = PretrainStream(sources, names, weights, seed, stage_name)
-    needed = int(cfg.get("max_steps") or 0) * int(cfg.get("gradient_accumulation_steps") or 1) * batch
+    needed = cfg.max_steps * cfg.gradient_accumulation_steps * batch
     shares = stream.shares(needed)  # over the blocks the stage consumes
     ev_stores, ev_weights = [], []
     for name, w in zip(eval_names, eval_w):
@@ -678,9 +722,9 @@ def _build_pretrain(recipe: dict, stage_name: str, cfg: dict, tokenizer, names: 
             ev_stores.append(st)
             ev_weights.append(w)
     eval_ = eval_blocks(ev_stores, ev_weights, seed, stage_name, seq_len, eos, pad_id,
-                        int(cfg.get("eval_steps") or 0) * batch) if ev_stores else None
-    data = StageData(stage=stage_name, type=cfg["type"], seed=seed, batch_size=batch, seq_len=seq_len,
-                     pad_token_id=int(pad_id), eval_steps=int(cfg.get("eval_steps") or 0),
+                        cfg.eval_steps * batch) if ev_stores else None
+    data = StageData(stage=stage_name, type=cfg.type, seed=seed, batch_size=batch, seq_len=seq_len,
+                     pad_token_id=int(pad_id), eval_steps=cfg.eval_steps,
                      shares=shares, token_shares=dict(shares), dropped=dropped, _train=stream,
                      _eval=eval_)
     log.info("stage %s: %d blocks of %d tokens, shares %s, dropped %s", stage_name, stream.num_blocks,
