@@ -118,12 +118,15 @@ def test_fingerprints_and_plan_rows_are_pinned(tmp_path, monkeypatch):
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     pinned = json.loads(PINS.read_text())
     now = compute(tmp_path)
-    assert sorted(now) == sorted(pinned), "the set of pinned recipes changed: regenerate the pins (--write)"
+    regen = "python -m tests.runner.test_fingerprint_pins --write"
+    assert sorted(now) == sorted(pinned), f"the set of pinned recipes changed (a recipe added?): {regen}"
     for case in pinned:
         assert now[case]["fingerprints"] == pinned[case]["fingerprints"], (
-            f"{case}: stage fingerprints changed: every finished run of this recipe would retrain")
-        assert now[case]["plan"] == pinned[case]["plan"], f"{case}: `llmlab plan` rows changed"
-        assert now[case]["facts"] == pinned[case]["facts"], f"{case}: `llmlab plan` facts changed"
+            f"{case}: stage fingerprints changed: every finished run of this recipe would retrain. A "
+            f"refactor must not do that; a deliberate change (say why in the commit): {regen}")
+        assert now[case]["plan"] == pinned[case]["plan"], (
+            f"{case}: `llmlab plan` rows changed; deliberate (e.g. a new memory estimate)? {regen}")
+        assert now[case]["facts"] == pinned[case]["facts"], f"{case}: `llmlab plan` facts changed; deliberate? {regen}"
 
 
 def _plan_text(run_dir: Path) -> str:
@@ -147,7 +150,8 @@ def test_plan_text_output_is_pinned(monkeypatch):
         monkeypatch.delenv(var, raising=False)
     with tempfile.TemporaryDirectory() as d:
         text = _plan_text(Path(d) / "qs")
-    assert text == (Path(__file__).resolve().parent / "plan_quickstart.txt").read_text()
+    assert text == (Path(__file__).resolve().parent / "plan_quickstart.txt").read_text(), (
+        "`llmlab plan`'s text changed; deliberate? python -m tests.runner.test_fingerprint_pins --write")
 
 
 if __name__ == "__main__":  # python -m tests.runner.test_fingerprint_pins --write
