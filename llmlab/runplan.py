@@ -38,6 +38,7 @@ from llmlab.specs import (  # noqa: F401 (re-exported: the sections' types)
     TransformerSpec,
     from_section,
     model_spec,
+    typed_section,
 )
 from llmlab.stage_params import params_of
 from llmlab.stage_specs import StageSpec, stage_spec
@@ -191,9 +192,9 @@ class DatasetSource:
 
 
 def dataset_source(name: str, section: dict) -> DatasetSource:
-    """The typed entry ``name`` of a resolved recipe's ``datasets:``."""
-    return from_section(DatasetSource, section, name=name, raw=copy.deepcopy(section),
-                        filters=from_section(FilterSpec, section.get("filters")))
+    """The typed entry ``name`` of a recipe's ``datasets:`` (a bare one too: the schema's defaults)."""
+    return typed_section(DatasetSource, section, name=name, raw=copy.deepcopy(section),
+                         filters=typed_section(FilterSpec, section.get("filters")))
 
 
 # ----------------------------------------------------------------------------- stages
