@@ -133,6 +133,12 @@ class TokenizerSpec:
     """Train one on the recipe's data."""
 
 
+def tokenizer_spec(section: dict) -> TokenizerSpec:
+    """The typed ``tokenizer:`` section (a bare one too: absent keys take the schema's defaults)."""
+    train = section.get("train")
+    return typed_section(TokenizerSpec, section, train=typed_section(TokenizerTrainSpec, train) if train else None)
+
+
 # ----------------------------------------------------------------------------- data sources
 
 
@@ -380,8 +386,7 @@ def build_run_plan(resolved: dict) -> RunPlan:
         dataloader=DataLoaderConfig.from_recipe(resolved))
     return RunPlan(
         settings=settings,
-        tokenizer=from_section(TokenizerSpec, tok,
-                               train=from_section(TokenizerTrainSpec, tok["train"]) if tok.get("train") else None),
+        tokenizer=tokenizer_spec(tok),
         model=model_spec(resolved["model"]),
         datasets={n: dataset_source(n, d) for n, d in resolved["datasets"].items()},
         stages=tuple(stage_plan(resolved, n, fps[n], stage_inputs(resolved, n, order), layout) for n in order),
@@ -391,4 +396,4 @@ def build_run_plan(resolved: dict) -> RunPlan:
 __all__ = ["DatasetSource", "FilterSpec", "LoggingSpec", "LoraSpec", "Mamba2Spec", "ModelSpec", "PretrainedSpec",
            "RunPlan", "RunSettings", "StageInit", "StagePlan", "TokenizerSpec", "TokenizerTrainSpec",
            "TransformerSpec", "build_run_plan", "dataset_source", "from_section", "model_spec", "schema_filled", "stage_plan",
-           "trained_lora"]
+           "tokenizer_spec", "trained_lora"]
