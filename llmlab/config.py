@@ -13,7 +13,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
-from llmlab.recipe.schema import fill_defaults
+from llmlab.schemafile import fill_defaults
 
 
 def _filled(ref: str, section: dict | None) -> dict:
@@ -143,7 +143,7 @@ class DataLoaderConfig:
     def from_recipe(cls, recipe: dict) -> DataLoaderConfig:
         """The view of ``recipe``'s ``dataloader_<field>`` keys (absent: the schema's defaults)."""
         names = [f.name for f in dataclasses.fields(cls)]
-        from llmlab.recipe.schema import load_schema, resolve_ref
+        from llmlab.schemafile import load_schema, resolve_ref
 
         props = load_schema()["properties"]
         return cls(**{n: recipe.get(f"dataloader_{n}", resolve_ref(props[f"dataloader_{n}"]).get("default"))

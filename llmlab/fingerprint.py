@@ -17,11 +17,19 @@ from typing import Any
 
 from llmlab.layout import RunLayout, StageLayout
 from llmlab.recipe.secrets import mask_secrets
+from llmlab.schemafile import schema_filled, top_level
 from llmlab.stage_specs import stage_spec
 
 #: stage keys that do not change the trained weights
 NON_SEMANTIC_KEYS = {"log_every", "eval_every", "eval_steps", "save_every", "keep_last", "max_steps",
                      "reset_optimizer"}
+
+#: keys added to the schema after runs were first fingerprinted, by section (``stage_<type>`` or
+#: ``lora``): while such a key holds its schema default (the behaviour before it existed) it is left
+#: out of the fingerprint, so a release that adds a key does not turn finished runs stale. A key
+#: set to another value is hashed as usual. 0.2: SimPO/CPO losses, DoRA/rsLoRA, NEFTune.
+ADDED_KEYS = {"stage_dpo": ("simpo_gamma", "cpo_alpha"), "stage_sft": ("neftune_alpha",),
+              "lora": ("use_dora", "use_rslora")}
 
 _SMALL_FILE = 64 << 20
 
@@ -177,6 +185,25 @@ def models_inputs(cfg: dict) -> dict[str, str | None]:
     return inputs
 
 
+def _without_added_defaults(section: str, cfg: dict) -> dict:
+    """``cfg`` less the :data:`ADDED_KEYS` of ``section`` that hold their schema default."""
+    added = ADDED_KEYS.get(section, ())
+    if not added:
+        return cfg
+    defaults = schema_filled(f"#/$defs/{section}", {}, nulls=True)
+    return {k: v for k, v in cfg.items() if not (k in added and v == defaults.get(k))}
+
+
+def _semantic_config(cfg: dict) -> dict:
+    """The part of a resolved stage config that a fingerprint hashes: less :data:`NON_SEMANTIC_KEYS`
+    and less keys added since (:data:`ADDED_KEYS`) that keep their default."""
+    out = {k: v for k, v in _without_added_defaults(f"stage_{cfg.get('type')}", cfg).items()
+           if k not in NON_SEMANTIC_KEYS}
+    if isinstance(out.get("lora"), dict):
+        out["lora"] = _without_added_defaults("lora", out["lora"])
+    return out
+
+
 def stage_fingerprints(recipe: dict, order: list[str]) -> dict[str, dict]:
     """For each stage: ``{"fingerprint": str, "parts": dict, "output": str}``.
 
@@ -191,15 +218,15 @@ def stage_fingerprints(recipe: dict, order: list[str]) -> dict[str, dict]:
         used = dict(cfg.get("datasets") or {})
         used.update(cfg.get("eval_datasets") or {})
         parts = {
-            "config": {k: v for k, v in cfg.items() if k not in NON_SEMANTIC_KEYS},
+            "config": _semantic_config(cfg),
             # an input's output fingerprint includes its max_steps: extending it changes what we read
             "inputs": {k: (out[v]["output"] if v else None) for k, v in inputs.items()},
             "model": model_section_fingerprint_part(recipe["model"]) if inputs["from"] is None else None,
             "tokenizer": tok_fp,
-            "seed": recipe.get("seed", 0),
+            "seed": top_level(recipe, "seed"),
             "data": {n: source_fingerprint(recipe["datasets"][n]) for n in sorted(used) if n in recipe["datasets"]},
         }
-        precision = recipe.get("precision", "auto")
+        precision = top_level(recipe, "precision")
         if precision != "auto":  # a pinned precision changes the weights (auto's outcome is in stage.json)
             parts["precision"] = precision
         # secrets show as ${NAME}: stage.json keeps these parts, and a rotated token is no change

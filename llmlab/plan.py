@@ -14,8 +14,8 @@ from pathlib import Path
 from rich.table import Table
 
 from llmlab.console import make_console
-from llmlab.fingerprint import recipe_stage_status, stage_fingerprints, stage_inputs
 from llmlab.recipe.schema import stage_defaults
+from llmlab.schemafile import schema_filled
 from llmlab.stage_specs import stage_spec, uses_reference
 
 
@@ -49,7 +49,7 @@ def vocab_size_for(recipe: dict) -> int | None:
             ids = set(vocab.values()) | {t["id"] for t in data.get("added_tokens", [])}
             return max(ids) + 1 if ids else None
     if tok.get("train"):
-        return int(tok["train"].get("vocab_size", 8192))
+        return int(schema_filled("#/properties/tokenizer/properties/train", tok["train"])["vocab_size"])
     return None
 
 
@@ -99,7 +99,7 @@ def pretrained_lora_trainable(source: str, lora_cfg: dict) -> int | None:
     loading."""
     from llmlab.models.gguf import gguf_architecture, is_gguf, locate
     from llmlab.models.lora_presets import arch_key_for_model_type, resolve_targets
-    from llmlab.models.params import lora_parameters
+    from llmlab.models.params import lora_parameters, lora_spec
 
     shapes = pretrained_shapes(source)
     if shapes is None:
@@ -110,11 +110,12 @@ def pretrained_lora_trainable(source: str, lora_cfg: dict) -> int | None:
         cfg_file = Path(source) / "config.json"
         config = json.loads(cfg_file.read_text()) if cfg_file.is_file() else {}
     key = arch_key_for_model_type(str(config.get("model_type")), config)
+    spec = lora_spec(lora_cfg)
     try:
-        targets = resolve_targets(key or "custom", lora_cfg.get("preset") or "all", lora_cfg.get("target_modules"))
+        targets = resolve_targets(key or "custom", spec.preset, spec.target_modules)
     except ValueError:
         return None
-    return lora_parameters(shapes, targets, int(lora_cfg.get("r") or 8), bool(lora_cfg.get("use_dora")))
+    return lora_parameters(shapes, targets, int(spec.r), spec.use_dora)
 
 
 def _fmt_count(n: float | None) -> str:
@@ -153,17 +154,10 @@ def stage_tokens(cfg: dict) -> int:
 def _trained_lora(recipe: dict, name: str) -> dict | None:
     """The LoRA config stage ``name`` trains: its own, or — for a stage without one whose ``from``
     stage kept its adapter unmerged (``merge: false``) — that adapter's, which it continues
-    (as the runner does); None when it trains every parameter."""
-    cfg = recipe["stages"][name]
-    if cfg.get("lora"):
-        return cfg["lora"]
-    src = cfg.get("from")
-    while src:  # a chain of adapter continuations leads back to the stage that made the adapter
-        src_cfg = recipe["stages"][src]
-        if src_cfg.get("lora"):
-            return src_cfg["lora"] if src_cfg["lora"].get("merge", True) is False else None
-        src = src_cfg.get("from")
-    return None
+    (the rule of :class:`llmlab.runplan.StageInit`); None when it trains every parameter."""
+    from llmlab.runplan import trained_lora
+
+    return trained_lora(recipe["stages"], name)[0]
 
 
 def _exactness(recipe: dict, facts: dict) -> str:
@@ -236,41 +230,40 @@ def plan_rows(recipe: dict, world_size: int = 1) -> tuple[list[dict], dict]:
     ``memory`` / ``memory_bytes`` are one device's (sharded by ``world_size`` under
     ``distributed.strategy: fsdp``, see :func:`llmlab.models.params.training_memory`).
     """
-    from llmlab.config import DistributedConfig
+    from llmlab.runplan import build_run_plan
 
-    order = list(recipe["stages"])
+    run = build_run_plan(recipe)
     world_size = max(1, int(world_size))
-    strategy = DistributedConfig.from_dict(recipe.get("distributed")).strategy
+    strategy = run.settings.distributed.strategy
     shards = world_size if strategy == "fsdp" else 1
-    fps = stage_fingerprints(recipe, order)
+    statuses = run.statuses()
     vocab = vocab_size_for(recipe)
     params = model_params(recipe, vocab)
     rows = []
-    for name in order:
-        cfg = recipe["stages"][name]
-        spec = stage_spec(cfg["type"])
+    for stage in run.stages:
+        name, cfg, spec = stage.name, stage.config, stage.spec
+        status, detail = statuses[name]
         if not spec.trains:  # trains nothing: which models, on which data, and its status
-            status, detail = recipe_stage_status(recipe, name, fps)
-            ds = list(cfg.get("datasets") or {})
-            rows.append({"stage": name, "type": cfg["type"], "from": ", ".join(cfg.get("models") or []),
+            ds = list(stage.datasets)
+            rows.append({"stage": name, "type": stage.type, "from": ", ".join(stage.params.models),
                          "datasets": {k: 100.0 / len(ds) for k in ds}, "steps": 0, "tokens": 0, "params": params,
                          "trainable": 0, "memory_bytes": None, "memory": None, "tokens_per_step": 0,
                          "tokens_per_param": None, "status": status,
-                         "status_detail": detail, "fingerprint": fps[name]["fingerprint"][:12]})
+                         "status_detail": detail, "fingerprint": stage.fingerprint[:12]})
             continue
-        weights = cfg.get("datasets") or {}
+        weights = stage.datasets
         total_w = sum(weights.values()) or 1.0
         shares = {k: 100.0 * v / total_w for k, v in weights.items()}
         trainable, memory = stage_memory(recipe, name, params, vocab, shards)
         tokens = stage_tokens(cfg) * world_size  # batch_size is per process
-        status, detail = recipe_stage_status(recipe, name, fps)
+        steps = stage.training.max_steps
         rows.append({
-            "stage": name, "type": cfg["type"], "from": stage_inputs(recipe, name, order)["from"] or "model",
-            "datasets": shares, "steps": int(cfg["max_steps"]), "tokens": tokens, "params": params,
+            "stage": name, "type": stage.type, "from": stage.init.weights_from or "model",
+            "datasets": shares, "steps": steps, "tokens": tokens, "params": params,
             "trainable": trainable, "memory_bytes": None if memory is None else sum(memory.values()),
-            "memory": memory, "tokens_per_step": tokens // max(1, int(cfg["max_steps"])),
+            "memory": memory, "tokens_per_step": tokens // max(1, steps),
             "tokens_per_param": tokens / params if (params and spec.kind == "text") else None,
-            "status": status, "status_detail": detail, "fingerprint": fps[name]["fingerprint"][:12],
+            "status": status, "status_detail": detail, "fingerprint": stage.fingerprint[:12],
         })
     return rows, {"params": params, "vocab_size": vocab, "tokenizer": run_tokenizer_state(recipe),
                   "world_size": world_size, "strategy": strategy, "sharded": shards > 1}

@@ -20,12 +20,13 @@ from rich.console import Console
 from rich.table import Table
 
 from llmlab.console import make_console, process_rank, single_process_launch_warning
-from llmlab.fingerprint import recipe_stage_status, stage_fingerprints, stage_inputs, tokenizer_fingerprint
+from llmlab.fingerprint import tokenizer_fingerprint
 from llmlab.layout import RESOLVED_HEADER, RunLayout, StageLayout, StageRecord
 from llmlab.metricsfile import read_records
 from llmlab.ownership import NotOwnedError, check_run_dir, claim_run_dir, make_dir, remove_owned, writing_folder
 from llmlab.recipe.secrets import mask_secrets
 from llmlab.runguard import RunLockedError, memory_shortfall, run_lock
+from llmlab.runplan import build_run_plan
 from llmlab.stage_specs import stage_spec
 
 log = logging.getLogger("llmlab")
@@ -126,7 +127,7 @@ def save_final(model, tokenizer, stage_dir: Path, cfg: dict, keep_adapter: bool 
         PeftModel = ()
     lora = cfg.get("lora") or {}
     if isinstance(model, PeftModel):
-        if not lora.get("merge", True) or (keep_adapter and not lora):
+        if (lora and not lora["merge"]) or (keep_adapter and not lora):
             with writing_folder(layout.tmp("adapter"), layout.adapter, "adapter") as tmp:
                 model.save_pretrained(tmp)
                 tokenizer.save_pretrained(tmp)
@@ -208,7 +209,8 @@ class Runner:
         self.console = console or make_console()
         self.allow_code = allow_code
         self.order = list(recipe["stages"])
-        self.fps = stage_fingerprints(recipe, self.order)
+        self.plan = build_run_plan(recipe)  # the stage graph: inputs, fingerprints, status, once
+        self.fps = self.plan.fingerprints()
 
     # -- tokenizer ---------------------------------------------------------------------------
     def ensure_tokenizer(self):
@@ -279,7 +281,7 @@ class Runner:
             if not resolved_file.is_file() or resolved_file.read_text() != text:  # a done run re-checks read-only
                 resolved_file.write_text(text)
 
-        statuses = {n: recipe_stage_status(self.recipe, n, self.fps) for n in self.order}
+        statuses = self.plan.statuses()
         todo = [n for n in selected if n in forced or statuses[n][0] != "done"]
         self._check_inputs(todo, statuses)  # before anything is deleted or trained
         if not todo:
@@ -312,7 +314,7 @@ class Runner:
         """
         will_run: set[str] = set()
         for name in todo:
-            for role, dep in stage_inputs(self.recipe, name, self.order).items():
+            for role, dep in self.plan.stage(name).inputs.items():
                 if dep is not None and dep not in will_run and statuses[dep][0] != "done":
                     status, detail = statuses[dep]
                     raise RunError(f"stage {name} reads stage {dep} ({role}), which is {status}"
@@ -333,7 +335,7 @@ class Runner:
 
         cfg = self.recipe["stages"][name]
         stage_dir = self.layout.stage(name).dir
-        status, detail = recipe_stage_status(self.recipe, name, self.fps)
+        status, detail = self.plan.status(name)
         if status == "done" and not forced:
             return self._skip(name, detail)
         if env.accelerator.is_main_process:  # before anything is deleted or trained
@@ -352,9 +354,9 @@ class Runner:
                                        f"{', '.join(kept[:8])}", markup=False, highlight=False)
             env.accelerator.wait_for_everyone()
             status = "pending"
-        inputs = stage_inputs(self.recipe, name, self.order)
+        inputs = self.plan.stage(name).inputs
         for role, dep in inputs.items():
-            dep_status = recipe_stage_status(self.recipe, dep, self.fps)[0] if dep is not None else "done"
+            dep_status = self.plan.status(dep)[0] if dep is not None else "done"
             if dep_status != "done":
                 raise RunError(f"stage {name} reads stage {dep} ({role}), which is {dep_status}; run it first")
         init_path, init_adapter = self._init_weights(cfg, inputs["from"])

@@ -44,6 +44,7 @@ from llmlab.data.formats import convert_kind
 from llmlab.data.packed import PackedSource, PretrainStream, eval_blocks, pack_documents  # noqa: F401 (re-export)
 from llmlab.data.sources import dataset_spec, load_named_dataset
 from llmlab.models.padfree import bucket_width
+from llmlab.schemafile import schema_filled, top_level
 from llmlab.stage_specs import STAGE_SPECS
 
 log = logging.getLogger(__name__)
@@ -52,9 +53,6 @@ DATA_VERSION = "2"  # bump when tokenisation changes, to invalidate cached files
 IGNORE_INDEX = -100
 #: stage type -> (family, canonical kind it consumes)
 STAGE_FAMILY = {t: (s.family, s.kind) for t, s in STAGE_SPECS.items() if s.family}
-STAGE_DEFAULTS: dict[str, Any] = {"batch_size": 8, "eval_steps": 10, "truncation": "drop",
-                                  "max_new_tokens": 32, "mixing": {"stopping": "all_exhausted"},
-                                  "eval_datasets": None}
 
 
 # -- helpers -------------------------------------------------------------------------------------
@@ -160,8 +158,8 @@ def encode_documents(tokenizer, texts: list[str], append_id: int | None = None):
     return pa.ListArray.from_arrays(pa.array(offsets.astype(np.int32)), pa.array(ids, type=pa.int32()))
 
 
-def _tok_sft(tokenizer, seq_len: int, cfg: dict, source: int):
-    truncate = cfg.get("truncation", "drop") == "truncate"
+def _tok_sft(tokenizer, seq_len: int, cfg: StageDataConfig, source: int):
+    truncate = cfg.truncation == "truncate"
 
     def fn(batch):
         enc = _chat(tokenizer, batch["messages"], return_assistant_tokens_mask=True)
@@ -187,7 +185,7 @@ def _tok_sft(tokenizer, seq_len: int, cfg: dict, source: int):
     return fn, _int_list_features("input_ids", "labels")
 
 
-def _tok_pair(tokenizer, seq_len: int, cfg: dict, source: int):
+def _tok_pair(tokenizer, seq_len: int, cfg: StageDataConfig, source: int):
     def fn(batch):
         out = {k: [] for k in ("chosen_input_ids", "chosen_labels", "rejected_input_ids",
                                "rejected_labels", "_source", "_drop")}
@@ -214,7 +212,7 @@ def _tok_pair(tokenizer, seq_len: int, cfg: dict, source: int):
                                   "rejected_labels")
 
 
-def _tok_unpaired(tokenizer, seq_len: int, cfg: dict, source: int):
+def _tok_unpaired(tokenizer, seq_len: int, cfg: StageDataConfig, source: int):
     """Unpaired preference rows (kto): prompt + completion, labels on the completion's assistant
     turns, ``desirable`` the row's label."""
     def fn(batch):
@@ -238,10 +236,10 @@ def _tok_unpaired(tokenizer, seq_len: int, cfg: dict, source: int):
     return fn, _int_list_features("input_ids", "labels", extra={"desirable": Value("int64")})
 
 
-def _tok_prompt(tokenizer, seq_len: int, cfg: dict, source: int):
+def _tok_prompt(tokenizer, seq_len: int, cfg: StageDataConfig, source: int):
     from datasets import List, Value
 
-    budget = max(1, seq_len - int(cfg.get("max_new_tokens", 32)))
+    budget = max(1, seq_len - int(cfg.max_new_tokens))
 
     def fn(batch):
         enc = _chat(tokenizer, batch["prompt"], add_generation_prompt=True)
@@ -491,32 +489,74 @@ def mix_stream(parts: list, weights: list[float], seed: int, stopping: str, need
     return passes[0] if len(passes) == 1 else concatenate_datasets(passes)
 
 
-def _examples_needed(cfg: dict, family: str) -> int:
+def _examples_needed(cfg: StageDataConfig, family: str) -> int:
     """Examples (tokens for pretrain) the stage consumes: max_steps × grad-accum × batch size."""
-    n = int(cfg.get("max_steps") or 0) * int(cfg.get("gradient_accumulation_steps") or 1) \
-        * int(cfg["batch_size"])
-    return n * int(cfg["seq_len"]) if family == "pretrain" else n
+    n = cfg.max_steps * cfg.gradient_accumulation_steps * cfg.batch_size
+    return n * cfg.seq_len if family == "pretrain" else n
 
 
 # -- build ---------------------------------------------------------------------------------------
 
-def _stage_config(recipe: dict, stage_name: str) -> dict:
+@dataclass(frozen=True)
+class StageDataConfig:
+    """What the data layer reads of a training stage's config: the ``$defs/stage_common`` keys that
+    shape its batches and the type's own ones. Built by :func:`_stage_config` from the config
+    filled with the schema's defaults (no default is written here)."""
+
+    type: str
+    """The stage type (its family: :data:`STAGE_FAMILY`)."""
+    datasets: dict
+    """Training datasets: name → mixture weight."""
+    eval_datasets: dict | None
+    """Held-out datasets: name → weight (None: the training datasets' held-out splits)."""
+    seq_len: int
+    """Tokens per sequence (resolution: the model's max_seq_len)."""
+    batch_size: int
+    """Examples per micro-batch."""
+    gradient_accumulation_steps: int
+    """Micro-batches per optimizer step."""
+    max_steps: int
+    """Optimizer steps (0 when a bare config gives none: nothing to size ahead)."""
+    eval_steps: int
+    """Held-out batches per evaluation."""
+    stopping: str
+    """``mixing.stopping``: first_exhausted | all_exhausted."""
+    max_dropped_fraction: float
+    """Most of a split that tokenisation may drop before the stage is refused."""
+    truncation: str | None
+    """sft: drop | truncate an over-long conversation; None for other types."""
+    max_new_tokens: int | None
+    """grpo / ppo: tokens generated per completion (the prompt budget is seq_len minus it)."""
+
+
+def _stage_config(recipe: dict, stage_name: str) -> StageDataConfig:
+    """The :class:`StageDataConfig` of stage ``stage_name`` (a bare stage too: the schema's defaults).
+
+    Raises:
+        KeyError: no such stage. ValueError: a stage type with no data family, or no dataset.
+    """
     stages = recipe.get("stages") or {}
     if stage_name not in stages:
         raise KeyError(f"stages.{stage_name}: no such stage")
-    cfg = {**STAGE_DEFAULTS, **stages[stage_name]}
-    cfg["mixing"] = {**STAGE_DEFAULTS["mixing"], **(stages[stage_name].get("mixing") or {})}
-    if cfg.get("seq_len") is None:
-        cfg["seq_len"] = int((recipe.get("model") or {}).get("max_seq_len", 512))
+    cfg = schema_filled("#/$defs/stage", stages[stage_name])
     if cfg.get("type") not in STAGE_FAMILY:
         raise ValueError(f"stages.{stage_name}.type: {cfg.get('type')!r} is not one of "
                          f"{', '.join(STAGE_FAMILY)}")
     if not cfg.get("datasets"):
         raise ValueError(f"stages.{stage_name}.datasets: name at least one dataset")
-    return cfg
+    seq_len = cfg.get("seq_len")
+    if seq_len is None:  # resolution's rule: the model's max_seq_len
+        seq_len = schema_filled("#/properties/model", recipe["model"])["max_seq_len"]
+    return StageDataConfig(
+        type=cfg["type"], datasets=dict(cfg["datasets"]), eval_datasets=cfg.get("eval_datasets"),
+        seq_len=int(seq_len), batch_size=int(cfg["batch_size"]),
+        gradient_accumulation_steps=int(cfg["gradient_accumulation_steps"]), max_steps=int(cfg.get("max_steps") or 0),
+        eval_steps=int(cfg["eval_steps"]), stopping=cfg["mixing"]["stopping"],
+        max_dropped_fraction=float(cfg["max_dropped_fraction"]), truncation=cfg.get("truncation"),
+        max_new_tokens=cfg.get("max_new_tokens"))
 
 
-def _tokenise(recipe: dict, name: str, split: str, rows, cfg: dict, family: str, kind_src: str,
+def _tokenise(recipe: dict, name: str, split: str, rows, cfg: StageDataConfig, family: str, kind_src: str,
               kind_dst: str, tokenizer, tok_hash: str, source: int):
     """Tokenise one dataset split (cached); returns (tokenised dataset, {reason: dropped})."""
     if kind_src != kind_dst:
@@ -525,12 +565,12 @@ def _tokenise(recipe: dict, name: str, split: str, rows, cfg: dict, family: str,
                             remove_columns=rows.column_names, keep_in_memory=True,
                             load_from_cache_file=False)
         except ValueError as e:
-            raise ValueError(f"datasets.{name}: {e} (stage type {cfg['type']})") from None
-    fn, features = _TOKENISERS[family](tokenizer, int(cfg["seq_len"]), cfg, source)
+            raise ValueError(f"datasets.{name}: {e} (stage type {cfg.type})") from None
+    fn, features = _TOKENISERS[family](tokenizer, cfg.seq_len, cfg, source)
     key = hashlib.sha256(json.dumps({
         "v": DATA_VERSION, "tok": tok_hash, "spec": dataset_spec(recipe, name), "split": split,
-        "seed": int(recipe.get("seed", 0)), "family": family, "seq_len": int(cfg["seq_len"]),
-        "truncation": cfg.get("truncation"), "max_new_tokens": cfg.get("max_new_tokens"),
+        "seed": int(top_level(recipe, "seed")), "family": family, "seq_len": cfg.seq_len,
+        "truncation": cfg.truncation, "max_new_tokens": cfg.max_new_tokens,
         "source": source, "n": len(rows),
         # content fingerprint of the canonical rows (datasets hashes in-memory tables and the
         # files a local/hub dataset was read from), so edited data never hits a stale cache
@@ -560,7 +600,8 @@ def _tokenise(recipe: dict, name: str, split: str, rows, cfg: dict, family: str,
     return tokd.remove_columns("_drop"), counts
 
 
-def _announce_drops(name: str, split: str, counts: dict[str, int], total: int, needed: int, cfg: dict) -> None:
+def _announce_drops(name: str, split: str, counts: dict[str, int], total: int, needed: int,
+                    cfg: StageDataConfig) -> None:
     """Say what tokenisation dropped from one dataset split, and what would keep it.
 
     Raises:
@@ -569,14 +610,14 @@ def _announce_drops(name: str, split: str, counts: dict[str, int], total: int, n
     parts = []
     if counts.get("too_long"):
         hint = f"seq_len {needed} would keep them" if needed else "a larger seq_len would keep them"
-        if cfg.get("type") == "sft" and cfg.get("truncation", "drop") == "drop":
+        if cfg.type == "sft" and cfg.truncation == "drop":
             hint += ", or truncation: truncate"
-        parts.append(f"{counts['too_long']} longer than seq_len {cfg['seq_len']} ({hint})")
+        parts.append(f"{counts['too_long']} longer than seq_len {cfg.seq_len} ({hint})")
     if counts.get("no_assistant_tokens"):
         parts.append(f"{counts['no_assistant_tokens']} with no assistant token to train on")
     dropped = sum(counts.values())
     message = f"datasets.{name} ({split}): dropped {dropped} of {total} examples at tokenisation: {'; '.join(parts)}"
-    limit = float(cfg.get("max_dropped_fraction", 0.5))
+    limit = cfg.max_dropped_fraction
     if dropped / max(total, 1) > limit:
         raise ValueError(f"{message}; that is more than the stage's max_dropped_fraction {limit:g}")
     log.warning("%s", message)
@@ -620,29 +661,29 @@ def build_stage_data(recipe: dict, stage_name: str, tokenizer) -> StageData:
             or nothing is left to train on after dropping over-long examples.
     """
     cfg = _stage_config(recipe, stage_name)
-    seed = int(recipe.get("seed", 0))
-    seq_len = int(cfg["seq_len"])
+    seed = int(top_level(recipe, "seed"))
+    seq_len = cfg.seq_len
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    if STAGE_FAMILY[cfg["type"]][0] == "pretrain" and tokenizer.eos_token_id is None:
+    if STAGE_FAMILY[cfg.type][0] == "pretrain" and tokenizer.eos_token_id is None:
         raise ValueError("pretraining needs a tokenizer with an eos token")
     tok_hash = tokenizer_fingerprint(tokenizer)
-    names = list(cfg["datasets"])
-    weights = [float(cfg["datasets"][n]) for n in names]
-    eval_spec = cfg.get("eval_datasets")
+    names = list(cfg.datasets)
+    weights = [float(cfg.datasets[n]) for n in names]
+    eval_spec = cfg.eval_datasets
     eval_names = list(eval_spec) if eval_spec else names
     # the held-out mixture follows eval_datasets' weights (null: 1), else the training weights
     eval_w = [float(eval_spec[n]) if eval_spec[n] is not None else 1.0 for n in eval_names] \
         if eval_spec else weights
     eval_weights: list[float] = []
 
-    if STAGE_FAMILY[cfg["type"]][0] == "pretrain":
+    if STAGE_FAMILY[cfg.type][0] == "pretrain":
         return _build_pretrain(recipe, stage_name, cfg, tokenizer, names, weights, eval_names, eval_w,
                                bool(eval_spec))
     dropped: dict[str, dict[str, int]] = {}
     train_parts, eval_parts = [], []
     with _quiet_datasets():
         loaded = {name: load_named_dataset(recipe, name) for name in dict.fromkeys(names + eval_names)}
-        family, kind_dst = stage_family(cfg["type"], {n: s.kind for n, s in loaded.items()}, stage_name)
+        family, kind_dst = stage_family(cfg.type, {n: s.kind for n, s in loaded.items()}, stage_name)
         for i, name in enumerate(names):
             splits = loaded[name]
             tokd, counts = _tokenise(recipe, name, "train", splits.train, cfg, family, splits.kind,
@@ -672,7 +713,7 @@ def build_stage_data(recipe: dict, stage_name: str, tokenizer) -> StageData:
 
         id_col = {"pretrain": "input_ids", "sft": "input_ids", "pair": "chosen_input_ids",
                   "prompt": "prompt_input_ids", "unpaired_preference": "input_ids"}[family]
-        mixed = mix_stream(train_parts, weights, seed, cfg["mixing"]["stopping"],
+        mixed = mix_stream(train_parts, weights, seed, cfg.stopping,
                            _examples_needed(cfg, family), id_col if family == "pretrain" else None)
         src = column(mixed, "_source").to_numpy()
         lens = _lengths(mixed, id_col)
@@ -686,9 +727,9 @@ def build_stage_data(recipe: dict, stage_name: str, tokenizer) -> StageData:
             perm = _rng(seed, "eval", stage_name).permutation(len(eval_mixed))
             eval_ = eval_mixed.select(perm.tolist())
 
-    data = StageData(stage=stage_name, type=cfg["type"], seed=seed,
-                     batch_size=int(cfg["batch_size"]), seq_len=seq_len, pad_token_id=int(pad_id),
-                     eval_steps=int(cfg.get("eval_steps") or 0), shares=shares,
+    data = StageData(stage=stage_name, type=cfg.type, seed=seed,
+                     batch_size=cfg.batch_size, seq_len=seq_len, pad_token_id=int(pad_id),
+                     eval_steps=cfg.eval_steps, shares=shares,
                      token_shares=token_shares, dropped=dropped, _train=train, _eval=eval_,
                      _sources=src.astype(np.int64), _family=family)
     log.info("stage %s: %d training examples, shares %s, dropped %s", stage_name,
@@ -696,7 +737,7 @@ def build_stage_data(recipe: dict, stage_name: str, tokenizer) -> StageData:
     return data
 
 
-def _build_pretrain(recipe: dict, stage_name: str, cfg: dict, tokenizer, names: list[str],
+def _build_pretrain(recipe: dict, stage_name: str, cfg: StageDataConfig, tokenizer, names: list[str],
                     weights: list[float], eval_names: list[str], eval_w: list[float],
                     eval_named: bool, processes: int | None = None, progress: bool = False) -> StageData:
     """A pretraining stage's data, read lazily from token stores (filled first where missing):
@@ -704,7 +745,7 @@ def _build_pretrain(recipe: dict, stage_name: str, cfg: dict, tokenizer, names: 
     :func:`~llmlab.data.packed.eval_blocks` (at most ``eval_steps × batch_size``)."""
     from llmlab.data.store import ensure_text_store
 
-    seed, seq_len, batch = int(recipe.get("seed", 0)), int(cfg["seq_len"]), int(cfg["batch_size"])
+    seed, seq_len, batch = int(top_level(recipe, "seed")), cfg.seq_len, cfg.batch_size
     eos = tokenizer.eos_token_id
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
     sources, dropped = [], {}
@@ -716,7 +757,7 @@ def _build_pretrain(recipe: dict, stage_name: str, cfg: dict, tokenizer, names: 
                              f"examples (dropped: {dropped[name]})")
         sources.append(PackedSource(st, seq_len, eos, pad_id))
     stream = PretrainStream(sources, names, weights, seed, stage_name)
-    needed = int(cfg.get("max_steps") or 0) * int(cfg.get("gradient_accumulation_steps") or 1) * batch
+    needed = cfg.max_steps * cfg.gradient_accumulation_steps * batch
     shares = stream.shares(needed)  # over the blocks the stage consumes
     ev_stores, ev_weights = [], []
     for name, w in zip(eval_names, eval_w):
@@ -730,9 +771,9 @@ def _build_pretrain(recipe: dict, stage_name: str, cfg: dict, tokenizer, names: 
             ev_stores.append(st)
             ev_weights.append(w)
     eval_ = eval_blocks(ev_stores, ev_weights, seed, stage_name, seq_len, eos, pad_id,
-                        int(cfg.get("eval_steps") or 0) * batch) if ev_stores else None
-    data = StageData(stage=stage_name, type=cfg["type"], seed=seed, batch_size=batch, seq_len=seq_len,
-                     pad_token_id=int(pad_id), eval_steps=int(cfg.get("eval_steps") or 0),
+                        cfg.eval_steps * batch) if ev_stores else None
+    data = StageData(stage=stage_name, type=cfg.type, seed=seed, batch_size=batch, seq_len=seq_len,
+                     pad_token_id=int(pad_id), eval_steps=cfg.eval_steps,
                      shares=shares, token_shares=dict(shares), dropped=dropped, _train=stream,
                      _eval=eval_)
     log.info("stage %s: %d blocks of %d tokens, shares %s, dropped %s", stage_name, stream.num_blocks,

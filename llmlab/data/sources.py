@@ -44,6 +44,9 @@ from typing import Any
 from llmlab.data.formats import (BOOL_COLUMNS, COLUMNS_OF_KIND, KIND_OF_FORMAT, STRING_COLUMNS, BadRow,
                                  detect_format, normaliser, row_text)
 from llmlab.recipe.semantic import BUILTIN_FORMATS as BUILTIN_FORMAT
+from llmlab.runplan import DatasetSource, dataset_source
+from llmlab.schemafile import schema_filled, top_level
+from llmlab.specs import FilterSpec, typed_section
 
 log = logging.getLogger(__name__)
 
@@ -54,13 +57,8 @@ ALTERNATING_FILES = frozenset({"conversations.yml", "health.yml", "sports.yml", 
                                "literature.yml"})
 _LOCAL_BUILDERS = {".txt": "text", ".text": "text", ".jsonl": "json", ".json": "json",
                    ".parquet": "parquet", ".csv": "csv"}
-DATASET_DEFAULTS: dict[str, Any] = {
-    "format": "auto", "columns": None, "eval_split": 0.0, "max_samples": None,
-    "split": "train", "subset": None, "revision": None, "streaming": False,
-    "max_bad_fraction": 0.01,
-}
-FILTER_DEFAULTS: dict[str, Any] = {"min_length": None, "max_length": None, "dedup": "none",
-                                   "minhash_threshold": 0.85}
+#: the schema section of a dataset (its defaults are the only ones)
+DATASET_SCHEMA = "#/$defs/dataset"
 _MAX_BAD_LOGGED = 5
 
 
@@ -101,7 +99,8 @@ _CACHE: dict[str, DatasetSplits] = {}
 
 
 def dataset_spec(recipe: dict, name: str) -> dict:
-    """``recipe["datasets"][name]`` with the defaults filled in.
+    """``recipe["datasets"][name]`` with the schema's defaults filled in, keys whose default is null
+    present as None (:func:`llmlab.runplan.schema_filled`).
 
     Raises:
         KeyError: the recipe defines no dataset ``name``.
@@ -109,9 +108,7 @@ def dataset_spec(recipe: dict, name: str) -> dict:
     datasets_ = recipe.get("datasets") or {}
     if name not in datasets_:
         raise KeyError(f"datasets.{name}: no such dataset (defined: {', '.join(datasets_) or 'none'})")
-    spec = {**DATASET_DEFAULTS, **datasets_[name]}
-    spec["filters"] = {**FILTER_DEFAULTS, **(datasets_[name].get("filters") or {})}
-    return spec
+    return schema_filled(DATASET_SCHEMA, datasets_[name], nulls=True)
 
 
 def load_named_dataset(recipe: dict, name: str) -> DatasetSplits:
@@ -134,12 +131,13 @@ def load_named_dataset(recipe: dict, name: str) -> DatasetSplits:
             row and its problem).
     """
     spec = dataset_spec(recipe, name)
-    seed = int(recipe.get("seed", 0))
+    src = dataset_source(name, spec)
+    seed = int(top_level(recipe, "seed"))
     stamp = None
-    if spec.get("path"):  # memo is invalidated when the files change
+    if src.path:  # memo is invalidated when the files change
         try:
             stamp = [(f, os.stat(f).st_size, os.stat(f).st_mtime_ns)
-                     for f in resolve_files(spec["path"], recipe.get("_recipe_dir"))]
+                     for f in resolve_files(src.path)]  # absolute after resolution
         except (ValueError, OSError):
             stamp = None
     key = json.dumps({"spec": spec, "seed": seed, "name": name, "files": stamp}, sort_keys=True,
@@ -147,23 +145,22 @@ def load_named_dataset(recipe: dict, name: str) -> DatasetSplits:
     if key in _CACHE:
         return _CACHE[key]
 
-    sources = [k for k in ("builtin", "hub", "path") if spec.get(k)]
-    if len(sources) != 1:
+    if len([s for s in (src.builtin, src.hub, src.path) if s]) != 1:
         raise ValueError(f"datasets.{name}: give exactly one of builtin / hub / path")
     pre_bad: list[tuple[Any, str]] = []
-    if spec.get("builtin"):
-        given = spec.get("format") or "auto"
-        if given != "auto" and given != BUILTIN_FORMAT.get(spec["builtin"], given):
-            raise ValueError(f"datasets.{name}.format: builtin {spec['builtin']!r} is "
-                             f"{BUILTIN_FORMAT[spec['builtin']]!r} data, not {given!r}")
-        raw, fmt, pre_bad = _load_builtin(spec["builtin"], seed, name)
+    if src.builtin:
+        given = src.format
+        if given != "auto" and given != BUILTIN_FORMAT.get(src.builtin, given):
+            raise ValueError(f"datasets.{name}.format: builtin {src.builtin!r} is "
+                             f"{BUILTIN_FORMAT[src.builtin]!r} data, not {given!r}")
+        raw, fmt, pre_bad = _load_builtin(src.builtin, seed, name)
     else:
-        raw = _load_hub(spec, recipe) if spec.get("hub") else _load_local(spec, recipe, name)
-        fmt = spec.get("format") or "auto"
-    if spec.get("max_samples") is not None:
-        raw = raw.select(range(min(len(raw), int(spec["max_samples"]))))
+        raw = _load_hub(src, recipe) if src.hub else _load_local(src, recipe, name)
+        fmt = src.format
+    if src.max_samples is not None:
+        raw = raw.select(range(min(len(raw), int(src.max_samples))))
 
-    columns = spec.get("columns") or {}
+    columns = src.columns
     if columns:
         missing = [src for src in columns.values() if src not in raw.column_names]
         if missing:
@@ -173,8 +170,8 @@ def load_named_dataset(recipe: dict, name: str) -> DatasetSplits:
         clash = [dst for dst in renames.values() if dst in raw.column_names and dst not in renames]
         raw = raw.remove_columns(clash)
         raw = raw.rename_columns(renames)
-    if spec.get("format") not in (None, "auto"):
-        fmt = spec["format"]
+    if src.format != "auto":
+        fmt = src.format
     if fmt == "auto":
         try:
             fmt = detect_format(raw.column_names, raw[0] if len(raw) else None)
@@ -187,12 +184,12 @@ def load_named_dataset(recipe: dict, name: str) -> DatasetSplits:
     ds, bad = _normalise(raw, fmt, kind)
     num_raw = len(raw) + len(pre_bad)
     bad_all = pre_bad + bad
-    check_bad_rows(name, len(bad_all), num_raw, bad_all[:_MAX_BAD_LOGGED], float(spec.get("max_bad_fraction", 0.01)))
+    check_bad_rows(name, len(bad_all), num_raw, bad_all[:_MAX_BAD_LOGGED], float(src.max_bad_fraction))
     if len(ds) == 0:
         raise ValueError(f"datasets.{name}: no usable rows")
 
-    ds, filtered = apply_filters(ds, spec["filters"], name)
-    train, eval_ = split_eval(ds, kind, float(spec.get("eval_split") or 0.0), seed, name)
+    ds, filtered = apply_filters(ds, src.filters, name)
+    train, eval_ = split_eval(ds, kind, float(src.eval_split), seed, name)
     out = DatasetSplits(name=name, format=fmt, kind=kind, train=train, eval=eval_,
                         num_raw=num_raw, num_bad=len(bad_all), bad_rows=bad_all[:_MAX_BAD_LOGGED],
                         filtered=filtered)
@@ -278,12 +275,14 @@ class RowFilter:
         ValueError: unknown ``dedup`` mode (naming ``datasets.<name>.filters.dedup``).
     """
 
-    def __init__(self, filters: dict | None, name: str = ""):
-        filters = {**FILTER_DEFAULTS, **(filters or {})}
-        self.dedup = filters["dedup"] or "none"
+    def __init__(self, filters: dict | FilterSpec | None, name: str = ""):
+        if not isinstance(filters, FilterSpec):  # a section, filled with the schema's defaults
+            filters = typed_section(FilterSpec, filters)
+        self.dedup = filters.dedup
         if self.dedup not in ("none", "exact", "minhash"):
             raise ValueError(f"datasets.{name}.filters.dedup: {self.dedup!r} is not none/exact/minhash")
-        self.min_length, self.max_length = filters["min_length"], filters["max_length"]
+        self.min_length, self.max_length = filters.min_length, filters.max_length
+        self.minhash_threshold = filters.minhash_threshold
         self.counts: dict[str, int] = {k: 0 for k, on in (
             ("min_length", self.min_length is not None), ("max_length", self.max_length is not None),
             ("dedup_exact", self.dedup != "none")) if on}
@@ -308,7 +307,7 @@ class RowFilter:
         return True
 
 
-def apply_filters(ds, filters: dict, name: str = ""):
+def apply_filters(ds, filters: dict | FilterSpec, name: str = ""):
     """Apply :class:`RowFilter` (min/max length, exact dedup) and then MinHash near-dedup
     (datasketch's MinHashLSH over word 3-shingles, 128 permutations; loaded datasets only).
 
@@ -329,7 +328,7 @@ def apply_filters(ds, filters: dict, name: str = ""):
         from datasketch import MinHash, MinHashLSH
 
         num_perm = 128
-        threshold = float({**FILTER_DEFAULTS, **filters}["minhash_threshold"])
+        threshold = float(rf.minhash_threshold)
         lsh = MinHashLSH(threshold=threshold, num_perm=num_perm)
     counts = dict(rf.counts, **({"dedup_minhash": 0} if lsh is not None else {}))
     # one pass over the rows in batches (memory: the kept indices and the dedup hashes, not the rows)
@@ -630,7 +629,7 @@ def _cache_dir(recipe: dict) -> str | None:
     return str(Path(out) / "cache" / "hf") if out else None
 
 
-def _load_hub(spec: dict, recipe: dict):
+def _load_hub(src: DatasetSource | dict, recipe: dict):
     """A hub dataset as a ``datasets.Dataset``.
 
     A ``streaming: true`` one is read up to ``max_samples`` rows straight into an Arrow file of
@@ -640,14 +639,15 @@ def _load_hub(spec: dict, recipe: dict):
     """
     from datasets import Dataset, load_dataset
 
-    ds = load_dataset(spec["hub"], spec.get("subset"), split=spec.get("split") or "train",
-                      revision=spec.get("revision"), streaming=bool(spec.get("streaming")),
+    if not isinstance(src, DatasetSource):  # a bare section (absent keys: the schema's defaults)
+        src = dataset_source("", src)
+    ds = load_dataset(src.hub, src.subset, split=src.split, revision=src.revision, streaming=src.streaming,
                       cache_dir=_cache_dir(recipe))
-    if spec.get("streaming"):
-        if spec.get("max_samples") is None:  # the validator refuses this; a guard for direct callers
-            raise ValueError(f"datasets: hub dataset {spec['hub']!r} streams without max_samples")
-        n = int(spec["max_samples"])
-        key = json.dumps([spec["hub"], spec.get("subset"), spec.get("split") or "train", spec.get("revision"), n])
+    if src.streaming:
+        if src.max_samples is None:  # the validator refuses this; a guard for direct callers
+            raise ValueError(f"datasets: hub dataset {src.hub!r} streams without max_samples")
+        n = int(src.max_samples)
+        key = json.dumps([src.hub, src.subset, src.split, src.revision, n])
         ds = Dataset.from_generator(_take_rows, gen_kwargs={"stream": ds, "n": n}, features=ds.features,
                                     cache_dir=_cache_dir(recipe),
                                     fingerprint=hashlib.sha256(key.encode()).hexdigest()[:16])
@@ -697,12 +697,11 @@ def resolve_files(path: str | os.PathLike, base: str | os.PathLike | None = None
     return files
 
 
-def _load_local(spec: dict, recipe: dict, name: str):
+def _load_local(src: DatasetSource, recipe: dict, name: str):
     from datasets import load_dataset
 
-    base = recipe.get("_recipe_dir")
     try:
-        files = resolve_files(spec["path"], base)
+        files = resolve_files(src.path)  # absolute after resolution (relative to the recipe file)
     except ValueError as e:
         raise ValueError(f"datasets.{name}.path: {e}") from None
     builder = _LOCAL_BUILDERS[Path(files[0]).suffix.lower()]

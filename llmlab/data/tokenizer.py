@@ -24,6 +24,8 @@ import time
 from pathlib import Path
 from typing import Iterator
 
+from llmlab.schemafile import schema_filled
+
 log = logging.getLogger(__name__)
 
 EOS_TOKEN = "<|endoftext|>"
@@ -70,14 +72,16 @@ def build_tokenizer(recipe: dict, out_dir: Path):
         ValueError: the tokenizer section names neither ``from_pretrained`` nor ``train``, a train
             dataset has no text, or the tokenizer cannot represent the chat template's markers.
     """
+    from llmlab.runplan import tokenizer_spec
+
     out_dir = Path(out_dir)
-    cfg = recipe.get("tokenizer") or {}
-    extra = [t for t in (cfg.get("special_tokens") or []) if t not in BASE_SPECIAL_TOKENS]
-    template = cfg.get("chat_template", "chatml")
-    if cfg.get("from_pretrained"):
-        tok = _load_pretrained(cfg, extra, template)
-    elif cfg.get("train"):
-        tok = train_tokenizer(_training_texts(recipe, cfg["train"]), cfg["train"], extra, template)
+    section = recipe.get("tokenizer") or {}
+    spec = tokenizer_spec(section)  # absent keys: the schema's defaults
+    extra = [t for t in spec.special_tokens if t not in BASE_SPECIAL_TOKENS]
+    if spec.from_pretrained:
+        tok = _load_pretrained(spec, extra, spec.chat_template)
+    elif spec.train:
+        tok = train_tokenizer(_training_texts(recipe, spec.train), section["train"], extra, spec.chat_template)
     else:
         raise ValueError("tokenizer: give exactly one of `from_pretrained` or `train`")
     save_tokenizer(tok, out_dir)
@@ -104,8 +108,9 @@ def train_tokenizer(texts, train_cfg: dict, extra_special_tokens=(), chat_templa
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    vocab_size = int(train_cfg.get("vocab_size", 8192))
-    min_frequency = int(train_cfg.get("min_frequency", 2))
+    train_cfg = schema_filled("#/properties/tokenizer/properties/train", train_cfg)  # a bare one too
+    vocab_size = int(train_cfg["vocab_size"])
+    min_frequency = int(train_cfg["min_frequency"])
     special = BASE_SPECIAL_TOKENS + list(extra_special_tokens)
     alphabet = pre_tokenizers.ByteLevel.alphabet()
     if vocab_size < len(special) + len(alphabet):
@@ -205,17 +210,22 @@ def _set_chat_template(tok, template) -> None:
         tok.chat_template = str(template)
 
 
-def _load_pretrained(cfg: dict, extra: list[str], template):
+def _load_pretrained(cfg, extra: list[str], template):
+    """A pretrained tokenizer from ``cfg`` (a :class:`llmlab.runplan.TokenizerSpec`, or a bare
+    ``tokenizer:`` section) with ``extra`` special tokens and the chat ``template``."""
     from transformers import AutoTokenizer
 
     from llmlab.models.gguf import is_gguf, split_gguf
+    from llmlab.runplan import TokenizerSpec, tokenizer_spec
 
-    src, gguf = cfg["from_pretrained"], {}
+    if not isinstance(cfg, TokenizerSpec):
+        cfg = tokenizer_spec(cfg)
+    src, gguf = cfg.from_pretrained, {}
     if is_gguf(src):  # the tokenizer stored in a GGUF file's metadata
         src, gguf["gguf_file"] = split_gguf(src)
     # trust_remote_code=False: a recipe runs no code, and a final/ whose config.json has an auto_map
     # must not stop the run with transformers' interactive "run the custom code? [y/N]"
-    tok = AutoTokenizer.from_pretrained(src, revision=cfg.get("revision"), trust_remote_code=False, **gguf)
+    tok = AutoTokenizer.from_pretrained(src, revision=cfg.revision, trust_remote_code=False, **gguf)
     if extra:
         tok.add_special_tokens({"additional_special_tokens": extra})
     if tok.eos_token is None:
@@ -231,14 +241,15 @@ def _load_pretrained(cfg: dict, extra: list[str], template):
     return tok
 
 
-def _training_texts(recipe: dict, train_cfg: dict) -> Iterator[str]:
-    """Documents for tokenizer training: the train split of each named dataset, in order."""
+def _training_texts(recipe: dict, train_cfg) -> Iterator[str]:
+    """Documents for tokenizer training (``train_cfg``: a :class:`llmlab.runplan.TokenizerTrainSpec`):
+    the train split of each named dataset, in order."""
     from llmlab.data.sources import dataset_spec, load_named_dataset
 
-    names = list(train_cfg.get("datasets") or [])
+    names = list(train_cfg.datasets)
     if not names:
         raise ValueError("tokenizer.train.datasets: name at least one dataset")
-    limit = train_cfg.get("max_documents")
+    limit = train_cfg.max_documents
     docs: list[str] = []
     for name in names:
         if dataset_spec(recipe, name).get("streaming"):  # read the stream up to what is needed

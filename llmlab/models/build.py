@@ -23,6 +23,7 @@ from llmlab.models import lora_presets
 from llmlab.models.gguf import drop_gguf_quantizer, is_gguf, split_gguf
 from llmlab.models.configuration_llmlab import LlmlabConfig
 from llmlab.models.modeling_llmlab import LlmlabForCausalLM, register_auto_classes
+from llmlab.models.params import as_model_spec, lora_spec
 
 log = logging.getLogger(__name__)
 
@@ -42,9 +43,6 @@ MAMBA2_KEYS = (
 )
 #: keys any model section may carry that are not architecture knobs
 _COMMON_KEYS = ("arch", "gradient_checkpointing", "vocab_size")
-
-_MAMBA2_DEFAULTS = {"d_model": 256, "n_layers": 4, "state_size": 64, "head_dim": 32, "expand": 2,
-                    "conv_kernel": 4, "n_groups": 1, "chunk_size": 64, "tie_embeddings": True}
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -103,27 +101,27 @@ def mamba2_config(model_cfg: dict, vocab_size: int, special_ids: dict | None = N
     from transformers import Mamba2Config
 
     _check_keys(model_cfg, MAMBA2_KEYS, "mamba2")
-    c = {k: (model_cfg.get(k) if model_cfg.get(k) is not None else v) for k, v in _MAMBA2_DEFAULTS.items()}
-    inner = c["expand"] * c["d_model"]
-    if inner % c["head_dim"]:
-        raise ValueError(f"mamba2: expand * d_model ({inner}) must be divisible by head_dim ({c['head_dim']})")
-    num_heads = inner // c["head_dim"]
-    if num_heads % c["n_groups"]:
-        raise ValueError(f"mamba2: num_heads = expand*d_model/head_dim = {num_heads} must be divisible by n_groups ({c['n_groups']})")
+    c = as_model_spec({"arch": "mamba2", **model_cfg})  # absent or null keys: the schema's defaults
+    inner = c.expand * c.d_model
+    if inner % c.head_dim:
+        raise ValueError(f"mamba2: expand * d_model ({inner}) must be divisible by head_dim ({c.head_dim})")
+    num_heads = inner // c.head_dim
+    if num_heads % c.n_groups:
+        raise ValueError(f"mamba2: num_heads = expand*d_model/head_dim = {num_heads} must be divisible by n_groups ({c.n_groups})")
     ids = {k: v for k, v in (special_ids or {}).items() if v is not None}
     context = {"max_seq_len": int(model_cfg["max_seq_len"])} if model_cfg.get("max_seq_len") is not None else {}
     return Mamba2Config(
         vocab_size=vocab_size,
-        hidden_size=c["d_model"],
-        num_hidden_layers=c["n_layers"],
+        hidden_size=c.d_model,
+        num_hidden_layers=c.n_layers,
         num_heads=num_heads,
-        head_dim=c["head_dim"],
-        state_size=c["state_size"],
-        expand=c["expand"],
-        conv_kernel=c["conv_kernel"],
-        n_groups=c["n_groups"],
-        chunk_size=c["chunk_size"],
-        tie_word_embeddings=bool(c["tie_embeddings"]),
+        head_dim=c.head_dim,
+        state_size=c.state_size,
+        expand=c.expand,
+        conv_kernel=c.conv_kernel,
+        n_groups=c.n_groups,
+        chunk_size=c.chunk_size,
+        tie_word_embeddings=bool(c.tie_embeddings),
         pad_token_id=ids.get("pad_token_id"),
         bos_token_id=ids.get("bos_token_id"),
         eos_token_id=ids.get("eos_token_id"),
@@ -132,7 +130,7 @@ def mamba2_config(model_cfg: dict, vocab_size: int, special_ids: dict | None = N
 
 
 def _trust_remote_code(model_cfg: dict, allow_code: bool) -> bool:
-    wants = bool(model_cfg.get("trust_remote_code", False))
+    wants = model_cfg.get("trust_remote_code") is True  # the schema's default: false
     if wants and not allow_code:
         raise PermissionError(
             f"model.trust_remote_code is true for {model_cfg.get('from_pretrained')!r}: running a checkpoint's "
@@ -331,19 +329,20 @@ def apply_lora(model: PreTrainedModel, lora_cfg: dict, arch_key: str | None = No
                                          or getattr(model, "is_loaded_in_8bit", False)):
         raise ValueError("lora.quantize: the base must be loaded quantized (load_causal_lm(..., quantize=...)); "
                          "a model built from scratch has no pretrained weights to quantize")
+    lora = lora_spec(lora_cfg)  # a bare section too: the schema's defaults
     key = arch_key or arch_key_for_model(model)
     if key is None:
-        if lora_cfg.get("preset", "all") != "custom":
+        if lora.preset != "custom":
             raise ValueError(
                 f"no LoRA presets for model_type {getattr(model.config, 'model_type', '?')!r}; use preset 'custom'"
             )
         key = "custom"
-    targets = lora_presets.resolve_targets(key, lora_cfg.get("preset", "all"), lora_cfg.get("target_modules"))
+    targets = lora_presets.resolve_targets(key, lora.preset, list(lora.target_modules) if lora.target_modules else None)
     is_seq_cls = type(model).__name__.endswith("ForSequenceClassification")
     config = LoraConfig(
-        r=int(lora_cfg.get("r", 8)),
-        lora_alpha=float(lora_cfg.get("alpha", 16)),
-        lora_dropout=float(lora_cfg.get("dropout", 0.0)),
+        r=int(lora.r),
+        lora_alpha=float(lora.alpha),
+        lora_dropout=float(lora.dropout),
         target_modules=targets,
         task_type=TaskType.SEQ_CLS if is_seq_cls else TaskType.CAUSAL_LM,
         use_dora=bool(lora_cfg.get("use_dora")),

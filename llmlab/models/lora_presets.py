@@ -58,7 +58,11 @@ def arch_key(model_cfg: dict) -> str | None:
     if arch == "mamba2":
         return "mamba2"
     if arch == "transformer":
-        return "transformer_gated" if model_cfg.get("activation", "swiglu") == "swiglu" else "transformer_plain"
+        from llmlab.schemafile import schema_filled
+
+        section = {k: v for k, v in model_cfg.items() if v is not None}
+        gated = schema_filled("#/properties/model", section)["activation"] == "swiglu"  # absent: the default
+        return "transformer_gated" if gated else "transformer_plain"
     return None
 
 

@@ -106,8 +106,60 @@ class LlmlabCausalLMOutputWithPast(CausalLMOutputWithPast):
 
 
 # ---------------------------------------------------------------------------------------------
+# component registries: a component is one registered entry here plus its value in the recipe
+# schema's enum (schemas/recipe.schema.json, $defs/model_transformer) and in the configuration's
+# name tuple (configuration_llmlab.py validates a config without torch); tests/models/
+# test_components.py checks that the three agree
+# ---------------------------------------------------------------------------------------------
+#: norm_type -> a module class taking ``(dim, eps=...)``; shapes [..., D] -> [..., D]
+NORMS: dict[str, type] = {}
+#: activation -> elementwise function (for a gated activation: the gate's; see ``config.is_gated``)
+ACTIVATION_FUNCTIONS: dict = {}
+#: positional_encoding -> a :class:`PositionalEncoding` subclass
+POSITION_ENCODINGS: dict[str, type] = {}
+
+
+def register_norm(name: str):
+    """Class decorator: ``norm_type: name`` builds this class ``(d_model, eps=norm_eps)``."""
+
+    def deco(cls):
+        NORMS[name] = cls
+        return cls
+
+    return deco
+
+
+def register_activation(name: str, fn) -> None:
+    """``activation: name`` applies ``fn`` (elementwise) in the feed-forward block."""
+    ACTIVATION_FUNCTIONS[name] = fn
+
+
+def register_position_encoding(name: str):
+    """Class decorator: ``positional_encoding: name`` uses this :class:`PositionalEncoding`."""
+
+    def deco(cls):
+        POSITION_ENCODINGS[name] = cls
+        return cls
+
+    return deco
+
+
+def component(registry: dict, kind: str, name: str):
+    """``registry[name]``.
+
+    Raises:
+        ValueError: no component ``name`` (the message lists the registered ones).
+    """
+    try:
+        return registry[name]
+    except KeyError:
+        raise ValueError(f"{kind} must be one of {sorted(registry)}, got {name!r}") from None
+
+
+# ---------------------------------------------------------------------------------------------
 # norms and positions
 # ---------------------------------------------------------------------------------------------
+@register_norm("rmsnorm")
 class LlmlabRMSNorm(nn.Module):
     """RMSNorm (Zhang & Sennrich 2019): ``w * x / sqrt(mean(x^2) + eps)``, computed in fp32.
 
@@ -126,11 +178,60 @@ class LlmlabRMSNorm(nn.Module):
         return self.weight * h.to(dtype)
 
 
+@register_norm("layernorm")
+class LlmlabLayerNorm(nn.LayerNorm):
+    """LayerNorm (Ba et al. 2016) with a bias: ``w * (x - mean) / sqrt(var + eps) + b``.
+
+    Shapes: x [..., D] -> [..., D] (torch's ``nn.LayerNorm``; the same state-dict names)."""
+
+    def __init__(self, dim: int, eps: float = 1e-5):
+        super().__init__(dim, eps=eps)
+
+
 def make_norm(config: LlmlabConfig) -> nn.Module:
-    """The block norm named by ``config.norm_type`` (rmsnorm, or layernorm with a bias)."""
-    if config.norm_type == "rmsnorm":
-        return LlmlabRMSNorm(config.d_model, eps=config.norm_eps)
-    return nn.LayerNorm(config.d_model, eps=config.norm_eps)
+    """The block norm named by ``config.norm_type`` (:data:`NORMS`)."""
+    return component(NORMS, "norm_type", config.norm_type)(config.d_model, eps=config.norm_eps)
+
+
+class PositionalEncoding:
+    """How token positions enter the model. A subclass says which of the three ways it uses:
+    added to the embeddings (:meth:`embed`), a rotation of q and k (``rotary``: the model builds
+    :class:`LlmlabRotaryEmbedding`, which reads ``rope_theta`` / ``rope_scaling``), or linear
+    attention biases (``alibi``: per-head slopes reach the attention mask)."""
+
+    rotary: bool = False
+    alibi: bool = False
+
+    def embed(self, hidden: torch.Tensor, position_ids: torch.Tensor, config: LlmlabConfig) -> torch.Tensor:
+        """``hidden`` [B, T, D] with the positions ``position_ids`` [B, T] added (default: as it is)."""
+        return hidden
+
+
+@register_position_encoding("sinusoidal")
+class SinusoidalPositions(PositionalEncoding):
+    """Fixed sinusoids added to the embeddings (Vaswani et al. 2017)."""
+
+    def embed(self, hidden, position_ids, config):
+        return hidden + sinusoidal_embedding(position_ids, config.d_model, hidden.dtype)
+
+
+@register_position_encoding("rope")
+class RotaryPositions(PositionalEncoding):
+    """RoPE (Su et al. 2021)."""
+
+    rotary = True
+
+
+@register_position_encoding("yarn")
+class YarnPositions(RotaryPositions):
+    """RoPE with YaRN context extension (Peng et al. 2023; :func:`rope_inv_freq`)."""
+
+
+@register_position_encoding("alibi")
+class AlibiPositions(PositionalEncoding):
+    """ALiBi linear attention biases (Press et al. 2022)."""
+
+    alibi = True
 
 
 def rope_inv_freq(config: LlmlabConfig) -> tuple[torch.Tensor, float]:
@@ -523,13 +624,11 @@ class LlmlabAttention(nn.Module):
         return torch.matmul(probs, v).transpose(1, 2)
 
 
-_ACTIVATIONS = {
-    "relu": F.relu,
-    "gelu": F.gelu,
-    "leaky_relu": F.leaky_relu,  # negative slope 0.01
-    "silu": F.silu,
-    "swiglu": F.silu,  # the gate's activation
-}
+register_activation("relu", F.relu)
+register_activation("gelu", F.gelu)
+register_activation("leaky_relu", F.leaky_relu)  # negative slope 0.01
+register_activation("silu", F.silu)
+register_activation("swiglu", F.silu)  # the gate's activation (config.is_gated)
 
 
 class LlmlabMLP(nn.Module):
@@ -548,7 +647,7 @@ class LlmlabMLP(nn.Module):
         self.up_proj = nn.Linear(d, f, bias=bias)
         self.down_proj = nn.Linear(f, d, bias=bias)
         self.down_proj._llmlab_residual = True
-        self.act = _ACTIVATIONS[config.activation]
+        self.act = component(ACTIVATION_FUNCTIONS, "activation", config.activation)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.gated:
@@ -702,7 +801,8 @@ class LlmlabModel(LlmlabPreTrainedModel):
         self.embed_dropout = nn.Dropout(config.dropout)
         self.layers = nn.ModuleList([LlmlabDecoderLayer(config, i) for i in range(config.n_layers)])
         self.norm = make_norm(config)
-        if config.positional_encoding in ("rope", "yarn"):
+        self.positions = component(POSITION_ENCODINGS, "positional_encoding", config.positional_encoding)()
+        if self.positions.rotary:
             self.rotary_emb = LlmlabRotaryEmbedding(config)
         self._alibi_slopes: torch.Tensor | None = None  # computed on first use (see LlmlabRotaryEmbedding)
         self.gradient_checkpointing = False
@@ -786,14 +886,13 @@ class LlmlabModel(LlmlabPreTrainedModel):
             q_len=t,
             doc_ids=doc_ids,
             sliding_window=self.config.sliding_window,
-            slopes=self._slopes(device) if self.config.positional_encoding == "alibi" else None,
+            slopes=self._slopes(device) if self.positions.alibi else None,
             device=device,
         )
         token_mask = attention_mask[:, past_len:] if attention_mask is not None else None
 
         hidden = inputs_embeds
-        if self.config.positional_encoding == "sinusoidal":
-            hidden = hidden + sinusoidal_embedding(position_ids, self.config.d_model, hidden.dtype)
+        hidden = self.positions.embed(hidden, position_ids, self.config)
         rope = self.rotary_emb(position_ids, hidden.dtype) if hasattr(self, "rotary_emb") else None
         hidden = self.embed_dropout(hidden)
 

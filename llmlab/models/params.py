@@ -12,12 +12,14 @@ table.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import struct
 from pathlib import Path
 
-_LORA_DEFAULTS = {"preset": "all", "r": 8, "alpha": 16, "target_modules": None}
+from llmlab.specs import LoraSpec, Mamba2Spec, ModelSpec, PretrainedSpec, TransformerSpec, model_spec, typed_section
+
 
 
 # ---------------------------------------------------------------------------------------------
@@ -31,36 +33,61 @@ def default_d_ff(d_model: int, activation: str) -> int:
     return 4 * d_model
 
 
-def _get(cfg: dict, key: str, default):
-    value = cfg.get(key)
-    return default if value is None else value
+def filled_model(model_cfg: dict) -> dict:
+    """A ``model:`` section with the schema's defaults filled in (:func:`llmlab.schemafile.schema_filled`;
+    keys given as null take their default too): a resolved section keeps its values, a bare one
+    (``{"arch": "transformer", "d_model": 64}``) gets the rest from the schema."""
+    from llmlab.schemafile import schema_filled
+
+    return schema_filled("#/properties/model", {k: v for k, v in model_cfg.items() if v is not None})
+
+
+def as_model_spec(model: dict | ModelSpec) -> ModelSpec:
+    """The typed ``model:`` section (:mod:`llmlab.specs`): a spec as it is, a dict (resolved or
+    bare) filled from the schema first.
+
+    Raises:
+        ValueError: the section has neither ``arch`` (transformer, mamba2) nor ``from_pretrained``.
+    """
+    if isinstance(model, (TransformerSpec, Mamba2Spec, PretrainedSpec)):
+        return model
+    if model.get("arch") not in ("transformer", "mamba2") and model.get("from_pretrained") is None:
+        raise ValueError(f"model: needs arch transformer or mamba2, or from_pretrained; got {model.get('arch')!r}")
+    return model_spec(filled_model(model))
+
+
+def _pretrained(model: ModelSpec) -> str | None:
+    """``from_pretrained`` of a pretrained model's section, None for an ``arch`` model."""
+    return model.from_pretrained if isinstance(model, PretrainedSpec) else None
 
 
 def transformer_dims(model_cfg: dict) -> dict:
-    """The resolved numbers of an ``arch: transformer`` section (defaults filled)."""
-    d = int(_get(model_cfg, "d_model", 256))
-    h = int(_get(model_cfg, "n_heads", 4))
-    act = _get(model_cfg, "activation", "swiglu")
-    att = model_cfg.get("attention_type")
-    kv = model_cfg.get("n_kv_heads")
+    """The resolved numbers of an ``arch: transformer`` section (defaults from the schema; the
+    rules resolution applies to n_kv_heads and d_ff when they are absent)."""
+    m = as_model_spec(model_cfg)
+    d = int(m.d_model)
+    h = int(m.n_heads)
+    act = m.activation
+    att = m.attention_type
+    kv = m.n_kv_heads
     if att == "mqa":
         kv = 1
     elif att == "mha" or kv is None:
         kv = h if att != "mqa" else 1
     return {
         "d_model": d,
-        "n_layers": int(_get(model_cfg, "n_layers", 4)),
+        "n_layers": int(m.n_layers),
         "n_heads": h,
         "n_kv_heads": int(kv),
         "head_dim": d // h,
-        "d_ff": int(_get(model_cfg, "d_ff", default_d_ff(d, act))),
+        "d_ff": int(m.d_ff) if m.d_ff is not None else default_d_ff(d, act),
         "gated": act == "swiglu",
-        "layernorm": _get(model_cfg, "norm_type", "rmsnorm") == "layernorm",
-        "attention_bias": bool(_get(model_cfg, "attention_bias", False)),
-        "mlp_bias": bool(_get(model_cfg, "mlp_bias", False)),
-        "tied": bool(_get(model_cfg, "tie_embeddings", True)),
-        "n_experts": model_cfg.get("n_experts"),
-        "experts_per_token": int(_get(model_cfg, "experts_per_token", 2)),
+        "layernorm": m.norm_type == "layernorm",
+        "attention_bias": bool(m.attention_bias),
+        "mlp_bias": bool(m.mlp_bias),
+        "tied": bool(m.tie_embeddings),
+        "n_experts": m.n_experts,
+        "experts_per_token": int(m.experts_per_token),
     }
 
 
@@ -68,27 +95,28 @@ def mamba2_dims(model_cfg: dict) -> dict:
     """The resolved numbers of an ``arch: mamba2`` section (defaults filled; transformers'
     Mamba2Mixer layout: intermediate I = expand * d_model, conv_dim = I + 2 * n_groups * state_size,
     in_proj width = I + conv_dim + num_heads)."""
-    d = int(_get(model_cfg, "d_model", 256))
-    expand = int(_get(model_cfg, "expand", 2))
-    head_dim = int(_get(model_cfg, "head_dim", 32))
-    n = int(_get(model_cfg, "state_size", 64))
-    g = int(_get(model_cfg, "n_groups", 1))
+    m = as_model_spec(model_cfg)
+    d = int(m.d_model)
+    expand = int(m.expand)
+    head_dim = int(m.head_dim)
+    n = int(m.state_size)
+    g = int(m.n_groups)
     inner = expand * d
     heads = inner // head_dim
     conv_dim = inner + 2 * g * n
     return {
         "d_model": d,
-        "n_layers": int(_get(model_cfg, "n_layers", 4)),
+        "n_layers": int(m.n_layers),
         "intermediate": inner,
         "num_heads": heads,
         "head_dim": head_dim,
         "state_size": n,
         "n_groups": g,
         "conv_dim": conv_dim,
-        "conv_kernel": int(_get(model_cfg, "conv_kernel", 4)),
-        "chunk_size": int(_get(model_cfg, "chunk_size", 64)),
+        "conv_kernel": int(m.conv_kernel),
+        "chunk_size": int(m.chunk_size),
         "in_proj": inner + conv_dim + heads,
-        "tied": bool(_get(model_cfg, "tie_embeddings", True)),
+        "tied": bool(m.tie_embeddings),
     }
 
 
@@ -123,7 +151,7 @@ def param_shapes(model_cfg: dict, vocab_size: int) -> list[tuple[str, tuple[int,
     """Every parameter tensor (state-dict name, shape) of the model a ``model:`` section builds;
     a tied ``lm_head`` is listed once (as ``model.embed_tokens.weight`` /
     ``backbone.embeddings.weight``), like ``model.parameters()``."""
-    arch = model_cfg.get("arch")
+    arch = getattr(as_model_spec(model_cfg), "arch", None)
     v = int(vocab_size)
     shapes: list[tuple[str, tuple[int, ...]]] = []
     if arch == "transformer":
@@ -219,14 +247,15 @@ def count_parameters(model_cfg: dict, vocab_size: int | None) -> int:
     ``from_pretrained``: counted from the local directory's safetensors headers (or a local
     ``.gguf`` file's tensor table).
     """
-    if model_cfg.get("from_pretrained") is not None:
-        source = Path(str(model_cfg["from_pretrained"]))
+    model_cfg = as_model_spec(model_cfg)
+    if _pretrained(model_cfg) is not None:
+        source = Path(str(model_cfg.from_pretrained))
         if source.is_file() and source.suffix == ".gguf":
             return gguf_parameter_count(source)
         if source.exists():
             return safetensors_parameter_count(source)
         raise ValueError(
-            f"model.from_pretrained {model_cfg['from_pretrained']!r} is not a local path; its size is known only "
+            f"model.from_pretrained {model_cfg.from_pretrained!r} is not a local path; its size is known only "
             "after download"
         )
     if vocab_size is None:
@@ -240,16 +269,21 @@ def _lora_targets(model_cfg: dict, lora_cfg: dict) -> list[str]:
     key = arch_key(model_cfg)
     if key is None:
         raise ValueError("LoRA parameter count needs arch transformer or mamba2")
-    cfg = {**_LORA_DEFAULTS, **{k: v for k, v in lora_cfg.items() if v is not None}}
-    return resolve_targets(key, cfg["preset"], cfg["target_modules"])
+    lora = lora_spec(lora_cfg)
+    return resolve_targets(key, lora.preset, list(lora.target_modules) if lora.target_modules else None)
+
+
+def lora_spec(lora_cfg: dict | LoraSpec) -> LoraSpec:
+    """The typed ``lora:`` section (a spec as it is; a dict, resolved or bare, filled from the schema)."""
+    return lora_cfg if isinstance(lora_cfg, LoraSpec) else typed_section(LoraSpec, lora_cfg)
 
 
 def count_lora_parameters(model_cfg: dict, vocab_size: int, lora_cfg: dict) -> int:
     """Trainable LoRA parameters (Hu et al. 2021) of a model built from ``model_cfg``
     (see :func:`lora_parameters`)."""
     targets = _lora_targets(model_cfg, lora_cfg)
-    return lora_parameters(param_shapes(model_cfg, vocab_size), targets, int(_get(lora_cfg, "r", 8)),
-                           bool(lora_cfg.get("use_dora")))
+    spec = lora_spec(lora_cfg)
+    return lora_parameters(param_shapes(model_cfg, vocab_size), targets, int(spec.r), spec.use_dora)
 
 
 def lora_parameters(shapes, targets, r: int, dora: bool = False) -> int:
@@ -287,7 +321,7 @@ def _act_bytes(precision: str) -> int:
 
 
 def _weight_bytes(model_cfg: dict) -> int:
-    dtype = model_cfg.get("dtype")
+    dtype = getattr(model_cfg, "dtype", None)  # from_pretrained only
     return 2 if dtype in ("bfloat16", "float16") else 4
 
 
@@ -295,13 +329,13 @@ def _optimizer_bytes(model_cfg: dict, vocab_size: int, trainable: int, total: in
     name = optimizer_name or "adamw"
     if name == "adafactor":
         # factored second moment: rows + cols per matrix, full for vectors; no first moment
-        if model_cfg.get("from_pretrained") is not None:
+        if _pretrained(model_cfg) is not None:
             return 4 * int(2 * math.sqrt(max(trainable, 1)))  # rough: shapes unknown without loading
         elems = 0
         for _, s in param_shapes(model_cfg, vocab_size):
             elems += (s[0] + _numel(s[1:])) if len(s) >= 2 else _numel(s)
         return 4 * int(elems * trainable / max(total, 1))
-    if name == "muon" and model_cfg.get("from_pretrained") is None:
+    if name == "muon" and _pretrained(model_cfg) is None:
         shapes = param_shapes(model_cfg, vocab_size)
         matrices = sum(_numel(s) for n, s in shapes if len(s) == 2 and "embed" not in n and "lm_head" not in n)
         other = total - matrices
@@ -321,7 +355,7 @@ def activation_elements_per_token(model_cfg: dict, seq_len: int) -> int:
     Mamba2 layer: norm in/out (2D), in_proj output, conv output, scan output, gated norm and
     out_proj input, plus one (num_heads x head_dim x state_size) state per chunk.
     """
-    arch = model_cfg.get("arch")
+    arch = getattr(as_model_spec(model_cfg), "arch", None)
     if arch == "transformer":
         k = transformer_dims(model_cfg)
         d = k["d_model"]
@@ -372,6 +406,7 @@ def training_memory(
     Returns:
         ``{"weights", "grads", "optimizer", "activations", "gathered"}`` in bytes.
     """
+    model_cfg = as_model_spec(model_cfg)  # typed once: the helpers below take it as it is
     total = count_parameters(model_cfg, vocab_size)
     trainable = int(trainable_params)
     w = _weight_bytes(model_cfg)
@@ -380,15 +415,16 @@ def training_memory(
     a = _act_bytes(precision)
     tokens = int(batch_size) * int(seq_len)
     acts = gathered = 0
-    if model_cfg.get("from_pretrained") is None:
+    if _pretrained(model_cfg) is None:
         per_token = activation_elements_per_token(model_cfg, seq_len)
-        n_layers = int(_get(model_cfg, "n_layers", 4))
-        if model_cfg.get("gradient_checkpointing"):
-            d = int(_get(model_cfg, "d_model", 256))
+        n_layers = int(model_cfg.n_layers)
+        if model_cfg.gradient_checkpointing:
+            d = int(model_cfg.d_model)
             per_token = n_layers * d + per_token // max(n_layers, 1)
         acts = tokens * per_token * a + 3 * tokens * int(vocab_size) * 4
         if shards > 1:
-            block = (total - count_parameters({**model_cfg, "n_layers": n_layers - 1}, vocab_size)) if n_layers else 0
+            fewer = dataclasses.replace(model_cfg, n_layers=n_layers - 1)
+            block = (total - count_parameters(fewer, vocab_size)) if n_layers else 0
             root = total - n_layers * block
             gathered = (root + 2 * block) * a
     return {"weights": -(-total * w // shards), "grads": -(-trainable * w // shards),
@@ -408,6 +444,9 @@ __all__ = [
     "count_parameters",
     "default_d_ff",
     "estimate_training_memory",
+    "lora_spec",
+    "as_model_spec",
+    "filled_model",
     "gguf_parameter_count",
     "mamba2_dims",
     "param_shapes",

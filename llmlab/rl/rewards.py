@@ -36,6 +36,8 @@ import torch
 
 from llmlab.layout import StageLayout
 from llmlab.recipe.semantic import REWARD_BUILTIN_KEYS
+from llmlab.specs import typed_section
+from llmlab.stage_params import RewardSpec
 
 #: builtin reward -> the key it needs (None: none); validate checks recipes against the same table
 BUILTIN_KEYS = REWARD_BUILTIN_KEYS
@@ -167,19 +169,19 @@ def _prompt_text(messages: list) -> str:
 
 
 class _BuiltinReward:
-    def __init__(self, spec: dict, tokenizer, where: str):
-        self.name = spec["builtin"]
+    def __init__(self, spec: RewardSpec, tokenizer, where: str):
+        self.name = spec.builtin
         self.tokenizer = tokenizer
         if self.name == "token_fraction":
-            ids = tokenizer.encode(spec["token"], add_special_tokens=False)
+            ids = tokenizer.encode(spec.token, add_special_tokens=False)
             if len(ids) != 1:
-                raise RewardConfigError(f"{where}.token: {spec['token']!r} is {len(ids)} tokens of the run's "
+                raise RewardConfigError(f"{where}.token: {spec.token!r} is {len(ids)} tokens of the run's "
                                         "tokenizer; token_fraction needs exactly one")
             self.token_id = ids[0]
         elif self.name == "contains":
-            self.text = str(spec["text"])
+            self.text = str(spec.text)
         elif self.name == "length":
-            self.target = max(int(spec["target"]), 1)
+            self.target = max(int(spec.target), 1)
 
     def __call__(self, r: Rollout) -> torch.Tensor:
         m = r.completion_mask.float()
@@ -276,23 +278,24 @@ class RewardFunction:
         pad = tok.pad_token_id if tok is not None and tok.pad_token_id is not None else 0
         self.tokenizer = tok
         self.sources: list[tuple[str, float, Callable]] = []
-        for i, spec in enumerate(specs):
+        for i, section in enumerate(specs):
             where = f"stages.{ctx.name}.reward[{i}]"
-            weight = float(spec.get("weight", 1.0))
-            if "builtin" in spec:
-                src, label = _BuiltinReward(spec, tok, where), f"builtin:{spec['builtin']}"
-            elif "from" in spec:
-                name = spec["from"]
+            spec = typed_section(RewardSpec, section)  # checked above: exactly one source; weight from the schema
+            weight = float(spec.weight)
+            if spec.builtin is not None:
+                src, label = _BuiltinReward(spec, tok, where), f"builtin:{spec.builtin}"
+            elif spec.from_stage is not None:
+                name = spec.from_stage
                 if name not in ctx.stage_paths:
                     raise RewardConfigError(f"{where}.from: no stage named {name!r}")
                 path = StageLayout(ctx.stage_paths[name]).final
                 if not path.exists():
                     raise RewardConfigError(f"{where}.from: {path} does not exist (stage {name!r} has not finished)")
                 src, label = _StageRewardModel(path, pad, ctx.device, ctx.allow_code), f"from:{name}"
-            elif "model" in spec:
-                src, label = _ExternalRewardModel(spec["model"], ctx.device, spec.get("revision")), f"model:{spec['model']}"
+            elif spec.model is not None:
+                src, label = _ExternalRewardModel(spec.model, ctx.device, spec.revision), f"model:{spec.model}"
             else:
-                src, label = _FunctionReward(spec["function"], where), f"function:{spec['function']}"
+                src, label = _FunctionReward(spec.function, where), f"function:{spec.function}"
             self.sources.append((label, weight, src))
 
     def decode(self, completion_ids: torch.Tensor, completion_mask: torch.Tensor) -> list[str]:

@@ -26,6 +26,7 @@ import torch
 
 from llmlab.losses import clipped_policy_loss, grpo_advantages, kl_k3, masked_mean
 from llmlab.rl.generation import sequence_forward
+from llmlab.stage_params import params_of
 from llmlab.stages.online import OnlineRLStage
 
 
@@ -33,10 +34,11 @@ class GRPOStage(OnlineRLStage):
     type = "grpo"
 
     def __init__(self, ctx):
-        self.group_size = int(ctx.config.get("group_size", 4))
+        params = params_of(self.type, ctx.config)
+        self.group_size = int(params.group_size)
         if self.group_size < 2:
             raise ValueError(f"stages.{ctx.name}.group_size: GRPO needs at least 2 completions per prompt")
-        self.kl_beta = float(ctx.config.get("kl_beta", 0.04))
+        self.kl_beta = float(params.kl_beta)
         super().__init__(ctx)
 
     @property

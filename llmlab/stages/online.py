@@ -27,6 +27,8 @@ import torch
 
 from llmlab.rl.generation import make_generator, rollout_seed, sample, sequence_forward
 from llmlab.rl.rewards import RewardFunction, Rollout, check_reward_specs, exact_answer_rewards
+from llmlab.schemafile import schema_filled
+from llmlab.stage_params import params_of
 from llmlab.stages.base import Stage
 from llmlab.models.wrappers import unwrap
 from llmlab.stages.reference import ReferenceModel
@@ -54,21 +56,22 @@ class OnlineRLStage(Stage):
 
     group_size: int = 1
     uses_value_head: bool = False
-    default_ppo_epochs: int = 1
 
     def __init__(self, ctx):
         super().__init__(ctx)
         cfg = self.config
         where = f"stages.{ctx.name}"
-        self.batch_size = int(cfg.get("batch_size", 8))
-        self.mini_batch_size = int(cfg.get("mini_batch_size") or self.batch_size)
-        self.grad_accum = int(cfg.get("gradient_accumulation_steps", 1))
-        self.ppo_epochs = int(cfg.get("ppo_epochs") or self.default_ppo_epochs)
-        self.temperature = float(cfg.get("temperature", 1.0))
-        self.top_k = int(cfg.get("top_k", 0) or 0)
-        self.top_p = float(cfg.get("top_p", 1.0))
-        self.max_new_tokens = int(cfg.get("max_new_tokens", 32))
-        self.clip_range = float(cfg.get("clip_range", 0.2))
+        params = params_of(self.type, cfg)  # absent keys: the schema's defaults
+        common = schema_filled("#/$defs/stage_common", cfg)
+        self.batch_size = int(common["batch_size"])
+        self.mini_batch_size = int(params.mini_batch_size or self.batch_size)
+        self.grad_accum = int(common["gradient_accumulation_steps"])
+        self.ppo_epochs = int(params.ppo_epochs)
+        self.temperature = float(params.temperature)
+        self.top_k = int(params.top_k)
+        self.top_p = float(params.top_p)
+        self.max_new_tokens = int(params.max_new_tokens)
+        self.clip_range = float(params.clip_range)
         if self.batch_size % self.mini_batch_size:
             raise ValueError(f"{where}.mini_batch_size: {self.mini_batch_size} must divide batch_size {self.batch_size}")
         rows = self.mini_batch_size * self.group_size

@@ -40,6 +40,7 @@ from llmlab.layout import StageLayout
 from llmlab.losses import (clipped_policy_loss, clipped_value_loss, explained_variance, gae, masked_whiten)
 from llmlab.rl.generation import sequence_forward
 from llmlab.rl.value_head import V_HEAD, attach_value_head, base_model, get_value_head, save_value_head
+from llmlab.stage_params import params_of
 from llmlab.stages.online import OnlineRLStage
 
 
@@ -47,18 +48,17 @@ class PPOStage(OnlineRLStage):
     type = "ppo"
     group_size = 1
     uses_value_head = True
-    default_ppo_epochs = 4
 
     def __init__(self, ctx):
-        cfg = ctx.config
-        self.kl_coef = float(cfg.get("kl_coef", 0.05))
-        self.kl_target = cfg.get("kl_target")
-        self.kl_horizon = float(cfg.get("kl_horizon", 10000))
-        self.gamma = float(cfg.get("gamma", 1.0))
-        self.gae_lambda = float(cfg.get("gae_lambda", 0.95))
-        self.vf_coef = float(cfg.get("vf_coef", 0.1))
-        self.cliprange_value = float(cfg.get("cliprange_value", 0.2))
-        self.whiten_advantages = bool(cfg.get("whiten_advantages", True))
+        params = params_of(self.type, ctx.config)
+        self.kl_coef = float(params.kl_coef)
+        self.kl_target = params.kl_target
+        self.kl_horizon = float(params.kl_horizon)
+        self.gamma = float(params.gamma)
+        self.gae_lambda = float(params.gae_lambda)
+        self.vf_coef = float(params.vf_coef)
+        self.cliprange_value = float(params.cliprange_value)
+        self.whiten_advantages = bool(params.whiten_advantages)
         super().__init__(ctx)
 
     @property

@@ -83,3 +83,17 @@ def test_select_stages():
     assert select_stages(order, "dpo", None, None) == (["dpo"], set())
     with pytest.raises(RunError, match="no such stage"):
         select_stages(order, "rlhf", None, None)
+
+
+def test_a_key_added_later_keeps_old_fingerprints_at_its_default_and_counts_when_set():
+    """Keys the schema gained after runs were fingerprinted (fingerprint.ADDED_KEYS) are left out
+    while they hold their default, so finished runs stay done; set to another value they count."""
+    from llmlab.fingerprint import ADDED_KEYS, _semantic_config
+
+    base = {"type": "dpo", "beta": 0.1, "lora": {"r": 8, "use_dora": False, "use_rslora": False}}
+    assert "simpo_gamma" in ADDED_KEYS["stage_dpo"] and "use_dora" in ADDED_KEYS["lora"]
+    at_default = _semantic_config({**base, "simpo_gamma": 0.5, "cpo_alpha": 1.0})
+    assert at_default == {"type": "dpo", "beta": 0.1, "lora": {"r": 8}}
+    assert _semantic_config({**base, "simpo_gamma": 1.0})["simpo_gamma"] == 1.0
+    changed = _semantic_config({**base, "lora": {"r": 8, "use_dora": True, "use_rslora": False}})
+    assert changed["lora"] == {"r": 8, "use_dora": True}
