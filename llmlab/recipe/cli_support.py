@@ -40,6 +40,9 @@ def _parser() -> argparse.ArgumentParser:
                     help="Output: text (FILE:LINE:COL lines), json, github (workflow annotations) or sarif "
                          "(SARIF 2.1.0, for code scanning).")
     ap.add_argument("--strict", action="store_true", help="Warnings fail too (exit 1).")
+    ap.add_argument("--skip-non-recipes", action="store_true",
+                    help="Skip named files that are not recipes too, as under a directory (for pre-commit, "
+                         "which names every changed YAML file).")
     ap.add_argument("--no-data-check", dest="check_files", action="store_false",
                     help="Skip the checks of this machine's files (dataset paths exist, package: checkpoints "
                          "installed): shape and semantics only, for a CI job without the data.")
@@ -51,7 +54,7 @@ def validate_main(argv: list[str]) -> int:
     ``--help`` and argparse's own usage errors raise SystemExit (0 / 2)."""
     args = _parser().parse_args(argv)
     return validate_command(args.paths, args.overrides, args.format, strict=args.strict,
-                            check_files=args.check_files)
+                            check_files=args.check_files, skip_non_recipes=args.skip_non_recipes)
 
 
 def looks_like_recipe(path: Path) -> tuple[bool, str]:
@@ -80,11 +83,12 @@ def looks_like_recipe(path: Path) -> tuple[bool, str]:
     return True, ""
 
 
-def expand_paths(paths: list) -> tuple[list[Path], list[tuple[str, str]], list[str]]:
+def expand_paths(paths: list, skip_non_recipes: bool = False) -> tuple[list[Path], list[tuple[str, str]], list[str]]:
     """The recipe files that ``paths`` (files, directories, globs) name, in order and without
     repeats. Returns ``(files, skipped, usage_errors)``: ``skipped`` are ``(file, why)`` for YAML
-    files under a directory or glob that are not recipes (:func:`looks_like_recipe`); hidden
-    directories (``.git``, ``.venv``) are not searched."""
+    files under a directory or glob that are not recipes (:func:`looks_like_recipe`), and for named
+    files too with ``skip_non_recipes``; hidden directories (``.git``, ``.venv``) are not searched.
+    A directory or glob without any recipe is a usage error (a CI job pointed at the wrong place)."""
     files: list[Path] = []
     skipped: list[tuple[str, str]] = []
     problems: list[str] = []
@@ -104,7 +108,13 @@ def expand_paths(paths: list) -> tuple[list[Path], list[tuple[str, str]], list[s
 
     for arg in map(str, paths):
         p = Path(arg)
-        if p.is_file():
+        if p.is_file() and skip_non_recipes:
+            ok, why = looks_like_recipe(p)
+            if not ok:
+                skipped.append((arg, why))
+            elif p not in files:
+                files.append(p)
+        elif p.is_file():
             if p not in files:
                 files.append(p)
         elif p.is_dir():
@@ -128,7 +138,7 @@ def _yaml_under(root: Path) -> list[Path]:
 
 
 def validate_command(paths: list, overrides: list[str], fmt: str, strict: bool = False,
-                     check_files: bool = True) -> int:
+                     check_files: bool = True, skip_non_recipes: bool = False) -> int:
     """Validate every recipe that ``paths`` name (:func:`expand_paths`) with the ``--set``
     ``overrides``; print every error and warning in format ``fmt``:
 
@@ -137,7 +147,8 @@ def validate_command(paths: list, overrides: list[str], fmt: str, strict: bool =
     - github: ``::error file=F,line=L,col=C,title=...::message`` workflow commands (``::warning``);
     - sarif: one SARIF 2.1.0 log (:func:`to_sarif`).
 
-    With ``check_files`` False (``--no-data-check``) the output says the files were not checked.
+    With ``check_files`` False (``--no-data-check``) the output says the files were not checked;
+    ``skip_non_recipes`` (``--skip-non-recipes``) applies :func:`looks_like_recipe` to named files too.
 
     Returns:
         0 when every recipe is valid (and, with ``strict``, has no warning), 1 otherwise, 2 on a usage
@@ -151,7 +162,7 @@ def validate_command(paths: list, overrides: list[str], fmt: str, strict: bool =
     if not paths:
         print("error: give at least one recipe file, directory or glob", file=sys.stderr)
         return 2
-    files, skipped, problems = expand_paths(paths)
+    files, skipped, problems = expand_paths(paths, skip_non_recipes)
     if problems:
         for msg in problems:
             print(f"error: {msg}", file=sys.stderr)
