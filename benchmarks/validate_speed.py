@@ -38,14 +38,15 @@ def _min_wall(cmd: list[str], runs: int, env: dict) -> float:
 
 
 def _import_times(cmd: list[str], env: dict, top: int = 8) -> list[tuple[str, float]]:
-    """(top-level package, cumulative import seconds) of a process, biggest first."""
+    """(top-level package, seconds spent importing its modules: their self times summed) of a
+    process, biggest first."""
     err = subprocess.run([sys.executable, "-X", "importtime", *cmd], cwd=ROOT, env=env, capture_output=True,
                          text=True, check=False).stderr
     out: dict[str, float] = {}
     for line in err.splitlines():
-        m = re.match(r"import time:\s+\d+ \|\s+(\d+) \| (\s*)(\S+)", line)
-        if m and not m.group(2):  # imported at top level (not by another module)
-            name = m.group(3).split(".")[0]
+        m = re.match(r"import time:\s+(\d+) \|\s+\d+ \|\s*(\S+)", line)
+        if m:
+            name = m.group(2).split(".")[0]
             out[name] = out.get(name, 0.0) + int(m.group(1)) / 1e6
     return sorted(out.items(), key=lambda kv: -kv[1])[:top]
 
@@ -111,7 +112,7 @@ def main() -> int:
             load_recipe(f)
         warm.append(time.perf_counter() - t0)
     print(f"{f'load_recipe x {len(files)} (warm, in process)':58s} {min(warm):9.3f}")
-    print("imports of a validate process (cumulative s, one run):")
+    print("imports of a validate process (s per package, self times summed, one run):")
     for name, secs in _import_times(validate, env):
         print(f"  {name:56s} {secs:9.3f}")
     deps = [re.split(r"[<>=!~\[ ;]", r, maxsplit=1)[0]

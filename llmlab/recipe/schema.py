@@ -142,7 +142,7 @@ def fill_defaults(node: dict, instance) -> None:
             fill_defaults(sub, instance)
         if "if" in node:
             try:
-                ok = Draft202012Validator(node["if"]).is_valid(instance)
+                ok = _validator_of(node["if"]).is_valid(instance)
             except jsonschema.exceptions.SchemaError:  # pragma: no cover
                 ok = False
             branch = node.get("then") if ok else node.get("else")
@@ -156,6 +156,18 @@ def fill_defaults(node: dict, instance) -> None:
     elif isinstance(instance, list) and isinstance(node.get("items"), dict):
         for item in instance:
             fill_defaults(node["items"], item)
+
+
+#: id(schema node) -> (node, its validator): built once per ``if`` of the schema, not per recipe key
+_NODE_VALIDATORS: dict[int, tuple[dict, Draft202012Validator]] = {}
+
+
+def _validator_of(node: dict) -> Draft202012Validator:
+    """A validator for a sub-schema (an ``if``), cached while the node lives (the node is kept)."""
+    hit = _NODE_VALIDATORS.get(id(node))
+    if hit is None or hit[0] is not node:
+        hit = _NODE_VALIDATORS[id(node)] = (node, Draft202012Validator(node))
+    return hit[1]
 
 
 @functools.lru_cache(maxsize=None)
