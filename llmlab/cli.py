@@ -178,10 +178,9 @@ register_commands(app)
 
 
 def main() -> None:
-    """Entry point (``python -m llmlab.cli``): the same as the console script, :func:`llmlab.__main__.main`."""
-    from llmlab.__main__ import main as console_main
-
-    console_main()
+    """Entry point of ``python -m llmlab.cli`` (every command through typer; the console script is
+    :func:`llmlab.__main__.main`)."""
+    app()
 
 
 if __name__ == "__main__":
