@@ -61,7 +61,8 @@ def looks_like_recipe(path: Path) -> tuple[bool, str]:
     """Whether a YAML file found under a directory or by a glob is an llmlab recipe, without parsing
     it: its ``$schema`` modeline names ``recipe.schema.json`` (another schema: not a recipe), else its
     top-level keys are all recipe keys and include ``stages`` or ``extends``. A file named on the
-    command line is always checked. Returns ``(is_recipe, why_not)``."""
+    command line is checked whatever it holds, unless ``--skip-non-recipes``. Returns
+    ``(is_recipe, why_not)``."""
     from llmlab.recipe.schema import SCHEMA_NAME, load_schema
     from llmlab.recipe.yamlload import MAX_RECIPE_BYTES
 
@@ -108,14 +109,11 @@ def expand_paths(paths: list, skip_non_recipes: bool = False) -> tuple[list[Path
 
     for arg in map(str, paths):
         p = Path(arg)
-        if p.is_file() and skip_non_recipes:
-            ok, why = looks_like_recipe(p)
+        if p.is_file():
+            ok, why = looks_like_recipe(p) if skip_non_recipes else (True, "")
             if not ok:
                 skipped.append((arg, why))
             elif p not in files:
-                files.append(p)
-        elif p.is_file():
-            if p not in files:
                 files.append(p)
         elif p.is_dir():
             take(_yaml_under(p), arg)
