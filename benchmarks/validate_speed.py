@@ -2,8 +2,9 @@
 
     python benchmarks/validate_speed.py [RECIPE_OR_DIR ...] [--runs N]
 
-Reports the minimum over N runs (the minimum, not the median: on a shared CPU every other process
-only adds time, so the minimum is the best estimate of the command's own cost):
+Reports the minimum over N runs of the wall time and of the CPU time (user + system) (the minimum,
+not the median: on a shared CPU every other process only adds time, so the minimum is the best
+estimate of the command's own cost):
 - cold: `python -m llmlab validate recipes/` (every shipped recipe, one process: what CI pays) and
   one recipe, next to a bare `python -c pass` and a `python -c "import torch"` for scale;
 - warm: `load_recipe` of every recipe in this process once imports and the schema are cached;
@@ -31,13 +32,19 @@ sys.path.insert(0, str(ROOT))
 LIGHT = ("pyyaml", "jsonschema", "packaging")
 
 
-def _min_wall(cmd: list[str], runs: int, env: dict) -> float:
-    times = []
+def _min_times(cmd: list[str], runs: int, env: dict) -> tuple[float, float]:
+    """(wall, CPU: user + system) seconds of ``cmd``, each the minimum over ``runs`` runs. On a
+    shared CPU the CPU time varies less than the wall time (waiting for a core is not counted)."""
+    import resource
+
+    walls, cpus = [], []
     for _ in range(runs):
-        t0 = time.perf_counter()
+        r0, t0 = resource.getrusage(resource.RUSAGE_CHILDREN), time.perf_counter()
         subprocess.run(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=False)
-        times.append(time.perf_counter() - t0)
-    return min(times)
+        t1, r1 = time.perf_counter(), resource.getrusage(resource.RUSAGE_CHILDREN)
+        walls.append(t1 - t0)
+        cpus.append(r1.ru_utime - r0.ru_utime + r1.ru_stime - r0.ru_stime)
+    return min(walls), min(cpus)
 
 
 def _import_times(cmd: list[str], env: dict, top: int = 8) -> list[tuple[str, float]]:
@@ -102,21 +109,23 @@ def main() -> int:
     validate = ["-m", "llmlab", "validate", *args.recipes]
     one = ["-m", "llmlab", "validate", "recipes/quickstart.yaml"]
     print(f"min of {args.runs} runs; load average {os.getloadavg()[0]:.2f} on {os.cpu_count()} CPUs (shared: noisy)")
-    print(f"{'what':58s} {'min s':>9s}")
+    print(f"{'what':58s} {'wall s':>9s} {'CPU s':>9s}")
     for label, cmd in (("python -c pass", ["-c", "pass"]), ('python -c "import torch"', ["-c", "import torch"]),
                        (f"llmlab validate {' '.join(args.recipes)} (cold)", validate),
                        ("llmlab validate recipes/quickstart.yaml (cold)", one)):
-        print(f"{label:58s} {_min_wall([sys.executable, *cmd], args.runs, env):9.3f}")
+        wall, cpu = _min_times([sys.executable, *cmd], args.runs, env)
+        print(f"{label:58s} {wall:9.3f} {cpu:9.3f}")
     files, _, _ = expand_paths(args.recipes)
     for f in files:
         load_recipe(f)  # warm the caches
-    warm = []
+    warm, warm_cpu = [], []
     for _ in range(args.runs):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         for f in files:
             load_recipe(f)
         warm.append(time.perf_counter() - t0)
-    print(f"{f'load_recipe x {len(files)} (warm, in process)':58s} {min(warm):9.3f}")
+        warm_cpu.append(time.process_time() - c0)
+    print(f"{f'load_recipe x {len(files)} (warm, in process)':58s} {min(warm):9.3f} {min(warm_cpu):9.3f}")
     print("imports of a validate process (s per package, self times summed, one run):")
     for name, secs in _import_times(validate, env):
         print(f"  {name:56s} {secs:9.3f}")
