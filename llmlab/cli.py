@@ -1,7 +1,9 @@
-"""The ``llmlab`` command line.
+"""The ``llmlab`` command line (the Typer app).
 
 Each command imports its heavy modules inside its body, so ``llmlab validate`` and ``llmlab schema``
-never import torch or transformers.
+never import torch or transformers. The console script is :func:`llmlab.__main__.main`, which answers
+``llmlab validate`` and ``llmlab --version`` before this module (and typer, which loads pydantic and
+click, ~0.2 s) is imported; the ``validate`` command here only forwards its raw arguments.
 """
 
 from __future__ import annotations
@@ -23,19 +25,32 @@ app = typer.Typer(
 SET_HELP = "Override a recipe key, e.g. --set stages.sft.optimizer.lr=1e-5 (repeatable)."
 
 
-@app.command()
-def validate(
-    recipes: List[Path] = typer.Argument(..., help="Recipe files to check."),
-    set_: List[str] = typer.Option([], "--set", help=SET_HELP),
-    format: str = typer.Option("text", "--format", help="Output format: text or json."),
-):
-    """Check recipes against the schema and the semantic rules; print every error at once.
+def _version(value: bool) -> None:
+    if value:
+        from llmlab import __version__
 
-    Exit status: 0 valid, 1 invalid, 2 usage error.
+        typer.echo(f"llmlab {__version__}")
+        raise typer.Exit(0)
+
+
+@app.callback()
+def _root(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                       help="Print llmlab's version and exit.")):
+    """Options before the command (the app's help is the Typer(help=...) above)."""
+
+
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True,
+                               "help_option_names": []}, add_help_option=False)
+def validate(ctx: typer.Context):
+    """Check recipes, directories of recipes or globs for CI: every error at once, as text, json,
+    GitHub annotations or SARIF (llmlab validate --help).
+
+    Exit status: 0 valid, 1 invalid, 2 usage error. Its options are parsed by argparse in
+    :func:`llmlab.recipe.cli_support.validate_main` (llmlab.__main__.main calls it before typer loads).
     """
-    from llmlab.recipe.cli_support import validate_command
+    from llmlab.recipe.cli_support import validate_main
 
-    raise typer.Exit(validate_command(recipes, set_, format))
+    raise typer.Exit(validate_main(list(ctx.args)))
 
 
 @app.command()
@@ -173,7 +188,8 @@ register_commands(app)
 
 
 def main() -> None:
-    """Console-script entry point."""
+    """Entry point of ``python -m llmlab.cli`` (every command through typer; the console script is
+    :func:`llmlab.__main__.main`)."""
     app()
 
 

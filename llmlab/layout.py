@@ -145,7 +145,7 @@ class RunLayout:
 
     @property
     def resolved_recipe(self) -> Path:
-        """``recipe.resolved.yaml``: the recipe as run (defaults filled), headed by package versions."""
+        """``recipe.resolved.yaml``: the recipe as run (defaults filled), its ``resolved_with`` the versions that ran it."""
         return self.root / "recipe.resolved.yaml"
 
     @property
@@ -197,6 +197,9 @@ class StageRecord:
     #: ISO 8601 UTC times
     started_at: str
     tokenizer_sha256: str | None = None
+    #: llmlab's version and the package versions that ran the stage (llmlab.runner.package_versions);
+    #: a record, never compared: the fingerprint alone decides whether the stage is stale
+    versions: dict | None = None
     #: training stages: steps asked for, where weights came from, device, precision
     max_steps: int | None = None
     init_path: str | None = None

@@ -8,6 +8,7 @@ directory and renamed, so a kill never leaves a half-written ``final/`` that loo
 from __future__ import annotations
 
 import datetime as _dt
+import functools
 import json
 import logging
 import os
@@ -21,7 +22,7 @@ from rich.table import Table
 
 from llmlab.console import make_console, process_rank, single_process_launch_warning
 from llmlab.fingerprint import tokenizer_fingerprint
-from llmlab.layout import RESOLVED_HEADER, RunLayout, StageLayout, StageRecord
+from llmlab.layout import RunLayout, StageLayout, StageRecord
 from llmlab.metricsfile import read_records
 from llmlab.ownership import NotOwnedError, check_run_dir, claim_run_dir, make_dir, remove_owned, writing_folder
 from llmlab.recipe.secrets import mask_secrets
@@ -66,12 +67,18 @@ _TRAINING_FIELDS = frozenset({"max_steps", "init_path", "init_adapter", "device"
                               "extended_from"})
 
 
+@functools.cache
 def package_versions() -> dict[str, str]:
-    """Versions of the packages that determine a run's result."""
+    """Versions of llmlab (the code running: ``llmlab.__version__``) and of the packages that
+    determine a run's result, as recorded in recipe.resolved.yaml (``resolved_with``) and each
+    stage.json (``versions``). Neither is part of a fingerprint: a new torch does not make a
+    finished stage stale."""
     from importlib.metadata import PackageNotFoundError, version
 
-    out = {"python": sys.version.split()[0]}
-    for pkg in ("llmlab", "torch", "transformers", "datasets", "tokenizers", "peft", "accelerate", "pytorch-optimizer"):
+    from llmlab import __version__
+
+    out = {"llmlab": __version__, "python": sys.version.split()[0]}
+    for pkg in ("torch", "transformers", "datasets", "tokenizers", "peft", "accelerate", "pytorch-optimizer"):
         try:
             out[pkg] = version(pkg)
         except PackageNotFoundError:
@@ -275,9 +282,8 @@ class Runner:
         if process_rank() == 0:
             from llmlab.recipe import dump_resolved
 
-            header = RESOLVED_HEADER + "\n" + "".join(f"#   {k}: {v}\n" for k, v in package_versions().items())
             resolved_file = self.layout.resolved_recipe
-            text = header + dump_resolved(self.recipe)
+            text = dump_resolved({**self.recipe, "resolved_with": dict(package_versions())})
             if not resolved_file.is_file() or resolved_file.read_text() != text:  # a done run re-checks read-only
                 resolved_file.write_text(text)
 
@@ -403,6 +409,7 @@ class Runner:
             started_at=previous.get("started_at") or _now(), tokenizer_sha256=env.tok_sha,
             init_path=self.layout.portable(ctx.init_path), init_adapter=self.layout.portable(ctx.init_adapter),
             device=env.device.type, precision=self.precision, distributed=self.distributed,
+            versions=dict(package_versions()),
             absent=_FINISH_FIELDS | {"models"})
         extended_from = list(previous.get("extended_from") or [])
         if status == "extend":  # record it: an extended stage differs from a fresh run of its length
@@ -460,7 +467,8 @@ class Runner:
         self.console.print(f"[bold]▶[/] stage {name} ({cfg['type']}: {', '.join(cfg['models'])})")
         record = StageRecord(name=name, type=cfg["type"], status="running", fingerprint=self.fps[name]["fingerprint"],
                              parts=self.fps[name]["parts"], started_at=_now(), tokenizer_sha256=env.tok_sha,
-                             models=list(cfg["models"]), absent=_TRAINING_FIELDS | _FINISH_FIELDS)
+                             models=list(cfg["models"]), versions=dict(package_versions()),
+                             absent=_TRAINING_FIELDS | _FINISH_FIELDS)
         if env.accelerator.is_main_process:
             make_dir(layout.dir, "stage")
             record.write(layout.record)

@@ -90,7 +90,7 @@ def fill_defaults(node: dict, instance) -> None:
             fill_defaults(sub, instance)
         if "if" in node:
             try:
-                ok = Draft202012Validator(node["if"]).is_valid(instance)
+                ok = _validator_of(node["if"]).is_valid(instance)
             except jsonschema.exceptions.SchemaError:  # pragma: no cover
                 ok = False
             branch = node.get("then") if ok else node.get("else")
@@ -105,6 +105,18 @@ def fill_defaults(node: dict, instance) -> None:
         for item in instance:
             fill_defaults(node["items"], item)
 
+
+
+#: id(schema node) -> (node, its validator): built once per ``if`` of the schema, not per recipe key
+_NODE_VALIDATORS: dict = {}
+
+
+def _validator_of(node: dict):
+    """A validator for a sub-schema (an ``if``), cached while the node lives (the node is kept)."""
+    hit = _NODE_VALIDATORS.get(id(node))
+    if hit is None or hit[0] is not node:
+        hit = _NODE_VALIDATORS[id(node)] = (node, Draft202012Validator(node))
+    return hit[1]
 
 
 def schema_filled(ref: str, section: dict | None, nulls: bool = False) -> dict:

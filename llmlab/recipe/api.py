@@ -94,7 +94,12 @@ def _walk_paths(value, path=()):
             yield from _walk_paths(v, path + (i,))
 
 
-def _load_tree(file: Path, errors: list, dirs: dict, chain: tuple, display: str | None = None):
+def _load_tree(file: Path, errors: list, dirs: dict, chain: tuple, display: str | None = None,
+               broken: list | None = None):
+    """``(doc, positions)`` of ``file`` with its ``extends`` chain merged in. A base that cannot be
+    loaded (missing, a cycle, unreadable, not a mapping) is reported once and appended to ``broken``:
+    the returned doc then lacks the base's keys, so callers skip the checks that need them."""
+    broken = [] if broken is None else broken
     display = display or _display(file)
     dirs[display] = file.parent
     try:
@@ -121,16 +126,19 @@ def _load_tree(file: Path, errors: list, dirs: dict, chain: tuple, display: str 
         where = pos.get(("extends",), (display, 1, 1))
         if target in chain or target == file:
             errors.append(RecipeError(*where, "extends", f"{ext!r} extends itself (cycle: {' → '.join(p.name for p in chain + (file, target))})"))
+            broken.append(target)
         elif not target.is_file():
             errors.append(RecipeError(*where, "extends", f"base recipe {ext!r} not found (looked for {target})"))
+            broken.append(target)
         else:
-            base, bpos = _load_tree(target, errors, dirs, chain + (file,))
+            base, bpos = _load_tree(target, errors, dirs, chain + (file,), broken=broken)
             if isinstance(base, dict):
                 base.pop("extends", None)
                 merged = merge(base, doc)
                 mpos = {p: pos.get(p) or bpos.get(p) for p in _walk_paths(merged)}
                 mpos[()] = pos.get(())
                 return merged, {p: v for p, v in mpos.items() if v}
+            broken.append(target)
     return doc, pos
 
 
@@ -320,11 +328,41 @@ def _reorder(doc: dict) -> dict:
     return {k: doc[k] for k in order} | {k: v for k, v in doc.items() if k not in order}
 
 
+# ----------------------------------------------------------------- requires
+
+
+def _requires_error(doc: dict, positions: dict, display: str) -> RecipeError | None:
+    """The error for a ``requires:`` that this llmlab does not satisfy or that is not a requirement
+    on llmlab, else None (also when ``requires`` is absent or not a string: the schema reports that).
+    A PEP 440 requirement (``llmlab>=0.2``, ``llmlab>=0.2,<0.4``); pre-releases count."""
+    spec = doc.get("requires")
+    if not isinstance(spec, str) or not spec.strip():
+        return None
+    from packaging.requirements import InvalidRequirement, Requirement
+    from packaging.version import Version
+
+    from llmlab import __version__
+
+    where = positions.get(("requires",), (display, 1, 1))
+    try:
+        req = Requirement(spec)
+    except InvalidRequirement as exc:
+        return RecipeError(*where, "requires", f"{spec!r} is not a version requirement ({exc}); "
+                                               "write e.g. \"llmlab>=0.2\"")
+    if req.name.lower() != "llmlab" or req.extras or req.url or req.marker:
+        return RecipeError(*where, "requires", f"{spec!r} must name llmlab and its versions only, e.g. \"llmlab>=0.2\"")
+    if req.specifier.contains(Version(__version__), prereleases=True):
+        return None
+    wanted = ", ".join(f"{s.operator} {s.version}" for s in sorted(req.specifier, key=str))
+    return RecipeError(*where, "requires", f"this recipe needs llmlab {wanted}; you have {__version__} "
+                                           f"(pip install 'llmlab{req.specifier}'); the rest of the recipe was not checked")
+
+
 # ----------------------------------------------------------------- public API
 
 
 def load_recipe(path, overrides: Iterable[str] = (), env: Mapping[str, str] | None = None,
-                allow_code: bool | None = None, warnings: list | None = None,
+                allow_code: bool | None = None, warnings: list | None = None, check_files: bool = True,
                 ) -> tuple[dict | None, list[RecipeError]]:
     """Load, validate and resolve the recipe at ``path``.
 
@@ -336,19 +374,30 @@ def load_recipe(path, overrides: Iterable[str] = (), env: Mapping[str, str] | No
             (:func:`llmlab.recipe.codeuse.code_uses`) is an error; None (``validate``, ``plan``):
             each is a warning appended to ``warnings``; True: allowed silently.
         warnings: a list that receives warnings (:class:`RecipeError` with severity "warning").
+        check_files: whether to check this machine's files: that each local dataset ``path`` exists
+            (an error) and that a ``package:`` ``from_pretrained`` is installed (a warning).
+            ``validate --no-data-check`` turns both off (a CI job that checks recipes only).
 
     Returns:
         ``(resolved, errors)``: when ``errors`` is empty, ``resolved`` is the plain-dict recipe with
         every default filled in and every path absolute; otherwise ``resolved`` is None and
-        ``errors`` lists every problem found, sorted by file and line.
+        ``errors`` lists every problem found, sorted by file and line. One root cause gives one
+        error: a ``requires:`` this llmlab does not meet is the only error reported (after YAML
+        errors); a base recipe that cannot be loaded suppresses the "missing required key" errors and
+        the semantic checks of the incomplete result; a semantic error on a key the schema already
+        rejected (or inside it) is dropped.
     """
     file = Path(path)
     env = os.environ if env is None else env
     errors: list[RecipeError] = []
     dirs: dict = {SET_FILE: Path.cwd()}
-    doc, positions = _load_tree(file.resolve(), errors, dirs, (), display=str(path))
+    broken: list = []
+    doc, positions = _load_tree(file.resolve(), errors, dirs, (), display=str(path), broken=broken)
     if doc is None:
         return None, _finish(errors)
+    too_new = _requires_error(doc, positions, str(path))
+    if too_new is not None:
+        return None, _finish(errors + [too_new])
     apply_overrides(doc, positions, list(overrides), errors)
     main_pos = (str(path), 1, 1)
 
@@ -362,7 +411,10 @@ def load_recipe(path, overrides: Iterable[str] = (), env: Mapping[str, str] | No
     doc = substitute_env(doc, env, (), where, errors, unresolved)
     n_before = len(errors)
     for err in S.validator().iter_errors(doc):
+        if broken and err.validator == "required":
+            continue  # the keys the unloadable base would have given
         errors.extend(messages.convert(err, positions, where))
+    rejected = {e.path for e in errors[n_before:]}
     resolved = copy.deepcopy(doc)
     S.fill_defaults(S.load_schema(), resolved)
 
@@ -396,11 +448,14 @@ def load_recipe(path, overrides: Iterable[str] = (), env: Mapping[str, str] | No
     def add(p, msg):
         errors.append(RecipeError(*where(p), dotted(tuple(p)), msg))
 
+    n_semantic = len(errors)
     try:
-        semantic.check(resolved, given, add)
+        if not broken:  # without the base's keys, cross-key checks would only report its absence
+            semantic.check(resolved, given, add)
     except Exception:  # a check tripping over a shape the schema already rejected
         if not errors:
             raise
+    errors[n_semantic:] = [e for e in errors[n_semantic:] if not _under_any(e.path, rejected)]
     if allow_code is not True:
         for p, what in code_uses(resolved):
             if allow_code is False:
@@ -409,7 +464,7 @@ def load_recipe(path, overrides: Iterable[str] = (), env: Mapping[str, str] | No
                 warnings.append(RecipeError(*where(p), dotted(tuple(p)),
                                             f"runs code: {what}; `llmlab run` refuses it without {ALLOW_FLAG}",
                                             severity="warning"))
-    if isinstance(resolved.get("datasets"), dict):  # on an absolute copy: resolution comes after the checks
+    if check_files and isinstance(resolved.get("datasets"), dict):  # on an absolute copy: resolution comes after the checks
         probe = {"datasets": {k: copy.deepcopy(v) for k, v in resolved["datasets"].items() if isinstance(v, dict)}}
         _absolutize(probe, positions, dirs)
         for p, msg in _missing_local_data(probe):
@@ -422,9 +477,32 @@ def load_recipe(path, overrides: Iterable[str] = (), env: Mapping[str, str] | No
     resolved.pop("extends", None)
     _absolutize(resolved, positions, dirs)
     if warnings is not None:  # datasets sharing prompts with different held-out fractions
-        for p, msg in semantic.eval_split_warnings(resolved):
+        found = semantic.eval_split_warnings(resolved) + (_missing_packages(resolved) if check_files else [])
+        for p, msg in found:
             warnings.append(RecipeError(*where(p), dotted(tuple(p)), msg, severity="warning"))
     return _reorder(resolved), []
+
+
+def _under_any(path: str, roots: set) -> bool:
+    """Whether dotted ``path`` is one of ``roots`` or inside one (``a.b`` is inside ``a``, ``a[0]`` too)."""
+    return any(path == r or (r and path.startswith((r + ".", r + "["))) for r in roots)
+
+
+def _missing_packages(resolved: dict) -> list[tuple[tuple, str]]:
+    """``(key path, message)`` for each ``package:MODULE/FILE`` ``from_pretrained`` whose package is
+    not installed or lacks the file; the message names the package to install. A warning, not an
+    error: the recipe is valid, this machine cannot run it yet (``plan`` would size it as unknown)."""
+    from llmlab.models.gguf import PACKAGE_PREFIX, locate
+
+    out = []
+    for section in ("tokenizer", "model"):
+        source = (resolved.get(section) or {}).get("from_pretrained")
+        if isinstance(source, str) and source.startswith(PACKAGE_PREFIX):
+            try:
+                locate(source)
+            except FileNotFoundError as exc:
+                out.append(((section, "from_pretrained"), f"{exc}; `llmlab run` and `plan` need it"))
+    return out
 
 
 def _missing_local_data(resolved: dict) -> list[tuple[tuple, str]]:

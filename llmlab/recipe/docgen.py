@@ -41,6 +41,8 @@ Sharing and overriding:
   never written or printed: `recipe.resolved.yaml`, `plan --resolved`, stage.json and error messages
   show `${HF_TOKEN}` instead.
 - Numbers like `1e-5` are numbers (YAML 1.2), not strings.
+- `requires: "llmlab>=0.2"` (a PEP 440 requirement) is checked before anything else: an llmlab outside
+  the range refuses the recipe with one error naming both versions (docs/compatibility.md).
 - A recipe is untrusted input: it is read with safe YAML only, and refused (with the line and
   column) when it is over 1 MiB, nests mappings/lists more than 64 levels deep, expands through YAML
   aliases to more than 100,000 values, contains a NUL or other control character, or is not UTF-8.

