@@ -67,8 +67,9 @@ class RunSettings:
 
     SCHEMA: ClassVar[str] = "#"
     #: top-level keys held elsewhere: the sections (RunPlan), ``extends`` (gone after resolution),
-    #: ``dataloader_*`` (grouped in ``dataloader``)
-    ELSEWHERE: ClassVar[tuple[str, ...]] = ("extends", "tokenizer", "model", "datasets", "stages",
+    #: ``dataloader_*`` (grouped in ``dataloader``), ``resolved_with`` (the versions a run recorded in
+    #: recipe.resolved.yaml, never read back as a setting)
+    ELSEWHERE: ClassVar[tuple[str, ...]] = ("extends", "tokenizer", "model", "datasets", "stages", "resolved_with",
                                             "dataloader_num_workers", "dataloader_pin_memory",
                                             "dataloader_prefetch_factor")
 
@@ -94,6 +95,8 @@ class RunSettings:
     """Every path of the run directory."""
     token_store: Path | None = None
     """Folder of the token stores (absolute; None: ``$LLMLAB_TOKEN_STORE`` or the run's cache)."""
+    requires: str | None = None
+    """PEP 440 specifier of the llmlab versions the recipe needs (checked when it is loaded)."""
 
 
 # ----------------------------------------------------------------------------- tokenizer, model
