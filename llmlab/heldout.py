@@ -99,7 +99,8 @@ def score_tokens(model: Any, items: Sequence[tuple], pad_id: int, batch_size: in
     """Summed log-probability of the flagged tokens of each sequence, each sequence on its own.
 
     Sequences are right-padded into batches of ``batch_size`` (longest first); the log-softmax is taken
-    from fp32 logits and each row is summed in fp64, so the result does not depend on the batching.
+    from fp32 logits, one row at a time, and each row is summed in fp64, so the result does not depend
+    on the batching.
 
     Args:
         model: a causal LM (``model(input_ids, attention_mask).logits``, ``[B, T, V]``).
@@ -122,14 +123,12 @@ def score_tokens(model: Any, items: Sequence[tuple], pad_id: int, batch_size: in
             ids[r, : len(seq)] = torch.tensor(seq, dtype=torch.long)
             att[r, : len(seq)] = 1
             sc[r, 1: len(seq)] = torch.tensor(list(flags[1:]), dtype=torch.bool)
-        logits = model(input_ids=ids.to(device), attention_mask=att.to(device)).logits.float()
-        logp = torch.log_softmax(logits[:, :-1], dim=-1)
-        tok = logp.gather(-1, ids[:, 1:].to(device).unsqueeze(-1)).squeeze(-1)
-        mask = sc[:, 1:].to(device)
-        sums = (tok.double() * mask).sum(-1).tolist()
-        counts = mask.sum(-1).tolist()
-        for r, i in enumerate(idx):
-            out[i] = (float(sums[r]), int(counts[r]))
+        logits = model(input_ids=ids.to(device), attention_mask=att.to(device)).logits
+        targets, mask = ids[:, 1:].to(device), sc[:, 1:].to(device)
+        for r, i in enumerate(idx):  # one row's fp32 log-softmax at a time: memory of one row, not B
+            logp = torch.log_softmax(logits[r, :-1].float(), dim=-1)
+            tok = logp.gather(-1, targets[r].unsqueeze(-1)).squeeze(-1)
+            out[i] = (float((tok.double() * mask[r]).sum()), int(mask[r].sum()))
     return out  # type: ignore[return-value]
 
 
