@@ -28,8 +28,6 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
-import torch
-
 #: ``(ids, scored, cut)``: token ids, which of them are scored (``scored[i]``: token ``i``, predicted
 #: from the tokens before it, counts; ``scored[0]`` is ignored), and whether the sequence was cut
 #: from the left to fit the length limit (its oldest tokens not seen, the scored ones among them not
@@ -38,6 +36,15 @@ Scored = tuple[list[int], list[bool], bool]
 
 #: the limit when the model's config declares no context length
 DEFAULT_LIMIT = 2048
+
+
+def spread(rows: list, limit: int | None) -> list:
+    """At most ``limit`` rows, evenly spaced over ``rows`` (deterministic; all of them when ``limit``
+    is None, <= 0 or not smaller): the subset a stage's eval covers and ``llmlab eval --limit`` reads."""
+    if limit is None or limit <= 0 or len(rows) <= limit:
+        return rows
+    step = len(rows) / limit
+    return [rows[int(i * step)] for i in range(limit)]
 
 
 def length_limit(model: Any, max_length: int | None = None) -> int:
@@ -94,7 +101,6 @@ def document_windows(doc: Sequence[int], start: Sequence[int], limit: int) -> li
     return windows(ids, limit) if len(ids) >= 2 else []
 
 
-@torch.no_grad()
 def score_tokens(model: Any, items: Sequence[tuple], pad_id: int, batch_size: int = 8) -> list[tuple[float, int]]:
     """Summed log-probability of the flagged tokens of each sequence, each sequence on its own.
 
@@ -109,6 +115,15 @@ def score_tokens(model: Any, items: Sequence[tuple], pad_id: int, batch_size: in
     Returns:
         ``(sum_logprob, n_scored)`` per item, in order (nats).
     """
+    import torch
+
+    with torch.no_grad():
+        return _score_tokens(model, items, pad_id, batch_size)
+
+
+def _score_tokens(model: Any, items: Sequence[tuple], pad_id: int, batch_size: int) -> list[tuple[float, int]]:
+    import torch
+
     device = next(model.parameters()).device
     out: list[tuple[float, int] | None] = [None] * len(items)
     order = sorted(range(len(items)), key=lambda i: -len(items[i][0]))
@@ -161,6 +176,8 @@ def preference_metrics(policy_chosen: Sequence[float], policy_rejected: Sequence
     Raises:
         ValueError: no pairs.
     """
+    import torch
+
     from llmlab.losses import dpo_loss
 
     if not policy_chosen:

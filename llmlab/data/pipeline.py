@@ -215,7 +215,7 @@ def _tok_pair(tokenizer, seq_len: int, cfg: dict, source: int, keep_long: bool =
 
 
 def _tok_prompt(tokenizer, seq_len: int, cfg: dict, source: int, keep_long: bool = False):
-    from datasets import List, Value
+    from datasets import List, Value  # keep_long does not apply: a prompt must leave room to generate
 
     budget = max(1, seq_len - int(cfg.get("max_new_tokens", 32)))
 
@@ -364,12 +364,12 @@ class StageData:
         the stage has no held-out data.
 
         At most ``eval_steps × batch_size`` examples, evenly spaced over the held-out set in its
-        split order (:func:`llmlab.inference.datasets.spread`, the rows ``llmlab eval --limit`` keeps);
+        split order (:func:`llmlab.heldout.spread`, the rows ``llmlab eval --limit`` keeps);
         for pretrain, documents (see :func:`heldout_documents`).
         """
         if isinstance(self._heldout, HeldOut) or self._heldout is None:
             return self._heldout
-        from llmlab.inference.datasets import spread
+        from llmlab.heldout import spread
 
         n = _n_examples(self._heldout)
         idx = np.asarray(spread(list(range(n)), self.eval_steps * self.batch_size), dtype=np.int64)
@@ -742,11 +742,11 @@ def _build_pretrain(recipe: dict, stage_name: str, cfg: dict, tokenizer, names: 
 
 def heldout_documents(stores: list, weights: list[float], tokens: int) -> HeldOut | None:
     """A pretraining stage's held-out documents: from each store, ``k`` documents evenly spaced over
-    it (:func:`llmlab.inference.datasets.spread`, the documents ``llmlab eval -d NAME --limit k``
+    it (:func:`llmlab.heldout.spread`, the documents ``llmlab eval -d NAME --limit k``
     scores), ``k`` such that their expected length fills the store's share (∝ ``weights``) of
     ``tokens``; each document without its EOS. None when no document is drawn.
     """
-    from llmlab.inference.datasets import spread
+    from llmlab.heldout import spread
 
     docs, total = [], 0
     w = np.asarray(weights, dtype=np.float64)
