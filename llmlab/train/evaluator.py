@@ -2,7 +2,8 @@
 
 Stages with a held-out set (pretrain, sft, dpo: :meth:`~llmlab.stages.base.Stage.heldout`) are scored
 as :mod:`llmlab.heldout` defines it — per token (per pair for dpo) over the same examples, cut from
-the left to the model's context, fp32 log-probabilities, outside the stage's autocast — so the last
+the left to the model's context, fp32 log-probabilities, the forward in the weights' dtype (outside
+the stage's autocast and accelerate's mixed-precision wrapper) — so the last
 ``eval_loss`` equals ``llmlab eval`` on the same rows and the saved weights. The others (reward,
 grpo, ppo) average their ``compute_loss`` metrics over fixed eval batches under the stage's precision.
 """
@@ -15,7 +16,7 @@ import torch
 
 from llmlab.stages.base import Stage
 from llmlab.config import TrainingConfig
-from llmlab.models.wrappers import unwrap
+from llmlab.models.wrappers import unwrap, without_mixed_precision
 from llmlab.train.tensors import to_device
 
 log = logging.getLogger(__name__)
@@ -57,7 +58,8 @@ class Evaluator:
         bare.eval()
         try:
             if self.heldout is not None:
-                out = self.stage.evaluate_heldout(bare, self.heldout)
+                with without_mixed_precision(bare):
+                    out = self.stage.evaluate_heldout(bare, self.heldout)
                 self._say_coverage(out)
             else:
                 with self.accelerator.autocast():

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 
 import pytest
 import torch
@@ -65,6 +66,10 @@ def test_dpo_eval_is_llmlab_eval_on_the_pairs(run_dir, tmp_path):
     assert ev["eval_nll_loss"] == pytest.approx(rep["nll_loss"], abs=1e-4)
     assert ev["eval_rewards/margins"] == pytest.approx(rep["reward_margin"], abs=1e-4)
     assert ev["eval_rewards/accuracies"] == pytest.approx(rep["reward_accuracy"], abs=1e-9)
+    first = json.loads((run_dir / "dpo" / "metrics.jsonl").read_text().splitlines()[0])
+    assert first["step"] == 0  # the policy is its reference: every pair a tie, loss ln 2
+    assert first["eval_preference_loss"] == pytest.approx(math.log(2), abs=1e-6)
+    assert first["eval_rewards/accuracies"] == 0.0
 
 
 def test_summary_table_says_what_the_eval_loss_covers(run_dir):
@@ -109,3 +114,38 @@ def test_over_long_rule_keeps_the_tail_and_windows_score_each_token_once():
     ws = windows(list(range(10)), 4)
     scored = [t for w, f in ws for t, s in zip(w, f) if s]
     assert scored == list(range(1, 10)) and all(len(w) <= 4 for w, _ in ws)
+
+
+class _TinyLM(torch.nn.Module):
+    """Embedding + linear head: under bf16 autocast its head computes in bf16."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb, self.head = torch.nn.Embedding(11, 16), torch.nn.Linear(16, 11)
+
+    def forward(self, input_ids, attention_mask=None):
+        from transformers.modeling_outputs import CausalLMOutput
+
+        return CausalLMOutput(logits=self.head(self.emb(input_ids)))
+
+
+def test_heldout_forward_skips_accelerates_mixed_precision_wrapper():
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    from llmlab.models.wrappers import unwrap, without_mixed_precision
+
+    torch.manual_seed(0)
+    model = _TinyLM()
+    ids = torch.randint(0, 11, (2, 7))
+    fp32 = model(ids).logits.detach().clone()
+    AcceleratorState._reset_state(reset_partial_state=True)
+    try:
+        prepared = unwrap(Accelerator(cpu=True, mixed_precision="bf16").prepare(model))
+        wrapped = prepared(ids).logits
+        assert not torch.equal(wrapped, fp32)  # the wrapper computes in bf16
+        with torch.no_grad(), without_mixed_precision(prepared):
+            assert torch.equal(prepared(ids).logits, fp32)
+        assert torch.equal(prepared(ids).logits, wrapped)  # and is back after the block
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)
