@@ -556,8 +556,16 @@ def key_metrics(last_eval: dict, first_eval: dict | None = None) -> str:
     return ", ".join(one(k, label) for k, label in KEY_METRICS if k in last_eval) or "-"
 
 
+def coverage_note(last_eval: dict) -> str:
+    """`` (80/123 ex.)`` when a stage's eval_loss covers only part of its held-out set (eval_steps ×
+    batch_size examples, evenly spaced; docs/evaluation.md), else empty."""
+    n, total = last_eval.get("eval_examples"), last_eval.get("eval_heldout_examples")
+    return f" ({n}/{total} ex.)" if n is not None and total is not None and n < total else ""
+
+
 def summary_table(outcomes: list[StageOutcome], out_dir: Path) -> Table:
-    """The final table: stage, action, steps, first and last loss, eval loss, wall time, output."""
+    """The final table: stage, action, steps, first and last loss, eval loss (the held-out loss of
+    docs/evaluation.md; with the share of the held-out set it covers when not all), wall time, output."""
     t = Table(title=f"llmlab run → {out_dir}")
     for col in ("stage", "type", "action", "steps", "loss first → last", "eval loss first → last", "eval metrics",
                 "wall time", "output"):
@@ -570,7 +578,7 @@ def summary_table(outcomes: list[StageOutcome], out_dir: Path) -> Table:
         i = o.info
         fe, le = (i.get("first_eval") or {}).get("eval_loss"), (i.get("last_eval") or {}).get("eval_loss")
         t.add_row(o.name, o.type, o.action, str(i.get("steps", "-")), f"{f(i.get('first_loss'))} → {f(i.get('last_loss'))}",
-                  f"{f(fe)} → {f(le)}", key_metrics(i.get("last_eval") or {}, i.get("first_eval")), f"{i.get('wall_time_s', 0):.1f} s",
+                  f"{f(fe)} → {f(le)}{coverage_note(i.get('last_eval') or {})}", key_metrics(i.get("last_eval") or {}, i.get("first_eval")), f"{i.get('wall_time_s', 0):.1f} s",
                   str((i.get("outputs") or {}).get("final") or (i.get("outputs") or {}).get("results") or "-"))
     return t
 

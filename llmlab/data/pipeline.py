@@ -158,7 +158,7 @@ def encode_documents(tokenizer, texts: list[str], append_id: int | None = None):
     return pa.ListArray.from_arrays(pa.array(offsets.astype(np.int32)), pa.array(ids, type=pa.int32()))
 
 
-def _tok_sft(tokenizer, seq_len: int, cfg: StageDataConfig, source: int):
+def _tok_sft(tokenizer, seq_len: int, cfg: StageDataConfig, source: int, keep_long: bool = False):
     truncate = cfg.truncation == "truncate"
 
     def fn(batch):
@@ -167,7 +167,7 @@ def _tok_sft(tokenizer, seq_len: int, cfg: StageDataConfig, source: int):
         for ids, mask in zip(enc["input_ids"], enc["assistant_masks"]):
             labels = [t if m else IGNORE_INDEX for t, m in zip(ids, mask)]
             drop = ""
-            if len(ids) > seq_len:
+            if len(ids) > seq_len and not keep_long:
                 last = _assistant_spans(mask)[-1:]
                 if truncate and last and last[0][1] - last[0][0] < seq_len:
                     # cut from the left, keeping the final assistant turn whole
@@ -185,7 +185,7 @@ def _tok_sft(tokenizer, seq_len: int, cfg: StageDataConfig, source: int):
     return fn, _int_list_features("input_ids", "labels")
 
 
-def _tok_pair(tokenizer, seq_len: int, cfg: StageDataConfig, source: int):
+def _tok_pair(tokenizer, seq_len: int, cfg: StageDataConfig, source: int, keep_long: bool = False):
     def fn(batch):
         out = {k: [] for k in ("chosen_input_ids", "chosen_labels", "rejected_input_ids",
                                "rejected_labels", "_source", "_drop")}
@@ -198,7 +198,7 @@ def _tok_pair(tokenizer, seq_len: int, cfg: StageDataConfig, source: int):
                 for ids, mask, comp in zip(enc["input_ids"], enc["assistant_masks"], batch[side])]
         for (c_ids, c_lab), (r_ids, r_lab) in zip(sides["chosen"], sides["rejected"]):
             longest = max(len(c_ids), len(r_ids))
-            drop = f"too_long:{longest}" if longest > seq_len else ""
+            drop = f"too_long:{longest}" if longest > seq_len and not keep_long else ""
             if not drop and (all(x == IGNORE_INDEX for x in c_lab)
                              or all(x == IGNORE_INDEX for x in r_lab)):
                 drop = "no_assistant_tokens"
@@ -212,9 +212,10 @@ def _tok_pair(tokenizer, seq_len: int, cfg: StageDataConfig, source: int):
                                   "rejected_labels")
 
 
-def _tok_unpaired(tokenizer, seq_len: int, cfg: StageDataConfig, source: int):
+def _tok_unpaired(tokenizer, seq_len: int, cfg: StageDataConfig, source: int, keep_long: bool = False):
     """Unpaired preference rows (kto): prompt + completion, labels on the completion's assistant
-    turns, ``desirable`` the row's label."""
+    turns, ``desirable`` the row's label (``keep_long`` does not apply: kto's held-out rows are
+    scored like its training rows)."""
     def fn(batch):
         out = {k: [] for k in ("input_ids", "labels", "desirable", "_source", "_drop")}
         convs = [p + c for p, c in zip(batch["prompt"], batch["completion"])]
@@ -236,8 +237,8 @@ def _tok_unpaired(tokenizer, seq_len: int, cfg: StageDataConfig, source: int):
     return fn, _int_list_features("input_ids", "labels", extra={"desirable": Value("int64")})
 
 
-def _tok_prompt(tokenizer, seq_len: int, cfg: StageDataConfig, source: int):
-    from datasets import List, Value
+def _tok_prompt(tokenizer, seq_len: int, cfg: StageDataConfig, source: int, keep_long: bool = False):
+    from datasets import List, Value  # keep_long does not apply: a prompt must leave room to generate
 
     budget = max(1, seq_len - int(cfg.max_new_tokens))
 
@@ -253,9 +254,29 @@ def _tok_prompt(tokenizer, seq_len: int, cfg: StageDataConfig, source: int):
 
 
 _TOKENISERS = {"sft": _tok_sft, "pair": _tok_pair, "prompt": _tok_prompt, "unpaired_preference": _tok_unpaired}
+#: stage types whose held-out examples are kept whole at tokenisation, however long: their eval_loss
+#: cuts them from the left to the model's context when scoring (llmlab.heldout), never drops them
+HELD_OUT_WHOLE = ("sft", "dpo")
 
 
 # -- StageData -----------------------------------------------------------------------------------
+
+@dataclass
+class HeldOut:
+    """The held-out examples a training stage evaluates (:meth:`StageData.heldout`).
+
+    Attributes:
+        kind: ``text`` (pretrain), ``conversation`` (sft) or ``preference`` (dpo).
+        examples: text: token-id lists of documents (no EOS); conversation: ``(ids, scored flags)``;
+            preference: ``((chosen ids, flags), (rejected ids, flags))``. Whole, however long.
+        total: the examples of the held-out set they were drawn from (``len(examples)`` when it is
+            covered whole).
+    """
+
+    kind: str
+    examples: list
+    total: int
+
 
 @dataclass
 class StageData:
@@ -286,6 +307,7 @@ class StageData:
     _perms: dict = field(repr=False, default_factory=dict)
     _sources: Any = field(repr=False, default=None)  # int array [N]: dataset of each example
     _family: str | None = field(repr=False, default=None)  # set where the data's kind chose it (kto)
+    _heldout: Any = field(repr=False, default=None)  # the held-out set in split order (HeldOut for pretrain)
 
     @property
     def num_train_examples(self) -> int:
@@ -361,6 +383,31 @@ class StageData:
                 break
             batches.append(self._collate(self._eval, idx))
         return batches
+
+    def heldout(self) -> HeldOut | None:
+        """The held-out examples the stage's ``eval_loss`` covers (:mod:`llmlab.heldout`), or None when
+        the stage has no held-out data.
+
+        At most ``eval_steps × batch_size`` examples, evenly spaced over the held-out set in its
+        split order (:func:`llmlab.heldout.spread`, the rows ``llmlab eval --limit`` keeps);
+        for pretrain, documents (see :func:`heldout_documents`).
+        """
+        if isinstance(self._heldout, HeldOut) or self._heldout is None:
+            return self._heldout
+        from llmlab.heldout import spread
+
+        n = _n_examples(self._heldout)
+        idx = np.asarray(spread(list(range(n)), self.eval_steps * self.batch_size), dtype=np.int64)
+        if idx.size == 0:
+            return None
+        rows = _take(self._heldout, idx)
+        flags = lambda labels: [x != IGNORE_INDEX for x in labels]  # noqa: E731
+        if self.family == "sft":
+            ex = [(ids, flags(lab)) for ids, lab in zip(rows["input_ids"], rows["labels"])]
+            return HeldOut("conversation", ex, n)
+        ex = [((ci, flags(cl)), (ri, flags(rl))) for ci, cl, ri, rl in zip(
+            rows["chosen_input_ids"], rows["chosen_labels"], rows["rejected_input_ids"], rows["rejected_labels"])]
+        return HeldOut("preference", ex, n)
 
     # -- collation ---------------------------------------------------------------------------
     def _collate(self, data, idx: np.ndarray) -> dict:
@@ -566,12 +613,13 @@ def _tokenise(recipe: dict, name: str, split: str, rows, cfg: StageDataConfig, f
                             load_from_cache_file=False)
         except ValueError as e:
             raise ValueError(f"datasets.{name}: {e} (stage type {cfg.type})") from None
-    fn, features = _TOKENISERS[family](tokenizer, cfg.seq_len, cfg, source)
+    keep_long = split == "eval" and cfg.type in HELD_OUT_WHOLE
+    fn, features = _TOKENISERS[family](tokenizer, cfg.seq_len, cfg, source, keep_long)
     key = hashlib.sha256(json.dumps({
         "v": DATA_VERSION, "tok": tok_hash, "spec": dataset_spec(recipe, name), "split": split,
         "seed": int(top_level(recipe, "seed")), "family": family, "seq_len": cfg.seq_len,
         "truncation": cfg.truncation, "max_new_tokens": cfg.max_new_tokens,
-        "source": source, "n": len(rows),
+        "source": source, "n": len(rows), **({"keep_long": True} if keep_long else {}),
         # content fingerprint of the canonical rows (datasets hashes in-memory tables and the
         # files a local/hub dataset was read from), so edited data never hits a stale cache
         "rows": getattr(rows, "_fingerprint", None)}, sort_keys=True, default=str).encode()).hexdigest()[:20]
@@ -731,7 +779,8 @@ def build_stage_data(recipe: dict, stage_name: str, tokenizer) -> StageData:
                      batch_size=cfg.batch_size, seq_len=seq_len, pad_token_id=int(pad_id),
                      eval_steps=cfg.eval_steps, shares=shares,
                      token_shares=token_shares, dropped=dropped, _train=train, _eval=eval_,
-                     _sources=src.astype(np.int64), _family=family)
+                     _sources=src.astype(np.int64), _family=family,
+                     _heldout=eval_mixed if cfg.type in HELD_OUT_WHOLE else None)
     log.info("stage %s: %d training examples, shares %s, dropped %s", stage_name,
              data.num_train_examples, {k: round(v, 4) for k, v in shares.items()}, dropped)
     return data
@@ -770,12 +819,33 @@ def _build_pretrain(recipe: dict, stage_name: str, cfg: StageDataConfig, tokeniz
         if st.documents:
             ev_stores.append(st)
             ev_weights.append(w)
-    eval_ = eval_blocks(ev_stores, ev_weights, seed, stage_name, seq_len, eos, pad_id,
-                        cfg.eval_steps * batch) if ev_stores else None
+    budget = cfg.eval_steps * batch
+    eval_ = eval_blocks(ev_stores, ev_weights, seed, stage_name, seq_len, eos, pad_id, budget) if ev_stores else None
+    heldout = heldout_documents(ev_stores, ev_weights, budget * seq_len) if ev_stores else None
     data = StageData(stage=stage_name, type=cfg.type, seed=seed, batch_size=batch, seq_len=seq_len,
                      pad_token_id=int(pad_id), eval_steps=cfg.eval_steps,
                      shares=shares, token_shares=dict(shares), dropped=dropped, _train=stream,
-                     _eval=eval_)
+                     _eval=eval_, _heldout=heldout)
     log.info("stage %s: %d blocks of %d tokens, shares %s, dropped %s", stage_name, stream.num_blocks,
              seq_len, {k: round(v, 4) for k, v in shares.items()}, dropped)
     return data
+
+
+def heldout_documents(stores: list, weights: list[float], tokens: int) -> HeldOut | None:
+    """A pretraining stage's held-out documents: from each store, ``k`` documents evenly spaced over
+    it (:func:`llmlab.heldout.spread`, the documents ``llmlab eval -d NAME --limit k``
+    scores), ``k`` such that their expected length fills the store's share (∝ ``weights``) of
+    ``tokens``; each document without its EOS. None when no document is drawn.
+    """
+    from llmlab.heldout import spread
+
+    docs, total = [], 0
+    w = np.asarray(weights, dtype=np.float64)
+    for st, share in zip(stores, w / w.sum()):
+        mean = max(st.tokens / max(st.documents, 1), 1.0)
+        k = min(st.documents, max(1, int(np.ceil(tokens * share / mean))))
+        total += st.documents
+        for d in spread(list(range(st.documents)), k):
+            doc = st.document(d)
+            docs.append(doc[:-1].tolist())  # its EOS: the separator, not text
+    return HeldOut("text", docs, total) if docs else None

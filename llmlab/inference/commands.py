@@ -211,6 +211,24 @@ def _print_report(report: dict) -> None:
         console.print(f"[bold]> {last}[/bold]\n{s['completion']}{extra}", markup=True, highlight=False)
 
 
+#: the DPO beta of the implicit reward when neither --beta nor a dpo stage gives one
+DEFAULT_BETA = 0.1
+
+
+def _dpo_settings(recipe: dict, loc: Any) -> dict | None:
+    """The loss settings of the dpo stage ``loc`` came from (``beta``, ``loss_type``,
+    ``label_smoothing``, ``rpo_alpha``; schema defaults filled) and its reference stage
+    (``reference_from``, else the ``from`` stage, else None); None when the model is not a dpo stage's."""
+    from llmlab.recipe.schema import stage_defaults
+
+    cfg = (recipe.get("stages") or {}).get(loc.stage_name) if loc.stage_name else None
+    if not cfg or cfg.get("type") != "dpo" or loc.run_dir is None:
+        return None
+    cfg = {**stage_defaults("dpo"), **cfg}
+    return {"beta": float(cfg["beta"]), "loss_type": cfg["loss_type"], "label_smoothing": float(cfg["label_smoothing"]),
+            "rpo_alpha": float(cfg["rpo_alpha"]), "reference": cfg.get("reference_from") or cfg.get("from")}
+
+
 def run_lm_eval(model: Any, tokenizer: Any, tasks: list[str], batch_size: int = 8, limit: int | None = None) -> dict:
     """Run lm-evaluation-harness tasks on a loaded model (needs the optional ``lm-eval`` package and
     its tasks' data available locally). Raises ImportError when lm-eval is not installed."""
@@ -224,7 +242,7 @@ def run_lm_eval(model: Any, tokenizer: Any, tasks: list[str], batch_size: int = 
 
 def eval_command(path: Path, dataset: str | None = None, output: Path | None = None,
                  stage: str | None = None, reference: Path | None = None, reference_stage: str | None = None,
-                 reward_model: Path | None = None, beta: float = 0.1, kind: str | None = None,
+                 reward_model: Path | None = None, beta: float | None = None, kind: str | None = None,
                  limit: int | None = None, batch_size: int = 8, max_length: int | None = None,
                  num_samples: int = 8, seed: int = 0, max_new_tokens: int = 64, temperature: float = 0.8,
                  chat: bool | None = None, tasks: list[str] | None = None, split: str | None = None,
@@ -233,7 +251,9 @@ def eval_command(path: Path, dataset: str | None = None, output: Path | None = N
 
     ``dataset`` is a file, a dataset name of the run's recipe (held-out rows unless ``split`` says
     otherwise) or a builtin (see :mod:`llmlab.inference.datasets`). Named datasets are capped at 200
-    evenly spaced rows unless ``limit`` says otherwise.
+    evenly spaced rows unless ``limit`` says otherwise. For a dpo stage's model on preference data,
+    ``beta``, the loss settings and (unless ``reference`` is given) the reference model are the stage's,
+    so the report's ``loss`` is the stage's held-out ``eval_loss`` (:func:`_dpo_settings`).
     """
     if dataset is None and not tasks:
         _err("give --dataset SPEC (a .jsonl/.txt file or kjv, chatterbot, chatterbot_pairs) and/or --tasks")
@@ -277,6 +297,14 @@ def eval_command(path: Path, dataset: str | None = None, output: Path | None = N
         from llmlab.inference.generation import GenerationSettings
 
         ref = rm = None
+        dpo = _dpo_settings(recipe, loc) if found_kind == "preference" else None
+        if dpo is not None:
+            beta = dpo["beta"] if beta is None else beta
+            if reference is None and dpo["reference"] is not None:
+                reference, reference_stage = loc.run_dir, dpo["reference"]
+                _info(f"reference: stage {reference_stage} (the reference of dpo stage {loc.stage_name}; "
+                      "--reference overrides)")
+        beta = DEFAULT_BETA if beta is None else beta
         if reference is not None:
             if found_kind != "preference":
                 _err("--reference only applies to preference data")
@@ -297,9 +325,10 @@ def eval_command(path: Path, dataset: str | None = None, output: Path | None = N
             report["reward_model"] = str(got[3].model_dir)
         settings = GenerationSettings(max_new_tokens=max_new_tokens, temperature=temperature, seed=seed)
         try:
+            loss = {k: dpo[k] for k in ("loss_type", "label_smoothing", "rpo_alpha")} if dpo else {}
             report.update(evaluate_model(model, tok, rows, found_kind, is_chat=is_chat, reference=ref,
                                          reward_model=rm, beta=beta, batch_size=batch_size, max_length=max_length,
-                                         settings=settings, num_samples=num_samples))
+                                         settings=settings, num_samples=num_samples, **loss))
         except ValueError as e:
             _err(str(e))
             return 1
@@ -460,12 +489,14 @@ def register_commands(app) -> None:
         output: Path | None = typer.Option(None, "--output", "-o", help="Write the JSON report here."),
         stage: str | None = typer.Option(None, "--stage", help=STAGE_HELP),
         reference: Path | None = typer.Option(None, "--reference", help="Reference model for DPO implicit "
-                                                 "rewards on preference data (usually the stage DPO started from)."),
+                                                 "rewards on preference data (default for a dpo stage's model: "
+                                                 "the stage's reference, its reference_from or from stage)."),
         reference_stage: str | None = typer.Option(None, "--reference-stage", help="Stage of --reference "
                                                       "when it is a run directory."),
         reward_model: Path | None = typer.Option(None, "--reward-model", help="Reward model that scores "
                                                     "sampled generations on prompt data."),
-        beta: float = typer.Option(0.1, "--beta", help="DPO beta of the implicit reward."),
+        beta: float | None = typer.Option(None, "--beta", help="DPO beta of the implicit reward (default: "
+                                             "the dpo stage's beta for a dpo stage's model, else 0.1)."),
         kind: str | None = typer.Option(None, "--kind", help="Evaluate rows as: text, conversation, "
                                            "preference or prompt (default: from the data's format)."),
         limit: int | None = typer.Option(None, "--limit", help="At most this many rows, evenly spaced "

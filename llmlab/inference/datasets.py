@@ -33,6 +33,8 @@ import random
 from pathlib import Path
 from typing import Any
 
+from llmlab.heldout import spread  # noqa: F401 (re-export: --limit keeps the rows a stage's eval keeps)
+
 BUILTINS = ("kjv", "chatterbot", "chatterbot_pairs")
 KINDS = ("text", "conversation", "preference", "prompt")
 _ROLE = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "bot": "assistant",
@@ -198,14 +200,6 @@ def _recipe_dataset(recipe: dict, name: str, split: str | None) -> list[dict]:
     if split == "train":
         return [dict(r) for r in splits.train.to_list()]
     return [dict(r) for r in splits.train.to_list()] + [dict(r) for r in splits.eval.to_list()]
-
-
-def spread(rows: list, limit: int | None) -> list:
-    """At most ``limit`` rows, evenly spaced over the dataset (deterministic)."""
-    if limit is None or limit <= 0 or len(rows) <= limit:
-        return rows
-    step = len(rows) / limit
-    return [rows[int(i * step)] for i in range(limit)]
 
 
 def load_eval_rows(spec: str, limit: int | None = None, kind: str | None = None, split: str | None = None,

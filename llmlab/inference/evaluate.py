@@ -19,13 +19,15 @@ stage type. What it reports per kind:
   reference, so it compares any two models); ``avg_logp_accuracy`` the same on log-probabilities
   averaged per completion token (the implicit reward of the reference-free SimPO and ORPO). With a reference model, the DPO implicit reward
   ``r = beta * (log pi(y|x) - log pi_ref(y|x))`` gives ``reward_accuracy`` (share with
-  r_chosen > r_rejected, ties count as wrong as in TRL), ``reward_margin`` (mean r_chosen - r_rejected)
-  and the mean rewards. A reward model (``*ForSequenceClassification``) is scored directly: its
+  r_chosen > r_rejected, a tie counting one half: at step 0 every implicit reward ties), ``reward_margin`` (mean r_chosen - r_rejected),
+  the mean rewards, and the dpo stage's held-out ``loss`` (its ``eval_loss``: ``preference_loss``, the
+  DPO/IPO loss per pair averaged over pairs, plus ``rpo_alpha`` times ``nll_loss``). A reward model (``*ForSequenceClassification``) is scored directly: its
   accuracy and margin on chosen vs rejected.
 - prompt: sample generations (seeded), with a reward model's score for each when one is given.
 
-A conversation or preference sequence longer than the limit (``max_length``, default the model's
-context) is cut from the left, keeping its scored tail; ``truncated`` counts the rows so cut
+The scoring and the rules below are those of :mod:`llmlab.heldout`, shared with the training stages'
+``eval_loss`` (docs/evaluation.md). A conversation or preference sequence longer than the limit
+(``max_length``, default the model's context) is cut from the left, keeping its scored tail; ``truncated`` counts the rows so cut
 (conversations; pairs whose chosen or rejected sequence was cut; sampled prompts whose reward-model
 input was cut), and ``llmlab eval`` prints a note when it is not 0: a cut eval is never silent.
 """
@@ -42,76 +44,17 @@ import torch
 from llmlab.inference.generation import (
     GenerationSettings,
     PromptTooLongError,
-    context_limit,
     generate_text,
     messages_as_text,
 )
+from llmlab.heldout import (Scored, document_windows, fit_left, length_limit, lm_loss, perplexity,  # noqa: F401
+                            preference_metrics, score_tokens, start_token)
 from llmlab.inference.loading import has_chatml_template, is_reward_model
 
 LN2 = math.log(2.0)
 
 
-# -- scoring ---------------------------------------------------------------------------------------
-@torch.no_grad()
-def score_tokens(model: Any, items: Sequence[tuple], pad_id: int, batch_size: int = 8) -> list[tuple[float, int]]:
-    """Summed log-probability of the flagged tokens of each sequence.
-
-    Args:
-        items: ``(ids, scored, ...)`` tuples (further items ignored); ``scored[i]`` says whether token
-            ``i`` (predicted from the tokens before it) counts. ``scored[0]`` is ignored.
-    Returns:
-        ``(sum_logprob, n_scored)`` per item, in order.
-    """
-    device = next(model.parameters()).device
-    out: list[tuple[float, int] | None] = [None] * len(items)
-    order = sorted(range(len(items)), key=lambda i: -len(items[i][0]))
-    for b in range(0, len(order), batch_size):
-        idx = order[b: b + batch_size]
-        T = max(len(items[i][0]) for i in idx)
-        ids = torch.full((len(idx), T), pad_id, dtype=torch.long)
-        att = torch.zeros((len(idx), T), dtype=torch.long)
-        sc = torch.zeros((len(idx), T), dtype=torch.bool)
-        for r, i in enumerate(idx):
-            seq, flags = items[i][0], items[i][1]
-            ids[r, : len(seq)] = torch.tensor(seq, dtype=torch.long)
-            att[r, : len(seq)] = 1
-            sc[r, 1: len(seq)] = torch.tensor(flags[1:], dtype=torch.bool)
-        logits = model(input_ids=ids.to(device), attention_mask=att.to(device)).logits.float()
-        logp = torch.log_softmax(logits[:, :-1], dim=-1)
-        tok = logp.gather(-1, ids[:, 1:].to(device).unsqueeze(-1)).squeeze(-1)
-        mask = sc[:, 1:].to(device)
-        sums = (tok * mask).sum(-1).tolist()
-        counts = mask.sum(-1).tolist()
-        for r, i in enumerate(idx):
-            out[i] = (float(sums[r]), int(counts[r]))
-    return out  # type: ignore[return-value]
-
-
-def _start_token(tokenizer: Any) -> list[int]:
-    for t in (tokenizer.bos_token_id, tokenizer.eos_token_id):
-        if t is not None:
-            return [int(t)]
-    return []
-
-
-def _windows(ids: list[int], limit: int) -> list[tuple[list[int], list[bool]]]:
-    """Cut a sequence whose every token but the first is scored into windows overlapping by one."""
-    if len(ids) <= limit:
-        return [(ids, [False] + [True] * (len(ids) - 1))]
-    out = []
-    s = 0
-    while s < len(ids) - 1:
-        w = ids[s: s + limit]
-        out.append((w, [False] + [True] * (len(w) - 1)))
-        s += limit - 1
-    return out
-
-
-def _max_len(model: Any, max_length: int | None) -> int:
-    lim = context_limit(model) or 2048
-    return min(lim, max_length) if max_length else lim
-
-
+# -- scoring: llmlab.heldout ---------------------------------------------------------------------
 def _pad_id(tokenizer: Any) -> int:
     return int(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id or 0)
 
@@ -144,7 +87,7 @@ def _chat_scored(tokenizer: Any, messages: list[dict], last_k: int | None, limit
     Follows the training convention of ``llmlab.data``: the whole conversation tokenized by the chat
     template, scored tokens = the template's generation spans (reply + ``<|im_end|>``), no BOS added.
     Templates without generation markers fall back to rendering prefix by prefix, scoring each
-    assistant turn's rendering minus its trailing whitespace. Cut from the left to ``limit`` (:func:`_fit`).
+    assistant turn's rendering minus its trailing whitespace. Cut from the left to ``limit`` (:func:`llmlab.heldout.fit_left`).
     """
     enc = tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True,
                                         return_assistant_tokens_mask=True)
@@ -157,7 +100,7 @@ def _chat_scored(tokenizer: Any, messages: list[dict], last_k: int | None, limit
     flags = [False] * len(ids)
     for a, b in spans:
         flags[a:b] = [True] * (b - a)
-    return _fit(ids, flags, limit)
+    return fit_left(ids, flags, limit)
 
 
 def _chat_scored_by_prefix(tokenizer: Any, messages: list[dict], last_k: int | None, limit: int) -> Scored:
@@ -180,19 +123,7 @@ def _chat_scored_by_prefix(tokenizer: Any, messages: list[dict], last_k: int | N
         ids += a + b + c
         flags += [False] * len(a) + [seen >= first_scored] * len(b) + [False] * len(c)
         done, seen = through, seen + 1
-    return _fit(ids, flags, limit)
-
-
-#: ``(ids, scored, cut)``: token ids, which of them are scored, and whether the sequence was cut from the
-#: left to fit the length limit (its oldest tokens not seen; the scored tokens cut with them not scored)
-Scored = tuple[list[int], list[bool], bool]
-
-
-def _fit(ids: list[int], flags: list[bool], limit: int) -> Scored:
-    """Cut from the left to ``limit`` tokens, keeping the scored tail; the third item says whether it cut."""
-    if len(ids) > limit:
-        return ids[-limit:], flags[-limit:], True
-    return ids, flags, False
+    return fit_left(ids, flags, limit)
 
 
 def _prompt_completion(tokenizer: Any, prompt: list[dict], completion: list[dict], is_chat: bool,
@@ -202,7 +133,7 @@ def _prompt_completion(tokenizer: Any, prompt: list[dict], completion: list[dict
     if is_chat:
         return _chat_scored(tokenizer, prompt + completion,
                             sum(m["role"] == "assistant" for m in completion), limit)
-    p_ids = _start_token(tokenizer) + _encode(tokenizer, messages_as_text(prompt) + "\n" if prompt else "")
+    p_ids = start_token(tokenizer) + _encode(tokenizer, messages_as_text(prompt) + "\n" if prompt else "")
     c_ids = _encode(tokenizer, messages_as_text(completion))
     n = len(p_ids) + len(c_ids)
     c_ids = c_ids[: max(limit - 1, 1)]
@@ -214,22 +145,18 @@ def _prompt_completion(tokenizer: Any, prompt: list[dict], completion: list[dict
 def eval_text(model: Any, tokenizer: Any, texts: Sequence[str], batch_size: int = 8,
               max_length: int | None = None) -> dict:
     """Perplexity and bits per byte on plain text documents (rule in the module docstring)."""
-    limit = _max_len(model, max_length)
-    start = _start_token(tokenizer)
+    limit = length_limit(model, max_length)
+    start = start_token(tokenizer)
     items = []
     n_bytes = 0
     for t in texts:
-        ids = start + _encode(tokenizer, t)
         n_bytes += len(t.encode("utf-8"))
-        if len(ids) >= 2:
-            items.extend(_windows(ids, limit))
-    scores = score_tokens(model, items, _pad_id(tokenizer), batch_size)
-    nll = -sum(s for s, _ in scores)
-    n = sum(c for _, c in scores)
-    mean = nll / max(n, 1)
+        items.extend(document_windows(_encode(tokenizer, t), start, limit))
+    mean, n = lm_loss(score_tokens(model, items, _pad_id(tokenizer), batch_size))
+    nll = mean * n if n else 0.0
     return {"documents": len(texts), "tokens": n, "bytes": n_bytes, "mean_loss": mean,
-            "perplexity": math.exp(mean) if n else float("nan"),
-            "bits_per_token": mean / LN2, "bits_per_byte": nll / LN2 / n_bytes if n_bytes else float("nan")}
+            "perplexity": perplexity(mean), "bits_per_token": mean / LN2,
+            "bits_per_byte": nll / LN2 / n_bytes if n_bytes else float("nan")}
 
 
 def eval_conversation(model: Any, tokenizer: Any, rows: Sequence[dict], batch_size: int = 8,
@@ -237,33 +164,25 @@ def eval_conversation(model: Any, tokenizer: Any, rows: Sequence[dict], batch_si
     """Perplexity on the assistant tokens of conversations (needs a chat template)."""
     if not getattr(tokenizer, "chat_template", None):
         raise ValueError("conversation data needs a tokenizer with a chat template")
-    limit = _max_len(model, max_length)
+    limit = length_limit(model, max_length)
     items = [_chat_scored(tokenizer, r["messages"], None, limit) for r in rows]
-    scores = score_tokens(model, items, _pad_id(tokenizer), batch_size)
-    nll = -sum(s for s, _ in scores)
-    n = sum(c for _, c in scores)
-    mean = nll / max(n, 1)
+    mean, n = lm_loss(score_tokens(model, items, _pad_id(tokenizer), batch_size))
     return {"conversations": len(rows), "tokens": n, "mean_loss": mean,
-            "perplexity": math.exp(mean) if n else float("nan"), "truncated": sum(it[2] for it in items)}
+            "perplexity": perplexity(mean), "truncated": sum(it[2] for it in items)}
 
 
 def preference_logps(model: Any, tokenizer: Any, rows: Sequence[dict], is_chat: bool, batch_size: int = 8,
-                     max_length: int | None = None, per_token: bool = False):
-    """Summed log-probabilities of the chosen and of the rejected completion, per pair, and the number
-    of pairs whose chosen or rejected sequence was cut from the left to fit the length limit; with
-    ``per_token`` also the per-token means ``(chosen_means, rejected_means)`` as a fourth item."""
-    limit = _max_len(model, max_length)
+                     max_length: int | None = None) -> tuple[list[tuple[float, int]], list[tuple[float, int]], int]:
+    """Per pair, ``(summed log-probability, scored tokens)`` of the chosen and of the rejected completion,
+    and the number of pairs whose chosen or rejected sequence was cut from the left to fit the length limit."""
+    limit = length_limit(model, max_length)
     items = []
     for r in rows:
         items.append(_prompt_completion(tokenizer, r["prompt"], r["chosen"], is_chat, limit))
         items.append(_prompt_completion(tokenizer, r["prompt"], r["rejected"], is_chat, limit))
     scores = score_tokens(model, items, _pad_id(tokenizer), batch_size)
     cut = sum(a[2] or b[2] for a, b in zip(items[0::2], items[1::2]))
-    sums = [s for s, _ in scores[0::2]], [s for s, _ in scores[1::2]], cut
-    if not per_token:
-        return sums
-    means = tuple([s / max(n, 1) for s, n in scores[k::2]] for k in (0, 1))
-    return (*sums, means)
+    return scores[0::2], scores[1::2], cut
 
 
 @torch.no_grad()
@@ -272,11 +191,11 @@ def reward_scores(reward_model: Any, tokenizer: Any, conversations: Sequence[lis
     """A reward model's scalar score for each conversation (one at a time: no padding ambiguity), and
     for each whether it was longer than the model's context and cut from the left (scored on its tail)."""
     device = next(reward_model.parameters()).device
-    limit = _max_len(reward_model, None)
+    limit = length_limit(reward_model, None)
     out, cut = [], []
     for msgs in conversations:
         text = _render(tokenizer, msgs, is_chat, False)
-        ids = _encode(tokenizer, text) if is_chat else _start_token(tokenizer) + _encode(tokenizer, text)
+        ids = _encode(tokenizer, text) if is_chat else start_token(tokenizer) + _encode(tokenizer, text)
         cut.append(len(ids) > limit)
         logits = reward_model(input_ids=torch.tensor([ids[-limit:]], device=device)).logits
         out.append(float(logits.reshape(-1)[0]))
@@ -288,8 +207,13 @@ def _mean(xs: Sequence[float]) -> float:
 
 
 def eval_preference(model: Any, tokenizer: Any, rows: Sequence[dict], is_chat: bool, reference: Any = None,
-                    beta: float = 0.1, batch_size: int = 8, max_length: int | None = None) -> dict:
-    """Preference metrics of a policy (optionally against a reference) or of a reward model."""
+                    beta: float = 0.1, batch_size: int = 8, max_length: int | None = None,
+                    loss_type: str = "sigmoid", label_smoothing: float = 0.0, rpo_alpha: float = 0.0) -> dict:
+    """Preference metrics of a policy (optionally against a reference) or of a reward model.
+
+    With a reference, also the dpo stage's held-out numbers (:func:`llmlab.heldout.preference_metrics`
+    with ``beta``, ``loss_type``, ``label_smoothing``, ``rpo_alpha``): ``loss`` (the stage's
+    ``eval_loss``), ``preference_loss`` and ``nll_loss``."""
     if is_reward_model(model):
         sc, cut_c = reward_scores(model, tokenizer, [r["prompt"] + r["chosen"] for r in rows], is_chat)
         sr, cut_r = reward_scores(model, tokenizer, [r["prompt"] + r["rejected"] for r in rows], is_chat)
@@ -298,19 +222,23 @@ def eval_preference(model: Any, tokenizer: Any, rows: Sequence[dict], is_chat: b
         return {"pairs": len(rows), "reward_model": True, "reward_accuracy": _mean([float(d > 0) for d in diffs]),
                 "reward_margin": _mean(diffs), "chosen_reward": _mean(sc), "rejected_reward": _mean(sr),
                 "truncated": cut}
-    pc, pr, cut, (mc, mr) = preference_logps(model, tokenizer, rows, is_chat, batch_size, max_length, per_token=True)
+    c, r, cut = preference_logps(model, tokenizer, rows, is_chat, batch_size, max_length)
+    pc, pr = [s for s, _ in c], [s for s, _ in r]
+    mc, mr = [s / max(n, 1) for s, n in c], [s / max(n, 1) for s, n in r]  # per-token means
     res = {"pairs": len(rows), "logp_accuracy": _mean([float(a > b) for a, b in zip(pc, pr)]),
            "avg_logp_accuracy": _mean([float(a > b) for a, b in zip(mc, mr)]),
            "chosen_logp": _mean(pc), "rejected_logp": _mean(pr), "truncated": cut}
     if reference is not None:
-        rc, rr, ref_cut = preference_logps(reference, tokenizer, rows, is_chat, batch_size, max_length)
+        ref_c, ref_r, ref_cut = preference_logps(reference, tokenizer, rows, is_chat, batch_size, max_length)
+        rc, rr = [s for s, _ in ref_c], [s for s, _ in ref_r]
+        m = preference_metrics(pc, pr, rc, rr, [n for _, n in c], [n for _, n in r], beta=beta,
+                               loss_type=loss_type, label_smoothing=label_smoothing, rpo_alpha=rpo_alpha)
         res["truncated"] = max(cut, ref_cut)
-        r_c = [beta * (a - b) for a, b in zip(pc, rc)]
-        r_r = [beta * (a - b) for a, b in zip(pr, rr)]
-        res.update(beta=beta, reward_accuracy=_mean([float(a > b) for a, b in zip(r_c, r_r)]),
-                   reward_margin=_mean([a - b for a, b in zip(r_c, r_r)]), chosen_reward=_mean(r_c),
-                   rejected_reward=_mean(r_r),
-                   reference_logp_accuracy=_mean([float(a > b) for a, b in zip(rc, rr)]))
+        res.update(beta=beta, reward_accuracy=m["rewards/accuracies"], reward_margin=m["rewards/margins"],
+                   chosen_reward=m["rewards/chosen"], rejected_reward=m["rewards/rejected"],
+                   reference_logp_accuracy=_mean([float(a > b) for a, b in zip(rc, rr)]),
+                   loss_type=loss_type, loss=m["loss"], preference_loss=m["preference_loss"],
+                   nll_loss=m["nll_loss"])
     return res
 
 
@@ -353,7 +281,8 @@ def eval_prompts(model: Any, tokenizer: Any, rows: Sequence[dict], is_chat: bool
 def evaluate_model(model: Any, tokenizer: Any, rows: Sequence[dict], kind: str, *, is_chat: bool | None = None,
                    reference: Any = None, reward_model: Any = None, beta: float = 0.1, batch_size: int = 8,
                    max_length: int | None = None, settings: GenerationSettings | None = None,
-                   num_samples: int = 8) -> dict:
+                   num_samples: int = 8, loss_type: str = "sigmoid", label_smoothing: float = 0.0,
+                   rpo_alpha: float = 0.0) -> dict:
     """Evaluate a model on rows of one kind; returns a JSON-ready dict of metrics.
 
     Args:
@@ -364,6 +293,8 @@ def evaluate_model(model: Any, tokenizer: Any, rows: Sequence[dict], kind: str, 
         reference: a reference causal LM sharing ``tokenizer``, for DPO implicit rewards (preference).
         reward_model: ``(model, tokenizer, is_chat)`` scoring sampled generations (prompt).
         beta: the DPO beta of the implicit reward.
+        loss_type, label_smoothing, rpo_alpha: the dpo stage's loss settings, for its held-out ``loss``
+            (preference rows with a reference; :func:`llmlab.heldout.preference_metrics`).
         batch_size, max_length: scoring batch size and the longest sequence scored (default: context).
         settings, num_samples: generation settings and number of prompts sampled (prompt).
 
@@ -381,7 +312,8 @@ def evaluate_model(model: Any, tokenizer: Any, rows: Sequence[dict], kind: str, 
         elif kind == "conversation":
             res = eval_conversation(model, tokenizer, rows, batch_size, max_length)
         elif kind == "preference":
-            res = eval_preference(model, tokenizer, rows, is_chat, reference, beta, batch_size, max_length)
+            res = eval_preference(model, tokenizer, rows, is_chat, reference, beta, batch_size, max_length,
+                                  loss_type, label_smoothing, rpo_alpha)
         elif kind == "prompt":
             res = eval_prompts(model, tokenizer, rows, is_chat, settings, num_samples, reward_model)
         else:

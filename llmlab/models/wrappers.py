@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 
@@ -12,6 +14,23 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
     from accelerate.utils import extract_model_from_parallel
 
     return extract_model_from_parallel(model, keep_fp32_wrapper=True, keep_torch_compile=False)
+
+
+@contextlib.contextmanager
+def without_mixed_precision(model: torch.nn.Module):
+    """Within the block, ``model`` runs its own forward, not the autocast wrapper accelerate's
+    ``prepare`` puts around it under bf16/fp16 mixed precision (kept by :func:`unwrap`), so the
+    forward computes in the weights' dtype (fp32 master weights: fp32). The wrapper is put back after.
+    FSDP's own mixed-precision policy is not affected. A model without the wrapper is left as it is."""
+    patched, original = model.__dict__.get("forward"), model.__dict__.get("_original_forward")
+    if patched is None or original is None:
+        yield model
+        return
+    model.forward = original
+    try:
+        yield model
+    finally:
+        model.forward = patched
 
 
 def is_peft_model(model) -> bool:

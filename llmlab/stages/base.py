@@ -123,8 +123,16 @@ class Stage:
         return None if spec is None or spec.generates else self.data.train_batch
 
     def eval_batches(self) -> list[dict]:
-        """Fixed held-out batches for evaluation (may be empty)."""
+        """Fixed held-out batches for :meth:`evaluate` (may be empty); not read when :meth:`heldout`
+        gives a held-out set."""
         return []
+
+    def heldout(self):
+        """The held-out examples :meth:`evaluate_heldout` scores (a
+        :class:`llmlab.data.pipeline.HeldOut`), or None for a stage evaluated on :meth:`eval_batches`
+        (the default). Stages with a held-out loss (pretrain, sft, dpo) use this: one definition with
+        ``llmlab eval`` (:mod:`llmlab.heldout`)."""
+        return None
 
     # -- loss ------------------------------------------------------------------------------
     def compute_loss(self, model: torch.nn.Module, batch: dict) -> tuple[torch.Tensor, dict]:
@@ -134,7 +142,8 @@ class Stage:
 
     @torch.no_grad()
     def evaluate(self, model: torch.nn.Module, batches: list[dict]) -> dict[str, float]:
-        """Mean of ``compute_loss`` metrics over the eval batches, keys prefixed ``eval_``."""
+        """Mean of ``compute_loss`` metrics over the eval batches (a mean of batch means), keys
+        prefixed ``eval_``: for stages without a :meth:`heldout` set."""
         sums: dict[str, float] = {}
         for batch in batches:
             loss, metrics = self.compute_loss(model, batch)
@@ -143,6 +152,12 @@ class Stage:
                 sums[k] = sums.get(k, 0.0) + float(v)
         n = max(len(batches), 1)
         return {f"eval_{k}": v / n for k, v in sums.items()}
+
+    @torch.no_grad()
+    def evaluate_heldout(self, model: torch.nn.Module, heldout) -> dict[str, float]:
+        """The stage's held-out numbers (``eval_loss``, ``eval_examples``, ``eval_tokens``, ...) of
+        ``model`` on :meth:`heldout`'s examples, as :mod:`llmlab.heldout` defines them."""
+        raise NotImplementedError(f"stage type {self.type!r} has no held-out set")
 
     # -- resume ----------------------------------------------------------------------------
     def state_dict(self) -> dict:

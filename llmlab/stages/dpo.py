@@ -77,6 +77,7 @@ class DPOStage(Stage):
         self.label_smoothing = float(cfg["label_smoothing"])
         self.rpo_alpha = float(cfg["rpo_alpha"])
         self.simpo_gamma = float(cfg["simpo_gamma"])
+        self.cpo_alpha = float(cfg["cpo_alpha"])
         if self.loss_type not in ("sigmoid", "ipo") + REFERENCE_FREE_LOSSES:
             raise ValueError(f"stages.{ctx.name}.loss_type: {self.loss_type!r} is not one of sigmoid, ipo, simpo, cpo")
         if self.loss_type == "ipo" and self.label_smoothing:
@@ -86,7 +87,7 @@ class DPOStage(Stage):
         if self.loss_type in REFERENCE_FREE_LOSSES and cfg.get("reference_from"):
             raise ValueError(f"stages.{ctx.name}.reference_from: loss_type {self.loss_type} uses no reference model")
         #: weight of the chosen replies' NLL term: CPO's cpo_alpha, else RPO's rpo_alpha
-        self.nll_weight = float(cfg["cpo_alpha"]) if self.loss_type == "cpo" else self.rpo_alpha
+        self.nll_weight = self.cpo_alpha if self.loss_type == "cpo" else self.rpo_alpha
         self.reference = (None if self.loss_type in REFERENCE_FREE_LOSSES
                           else ReferenceModel(ctx, cfg.get("reference_from")))
 
@@ -107,6 +108,39 @@ class DPOStage(Stage):
 
     def eval_batches(self) -> list[dict]:
         return self.data.eval_batches()
+
+    def heldout(self):
+        return self.data.heldout()
+
+    @torch.no_grad()
+    def evaluate_heldout(self, model: torch.nn.Module, heldout) -> dict[str, float]:
+        """The held-out preference numbers over all held-out pairs (:func:`llmlab.heldout.preference_metrics`:
+        the loss per pair averaged over pairs, accuracy over pairs), keys prefixed ``eval_``, with
+        ``eval_examples`` (pairs), ``eval_tokens`` (scored completion tokens, chosen and rejected),
+        ``eval_truncated`` and ``eval_heldout_examples``. The reference's log-probabilities are
+        computed once per held-out set (the reference is frozen)."""
+        from llmlab.heldout import pair_logps, preference_metrics
+
+        bs = self.data.batch_size
+        c, r, cut = pair_logps(model, heldout.examples, self.pad_token_id, bs)
+        ref_c = ref_r = None
+        if self.reference is not None:  # simpo / cpo: reference-free
+            cached = getattr(self, "_ref_heldout", None)
+            if cached is None or cached[0] is not heldout:
+                with self.reference.context(model):
+                    cached = (heldout, pair_logps(self.reference.forward_model(model), heldout.examples,
+                                                  self.pad_token_id, bs))
+                self._ref_heldout = cached
+            rc, rr, _ = cached[1]
+            ref_c, ref_r = [s for s, _ in rc], [s for s, _ in rr]
+        m = preference_metrics([s for s, _ in c], [s for s, _ in r], ref_c, ref_r,
+                               [n for _, n in c], [n for _, n in r], beta=self.beta, loss_type=self.loss_type,
+                               label_smoothing=self.label_smoothing, rpo_alpha=self.rpo_alpha,
+                               simpo_gamma=self.simpo_gamma, cpo_alpha=self.cpo_alpha)
+        out = {f"eval_{k}": v for k, v in m.items() if k != "pairs"}
+        out.update(eval_examples=len(heldout.examples), eval_tokens=sum(n for _, n in c) + sum(n for _, n in r),
+                   eval_truncated=cut, eval_heldout_examples=heldout.total)
+        return out
 
     # -- loss ------------------------------------------------------------------------------
     def compute_loss(self, model: torch.nn.Module, batch: dict) -> tuple[torch.Tensor, dict]:

@@ -24,6 +24,17 @@ class _CausalLMStage(Stage):
     def eval_batches(self) -> list[dict]:
         return list(self.data.eval_batches())
 
+    def heldout(self):
+        return self.data.heldout()
+
+    @torch.no_grad()
+    def evaluate_heldout(self, model: torch.nn.Module, heldout) -> dict[str, float]:
+        """Held-out loss per scored token over the held-out documents (pretrain) or conversations'
+        assistant tokens (sft): :func:`llmlab.heldout.lm_heldout`."""
+        from llmlab.heldout import lm_heldout
+
+        return lm_heldout(model, heldout, self.ctx.tokenizer, self.pad_token_id, self.data.batch_size)
+
     def compute_loss(self, model: torch.nn.Module, batch: dict) -> tuple[torch.Tensor, dict]:
         """Mean next-token cross-entropy over the batch's labelled tokens (scalar).
 

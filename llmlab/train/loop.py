@@ -98,7 +98,7 @@ def train(stage: Stage, *, fingerprint: str, accelerator=None, reset_optimizer: 
                         sharded=sharded)
     evaluator = Evaluator(stage, tc, accelerator, sharded=sharded)
     metrics = MetricsLogger(stage, tc, accelerator=accelerator, start_step=start_step, progress=progress)
-    if start_step == 0 and evaluator.batches:
+    if start_step == 0 and evaluator.due(0):
         evaluator.log(prepared_model, 0, metrics)
     prepared_model.train()
     try:

@@ -106,6 +106,10 @@ class ListData:
     def eval_batches(self) -> list[dict]:
         return self.eval
 
+    def heldout(self):
+        """No held-out set: stages over ListData are evaluated on ``eval_batches``."""
+        return None
+
 
 def w5_fraction(prompts, completions):
     """A Python reward function (for ``{function: ...}`` tests): the fraction of words that are w5."""

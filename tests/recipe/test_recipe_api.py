@@ -74,7 +74,7 @@ def test_shipped_recipes_name_the_schema(path):
 
 @pytest.mark.parametrize("old,new,suggestion", [
     ("  n_kv_heads: 2", "  n_kv_head: 2", "n_kv_heads"),
-    ("    eval_steps: 8\n    save_every: 50", "    eval_stpes: 8\n    save_every: 50", "eval_steps"),
+    ("    eval_steps: 9 ", "    eval_stpes: 9 ", "eval_steps"),
     ("  norm_type: rmsnorm", "  norm_type: rmsnrom", "rmsnorm"),
     ("    beta: 0.1", "    betta: 0.1", "beta"),
 ])
