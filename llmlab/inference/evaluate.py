@@ -40,6 +40,7 @@ from typing import Any
 import torch
 
 from llmlab.inference.generation import (
+    UNDECLARED_CONTEXT,
     GenerationSettings,
     PromptTooLongError,
     context_limit,
@@ -108,7 +109,7 @@ def _windows(ids: list[int], limit: int) -> list[tuple[list[int], list[bool]]]:
 
 
 def _max_len(model: Any, max_length: int | None) -> int:
-    lim = context_limit(model) or 2048
+    lim = context_limit(model) or UNDECLARED_CONTEXT
     return min(lim, max_length) if max_length else lim
 
 
