@@ -217,7 +217,8 @@ def context_limit(model: Any) -> int | None:
     return None
 
 
-#: the context ``llmlab serve`` and ``llmlab eval`` assume for a model whose config declares none (a foreign Mamba)
+#: the context ``llmlab serve`` and ``llmlab eval`` assume for a model whose config declares none
+#: (a foreign Mamba)
 UNDECLARED_CONTEXT = 2048
 
 #: the reply length when nobody asks for one, for a model whose context is large enough

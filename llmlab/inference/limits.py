@@ -11,4 +11,3 @@ GREEDY_BELOW = 1e-5
 TEMPERATURE_RANGE = (0.0, 100.0)
 #: the closed range of HF's repetition penalty (it divides positive logits by it: 1e-300 gave inf)
 REPETITION_PENALTY_RANGE = (0.01, 100.0)
-

@@ -145,8 +145,8 @@ def export_model(model_dir: str | Path, to: str, out_dir: str | Path) -> Path:
     with writing_folder(out_dir.with_name(f".{out_dir.name}.tmp"), out_dir, "export") as tmp:
         target.save_pretrained(tmp, safe_serialization=True)
         for f in model_dir.iterdir():
-            if f.is_file() and f.name not in _SKIP and not f.name.endswith((".safetensors", ".safetensors.index.json")) \
-                    and not (tmp / f.name).exists():
+            weights = f.name.endswith((".safetensors", ".safetensors.index.json"))
+            if f.is_file() and f.name not in _SKIP and not weights and not (tmp / f.name).exists():
                 shutil.copyfile(f, tmp / f.name)
     return out_dir
 
