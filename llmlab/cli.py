@@ -156,14 +156,16 @@ def merge(
     out_dir: Path = typer.Argument(..., help="Where to write the merged Hugging Face model."),
     base: Optional[str] = typer.Option(None, "--base", help="Base model dir or hub id (default: from adapter_config.json)."),
     allow_code: bool = typer.Option(False, "--allow-code", help="Allow trust_remote_code for the base model."),
-    force: bool = typer.Option(False, "--force", help="Overwrite OUT_DIR when it exists and is not empty."),
+    force: bool = typer.Option(False, "--force", help="Overwrite OUT_DIR when an earlier llmlab merge wrote it "
+                               "(a folder llmlab did not write is never overwritten)."),
 ):
     """Merge a LoRA adapter into its base model (merge_and_unload) and save the full model."""
     from llmlab.merge import merge_adapter
+    from llmlab.ownership import NotOwnedError
 
     try:
         merge_adapter(adapter_dir, out_dir, base=base, allow_code=allow_code, force=force)
-    except (FileNotFoundError, FileExistsError, ValueError) as e:
+    except (OSError, ValueError, NotOwnedError) as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(1) from None
     typer.echo(f"merged model written to {out_dir}")

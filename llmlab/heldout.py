@@ -34,10 +34,6 @@ from typing import Any
 #: scored)
 Scored = tuple[list[int], list[bool], bool]
 
-#: the limit when the model's config declares no context length
-DEFAULT_LIMIT = 2048
-
-
 def spread(rows: list, limit: int | None) -> list:
     """At most ``limit`` rows, evenly spaced over ``rows`` (deterministic; all of them when ``limit``
     is None, <= 0 or not smaller): the subset a stage's eval covers and ``llmlab eval --limit`` reads."""
@@ -50,9 +46,9 @@ def spread(rows: list, limit: int | None) -> list:
 def length_limit(model: Any, max_length: int | None = None) -> int:
     """The longest sequence scored: the model's context (``max_position_embeddings``, ...; 2048 when its
     config declares none), or ``max_length`` when that is smaller."""
-    from llmlab.inference.generation import context_limit
+    from llmlab.inference.generation import UNDECLARED_CONTEXT, context_limit
 
-    lim = context_limit(model) or DEFAULT_LIMIT
+    lim = context_limit(model) or UNDECLARED_CONTEXT
     return min(lim, max_length) if max_length else lim
 
 

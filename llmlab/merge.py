@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from llmlab.ownership import check_replaceable, writing_folder
+
 
 def merge_adapter(adapter_dir: Path, out_dir: Path, base: Path | str | None = None, allow_code: bool = False,
                   force: bool = False) -> Path:
@@ -14,11 +16,18 @@ def merge_adapter(adapter_dir: Path, out_dir: Path, base: Path | str | None = No
     A recorded base that no longer exists because the run directory was moved is found again at
     the same place relative to the adapter (``<run>/<stage>/adapter`` → ``<run>/<input>/final``).
 
+    ``out_dir`` is written as a folder llmlab owns (:mod:`llmlab.ownership`: written beside it,
+    marked, renamed into place), so ``force`` replaces only an earlier merge's output, never a
+    folder of the user's.
+
     Raises:
         FileNotFoundError: no adapter_config.json in ``adapter_dir``, or the base directory is gone
             (the message says to pass ``--base``).
-        FileExistsError: ``out_dir`` exists and is not empty, and ``force`` is False.
+        NotOwnedError: ``out_dir`` is a file, or holds files llmlab did not write (listed); nothing
+            was written.
+        FileExistsError: ``out_dir`` holds an earlier merge and ``force`` is False.
         ValueError: no base given and none recorded in the adapter.
+        OSError: ENOSPC when the disk filled up (the message says where; the partial copy is removed).
     """
     from peft import PeftModel
     from transformers import AutoTokenizer
@@ -30,9 +39,10 @@ def merge_adapter(adapter_dir: Path, out_dir: Path, base: Path | str | None = No
     cfg_path = adapter_dir / "adapter_config.json"
     if not cfg_path.is_file():
         raise FileNotFoundError(f"{adapter_dir}: no adapter_config.json (not a PEFT adapter directory)")
-    out_dir = Path(out_dir)
-    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())) and not force:
-        raise FileExistsError(f"{out_dir} exists and is not empty; pass --force to overwrite it")
+    out_dir = Path(out_dir).resolve()
+    check_replaceable(out_dir, "merged")  # a folder of the user's (or a run's): refused, even with force
+    if out_dir.is_dir() and any(out_dir.iterdir()) and not force:
+        raise FileExistsError(f"{out_dir} holds an earlier llmlab merge; pass --force to overwrite it")
     recorded = not base
     base = base or json.loads(cfg_path.read_text()).get("base_model_name_or_path")
     if not base:
@@ -41,9 +51,11 @@ def merge_adapter(adapter_dir: Path, out_dir: Path, base: Path | str | None = No
         base = _locate_recorded_base(str(base), adapter_dir, cfg_path)
     model = load_causal_lm(base, allow_code=allow_code)
     merged = PeftModel.from_pretrained(model, str(adapter_dir)).merge_and_unload()
-    merged.save_pretrained(out_dir, safe_serialization=True)
     tok_src = adapter_dir if (adapter_dir / "tokenizer_config.json").exists() else base
-    AutoTokenizer.from_pretrained(tok_src, trust_remote_code=bool(allow_code)).save_pretrained(out_dir)
+    tokenizer = AutoTokenizer.from_pretrained(tok_src, trust_remote_code=bool(allow_code))
+    with writing_folder(out_dir.with_name(f".{out_dir.name}.tmp"), out_dir, "merged") as tmp:
+        merged.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
     return out_dir
 
 

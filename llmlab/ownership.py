@@ -222,12 +222,14 @@ def try_remove_owned(path: Path) -> list[str] | None:
         return None
 
 
-def check_replaceable(path: Path) -> None:
+def check_replaceable(path: Path, kind: str | None = None) -> None:
     """Raise unless :func:`replace_owned` could replace ``path``: it is absent, an empty folder, or
-    a folder llmlab owns holding nothing of the user's. Deletes nothing.
+    a folder llmlab owns holding nothing of the user's (and, with ``kind``, made as ``kind``: an
+    output folder given on the command line is never a run directory or a stage's ``final/``).
+    Deletes nothing.
 
     Raises:
-        NotOwnedError: listing the entries llmlab did not write.
+        NotOwnedError: listing the entries llmlab did not write, or naming the folder's other kind.
     """
     path = Path(path)
     if not path.exists() and not path.is_symlink():
@@ -238,6 +240,10 @@ def check_replaceable(path: Path) -> None:
     if foreign:
         raise NotOwnedError(f"{path} holds files that llmlab did not write ({_listing(path, foreign)}); move them "
                             "away or choose another output_dir (nothing was changed)")
+    rec = marker(path)
+    if kind is not None and rec is not None and rec["llmlab"] != kind and any(p.name != MARKER for p in path.iterdir()):
+        raise NotOwnedError(f"{path} is a {rec['llmlab']} folder of llmlab's, not a {kind} one; choose another "
+                            "folder (nothing was changed)")
 
 
 def replace_owned(src: Path, dst: Path) -> None:

@@ -9,8 +9,8 @@ from pathlib import Path
 def prepare_command(recipe_path: Path, output_dir: Path | None = None, overrides=(), stage: str | None = None,
                     processes: int | None = None, verify: bool = False, adopt: bool = False) -> int:
     """``llmlab prepare``: returns 0 when everything is prepared (and, with ``verify``, every store
-    shard matches its sha256), 1 on an invalid recipe, bad data, a damaged store or an
-    ``output_dir`` holding files llmlab did not write (unless ``adopt``: see ``llmlab run --adopt``)."""
+    shard matches its sha256), 1 on an invalid recipe, bad data, a damaged store, a full disk (named)
+    or an ``output_dir`` holding files llmlab did not write (unless ``adopt``: see ``llmlab run --adopt``)."""
     import logging
 
     from rich.table import Table
@@ -33,7 +33,7 @@ def prepare_command(recipe_path: Path, output_dir: Path | None = None, overrides
         tokenizer, _ = runner.ensure_tokenizer()
         rows = prepare_stages(rec, tokenizer, [stage] if stage else None, processes=processes, progress=True,
                               verify=verify)
-    except (KeyError, ValueError, FileNotFoundError, NotOwnedError) as e:  # a damaged store's StoreError is a ValueError
+    except (KeyError, ValueError, OSError, NotOwnedError) as e:  # a damaged store's StoreError is a ValueError
         console.print(f"error: {e}", style="red", markup=False, highlight=False)
         return 1
     t = Table(title=f"llmlab prepare → {rec['output_dir']}")

@@ -44,6 +44,7 @@ import logging
 import os
 import time
 from concurrent.futures import Future, ProcessPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Iterator
@@ -394,6 +395,8 @@ def build_store(path: str | os.PathLike, texts: Iterable[str], tokenizer, *, inf
 
     Raises:
         ValueError: the tokenizer has no EOS token.
+        OSError: ENOSPC when the disk filled up, naming it and its free MiB; the partial ``*.tmp``
+            files are removed, the finished shards kept for the same command to resume.
     """
     path = Path(path)
     if TokenStore.is_complete(path):
@@ -440,8 +443,9 @@ def _build_store_locked(path: Path, texts: Iterable[str], tokenizer, *, info: di
         prog.bar = bar
         bar.start()
     try:
-        metas = _run_shards(part, shard_texts(texts, shard_bytes), tokenizer, eos, dtype, done,
-                            processes, max_tokens, prog)
+        with _full_disk_named(part, path):
+            metas = _run_shards(part, shard_texts(texts, shard_bytes), tokenizer, eos, dtype, done,
+                                processes, max_tokens, prog)
     finally:
         if bar is not None:
             bar.stop()
@@ -455,7 +459,8 @@ def _build_store_locked(path: Path, texts: Iterable[str], tokenizer, *, info: di
     for f in part.glob("shard-*"):  # shards past a max_tokens bound, written by workers ahead
         if f.name.split(".")[0] not in {m["tokens_file"].split(".")[0] for m in metas}:
             f.unlink()
-    _write_json(part / "manifest.json", manifest)
+    with _full_disk_named(part, path):
+        _write_json(part / "manifest.json", manifest)
     if path.exists():  # a concurrent prepare finished first
         from llmlab.ownership import try_remove_owned
 
@@ -464,6 +469,25 @@ def _build_store_locked(path: Path, texts: Iterable[str], tokenizer, *, info: di
         os.replace(part, path)
     log.info("token store %s: %d documents, %d tokens", path, manifest["documents"], manifest["tokens"])
     return TokenStore(path)
+
+
+@contextmanager
+def _full_disk_named(part: Path, path: Path):
+    """Turn a full disk's OSError while writing the store ``path`` (in its folder ``part``) into
+    :func:`llmlab.ownership.disk_full_error`'s, which names the disk and its free MiB, and remove
+    the partial ``*.tmp`` files at once (finished shards stay: the same command resumes)."""
+    from llmlab.ownership import KIND_FILES, disk_full_error
+
+    try:
+        yield
+    except OSError as exc:
+        full = disk_full_error(exc, part, f"writing the token store {path}")
+        if full is None:
+            raise
+        for f in part.glob("*.tmp"):
+            if KIND_FILES["token-store"].fullmatch(f.name):
+                f.unlink(missing_ok=True)
+        raise full from exc
 
 
 def _run_shards(part: Path, shards: Iterator[list[str]], tokenizer, eos: int, dtype: str, done: dict,

@@ -67,17 +67,23 @@ def _settings(temperature, top_k, top_p, max_new_tokens, repetition_penalty, see
 
 
 def _check_sampling(temperature, top_k, top_p, max_new_tokens, repetition_penalty) -> bool:
+    """Whether the sampling options are in range (the HTTP API's ranges, :mod:`llmlab.inference.limits`);
+    prints each problem."""
+    from llmlab.inference.limits import GREEDY_BELOW, REPETITION_PENALTY_RANGE, TEMPERATURE_RANGE
+
     problems = []
-    if temperature < 0:
-        problems.append("--temperature must be >= 0 (0 = greedy)")
+    lo, hi = TEMPERATURE_RANGE
+    if not lo <= temperature <= hi:
+        problems.append(f"--temperature must be in [{lo:g}, {hi:g}] (below {GREEDY_BELOW:g} = greedy)")
     if top_k < 0:
         problems.append("--top-k must be >= 0 (0 = off)")
     if not 0 < top_p <= 1:
         problems.append("--top-p must be in (0, 1]")
     if max_new_tokens is not None and max_new_tokens < 1:
         problems.append("--max-new-tokens must be >= 1")
-    if repetition_penalty <= 0:
-        problems.append("--repetition-penalty must be > 0")
+    lo, hi = REPETITION_PENALTY_RANGE
+    if not lo <= repetition_penalty <= hi:
+        problems.append(f"--repetition-penalty must be in [{lo:g}, {hi:g}]")
     for p in problems:
         _err(p)
     return not problems

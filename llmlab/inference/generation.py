@@ -11,6 +11,7 @@ from typing import Any
 import torch
 from transformers import StoppingCriteria, StoppingCriteriaList
 
+from llmlab.inference.limits import GREEDY_BELOW
 from llmlab.inference.loading import CHATML_END
 
 Message = dict  # {"role": ..., "content": ...}
@@ -18,7 +19,8 @@ Message = dict  # {"role": ..., "content": ...}
 
 @dataclass
 class GenerationSettings:
-    """Sampling settings. ``temperature <= 0`` means greedy decoding; ``top_k = 0`` and
+    """Sampling settings. A ``temperature`` below :data:`~llmlab.inference.limits.GREEDY_BELOW`
+    (0 included) means greedy decoding; ``top_k = 0`` and
     ``top_p = 1`` disable those filters; ``seed`` makes sampling reproducible; ``max_new_tokens``
     None means :func:`default_max_new_tokens` of the model's context."""
 
@@ -35,10 +37,15 @@ class GenerationSettings:
         d.update({k: v for k, v in changes.items() if v is not None})
         return GenerationSettings(**d)
 
+    @property
+    def greedy(self) -> bool:
+        """Whether these settings decode greedily (temperature None or below ``GREEDY_BELOW``)."""
+        return self.temperature is None or self.temperature < GREEDY_BELOW
+
     def generate_kwargs(self) -> dict:
         """Keyword arguments for ``model.generate``."""
         kw: dict[str, Any] = {"max_new_tokens": int(self.max_new_tokens or DEFAULT_MAX_NEW_TOKENS)}
-        if self.temperature is None or self.temperature <= 0:
+        if self.greedy:
             kw["do_sample"] = False
             kw.update(temperature=None, top_k=None, top_p=None)
         else:
@@ -210,7 +217,8 @@ def context_limit(model: Any) -> int | None:
     return None
 
 
-#: the context ``llmlab serve`` assumes for a model whose config declares none (a foreign Mamba)
+#: the context ``llmlab serve`` and ``llmlab eval`` assume for a model whose config declares none
+#: (a foreign Mamba)
 UNDECLARED_CONTEXT = 2048
 
 #: the reply length when nobody asks for one, for a model whose context is large enough

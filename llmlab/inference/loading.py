@@ -103,6 +103,20 @@ def read_run_recipe(run_dir: Path | None) -> dict:
     return doc if isinstance(doc, dict) else {}
 
 
+def recipe_context(run_dir: Path | None, stage_name: str | None) -> int | None:
+    """The context a run's model was trained for, from its ``recipe.resolved.yaml``: ``model.max_seq_len``
+    (what :func:`llmlab.models.build.mamba2_config` now writes into a Mamba2's config.json), else the
+    stage's ``seq_len``; None when neither is there (no run, or a recipe without them)."""
+    rec = read_run_recipe(run_dir)
+    model, stages = rec.get("model"), rec.get("stages")
+    stage = stages.get(stage_name) if isinstance(stages, dict) else None
+    for v in (model.get("max_seq_len") if isinstance(model, dict) else None,
+              stage.get("seq_len") if isinstance(stage, dict) else None):
+        if isinstance(v, int) and not isinstance(v, bool) and v > 0:
+            return v
+    return None
+
+
 def _looks_like_run_dir(p: Path) -> bool:
     if (p / "recipe.resolved.yaml").is_file():
         return True
@@ -277,6 +291,21 @@ def pick_device(device: str | None = None):
     return torch.device(device)
 
 
+def _declare_recipe_context(model: Any, loc: ModelLocation) -> None:
+    """Give a model whose config declares no context (a Mamba2 trained before config.json carried
+    ``max_seq_len``) the one of its run's recipe (:func:`recipe_context`), which chat, generate, eval
+    and serve then cap prompt plus reply to."""
+    from llmlab.inference.generation import context_limit
+
+    if context_limit(model) is not None:
+        return
+    ctx = recipe_context(loc.run_dir, loc.stage_name)
+    if ctx is not None:
+        model.config.max_seq_len = ctx
+        loc.notes.append(f"{loc.model_dir}/config.json declares no context: using {ctx} tokens from "
+                         f"{loc.run_dir}/recipe.resolved.yaml")
+
+
 def load_for_inference(path: str | Path | ModelLocation, stage: str | None = None, allow_code: bool = False,
                        device: str | None = None, dtype: str | None = None):
     """Load a model and its tokenizer, ready for generation or evaluation.
@@ -292,7 +321,9 @@ def load_for_inference(path: str | Path | ModelLocation, stage: str | None = Non
         ``(model, tokenizer, is_chat)``: the model in eval mode on ``device`` (LoRA adapters merged),
         its tokenizer (a pad token is set when missing), and whether to use the chat template (the
         rule is in this module's docstring). A reward model (``*ForSequenceClassification``) loads
-        as such; its ``is_chat`` says whether to render conversations with the chat template.
+        as such; its ``is_chat`` says whether to render conversations with the chat template. A
+        model whose config declares no context gets its run recipe's (:func:`recipe_context`) as
+        ``config.max_seq_len``.
     """
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
@@ -327,5 +358,6 @@ def load_for_inference(path: str | Path | ModelLocation, stage: str | None = Non
         model = PeftModel.from_pretrained(model, str(loc.adapter_dir)).merge_and_unload()
     if getattr(model.config, "pad_token_id", None) is None and tokenizer.pad_token_id is not None:
         model.config.pad_token_id = tokenizer.pad_token_id
+    _declare_recipe_context(model, loc)
     model.to(dev).eval()
     return model, tokenizer, decide_is_chat(tokenizer, loc)

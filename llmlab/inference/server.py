@@ -65,6 +65,7 @@ from llmlab.inference.generation import (
     encode_prompt,
     generate_batch,
 )
+from llmlab.inference.limits import GREEDY_BELOW, REPETITION_PENALTY_RANGE, TEMPERATURE_RANGE
 
 MAX_BODY = 1 << 20
 MAX_STOP = 4  # OpenAI allows up to 4 stop sequences
@@ -73,7 +74,6 @@ ROLES = ("system", "user", "assistant")  # the roles llmlab's chat template and 
 MIN_BACKLOG = 128  # listen backlog floor: a burst of connections queues to get its 503
 POLL_S = 0.05  # how often a waiting handler checks that its client is still there
 LINGER_S = 1.0  # how long a refused connection's request is read (and dropped) before closing
-GREEDY_BELOW = 1e-5  # a temperature below this decodes greedily (logits / 1e-300 overflow to inf)
 
 
 class RequestError(Exception):
@@ -108,8 +108,10 @@ def _number(body: dict, key: str, integer: bool, lo: float | None = None, hi: fl
 def request_settings(body: dict, defaults: GenerationSettings) -> tuple[GenerationSettings, bool]:
     """Sampling settings of a request (unset keys from ``defaults``) and whether it set a length.
 
-    ``repetition_penalty`` must lie in [0.01, 100] (HF divides positive logits by it: 1e-300 gave inf
-    and a 500); a ``temperature`` below :data:`GREEDY_BELOW` is greedy decoding (as vLLM does).
+    ``repetition_penalty`` must lie in :data:`~llmlab.inference.limits.REPETITION_PENALTY_RANGE` (HF
+    divides positive logits by it: 1e-300 gave inf and a 500) and ``temperature`` in
+    :data:`~llmlab.inference.limits.TEMPERATURE_RANGE`; one below
+    :data:`~llmlab.inference.limits.GREEDY_BELOW` is greedy decoding (as vLLM does).
 
     Raises:
         RequestError: a key of the wrong type, not finite or out of range.
@@ -120,12 +122,12 @@ def request_settings(body: dict, defaults: GenerationSettings) -> tuple[Generati
         if max_new is not None:
             break
     seed = _number(body, "seed", True, lo=-INT64, hi=INT64 - 1)
-    temperature = _number(body, "temperature", False, lo=0, hi=100)
+    temperature = _number(body, "temperature", False, *TEMPERATURE_RANGE)
     s = defaults.replace(max_new_tokens=max_new,
                          temperature=0 if temperature is not None and temperature < GREEDY_BELOW else temperature,
                          top_p=_number(body, "top_p", False, lo=0, hi=1, lo_open=True),
                          top_k=_number(body, "top_k", True, lo=0, hi=INT64 - 1),
-                         repetition_penalty=_number(body, "repetition_penalty", False, lo=0.01, hi=100),
+                         repetition_penalty=_number(body, "repetition_penalty", False, *REPETITION_PENALTY_RANGE),
                          seed=None if seed is None else seed % (1 << 64))
     return s, max_new is not None
 
@@ -194,7 +196,7 @@ class Job:
     def key(self) -> tuple:
         """Requests with equal keys can share a ``generate`` call."""
         s = self.settings
-        greedy = s.temperature is None or s.temperature <= 0
+        greedy = s.greedy
         if not greedy and s.seed is not None:
             return ("alone", id(self))
         sampling = () if greedy else (s.temperature, s.top_k, s.top_p)

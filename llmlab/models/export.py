@@ -14,12 +14,12 @@ import shutil
 import sys
 from pathlib import Path
 
-from llmlab.ownership import MARKER
+from llmlab.ownership import MARKER, NotOwnedError, check_replaceable, writing_folder
 
 TARGETS = ("llama", "mistral")
 
 #: files that are not copied from the source directory (rewritten, or code not needed; the
-#: ownership marker of the run's final/: the export folder is the user's)
+#: ownership marker of the run's final/: the export folder gets its own)
 _SKIP = {"config.json", "configuration_llmlab.py", "modeling_llmlab.py", MARKER}
 
 
@@ -92,7 +92,8 @@ def export_model(model_dir: str | Path, to: str, out_dir: str | Path) -> Path:
         model_dir: an HF-format llmlab directory (config.json with model_type "llmlab", safetensors).
         to: ``"llama"`` or ``"mistral"``.
         out_dir: where to write config.json, model.safetensors and the tokenizer/generation files
-            found in ``model_dir``.
+            found in ``model_dir``: a new or empty folder, or an earlier export (llmlab's ownership
+            marker, :mod:`llmlab.ownership`), which is replaced.
 
     Returns:
         ``out_dir``.
@@ -100,6 +101,9 @@ def export_model(model_dir: str | Path, to: str, out_dir: str | Path) -> Path:
     Raises:
         ValueError: not an llmlab model, an unknown target, or components the target cannot
             represent (each named, e.g. ``norm_type is 'layernorm'; llama needs 'rmsnorm'``).
+        NotOwnedError: ``out_dir`` is a file or holds files llmlab did not write (listed); nothing
+            was written.
+        OSError: ENOSPC when the disk filled up (the message says where; the partial copy is removed).
     """
     import torch
     from transformers import LlamaForCausalLM, MistralForCausalLM
@@ -107,7 +111,7 @@ def export_model(model_dir: str | Path, to: str, out_dir: str | Path) -> Path:
     from llmlab.models.configuration_llmlab import LlmlabConfig
     from llmlab.models.modeling_llmlab import LlmlabForCausalLM
 
-    model_dir, out_dir = Path(model_dir), Path(out_dir)
+    model_dir, out_dir = Path(model_dir), Path(out_dir).resolve()
     if to not in TARGETS:
         raise ValueError(f"export target must be one of {TARGETS}, got {to!r}")
     if not (model_dir / "config.json").is_file():
@@ -119,6 +123,7 @@ def export_model(model_dir: str | Path, to: str, out_dir: str | Path) -> Path:
     problems = export_mismatches(config, to)
     if problems:
         raise ValueError(f"{model_dir} cannot be exported to {to}: " + "; ".join(problems))
+    check_replaceable(out_dir, "export")
 
     source = LlmlabForCausalLM.from_pretrained(model_dir, use_safetensors=True, dtype="auto")
     cls = LlamaForCausalLM if to == "llama" else MistralForCausalLM
@@ -137,12 +142,12 @@ def export_model(model_dir: str | Path, to: str, out_dir: str | Path) -> Path:
     target.to(source.dtype)
     if hasattr(target, "generation_config") and hasattr(source, "generation_config"):
         target.generation_config = source.generation_config
-    out_dir.mkdir(parents=True, exist_ok=True)
-    target.save_pretrained(out_dir, safe_serialization=True)
-    for f in model_dir.iterdir():
-        if f.is_file() and f.name not in _SKIP and not f.name.endswith((".safetensors", ".safetensors.index.json")) \
-                and not (out_dir / f.name).exists():
-            shutil.copyfile(f, out_dir / f.name)
+    with writing_folder(out_dir.with_name(f".{out_dir.name}.tmp"), out_dir, "export") as tmp:
+        target.save_pretrained(tmp, safe_serialization=True)
+        for f in model_dir.iterdir():
+            weights = f.name.endswith((".safetensors", ".safetensors.index.json"))
+            if f.is_file() and f.name not in _SKIP and not weights and not (tmp / f.name).exists():
+                shutil.copyfile(f, tmp / f.name)
     return out_dir
 
 
@@ -151,7 +156,7 @@ def export_command(model_dir: Path, to: str, out_dir: Path) -> int:
     stderr otherwise."""
     try:
         path = export_model(model_dir, to, out_dir)
-    except (ValueError, OSError) as err:
+    except (ValueError, OSError, NotOwnedError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
     print(f"exported {model_dir} as {to} to {path}")

@@ -289,3 +289,38 @@ def test_broken_local_text_is_named_with_its_line(tmp_path, tokenizer):
     f.write_text("")
     with pytest.raises(ValueError, match=rf"datasets\.loc\.path: {f}: the file is empty"):
         S.ensure_text_store(rec, "loc", "train", tokenizer)
+
+
+def test_a_full_disk_names_the_disk_and_leaves_no_partial_shard(tmp_path, tokenizer, chapters, monkeypatch):
+    """A full disk while tokenising showed the raw OS error and left the half-written shard-*.tmp;
+    it now says the disk is full, where and how much is free, removes the *.tmp files at once and
+    keeps the finished shards, from which the same build resumes to the bytes of a fresh one."""
+    import errno
+
+    save, calls = np.save, []
+
+    def full_on_the_third(fh, arr, *a, **k):  # shard 0's two arrays, then shard 1's tokens: half written
+        calls.append(1)
+        if len(calls) == 3:
+            fh.write(b"\x93NUMPY half")
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return save(fh, arr, *a, **k)
+
+    monkeypatch.setattr(np, "save", full_on_the_third)
+    path = tmp_path / "s"
+    with pytest.raises(OSError) as info:
+        S.build_store(path, chapters, tokenizer, processes=1, shard_bytes=150_000)
+    mount = tmp_path
+    while not os.path.ismount(mount):
+        mount = mount.parent
+    msg = str(info.value)
+    assert info.value.errno == errno.ENOSPC and "the disk is full" in msg and f"({mount}, " in msg
+    assert "MiB free" in msg and str(path) in msg, msg
+    part = tmp_path / "s.partial"
+    assert not list(part.glob("*.tmp")), sorted(p.name for p in part.iterdir())
+    assert sorted(p.name for p in part.glob("shard-*")) == ["shard-00000.json", "shard-00000.offsets.npy",
+                                                            "shard-00000.tokens.npy"]
+    monkeypatch.setattr(np, "save", save)
+    st = S.build_store(path, chapters, tokenizer, processes=1, shard_bytes=150_000)
+    fresh = S.build_store(tmp_path / "fresh", chapters, tokenizer, processes=1, shard_bytes=150_000)
+    assert st.documents == fresh.documents and _files(path) == _files(tmp_path / "fresh")

@@ -104,3 +104,39 @@ def test_loading_a_final_tokenizer_never_asks_a_question(tiny_run, tmp_path):
     r = subprocess.run([sys.executable, "-c", script, str(final)], capture_output=True, text=True, timeout=120,
                        env=subprocess_env(), stdin=subprocess.DEVNULL)
     assert r.returncode == 0 and f"OK {len(tok)}" in r.stdout, r.stdout + r.stderr[-2000:]
+
+
+@pytest.mark.parametrize("model_keys, stage_keys, want", [
+    ({"max_seq_len": 96}, {"seq_len": 64}, 96),  # what build.py writes: model.max_seq_len
+    ({}, {"seq_len": 64}, 64),  # a from_pretrained model: the stage's seq_len
+    ({}, {}, None),  # nothing known: serve falls back to UNDECLARED_CONTEXT, as before
+])
+def test_a_mamba2_final_without_a_context_gets_the_recipes(tmp_path, model_keys, stage_keys, want):
+    """A Mamba2 trained before config.json carried max_seq_len: serve used 2048 and chat/generate no
+    limit; the loader takes the context from the run's recipe.resolved.yaml."""
+    import json
+
+    import yaml
+    from transformers import Mamba2ForCausalLM
+
+    from llmlab.inference.generation import context_limit
+    from llmlab.layout import RESOLVED_HEADER
+    from llmlab.models.build import mamba2_config
+
+    from .conftest import build_tokenizer, kjv_verses
+
+    tok = build_tokenizer(kjv_verses(100))
+    cfg = mamba2_config({"arch": "mamba2", "d_model": 32, "n_layers": 1, "state_size": 16, "head_dim": 16,
+                         "expand": 2, "chunk_size": 16}, len(tok), {"eos_token_id": tok.eos_token_id})
+    final = tmp_path / "run" / "pretrain" / "final"
+    Mamba2ForCausalLM(cfg).save_pretrained(final)
+    tok.save_pretrained(final)
+    assert "max_seq_len" not in json.loads((final / "config.json").read_text())
+    (final.parent / "stage.json").write_text(json.dumps({"status": "done", "type": "pretrain"}))
+    recipe = {"name": "old", "model": {"arch": "mamba2", "d_model": 32, **model_keys},
+              "stages": {"pretrain": {"type": "pretrain", **stage_keys}}}
+    (tmp_path / "run" / "recipe.resolved.yaml").write_text(RESOLVED_HEADER + " x\n" + yaml.safe_dump(recipe))
+    loc = locate_model(tmp_path / "run", "pretrain")
+    model, _, _ = load_for_inference(loc, device="cpu")
+    assert context_limit(model) == want
+    assert any("declares no context" in n for n in loc.notes) == (want is not None)

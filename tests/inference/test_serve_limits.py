@@ -214,6 +214,41 @@ def test_a_tiny_temperature_is_greedy(llama, tok):
     assert replies[0][1]["choices"][0]["message"] == replies[1][1]["choices"][0]["message"]
 
 
+@pytest.fixture
+def saved_llama(llama, tok, tmp_path):
+    llama.save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
+    return tmp_path
+
+
+@pytest.mark.parametrize("bad", [{"repetition_penalty": 1e-300}, {"repetition_penalty": 101.0},
+                                 {"temperature": 101.0}])
+def test_the_cli_refuses_what_the_server_refuses(saved_llama, capsys, bad):
+    """chat/generate/serve refuse the server's out-of-range values (repetition_penalty 1e-300 reached
+    generation and gave inf logits) before loading anything."""
+    from llmlab.inference.commands import chat_command, generate_command, serve_command
+
+    for cmd in (chat_command, serve_command):
+        assert cmd(saved_llama, **bad) == 2, cmd.__name__
+    assert generate_command(saved_llama, prompt="Hello", **bad) == 2
+    err = capsys.readouterr().err
+    assert f"--{next(iter(bad)).replace('_', '-')} must be in [" in err and "Loaded" not in err
+
+
+def test_a_tiny_temperature_is_greedy_in_the_cli(saved_llama):
+    """``generate --temperature 1e-300`` overflowed the logits to inf and sampling failed; like the
+    server, it now decodes greedily."""
+    from llmlab.inference.commands import generate_command
+
+    replies = []
+    for t in (1e-300, 0.0):
+        out = saved_llama / f"out-{t}.jsonl"
+        assert generate_command(saved_llama, prompt="Hello", temperature=t, max_new_tokens=6, seed=1,
+                                output=out) == 0
+        replies.append(json.loads(out.read_text()))
+    assert replies[0] == replies[1] and replies[0]["completion_tokens"] == 6
+
+
 # -- item 9: role forging ----------------------------------------------------------------------------
 def _special_ids(tok) -> set[int]:
     return set(tok.all_special_ids)

@@ -74,3 +74,31 @@ def test_export_command_success_and_bad_target(tmp_path, capsys):
     assert (tmp_path / "dst" / "model.safetensors").exists()
     assert export_command(tmp_path / "src", "gpt2", tmp_path / "dst2") == 1
     assert "gpt2" in capsys.readouterr().err
+
+
+def test_export_writes_over_nothing_of_the_users(tmp_path, capsys):
+    """export wrote config.json and model.safetensors over whatever OUT_DIR held: a user's folder
+    is refused with a list of its files (not one byte changes), also the model's own folder; an
+    earlier export is replaced, but not a user's file dropped into it."""
+    from llmlab.ownership import NotOwnedError, owns
+
+    make_model().save_pretrained(tmp_path / "src")
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "config.json").write_text('{"mine": 1}')
+    (mine / "notes.txt").write_text("mine")
+    for out in (mine, tmp_path / "src"):
+        before = {p.name: p.read_bytes() for p in out.iterdir()}
+        with pytest.raises(NotOwnedError, match="config.json"):
+            export_model(tmp_path / "src", "llama", out)
+        assert export_command(tmp_path / "src", "llama", out) == 1
+        assert "config.json" in capsys.readouterr().err
+        assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    dst = export_model(tmp_path / "src", "llama", tmp_path / "dst")
+    assert owns(dst, "export")
+    assert export_command(tmp_path / "src", "mistral", dst) == 0  # its own earlier export: replaced
+    assert json.loads((dst / "config.json").read_text())["model_type"] == "mistral"
+    (dst / "notes.txt").write_text("mine")
+    assert export_command(tmp_path / "src", "llama", dst) == 1 and "notes.txt" in capsys.readouterr().err
+    assert (dst / "notes.txt").read_text() == "mine"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dst", "mine", "src"]  # no .dst.tmp left

@@ -356,3 +356,56 @@ def test_a_folder_an_older_llmlab_prepare_wrote_is_recognised(finished, tmp_path
     _strip_markers(run)
     assert run_command(recipe, output_dir=run) == 0
     assert owns(run, "run") and owns(run / "tokenizer", "tokenizer")
+
+
+def _adapter(tmp_path) -> tuple[Path, Path]:
+    """(base final/, LoRA adapter with a tokenizer) of a tiny model."""
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+
+    from llmlab.models.build import apply_lora, build_model
+
+    torch.manual_seed(0)
+    base = build_model(TINY["model"], vocab_size=300)
+    base.save_pretrained(tmp_path / "base")
+    apply_lora(base, {"preset": "all", "r": 4, "alpha": 8, "dropout": 0.0}, "transformer_gated").save_pretrained(
+        tmp_path / "adapter")
+    tok = Tokenizer(models.WordLevel({"a": 0, "<unk>": 1}, unk_token="<unk>"))
+    PreTrainedTokenizerFast(tokenizer_object=tok).save_pretrained(tmp_path / "adapter")
+    return tmp_path / "base", tmp_path / "adapter"
+
+
+def test_merge_force_overwrites_only_an_earlier_merge(tmp_path):
+    """``llmlab merge --force`` wrote over any OUT_DIR: a user's folder is now refused with a list of
+    what is in it (not one byte changes); an earlier merge is replaced, but not a user's file in it,
+    and a folder llmlab made for something else (a stage's final/) is not an earlier merge."""
+    from typer.testing import CliRunner
+
+    from llmlab.cli import app
+    from llmlab.merge import merge_adapter
+
+    base, adapter = _adapter(tmp_path)
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "model.safetensors").write_bytes(b"my weights")
+    (mine / "notes.txt").write_text("mine")
+    before = _snapshot(mine)
+    with pytest.raises(NotOwnedError, match="model.safetensors, notes.txt"):
+        merge_adapter(adapter, mine, base=str(base), force=True)
+    out = CliRunner().invoke(app, ["merge", str(adapter), str(mine), "--base", str(base), "--force"])
+    assert out.exit_code == 1 and "notes.txt" in out.output, out.output
+    assert _snapshot(mine) == before and sorted(p.name for p in tmp_path.iterdir()) == ["adapter", "base", "mine"]
+
+    merged = merge_adapter(adapter, tmp_path / "merged", base=str(base))
+    assert owns(merged, "merged") and (merged / "model.safetensors").is_file()
+    with pytest.raises(FileExistsError, match="--force"):
+        merge_adapter(adapter, merged, base=str(base))
+    merge_adapter(adapter, merged, base=str(base), force=True)
+    (merged / "notes.txt").write_text("mine")
+    with pytest.raises(NotOwnedError, match="notes.txt"):
+        merge_adapter(adapter, merged, base=str(base), force=True)
+    assert (merged / "notes.txt").read_text() == "mine" and (merged / "model.safetensors").is_file()
+    mark(base, "final", [p.name for p in base.iterdir()])
+    with pytest.raises(NotOwnedError, match="final folder"):
+        merge_adapter(adapter, base, base=str(base), force=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter", "base", "merged", "mine"]  # no .merged.tmp
