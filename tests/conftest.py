@@ -5,3 +5,22 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+# Tests must pass on any CPU, whatever floating-point paths it takes. To run the suite under other
+# numerics on one machine: ATEN_CPU_CAPABILITY=avx2 (or =default, no SIMD) picks torch's kernels (torch
+# reads it itself), and LLMLAB_TEST_MKLDNN=0 turns oneDNN off in the test process (the CLI subprocesses a
+# few tests spawn keep it on).
+_MKLDNN = os.environ.get("LLMLAB_TEST_MKLDNN", "1")
+if _MKLDNN not in ("0", "1"):
+    raise SystemExit(f"LLMLAB_TEST_MKLDNN must be 0 or 1, not {_MKLDNN!r}")
+if _MKLDNN == "0":
+    import torch
+
+    torch.backends.mkldnn.enabled = False
+
+
+def pytest_report_header(config):
+    import torch
+
+    return (f"torch CPU capability: {torch.backends.cpu.get_cpu_capability()}, "
+            f"mkldnn enabled: {torch.backends.mkldnn.enabled}")
