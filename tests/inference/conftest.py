@@ -31,7 +31,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch
 
-from tests.numerics import learning_note
+from tests.numerics import fit_to_margin, learning_note
 
 CHAT_TEMPLATE = (
     "{% for message in messages %}"
@@ -160,39 +160,17 @@ def _reply_batch(tok, replies: dict[str, str]):
     return ids, mask, labels
 
 
-def min_reply_prob(model, ids, mask, labels) -> float:
-    """The smallest teacher-forced probability the model gives a labelled token (a reply or its end)."""
-    with torch.no_grad():
-        logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits[:, :-1].float()
-    target = labels[:, 1:]
-    probs = logits.softmax(-1).gather(-1, target.clamp(min=0)[..., None])[..., 0]
-    return float(probs[target != -100].min())
-
-
-def _fit_replies(model, tok, lr: float = 5e-3, check_every: int = 25) -> None:
+def _fit_replies(model, tok) -> None:
     """Train on the REPLIES conversations until every reply token has probability >= MIN_REPLY_PROB.
 
     Raises AssertionError naming the CPU dependence when MAX_REPLY_STEPS are not enough.
     """
-    ids, mask, labels = _reply_batch(tok, REPLIES)
-    opt = torch.optim.AdamW(model.parameters(), lr=lr)
-    step, worst = 0, 0.0
-    while step < MAX_REPLY_STEPS:
-        model.train()
-        model(input_ids=ids, attention_mask=mask, labels=labels, use_cache=False).loss.backward()
-        opt.step()
-        opt.zero_grad()
-        step += 1
-        if step % check_every == 0:
-            model.eval()
-            worst = min_reply_prob(model, ids, mask, labels)
-            if worst >= MIN_REPLY_PROB:
-                break
-    model.eval()
+    steps, worst = fit_to_margin(model, *_reply_batch(tok, REPLIES), min_prob=MIN_REPLY_PROB,
+                                 max_steps=MAX_REPLY_STEPS, lr=5e-3)
     assert worst >= MIN_REPLY_PROB, learning_note(
-        f"the tiny SFT model did not learn its {len(REPLIES)} fixed replies in {step} steps (smallest "
+        f"the tiny SFT model did not learn its {len(REPLIES)} fixed replies in {steps} steps (smallest "
         f"reply-token probability {worst:.3f} < {MIN_REPLY_PROB}; raise MAX_REPLY_STEPS)")
-    print(f"tiny SFT model: fixed replies fitted in {step} steps (smallest reply-token probability {worst:.3f})")
+    print(f"tiny SFT model: fixed replies fitted in {steps} steps (smallest reply-token probability {worst:.3f})")
 
 
 @pytest.fixture(autouse=True)

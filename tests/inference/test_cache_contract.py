@@ -21,7 +21,7 @@ import pytest
 import torch
 
 from llmlab.rl.generation import cache_argument, sample
-from tests.numerics import learning_note
+from tests.numerics import fit_to_margin, learning_note
 
 PAD, BOS, EOS, SHARED = 0, 1, 2, 20
 PROMPTS = [[BOS, 10 + i] + [4] * (1 + i) + [5, 6] for i in range(4)]  # lengths 5..8, same last tokens
@@ -44,38 +44,6 @@ def _batch():
         ids[r, : len(p) + len(c)] = torch.tensor(p + c)
         labels[r, len(p): len(p) + len(c)] = torch.tensor(c)
     return ids, (ids != PAD).long(), labels
-
-
-def _min_target_prob(model, ids, mask, labels) -> float:
-    """The smallest teacher-forced probability the model gives a continuation token."""
-    with torch.no_grad():
-        logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits[:, :-1].float()
-    target = labels[:, 1:]
-    probs = logits.softmax(-1).gather(-1, target.clamp(min=0)[..., None])[..., 0]
-    return float(probs[target != -100].min())
-
-
-def _train(model, lr: float = 3e-3, check_every: int = 50) -> tuple[int, float]:
-    """Fit the four pairs until every continuation token has probability >= MARGIN_PROB.
-
-    Returns (steps taken, smallest probability); stops at MAX_STEPS whether or not the margin is met.
-    """
-    ids, mask, labels = _batch()
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
-    step, worst = 0, 0.0
-    while step < MAX_STEPS:
-        model.train()
-        model(input_ids=ids, attention_mask=mask, labels=labels, use_cache=False).loss.backward()
-        opt.step()
-        opt.zero_grad()
-        step += 1
-        if step % check_every == 0:
-            model.eval()
-            worst = _min_target_prob(model, ids, mask, labels)
-            if worst >= MARGIN_PROB:
-                break
-    model.eval()
-    return step, worst
 
 
 def _llama():
@@ -113,7 +81,8 @@ def trained(request):
     try:
         torch.manual_seed(0)
         model = MODELS[request.param]()
-        steps, worst = _train(model)
+        steps, worst = fit_to_margin(model, *_batch(), min_prob=MARGIN_PROB, max_steps=MAX_STEPS, lr=3e-3,
+                                     weight_decay=0.0, check_every=50)
     finally:
         torch.set_num_threads(before)
     assert worst >= MARGIN_PROB, learning_note(
