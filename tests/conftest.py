@@ -10,6 +10,15 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # numerics on one machine: ATEN_CPU_CAPABILITY=avx2 (or =default, no SIMD) picks torch's kernels (torch
 # reads it itself), and LLMLAB_TEST_MKLDNN=0 turns oneDNN off in the test process (the CLI subprocesses a
 # few tests spawn keep it on).
+if os.environ.get("ATEN_CPU_CAPABILITY"):
+    # inductor's on-disk cache does not tell kernels built for one capability from another's: after a
+    # default run, torch.compile under ATEN_CPU_CAPABILITY=avx2 reused them and computed wrong losses
+    # and 1e34 gradients (torch 2.13, Zen 4). One cache per capability.
+    import getpass
+    import tempfile
+
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", os.path.join(
+        tempfile.gettempdir(), f"torchinductor_{getpass.getuser()}_{os.environ['ATEN_CPU_CAPABILITY']}"))
 _MKLDNN = os.environ.get("LLMLAB_TEST_MKLDNN", "1")
 if _MKLDNN not in ("0", "1"):
     raise SystemExit(f"LLMLAB_TEST_MKLDNN must be 0 or 1, not {_MKLDNN!r}")
