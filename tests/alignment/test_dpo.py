@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from tests.alignment.helpers import ListData, make_ctx, preference_batch, tiny_lm
+from tests.numerics import learning_note
 
 GOOD = list(range(3, 33))   # chosen completions use these tokens
 BAD = list(range(33, 64))   # rejected completions use these
@@ -32,17 +33,33 @@ def synthetic_pairs(n_batches: int, batch_size: int, seed: int) -> list[dict]:
     return batches
 
 
-def train(stage, model, steps: int, lr: float = 1e-3) -> list[float]:
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
+def train(stage, model, steps: int, lr: float = 1e-3, opt=None, start: int = 0) -> list[float]:
+    """``steps`` AdamW steps on the stage's batches ``start ..``; the per-step losses."""
+    opt = opt or torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
     model.train()
     out = []
-    for i in range(steps):
+    for i in range(start, start + steps):
         loss, _ = stage.compute_loss(model, stage.get_batch(i, model))
         opt.zero_grad()
         loss.backward()
         opt.step()
         out.append(float(loss.detach()))
     return out
+
+
+def train_until(stage, model, reached, max_steps: int, lr: float = 1e-3, every: int = 10):
+    """Train until ``reached(held-out metrics, losses so far)`` (checked every ``every`` steps) or ``max_steps``.
+
+    What a tiny model learns in a fixed number of steps depends on the CPU's floating-point paths, so
+    the learning tests stop at a measured margin instead. Returns (losses, metrics, steps taken).
+    """
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
+    losses: list[float] = []
+    while True:
+        losses += train(stage, model, every, opt=opt, start=len(losses))
+        metrics = stage.evaluate(model, stage.eval_batches())
+        if reached(metrics, losses) or len(losses) >= max_steps:
+            return losses, metrics, len(losses)
 
 
 @pytest.mark.parametrize("loss_type", ["sigmoid", "ipo"])
@@ -56,15 +73,17 @@ def test_dpo_raises_heldout_reward_accuracy(loss_type):
     ref_before = copy.deepcopy(stage.reference.model.state_dict())
 
     before = stage.evaluate(policy, stage.eval_batches())
-    losses = train(stage, policy, steps=30)
-    after = stage.evaluate(policy, stage.eval_batches())
+    losses, after, steps = train_until(
+        stage, policy, lambda m, _: m["eval_rewards/accuracies"] >= 0.9 and m["eval_rewards/margins"] > 0.1, 90)
+    print(f"dpo {loss_type}: held-out accuracy {after['eval_rewards/accuracies']:.3f}, margin "
+          f"{after['eval_rewards/margins']:.3f} after {steps} steps")
 
     # at the start the policy is its reference: implicit rewards are exactly 0, every pair a tie (one half)
     assert before["eval_rewards/margins"] == 0.0 and before["eval_rewards/accuracies"] == 0.5
     if loss_type == "sigmoid":
         assert losses[0] == pytest.approx(math.log(2), abs=1e-6)
-    assert after["eval_rewards/accuracies"] >= 0.9, after
-    assert after["eval_rewards/margins"] > 0.1
+    assert after["eval_rewards/accuracies"] >= 0.9 and after["eval_rewards/margins"] > 0.1, learning_note(
+        f"held-out preference not learnt in {steps} steps: {after}")
     assert after["eval_loss"] < before["eval_loss"]
     assert after["eval_logps/rejected"] < before["eval_logps/rejected"]
     # the reference never moved and takes no gradient
@@ -88,12 +107,17 @@ def test_dpo_lora_reference_is_base_with_adapters_disabled():
     stage.setup(policy)
     assert stage.reference.use_disabled_adapter and stage.reference.model is None
 
-    losses = train(stage, policy, steps=15, lr=3e-2)
+    def reached(m, losses):
+        return m["eval_rewards/accuracies"] >= 0.8 and losses[-1] < losses[0] - 0.02
+
+    losses, after, steps = train_until(stage, policy, reached, 45, lr=3e-2, every=5)
+    print(f"dpo lora: held-out accuracy {after['eval_rewards/accuracies']:.3f} after {steps} steps, "
+          f"loss {losses[0]:.4f} -> {losses[-1]:.4f}")
     assert losses[0] == pytest.approx(math.log(2), abs=1e-6)  # adapters start as a no-op
     # (a tiny random model's logits are small and its lm_head is frozen under LoRA: the loss moves
     # slowly, but the held-out preference is learned)
-    assert losses[-1] < losses[0] - 0.02
-    assert stage.evaluate(policy, stage.eval_batches())["eval_rewards/accuracies"] >= 0.8
+    assert after["eval_rewards/accuracies"] >= 0.8, learning_note(f"held-out preference not learnt: {after}")
+    assert losses[-1] < losses[0] - 0.02, learning_note(f"training loss {losses[0]:.4f} -> {losses[-1]:.4f}")
     # only adapter weights received gradients; the reference equals the untouched base model
     trained = [n for n, p in policy.named_parameters() if p.grad is not None]
     assert trained and all("lora_" in n for n in trained)

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from tests.alignment.helpers import ListData, make_ctx, tiny_lm
-from tests.alignment.test_dpo import synthetic_pairs, train
+from tests.alignment.test_dpo import synthetic_pairs, train_until
+from tests.numerics import learning_note
 
 
 def test_reward_stage_learns_and_final_loads(tmp_path):
@@ -29,11 +30,13 @@ def test_reward_stage_learns_and_final_loads(tmp_path):
     stage._data = ListData(synthetic_pairs(8, 8, seed=0), synthetic_pairs(2, 16, seed=1))
 
     before = stage.evaluate(model, stage.eval_batches())
-    train(stage, model, steps=30, lr=3e-3)
-    after = stage.evaluate(model, stage.eval_batches())
-    print(f"reward held-out accuracy {before['eval_accuracy']:.3f} -> {after['eval_accuracy']:.3f}")
-    assert after["eval_accuracy"] >= 0.9 and after["eval_accuracy"] > before["eval_accuracy"]
-    assert after["eval_margin"] > 0.5 and after["eval_loss"] < before["eval_loss"]
+    _, after, steps = train_until(stage, model, lambda m, _: m["eval_accuracy"] >= 0.9 and m["eval_margin"] > 0.5,
+                                  90, lr=3e-3)
+    print(f"reward held-out accuracy {before['eval_accuracy']:.3f} -> {after['eval_accuracy']:.3f}, margin "
+          f"{after['eval_margin']:.3f} after {steps} steps")
+    assert after["eval_accuracy"] >= 0.9 and after["eval_margin"] > 0.5, learning_note(
+        f"held-out preference not learnt in {steps} steps: {after}")
+    assert after["eval_accuracy"] > before["eval_accuracy"] and after["eval_loss"] < before["eval_loss"]
 
     model.save_pretrained(tmp_path / "rm" / "final")
     loaded = AutoModelForSequenceClassification.from_pretrained(tmp_path / "rm" / "final").eval()

@@ -3,6 +3,13 @@
 A byte-level BPE tokenizer with ChatML tokens and a chat template is trained on King James Bible
 verses and chatterbot conversations; a tiny LlamaForCausalLM is "pretrained" on the verses for a few
 dozen steps and then "fine-tuned" on ChatML conversations, so both models give non-degenerate text.
+
+What a few dozen steps teach depends on the CPU's floating-point paths (on one Zen 4 the SFT model
+answered two different questions with the same run of newlines). The tests that need replies to
+differ by prompt, or a batched reply to equal the reply alone, therefore use the prompts of
+:data:`REPLIES`: the SFT model is trained on them until every reply token (and the closing
+``<|im_end|>``) has teacher-forced probability >= :data:`MIN_REPLY_PROB`, a lead of >= log 9 ~ 2.2
+logits over any other token, so its greedy replies to them are these replies on any CPU.
 The run directory mimics llmlab's layout:
 
     run/recipe.resolved.yaml, run/tokenizer/,
@@ -24,6 +31,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch
 
+from tests.numerics import fit_to_margin, learning_note
+
 CHAT_TEMPLATE = (
     "{% for message in messages %}"
     "{{ '<|im_start|>' + message['role'] + '\n' }}"
@@ -33,6 +42,22 @@ CHAT_TEMPLATE = (
     "{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
+
+
+# Greedy replies the SFT model is trained to give, to a margin (see _fit_replies).
+REPLIES = {
+    "Hello": "Hello! How can I help you?",
+    "Hi": "Hi there, nice to meet you.",
+    "How are you?": "I am fine, thank you.",
+    "What is your name?": "My name is Tiny.",
+    "Who are you?": "I am a tiny language model.",
+    "Good morning": "Good morning to you too.",
+    "Tell me a joke": "Why did the chicken cross the road?",
+    "What is AI?": "Artificial intelligence is the study of thinking machines.",
+}
+MIN_REPLY_PROB = 0.9
+# measured on one Zen 4 under AVX-512, AVX2 and no-SIMD kernels: the margin is met in 100 steps (~3 s)
+MAX_REPLY_STEPS = 1500
 
 
 def _pkg_dir(name: str) -> Path:
@@ -114,6 +139,40 @@ def _train(model, seqs: list[list[int]], steps: int, lr: float, pad: int, seq_le
     return float(loss.detach())
 
 
+def _reply_batch(tok, replies: dict[str, str]):
+    """Right-padded ChatML conversations (ids, mask) with labels on each reply and its ``<|im_end|>``."""
+    rows = []
+    for prompt, reply in replies.items():
+        msgs = [{"role": "user", "content": prompt}]
+        head = tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+        full = tok(head + reply + "<|im_end|>", add_special_tokens=False)["input_ids"]
+        n_head = len(tok(head, add_special_tokens=False)["input_ids"])
+        assert full[-1] == tok.convert_tokens_to_ids("<|im_end|>") and len(full) > n_head + 1
+        rows.append((full, n_head))
+    T = max(len(f) for f, _ in rows)
+    ids = torch.full((len(rows), T), tok.pad_token_id)
+    mask = torch.zeros((len(rows), T), dtype=torch.long)
+    labels = torch.full((len(rows), T), -100)
+    for r, (full, n_head) in enumerate(rows):
+        ids[r, : len(full)] = torch.tensor(full)
+        mask[r, : len(full)] = 1
+        labels[r, n_head:len(full)] = torch.tensor(full[n_head:])
+    return ids, mask, labels
+
+
+def _fit_replies(model, tok) -> None:
+    """Train on the REPLIES conversations until every reply token has probability >= MIN_REPLY_PROB.
+
+    Raises AssertionError naming the CPU dependence when MAX_REPLY_STEPS are not enough.
+    """
+    steps, worst = fit_to_margin(model, *_reply_batch(tok, REPLIES), min_prob=MIN_REPLY_PROB,
+                                 max_steps=MAX_REPLY_STEPS, lr=5e-3)
+    assert worst >= MIN_REPLY_PROB, learning_note(
+        f"the tiny SFT model did not learn its {len(REPLIES)} fixed replies in {steps} steps (smallest "
+        f"reply-token probability {worst:.3f} < {MIN_REPLY_PROB}; raise MAX_REPLY_STEPS)")
+    print(f"tiny SFT model: fixed replies fitted in {steps} steps (smallest reply-token probability {worst:.3f})")
+
+
 @pytest.fixture(autouse=True)
 def one_torch_thread():
     """Tiny models gain nothing from intra-op threads, and on a busy 2-core runner they thrash."""
@@ -160,6 +219,7 @@ def _build_run(root: Path) -> Path:
                                                       {"role": "assistant", "content": a}], tokenize=False),
                              add_special_tokens=False)["input_ids"] for u, a in pairs]
             _train(model, chat_seqs + text_seqs[:200], steps=40, lr=5e-3, pad=tok.pad_token_id)
+            _fit_replies(model, tok)
         d = root / stage
         model.save_pretrained(d / "final")
         tok.save_pretrained(d / "final")

@@ -12,7 +12,7 @@ from llmlab.inference.chat import run_chat
 from llmlab.inference.generation import GenerationSettings, generate_text
 from llmlab.inference.loading import load_for_inference
 
-from .conftest import subprocess_env
+from .conftest import REPLIES, subprocess_env
 
 pexpect = pytest.importorskip("pexpect")
 
@@ -137,7 +137,8 @@ def test_chat_keeps_the_prompt_when_the_reply_length_fills_the_context(tiny_run)
     assert run_chat(model, tok, True, s, read=read, out=out) == 0
     text = out.getvalue()
     replies = [generate_text(model, tok, msg, greedy, True).text for msg in ("How are you?", "What is your name?")]
-    assert replies[0] != replies[1] and all(r.strip() and r in text for r in replies)  # each message's own reply
+    assert replies == [REPLIES["How are you?"], REPLIES["What is your name?"]]  # learnt to a margin (conftest)
+    assert all(r in text for r in replies)  # each message's own reply
     assert "reply capped at" in text and "not sent: the prompt is" in text
     assert generate_text(model, tok, "Hi", greedy, True).text in text  # still chatting afterwards
 

@@ -284,14 +284,22 @@ def test_slow_clients_time_out_and_connections_are_bounded(tiny_run):
     import socket
     import time
 
-    srv, t = _small_server(tiny_run, timeout=2.0, max_connections=2)
+    srv, t = _small_server(tiny_run, timeout=1.0)
     try:
         # a client that sends half its body and stalls gets 408 after the timeout, not a thread forever
         t0 = time.monotonic()
         reply = _raw_http(srv, f"POST {CHAT} HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{{\"mess".encode())
         assert reply.split()[1] == b"408" and time.monotonic() - t0 < 8
         assert json.loads(reply.partition(b"\r\n\r\n")[2])["error"]["code"] == "timeout"
-        # two idle connections hold both slots: a third is answered 503 at once
+    finally:
+        srv.shutdown()
+        srv.server_close()
+        t.join(10)
+
+    # two idle connections hold both slots: a third is answered 503 at once. The idle ones must outlive
+    # the wait for the server to take them (seconds on a busy machine), so this server's timeout is long.
+    srv, t = _small_server(tiny_run, timeout=60.0, max_connections=2)
+    try:
         idle = [socket.create_connection(srv.server_address[:2]) for _ in range(2)]
         try:
             deadline = time.monotonic() + 30  # wait until the server has taken both (slow on a busy machine)
@@ -302,7 +310,9 @@ def test_slow_clients_time_out_and_connections_are_bounded(tiny_run):
         finally:
             for s in idle:
                 s.close()
-        time.sleep(0.5)  # the slots come back once those connections end
+        deadline = time.monotonic() + 30  # the slots come back once those connections end
+        while srv.slots._value < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
         with urllib.request.urlopen(srv.url + "/health", timeout=10) as r:
             assert r.status == 200
     finally:

@@ -7,13 +7,14 @@ import pytest
 import torch
 
 from llmlab.runner import run_command
+from tests.numerics import learning_note
 from tests.tiny import TINY, write_recipe
 
 pytestmark = pytest.mark.slow
 
 CASES = [
     ({"name": "adamw", "lr": 5e-3}, {"name": "cosine", "warmup_steps": 3}),
-    ({"name": "adafactor", "lr": 1e-2}, {"name": "linear", "warmup_steps": 3}),
+    ({"name": "adafactor", "lr": 3e-2}, {"name": "linear", "warmup_steps": 3}),
     ({"name": "lion", "lr": 1e-3}, {"name": "polynomial", "warmup_steps": 3, "power": 2.0}),
     ({"name": "sophia", "lr": 1e-2, "rho": 0.04, "hessian_update_every": 5}, {"name": "none"}),
     ({"name": "muon", "lr": 2e-2, "momentum": 0.95}, {"name": "cosine", "warmup_steps": 0}),
@@ -34,7 +35,9 @@ def test_optimizer_and_schedule_lower_eval_loss(base_dir, opt, sched):
     d.mkdir()
     assert run_command(write_recipe(d, rec)) == 0
     info = json.loads((d / "run" / "pretrain" / "stage.json").read_text())
-    assert info["last_eval"]["eval_loss"] < info["first_eval"]["eval_loss"] - 0.1, (opt, info["last_eval"])
+    first, last = info["first_eval"]["eval_loss"], info["last_eval"]["eval_loss"]
+    print(f"{opt['name']}/{sched['name']}: eval loss {first:.4f} -> {last:.4f}")
+    assert last < first - 0.1, learning_note(f"{opt} {sched}: eval loss {first:.4f} -> {last:.4f}")
 
 
 def test_save_best_only_keeps_the_best_eval_weights(tmp_path):
