@@ -121,6 +121,42 @@ def test_sharded_checkpoint_folder_is_atomic_checksummed_and_owned(monkeypatch, 
     assert ck.latest_intact(tmp_path) == ckpts[0]
 
 
+def test_a_whole_state_fsdp_checkpoint_of_the_previous_version_still_loads(monkeypatch, tmp_path):
+    """A checkpoint as llmlab wrote it before DCP (the full state gathered on rank 0:
+    model.safetensors and a name-keyed optimizer.pt) loads into a sharded model and optimizer
+    through load_checkpoint; resume accepts its optimizer_format "fqn"."""
+    import torch.distributed as dist
+
+    from llmlab.train import checkpoint as ck
+    from llmlab.train.fsdp import ShardedStateIO
+
+    sched = torch.optim.lr_scheduler.LambdaLR(torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))]), lambda s: 1.0)
+    io = ShardedStateIO()
+    _gloo_world_of_one(monkeypatch)
+    try:
+        model, opt = _sharded_model_and_optimizer()
+        weights, optim = io.model_state(model), io.optimizer_state(model, opt)
+        weights = {k: v.clone() for k, v in weights.items()}  # in a world of one they may alias the live state
+        optim = {"state": {n: {k: v.clone() for k, v in st.items()} for n, st in optim["state"].items()},
+                 "param_groups": optim["param_groups"]}
+        old = ck.save_checkpoint(tmp_path, 1, model_state=weights, optimizer_state=optim, scheduler=sched,
+                                 stage_state={}, trainer_state={"optimizer_format": "fqn"})
+        assert {"model.safetensors", "optimizer.pt"} <= {p.name for p in old.iterdir()}
+        with torch.no_grad():
+            for p in model.parameters():
+                p.zero_()
+        for st in opt.state.values():
+            for v in st.values():
+                v.zero_()
+        ck.load_checkpoint(old, model=model, optimizer=opt, state_io=io)
+        back, back_optim = io.model_state(model), io.optimizer_state(model, opt)
+    finally:
+        dist.destroy_process_group()
+    assert all(torch.equal(back[k], v) for k, v in weights.items())
+    for name, st in optim["state"].items():
+        assert all(torch.equal(back_optim["state"][name][k], v) for k, v in st.items()), name
+
+
 def test_batch_change_says_whether_the_data_order_continues():
     old = {"batch_size": 4, "gradient_accumulation_steps": 1, "world_size": 2}
     assert batch_change(None, old) is None and batch_change(old, dict(old)) is None
@@ -173,3 +209,33 @@ def test_two_rank_dcp_checkpoint_resumes_resharded_on_one_process(tmp_path):
     assert "written by 2 process(es), this run has 1" in out and "from 8 to 4 examples" in out, out[-3000:]
     step3 = json.loads((stage / "checkpoints" / "step-000003" / "trainer_state.json").read_text())
     assert step3["optimizer_format"] == "param_index"  # one process writes the whole state again
+
+
+@pytest.mark.slow
+def test_fsdp_save_best_only_resumes_and_ends_with_the_best_checkpoints_weights(tmp_path):
+    """2 FSDP ranks with ``save_best_only`` and an evaluation every step: a run extended from its
+    step-2 checkpoint (every rank must know the best step: restoring it is a collective) ends
+    with final/ equal to the weights of the best checkpoint it names, which pruning kept."""
+    from llmlab.models.modeling_llmlab import LlmlabForCausalLM
+    from llmlab.train import checkpoint as ck
+
+    rec = _recipe(("pretrain",), FSDP, max_steps=2, save_every=100, keep_last=1, eval_every=1, save_best_only=True)
+
+    def run():
+        done = subprocess.run([sys.executable, *_launch("torchrun"), "-m", "llmlab.cli", "run",
+                               str(write_recipe(tmp_path, rec))], cwd=tmp_path, env=ENV, capture_output=True,
+                              text=True, timeout=600)
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+
+    run()
+    rec["stages"]["pretrain"]["max_steps"] = 4
+    run()
+    stage = tmp_path / "run" / "pretrain"
+    assert json.loads((stage / "stage.json").read_text())["resumed_from"] == 2
+    last = json.loads((stage / "checkpoints" / "step-000004" / "trainer_state.json").read_text())
+    best = stage / "checkpoints" / f"step-{last['best_step']:06d}"
+    assert ck.verify(best) is None
+    plain = LlmlabForCausalLM.from_pretrained(stage / "final")
+    final = {k: v.clone() for k, v in plain.state_dict().items()}
+    ck.load_checkpoint(best, model=plain)
+    assert all(torch.equal(v, final[k]) for k, v in plain.state_dict().items())
