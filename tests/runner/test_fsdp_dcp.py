@@ -239,3 +239,27 @@ def test_fsdp_save_best_only_resumes_and_ends_with_the_best_checkpoints_weights(
     final = {k: v.clone() for k, v in plain.state_dict().items()}
     ck.load_checkpoint(best, model=plain)
     assert all(torch.equal(v, final[k]) for k, v in plain.state_dict().items())
+
+
+@pytest.mark.slow
+def test_fsdp_with_compile_trains_and_checkpoints_the_uncompiled_names(tmp_path):
+    """``compile: true`` under 2 FSDP ranks (torch.compile wraps the sharded model): the stage
+    trains, and its DCP checkpoint is keyed by the model's own parameter names (no
+    ``_orig_mod.`` prefix), so it loads into a plain model equal to final/."""
+    from llmlab.models.modeling_llmlab import LlmlabForCausalLM
+    from llmlab.train import checkpoint as ck
+
+    rec = _recipe(("pretrain",), {**FSDP, "compile": True}, max_steps=2, save_every=2)
+    done = subprocess.run([sys.executable, *_launch("torchrun"), "-m", "llmlab.cli", "run",
+                           str(write_recipe(tmp_path, rec))], cwd=tmp_path, env=ENV, capture_output=True, text=True,
+                          timeout=900)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    stage = tmp_path / "run" / "pretrain"
+    assert json.loads((stage / "stage.json").read_text())["distributed"]["strategy"] == "FSDP"
+    plain = LlmlabForCausalLM.from_pretrained(stage / "final")
+    final = {k: v.clone() for k, v in plain.state_dict().items()}
+    with torch.no_grad():
+        for p in plain.parameters():
+            p.zero_()
+    ck.load_checkpoint(stage / "checkpoints" / "step-000002", model=plain)
+    assert all(torch.equal(v, final[k]) for k, v in plain.state_dict().items())
