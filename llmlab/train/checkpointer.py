@@ -55,7 +55,8 @@ class Checkpointer:
         self.last_good: str | None = None
         self.resumed_from: int | None = None
         #: what a step's data is: micro-batch size, accumulation, processes (stored in each checkpoint)
-        self.batch = {"batch_size": int(tc.batch_size), "gradient_accumulation_steps": int(tc.gradient_accumulation_steps),
+        self.batch = {"batch_size": int(tc.batch_size),
+                      "gradient_accumulation_steps": int(tc.gradient_accumulation_steps),
                       "world_size": int(accelerator.num_processes)}
 
     # -- resume ----------------------------------------------------------------------------
@@ -221,8 +222,8 @@ class Checkpointer:
         io = self.state_io
         return {"fingerprint": self.fingerprint, "max_steps": self.max_steps, "optimizer": self.optimizer_name,
                 "scheduler": self.scheduler_cfg, "best_eval": None if math.isinf(self.best_eval) else self.best_eval,
-                "best_step": self.best_step, "optimizer_format": DCP_FORMAT if io.writes_shards else io.optimizer_format,
-                "batch": self.batch}
+                "best_step": self.best_step,
+                "optimizer_format": DCP_FORMAT if io.writes_shards else io.optimizer_format, "batch": self.batch}
 
 
 #: trainer_state.json's ``optimizer_format`` of a checkpoint holding DCP shards (llmlab.train.dcp):
@@ -243,15 +244,17 @@ def batch_change(saved: dict | None, now: dict) -> str | None:
     if not saved or saved == now:
         return None
 
-    def glob(b):
+    def global_batch(b):
         return b["batch_size"] * b["gradient_accumulation_steps"] * b["world_size"]
 
     moved = (f"the checkpoint was written by {saved['world_size']} process(es), this run has {now['world_size']}"
              if saved["world_size"] != now["world_size"] else "the batch settings changed since the checkpoint")
-    if saved["batch_size"] == now["batch_size"] and glob(saved) == glob(now):
-        return f"{moved}; the global batch ({glob(now)} examples per step) is kept: the data order continues exactly"
-    return (f"{moved}; the global batch changes from {glob(saved)} to {glob(now)} examples per step "
-            f"(batch_size × gradient_accumulation_steps × processes): the training dynamics and the data order change")
+    old, new = global_batch(saved), global_batch(now)
+    if saved["batch_size"] == now["batch_size"] and old == new:
+        return f"{moved}; the global batch ({new} examples per step) is kept: the data order continues exactly"
+    return (f"{moved}; the global batch changes from {old} to {new} examples per step "
+            "(batch_size × gradient_accumulation_steps × processes): the training dynamics and the data order "
+            "change")
 
 
 def nonfinite_parameters(model: torch.nn.Module, collective: bool = False) -> list[str]:
