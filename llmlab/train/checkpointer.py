@@ -159,7 +159,8 @@ class Checkpointer:
                             f"{self.last_good or 'none'} (lower the lr or set grad_clip)")
 
     def save(self, step: int, model: torch.nn.Module, optimizer, scheduler) -> None:
-        """Write ``checkpoints/step-NNNNNN`` (main process; every rank waits) and prune old ones.
+        """Write ``checkpoints/step-NNNNNN`` and prune old ones: the main process writes it (every
+        rank waits); under FSDP every rank first writes its DCP shards into it (:mod:`llmlab.train.dcp`).
 
         Raises:
             TrainingError: a trainable weight is NaN or infinite; nothing is written, so the last
