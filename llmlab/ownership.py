@@ -46,7 +46,8 @@ KIND_FILES: dict[str, re.Pattern] = {
     "stage": re.compile(r"\.?(stage\.json|metrics\.jsonl|results\.json|value_head\.safetensors)(\.tmp-?\d*)?"),
     "checkpoints": re.compile(r"(?!)"),
     "checkpoint": re.compile(r"model\.safetensors|optimizer\.pt|scheduler\.pt|rng\.pt|rng\.json|stage_state\.pt|"
-                             r"trainer_state\.json|MANIFEST\.json"),
+                             r"trainer_state\.json|MANIFEST\.json|"
+                             r"\.metadata(\.tmp)?|__\d+_\d+\.distcp"),  # DCP shards (llmlab.train.dcp)
     "token-store": re.compile(r"manifest\.json(\.tmp)?|shard-\d+\.(tokens\.npy|offsets\.npy|json)(\.tmp)?"),
 }
 

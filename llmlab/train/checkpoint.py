@@ -3,7 +3,9 @@
 A checkpoint is a directory ``checkpoints/step-NNNNNN/`` holding everything needed to continue:
 
 - ``model.safetensors``: every parameter and buffer of the (possibly PEFT-wrapped) model;
-- ``optimizer.pt``, ``scheduler.pt``: their state dicts (tensors and numbers only; loaded with
+- ``optimizer.pt``: its state dict; under FSDP both are DCP shards instead, ``.metadata`` and one
+  ``__<rank>_0.distcp`` per rank, written by every rank at once (:mod:`llmlab.train.dcp`);
+- ``scheduler.pt``: its state dict (tensors and numbers only; loaded with
   ``torch.load(weights_only=True)``, never arbitrary pickles);
 - ``rng.pt``: the torch CPU and CUDA generator states; ``rng.json``: Python's and NumPy's;
 - ``stage_state.pt``: the stage's own state (e.g. an RL rollout buffer);
@@ -123,6 +125,8 @@ class LocalStateIO:
 
     optimizer_format = "param_index"  # torch's optimizer.state_dict(): states keyed by parameter index
     collective = False
+    #: model and optimizer state are saved as DCP shards every rank writes (llmlab.train.dcp)
+    writes_shards = False
 
     def model_state(self, model: torch.nn.Module) -> dict[str, torch.Tensor]:
         """The model's state dict on the CPU (tied tensors once, see ``checkpoint.model_state``)."""
@@ -159,17 +163,34 @@ def check_keys(missing, unexpected, where) -> None:
                            f"unexpected {sorted(unexpected)[:5]}")
 
 
-def save_checkpoint(ckpt_root: Path, step: int, *, model_state: dict[str, torch.Tensor], optimizer_state: dict,
-                    scheduler, stage_state: dict, trainer_state: dict, keep_last: int = 2,
-                    protect: set[int] | None = None) -> Path:
+def begin_checkpoint(ckpt_root: Path, step: int) -> Path:
+    """Make (marked) and return the temporary folder checkpoint ``step`` is written into before
+    :func:`save_checkpoint` renames it into place; the DCP shards of an FSDP model go in here
+    first (:mod:`llmlab.train.dcp`).
+
+    Raises:
+        NotOwnedError: ``ckpt_root`` or the step's folder holds files llmlab did not write.
+    """
+    make_dir(ckpt_root, "checkpoints")
+    check_replaceable(ckpt_root / f"{PREFIX}{step:06d}")
+    tmp = ckpt_root / f".tmp-{PREFIX}{step:06d}-{os.getpid()}"
+    remove_owned(tmp)
+    make_dir(tmp, "checkpoint")
+    return tmp
+
+
+def save_checkpoint(ckpt_root: Path, step: int, *, model_state: dict[str, torch.Tensor] | None,
+                    optimizer_state: dict | None, scheduler, stage_state: dict, trainer_state: dict,
+                    keep_last: int = 2, protect: set[int] | None = None, tmp: Path | None = None) -> Path:
     """Write ``ckpt_root/step-{step:06d}`` atomically and prune older checkpoints.
 
     Args:
-        model_state: the whole model's tensors (:func:`model_state`, or the full state dict
-            gathered from FSDP shards), tied tensors once.
-        optimizer_state: the optimizer's state dict (for FSDP the full, FQN-keyed one).
+        model_state: the whole model's tensors (:func:`model_state`), tied tensors once; None when
+            the model and optimizer state are already in ``tmp`` as DCP shards.
+        optimizer_state: the optimizer's state dict; None with ``model_state``.
         keep_last: how many of the newest checkpoints to keep (≥ 1).
         protect: steps never pruned (e.g. the best checkpoint under ``save_best_only``).
+        tmp: the folder :func:`begin_checkpoint` made (made here when None).
 
     Returns:
         the checkpoint directory.
@@ -178,12 +199,8 @@ def save_checkpoint(ckpt_root: Path, step: int, *, model_state: dict[str, torch.
         NotOwnedError: ``ckpt_root`` or the step's folder holds files llmlab did not write.
         OSError: ENOSPC when the disk filled up (:func:`llmlab.ownership.disk_full_error`); nothing partial is left.
     """
-    make_dir(ckpt_root, "checkpoints")
     final = ckpt_root / f"{PREFIX}{step:06d}"
-    check_replaceable(final)
-    tmp = ckpt_root / f".tmp-{PREFIX}{step:06d}-{os.getpid()}"
-    remove_owned(tmp)
-    make_dir(tmp, "checkpoint")
+    tmp = tmp or begin_checkpoint(ckpt_root, step)
     try:
         _write_files(tmp, model_state, optimizer_state, scheduler, stage_state, {**trainer_state, "step": step})
     except (OSError, RuntimeError) as exc:
@@ -204,13 +221,16 @@ def save_checkpoint(ckpt_root: Path, step: int, *, model_state: dict[str, torch.
     return final
 
 
-def _write_files(tmp: Path, model_state: dict, optimizer_state: dict, scheduler, stage_state: dict,
+def _write_files(tmp: Path, model_state: dict | None, optimizer_state: dict | None, scheduler, stage_state: dict,
                  trainer_state: dict) -> None:
-    """Write a checkpoint's files into ``tmp``, fsynced, MANIFEST.json last."""
+    """Write a checkpoint's files into ``tmp``, fsynced, MANIFEST.json last (which lists every
+    file in ``tmp``, DCP shards written there before included)."""
     from safetensors.torch import save_file
 
-    save_file(model_state, str(tmp / "model.safetensors"))
-    torch.save(optimizer_state, tmp / "optimizer.pt")
+    if model_state is not None:
+        save_file(model_state, str(tmp / "model.safetensors"))
+    if optimizer_state is not None:
+        torch.save(optimizer_state, tmp / "optimizer.pt")
     torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
     tensors, plain = rng_state()
     torch.save(tensors, tmp / "rng.pt")
@@ -288,9 +308,13 @@ def latest_intact(ckpt_root: Path) -> Path | None:
 def load_checkpoint(ckpt: Path, *, model: torch.nn.Module, optimizer=None, scheduler=None, state_io=None) -> dict:
     """Load weights (and optimizer/scheduler state when given) from ``ckpt``; restore RNG states.
 
+    A checkpoint of DCP shards (:func:`llmlab.train.dcp.is_sharded`) loads into any model,
+    resharded to this run's world size: a collective when torch.distributed is initialised
+    (every rank calls it).
+
     Args:
-        state_io: how model and optimizer state go in (:mod:`llmlab.train.fsdp`: whole, or sliced
-            into FSDP shards); default whole.
+        state_io: how whole-model files go in (:mod:`llmlab.train.fsdp`: whole, or sliced into
+            FSDP shards); default whole.
 
     Returns:
         ``{"trainer_state": dict, "stage_state": dict}``.
@@ -300,10 +324,15 @@ def load_checkpoint(ckpt: Path, *, model: torch.nn.Module, optimizer=None, sched
     """
     from safetensors.torch import load_file
 
+    from llmlab.train import dcp
+
     state_io = state_io or LOCAL
-    state_io.load_model(model, load_file(str(ckpt / "model.safetensors")), ckpt)
-    if optimizer is not None:
-        state_io.load_optimizer(model, optimizer, torch.load(ckpt / "optimizer.pt", weights_only=True))
+    if dcp.is_sharded(ckpt):
+        dcp.load(ckpt, model, optimizer)
+    else:
+        state_io.load_model(model, load_file(str(ckpt / "model.safetensors")), ckpt)
+        if optimizer is not None:
+            state_io.load_optimizer(model, optimizer, torch.load(ckpt / "optimizer.pt", weights_only=True))
     if scheduler is not None:
         scheduler.load_state_dict(torch.load(ckpt / "scheduler.pt", weights_only=True))
     set_rng_state(torch.load(ckpt / "rng.pt", weights_only=True), json.loads((ckpt / "rng.json").read_text()))

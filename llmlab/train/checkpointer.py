@@ -54,6 +54,10 @@ class Checkpointer:
         self.best_eval, self.best_step = math.inf, None
         self.last_good: str | None = None
         self.resumed_from: int | None = None
+        #: what a step's data is: micro-batch size, accumulation, processes (stored in each checkpoint)
+        self.batch = {"batch_size": int(tc.batch_size),
+                      "gradient_accumulation_steps": int(tc.gradient_accumulation_steps),
+                      "world_size": int(accelerator.num_processes)}
 
     # -- resume ----------------------------------------------------------------------------
     def resume(self, model: torch.nn.Module, optimizer, scheduler, *, reset_optimizer: bool = False) -> int:
@@ -78,7 +82,7 @@ class Checkpointer:
                           f"the recipe now says {self.optimizer_name!r}: loading the weights only")
             weights_only = True
         saved_format = info.get("optimizer_format", "param_index")
-        if saved_format != self.state_io.optimizer_format and not weights_only:
+        if saved_format not in (self.state_io.optimizer_format, DCP_FORMAT) and not weights_only:
             warnings.warn(f"stage {self.name}: the checkpoint's optimizer state is keyed by {saved_format} (written "
                           f"under another distributed strategy), this run's by {self.state_io.optimizer_format}: "
                           "loading the weights only")
@@ -98,6 +102,9 @@ class Checkpointer:
         self.stage.load_state_dict(state["stage_state"])
         self.resumed_from, self.last_good = start_step, str(ckpt)
         log.info("stage %s: resuming from %s (step %d)", self.name, ckpt, start_step)
+        note = batch_change(info.get("batch"), self.batch)
+        if note:
+            warnings.warn(f"stage {self.name}: {note}")
         return start_step
 
     # -- best ------------------------------------------------------------------------------
@@ -114,6 +121,8 @@ class Checkpointer:
             from accelerate.utils import broadcast_object_list
 
             improved = broadcast_object_list([improved], from_process=0)[0]
+            if improved:  # every rank knows the best step: restoring it is a collective under FSDP
+                self.best_step = step
         return improved
 
     def restore_best(self, model: torch.nn.Module) -> None:
@@ -150,7 +159,8 @@ class Checkpointer:
                             f"{self.last_good or 'none'} (lower the lr or set grad_clip)")
 
     def save(self, step: int, model: torch.nn.Module, optimizer, scheduler) -> None:
-        """Write ``checkpoints/step-NNNNNN`` (main process; every rank waits) and prune old ones.
+        """Write ``checkpoints/step-NNNNNN`` and prune old ones: the main process writes it (every
+        rank waits); under FSDP every rank first writes its DCP shards into it (:mod:`llmlab.train.dcp`).
 
         Raises:
             TrainingError: a trainable weight is NaN or infinite; nothing is written, so the last
@@ -163,22 +173,89 @@ class Checkpointer:
                                 f"(first: {bad[0]}); not saved. The last good checkpoint is {self.last_good or 'none'} "
                                 "(lower the lr or set grad_clip)")
         main = self.accelerator.is_main_process
-        io = self.state_io  # under FSDP every rank joins the gather; rank 0 gets the full state
-        model_state = io.model_state(model) if main or io.collective else None
-        optimizer_state = io.optimizer_state(model, optimizer) if main or io.collective else None
+        io = self.state_io
+        tmp = model_state = optimizer_state = None
+        if io.writes_shards:  # FSDP: every rank writes its DCP shards into rank 0's temporary folder
+            tmp = self._shared_tmp(step)
+            try:
+                from llmlab.train import dcp
+
+                dcp.save(tmp, model, optimizer)
+            except BaseException:
+                if main:
+                    ckpt_lib.remove_owned(tmp)
+                raise
+        elif main:
+            model_state, optimizer_state = io.model_state(model), io.optimizer_state(model, optimizer)
         if main:
             protect = {self.best_step} if self.save_best_only and self.best_step else set()
             self.last_good = str(ckpt_lib.save_checkpoint(
                 self.root, step, model_state=model_state, optimizer_state=optimizer_state, scheduler=scheduler,
                 stage_state=self.stage.state_dict(), trainer_state=self.trainer_state(), keep_last=self.keep_last,
-                protect=protect))
+                protect=protect, tmp=tmp))
         self.accelerator.wait_for_everyone()
+
+    def _shared_tmp(self, step: int):
+        """Rank 0 makes checkpoint ``step``'s temporary folder; every rank gets its path (or the
+        error rank 0 met, raised on every rank so none waits in a collective).
+
+        Raises:
+            TrainingError: the folder could not be made (e.g. NotOwnedError's message).
+        """
+        made: list = [None, None]
+        if self.accelerator.is_main_process:
+            try:
+                made[0] = str(ckpt_lib.begin_checkpoint(self.root, step))
+            except (OSError, RuntimeError) as exc:
+                made[1] = f"{type(exc).__name__}: {exc}"
+        if self.accelerator.num_processes > 1:
+            from accelerate.utils import broadcast_object_list
+
+            made = broadcast_object_list(made, from_process=0)
+        if made[1] is not None:
+            raise TrainingError(f"stage {self.name}: cannot write checkpoint step {step}: {made[1]}")
+        from pathlib import Path
+
+        return Path(made[0])
 
     def trainer_state(self) -> dict:
         """What ``trainer_state.json`` holds besides the step."""
+        io = self.state_io
         return {"fingerprint": self.fingerprint, "max_steps": self.max_steps, "optimizer": self.optimizer_name,
                 "scheduler": self.scheduler_cfg, "best_eval": None if math.isinf(self.best_eval) else self.best_eval,
-                "best_step": self.best_step, "optimizer_format": self.state_io.optimizer_format}
+                "best_step": self.best_step,
+                "optimizer_format": DCP_FORMAT if io.writes_shards else io.optimizer_format, "batch": self.batch}
+
+
+#: trainer_state.json's ``optimizer_format`` of a checkpoint holding DCP shards (llmlab.train.dcp):
+#: any strategy and world size loads its optimizer state
+DCP_FORMAT = "dcp"
+
+
+def batch_change(saved: dict | None, now: dict) -> str | None:
+    """What resuming a checkpoint written with ``saved`` (its ``batch``: ``batch_size``,
+    ``gradient_accumulation_steps``, ``world_size``) under ``now`` does to the data, or None when
+    nothing changed (or the checkpoint predates the record).
+
+    Micro-batch ``i`` of step ``s`` on rank ``r`` is stream index ``(s * accumulation + i) * world + r``
+    (:class:`llmlab.train.loop.StepRunner`), so a step reads the indices
+    ``[s * G, (s + 1) * G)`` with ``G = accumulation * world``: with the same micro-batch size and
+    the same ``G`` every later step reads exactly the examples it would have.
+    """
+    if not saved or saved == now:
+        return None
+
+    def global_batch(b):
+        return b["batch_size"] * b["gradient_accumulation_steps"] * b["world_size"]
+
+    moved = (f"the checkpoint was written by {saved['world_size']} process(es), this run has {now['world_size']}"
+             if saved["world_size"] != now["world_size"] else "the batch settings changed since the checkpoint")
+    old, new = global_batch(saved), global_batch(now)
+    if saved["batch_size"] == now["batch_size"] and old == new:
+        return f"{moved}; the global batch ({new} examples per step) is kept: the data order continues exactly"
+    return (f"{moved}; the global batch changes from {old} to {new} examples per step "
+            "(batch_size × gradient_accumulation_steps × processes): the training dynamics and the data order "
+            "change")
 
 
 def nonfinite_parameters(model: torch.nn.Module, collective: bool = False) -> list[str]:

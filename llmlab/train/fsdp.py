@@ -10,12 +10,12 @@ reduce-scattered (averaged) at the end of the backward.
 The loop reads and writes model and optimizer state through a state IO:
 
 - :data:`~llmlab.train.checkpoint.LOCAL` (one process, DDP): ``state_dict()`` / ``load_state_dict()`` of the whole model;
-- :class:`ShardedStateIO` (FSDP): ``torch.distributed.checkpoint.state_dict``'s full state
-  dicts, gathered to rank 0's CPU for a save (a collective every rank joins) and sliced by every
-  rank from the full dict on a load. ``model.safetensors`` hence holds the whole model whatever
-  the strategy and world size, and a checkpoint resumes on another world size; ``optimizer.pt``
-  is keyed by parameter name (``optimizer_format`` "fqn") rather than index. The cost: rank 0
-  holds the full model and optimizer state in CPU memory while it writes.
+- :class:`ShardedStateIO` (FSDP): checkpoints are DCP shards every rank writes at once
+  (:mod:`llmlab.train.dcp`; no rank holds more than its shard) and any world size reads back.
+  Checkpoints of earlier llmlab versions, whose ``model.safetensors`` / ``optimizer.pt`` hold
+  the full state (the optimizer keyed by parameter name, ``optimizer_format`` "fqn"), still load:
+  every rank slices its shard from the full dict. :func:`gather_full_model` gathers the full
+  model (not the optimizer) to rank 0's CPU for ``final/``.
 
 Reference: Zhao et al. 2023, "PyTorch FSDP"; the FSDP2 API in ``torch.distributed.fsdp``.
 """
@@ -124,14 +124,17 @@ def clip_grad_norm_(parameters, max_norm: float) -> torch.Tensor:
 
 
 class ShardedStateIO(LocalStateIO):
-    """Full (unsharded) state dicts of an FSDP2 model, gathered to rank 0's CPU.
+    """State of an FSDP2 model: saved as DCP shards by every rank (``writes_shards``); full
+    (unsharded) state dicts gathered to rank 0's CPU by :meth:`model_state` (``final/``), and
+    loaded by every rank from the full dict of an older whole-state checkpoint.
 
     ``collective`` is True: every rank calls :meth:`model_state` and :meth:`optimizer_state`
-    (ranks other than 0 get empty dicts); every rank loads from the full dict it read.
+    (ranks other than 0 get empty dicts).
     """
 
     optimizer_format = "fqn"  # torch.distributed.checkpoint: states keyed by parameter name
     collective = True
+    writes_shards = True
 
     def _options(self, **kw):
         from torch.distributed.checkpoint.state_dict import StateDictOptions
