@@ -46,7 +46,7 @@ def spread(rows: list, limit: int | None) -> list:
 def length_limit(model: Any, max_length: int | None = None) -> int:
     """The longest sequence scored: the model's context (``max_position_embeddings``, ...; 2048 when its
     config declares none), or ``max_length`` when that is smaller."""
-    from llmlab.inference.generation import UNDECLARED_CONTEXT, context_limit
+    from llmlab.context import UNDECLARED_CONTEXT, context_limit
 
     lim = context_limit(model) or UNDECLARED_CONTEXT
     return min(lim, max_length) if max_length else lim

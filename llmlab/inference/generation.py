@@ -11,6 +11,7 @@ from typing import Any
 import torch
 from transformers import StoppingCriteria, StoppingCriteriaList
 
+from llmlab.context import UNDECLARED_CONTEXT, context_limit  # noqa: F401 (re-exported)
 from llmlab.inference.limits import GREEDY_BELOW
 from llmlab.inference.loading import CHATML_END
 
@@ -205,21 +206,6 @@ def fit_conversation(tokenizer: Any, messages: list[Message], limit: int | None,
             lo = mid + 1
     return found[hi] if hi in found else render(hi)
 
-
-def context_limit(model: Any) -> int | None:
-    """The model's maximum sequence length, when its config declares one (an llmlab Mamba2 stores its
-    recipe's ``max_seq_len``; see :func:`llmlab.models.build.mamba2_config`)."""
-    cfg = getattr(model, "config", None)
-    for key in ("max_position_embeddings", "max_seq_len", "n_positions", "max_sequence_length"):
-        v = getattr(cfg, key, None)
-        if isinstance(v, int) and v > 0:
-            return v
-    return None
-
-
-#: the context ``llmlab serve`` and ``llmlab eval`` assume for a model whose config declares none
-#: (a foreign Mamba)
-UNDECLARED_CONTEXT = 2048
 
 #: the reply length when nobody asks for one, for a model whose context is large enough
 DEFAULT_MAX_NEW_TOKENS = 256

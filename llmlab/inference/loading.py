@@ -295,7 +295,7 @@ def _declare_recipe_context(model: Any, loc: ModelLocation) -> None:
     """Give a model whose config declares no context (a Mamba2 trained before config.json carried
     ``max_seq_len``) the one of its run's recipe (:func:`recipe_context`), which chat, generate, eval
     and serve then cap prompt plus reply to."""
-    from llmlab.inference.generation import context_limit
+    from llmlab.context import context_limit
 
     if context_limit(model) is not None:
         return
