@@ -576,7 +576,10 @@ def run_command(recipe_path: Path, output_dir: Path | None = None, overrides=(),
     alarm = make_console() if rank != 0 else console
     prefix = f"[rank {rank}] " if rank != 0 else ""
     t0 = time.perf_counter()
-    resolved, errors = load_recipe(recipe_path, list(overrides), allow_code=bool(allow_code))
+    warnings: list = []
+    resolved, errors = load_recipe(recipe_path, list(overrides), allow_code=bool(allow_code), warnings=warnings)
+    for w in warnings:  # e.g. a warm-up that outlasts max_steps
+        console.print(str(w), style="yellow", markup=False, highlight=False)
     if errors:
         for e in errors:
             console.print(str(e), markup=False, highlight=False)

@@ -361,8 +361,15 @@ def load_recipe(path, overrides: Iterable[str] = (), env: Mapping[str, str] | No
     unresolved: set = set()
     doc = substitute_env(doc, env, (), where, errors, unresolved)
     n_before = len(errors)
-    for err in S.validator().iter_errors(doc):
-        errors.extend(messages.convert(err, positions, where))
+    schema_errors = [e for err in S.validator().iter_errors(doc) for e in messages.convert(err, positions, where)]
+    # the schema's range keywords let NaN through; a non-finite number's own schema errors (inf > maximum)
+    # are replaced by the one saying it is not finite; an oversized integer's range error (seed) is kept
+    bad = list(semantic.bad_numbers(doc))
+    nonfinite_paths, flagged = {dotted(p) for p, _, nonfinite in bad if nonfinite}, {e.path for e in schema_errors}
+    errors.extend(e for e in schema_errors if e.path not in nonfinite_paths)
+    for p, msg, nonfinite in bad:
+        if nonfinite or dotted(p) not in flagged:
+            errors.append(RecipeError(*where(p), dotted(p), msg))
     resolved = copy.deepcopy(doc)
     S.fill_defaults(S.load_schema(), resolved)
 
@@ -422,7 +429,7 @@ def load_recipe(path, overrides: Iterable[str] = (), env: Mapping[str, str] | No
     resolved.pop("extends", None)
     _absolutize(resolved, positions, dirs)
     if warnings is not None:  # datasets sharing prompts with different held-out fractions
-        for p, msg in semantic.eval_split_warnings(resolved):
+        for p, msg in semantic.eval_split_warnings(resolved) + semantic.warmup_warnings(resolved):
             warnings.append(RecipeError(*where(p), dotted(tuple(p)), msg, severity="warning"))
     return _reorder(resolved), []
 
