@@ -337,6 +337,33 @@ def activation_elements_per_token(model_cfg: dict, seq_len: int) -> int:
     return 0
 
 
+def mamba2_scan_elements_per_token(model_cfg: dict) -> int:
+    """float32 elements per token, summed over layers, that the pure-PyTorch chunked scan of
+    transformers' Mamba2Mixer (``torch_forward``: the SSD algorithm of Dao & Gu 2024, used when the
+    mamba_ssm / causal_conv1d kernels are absent, as on a CPU) allocates in one layer's forward and
+    autograd keeps for the backward. It computes in float32 whatever the autocast dtype. With
+    H heads of size P, state size N and chunk length Q, per token:
+
+    * 8 H*P: x in float32, x * dt, the D residual, the diagonal-block output, C times the states,
+      the off-diagonal output, their sum and the residual-added output;
+    * 3 H*N: B and C repeated from the groups to the heads, B times the decay;
+    * 6 H*Q: the intra-chunk decay matrix L (segment sum: masked copy, cumulative sum, masked copy,
+      exp) and the chunk-local scores G and M = G * L (each a Q x Q matrix per chunk and head);
+    * 3 H*P*N/Q: the chunk states, with the initial state prepended, and the propagated states.
+    """
+    k = mamba2_dims(model_cfg)
+    h, p, n, q = k["num_heads"], k["head_dim"], k["state_size"], max(k["chunk_size"], 1)
+    return k["n_layers"] * (8 * h * p + 3 * h * n + 6 * h * q + 3 * h * p * n // q)
+
+
+#: resident memory of an llmlab training process before its model and data: Python with torch,
+#: transformers, datasets and accelerate imported, the tokenizer and the data pipeline's buffers.
+#: Measured 2026-12-06 (torch 2.x CPU wheel, x86-64 Linux): 460 MiB after the imports alone, peak
+#: RSS minus the tensor estimate 480-540 MiB over the quick-start stages. Counted on a CPU device
+#: only (a GPU's free memory is read after the CUDA context exists).
+CPU_RUNTIME_BYTES = 512 << 20
+
+
 def training_memory(
     model_cfg: dict,
     vocab_size: int,
@@ -346,6 +373,8 @@ def training_memory(
     optimizer_name: str = "adamw",
     precision: str = "fp32",
     shards: int = 1,
+    frozen_copies: int = 0,
+    runtime_bytes: int = 0,
 ) -> dict[str, int]:
     """Peak training memory of one device in bytes, by part (a planning estimate, not a measurement).
 
@@ -358,7 +387,11 @@ def training_memory(
     * activations = B * T * a * (elements per token, :func:`activation_elements_per_token`, or
       2 * D per layer plus one layer's worth with ``gradient_checkpointing``) + the logits:
       3 * B * T * V * 4 bytes (the logits, their fp32 copy in the loss, and the gradient),
-      a = 2 bytes in bf16/fp16, 4 in fp32/auto (auto is planned as fp32, the worst case);
+      a = 2 bytes in bf16/fp16, 4 in fp32/auto (auto is planned as fp32, the worst case); a Mamba2
+      model adds B * T * 4 bytes * :func:`mamba2_scan_elements_per_token` (its scan is float32);
+    * frozen = ``frozen_copies`` * P * w: whole frozen models held beside the trained one (a
+      DPO / GRPO / PPO reference copy of the policy, a PPO reward model of the same size);
+    * runtime = ``runtime_bytes``: the process's fixed cost (:data:`CPU_RUNTIME_BYTES` on a CPU);
     * gathered (FSDP, ``shards`` > 1): weights, grads and optimizer state are divided by
       ``shards`` (ZeRO-3), and the parameters gathered whole at a time are added: the root's
       (embeddings, final norm, LM head: FSDP2 keeps the root gathered through the step) and two
@@ -369,7 +402,7 @@ def training_memory(
     not counted.
 
     Returns:
-        ``{"weights", "grads", "optimizer", "activations", "gathered"}`` in bytes.
+        ``{"weights", "grads", "optimizer", "activations", "frozen", "gathered", "runtime"}`` in bytes.
     """
     total = count_parameters(model_cfg, vocab_size)
     trainable = int(trainable_params)
@@ -386,12 +419,17 @@ def training_memory(
             d = int(_get(model_cfg, "d_model", 256))
             per_token = n_layers * d + per_token // max(n_layers, 1)
         acts = tokens * per_token * a + 3 * tokens * int(vocab_size) * 4
+        if model_cfg.get("arch") == "mamba2":
+            scan = mamba2_scan_elements_per_token(model_cfg)
+            acts += tokens * 4 * (scan // max(n_layers, 1) if model_cfg.get("gradient_checkpointing") else scan)
         if shards > 1:
             block = (total - count_parameters({**model_cfg, "n_layers": n_layers - 1}, vocab_size)) if n_layers else 0
             root = total - n_layers * block
             gathered = (root + 2 * block) * a
     return {"weights": -(-total * w // shards), "grads": -(-trainable * w // shards),
-            "optimizer": -(-optimizer // shards), "activations": int(acts), "gathered": int(gathered)}
+            "optimizer": -(-optimizer // shards), "activations": int(acts),
+            "frozen": int(frozen_copies) * -(-total * w // shards), "gathered": int(gathered),
+            "runtime": int(runtime_bytes)}
 
 
 def estimate_training_memory(*args, **kwargs) -> int:
@@ -402,6 +440,7 @@ def estimate_training_memory(*args, **kwargs) -> int:
 
 
 __all__ = [
+    "CPU_RUNTIME_BYTES",
     "activation_elements_per_token",
     "count_lora_parameters",
     "count_parameters",
@@ -409,6 +448,7 @@ __all__ = [
     "estimate_training_memory",
     "gguf_parameter_count",
     "mamba2_dims",
+    "mamba2_scan_elements_per_token",
     "param_shapes",
     "safetensors_parameter_count",
     "training_memory",
