@@ -93,6 +93,20 @@ def pretrained_shapes(source: str) -> list[tuple[str, list[int]]] | None:
     return safetensors_shapes(Path(source)) if Path(source).is_dir() else None
 
 
+def _local_checkpoint(source: str) -> str | None:
+    """The local path of a ``from_pretrained`` checkpoint (a ``package:`` GGUF located), or None
+    for a hub id or a GGUF that cannot be found."""
+    from llmlab.models.gguf import is_gguf, locate
+
+    if is_gguf(source):
+        try:
+            path = Path(locate(source))
+        except (FileNotFoundError, ImportError):
+            return None
+        return str(path) if path.is_file() else None
+    return source if Path(source).is_dir() else None
+
+
 def pretrained_lora_trainable(source: str, lora_cfg: dict) -> int | None:
     """Trainable LoRA parameters on a local ``from_pretrained`` checkpoint (its config.json or GGUF
     metadata names the family, the headers give the shapes); None when they cannot be known without
@@ -221,9 +235,18 @@ def stage_memory(recipe: dict, name: str, params: int | None, vocab: int | None,
         trainable = count_lora_parameters(model_cfg, vocab, lora)
     elif lora:  # from_pretrained: from the checkpoint's headers, else unknown (not all)
         trainable = pretrained_lora_trainable(str(model_cfg.get("from_pretrained")), lora)
-    if not (params and model_cfg.get("arch") and vocab):
+    from llmlab.models.params import CPU_RUNTIME_BYTES, pretrained_dims, training_memory
+
+    dims = None
+    if params and model_cfg.get("from_pretrained"):  # activations from the checkpoint's shapes
+        local = _local_checkpoint(str(model_cfg["from_pretrained"]))
+        shapes = pretrained_shapes(local) if local else None
+        dims = pretrained_dims(shapes) if shapes else None
+        if dims is None:
+            return trainable, None
+        model_cfg, vocab = {**model_cfg, "from_pretrained": local}, vocab or dims["vocab"]
+    if not (params and vocab):
         return trainable, None
-    from llmlab.models.params import CPU_RUNTIME_BYTES, training_memory
 
     seq = int(cfg.get("seq_len") or model_cfg.get("max_seq_len", 512))
     batch = int(cfg["batch_size"]) * stage_spec(cfg["type"]).sequences_per_example
@@ -232,7 +255,7 @@ def stage_memory(recipe: dict, name: str, params: int | None, vocab: int | None,
                                       (cfg.get("optimizer") or {}).get("name", "adamw"),
                                       recipe.get("precision", "auto"), shards=shards,
                                       frozen_copies=frozen_copies(recipe, name),
-                                      runtime_bytes=CPU_RUNTIME_BYTES if cpu else 0)
+                                      runtime_bytes=CPU_RUNTIME_BYTES if cpu else 0, dims=dims)
 
 
 #: a stage planned to need more than this multiple of the device's total memory is refused when

@@ -329,12 +329,41 @@ def activation_elements_per_token(model_cfg: dict, seq_len: int) -> int:
         if k["n_experts"]:
             ffn = ffn * k["experts_per_token"] + int(k["n_experts"])
         return k["n_layers"] * (attn + 2 * d + ffn)
+    if "kv_dim" in model_cfg:  # a pretrained decoder's dims (:func:`pretrained_dims`), same count
+        d = model_cfg["d_model"]
+        ffn = (4 if model_cfg["gated"] else 2) * model_cfg["d_ff"]
+        return model_cfg["n_layers"] * (6 * d + 2 * model_cfg["kv_dim"] + 2 * d + ffn)
     if arch == "mamba2":
         k = mamba2_dims(model_cfg)
         states = k["num_heads"] * k["head_dim"] * k["state_size"] / max(k["chunk_size"], 1)
         per = 2 * k["d_model"] + k["in_proj"] + k["conv_dim"] + 3 * k["intermediate"] + states
         return int(k["n_layers"] * per)
     return 0
+
+
+def pretrained_dims(shapes: list[tuple[str, list[int]]]) -> dict | None:
+    """The numbers a Llama-like pretrained decoder's activation count needs, from its tensor shapes
+    (transformers' names, which :func:`llmlab.models.gguf.gguf_shapes` also gives):
+    ``{"d_model", "n_layers", "kv_dim", "d_ff", "gated", "vocab"}`` from ``embed_tokens``
+    (V x D), ``layers.N.self_attn.k_proj`` (K x D) and ``layers.N.mlp.up_proj`` (F x D,
+    ``gate_proj`` present: gated); None when the names are not those."""
+    import re
+
+    by_suffix: dict[str, list[int]] = {}
+    layers = set()
+    for name, shape in shapes:
+        m = re.search(r"layers\.(\d+)\.(.+)$", name)
+        if m:
+            layers.add(int(m.group(1)))
+            by_suffix.setdefault(m.group(2), list(shape))
+        elif name.endswith("embed_tokens.weight"):
+            by_suffix["embed"] = list(shape)
+    need = ("embed", "self_attn.k_proj.weight", "mlp.up_proj.weight")
+    if not layers or any(k not in by_suffix or len(by_suffix[k]) != 2 for k in need):
+        return None
+    vocab, d = by_suffix["embed"]
+    return {"d_model": d, "n_layers": len(layers), "kv_dim": by_suffix["self_attn.k_proj.weight"][0],
+            "d_ff": by_suffix["mlp.up_proj.weight"][0], "gated": "mlp.gate_proj.weight" in by_suffix, "vocab": vocab}
 
 
 def mamba2_scan_elements_per_token(model_cfg: dict) -> int:
@@ -375,6 +404,7 @@ def training_memory(
     shards: int = 1,
     frozen_copies: int = 0,
     runtime_bytes: int = 0,
+    dims: dict | None = None,
 ) -> dict[str, int]:
     """Peak training memory of one device in bytes, by part (a planning estimate, not a measurement).
 
@@ -397,9 +427,9 @@ def training_memory(
       (embeddings, final norm, LM head: FSDP2 keeps the root gathered through the step) and two
       transformer blocks (the one computing and the one prefetched), in the gather dtype (a).
 
-    ``batch_size`` is per device. For ``from_pretrained`` models only weights/grads/optimizer are
-    known before loading (P from the local safetensors); activations and gathered blocks are then
-    not counted.
+    ``batch_size`` is per device. For a ``from_pretrained`` model (P from the local checkpoint's
+    headers) the activations are counted from ``dims`` (:func:`pretrained_dims`, a Llama-like
+    decoder's shapes) and are 0 without them; its gathered blocks are not counted.
 
     Returns:
         ``{"weights", "grads", "optimizer", "activations", "frozen", "gathered", "runtime"}`` in bytes.
@@ -412,17 +442,19 @@ def training_memory(
     a = _act_bytes(precision)
     tokens = int(batch_size) * int(seq_len)
     acts = gathered = 0
-    if model_cfg.get("from_pretrained") is None:
-        per_token = activation_elements_per_token(model_cfg, seq_len)
-        n_layers = int(_get(model_cfg, "n_layers", 4))
+    pretrained = model_cfg.get("from_pretrained") is not None
+    if not pretrained or dims:
+        arch_cfg = {**dims, "gradient_checkpointing": model_cfg.get("gradient_checkpointing")} if pretrained else model_cfg
+        per_token = activation_elements_per_token(arch_cfg, seq_len)
+        n_layers = int(_get(arch_cfg, "n_layers", 4))
         if model_cfg.get("gradient_checkpointing"):
-            d = int(_get(model_cfg, "d_model", 256))
+            d = int(_get(arch_cfg, "d_model", 256))
             per_token = n_layers * d + per_token // max(n_layers, 1)
         acts = tokens * per_token * a + 3 * tokens * int(vocab_size) * 4
         if model_cfg.get("arch") == "mamba2":
             scan = mamba2_scan_elements_per_token(model_cfg)
             acts += tokens * 4 * (scan // max(n_layers, 1) if model_cfg.get("gradient_checkpointing") else scan)
-        if shards > 1:
+        if shards > 1 and not pretrained:
             block = (total - count_parameters({**model_cfg, "n_layers": n_layers - 1}, vocab_size)) if n_layers else 0
             root = total - n_layers * block
             gathered = (root + 2 * block) * a
@@ -449,6 +481,7 @@ __all__ = [
     "gguf_parameter_count",
     "mamba2_dims",
     "mamba2_scan_elements_per_token",
+    "pretrained_dims",
     "param_shapes",
     "safetensors_parameter_count",
     "training_memory",

@@ -119,3 +119,45 @@ def test_plan_memory_table_shows_every_part(tmp_path):
     assert "frozen" in headers and "runtime" in headers
     dpo = next(r for r in rows if r["stage"] == "dpo")
     assert dpo["memory_bytes"] == sum(dpo["memory"].values())
+
+
+def test_pretrained_dims_and_activations_by_hand():
+    from llmlab.models.params import pretrained_dims
+
+    d, kv, f, vocab = 8, 4, 16, 50
+    shapes = [("model.embed_tokens.weight", [vocab, d]), ("model.norm.weight", [d])]
+    for i in range(3):
+        shapes += [(f"model.layers.{i}.self_attn.q_proj.weight", [d, d]),
+                   (f"model.layers.{i}.self_attn.k_proj.weight", [kv, d]),
+                   (f"model.layers.{i}.self_attn.v_proj.weight", [kv, d]),
+                   (f"model.layers.{i}.mlp.gate_proj.weight", [f, d]),
+                   (f"model.layers.{i}.mlp.up_proj.weight", [f, d])]
+    dims = pretrained_dims(shapes)
+    assert dims == {"d_model": d, "n_layers": 3, "kv_dim": kv, "d_ff": f, "gated": True, "vocab": vocab}
+    assert pretrained_dims([("transformer.h.0.attn.c_attn.weight", [d, 3 * d])]) is None  # not Llama-like
+    # per token: 3 layers x (6d + 2kv + 2d + 4f) = 3 x (48 + 8 + 16 + 64) = 408 elements
+    from llmlab.models.params import activation_elements_per_token
+
+    assert activation_elements_per_token(dims, 5) == 408
+
+
+def test_stage_memory_of_a_pretrained_checkpoint(tmp_path):
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from llmlab.plan import model_params, stage_memory
+
+    cfg = LlamaConfig(vocab_size=50, hidden_size=8, intermediate_size=16, num_hidden_layers=3, num_attention_heads=2,
+                      num_key_value_heads=1, max_position_embeddings=32)
+    torch.manual_seed(0)
+    LlamaForCausalLM(cfg).save_pretrained(tmp_path / "ckpt")
+    rec = {"model": {"from_pretrained": str(tmp_path / "ckpt")}, "device": "cpu", "precision": "fp32",
+           "tokenizer": {"from_pretrained": str(tmp_path / "ckpt")}, "output_dir": str(tmp_path / "run"),
+           "stages": {"sft": {"type": "sft", "seq_len": 5, "batch_size": 2, "optimizer": {"name": "adamw"}}}}
+    params = model_params(rec, None)
+    assert params == sum(p.numel() for p in LlamaForCausalLM(cfg).parameters())
+    _, parts = stage_memory(rec, "sft", params, None)
+    # kv_dim = 1 head x 4 = 4: 408 elements per token (as above), 10 tokens, fp32; logits 3 x 10 x 50 x 4
+    assert parts["activations"] == 10 * 408 * 4 + 3 * 10 * 50 * 4
+    assert parts["weights"] == 4 * params and parts["optimizer"] == 8 * params
+    assert parts["runtime"] == CPU_RUNTIME_BYTES and parts["frozen"] == 0
