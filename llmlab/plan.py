@@ -249,7 +249,8 @@ def stage_memory(recipe: dict, name: str, params: int | None, vocab: int | None,
         return trainable, None
 
     seq = int(cfg.get("seq_len") or model_cfg.get("max_seq_len", 512))
-    batch = int(cfg["batch_size"]) * stage_spec(cfg["type"]).sequences_per_example
+    spec = stage_spec(cfg["type"])  # grpo: every prompt's group_size completions go through the model
+    batch = int(cfg["batch_size"]) * spec.sequences_per_example * (int(cfg[spec.samples_key]) if spec.samples_key else 1)
     cpu = (device or recipe["device"]) != "cuda"
     return trainable, training_memory(model_cfg, vocab, batch, seq, trainable,
                                       (cfg.get("optimizer") or {}).get("name", "adamw"),

@@ -161,3 +161,15 @@ def test_stage_memory_of_a_pretrained_checkpoint(tmp_path):
     assert parts["activations"] == 10 * 408 * 4 + 3 * 10 * 50 * 4
     assert parts["weights"] == 4 * params and parts["optimizer"] == 8 * params
     assert parts["runtime"] == CPU_RUNTIME_BYTES and parts["frozen"] == 0
+
+
+def test_grpo_activations_count_every_completion_of_the_group():
+    from llmlab.plan import model_params, stage_memory
+    from llmlab.recipe import load_recipe
+
+    acts = []
+    for g in (4, 8):
+        rec, errors = load_recipe("recipes/sft_grpo.yaml", [f"stages.grpo.group_size={g}"])
+        assert errors == []
+        acts.append(stage_memory(rec, "grpo", model_params(rec, 512), 512, device="cpu")[1]["activations"])
+    assert acts[1] == 2 * acts[0]  # batch_size prompts x group_size completions, all linear in tokens
