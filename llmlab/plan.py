@@ -93,6 +93,20 @@ def pretrained_shapes(source: str) -> list[tuple[str, list[int]]] | None:
     return safetensors_shapes(Path(source)) if Path(source).is_dir() else None
 
 
+def _local_checkpoint(source: str) -> str | None:
+    """The local path of a ``from_pretrained`` checkpoint (a ``package:`` GGUF located), or None
+    for a hub id or a GGUF that cannot be found."""
+    from llmlab.models.gguf import is_gguf, locate
+
+    if is_gguf(source):
+        try:
+            path = Path(locate(source))
+        except (FileNotFoundError, ImportError):
+            return None
+        return str(path) if path.is_file() else None
+    return source if Path(source).is_dir() else None
+
+
 def pretrained_lora_trainable(source: str, lora_cfg: dict) -> int | None:
     """Trainable LoRA parameters on a local ``from_pretrained`` checkpoint (its config.json or GGUF
     metadata names the family, the headers give the shapes); None when they cannot be known without
@@ -185,11 +199,30 @@ def model_params(recipe: dict, vocab: int | None) -> int | None:
     return None
 
 
+def frozen_copies(recipe: dict, name: str) -> int:
+    """Whole frozen models stage ``name`` holds beside the one it trains: the reference of a dpo
+    stage (not of its reference-free simpo / cpo) or a kto stage (:func:`llmlab.stage_specs.uses_reference`), of a grpo stage with ``kl_beta`` > 0 and of a ppo stage with a KL penalty — none when the
+    policy trains LoRA and has no ``reference_from`` (the reference is then the base with its
+    adapters disabled, :mod:`llmlab.stages.reference`) — and a ppo stage's reward models read from a
+    reward stage (same architecture, so about the policy's size)."""
+    cfg = recipe["stages"][name]
+    kind = cfg["type"]
+    preference = uses_reference(cfg)  # dpo (not simpo / cpo) and kto keep one; orpo and reward do not
+    wants_ref = (bool(preference) if preference is not None else
+                 (kind == "grpo" and float(cfg["kl_beta"]) > 0)
+                 or (kind == "ppo" and (float(cfg["kl_coef"]) > 0 or cfg.get("kl_target") is not None)))
+    ref = int(wants_ref and (cfg.get("reference_from") is not None or _trained_lora(recipe, name) is None))
+    rewards = sum(1 for r in cfg.get("reward") or [] if r.get("from")) if kind == "ppo" else 0
+    return ref + rewards
+
+
 def stage_memory(recipe: dict, name: str, params: int | None, vocab: int | None,
-                 shards: int = 1) -> tuple[int | None, dict[str, int] | None]:
+                 shards: int = 1, device: str | None = None) -> tuple[int | None, dict[str, int] | None]:
     """``(trainable parameters, per-device memory by part in bytes)`` of training stage ``name``
-    (:func:`llmlab.models.params.training_memory`; ``shards`` > 1 under FSDP). The memory is None
-    when the model is not an ``arch`` model or its size is unknown."""
+    (:func:`llmlab.models.params.training_memory`; ``shards`` > 1 under FSDP; the frozen models of
+    :func:`frozen_copies`; on a CPU ``device`` — the recipe's ``device`` when None, ``auto`` planned
+    as a CPU — the process's fixed cost :data:`llmlab.models.params.CPU_RUNTIME_BYTES`). The memory
+    is None when the model's size is unknown."""
     model_cfg, cfg = recipe["model"], recipe["stages"][name]
     trainable = params
     lora = _trained_lora(recipe, name)
@@ -199,27 +232,73 @@ def stage_memory(recipe: dict, name: str, params: int | None, vocab: int | None,
         trainable = count_lora_parameters(model_cfg, vocab, lora)
     elif lora:  # from_pretrained: from the checkpoint's headers, else unknown (not all)
         trainable = pretrained_lora_trainable(str(model_cfg.get("from_pretrained")), lora)
-    if not (params and model_cfg.get("arch") and vocab):
+    from llmlab.models.params import CPU_RUNTIME_BYTES, pretrained_dims, training_memory
+
+    dims = None
+    if params and model_cfg.get("from_pretrained"):  # activations from the checkpoint's shapes
+        local = _local_checkpoint(str(model_cfg["from_pretrained"]))
+        shapes = pretrained_shapes(local) if local else None
+        dims = pretrained_dims(shapes) if shapes else None
+        if dims is None:
+            return trainable, None
+        model_cfg, vocab = {**model_cfg, "from_pretrained": local}, vocab or dims["vocab"]
+    if not (params and vocab):
         return trainable, None
-    from llmlab.models.params import training_memory
 
     seq = int(cfg.get("seq_len") or model_cfg.get("max_seq_len", 512))
-    batch = int(cfg["batch_size"]) * stage_spec(cfg["type"]).sequences_per_example
-    memory = training_memory(model_cfg, vocab, batch, seq, trainable,
-                             (cfg.get("optimizer") or {}).get("name", "adamw"),
-                             recipe.get("precision", "auto"), shards=shards)
-    memory["reference"] = reference_bytes(cfg, memory["weights"] * max(1, shards))
-    return trainable, memory
+    spec = stage_spec(cfg["type"])  # grpo: every prompt's group_size completions go through the model
+    batch = int(cfg["batch_size"]) * spec.sequences_per_example * (int(cfg[spec.samples_key]) if spec.samples_key else 1)
+    cpu = (device or recipe["device"]) != "cuda"
+    return trainable, training_memory(model_cfg, vocab, batch, seq, trainable,
+                                      (cfg.get("optimizer") or {}).get("name", "adamw"),
+                                      recipe.get("precision", "auto"), shards=shards,
+                                      frozen_copies=frozen_copies(recipe, name),
+                                      runtime_bytes=CPU_RUNTIME_BYTES if cpu else 0, dims=dims)
 
 
-def reference_bytes(cfg: dict, weight_bytes: int) -> int:
-    """Memory of a preference stage's frozen reference model (:func:`llmlab.stage_specs.uses_reference`):
-    a whole copy of the weights (``weight_bytes``), unsharded, unless the stage trains its own LoRA
-    and has no ``reference_from`` (the base with adapters disabled is the reference: no copy); 0 for
-    the reference-free types (orpo, dpo's simpo / cpo) and the stages that decide elsewhere."""
-    if not uses_reference(cfg) or (cfg.get("lora") and not cfg.get("reference_from")):
-        return 0
-    return int(weight_bytes)
+#: a stage planned to need more than this multiple of the device's total memory is refused when
+#: the run starts: the estimate is within 1.5x of the measured peak for every shipped recipe
+#: (docs/performance.md), so such a stage would be killed for lack of memory, not merely be tight
+REFUSE_FACTOR = 2.0
+
+
+def total_memory(device_type: str) -> tuple[int, str]:
+    """``(bytes, what)``: the total memory of the device kind training runs on (a CUDA device's
+    whole memory, else the machine's RAM)."""
+    if device_type == "cuda":
+        import torch
+
+        return int(torch.cuda.mem_get_info()[1]), f"{torch.cuda.get_device_name()} has in all"
+    import psutil  # a dependency of accelerate
+
+    return int(psutil.virtual_memory().total), "this machine has in all"
+
+
+def unfittable_message(recipe: dict, stages: list[str], device_type: str, shards: int = 1,
+                       processes_here: int = 1, total: tuple[int, str] | None = None) -> str | None:
+    """Why the run cannot start: the first training stage of ``stages`` whose planned peak memory
+    (:func:`stage_memory`, times the ``processes_here`` processes sharing a CPU's RAM) is more than
+    :data:`REFUSE_FACTOR` times the device's total memory (``total``: default :func:`total_memory`);
+    None when every stage's estimate is below that, or unknown."""
+    vocab = vocab_size_for(recipe)
+    params = model_params(recipe, vocab)
+    for name in stages:
+        if not stage_spec(recipe["stages"][name]["type"]).trains:
+            continue
+        _, parts = stage_memory(recipe, name, params, vocab, shards=shards, device=device_type)
+        if not parts:
+            continue
+        need = sum(parts.values()) * (max(1, processes_here) if device_type != "cuda" else 1)
+        have, what = total if total is not None else total_memory(device_type)
+        if need > REFUSE_FACTOR * have:
+            gib = 2.0 ** 30
+            detail = ", ".join(f"{k} {v / gib:.2f}" for k, v in parts.items() if v)
+            return (f"stage {name}: its planned peak training memory, {need / gib:.1f} GiB (GiB by part: {detail}; "
+                    f"{_fmt_count(params)} parameters), is more than {REFUSE_FACTOR:g}x the {have / gib:.1f} GiB "
+                    f"{what}: it would be killed for lack of memory. Shrink the model, lower batch_size or seq_len, "
+                    "train a LoRA adapter, or shard it with distributed.strategy: fsdp over more devices; "
+                    "`llmlab plan` shows the estimate. No stage was run.")
+    return None
 
 
 def plan_rows(recipe: dict, world_size: int = 1) -> tuple[list[dict], dict]:
@@ -296,7 +375,7 @@ def memory_table(rows: list[dict], facts: dict) -> Table | None:
     rows = [r for r in rows if r["memory"]]
     if not rows:
         return None
-    parts = ("weights", "reference", "grads", "optimizer", "activations", "gathered")
+    parts = ("weights", "grads", "optimizer", "activations", "frozen", "gathered", "runtime")
     n = facts["world_size"]
     t = Table(title=f"memory per device: {n} process{'es' if n > 1 else ''}, "
                     f"{'fsdp (sharded)' if facts['sharded'] else 'whole model on each'}")

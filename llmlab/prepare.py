@@ -33,7 +33,8 @@ def prepare_command(recipe_path: Path, output_dir: Path | None = None, overrides
         tokenizer, _ = runner.ensure_tokenizer()
         rows = prepare_stages(rec, tokenizer, [stage] if stage else None, processes=processes, progress=True,
                               verify=verify)
-    except (KeyError, ValueError, OSError, NotOwnedError) as e:  # a damaged store's StoreError is a ValueError
+    except (KeyError, ValueError, OSError, NotOwnedError) as e:  # a damaged store's StoreError is a ValueError;
+        # an unreachable hub dataset's HubUnreachableError a ConnectionError (an OSError)
         console.print(f"error: {e}", style="red", markup=False, highlight=False)
         return 1
     t = Table(title=f"llmlab prepare → {rec['output_dir']}")

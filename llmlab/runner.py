@@ -299,6 +299,7 @@ class Runner:
         self.console.print(f"processes: {self.distributed['world_size']} ({self.distributed['strategy']}"
                            f"{', ' + self.distributed['backend'] if self.distributed['backend'] else ''}), "
                            f"device {device.type}, precision {self.precision}")
+        self._refuse_unfittable(todo, device)
         launch_warning = single_process_launch_warning()
         if launch_warning and self.distributed["world_size"] == 1:
             self.console.print(f"warning: {launch_warning}", style="yellow", markup=False, highlight=False)
@@ -441,6 +442,22 @@ class Runner:
             torch.cuda.empty_cache()
         return StageOutcome(name, cfg["type"], action, record.to_json())
 
+    def _refuse_unfittable(self, todo: list[str], device) -> None:
+        """Refuse the run before anything is built or trained when a stage to run is planned to need
+        far more memory than the device has in all (:func:`llmlab.plan.unfittable_message`).
+
+        Raises:
+            RunError: naming the stage and its estimate.
+        """
+        from llmlab.plan import unfittable_message
+
+        world = int(self.distributed["world_size"])
+        message = unfittable_message(self.recipe, todo, device.type,
+                                     shards=world if self.distributed["strategy"] == "FSDP" else 1,
+                                     processes_here=int(os.environ.get("LOCAL_WORLD_SIZE", world)))
+        if message:
+            raise RunError(message)
+
     def _warn_memory(self, name: str, env: _StageEnv) -> None:
         """Warn when the stage's planned peak memory is more than the device has free
         (:func:`llmlab.runguard.memory_shortfall`); a warning, not an error: it is an estimate."""
@@ -451,7 +468,7 @@ class Runner:
         world = int(self.distributed["world_size"])
         vocab = vocab_size_for(self.recipe)
         _, parts = stage_memory(self.recipe, name, model_params(self.recipe, vocab), vocab,
-                                shards=world if self.distributed["strategy"] == "FSDP" else 1)
+                                shards=world if self.distributed["strategy"] == "FSDP" else 1, device=env.device.type)
         here = int(os.environ.get("LOCAL_WORLD_SIZE", world))
         message = memory_shortfall(name, parts, env.device, processes_here=here)
         if message:
@@ -624,7 +641,10 @@ def run_command(recipe_path: Path, output_dir: Path | None = None, overrides=(),
     alarm = make_console() if rank != 0 else console
     prefix = f"[rank {rank}] " if rank != 0 else ""
     t0 = time.perf_counter()
-    resolved, errors = load_recipe(recipe_path, list(overrides), allow_code=bool(allow_code))
+    warnings: list = []
+    resolved, errors = load_recipe(recipe_path, list(overrides), allow_code=bool(allow_code), warnings=warnings)
+    for w in warnings:  # e.g. a warm-up that outlasts max_steps
+        console.print(str(w), style="yellow", markup=False, highlight=False)
     if errors:
         for e in errors:
             console.print(str(e), markup=False, highlight=False)

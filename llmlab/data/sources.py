@@ -129,6 +129,7 @@ def load_named_dataset(recipe: dict, name: str) -> DatasetSplits:
         ValueError: unknown builtin, missing files, undetectable format, or more than
             ``max_bad_fraction`` of the rows are bad (the message names the dataset, the first bad
             row and its problem).
+        HubUnreachableError: a hub dataset that cannot be had (:func:`load_hub_dataset`).
     """
     spec = dataset_spec(recipe, name)
     src = dataset_source(name, spec)
@@ -155,7 +156,7 @@ def load_named_dataset(recipe: dict, name: str) -> DatasetSplits:
                              f"{BUILTIN_FORMAT[src.builtin]!r} data, not {given!r}")
         raw, fmt, pre_bad = _load_builtin(src.builtin, seed, name)
     else:
-        raw = _load_hub(src, recipe) if src.hub else _load_local(src, recipe, name)
+        raw = _load_hub(src, recipe, name) if src.hub else _load_local(src, recipe, name)
         fmt = src.format
     if src.max_samples is not None:
         raw = raw.select(range(min(len(raw), int(src.max_samples))))
@@ -629,7 +630,71 @@ def _cache_dir(recipe: dict) -> str | None:
     return str(Path(out) / "cache" / "hf") if out else None
 
 
-def _load_hub(src: DatasetSource | dict, recipe: dict):
+class HubUnreachableError(ConnectionError):
+    """A hub dataset cannot be loaded: the hub cannot be reached, or ``HF_HUB_OFFLINE`` forbids it
+    and the local cache lacks the dataset. Its message is one line naming the dataset, the hub
+    and ``HF_HUB_OFFLINE`` (``llmlab run`` and ``prepare`` print it instead of a traceback)."""
+
+
+#: seconds to wait for the hub's TCP handshake before calling it unreachable
+HUB_CONNECT_TIMEOUT_S = 5.0
+
+
+def hub_unreachable(endpoint: str, timeout: float = HUB_CONNECT_TIMEOUT_S) -> str | None:
+    """Why the hub at ``endpoint`` (``https://huggingface.co``, ``$HF_ENDPOINT``) cannot be
+    reached — the failed name lookup or TCP connection — or None when it answers (or traffic goes
+    through a proxy from ``HTTPS_PROXY``/``ALL_PROXY``, which this direct probe cannot judge).
+
+    One connection attempt: huggingface_hub retries a failed request five times with back-off
+    (~25 s) before ``datasets`` gives up, each retry logging a warning."""
+    import socket
+    from urllib.parse import urlsplit
+
+    if any(os.environ.get(k) for k in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return None
+    url = urlsplit(endpoint)
+    host, port = url.hostname or endpoint, url.port or (443 if url.scheme == "https" else 80)
+    try:
+        socket.create_connection((host, port), timeout=timeout).close()
+    except OSError as e:
+        return f"{host}:{port}: {e.strerror or e}"
+    return None
+
+
+def load_hub_dataset(name: str | None, src: DatasetSource | dict, cache_dir: str | None, streaming: bool):
+    """``datasets.load_dataset`` of the hub dataset ``datasets.<name>`` (``src``: its source, or a
+    bare section, whose ``hub``, ``subset``, ``split``, ``revision`` are read), failing fast and in
+    one line when it cannot be had.
+
+    Raises:
+        HubUnreachableError: ``HF_HUB_OFFLINE`` is set and the cache lacks the dataset, or the hub
+            does not answer (checked once before loading, :func:`hub_unreachable`, unless ``hub``
+            names a local directory).
+    """
+    from datasets import load_dataset
+    from huggingface_hub import constants
+
+    if not isinstance(src, DatasetSource):  # a bare section (absent keys: the schema's defaults)
+        src = dataset_source(name or "", src)
+    hub = constants.ENDPOINT
+    what = (f"datasets.{name}: " if name else "") + f"hub dataset {src.hub!r}"
+    offline = bool(constants.HF_HUB_OFFLINE)
+    why = None if offline or Path(src.hub).is_dir() else hub_unreachable(hub)
+    if why is not None:
+        raise HubUnreachableError(f"{what}: cannot reach the hub {hub} ({why}); connect to the network, or set "
+                                  "HF_HUB_OFFLINE=1 to use a copy already in the cache")
+    try:
+        return load_dataset(src.hub, src.subset, split=src.split, revision=src.revision, streaming=streaming,
+                            cache_dir=cache_dir)
+    except ConnectionError as e:  # datasets' "Couldn't reach ... on the Hub" (OfflineModeIsEnabled is one)
+        if offline:
+            raise HubUnreachableError(f"{what} is not in the cache, and HF_HUB_OFFLINE=1 forbids downloading it "
+                                      f"from {hub}; unset HF_HUB_OFFLINE where the network is reachable") from None
+        raise HubUnreachableError(f"{what}: {e} ({hub}); check the network, or set HF_HUB_OFFLINE=1 to use a "
+                                  "copy already in the cache") from None
+
+
+def _load_hub(src: DatasetSource | dict, recipe: dict, name: str | None = None):
     """A hub dataset as a ``datasets.Dataset``.
 
     A ``streaming: true`` one is read up to ``max_samples`` rows straight into an Arrow file of
@@ -637,12 +702,11 @@ def _load_hub(src: DatasetSource | dict, recipe: dict):
     the rows are never all in RAM; the file is keyed by (hub id, subset, split, revision,
     max_samples), like ``load_dataset``'s own cache.
     """
-    from datasets import Dataset, load_dataset
+    from datasets import Dataset
 
     if not isinstance(src, DatasetSource):  # a bare section (absent keys: the schema's defaults)
-        src = dataset_source("", src)
-    ds = load_dataset(src.hub, src.subset, split=src.split, revision=src.revision, streaming=src.streaming,
-                      cache_dir=_cache_dir(recipe))
+        src = dataset_source(name or "", src)
+    ds = load_hub_dataset(name, src, _cache_dir(recipe), streaming=src.streaming)
     if src.streaming:
         if src.max_samples is None:  # the validator refuses this; a guard for direct callers
             raise ValueError(f"datasets: hub dataset {src.hub!r} streams without max_samples")

@@ -658,12 +658,13 @@ def stream_texts(recipe: dict, name: str, info: dict, split: str = "train") -> I
     Raises:
         ValueError: MinHash dedup on a stream (it needs the whole dataset), a format that cannot
             become text, or more than ``max_bad_fraction`` bad rows.
+        llmlab.data.sources.HubUnreachableError: a hub dataset that cannot be had.
     """
     from datasets import load_dataset
 
     from llmlab.data.formats import KIND_OF_FORMAT, BadRow, convert_kind, detect_format, normaliser
     from llmlab.data.sources import (_LOCAL_BUILDERS, RowFilter, _cache_dir, check_bad_rows, dataset_spec,
-                                     held_out, prompt_key, resolve_files)
+                                     held_out, load_hub_dataset, prompt_key, resolve_files)
 
     spec = dataset_spec(recipe, name)
     filters = spec["filters"]
@@ -674,8 +675,7 @@ def stream_texts(recipe: dict, name: str, info: dict, split: str = "train") -> I
                          "with streaming")
     files: list[str] = []
     if spec.get("hub"):
-        ds = load_dataset(spec["hub"], spec.get("subset"), split=spec.get("split") or "train",
-                          revision=spec.get("revision"), streaming=True, cache_dir=_cache_dir(recipe))
+        ds = load_hub_dataset(name, spec, _cache_dir(recipe), streaming=True)
     else:
         files = resolve_files(spec["path"], recipe.get("_recipe_dir"))
         builder = _LOCAL_BUILDERS[Path(files[0]).suffix.lower()]

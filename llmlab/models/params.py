@@ -355,6 +355,10 @@ def activation_elements_per_token(model_cfg: dict, seq_len: int) -> int:
     Mamba2 layer: norm in/out (2D), in_proj output, conv output, scan output, gated norm and
     out_proj input, plus one (num_heads x head_dim x state_size) state per chunk.
     """
+    if isinstance(model_cfg, dict) and "kv_dim" in model_cfg:  # a pretrained decoder's dims (:func:`pretrained_dims`)
+        d = model_cfg["d_model"]
+        ffn = (4 if model_cfg["gated"] else 2) * model_cfg["d_ff"]
+        return model_cfg["n_layers"] * (6 * d + 2 * model_cfg["kv_dim"] + 2 * d + ffn)
     arch = getattr(as_model_spec(model_cfg), "arch", None)
     if arch == "transformer":
         k = transformer_dims(model_cfg)
@@ -372,6 +376,58 @@ def activation_elements_per_token(model_cfg: dict, seq_len: int) -> int:
     return 0
 
 
+def pretrained_dims(shapes: list[tuple[str, list[int]]]) -> dict | None:
+    """The numbers a Llama-like pretrained decoder's activation count needs, from its tensor shapes
+    (transformers' names, which :func:`llmlab.models.gguf.gguf_shapes` also gives):
+    ``{"d_model", "n_layers", "kv_dim", "d_ff", "gated", "vocab"}`` from ``embed_tokens``
+    (V x D), ``layers.N.self_attn.k_proj`` (K x D) and ``layers.N.mlp.up_proj`` (F x D,
+    ``gate_proj`` present: gated); None when the names are not those."""
+    import re
+
+    by_suffix: dict[str, list[int]] = {}
+    layers = set()
+    for name, shape in shapes:
+        m = re.search(r"layers\.(\d+)\.(.+)$", name)
+        if m:
+            layers.add(int(m.group(1)))
+            by_suffix.setdefault(m.group(2), list(shape))
+        elif name.endswith("embed_tokens.weight"):
+            by_suffix["embed"] = list(shape)
+    need = ("embed", "self_attn.k_proj.weight", "mlp.up_proj.weight")
+    if not layers or any(k not in by_suffix or len(by_suffix[k]) != 2 for k in need):
+        return None
+    vocab, d = by_suffix["embed"]
+    return {"d_model": d, "n_layers": len(layers), "kv_dim": by_suffix["self_attn.k_proj.weight"][0],
+            "d_ff": by_suffix["mlp.up_proj.weight"][0], "gated": "mlp.gate_proj.weight" in by_suffix, "vocab": vocab}
+
+
+def mamba2_scan_elements_per_token(model_cfg: dict) -> int:
+    """float32 elements per token, summed over layers, that the pure-PyTorch chunked scan of
+    transformers' Mamba2Mixer (``torch_forward``: the SSD algorithm of Dao & Gu 2024, used when the
+    mamba_ssm / causal_conv1d kernels are absent, as on a CPU) allocates in one layer's forward and
+    autograd keeps for the backward. It computes in float32 whatever the autocast dtype. With
+    H heads of size P, state size N and chunk length Q, per token:
+
+    * 8 H*P: x in float32, x * dt, the D residual, the diagonal-block output, C times the states,
+      the off-diagonal output, their sum and the residual-added output;
+    * 3 H*N: B and C repeated from the groups to the heads, B times the decay;
+    * 6 H*Q: the intra-chunk decay matrix L (segment sum: masked copy, cumulative sum, masked copy,
+      exp) and the chunk-local scores G and M = G * L (each a Q x Q matrix per chunk and head);
+    * 3 H*P*N/Q: the chunk states, with the initial state prepended, and the propagated states.
+    """
+    k = mamba2_dims(model_cfg)
+    h, p, n, q = k["num_heads"], k["head_dim"], k["state_size"], max(k["chunk_size"], 1)
+    return k["n_layers"] * (8 * h * p + 3 * h * n + 6 * h * q + 3 * h * p * n // q)
+
+
+#: resident memory of an llmlab training process before its model and data: Python with torch,
+#: transformers, datasets and accelerate imported, the tokenizer and the data pipeline's buffers.
+#: Measured 2026-12-06 (torch 2.x CPU wheel, x86-64 Linux): 460 MiB after the imports alone, peak
+#: RSS minus the tensor estimate 480-540 MiB over the quick-start stages. Counted on a CPU device
+#: only (a GPU's free memory is read after the CUDA context exists).
+CPU_RUNTIME_BYTES = 512 << 20
+
+
 def training_memory(
     model_cfg: dict,
     vocab_size: int,
@@ -381,6 +437,9 @@ def training_memory(
     optimizer_name: str = "adamw",
     precision: str = "fp32",
     shards: int = 1,
+    frozen_copies: int = 0,
+    runtime_bytes: int = 0,
+    dims: dict | None = None,
 ) -> dict[str, int]:
     """Peak training memory of one device in bytes, by part (a planning estimate, not a measurement).
 
@@ -393,18 +452,22 @@ def training_memory(
     * activations = B * T * a * (elements per token, :func:`activation_elements_per_token`, or
       2 * D per layer plus one layer's worth with ``gradient_checkpointing``) + the logits:
       3 * B * T * V * 4 bytes (the logits, their fp32 copy in the loss, and the gradient),
-      a = 2 bytes in bf16/fp16, 4 in fp32/auto (auto is planned as fp32, the worst case);
+      a = 2 bytes in bf16/fp16, 4 in fp32/auto (auto is planned as fp32, the worst case); a Mamba2
+      model adds B * T * 4 bytes * :func:`mamba2_scan_elements_per_token` (its scan is float32);
+    * frozen = ``frozen_copies`` * P * w: whole frozen models held beside the trained one (a
+      DPO / GRPO / PPO reference copy of the policy, a PPO reward model of the same size);
+    * runtime = ``runtime_bytes``: the process's fixed cost (:data:`CPU_RUNTIME_BYTES` on a CPU);
     * gathered (FSDP, ``shards`` > 1): weights, grads and optimizer state are divided by
       ``shards`` (ZeRO-3), and the parameters gathered whole at a time are added: the root's
       (embeddings, final norm, LM head: FSDP2 keeps the root gathered through the step) and two
       transformer blocks (the one computing and the one prefetched), in the gather dtype (a).
 
-    ``batch_size`` is per device. For ``from_pretrained`` models only weights/grads/optimizer are
-    known before loading (P from the local safetensors); activations and gathered blocks are then
-    not counted.
+    ``batch_size`` is per device. For a ``from_pretrained`` model (P from the local checkpoint's
+    headers) the activations are counted from ``dims`` (:func:`pretrained_dims`, a Llama-like
+    decoder's shapes) and are 0 without them; its gathered blocks are not counted.
 
     Returns:
-        ``{"weights", "grads", "optimizer", "activations", "gathered"}`` in bytes.
+        ``{"weights", "grads", "optimizer", "activations", "frozen", "gathered", "runtime"}`` in bytes.
     """
     model_cfg = as_model_spec(model_cfg)  # typed once: the helpers below take it as it is
     total = count_parameters(model_cfg, vocab_size)
@@ -415,20 +478,26 @@ def training_memory(
     a = _act_bytes(precision)
     tokens = int(batch_size) * int(seq_len)
     acts = gathered = 0
-    if _pretrained(model_cfg) is None:
-        per_token = activation_elements_per_token(model_cfg, seq_len)
-        n_layers = int(model_cfg.n_layers)
+    pretrained = _pretrained(model_cfg) is not None
+    if not pretrained or dims:  # a pretrained model's activations from its checkpoint's shapes
+        per_token = activation_elements_per_token(dims if pretrained else model_cfg, seq_len)
+        n_layers = int(dims["n_layers"] if pretrained else model_cfg.n_layers)
         if model_cfg.gradient_checkpointing:
-            d = int(model_cfg.d_model)
+            d = int(dims["d_model"] if pretrained else model_cfg.d_model)
             per_token = n_layers * d + per_token // max(n_layers, 1)
         acts = tokens * per_token * a + 3 * tokens * int(vocab_size) * 4
-        if shards > 1:
+        if getattr(model_cfg, "arch", None) == "mamba2":
+            scan = mamba2_scan_elements_per_token(model_cfg)
+            acts += tokens * 4 * (scan // max(n_layers, 1) if model_cfg.gradient_checkpointing else scan)
+        if shards > 1 and not pretrained:
             fewer = dataclasses.replace(model_cfg, n_layers=n_layers - 1)
             block = (total - count_parameters(fewer, vocab_size)) if n_layers else 0
             root = total - n_layers * block
             gathered = (root + 2 * block) * a
     return {"weights": -(-total * w // shards), "grads": -(-trainable * w // shards),
-            "optimizer": -(-optimizer // shards), "activations": int(acts), "gathered": int(gathered)}
+            "optimizer": -(-optimizer // shards), "activations": int(acts),
+            "frozen": int(frozen_copies) * -(-total * w // shards), "gathered": int(gathered),
+            "runtime": int(runtime_bytes)}
 
 
 def estimate_training_memory(*args, **kwargs) -> int:
@@ -439,6 +508,7 @@ def estimate_training_memory(*args, **kwargs) -> int:
 
 
 __all__ = [
+    "CPU_RUNTIME_BYTES",
     "activation_elements_per_token",
     "count_lora_parameters",
     "count_parameters",
@@ -449,6 +519,8 @@ __all__ = [
     "filled_model",
     "gguf_parameter_count",
     "mamba2_dims",
+    "mamba2_scan_elements_per_token",
+    "pretrained_dims",
     "param_shapes",
     "safetensors_parameter_count",
     "training_memory",

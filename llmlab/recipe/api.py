@@ -410,10 +410,17 @@ def load_recipe(path, overrides: Iterable[str] = (), env: Mapping[str, str] | No
     unresolved: set = set()
     doc = substitute_env(doc, env, (), where, errors, unresolved)
     n_before = len(errors)
-    for err in S.validator().iter_errors(doc):
-        if broken and err.validator == "required":
-            continue  # the keys the unloadable base would have given
-        errors.extend(messages.convert(err, positions, where))
+    # with a base that could not be loaded, the keys it would have given are not reported missing
+    schema_errors = [e for err in S.validator().iter_errors(doc) if not (broken and err.validator == "required")
+                     for e in messages.convert(err, positions, where)]
+    # the schema's range keywords let NaN through; a non-finite number's own schema errors (inf > maximum)
+    # are replaced by the one saying it is not finite; an oversized integer's range error (seed) is kept
+    bad = list(semantic.bad_numbers(doc))
+    nonfinite_paths, flagged = {dotted(p) for p, _, nonfinite in bad if nonfinite}, {e.path for e in schema_errors}
+    errors.extend(e for e in schema_errors if e.path not in nonfinite_paths)
+    for p, msg, nonfinite in bad:
+        if nonfinite or dotted(p) not in flagged:
+            errors.append(RecipeError(*where(p), dotted(p), msg))
     rejected = {e.path for e in errors[n_before:]}
     resolved = copy.deepcopy(doc)
     S.fill_defaults(S.load_schema(), resolved)
@@ -477,7 +484,8 @@ def load_recipe(path, overrides: Iterable[str] = (), env: Mapping[str, str] | No
     resolved.pop("extends", None)
     _absolutize(resolved, positions, dirs)
     if warnings is not None:  # datasets sharing prompts with different held-out fractions
-        found = semantic.eval_split_warnings(resolved) + (_missing_packages(resolved) if check_files else [])
+        found = semantic.eval_split_warnings(resolved) + semantic.warmup_warnings(resolved) \
+            + (_missing_packages(resolved) if check_files else [])
         for p, msg in found:
             warnings.append(RecipeError(*where(p), dotted(tuple(p)), msg, severity="warning"))
     return _reorder(resolved), []

@@ -7,6 +7,8 @@ type has already been reported by the schema, so a check that cannot apply is sk
 
 from __future__ import annotations
 
+import math
+
 from llmlab.models import lora_presets
 from llmlab.recipe.schema import suggest
 from llmlab.stage_specs import (CONVERSATION_FORMATS, NON_LM_TYPES, NON_TRAINING_TYPES, REFERENCE_FREE_DPO_LOSSES,
@@ -81,6 +83,49 @@ def eval_split_warnings(resolved: dict) -> list[tuple[tuple, str]]:
                     f"{keys} share prompts ({src[0]} {src[1]}) but hold out different fractions: a prompt "
                     f"is held out wherever its hash falls under the fraction, so what the others hold out "
                     f"above {fracs[0]:g} is trained on from {', '.join(low)}; give them one eval_split"))
+    return out
+
+
+#: the largest magnitude an integer key may have: torch and numpy hold step counts, sizes and
+#: seeds in int64, so a larger YAML integer would overflow where it is used
+INT64_MAX = 2 ** 63 - 1
+
+
+def bad_numbers(value, path: tuple = ()):
+    """``(key path, message, non-finite)`` for every number in a recipe document that no training can use: a
+    float that is NaN or infinite (YAML's ``.nan``/``.inf``, or a literal beyond a double such as
+    ``1e400``, which YAML reads as inf), and an integer beyond int64. JSON Schema's ``number`` type
+    accepts NaN and ±inf, and every range keyword compares False against NaN, so this pass runs on
+    the whole document before the schema."""
+    if isinstance(value, dict):
+        for k, v in value.items():
+            yield from bad_numbers(v, path + (k,))
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            yield from bad_numbers(v, path + (i,))
+    elif isinstance(value, float) and not math.isfinite(value):
+        shown = "NaN" if math.isnan(value) else ("+inf" if value > 0 else "-inf")
+        yield path, (f"{shown} is not a finite number; every number in a recipe must be finite "
+                     "(YAML reads .nan, .inf and literals beyond ±1.8e308 as non-finite floats)"), True
+    elif isinstance(value, int) and not isinstance(value, bool) and abs(value) > INT64_MAX:
+        yield path, f"{value} does not fit in a 64-bit integer (at most {INT64_MAX})", False
+
+
+def warmup_warnings(resolved: dict) -> list[tuple[tuple, str]]:
+    """``(key path, message)`` for each training stage whose scheduler warm-up does not end before
+    its last step (``warmup_steps >= max_steps``): the learning rate then never reaches its peak
+    (``warmup_steps: 1000, max_steps: 4`` trains at 0.4 % of it at most) and never decays. A warning,
+    not an error: shortening a recipe with ``--set stages.X.max_steps=3`` for a smoke test is common."""
+    out = []
+    for name, st in _dict(resolved.get("stages")).items():
+        st = _dict(st)
+        warm, steps = _int(_dict(st.get("scheduler")).get("warmup_steps")), _int(st.get("max_steps"))
+        if warm and steps and warm >= steps:
+            peak = steps / warm
+            out.append((("stages", name, "scheduler", "warmup_steps"),
+                        f"warmup_steps ({warm}) >= max_steps ({steps}): warm-up never ends, so the learning rate "
+                        f"reaches at most {peak:.1%} of optimizer.lr (and a decaying schedule never decays); lower warmup_steps "
+                        f"(e.g. {max(0, steps // 10)})"))
     return out
 
 

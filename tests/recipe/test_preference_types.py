@@ -29,10 +29,10 @@ def test_new_types_validate_and_plan_their_reference_memory(tmp_path):
     assert errors == []
     rows = {r["stage"]: r for r in plan_rows(rec)[0]}
     weights = rows["dpo"]["memory"]["weights"]
-    assert weights > 0 and rows["dpo"]["memory"]["reference"] == weights  # a frozen copy
-    assert rows["kto"]["memory"]["reference"] == weights
+    assert weights > 0 and rows["dpo"]["memory"]["frozen"] == weights  # a frozen copy
+    assert rows["kto"]["memory"]["frozen"] == weights
     for name in ("orpo", "simpo", "cpo", "kto_lora", "sft"):  # reference-free, or the base under LoRA
-        assert rows[name]["memory"]["reference"] == 0, name
+        assert rows[name]["memory"]["frozen"] == 0, name
     # kto: 2 sequences per pair with gradients plus 2 mismatched ones without: twice dpo's tokens,
     # the same activations
     assert rows["kto"]["tokens"] == 2 * rows["dpo"]["tokens"]
