@@ -242,3 +242,94 @@ def pair_logps(model: Any, pairs: Sequence[tuple], pad_id: int, batch_size: int 
     scores = score_tokens(model, items, pad_id, batch_size)
     cut = sum(a[2] or b[2] for a, b in zip(items[0::2], items[1::2]))
     return scores[0::2], scores[1::2], cut
+
+
+def whole_logps(model: Any, seqs: Sequence[Sequence[int]], pad_id: int, batch_size: int = 8) -> list[tuple[float, int]]:
+    """Per sequence, ``(summed log-probability, scored tokens)`` of every token but the first (prompt
+    included: ORPO's NLL term), each sequence cut from the left to ``model``'s context."""
+    limit = length_limit(model)
+    return score_tokens(model, [fit_left(ids, [True] * len(ids), limit) for ids in seqs], pad_id, batch_size)
+
+
+def orpo_metrics(chosen: Sequence[tuple[float, int]], rejected: Sequence[tuple[float, int]],
+                 chosen_whole: Sequence[tuple[float, int]], *, beta: float) -> dict[str, float]:
+    """The orpo stage's held-out numbers (Hong et al. 2024; the stage's loss, :mod:`llmlab.stages.orpo`).
+
+    Args:
+        chosen, rejected: per pair, ``(summed completion log-probability, completion tokens)``
+            (:func:`pair_logps`). chosen_whole: per pair, the same over every token of the chosen
+            sequence but its first, prompt included (:func:`whole_logps`). beta: the stage's ``beta``.
+    Returns:
+        ``nll_loss`` (chosen-sequence NLL per token over all pairs), ``preference_loss`` (the
+        odds-ratio term ``-beta log sigma(log odds)`` averaged over pairs: :func:`llmlab.losses.orpo_loss`),
+        ``loss`` (their sum), ``log_odds_ratio``, ``log_odds_chosen`` (means over pairs),
+        ``rewards/*`` (``beta`` × mean completion log-prob per token; accuracy with ties one half),
+        ``logps/chosen``, ``logps/rejected`` (means of the per-token completion log-probs), ``pairs``.
+    Raises:
+        ValueError: no pairs.
+    """
+    import torch
+
+    from llmlab.losses import orpo_loss, preference_accuracy
+
+    if not chosen:
+        raise ValueError("no preference pairs to evaluate")
+    avg = lambda xs: torch.tensor([s / max(n, 1) for s, n in xs], dtype=torch.float64)  # noqa: E731
+    ac, ar = avg(chosen), avg(rejected)
+    losses, r_c, r_r, log_sig, log_odds = orpo_loss(ac, ar, beta)
+    preference = float(losses.double().mean())
+    nll = -sum(s for s, _ in chosen_whole) / max(sum(n for _, n in chosen_whole), 1)
+    return {"loss": nll + preference, "preference_loss": preference, "nll_loss": nll,
+            "log_odds_ratio": float(log_sig.double().mean()), "log_odds_chosen": float(log_odds.double().mean()),
+            "rewards/accuracies": float(preference_accuracy(r_c, r_r)),
+            "rewards/margins": float((r_c - r_r).double().mean()), "rewards/chosen": float(r_c.double().mean()),
+            "rewards/rejected": float(r_r.double().mean()), "logps/chosen": float(ac.mean()),
+            "logps/rejected": float(ar.mean()), "pairs": len(ac)}
+
+
+def sequence_rewards(model: Any, seqs: Sequence[Sequence[int]], batch_size: int = 8) -> tuple[list[float], int]:
+    """A reward model's (``num_labels = 1`` sequence classifier) scalar score of each sequence, cut from
+    the left to its context, and how many were cut. Sequences are batched only with others of the same
+    length, never padded, so each score is that of the sequence alone (as ``llmlab eval`` scores it),
+    whatever the classifier's pooling does with padding."""
+    import torch
+
+    limit = length_limit(model)
+    device = next(model.parameters()).device
+    cut = [ids[-limit:] for ids in (list(s) for s in seqs)]
+    out: list[float] = [0.0] * len(cut)
+    by_len: dict[int, list[int]] = {}
+    for i, ids in enumerate(cut):
+        by_len.setdefault(len(ids), []).append(i)
+    with torch.no_grad():
+        for idx_all in by_len.values():
+            for b in range(0, len(idx_all), batch_size):
+                idx = idx_all[b: b + batch_size]
+                ids = torch.tensor([cut[i] for i in idx], dtype=torch.long, device=device)
+                logits = model(input_ids=ids).logits.float().reshape(len(idx), -1)[:, 0]
+                for i, v in zip(idx, logits.tolist()):
+                    out[i] = v
+    return out, sum(len(s) > limit for s in seqs)
+
+
+def reward_metrics(chosen_scores: Sequence[float], rejected_scores: Sequence[float]) -> dict[str, float]:
+    """A reward model's held-out numbers from per-pair scores (the reward stage's ``eval_*``, ``llmlab
+    eval``'s ``reward_*``): ``loss`` (the Bradley-Terry loss ``-log sigma(r_c - r_r)`` averaged over
+    pairs, :func:`llmlab.losses.bradley_terry_loss`), ``accuracy`` (share of pairs with ``r_c > r_r``,
+    a tie one half: :func:`llmlab.losses.preference_accuracy`), ``margin`` (mean ``r_c - r_r``),
+    ``chosen``, ``rejected``, ``reward_mean`` (mean scores), ``pairs``.
+
+    Raises:
+        ValueError: no pairs.
+    """
+    import torch
+
+    from llmlab.losses import bradley_terry_loss, preference_accuracy
+
+    if not chosen_scores:
+        raise ValueError("no preference pairs to evaluate")
+    c = torch.tensor(list(chosen_scores), dtype=torch.float64)
+    r = torch.tensor(list(rejected_scores), dtype=torch.float64)
+    return {"loss": float(bradley_terry_loss(c, r)), "accuracy": float(preference_accuracy(c, r)),
+            "margin": float((c - r).mean()), "chosen": float(c.mean()), "rejected": float(r.mean()),
+            "reward_mean": float(torch.cat([c, r]).mean()), "pairs": len(c)}
