@@ -256,7 +256,7 @@ def _tok_prompt(tokenizer, seq_len: int, cfg: StageDataConfig, source: int, keep
 _TOKENISERS = {"sft": _tok_sft, "pair": _tok_pair, "prompt": _tok_prompt, "unpaired_preference": _tok_unpaired}
 #: stage types whose held-out examples are kept whole at tokenisation, however long: their eval_loss
 #: cuts them from the left to the model's context when scoring (llmlab.heldout), never drops them
-HELD_OUT_WHOLE = ("sft", "dpo")
+HELD_OUT_WHOLE = ("sft", "dpo", "orpo", "reward")
 
 
 # -- StageData -----------------------------------------------------------------------------------
