@@ -333,3 +333,91 @@ def reward_metrics(chosen_scores: Sequence[float], rejected_scores: Sequence[flo
     return {"loss": float(bradley_terry_loss(c, r)), "accuracy": float(preference_accuracy(c, r)),
             "margin": float((c - r).mean()), "chosen": float(c.mean()), "rejected": float(r.mean()),
             "reward_mean": float(torch.cat([c, r]).mean()), "pairs": len(c)}
+
+
+def kto_mismatched(examples: Sequence[tuple]) -> list[tuple[list[int], list[bool]]]:
+    """KTO's mismatched examples over a whole held-out set: example ``j``'s prompt followed by example
+    ``j-1``'s completion (cyclically), as :func:`llmlab.stages.kto.mismatched_rows` builds them within
+    a training batch. A prompt is every token before the first scored one; a completion runs from there
+    to the end, with its flags.
+
+    Args:
+        examples: ``(ids, flags, ...)`` whole (uncut) sequences, at least one scored token each.
+    Returns:
+        ``(ids, flags)`` per example, in order.
+    """
+    starts = [next(i for i, f in enumerate(ex[1]) if f and i > 0) for ex in examples]
+    out = []
+    for j, ex in enumerate(examples):
+        k = (j - 1) % len(examples)
+        prev = examples[k]
+        out.append((list(ex[0][:starts[j]]) + list(prev[0][starts[k]:]),
+                    [False] * starts[j] + list(prev[1][starts[k]:])))
+    return out
+
+
+def kto_logps(model: Any, examples: Sequence[tuple], pad_id: int, batch_size: int = 8,
+              max_length: int | None = None) -> tuple[list[float], list[float], list[int], int]:
+    """The summed completion log-probabilities KTO's held-out numbers need, under ``model``.
+
+    Args:
+        examples: ``(ids, flags, ...)`` whole sequences (see :func:`kto_mismatched`).
+        max_length: a lower length limit than ``model``'s context.
+    Returns:
+        ``(logps, kl_logps, tokens, cut)``: per example, the summed log-probability of its completion
+        and of its mismatched counterpart's (:func:`kto_mismatched`), each sequence cut from the left
+        to the length limit; the scored tokens of each example; how many examples were cut.
+    """
+    limit = length_limit(model, max_length)
+    items = [fit_left(ex[0], ex[1], limit) for ex in examples]
+    kl_items = [fit_left(ids, flags, limit) for ids, flags in kto_mismatched(examples)]
+    scores = score_tokens(model, items + kl_items, pad_id, batch_size)
+    n = len(items)
+    return ([s for s, _ in scores[:n]], [s for s, _ in scores[n:]], [c for _, c in scores[:n]],
+            sum(it[2] for it in items))
+
+
+def kto_metrics(logps: Sequence[float], ref_logps: Sequence[float], kl_logps: Sequence[float],
+                ref_kl_logps: Sequence[float], desirable: Sequence[bool], *, beta: float,
+                desirable_weight: float = 1.0, undesirable_weight: float = 1.0,
+                paired: bool = False) -> dict[str, float]:
+    """The kto stage's held-out numbers (Ethayarajh et al. 2024; :mod:`llmlab.stages.kto`).
+
+    The reference point ``z_0`` (``kl``) is :func:`llmlab.losses.kto_kl` over the mismatched
+    examples of the *whole* held-out set (:func:`kto_mismatched`), not per batch, so the numbers do
+    not depend on batching; ``loss`` is :func:`llmlab.losses.kto_loss` averaged over all examples.
+
+    Args:
+        logps, ref_logps: per example, the summed completion log-probability under the policy and
+            the reference. kl_logps, ref_kl_logps: the same for the mismatched examples.
+        desirable: per example. beta, desirable_weight, undesirable_weight: the stage's settings.
+        paired: the examples are preference pairs, the ``N`` chosen then the ``N`` rejected
+            completions: adds ``rewards/accuracies`` (ties one half, :func:`llmlab.losses.preference_accuracy`).
+    Returns:
+        ``loss``, ``kl``, ``rewards/chosen``, ``rewards/rejected``, ``logps/chosen``, ``logps/rejected``
+        (means over the desirable / undesirable examples; absent for a side with none),
+        ``rewards/margins`` (when both sides have examples), ``examples``.
+    Raises:
+        ValueError: no examples.
+    """
+    import torch
+
+    from llmlab.losses import kto_kl, kto_loss, preference_accuracy
+
+    if not logps:
+        raise ValueError("no examples to evaluate")
+    t = lambda xs: torch.tensor(list(xs), dtype=torch.float64)  # noqa: E731
+    kl = kto_kl(t(kl_logps), t(ref_kl_logps))
+    want = torch.tensor([bool(d) for d in desirable])
+    losses, rewards = kto_loss(t(logps), t(ref_logps), want, kl, beta, desirable_weight, undesirable_weight)
+    out = {"loss": float(losses.mean()), "kl": float(kl), "examples": len(losses)}
+    for side, sel in (("chosen", want), ("rejected", ~want)):
+        if sel.any():
+            out[f"rewards/{side}"] = float(rewards[sel].mean())
+            out[f"logps/{side}"] = float(t(logps)[sel].mean())
+    if "rewards/chosen" in out and "rewards/rejected" in out:
+        out["rewards/margins"] = out["rewards/chosen"] - out["rewards/rejected"]
+    if paired:
+        n = len(rewards) // 2
+        out["rewards/accuracies"] = float(preference_accuracy(rewards[:n], rewards[n:]))
+    return out

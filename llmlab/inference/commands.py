@@ -222,21 +222,25 @@ DEFAULT_BETA = 0.1
 
 
 def _dpo_settings(recipe: dict, loc: Any) -> dict | None:
-    """The loss settings of the dpo or orpo stage ``loc`` came from, so ``llmlab eval`` reports that
+    """The loss settings of the dpo, orpo or kto stage ``loc`` came from, so ``llmlab eval`` reports that
     stage's held-out numbers: ``beta``, ``loss`` (keyword arguments of
     :func:`llmlab.inference.evaluate.evaluate_model`: a dpo stage's ``loss_type``, ``label_smoothing``,
-    ``rpo_alpha``, ``simpo_gamma``, ``cpo_alpha``; an orpo stage's ``loss_type="orpo"``; schema defaults
-    filled) and ``reference``, its reference stage (``reference_from``, else the ``from`` stage; None
+    ``rpo_alpha``, ``simpo_gamma``, ``cpo_alpha``; an orpo stage's ``loss_type="orpo"``; a kto stage's
+    ``loss_type="kto"``, ``desirable_weight``, ``undesirable_weight``; schema defaults filled) and ``reference``, its reference stage (``reference_from``, else the ``from`` stage; None
     for orpo and the reference-free simpo / cpo). None when the model is not such a stage's."""
     from llmlab.recipe.schema import stage_defaults
     from llmlab.stage_specs import REFERENCE_FREE_DPO_LOSSES
 
     cfg = (recipe.get("stages") or {}).get(loc.stage_name) if loc.stage_name else None
-    if not cfg or cfg.get("type") not in ("dpo", "orpo") or loc.run_dir is None:
+    if not cfg or cfg.get("type") not in ("dpo", "orpo", "kto") or loc.run_dir is None:
         return None
     cfg = {**stage_defaults(cfg["type"]), **cfg}
     if cfg["type"] == "orpo":
         return {"beta": float(cfg["beta"]), "loss": {"loss_type": "orpo"}, "reference": None}
+    if cfg["type"] == "kto":
+        return {"beta": float(cfg["beta"]), "reference": cfg.get("reference_from") or cfg.get("from"),
+                "loss": {"loss_type": "kto", "desirable_weight": float(cfg["desirable_weight"]),
+                         "undesirable_weight": float(cfg["undesirable_weight"])}}
     loss = {"loss_type": cfg["loss_type"], "label_smoothing": float(cfg["label_smoothing"]),
             "rpo_alpha": float(cfg["rpo_alpha"]), "simpo_gamma": float(cfg["simpo_gamma"]),
             "cpo_alpha": float(cfg["cpo_alpha"])}
@@ -267,7 +271,7 @@ def eval_command(path: Path, dataset: str | None = None, output: Path | None = N
 
     ``dataset`` is a file, a dataset name of the run's recipe (held-out rows unless ``split`` says
     otherwise) or a builtin (see :mod:`llmlab.inference.datasets`). Named datasets are capped at 200
-    evenly spaced rows unless ``limit`` says otherwise. For a dpo or orpo stage's model on preference
+    evenly spaced rows unless ``limit`` says otherwise. For a dpo, orpo or kto stage's model on preference
     data, ``beta``, the loss settings and (unless ``reference`` is given) the reference model are the
     stage's, so the report's ``loss`` is the stage's held-out ``eval_loss`` (:func:`_dpo_settings`); a
     reward stage's model reports the reward stage's ``loss`` and ``reward_accuracy`` (its ``eval_accuracy``).

@@ -47,8 +47,9 @@ from llmlab.inference.generation import (
     generate_text,
     messages_as_text,
 )
-from llmlab.heldout import (Scored, document_windows, fit_left, length_limit, lm_loss, orpo_metrics,  # noqa: F401
-                            perplexity, preference_metrics, reward_metrics, score_tokens, start_token)
+from llmlab.heldout import (Scored, document_windows, fit_left, kto_logps, kto_metrics, length_limit,  # noqa: F401
+                            lm_loss, orpo_metrics, perplexity, preference_metrics, reward_metrics, score_tokens,
+                            start_token)
 from llmlab.inference.loading import has_chatml_template, is_reward_model
 
 LN2 = math.log(2.0)
@@ -215,14 +216,16 @@ def _mean(xs: Sequence[float]) -> float:
 def eval_preference(model: Any, tokenizer: Any, rows: Sequence[dict], is_chat: bool, reference: Any = None,
                     beta: float = 0.1, batch_size: int = 8, max_length: int | None = None,
                     loss_type: str = "sigmoid", label_smoothing: float = 0.0, rpo_alpha: float = 0.0,
-                    simpo_gamma: float = 0.5, cpo_alpha: float = 1.0) -> dict:
+                    simpo_gamma: float = 0.5, cpo_alpha: float = 1.0, desirable_weight: float = 1.0,
+                    undesirable_weight: float = 1.0) -> dict:
     """Preference metrics of a policy (optionally against a reference) or of a reward model.
 
     With a reference (or ``loss_type`` simpo / cpo, reference-free), also the dpo stage's held-out
     numbers (:func:`llmlab.heldout.preference_metrics` with ``beta``, ``loss_type``,
     ``label_smoothing``, ``rpo_alpha``, ``simpo_gamma``, ``cpo_alpha``): ``loss`` (the stage's
     ``eval_loss``), ``preference_loss`` and ``nll_loss``. With ``loss_type="orpo"``, the orpo stage's
-    (:func:`llmlab.heldout.orpo_metrics` with ``beta``; no reference). A reward model's numbers are the
+    (:func:`llmlab.heldout.orpo_metrics` with ``beta``; no reference). With ``loss_type="kto"`` and a
+    reference, the kto stage's on the pairs (:func:`_kto_numbers`). A reward model's numbers are the
     reward stage's (:func:`llmlab.heldout.reward_metrics`): ``loss`` (Bradley-Terry, per pair),
     ``reward_accuracy`` (a tie one half), ``reward_margin``."""
     if is_reward_model(model):
@@ -247,6 +250,13 @@ def eval_preference(model: Any, tokenizer: Any, rows: Sequence[dict], is_chat: b
                    nll_loss=m["nll_loss"], reward_accuracy=m["rewards/accuracies"], reward_margin=m["rewards/margins"],
                    chosen_reward=m["rewards/chosen"], rejected_reward=m["rewards/rejected"],
                    log_odds_ratio=m["log_odds_ratio"])
+    elif loss_type == "kto":
+        if reference is None:
+            raise ValueError("the kto numbers need a reference model")
+        m = _kto_numbers(model, tokenizer, rows, is_chat, reference, batch_size, max_length, beta=beta,
+                         desirable_weight=desirable_weight, undesirable_weight=undesirable_weight)
+        res["truncated"] = max(cut, m.pop("truncated"))
+        res.update(m)
     elif reference is not None or loss_type in ("simpo", "cpo"):
         m = _dpo_numbers(model, tokenizer, rows, is_chat, reference, c, r, batch_size, max_length, beta=beta,
                          loss_type=loss_type, label_smoothing=label_smoothing, rpo_alpha=rpo_alpha,
@@ -254,6 +264,26 @@ def eval_preference(model: Any, tokenizer: Any, rows: Sequence[dict], is_chat: b
         res["truncated"] = max(cut, m.pop("truncated"))
         res.update(m)
     return res
+
+
+def _kto_numbers(model: Any, tokenizer: Any, rows: Sequence[dict], is_chat: bool, reference: Any,
+                 batch_size: int, max_length: int | None, *, beta: float, desirable_weight: float,
+                 undesirable_weight: float) -> dict:
+    """The kto stage's held-out numbers on preference pairs (:func:`llmlab.heldout.kto_metrics`): the
+    chosen completions desirable, the rejected undesirable, the reference point over the whole set."""
+    whole = 10 ** 9  # build whole sequences; kto_logps cuts them (and their mismatched pairs) to the limit
+    seqs = [[_prompt_completion(tokenizer, r["prompt"], r[side], is_chat, whole) for r in rows]
+            for side in ("chosen", "rejected")]
+    examples = [(ids, flags, True) for ids, flags, _ in seqs[0]] + [(ids, flags, False) for ids, flags, _ in seqs[1]]
+    pad = _pad_id(tokenizer)
+    lp, kl, _, cut = kto_logps(model, examples, pad, batch_size, max_length)
+    ref_lp, ref_kl, _, ref_cut = kto_logps(reference, examples, pad, batch_size, max_length)
+    m = kto_metrics(lp, ref_lp, kl, ref_kl, [ex[2] for ex in examples], beta=beta, desirable_weight=desirable_weight,
+                    undesirable_weight=undesirable_weight, paired=True)
+    return {"beta": beta, "loss_type": "kto", "loss": m["loss"], "kl": m["kl"],
+            "reward_accuracy": m["rewards/accuracies"], "reward_margin": m["rewards/margins"],
+            "chosen_reward": m["rewards/chosen"], "rejected_reward": m["rewards/rejected"],
+            "truncated": max(cut, ref_cut)}
 
 
 def _dpo_numbers(model: Any, tokenizer: Any, rows: Sequence[dict], is_chat: bool, reference: Any,
@@ -316,7 +346,8 @@ def evaluate_model(model: Any, tokenizer: Any, rows: Sequence[dict], kind: str, 
                    reference: Any = None, reward_model: Any = None, beta: float = 0.1, batch_size: int = 8,
                    max_length: int | None = None, settings: GenerationSettings | None = None,
                    num_samples: int = 8, loss_type: str = "sigmoid", label_smoothing: float = 0.0,
-                   rpo_alpha: float = 0.0, simpo_gamma: float = 0.5, cpo_alpha: float = 1.0) -> dict:
+                   rpo_alpha: float = 0.0, simpo_gamma: float = 0.5, cpo_alpha: float = 1.0,
+                   desirable_weight: float = 1.0, undesirable_weight: float = 1.0) -> dict:
     """Evaluate a model on rows of one kind; returns a JSON-ready dict of metrics.
 
     Args:
@@ -331,6 +362,7 @@ def evaluate_model(model: Any, tokenizer: Any, rows: Sequence[dict], kind: str, 
             its held-out ``loss`` (preference rows with a reference, or simpo / cpo;
             :func:`llmlab.heldout.preference_metrics`); ``loss_type="orpo"``: the orpo stage's
             (:func:`llmlab.heldout.orpo_metrics`, ``beta`` its beta).
+        desirable_weight, undesirable_weight: the kto stage's, with ``loss_type="kto"`` (and a reference).
         batch_size, max_length: scoring batch size and the longest sequence scored (default: context).
         settings, num_samples: generation settings and number of prompts sampled (prompt).
 
@@ -349,7 +381,8 @@ def evaluate_model(model: Any, tokenizer: Any, rows: Sequence[dict], kind: str, 
             res = eval_conversation(model, tokenizer, rows, batch_size, max_length)
         elif kind == "preference":
             res = eval_preference(model, tokenizer, rows, is_chat, reference, beta, batch_size, max_length,
-                                  loss_type, label_smoothing, rpo_alpha, simpo_gamma, cpo_alpha)
+                                  loss_type, label_smoothing, rpo_alpha, simpo_gamma, cpo_alpha,
+                                  desirable_weight, undesirable_weight)
         elif kind == "prompt":
             res = eval_prompts(model, tokenizer, rows, is_chat, settings, num_samples, reward_model)
         else:
