@@ -357,7 +357,7 @@ def kto_mismatched(examples: Sequence[tuple]) -> list[tuple[list[int], list[bool
 
 
 def kto_logps(model: Any, examples: Sequence[tuple], pad_id: int, batch_size: int = 8,
-              max_length: int | None = None) -> tuple[list[float], list[float], list[int], int]:
+              max_length: int | None = None) -> tuple[list[float], list[float], list[int], list[bool]]:
     """The summed completion log-probabilities KTO's held-out numbers need, under ``model``.
 
     Args:
@@ -366,7 +366,7 @@ def kto_logps(model: Any, examples: Sequence[tuple], pad_id: int, batch_size: in
     Returns:
         ``(logps, kl_logps, tokens, cut)``: per example, the summed log-probability of its completion
         and of its mismatched counterpart's (:func:`kto_mismatched`), each sequence cut from the left
-        to the length limit; the scored tokens of each example; how many examples were cut.
+        to the length limit; the scored tokens of each example; whether each example was cut.
     """
     limit = length_limit(model, max_length)
     items = [fit_left(ex[0], ex[1], limit) for ex in examples]
@@ -374,7 +374,16 @@ def kto_logps(model: Any, examples: Sequence[tuple], pad_id: int, batch_size: in
     scores = score_tokens(model, items + kl_items, pad_id, batch_size)
     n = len(items)
     return ([s for s, _ in scores[:n]], [s for s, _ in scores[n:]], [c for _, c in scores[:n]],
-            sum(it[2] for it in items))
+            [it[2] for it in items])
+
+
+def cut_count(cut: Sequence[bool], paired: bool) -> int:
+    """How many examples were cut (:func:`kto_logps`' flags); with ``paired`` (the ``N`` chosen then
+    the ``N`` rejected sequences of ``N`` pairs), how many pairs had a sequence cut."""
+    if not paired:
+        return sum(cut)
+    n = len(cut) // 2
+    return sum(a or b for a, b in zip(cut[:n], cut[n:]))
 
 
 def kto_metrics(logps: Sequence[float], ref_logps: Sequence[float], kl_logps: Sequence[float],

@@ -47,7 +47,7 @@ from llmlab.inference.generation import (
     generate_text,
     messages_as_text,
 )
-from llmlab.heldout import (Scored, document_windows, fit_left, kto_logps, kto_metrics, length_limit,  # noqa: F401
+from llmlab.heldout import (Scored, cut_count, document_windows, fit_left, kto_logps, kto_metrics, length_limit,  # noqa: F401
                             lm_loss, orpo_metrics, perplexity, preference_metrics, reward_metrics, score_tokens,
                             start_token)
 from llmlab.inference.loading import has_chatml_template, is_reward_model
@@ -283,7 +283,7 @@ def _kto_numbers(model: Any, tokenizer: Any, rows: Sequence[dict], is_chat: bool
     return {"beta": beta, "loss_type": "kto", "loss": m["loss"], "kl": m["kl"],
             "reward_accuracy": m["rewards/accuracies"], "reward_margin": m["rewards/margins"],
             "chosen_reward": m["rewards/chosen"], "rejected_reward": m["rewards/rejected"],
-            "truncated": max(cut, ref_cut)}
+            "truncated": cut_count([a or b for a, b in zip(cut, ref_cut)], True)}
 
 
 def _dpo_numbers(model: Any, tokenizer: Any, rows: Sequence[dict], is_chat: bool, reference: Any,

@@ -132,9 +132,9 @@ class KTOStage(Stage):
         mismatched examples of the whole held-out set, the loss averaged over all examples; on pairs
         the chosen completions desirable, the rejected undesirable), keys prefixed ``eval_``, with
         ``eval_examples`` (pairs, or unpaired rows), ``eval_tokens`` (scored completion tokens),
-        ``eval_truncated`` (examples cut) and ``eval_heldout_examples``. The reference's
+        ``eval_truncated`` (rows, or pairs, with a sequence cut) and ``eval_heldout_examples``. The reference's
         log-probabilities are computed once per held-out set (the reference is frozen)."""
-        from llmlab.heldout import kto_logps, kto_metrics
+        from llmlab.heldout import cut_count, kto_logps, kto_metrics
 
         examples = kto_examples(heldout)
         bs = self.data.batch_size
@@ -149,7 +149,8 @@ class KTOStage(Stage):
                         desirable_weight=self.desirable_weight, undesirable_weight=self.undesirable_weight,
                         paired=heldout.kind == "preference")
         out = {f"eval_{k}": v for k, v in m.items() if k != "examples"}
-        out.update(eval_examples=len(heldout.examples), eval_tokens=sum(tokens), eval_truncated=cut,
+        out.update(eval_examples=len(heldout.examples), eval_tokens=sum(tokens),
+                   eval_truncated=cut_count(cut, heldout.kind == "preference"),
                    eval_heldout_examples=heldout.total)
         return out
 

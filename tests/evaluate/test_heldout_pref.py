@@ -64,6 +64,7 @@ def test_kto_eval_is_llmlab_eval_on_the_pairs(run_dir, tmp_path):
     ev, rep = _last_eval(run_dir, "kto"), _llmlab_eval(run_dir, "kto", tmp_path)
     assert rep["reference"].endswith("sft/final") and rep["loss_type"] == "kto" and rep["beta"] == 0.2
     assert ev["eval_examples"] == ev["eval_heldout_examples"] == rep["pairs"] > 0
+    assert ev["eval_truncated"] == rep["truncated"]
     for key, theirs in (("loss", "loss"), ("kl", "kl"), ("rewards/margins", "reward_margin"),
                         ("rewards/chosen", "chosen_reward"), ("rewards/rejected", "rejected_reward")):
         assert ev[f"eval_{key}"] == pytest.approx(rep[theirs], abs=1e-4), key
@@ -82,3 +83,50 @@ def test_reward_eval_is_llmlab_eval_on_the_pairs(run_dir, tmp_path):
     assert ev["eval_loss"] == pytest.approx(rep["loss"], abs=1e-4)
     assert ev["eval_margin"] == pytest.approx(rep["reward_margin"], abs=1e-4)
     assert ev["eval_accuracy"] == pytest.approx(rep["reward_accuracy"], abs=1e-9)
+
+
+def test_kto_unpaired_heldout_is_the_loss_of_the_whole_set_as_one_batch():
+    """On unpaired rows the held-out reference point is taken over the whole held-out set: the numbers
+    do not depend on the scoring batch size and equal the training loss of one batch holding every row."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from llmlab.data.pipeline import HeldOut
+    from llmlab.losses import IGNORE_INDEX
+    from llmlab.stages.kto import KTOStage
+    from tests.alignment.helpers import PAD, VOCAB, make_ctx, pad_rows, tiny_lm
+
+    stage = KTOStage(make_ctx("kto", {"beta": 0.3, "desirable_weight": 1.0, "undesirable_weight": 2.0}))
+    stage.reference.capture(tiny_lm(1))  # a reference other than the policy: rewards and z_0 not all 0
+    stage.reference.setup(tiny_lm(1), "cpu")
+    policy = tiny_lm(0)
+    g = torch.Generator().manual_seed(0)
+    rows = []
+    for i in range(7):
+        p, c = (torch.randint(3, VOCAB, (int(torch.randint(lo, hi, (1,), generator=g)),), generator=g).tolist()
+                for lo, hi in ((2, 6), (2, 8)))
+        rows.append((p + c, [False] * len(p) + [True] * len(c), i % 3 != 0))
+    held = HeldOut("unpaired", rows, 9)
+    outs = []
+    for bs in (1, 3, 8):
+        stage._data = SimpleNamespace(batch_size=bs)
+        outs.append(stage.evaluate_heldout(policy, held))
+    for out in outs[1:]:
+        assert out.keys() == outs[0].keys()
+        for k in out:
+            assert out[k] == pytest.approx(outs[0][k], abs=1e-6), k  # fp32 forwards of other paddings
+    ev = outs[0]
+    assert (ev["eval_examples"], ev["eval_heldout_examples"], ev["eval_truncated"]) == (7, 9, 0)
+    assert "eval_rewards/accuracies" not in ev  # unpaired rows: no pairs
+    batch = {"input_ids": pad_rows([ids for ids, _, _ in rows], PAD),
+             "attention_mask": pad_rows([[1] * len(ids) for ids, _, _ in rows], 0),
+             "labels": pad_rows([[t if f else IGNORE_INDEX for t, f in zip(ids, fl)] for ids, fl, _ in rows],
+                                IGNORE_INDEX),
+             "desirable": torch.tensor([d for _, _, d in rows])}
+    with torch.no_grad():
+        loss, metrics = stage.compute_loss(policy, batch)
+    assert ev["eval_loss"] == pytest.approx(float(loss), abs=1e-5)
+    assert ev["eval_kl"] == pytest.approx(float(metrics["kl"]), abs=1e-5)
+    for k in ("rewards/chosen", "rewards/rejected", "logps/chosen", "logps/rejected", "rewards/margins"):
+        assert ev[f"eval_{k}"] == pytest.approx(float(metrics[k]), abs=1e-4), k
