@@ -98,9 +98,9 @@ def test_kto_unpaired_heldout_is_the_loss_of_the_whole_set_as_one_batch():
     from tests.alignment.helpers import PAD, VOCAB, make_ctx, pad_rows, tiny_lm
 
     stage = KTOStage(make_ctx("kto", {"beta": 0.3, "desirable_weight": 1.0, "undesirable_weight": 2.0}))
-    stage.reference.capture(tiny_lm(1))  # a reference other than the policy: rewards and z_0 not all 0
-    stage.reference.setup(tiny_lm(1), "cpu")
-    policy = tiny_lm(0)
+    stage.reference.capture(tiny_lm(0))  # a reference other than the policy: rewards and z_0 not 0
+    stage.reference.setup(tiny_lm(0), "cpu")
+    policy = tiny_lm(1)
     g = torch.Generator().manual_seed(0)
     rows = []
     for i in range(7):
@@ -119,6 +119,7 @@ def test_kto_unpaired_heldout_is_the_loss_of_the_whole_set_as_one_batch():
     ev = outs[0]
     assert (ev["eval_examples"], ev["eval_heldout_examples"], ev["eval_truncated"]) == (7, 9, 0)
     assert "eval_rewards/accuracies" not in ev  # unpaired rows: no pairs
+    assert ev["eval_kl"] > 0  # (not clamped: the comparison below covers z_0)
     batch = {"input_ids": pad_rows([ids for ids, _, _ in rows], PAD),
              "attention_mask": pad_rows([[1] * len(ids) for ids, _, _ in rows], 0),
              "labels": pad_rows([[t if f else IGNORE_INDEX for t, f in zip(ids, fl)] for ids, fl, _ in rows],
