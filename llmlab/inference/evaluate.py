@@ -21,8 +21,10 @@ stage type. What it reports per kind:
   ``r = beta * (log pi(y|x) - log pi_ref(y|x))`` gives ``reward_accuracy`` (share with
   r_chosen > r_rejected, a tie counting one half: at step 0 every implicit reward ties), ``reward_margin`` (mean r_chosen - r_rejected),
   the mean rewards, and the dpo stage's held-out ``loss`` (its ``eval_loss``: ``preference_loss``, the
-  DPO/IPO loss per pair averaged over pairs, plus ``rpo_alpha`` times ``nll_loss``). A reward model (``*ForSequenceClassification``) is scored directly: its
-  accuracy and margin on chosen vs rejected.
+  DPO/IPO loss per pair averaged over pairs, plus ``rpo_alpha`` times ``nll_loss``). A reward model (``*ForSequenceClassification``) is scored directly, each
+  sequence on its own: the reward stage's held-out numbers (``loss``: Bradley-Terry per pair;
+  ``reward_accuracy``, a tie one half; ``reward_margin``). For an orpo or kto stage's model the stage's
+  own numbers (``loss_type`` orpo / kto; docs/evaluation.md).
 - prompt: sample generations (seeded), with a reward model's score for each when one is given.
 
 The scoring and the rules below are those of :mod:`llmlab.heldout`, shared with the training stages'
