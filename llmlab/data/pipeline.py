@@ -408,7 +408,8 @@ class StageData:
             ex = [(ids, flags(lab)) for ids, lab in zip(rows["input_ids"], rows["labels"])]
             return HeldOut("conversation", ex, n)
         if self.family == "unpaired_preference":
-            ex = [(ids, flags(lab), bool(d)) for ids, lab, d in zip(rows["input_ids"], rows["labels"], rows["desirable"])]
+            ex = [(ids, flags(lab), bool(d))
+                  for ids, lab, d in zip(rows["input_ids"], rows["labels"], rows["desirable"])]
             return HeldOut("unpaired", ex, n)
         ex = [((ci, flags(cl)), (ri, flags(rl))) for ci, cl, ri, rl in zip(
             rows["chosen_input_ids"], rows["chosen_labels"], rows["rejected_input_ids"], rows["rejected_labels"])]

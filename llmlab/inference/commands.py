@@ -226,8 +226,9 @@ def _dpo_settings(recipe: dict, loc: Any) -> dict | None:
     stage's held-out numbers: ``beta``, ``loss`` (keyword arguments of
     :func:`llmlab.inference.evaluate.evaluate_model`: a dpo stage's ``loss_type``, ``label_smoothing``,
     ``rpo_alpha``, ``simpo_gamma``, ``cpo_alpha``; an orpo stage's ``loss_type="orpo"``; a kto stage's
-    ``loss_type="kto"``, ``desirable_weight``, ``undesirable_weight``; schema defaults filled) and ``reference``, its reference stage (``reference_from``, else the ``from`` stage; None
-    for orpo and the reference-free simpo / cpo). None when the model is not such a stage's."""
+    ``loss_type="kto"``, ``desirable_weight``, ``undesirable_weight``; schema defaults filled) and
+    ``reference``, its reference stage (``reference_from``, else the ``from`` stage; None for orpo and
+    the reference-free simpo / cpo). None when the model is not such a stage's."""
     from llmlab.recipe.schema import stage_defaults
     from llmlab.stage_specs import REFERENCE_FREE_DPO_LOSSES
 
