@@ -1,7 +1,7 @@
 """One held-out definition for orpo, kto and reward stages too: each stage's last eval record equals
 ``llmlab eval`` of its saved final/ weights on the stage's held-out pairs, to 1e-4 in fp32.
 
-A shrunken quick-start (pretrain → sft, then orpo, kto and reward from sft; real data, fp32) trains a few
+A shrunken quick-start (pretrain → sft, then orpo, kto, dpo with loss_type simpo and cpo, and reward from sft; real data, fp32) trains a few
 steps. Two computations on the same weights and rows: they agree whatever the steps learned.
 """
 
@@ -26,8 +26,11 @@ def run_dir(tmp_path_factory):
     dpo = rec["stages"].pop("dpo")
     rec["stages"]["orpo"] = {**dpo, "type": "orpo", "beta": 0.3, "from": "sft"}
     rec["stages"]["kto"] = {**dpo, "type": "kto", "beta": 0.2, "undesirable_weight": 1.5, "from": "sft"}
+    rec["stages"]["simpo"] = {**dpo, "loss_type": "simpo", "beta": 2.0, "simpo_gamma": 0.3, "rpo_alpha": 0.5,
+                              "from": "sft"}
+    rec["stages"]["cpo"] = {**dpo, "loss_type": "cpo", "beta": 0.2, "cpo_alpha": 0.7, "from": "sft"}
     rec["stages"]["rm"] = {k: v for k, v in dpo.items() if k != "beta"} | {"type": "reward", "from": "sft"}
-    for name, steps in (("pretrain", 2), ("sft", 2), ("orpo", 2), ("kto", 2), ("rm", 2)):
+    for name, steps in (("pretrain", 2), ("sft", 2), ("orpo", 2), ("kto", 2), ("simpo", 2), ("cpo", 2), ("rm", 2)):
         rec["stages"][name].update(max_steps=steps, eval_every=steps, save_every=steps, log_every=1,
                                    eval_steps=EVAL_STEPS)
     d = tmp_path_factory.mktemp("heldout_pref")
@@ -73,6 +76,17 @@ def test_kto_eval_is_llmlab_eval_on_the_pairs(run_dir, tmp_path):
     assert first["step"] == 0  # the policy is its reference: z_0 = 0, every reward 0, each loss 1/2 its weight
     assert first["eval_kl"] == 0.0 and first["eval_rewards/accuracies"] == 0.5
     assert first["eval_loss"] == pytest.approx((0.5 * 1.0 + 0.5 * 1.5) / 2, abs=1e-6)
+
+
+@pytest.mark.parametrize("stage", ["simpo", "cpo"])
+def test_reference_free_dpo_eval_is_llmlab_eval_on_the_pairs(run_dir, tmp_path, stage):
+    ev, rep = _last_eval(run_dir, stage), _llmlab_eval(run_dir, stage, tmp_path)
+    assert "reference" not in rep and rep["loss_type"] == stage  # the stage's settings, no reference loaded
+    assert ev["eval_examples"] == rep["pairs"] > 0
+    for key in ("loss", "preference_loss", "nll_loss"):
+        assert ev[f"eval_{key}"] == pytest.approx(rep[key], abs=1e-4), key
+    assert ev["eval_rewards/margins"] == pytest.approx(rep["reward_margin"], abs=1e-4)
+    assert ev["eval_rewards/accuracies"] == pytest.approx(rep["reward_accuracy"], abs=1e-9)
 
 
 def test_reward_eval_is_llmlab_eval_on_the_pairs(run_dir, tmp_path):
