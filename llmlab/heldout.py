@@ -19,7 +19,9 @@ The limit is the model's context (``max_position_embeddings``), or ``--max-lengt
 **Held-out preference numbers** (dpo): per pair, the summed log-probability of the chosen and of the
 rejected completion under the policy and under the reference model, each sequence scored as above;
 the stage's loss (:func:`llmlab.losses.dpo_loss`) is averaged *per pair* over all pairs, the RPO NLL
-per chosen token over all pairs (:func:`preference_metrics`).
+per chosen token over all pairs (:func:`preference_metrics`). orpo (:func:`orpo_metrics`), kto
+(:func:`kto_metrics`: the reference point over the whole held-out set) and reward models
+(:func:`reward_metrics`) are scored per pair (per example for kto) over all held-out pairs the same way.
 """
 
 from __future__ import annotations
