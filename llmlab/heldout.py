@@ -19,7 +19,9 @@ The limit is the model's context (``max_position_embeddings``), or ``--max-lengt
 **Held-out preference numbers** (dpo): per pair, the summed log-probability of the chosen and of the
 rejected completion under the policy and under the reference model, each sequence scored as above;
 the stage's loss (:func:`llmlab.losses.dpo_loss`) is averaged *per pair* over all pairs, the RPO NLL
-per chosen token over all pairs (:func:`preference_metrics`).
+per chosen token over all pairs (:func:`preference_metrics`). orpo (:func:`orpo_metrics`), kto
+(:func:`kto_metrics`: the reference point over the whole held-out set) and reward models
+(:func:`reward_metrics`) are scored per pair (per example for kto) over all held-out pairs the same way.
 """
 
 from __future__ import annotations
@@ -242,3 +244,191 @@ def pair_logps(model: Any, pairs: Sequence[tuple], pad_id: int, batch_size: int 
     scores = score_tokens(model, items, pad_id, batch_size)
     cut = sum(a[2] or b[2] for a, b in zip(items[0::2], items[1::2]))
     return scores[0::2], scores[1::2], cut
+
+
+def whole_logps(model: Any, seqs: Sequence[Sequence[int]], pad_id: int, batch_size: int = 8) -> list[tuple[float, int]]:
+    """Per sequence, ``(summed log-probability, scored tokens)`` of every token but the first (prompt
+    included: ORPO's NLL term), each sequence cut from the left to ``model``'s context."""
+    limit = length_limit(model)
+    return score_tokens(model, [fit_left(ids, [True] * len(ids), limit) for ids in seqs], pad_id, batch_size)
+
+
+def orpo_metrics(chosen: Sequence[tuple[float, int]], rejected: Sequence[tuple[float, int]],
+                 chosen_whole: Sequence[tuple[float, int]], *, beta: float) -> dict[str, float]:
+    """The orpo stage's held-out numbers (Hong et al. 2024; the stage's loss, :mod:`llmlab.stages.orpo`).
+
+    Args:
+        chosen, rejected: per pair, ``(summed completion log-probability, completion tokens)``
+            (:func:`pair_logps`). chosen_whole: per pair, the same over every token of the chosen
+            sequence but its first, prompt included (:func:`whole_logps`). beta: the stage's ``beta``.
+    Returns:
+        ``nll_loss`` (chosen-sequence NLL per token over all pairs), ``preference_loss`` (the
+        odds-ratio term ``-beta log sigma(log odds)`` averaged over pairs: :func:`llmlab.losses.orpo_loss`),
+        ``loss`` (their sum), ``log_odds_ratio``, ``log_odds_chosen`` (means over pairs),
+        ``rewards/*`` (``beta`` × mean completion log-prob per token; accuracy with ties one half),
+        ``logps/chosen``, ``logps/rejected`` (means of the per-token completion log-probs), ``pairs``.
+    Raises:
+        ValueError: no pairs.
+    """
+    import torch
+
+    from llmlab.losses import orpo_loss, preference_accuracy
+
+    if not chosen:
+        raise ValueError("no preference pairs to evaluate")
+    avg = lambda xs: torch.tensor([s / max(n, 1) for s, n in xs], dtype=torch.float64)  # noqa: E731
+    ac, ar = avg(chosen), avg(rejected)
+    losses, r_c, r_r, log_sig, log_odds = orpo_loss(ac, ar, beta)
+    preference = float(losses.double().mean())
+    nll = -sum(s for s, _ in chosen_whole) / max(sum(n for _, n in chosen_whole), 1)
+    return {"loss": nll + preference, "preference_loss": preference, "nll_loss": nll,
+            "log_odds_ratio": float(log_sig.double().mean()), "log_odds_chosen": float(log_odds.double().mean()),
+            "rewards/accuracies": float(preference_accuracy(r_c, r_r)),
+            "rewards/margins": float((r_c - r_r).double().mean()), "rewards/chosen": float(r_c.double().mean()),
+            "rewards/rejected": float(r_r.double().mean()), "logps/chosen": float(ac.mean()),
+            "logps/rejected": float(ar.mean()), "pairs": len(ac)}
+
+
+def sequence_rewards(model: Any, seqs: Sequence[Sequence[int]], batch_size: int = 8) -> tuple[list[float], int]:
+    """A reward model's (``num_labels = 1`` sequence classifier) scalar score of each sequence, cut from
+    the left to its context, and how many were cut. Sequences are batched only with others of the same
+    length, never padded, so each score is that of the sequence alone (as ``llmlab eval`` scores it),
+    whatever the classifier's pooling does with padding."""
+    import torch
+
+    limit = length_limit(model)
+    device = next(model.parameters()).device
+    cut = [ids[-limit:] for ids in (list(s) for s in seqs)]
+    out: list[float] = [0.0] * len(cut)
+    by_len: dict[int, list[int]] = {}
+    for i, ids in enumerate(cut):
+        by_len.setdefault(len(ids), []).append(i)
+    with torch.no_grad():
+        for idx_all in by_len.values():
+            for b in range(0, len(idx_all), batch_size):
+                idx = idx_all[b: b + batch_size]
+                ids = torch.tensor([cut[i] for i in idx], dtype=torch.long, device=device)
+                logits = model(input_ids=ids).logits.float().reshape(len(idx), -1)[:, 0]
+                for i, v in zip(idx, logits.tolist()):
+                    out[i] = v
+    return out, sum(len(s) > limit for s in seqs)
+
+
+def reward_metrics(chosen_scores: Sequence[float], rejected_scores: Sequence[float]) -> dict[str, float]:
+    """A reward model's held-out numbers from per-pair scores (the reward stage's ``eval_*``, ``llmlab
+    eval``'s ``reward_*``): ``loss`` (the Bradley-Terry loss ``-log sigma(r_c - r_r)`` averaged over
+    pairs, :func:`llmlab.losses.bradley_terry_loss`), ``accuracy`` (share of pairs with ``r_c > r_r``,
+    a tie one half: :func:`llmlab.losses.preference_accuracy`), ``margin`` (mean ``r_c - r_r``),
+    ``chosen``, ``rejected``, ``reward_mean`` (mean scores), ``pairs``.
+
+    Raises:
+        ValueError: no pairs.
+    """
+    import torch
+
+    from llmlab.losses import bradley_terry_loss, preference_accuracy
+
+    if not chosen_scores:
+        raise ValueError("no preference pairs to evaluate")
+    c = torch.tensor(list(chosen_scores), dtype=torch.float64)
+    r = torch.tensor(list(rejected_scores), dtype=torch.float64)
+    return {"loss": float(bradley_terry_loss(c, r)), "accuracy": float(preference_accuracy(c, r)),
+            "margin": float((c - r).mean()), "chosen": float(c.mean()), "rejected": float(r.mean()),
+            "reward_mean": float(torch.cat([c, r]).mean()), "pairs": len(c)}
+
+
+def kto_mismatched(examples: Sequence[tuple]) -> list[tuple[list[int], list[bool]]]:
+    """KTO's mismatched examples over a whole held-out set: example ``j``'s prompt followed by example
+    ``j-1``'s completion (cyclically), as :func:`llmlab.stages.kto.mismatched_rows` builds them within
+    a training batch. A prompt is every token before the first scored one; a completion runs from there
+    to the end, with its flags.
+
+    Args:
+        examples: ``(ids, flags, ...)`` whole (uncut) sequences, at least one scored token each.
+    Returns:
+        ``(ids, flags)`` per example, in order.
+    """
+    starts = [next(i for i, f in enumerate(ex[1]) if f and i > 0) for ex in examples]
+    out = []
+    for j, ex in enumerate(examples):
+        k = (j - 1) % len(examples)
+        prev = examples[k]
+        out.append((list(ex[0][:starts[j]]) + list(prev[0][starts[k]:]),
+                    [False] * starts[j] + list(prev[1][starts[k]:])))
+    return out
+
+
+def kto_logps(model: Any, examples: Sequence[tuple], pad_id: int, batch_size: int = 8,
+              max_length: int | None = None) -> tuple[list[float], list[float], list[int], list[bool]]:
+    """The summed completion log-probabilities KTO's held-out numbers need, under ``model``.
+
+    Args:
+        examples: ``(ids, flags, ...)`` whole sequences (see :func:`kto_mismatched`).
+        max_length: a lower length limit than ``model``'s context.
+    Returns:
+        ``(logps, kl_logps, tokens, cut)``: per example, the summed log-probability of its completion
+        and of its mismatched counterpart's (:func:`kto_mismatched`), each sequence cut from the left
+        to the length limit; the scored tokens of each example; whether each example was cut.
+    """
+    limit = length_limit(model, max_length)
+    items = [fit_left(ex[0], ex[1], limit) for ex in examples]
+    kl_items = [fit_left(ids, flags, limit) for ids, flags in kto_mismatched(examples)]
+    scores = score_tokens(model, items + kl_items, pad_id, batch_size)
+    n = len(items)
+    return ([s for s, _ in scores[:n]], [s for s, _ in scores[n:]], [c for _, c in scores[:n]],
+            [it[2] for it in items])
+
+
+def cut_count(cut: Sequence[bool], paired: bool) -> int:
+    """How many examples were cut (:func:`kto_logps`' flags); with ``paired`` (the ``N`` chosen then
+    the ``N`` rejected sequences of ``N`` pairs), how many pairs had a sequence cut."""
+    if not paired:
+        return sum(cut)
+    n = len(cut) // 2
+    return sum(a or b for a, b in zip(cut[:n], cut[n:]))
+
+
+def kto_metrics(logps: Sequence[float], ref_logps: Sequence[float], kl_logps: Sequence[float],
+                ref_kl_logps: Sequence[float], desirable: Sequence[bool], *, beta: float,
+                desirable_weight: float = 1.0, undesirable_weight: float = 1.0,
+                paired: bool = False) -> dict[str, float]:
+    """The kto stage's held-out numbers (Ethayarajh et al. 2024; :mod:`llmlab.stages.kto`).
+
+    The reference point ``z_0`` (``kl``) is :func:`llmlab.losses.kto_kl` over the mismatched
+    examples of the *whole* held-out set (:func:`kto_mismatched`), not per batch, so the numbers do
+    not depend on batching; ``loss`` is :func:`llmlab.losses.kto_loss` averaged over all examples.
+
+    Args:
+        logps, ref_logps: per example, the summed completion log-probability under the policy and
+            the reference. kl_logps, ref_kl_logps: the same for the mismatched examples.
+        desirable: per example. beta, desirable_weight, undesirable_weight: the stage's settings.
+        paired: the examples are preference pairs, the ``N`` chosen then the ``N`` rejected
+            completions: adds ``rewards/accuracies`` (ties one half, :func:`llmlab.losses.preference_accuracy`).
+    Returns:
+        ``loss``, ``kl``, ``rewards/chosen``, ``rewards/rejected``, ``logps/chosen``, ``logps/rejected``
+        (means over the desirable / undesirable examples; absent for a side with none),
+        ``rewards/margins`` (when both sides have examples), ``examples``.
+    Raises:
+        ValueError: no examples.
+    """
+    import torch
+
+    from llmlab.losses import kto_kl, kto_loss, preference_accuracy
+
+    if not logps:
+        raise ValueError("no examples to evaluate")
+    t = lambda xs: torch.tensor(list(xs), dtype=torch.float64)  # noqa: E731
+    kl = kto_kl(t(kl_logps), t(ref_kl_logps))
+    want = torch.tensor([bool(d) for d in desirable])
+    losses, rewards = kto_loss(t(logps), t(ref_logps), want, kl, beta, desirable_weight, undesirable_weight)
+    out = {"loss": float(losses.mean()), "kl": float(kl), "examples": len(losses)}
+    for side, sel in (("chosen", want), ("rejected", ~want)):
+        if sel.any():
+            out[f"rewards/{side}"] = float(rewards[sel].mean())
+            out[f"logps/{side}"] = float(t(logps)[sel].mean())
+    if "rewards/chosen" in out and "rewards/rejected" in out:
+        out["rewards/margins"] = out["rewards/chosen"] - out["rewards/rejected"]
+    if paired:
+        n = len(rewards) // 2
+        out["rewards/accuracies"] = float(preference_accuracy(rewards[:n], rewards[n:]))
+    return out

@@ -214,8 +214,8 @@ def _tok_pair(tokenizer, seq_len: int, cfg: StageDataConfig, source: int, keep_l
 
 def _tok_unpaired(tokenizer, seq_len: int, cfg: StageDataConfig, source: int, keep_long: bool = False):
     """Unpaired preference rows (kto): prompt + completion, labels on the completion's assistant
-    turns, ``desirable`` the row's label (``keep_long`` does not apply: kto's held-out rows are
-    scored like its training rows)."""
+    turns, ``desirable`` the row's label; ``keep_long``: rows longer than ``seq_len`` are kept whole
+    (held-out rows, cut from the left when scored: :mod:`llmlab.heldout`)."""
     def fn(batch):
         out = {k: [] for k in ("input_ids", "labels", "desirable", "_source", "_drop")}
         convs = [p + c for p, c in zip(batch["prompt"], batch["completion"])]
@@ -223,7 +223,7 @@ def _tok_unpaired(tokenizer, seq_len: int, cfg: StageDataConfig, source: int, ke
         for ids, mask, comp, label in zip(enc["input_ids"], enc["assistant_masks"], batch["completion"],
                                           batch["label"]):
             labels = _labels_for_last_spans(ids, mask, sum(m["role"] == "assistant" for m in comp))
-            drop = f"too_long:{len(ids)}" if len(ids) > seq_len else ""
+            drop = f"too_long:{len(ids)}" if len(ids) > seq_len and not keep_long else ""
             if not drop and all(x == IGNORE_INDEX for x in labels):
                 drop = "no_assistant_tokens"
             out["input_ids"].append([] if drop else ids)
@@ -256,7 +256,7 @@ def _tok_prompt(tokenizer, seq_len: int, cfg: StageDataConfig, source: int, keep
 _TOKENISERS = {"sft": _tok_sft, "pair": _tok_pair, "prompt": _tok_prompt, "unpaired_preference": _tok_unpaired}
 #: stage types whose held-out examples are kept whole at tokenisation, however long: their eval_loss
 #: cuts them from the left to the model's context when scoring (llmlab.heldout), never drops them
-HELD_OUT_WHOLE = ("sft", "dpo")
+HELD_OUT_WHOLE = ("sft", "dpo", "orpo", "kto", "reward")
 
 
 # -- StageData -----------------------------------------------------------------------------------
@@ -266,9 +266,11 @@ class HeldOut:
     """The held-out examples a training stage evaluates (:meth:`StageData.heldout`).
 
     Attributes:
-        kind: ``text`` (pretrain), ``conversation`` (sft) or ``preference`` (dpo).
+        kind: ``text`` (pretrain), ``conversation`` (sft), ``preference`` (dpo, orpo, reward, kto on
+            pairs) or ``unpaired`` (kto on unpaired rows).
         examples: text: token-id lists of documents (no EOS); conversation: ``(ids, scored flags)``;
-            preference: ``((chosen ids, flags), (rejected ids, flags))``. Whole, however long.
+            preference: ``((chosen ids, flags), (rejected ids, flags))``; unpaired: ``(ids, flags,
+            desirable)``. Whole, however long.
         total: the examples of the held-out set they were drawn from (``len(examples)`` when it is
             covered whole).
     """
@@ -405,6 +407,10 @@ class StageData:
         if self.family == "sft":
             ex = [(ids, flags(lab)) for ids, lab in zip(rows["input_ids"], rows["labels"])]
             return HeldOut("conversation", ex, n)
+        if self.family == "unpaired_preference":
+            ex = [(ids, flags(lab), bool(d))
+                  for ids, lab, d in zip(rows["input_ids"], rows["labels"], rows["desirable"])]
+            return HeldOut("unpaired", ex, n)
         ex = [((ci, flags(cl)), (ri, flags(rl))) for ci, cl, ri, rl in zip(
             rows["chosen_input_ids"], rows["chosen_labels"], rows["rejected_input_ids"], rows["rejected_labels"])]
         return HeldOut("preference", ex, n)

@@ -222,17 +222,32 @@ DEFAULT_BETA = 0.1
 
 
 def _dpo_settings(recipe: dict, loc: Any) -> dict | None:
-    """The loss settings of the dpo stage ``loc`` came from (``beta``, ``loss_type``,
-    ``label_smoothing``, ``rpo_alpha``; schema defaults filled) and its reference stage
-    (``reference_from``, else the ``from`` stage, else None); None when the model is not a dpo stage's."""
+    """The loss settings of the dpo, orpo or kto stage ``loc`` came from, so ``llmlab eval`` reports that
+    stage's held-out numbers: ``beta``, ``loss`` (keyword arguments of
+    :func:`llmlab.inference.evaluate.evaluate_model`: a dpo stage's ``loss_type``, ``label_smoothing``,
+    ``rpo_alpha``, ``simpo_gamma``, ``cpo_alpha``; an orpo stage's ``loss_type="orpo"``; a kto stage's
+    ``loss_type="kto"``, ``desirable_weight``, ``undesirable_weight``; schema defaults filled) and
+    ``reference``, its reference stage (``reference_from``, else the ``from`` stage; None for orpo and
+    the reference-free simpo / cpo). None when the model is not such a stage's."""
     from llmlab.recipe.schema import stage_defaults
+    from llmlab.stage_specs import REFERENCE_FREE_DPO_LOSSES
 
     cfg = (recipe.get("stages") or {}).get(loc.stage_name) if loc.stage_name else None
-    if not cfg or cfg.get("type") != "dpo" or loc.run_dir is None:
+    if not cfg or cfg.get("type") not in ("dpo", "orpo", "kto") or loc.run_dir is None:
         return None
-    cfg = {**stage_defaults("dpo"), **cfg}
-    return {"beta": float(cfg["beta"]), "loss_type": cfg["loss_type"], "label_smoothing": float(cfg["label_smoothing"]),
-            "rpo_alpha": float(cfg["rpo_alpha"]), "reference": cfg.get("reference_from") or cfg.get("from")}
+    cfg = {**stage_defaults(cfg["type"]), **cfg}
+    if cfg["type"] == "orpo":
+        return {"beta": float(cfg["beta"]), "loss": {"loss_type": "orpo"}, "reference": None}
+    if cfg["type"] == "kto":
+        return {"beta": float(cfg["beta"]), "reference": cfg.get("reference_from") or cfg.get("from"),
+                "loss": {"loss_type": "kto", "desirable_weight": float(cfg["desirable_weight"]),
+                         "undesirable_weight": float(cfg["undesirable_weight"])}}
+    loss = {"loss_type": cfg["loss_type"], "label_smoothing": float(cfg["label_smoothing"]),
+            "rpo_alpha": float(cfg["rpo_alpha"]), "simpo_gamma": float(cfg["simpo_gamma"]),
+            "cpo_alpha": float(cfg["cpo_alpha"])}
+    free = cfg["loss_type"] in REFERENCE_FREE_DPO_LOSSES
+    return {"beta": float(cfg["beta"]), "loss": loss,
+            "reference": None if free else cfg.get("reference_from") or cfg.get("from")}
 
 
 def run_lm_eval(model: Any, tokenizer: Any, tasks: list[str], batch_size: int = 8, limit: int | None = None) -> dict:
@@ -257,9 +272,10 @@ def eval_command(path: Path, dataset: str | None = None, output: Path | None = N
 
     ``dataset`` is a file, a dataset name of the run's recipe (held-out rows unless ``split`` says
     otherwise) or a builtin (see :mod:`llmlab.inference.datasets`). Named datasets are capped at 200
-    evenly spaced rows unless ``limit`` says otherwise. For a dpo stage's model on preference data,
-    ``beta``, the loss settings and (unless ``reference`` is given) the reference model are the stage's,
-    so the report's ``loss`` is the stage's held-out ``eval_loss`` (:func:`_dpo_settings`).
+    evenly spaced rows unless ``limit`` says otherwise. For a dpo, orpo or kto stage's model on preference
+    data, ``beta``, the loss settings and (unless ``reference`` is given) the reference model are the
+    stage's, so the report's ``loss`` is the stage's held-out ``eval_loss`` (:func:`_dpo_settings`); a
+    reward stage's model reports the reward stage's ``loss`` and ``reward_accuracy`` (its ``eval_accuracy``).
     """
     if dataset is None and not tasks:
         _err("give --dataset SPEC (a .jsonl/.txt file or kjv, chatterbot, chatterbot_pairs) and/or --tasks")
@@ -308,7 +324,7 @@ def eval_command(path: Path, dataset: str | None = None, output: Path | None = N
             beta = dpo["beta"] if beta is None else beta
             if reference is None and dpo["reference"] is not None:
                 reference, reference_stage = loc.run_dir, dpo["reference"]
-                _info(f"reference: stage {reference_stage} (the reference of dpo stage {loc.stage_name}; "
+                _info(f"reference: stage {reference_stage} (the reference of stage {loc.stage_name}; "
                       "--reference overrides)")
         beta = DEFAULT_BETA if beta is None else beta
         if reference is not None:
@@ -331,7 +347,7 @@ def eval_command(path: Path, dataset: str | None = None, output: Path | None = N
             report["reward_model"] = str(got[3].model_dir)
         settings = GenerationSettings(max_new_tokens=max_new_tokens, temperature=temperature, seed=seed)
         try:
-            loss = {k: dpo[k] for k in ("loss_type", "label_smoothing", "rpo_alpha")} if dpo else {}
+            loss = dpo["loss"] if dpo else {}
             report.update(evaluate_model(model, tok, rows, found_kind, is_chat=is_chat, reference=ref,
                                          reward_model=rm, beta=beta, batch_size=batch_size, max_length=max_length,
                                          settings=settings, num_samples=num_samples, **loss))

@@ -21,8 +21,10 @@ stage type. What it reports per kind:
   ``r = beta * (log pi(y|x) - log pi_ref(y|x))`` gives ``reward_accuracy`` (share with
   r_chosen > r_rejected, a tie counting one half: at step 0 every implicit reward ties), ``reward_margin`` (mean r_chosen - r_rejected),
   the mean rewards, and the dpo stage's held-out ``loss`` (its ``eval_loss``: ``preference_loss``, the
-  DPO/IPO loss per pair averaged over pairs, plus ``rpo_alpha`` times ``nll_loss``). A reward model (``*ForSequenceClassification``) is scored directly: its
-  accuracy and margin on chosen vs rejected.
+  DPO/IPO loss per pair averaged over pairs, plus ``rpo_alpha`` times ``nll_loss``). A reward model (``*ForSequenceClassification``) is scored directly, each
+  sequence on its own: the reward stage's held-out numbers (``loss``: Bradley-Terry per pair;
+  ``reward_accuracy``, a tie one half; ``reward_margin``). For an orpo or kto stage's model the stage's
+  own numbers (``loss_type`` orpo / kto; docs/evaluation.md).
 - prompt: sample generations (seeded), with a reward model's score for each when one is given.
 
 The scoring and the rules below are those of :mod:`llmlab.heldout`, shared with the training stages'
@@ -47,8 +49,9 @@ from llmlab.inference.generation import (
     generate_text,
     messages_as_text,
 )
-from llmlab.heldout import (Scored, document_windows, fit_left, length_limit, lm_loss, perplexity,  # noqa: F401
-                            preference_metrics, score_tokens, start_token)
+from llmlab.heldout import (Scored, cut_count, document_windows, fit_left, kto_logps, kto_metrics, length_limit,  # noqa: F401
+                            lm_loss, orpo_metrics, perplexity, preference_metrics, reward_metrics, score_tokens,
+                            start_token)
 from llmlab.inference.loading import has_chatml_template, is_reward_model
 
 LN2 = math.log(2.0)
@@ -172,9 +175,11 @@ def eval_conversation(model: Any, tokenizer: Any, rows: Sequence[dict], batch_si
 
 
 def preference_logps(model: Any, tokenizer: Any, rows: Sequence[dict], is_chat: bool, batch_size: int = 8,
-                     max_length: int | None = None) -> tuple[list[tuple[float, int]], list[tuple[float, int]], int]:
+                     max_length: int | None = None, whole_chosen: bool = False) -> tuple[list[tuple[float, int]], ...]:
     """Per pair, ``(summed log-probability, scored tokens)`` of the chosen and of the rejected completion,
-    and the number of pairs whose chosen or rejected sequence was cut from the left to fit the length limit."""
+    and the number of pairs whose chosen or rejected sequence was cut from the left to fit the length limit.
+    With ``whole_chosen``, a fourth item: per pair the same over every token of the (cut) chosen
+    sequence but its first, prompt included (ORPO's NLL term, :func:`llmlab.heldout.whole_logps`)."""
     limit = length_limit(model, max_length)
     items = []
     for r in rows:
@@ -182,7 +187,11 @@ def preference_logps(model: Any, tokenizer: Any, rows: Sequence[dict], is_chat: 
         items.append(_prompt_completion(tokenizer, r["prompt"], r["rejected"], is_chat, limit))
     scores = score_tokens(model, items, _pad_id(tokenizer), batch_size)
     cut = sum(a[2] or b[2] for a, b in zip(items[0::2], items[1::2]))
-    return scores[0::2], scores[1::2], cut
+    if not whole_chosen:
+        return scores[0::2], scores[1::2], cut
+    whole = score_tokens(model, [(ids, [True] * len(ids)) for ids, _, _ in items[0::2]], _pad_id(tokenizer),
+                         batch_size)
+    return scores[0::2], scores[1::2], cut, whole
 
 
 @torch.no_grad()
@@ -208,37 +217,94 @@ def _mean(xs: Sequence[float]) -> float:
 
 def eval_preference(model: Any, tokenizer: Any, rows: Sequence[dict], is_chat: bool, reference: Any = None,
                     beta: float = 0.1, batch_size: int = 8, max_length: int | None = None,
-                    loss_type: str = "sigmoid", label_smoothing: float = 0.0, rpo_alpha: float = 0.0) -> dict:
+                    loss_type: str = "sigmoid", label_smoothing: float = 0.0, rpo_alpha: float = 0.0,
+                    simpo_gamma: float = 0.5, cpo_alpha: float = 1.0, desirable_weight: float = 1.0,
+                    undesirable_weight: float = 1.0) -> dict:
     """Preference metrics of a policy (optionally against a reference) or of a reward model.
 
-    With a reference, also the dpo stage's held-out numbers (:func:`llmlab.heldout.preference_metrics`
-    with ``beta``, ``loss_type``, ``label_smoothing``, ``rpo_alpha``): ``loss`` (the stage's
-    ``eval_loss``), ``preference_loss`` and ``nll_loss``."""
+    With a reference (or ``loss_type`` simpo / cpo, reference-free), also the dpo stage's held-out
+    numbers (:func:`llmlab.heldout.preference_metrics` with ``beta``, ``loss_type``,
+    ``label_smoothing``, ``rpo_alpha``, ``simpo_gamma``, ``cpo_alpha``): ``loss`` (the stage's
+    ``eval_loss``), ``preference_loss`` and ``nll_loss``. With ``loss_type="orpo"``, the orpo stage's
+    (:func:`llmlab.heldout.orpo_metrics` with ``beta``; no reference). With ``loss_type="kto"`` and a
+    reference, the kto stage's on the pairs (:func:`_kto_numbers`). A reward model's numbers are the
+    reward stage's (:func:`llmlab.heldout.reward_metrics`): ``loss`` (Bradley-Terry, per pair),
+    ``reward_accuracy`` (a tie one half), ``reward_margin``."""
     if is_reward_model(model):
         sc, cut_c = reward_scores(model, tokenizer, [r["prompt"] + r["chosen"] for r in rows], is_chat)
         sr, cut_r = reward_scores(model, tokenizer, [r["prompt"] + r["rejected"] for r in rows], is_chat)
-        diffs = [a - b for a, b in zip(sc, sr)]
-        cut = sum(a or b for a, b in zip(cut_c, cut_r))
-        return {"pairs": len(rows), "reward_model": True, "reward_accuracy": _mean([float(d > 0) for d in diffs]),
-                "reward_margin": _mean(diffs), "chosen_reward": _mean(sc), "rejected_reward": _mean(sr),
-                "truncated": cut}
-    c, r, cut = preference_logps(model, tokenizer, rows, is_chat, batch_size, max_length)
+        m = reward_metrics(sc, sr)  # the reward stage's held-out numbers
+        return {"pairs": len(rows), "reward_model": True, "reward_accuracy": m["accuracy"],
+                "reward_margin": m["margin"], "chosen_reward": m["chosen"], "rejected_reward": m["rejected"],
+                "loss": m["loss"], "truncated": sum(a or b for a, b in zip(cut_c, cut_r))}
+    if loss_type == "orpo":
+        c, r, cut, whole = preference_logps(model, tokenizer, rows, is_chat, batch_size, max_length, True)
+    else:
+        c, r, cut = preference_logps(model, tokenizer, rows, is_chat, batch_size, max_length)
     pc, pr = [s for s, _ in c], [s for s, _ in r]
     mc, mr = [s / max(n, 1) for s, n in c], [s / max(n, 1) for s, n in r]  # per-token means
     res = {"pairs": len(rows), "logp_accuracy": _mean([float(a > b) for a, b in zip(pc, pr)]),
            "avg_logp_accuracy": _mean([float(a > b) for a, b in zip(mc, mr)]),
            "chosen_logp": _mean(pc), "rejected_logp": _mean(pr), "truncated": cut}
-    if reference is not None:
-        ref_c, ref_r, ref_cut = preference_logps(reference, tokenizer, rows, is_chat, batch_size, max_length)
-        rc, rr = [s for s, _ in ref_c], [s for s, _ in ref_r]
-        m = preference_metrics(pc, pr, rc, rr, [n for _, n in c], [n for _, n in r], beta=beta,
-                               loss_type=loss_type, label_smoothing=label_smoothing, rpo_alpha=rpo_alpha)
-        res["truncated"] = max(cut, ref_cut)
-        res.update(beta=beta, reward_accuracy=m["rewards/accuracies"], reward_margin=m["rewards/margins"],
+    if loss_type == "orpo":  # reference-free: the orpo stage's held-out numbers
+        m = orpo_metrics(c, r, whole, beta=beta)
+        res.update(beta=beta, loss_type=loss_type, loss=m["loss"], preference_loss=m["preference_loss"],
+                   nll_loss=m["nll_loss"], reward_accuracy=m["rewards/accuracies"], reward_margin=m["rewards/margins"],
                    chosen_reward=m["rewards/chosen"], rejected_reward=m["rewards/rejected"],
-                   reference_logp_accuracy=_mean([float(a > b) for a, b in zip(rc, rr)]),
-                   loss_type=loss_type, loss=m["loss"], preference_loss=m["preference_loss"],
-                   nll_loss=m["nll_loss"])
+                   log_odds_ratio=m["log_odds_ratio"])
+    elif loss_type == "kto":
+        if reference is None:
+            raise ValueError("the kto numbers need a reference model")
+        m = _kto_numbers(model, tokenizer, rows, is_chat, reference, batch_size, max_length, beta=beta,
+                         desirable_weight=desirable_weight, undesirable_weight=undesirable_weight)
+        res["truncated"] = max(cut, m.pop("truncated"))
+        res.update(m)
+    elif reference is not None or loss_type in ("simpo", "cpo"):
+        m = _dpo_numbers(model, tokenizer, rows, is_chat, reference, c, r, batch_size, max_length, beta=beta,
+                         loss_type=loss_type, label_smoothing=label_smoothing, rpo_alpha=rpo_alpha,
+                         simpo_gamma=simpo_gamma, cpo_alpha=cpo_alpha)
+        res["truncated"] = max(cut, m.pop("truncated"))
+        res.update(m)
+    return res
+
+
+def _kto_numbers(model: Any, tokenizer: Any, rows: Sequence[dict], is_chat: bool, reference: Any,
+                 batch_size: int, max_length: int | None, *, beta: float, desirable_weight: float,
+                 undesirable_weight: float) -> dict:
+    """The kto stage's held-out numbers on preference pairs (:func:`llmlab.heldout.kto_metrics`): the
+    chosen completions desirable, the rejected undesirable, the reference point over the whole set."""
+    whole = 10 ** 9  # build whole sequences; kto_logps cuts them (and their mismatched pairs) to the limit
+    seqs = [[_prompt_completion(tokenizer, r["prompt"], r[side], is_chat, whole) for r in rows]
+            for side in ("chosen", "rejected")]
+    examples = [(ids, flags, True) for ids, flags, _ in seqs[0]] + [(ids, flags, False) for ids, flags, _ in seqs[1]]
+    pad = _pad_id(tokenizer)
+    lp, kl, _, cut = kto_logps(model, examples, pad, batch_size, max_length)
+    ref_lp, ref_kl, _, ref_cut = kto_logps(reference, examples, pad, batch_size, max_length)
+    m = kto_metrics(lp, ref_lp, kl, ref_kl, [ex[2] for ex in examples], beta=beta, desirable_weight=desirable_weight,
+                    undesirable_weight=undesirable_weight, paired=True)
+    return {"beta": beta, "loss_type": "kto", "loss": m["loss"], "kl": m["kl"],
+            "reward_accuracy": m["rewards/accuracies"], "reward_margin": m["rewards/margins"],
+            "chosen_reward": m["rewards/chosen"], "rejected_reward": m["rewards/rejected"],
+            "truncated": cut_count([a or b for a, b in zip(cut, ref_cut)], True)}
+
+
+def _dpo_numbers(model: Any, tokenizer: Any, rows: Sequence[dict], is_chat: bool, reference: Any,
+                 c: list, r: list, batch_size: int, max_length: int | None, *, beta: float,
+                 **loss: Any) -> dict:
+    """The dpo stage's held-out numbers from the policy's per-pair ``c``, ``r`` (:func:`preference_logps`)
+    and, unless ``loss["loss_type"]`` is reference-free (simpo, cpo), ``reference``'s."""
+    pc, pr = [s for s, _ in c], [s for s, _ in r]
+    rc = rr = None
+    res: dict = {"truncated": 0}
+    if loss["loss_type"] not in ("simpo", "cpo"):
+        ref_c, ref_r, res["truncated"] = preference_logps(reference, tokenizer, rows, is_chat, batch_size, max_length)
+        rc, rr = [s for s, _ in ref_c], [s for s, _ in ref_r]
+        res["reference_logp_accuracy"] = _mean([float(a > b) for a, b in zip(rc, rr)])
+    m = preference_metrics(pc, pr, rc, rr, [n for _, n in c], [n for _, n in r], beta=beta, **loss)
+    res.update(beta=beta, reward_accuracy=m["rewards/accuracies"], reward_margin=m["rewards/margins"],
+               chosen_reward=m["rewards/chosen"], rejected_reward=m["rewards/rejected"],
+               loss_type=loss["loss_type"], loss=m["loss"], preference_loss=m["preference_loss"],
+               nll_loss=m["nll_loss"])
     return res
 
 
@@ -282,7 +348,8 @@ def evaluate_model(model: Any, tokenizer: Any, rows: Sequence[dict], kind: str, 
                    reference: Any = None, reward_model: Any = None, beta: float = 0.1, batch_size: int = 8,
                    max_length: int | None = None, settings: GenerationSettings | None = None,
                    num_samples: int = 8, loss_type: str = "sigmoid", label_smoothing: float = 0.0,
-                   rpo_alpha: float = 0.0) -> dict:
+                   rpo_alpha: float = 0.0, simpo_gamma: float = 0.5, cpo_alpha: float = 1.0,
+                   desirable_weight: float = 1.0, undesirable_weight: float = 1.0) -> dict:
     """Evaluate a model on rows of one kind; returns a JSON-ready dict of metrics.
 
     Args:
@@ -293,8 +360,11 @@ def evaluate_model(model: Any, tokenizer: Any, rows: Sequence[dict], kind: str, 
         reference: a reference causal LM sharing ``tokenizer``, for DPO implicit rewards (preference).
         reward_model: ``(model, tokenizer, is_chat)`` scoring sampled generations (prompt).
         beta: the DPO beta of the implicit reward.
-        loss_type, label_smoothing, rpo_alpha: the dpo stage's loss settings, for its held-out ``loss``
-            (preference rows with a reference; :func:`llmlab.heldout.preference_metrics`).
+        loss_type, label_smoothing, rpo_alpha, simpo_gamma, cpo_alpha: the dpo stage's loss settings, for
+            its held-out ``loss`` (preference rows with a reference, or simpo / cpo;
+            :func:`llmlab.heldout.preference_metrics`); ``loss_type="orpo"``: the orpo stage's
+            (:func:`llmlab.heldout.orpo_metrics`, ``beta`` its beta).
+        desirable_weight, undesirable_weight: the kto stage's, with ``loss_type="kto"`` (and a reference).
         batch_size, max_length: scoring batch size and the longest sequence scored (default: context).
         settings, num_samples: generation settings and number of prompts sampled (prompt).
 
@@ -313,7 +383,8 @@ def evaluate_model(model: Any, tokenizer: Any, rows: Sequence[dict], kind: str, 
             res = eval_conversation(model, tokenizer, rows, batch_size, max_length)
         elif kind == "preference":
             res = eval_preference(model, tokenizer, rows, is_chat, reference, beta, batch_size, max_length,
-                                  loss_type, label_smoothing, rpo_alpha)
+                                  loss_type, label_smoothing, rpo_alpha, simpo_gamma, cpo_alpha,
+                                  desirable_weight, undesirable_weight)
         elif kind == "prompt":
             res = eval_prompts(model, tokenizer, rows, is_chat, settings, num_samples, reward_model)
         else:

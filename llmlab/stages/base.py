@@ -130,7 +130,7 @@ class Stage:
     def heldout(self):
         """The held-out examples :meth:`evaluate_heldout` scores (a
         :class:`llmlab.data.pipeline.HeldOut`), or None for a stage evaluated on :meth:`eval_batches`
-        (the default). Stages with a held-out loss (pretrain, sft, dpo) use this: one definition with
+        (the default). Stages with a held-out loss (pretrain, sft, dpo, orpo, kto, reward) use this: one definition with
         ``llmlab eval`` (:mod:`llmlab.heldout`)."""
         return None
 

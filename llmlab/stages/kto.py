@@ -12,7 +12,9 @@ undesirable one (prompt + rejected), so a batch of ``B`` pairs holds ``2B`` exam
 The reference point ``z_0`` (:func:`llmlab.losses.kto_kl`) is estimated per micro-batch, as TRL 1.16's
 ``KTOTrainer`` does, from mismatched pairs: the completions rotated by one row within the batch
 (row ``j`` gets its own prompt with row ``j-1``'s completion, cyclically), ``mean(log pi - log ref)``
-over them, detached and clamped at 0. The reference model is chosen as for dpo
+over them, detached and clamped at 0. Held-out, the mismatched pairs and ``z_0`` are taken over the
+whole held-out set instead (:func:`llmlab.heldout.kto_metrics`), so ``eval_loss`` does not depend on
+batching. The reference model is chosen as for dpo
 (:class:`llmlab.stages.reference.ReferenceModel`).
 """
 
@@ -74,6 +76,16 @@ def unpaired_metrics(rewards: torch.Tensor, logps: torch.Tensor, desirable: torc
     return out
 
 
+def kto_examples(heldout) -> list[tuple[list[int], list[bool], bool]]:
+    """``(ids, flags, desirable)`` per KTO example of a :class:`llmlab.data.pipeline.HeldOut`: its
+    unpaired rows, or its pairs as the ``N`` chosen completions (desirable) then the ``N`` rejected ones,
+    the order a training batch of pairs has (:func:`llmlab.models.padfree.concat_pairs`)."""
+    if heldout.kind == "unpaired":
+        return [(list(ids), list(flags), bool(d)) for ids, flags, d in heldout.examples]
+    return ([(list(c[0]), list(c[1]), True) for c, _ in heldout.examples]
+            + [(list(r[0]), list(r[1]), False) for _, r in heldout.examples])
+
+
 class KTOStage(Stage):
     """KTO on preference pairs split into desirable / undesirable examples (batch keys as
     :class:`llmlab.stages.dpo.DPOStage`).
@@ -110,6 +122,37 @@ class KTOStage(Stage):
 
     def eval_batches(self) -> list[dict]:
         return self.data.eval_batches()
+
+    def heldout(self):
+        return self.data.heldout()
+
+    @torch.no_grad()
+    def evaluate_heldout(self, model: torch.nn.Module, heldout) -> dict[str, float]:
+        """The held-out KTO numbers (:func:`llmlab.heldout.kto_metrics`: the reference point over the
+        mismatched examples of the whole held-out set, the loss averaged over all examples; on pairs
+        the chosen completions desirable, the rejected undesirable), keys prefixed ``eval_``, with
+        ``eval_examples`` (pairs, or unpaired rows), ``eval_tokens`` (scored completion tokens),
+        ``eval_truncated`` (rows, or pairs, with a sequence cut) and ``eval_heldout_examples``. The reference's
+        log-probabilities are computed once per held-out set (the reference is frozen)."""
+        from llmlab.heldout import cut_count, kto_logps, kto_metrics
+
+        examples = kto_examples(heldout)
+        bs = self.data.batch_size
+        logps, kl_logps, tokens, cut = kto_logps(model, examples, self.pad_token_id, bs)
+        cached = getattr(self, "_ref_heldout", None)
+        if cached is None or cached[0] is not heldout:
+            with self.reference.context(model):
+                cached = (heldout, kto_logps(self.reference.forward_model(model), examples, self.pad_token_id, bs))
+            self._ref_heldout = cached
+        ref_logps, ref_kl_logps = cached[1][0], cached[1][1]
+        m = kto_metrics(logps, ref_logps, kl_logps, ref_kl_logps, [ex[2] for ex in examples], beta=self.beta,
+                        desirable_weight=self.desirable_weight, undesirable_weight=self.undesirable_weight,
+                        paired=heldout.kind == "preference")
+        out = {f"eval_{k}": v for k, v in m.items() if k != "examples"}
+        out.update(eval_examples=len(heldout.examples), eval_tokens=sum(tokens),
+                   eval_truncated=cut_count(cut, heldout.kind == "preference"),
+                   eval_heldout_examples=heldout.total)
+        return out
 
     def compute_loss(self, model: torch.nn.Module, batch: dict) -> tuple[torch.Tensor, dict]:
         device = self.ctx.device

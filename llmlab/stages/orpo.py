@@ -46,6 +46,26 @@ class ORPOStage(Stage):
     def eval_batches(self) -> list[dict]:
         return self.data.eval_batches()
 
+    def heldout(self):
+        return self.data.heldout()
+
+    @torch.no_grad()
+    def evaluate_heldout(self, model: torch.nn.Module, heldout) -> dict[str, float]:
+        """The held-out ORPO numbers over all held-out pairs (:func:`llmlab.heldout.orpo_metrics`: the
+        chosen sequences' NLL per token over all pairs plus the odds-ratio term averaged over pairs),
+        keys prefixed ``eval_``, with ``eval_examples`` (pairs), ``eval_tokens`` (scored completion
+        tokens, chosen and rejected), ``eval_truncated`` and ``eval_heldout_examples``."""
+        from llmlab.heldout import orpo_metrics, pair_logps, whole_logps
+
+        bs = self.data.batch_size
+        c, r, cut = pair_logps(model, heldout.examples, self.pad_token_id, bs)
+        whole = whole_logps(model, [chosen[0] for chosen, _ in heldout.examples], self.pad_token_id, bs)
+        m = orpo_metrics(c, r, whole, beta=self.beta)
+        out = {f"eval_{k}": v for k, v in m.items() if k != "pairs"}
+        out.update(eval_examples=len(heldout.examples), eval_tokens=sum(n for _, n in c) + sum(n for _, n in r),
+                   eval_truncated=cut, eval_heldout_examples=heldout.total)
+        return out
+
     def compute_loss(self, model: torch.nn.Module, batch: dict) -> tuple[torch.Tensor, dict]:
         device = self.ctx.device
         ids, att, labels = (t.to(device) for t in concat_pairs(batch, self.pad_token_id))

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from llmlab.losses import bradley_terry_loss
+from llmlab.losses import bradley_terry_loss, preference_accuracy
 from llmlab.models.padfree import concat_pairs, reward_scores
 from llmlab.stages.base import Stage
 
@@ -25,8 +25,10 @@ class RewardStage(Stage):
     Batch keys as the dpo stage (``chosen_*`` / ``rejected_*``, ``[B, T]``). Chosen and rejected go
     through the model in one forward pass.
 
-    Metrics: ``accuracy`` (fraction of pairs where r(chosen) > r(rejected)), ``margin`` (mean
-    r(chosen) - r(rejected)), ``reward_mean``.
+    Metrics: ``accuracy`` (fraction of pairs where r(chosen) > r(rejected), a tie one half),
+    ``margin`` (mean r(chosen) - r(rejected)), ``reward_mean``. Held-out (:meth:`evaluate_heldout`):
+    the same per pair over all held-out pairs, ``eval_loss`` the Bradley-Terry loss averaged over
+    pairs, plus ``eval_chosen``, ``eval_rejected`` (mean scores).
     """
 
     type = "reward"
@@ -68,6 +70,29 @@ class RewardStage(Stage):
     def eval_batches(self) -> list[dict]:
         return self.data.eval_batches()
 
+    def heldout(self):
+        return self.data.heldout()
+
+    @torch.no_grad()
+    def evaluate_heldout(self, model: torch.nn.Module, heldout) -> dict[str, float]:
+        """The held-out reward-model numbers over all held-out pairs (:func:`llmlab.heldout.reward_metrics`:
+        Bradley-Terry loss per pair and accuracy over pairs, a tie one half; each sequence scored on its
+        own, cut from the left to the model's context), keys prefixed ``eval_``, with ``eval_examples``
+        (pairs), ``eval_tokens`` (tokens of the chosen and rejected sequences scored), ``eval_truncated``
+        (pairs with a cut sequence) and ``eval_heldout_examples``. The same numbers as ``llmlab eval``'s
+        ``loss``, ``reward_accuracy`` and ``reward_margin`` on those pairs."""
+        from llmlab.heldout import length_limit, reward_metrics, sequence_rewards
+
+        seqs = [ids for pair in heldout.examples for ids, _ in pair]
+        scores, _ = sequence_rewards(model, seqs, self.data.batch_size)
+        limit = length_limit(model)
+        m = reward_metrics(scores[0::2], scores[1::2])
+        out = {f"eval_{k}": v for k, v in m.items() if k != "pairs"}
+        out.update(eval_examples=len(heldout.examples), eval_tokens=sum(min(len(s), limit) for s in seqs),
+                   eval_truncated=sum(len(a) > limit or len(b) > limit for a, b in zip(seqs[0::2], seqs[1::2])),
+                   eval_heldout_examples=heldout.total)
+        return out
+
     def compute_loss(self, model: torch.nn.Module, batch: dict) -> tuple[torch.Tensor, dict]:
         tok = self.ctx.tokenizer
         pad = tok.pad_token_id if tok is not None and tok.pad_token_id is not None else 0
@@ -77,7 +102,7 @@ class RewardStage(Stage):
         chosen, rejected = scores[:B], scores[B:]
         loss = bradley_terry_loss(chosen, rejected)
         metrics = {
-            "accuracy": (chosen > rejected).float().mean().detach(),
+            "accuracy": preference_accuracy(chosen, rejected).detach(),
             "margin": (chosen - rejected).mean().detach(),
             "reward_mean": scores.mean().detach(),
         }

@@ -1,11 +1,11 @@
 """The training loop's evaluator: the stage's held-out numbers every ``eval_every`` steps.
 
-Stages with a held-out set (pretrain, sft, dpo: :meth:`~llmlab.stages.base.Stage.heldout`) are scored
-as :mod:`llmlab.heldout` defines it — per token (per pair for dpo) over the same examples, cut from
+Stages with a held-out set (pretrain, sft, dpo, orpo, kto, reward: :meth:`~llmlab.stages.base.Stage.heldout`)
+are scored as :mod:`llmlab.heldout` defines it — per token (per pair for the pair stages) over the same examples, cut from
 the left to the model's context, fp32 log-probabilities, the forward in the weights' dtype (outside
 the stage's autocast and accelerate's mixed-precision wrapper) — so the last
-``eval_loss`` equals ``llmlab eval`` on the same rows and the saved weights. The others (reward,
-grpo, ppo) average their ``compute_loss`` metrics over fixed eval batches under the stage's precision.
+``eval_loss`` equals ``llmlab eval`` on the same rows and the saved weights. The others (grpo, ppo,
+and any stage whose data has no held-out set) average their ``compute_loss`` metrics over fixed eval batches under the stage's precision.
 """
 
 from __future__ import annotations
