@@ -31,6 +31,14 @@ NON_SEMANTIC_KEYS = {"log_every", "eval_every", "eval_steps", "save_every", "kee
 ADDED_KEYS = {"stage_dpo": ("simpo_gamma", "cpo_alpha"), "stage_sft": ("neftune_alpha",),
               "lora": ("use_dora", "use_rslora")}
 
+#: keys whose schema default changed to a value that, in some recipes, means what the old default
+#: meant: ``{section: {key: (new default, old default, condition)}}``. Where ``condition(section)``
+#: holds and the key holds the new default, it is hashed as the old one, so finished runs stay
+#: fresh. 0.2: ``tokenizer.chat_template`` ``chatml`` → ``auto``, which for a tokenizer the recipe
+#: trains is ChatML (for a pretrained one ``auto`` keeps its own template: another tokenizer, so
+#: another fingerprint).
+RENAMED_DEFAULTS = {"tokenizer": {"chat_template": ("auto", "chatml", lambda tok: bool(tok.get("train")))}}
+
 _SMALL_FILE = 64 << 20
 
 #: bumped when a builtin source's rows change for the same package version and seed (see
@@ -144,7 +152,7 @@ def model_section_fingerprint_part(model: dict) -> dict:
 def tokenizer_fingerprint(recipe: dict) -> str:
     """Fingerprint of the tokenizer section (and the data it is trained on); a local
     ``from_pretrained`` directory counts by its files' content, not its path."""
-    tok = recipe["tokenizer"]
+    tok = _as_old_defaults("tokenizer", recipe["tokenizer"])
     parts: dict = {"tokenizer": tok}
     if tok.get("train"):
         parts["data"] = {n: source_fingerprint(recipe["datasets"][n]) for n in tok["train"].get("datasets", [])
@@ -154,6 +162,16 @@ def tokenizer_fingerprint(recipe: dict) -> str:
         if content is not None:
             parts = {"tokenizer": {**tok, "from_pretrained": "<local directory>"}, "files": content}
     return sha256_json(parts)
+
+
+def _as_old_defaults(section: str, cfg: dict) -> dict:
+    """``cfg`` with each :data:`RENAMED_DEFAULTS` key of ``section`` that holds its new default
+    (where that means the old one) replaced by the old default."""
+    out = dict(cfg)
+    for key, (new, old, applies) in RENAMED_DEFAULTS.get(section, {}).items():
+        if out.get(key) == new and applies(cfg):
+            out[key] = old
+    return out
 
 
 def stage_inputs(recipe: dict, name: str, order: list[str]) -> dict[str, str | None]:
