@@ -309,8 +309,8 @@ def verify_markers(original: str, marked: str, special_tokens: dict) -> bool:
 def resolve_chat_template(tok, name: str, pretrained: bool) -> str | None:
     """The chat template the run's tokenizer gets for ``tokenizer.chat_template: name``.
 
-    ``none`` (or None): no template is set (a pretrained tokenizer keeps its own as it is). A named template (:data:`TEMPLATES`): that template (the caller adds its
-    :data:`TEMPLATE_TOKENS`). ``auto``: ``chatml`` for a trained tokenizer; for a pretrained one its
+    ``none`` (or None): no template is set (a pretrained tokenizer keeps its own as it is). A named
+    template (:data:`TEMPLATES`): that template (the caller adds its :data:`TEMPLATE_TOKENS`). ``auto``: ``chatml`` for a trained tokenizer; for a pretrained one its
     own template, kept when it has generation markers, else marked by
     :func:`add_generation_markers`; a pretrained tokenizer without any template keeps none (chat
     stages then stop with :func:`choices_message`). Anything else is a Jinja template, used as is.

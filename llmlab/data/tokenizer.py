@@ -50,8 +50,8 @@ def build_tokenizer(recipe: dict, out_dir: Path):
     pretrained tokenizer's own template with generation markers, ``chatml`` for a trained one], a
     named template of :mod:`llmlab.data.chat_templates`, ``none`` or a Jinja string (see
     :func:`llmlab.data.chat_templates.resolve_chat_template`). Always builds (deciding whether a
-    run's frozen tokenizer can be reused is the runner's job: load it with :func:`load_tokenizer`); files already in ``out_dir``
-    are overwritten.
+    run's frozen tokenizer can be reused is the runner's job: load it with :func:`load_tokenizer`);
+    files already in ``out_dir`` are overwritten.
 
     Args:
         recipe: the resolved recipe (plain dict).

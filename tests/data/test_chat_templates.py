@@ -218,3 +218,12 @@ def test_every_template_name_validates(tmp_path, name):
     resolved, errors = load_recipe(path, env={})
     assert not errors, [str(e) for e in errors]
     assert resolved["tokenizer"]["chat_template"] == name
+
+
+def test_a_chat_stage_without_a_template_names_the_choices():
+    from llmlab.data.pipeline import _chat
+
+    tok = _tokenizer("chatml")
+    tok.chat_template = None
+    with pytest.raises(ValueError, match=r"sft, dpo.*chatml, qwen2, llama3, mistral, gemma, zephyr"):
+        _chat(tok, [CONV])
