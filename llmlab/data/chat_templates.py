@@ -6,16 +6,19 @@ Every named template here marks, for each assistant turn, exactly the reply's co
 the end-of-turn token the template closes the reply with; the turn header (e.g.
 ``<|im_start|>assistant\\n``) and what follows the end-of-turn token (a newline) are not trained:
 
-=========  ==================================================  ===========================
-name       an assistant turn (trained part in brackets)         end-of-turn
-=========  ==================================================  ===========================
-chatml     ``<|im_start|>assistant\\n[reply<|im_end|>]\\n``        ``<|im_end|>``
-qwen2      as chatml; a default system turn when none is given  ``<|im_end|>``
-llama3     ``<|start_header_id|>assistant<|end_header_id|>\\n\\n[reply<|eot_id|>]``  ``<|eot_id|>``
-mistral    ``[INST] user [/INST][reply</s>]`` (``eos_token``)     ``eos_token``
-gemma      ``<start_of_turn>model\\n[reply<end_of_turn>]\\n``      ``<end_of_turn>``
-zephyr     ``<|assistant|>\\n[reply</s>]`` (``eos_token``)         ``eos_token``
-=========  ==================================================  ===========================
+- ``chatml``: ``<|im_start|>assistant\\n`` [reply ``<|im_end|>``] ``\\n``;
+- ``qwen2``: as chatml, with a default system turn ("You are a helpful assistant.") when none is
+  given;
+- ``llama3``: ``<|start_header_id|>assistant<|end_header_id|>\\n\\n`` [reply ``<|eot_id|>``] (the
+  conversation starts with ``bos_token``, contents are trimmed);
+- ``mistral``: ``[INST] user [/INST]`` [reply ``eos_token``];
+- ``gemma``: ``<start_of_turn>model\\n`` [reply ``<end_of_turn>``] ``\\n`` (role ``model``, contents
+  trimmed);
+- ``zephyr``: ``<|assistant|>\\n`` [reply ``eos_token``].
+
+The trained part is in brackets. TRL's training templates also train the newline after the
+end-of-turn token (Gemma, Phi-3) or around the reply (Qwen2.5); here the end-of-turn token is the last
+trained token, as in llmlab's ChatML from the start.
 
 (Formats after the models' published templates: ChatML/Qwen2, Meta Llama 3, Mistral-7B-Instruct,
 Gemma, Zephyr-7B-β; mistral and gemma put a system message in front of the first user turn, and
@@ -149,6 +152,19 @@ def choices_message() -> str:
     return (f"set tokenizer.chat_template to one of {', '.join(c for c in CHOICES if c != 'auto')} "
             f"(that template replaces the tokenizer's own) or to a Jinja template with "
             f"{_GEN_OPEN} … {_GEN_CLOSE} around the assistant replies")
+
+
+def end_of_turn_ids(tokenizer) -> list[int]:
+    """Ids of the end-of-turn tokens (:data:`KNOWN_END_OF_TURN`) that the tokenizer's chat template
+    writes and its vocabulary holds as one token, e.g. ``<|eot_id|>`` for ``llama3``: generation
+    of a chat reply stops at them (besides ``eos_token``)."""
+    template = getattr(tokenizer, "chat_template", None)
+    if isinstance(template, dict):
+        template = template.get("default")
+    if not isinstance(template, str):
+        return []
+    vocab = tokenizer.get_vocab()
+    return [int(vocab[t]) for t in KNOWN_END_OF_TURN if t in template and t in vocab]
 
 
 # -- adding markers to a known family's template -------------------------------------------------
@@ -310,10 +326,11 @@ def resolve_chat_template(tok, name: str, pretrained: bool) -> str | None:
     """The chat template the run's tokenizer gets for ``tokenizer.chat_template: name``.
 
     ``none`` (or None): no template is set (a pretrained tokenizer keeps its own as it is). A named
-    template (:data:`TEMPLATES`): that template (the caller adds its :data:`TEMPLATE_TOKENS`). ``auto``: ``chatml`` for a trained tokenizer; for a pretrained one its
-    own template, kept when it has generation markers, else marked by
-    :func:`add_generation_markers`; a pretrained tokenizer without any template keeps none (chat
-    stages then stop with :func:`choices_message`). Anything else is a Jinja template, used as is.
+    template (:data:`TEMPLATES`): that template (the caller adds its :data:`TEMPLATE_TOKENS`).
+    ``auto``: ``chatml`` for a trained tokenizer; for a pretrained one its own template, kept when
+    it has generation markers, else marked by :func:`add_generation_markers`; a pretrained
+    tokenizer without any template keeps none (chat stages then stop with
+    :func:`choices_message`). Anything else is a Jinja template, used as is.
 
     Raises:
         ValueError: ``auto`` and the pretrained tokenizer's own template has no generation markers

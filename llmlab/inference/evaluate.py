@@ -49,7 +49,7 @@ from llmlab.inference.generation import (
 )
 from llmlab.heldout import (Scored, document_windows, fit_left, length_limit, lm_loss, perplexity,  # noqa: F401
                             preference_metrics, score_tokens, start_token)
-from llmlab.inference.loading import has_chatml_template, is_reward_model
+from llmlab.inference.loading import has_chat_template, is_reward_model
 
 LN2 = math.log(2.0)
 
@@ -302,7 +302,7 @@ def evaluate_model(model: Any, tokenizer: Any, rows: Sequence[dict], kind: str, 
     ``rows`` and ``seconds``.
     """
     if is_chat is None:
-        is_chat = has_chatml_template(tokenizer)
+        is_chat = has_chat_template(tokenizer)
     t0 = time.perf_counter()
     was_training = model.training
     model.eval()

@@ -227,3 +227,18 @@ def test_a_chat_stage_without_a_template_names_the_choices():
     tok.chat_template = None
     with pytest.raises(ValueError, match=r"sft, dpo.*chatml, qwen2, llama3, mistral, gemma, zephyr"):
         _chat(tok, [CONV])
+
+
+@pytest.mark.parametrize("name", sorted(TEMPLATES))
+def test_chat_models_stop_at_their_templates_end_of_turn_and_count_as_chat(name):
+    from llmlab.data.chat_templates import end_of_turn_ids
+    from llmlab.inference.generation import stop_token_ids
+    from llmlab.inference.loading import has_chat_template
+
+    tok = _tokenizer(name)
+    eot = tok.convert_tokens_to_ids(END_OF_TURN[name])
+    assert eot in stop_token_ids(tok, is_chat=True) and tok.eos_token_id in stop_token_ids(tok, is_chat=True)
+    assert end_of_turn_ids(tok) == ([] if END_OF_TURN[name] == EOS_TOKEN else [eot])
+    assert has_chat_template(tok)
+    tok.chat_template = SMOLLM2.replace("<|im_start|>", "<s>").replace("<|im_end|>", "</s>")
+    assert not has_chat_template(tok)  # neither ChatML nor marked
