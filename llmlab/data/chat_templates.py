@@ -28,8 +28,9 @@ prompt is always a prefix of the trained rendering.)
 ``chat_template: auto`` (the default) keeps a pretrained tokenizer's own template: as it is when it
 already has generation markers (``{% generation %}`` or the whitespace-trim ``{%- generation %}``),
 else with markers added by :func:`add_generation_markers` when the template is of a known family
-(its replies end with one of :data:`KNOWN_END_OF_TURN`), verified by rendering; otherwise the run
-stops with a message naming the choices. A tokenizer trained by the recipe gets ``chatml``.
+(its replies end with one of :data:`KNOWN_END_OF_TURN`), verified by rendering, or replaced by the
+named template that renders exactly the same text (:func:`equivalent_named_template`: Meta's Llama 3
+template); otherwise the run stops with a message naming the choices. A tokenizer trained by the recipe gets ``chatml``.
 """
 
 from __future__ import annotations
@@ -279,7 +280,7 @@ def add_generation_markers(template: str, special_tokens: dict | None = None) ->
 def _probes() -> list[list[dict]]:
     sys_ = {"role": "system", "content": "Be brief."}
     u1, a1 = {"role": "user", "content": "Hello there"}, {"role": "assistant", "content": "Hi! How can I help?"}
-    u2, a2 = {"role": "user", "content": "Name a colour."}, {"role": "assistant", "content": "Blue."}
+    u2, a2 = {"role": "user", "content": "Name a colour. "}, {"role": "assistant", "content": "Blue."}
     return [[u1, a1], [u1, a1, u2, a2], [sys_, u1, a1, u2, a2], [u1], [sys_, u1]]
 
 
@@ -320,6 +321,36 @@ def verify_markers(original: str, marked: str, special_tokens: dict) -> bool:
     return checked > 0
 
 
+def equivalent_named_template(template: str, special_tokens: dict) -> str | None:
+    """The name of the template of :data:`TEMPLATES` that renders exactly the text ``template``
+    renders on every probe conversation ``template`` accepts (with and without the generation
+    prompt; at least one with assistant turns), e.g. ``llama3`` for Meta's Llama 3 template, which
+    builds each turn with ``{% set %}`` where :func:`add_generation_markers` cannot mark it; else
+    None."""
+    for name, ours in TEMPLATES.items():
+        checked = 0
+        for conv in _probes():
+            for gen in (False, True):
+                try:
+                    want, _ = _render(template, conv, special_tokens, add_generation_prompt=gen)
+                except Exception:
+                    continue
+                try:
+                    got, _ = _render(ours, conv, special_tokens, add_generation_prompt=gen)
+                except Exception:
+                    checked = -1
+                    break
+                if got != want:
+                    checked = -1
+                    break
+                checked += any(m["role"] == "assistant" for m in conv)
+            if checked < 0:
+                break
+        if checked > 0:
+            return name
+    return None
+
+
 # -- choosing the run's template -------------------------------------------------------------------
 
 def resolve_chat_template(tok, name: str, pretrained: bool) -> str | None:
@@ -328,7 +359,9 @@ def resolve_chat_template(tok, name: str, pretrained: bool) -> str | None:
     ``none`` (or None): no template is set (a pretrained tokenizer keeps its own as it is). A named
     template (:data:`TEMPLATES`): that template (the caller adds its :data:`TEMPLATE_TOKENS`).
     ``auto``: ``chatml`` for a trained tokenizer; for a pretrained one its own template, kept when
-    it has generation markers, else marked by :func:`add_generation_markers`; a pretrained
+    it has generation markers, else marked by :func:`add_generation_markers`, else (the same text,
+    marked) the named template it renders identically to (:func:`equivalent_named_template`); a
+    pretrained
     tokenizer without any template keeps none (chat stages then stop with
     :func:`choices_message`). Anything else is a Jinja template, used as is.
 
@@ -357,6 +390,11 @@ def resolve_chat_template(tok, name: str, pretrained: bool) -> str | None:
         return own
     specials = {k: getattr(tok, k) for k in ("bos_token", "eos_token") if getattr(tok, k, None)}
     marked = add_generation_markers(own, specials)
+    same = None if marked is not None else equivalent_named_template(own, specials)
+    if same is not None:
+        log.info("tokenizer: the pretrained tokenizer's own chat template renders exactly as the "
+                 "%s template; using that one, which marks the assistant turns", same)
+        return TEMPLATES[same]
     if marked is None:
         raise ValueError("tokenizer.chat_template: auto keeps the pretrained tokenizer's own chat "
                          "template, but it has no {% generation %} markers and is of no known "

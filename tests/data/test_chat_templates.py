@@ -242,3 +242,29 @@ def test_chat_models_stop_at_their_templates_end_of_turn_and_count_as_chat(name)
     assert has_chat_template(tok)
     tok.chat_template = SMOLLM2.replace("<|im_start|>", "<s>").replace("<|im_end|>", "</s>")
     assert not has_chat_template(tok)  # neither ChatML nor marked
+
+
+#: Meta's Llama 3 template: each turn built with {% set %}, bos in front of the first
+LLAMA3_META = ("{% set loop_messages = messages %}{% for message in loop_messages %}{% set content = "
+               "'<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n'+ message['content'] | trim + "
+               "'<|eot_id|>' %}{% if loop.index0 == 0 %}{% set content = bos_token + content %}{% endif %}"
+               "{{ content }}{% endfor %}{% if add_generation_prompt %}"
+               "{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}")
+
+
+def test_auto_gives_a_template_that_renders_like_a_named_one_that_one():
+    """Meta's Llama 3 template cannot be marked in place; it renders exactly as ``llama3``, which
+    is then used (the same text, marked). A template differing in one character is not."""
+    tok = _tokenizer("llama3")
+    tok.chat_template = LLAMA3_META
+    assert add_generation_markers(LLAMA3_META, {"bos_token": tok.bos_token}) is None
+    assert resolve_chat_template(tok, "auto", pretrained=True) == TEMPLATES["llama3"]
+    for conv in (CONV, CONV[1:]):
+        assert (tok.apply_chat_template(conv, tokenize=False, chat_template=TEMPLATES["llama3"])
+                == tok.apply_chat_template(conv, tokenize=False))
+    tok.chat_template = LLAMA3_META.replace("| trim ", "")  # no longer trims: not llama3
+    with pytest.raises(ValueError, match="no known family"):
+        resolve_chat_template(tok, "auto", pretrained=True)
+    if (TRL_TEMPLATES / "llama3.jinja").is_file():  # TRL 1.16's copy of the original
+        tok.chat_template = (TRL_TEMPLATES / "llama3.jinja").read_text()
+        assert resolve_chat_template(tok, "auto", pretrained=True) == TEMPLATES["llama3"]
