@@ -15,6 +15,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from llmlab.chat_templates import template_identity
 from llmlab.layout import RunLayout, StageLayout
 from llmlab.recipe.secrets import mask_secrets
 from llmlab.schemafile import schema_filled, top_level
@@ -144,7 +145,9 @@ def model_section_fingerprint_part(model: dict) -> dict:
 def tokenizer_fingerprint(recipe: dict) -> str:
     """Fingerprint of the tokenizer section (and the data it is trained on); a local
     ``from_pretrained`` directory counts by its files' content, not its path."""
-    tok = recipe["tokenizer"]
+    tok = dict(recipe["tokenizer"])
+    if "chat_template" in tok:  # 0.2's default ``auto`` hashes as what it gives (chatml when trained)
+        tok["chat_template"] = template_identity(tok["chat_template"], pretrained=not tok.get("train"))
     parts: dict = {"tokenizer": tok}
     if tok.get("train"):
         parts["data"] = {n: source_fingerprint(recipe["datasets"][n]) for n in tok["train"].get("datasets", [])

@@ -146,6 +146,10 @@ def save_final(model, tokenizer, stage_dir: Path, cfg: dict, keep_adapter: bool 
         im_end = tokenizer.convert_tokens_to_ids("<|im_end|>") if "<|im_end|>" in tokenizer.get_vocab() else None
         if im_end is not None and stage_spec(cfg["type"]).kind != "text":  # a chat model also stops at <|im_end|>
             eos.append(im_end)
+        if stage_spec(cfg["type"]).kind != "text":  # ... and at its template's end-of-turn token
+            from llmlab.chat_templates import end_of_turn_ids
+
+            eos += [i for i in end_of_turn_ids(tokenizer) if i not in eos]
         gc.eos_token_id = eos if len(eos) > 1 else eos[0]
         gc.pad_token_id = tokenizer.pad_token_id
         gc.bos_token_id = tokenizer.bos_token_id

@@ -125,7 +125,7 @@ class TokenizerSpec:
     SCHEMA: ClassVar[str] = "#/properties/tokenizer"
 
     chat_template: str
-    """The chat template (chatml, the tokenizer's own, ...)."""
+    """The chat template: ``auto``, a named one (llmlab.chat_templates), ``none`` or Jinja."""
     special_tokens: tuple[str, ...]
     """Extra special tokens added to the vocabulary."""
     from_pretrained: str | None = None

@@ -122,8 +122,11 @@ def _labels_for_last_spans(ids: list[int], mask: list[int], k: int) -> list[int]
 
 def _chat(tokenizer, conversations: list, **kw):
     if not getattr(tokenizer, "chat_template", None):
-        raise ValueError("the tokenizer has no chat template (tokenizer.chat_template: none); "
-                         "sft, dpo, orpo, kto, reward, grpo and ppo stages need one")
+        from llmlab.chat_templates import choices_message
+
+        raise ValueError("the tokenizer has no chat template (tokenizer.chat_template: none, or a "
+                         "pretrained tokenizer without one); sft, dpo, orpo, kto, reward, grpo and "
+                         f"ppo stages need one: {choices_message()}")
     return tokenizer.apply_chat_template(conversations, tokenize=True, return_dict=True, **kw)
 
 

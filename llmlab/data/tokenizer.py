@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 from typing import Iterator
 
+from llmlab.chat_templates import TEMPLATE_TOKENS, TEMPLATES, resolve_chat_template
 from llmlab.schemafile import schema_filled
 
 log = logging.getLogger(__name__)
@@ -36,18 +37,7 @@ BASE_SPECIAL_TOKENS = [EOS_TOKEN, PAD_TOKEN, IM_START, IM_END]
 HASH_FILE = "tokenizer.sha256"
 
 #: ChatML; the assistant content and its closing ``<|im_end|>`` are generation (= trained) tokens.
-CHATML_TEMPLATE = (
-    "{% for message in messages %}"
-    "{% if message['role'] == 'assistant' %}"
-    "{{ '<|im_start|>assistant\\n' }}"
-    "{% generation %}{{ message['content'] + '<|im_end|>' }}{% endgeneration %}"
-    "{{ '\\n' }}"
-    "{% else %}"
-    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
-    "{% endif %}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
-)
+CHATML_TEMPLATE = TEMPLATES["chatml"]
 
 
 def build_tokenizer(recipe: dict, out_dir: Path):
@@ -56,10 +46,12 @@ def build_tokenizer(recipe: dict, out_dir: Path):
     Either loads ``tokenizer.from_pretrained`` (local path or hub id, with ``revision``) or trains a
     byte-level BPE on the text of the datasets named in ``tokenizer.train.datasets`` (their train
     split; conversations contribute their message contents), with ``vocab_size`` [8192],
-    ``min_frequency`` [2] and ``max_documents`` [all]. ``chat_template`` is ``chatml`` [default],
-    ``none`` or a Jinja string. Always builds (deciding whether a run's frozen tokenizer can be
-    reused is the runner's job: load it with :func:`load_tokenizer`); files already in ``out_dir``
-    are overwritten.
+    ``min_frequency`` [2] and ``max_documents`` [all]. ``chat_template`` is ``auto`` [default: the
+    pretrained tokenizer's own template with generation markers, ``chatml`` for a trained one], a
+    named template of :mod:`llmlab.chat_templates`, ``none`` or a Jinja string (see
+    :func:`llmlab.chat_templates.resolve_chat_template`). Always builds (deciding whether a
+    run's frozen tokenizer can be reused is the runner's job: load it with :func:`load_tokenizer`);
+    files already in ``out_dir`` are overwritten.
 
     Args:
         recipe: the resolved recipe (plain dict).
@@ -70,7 +62,8 @@ def build_tokenizer(recipe: dict, out_dir: Path):
 
     Raises:
         ValueError: the tokenizer section names neither ``from_pretrained`` nor ``train``, a train
-            dataset has no text, or the tokenizer cannot represent the chat template's markers.
+            dataset has no text, or ``chat_template: auto`` finds a pretrained template without
+            generation markers of no known family (the message names the choices).
     """
     from llmlab.runplan import tokenizer_spec
 
@@ -81,6 +74,8 @@ def build_tokenizer(recipe: dict, out_dir: Path):
     if spec.from_pretrained:
         tok = _load_pretrained(spec, extra, spec.chat_template)
     elif spec.train:
+        # a named template's markers are special tokens from the start (ids inside vocab_size)
+        extra += [t for t in TEMPLATE_TOKENS.get(spec.chat_template, ()) if t not in BASE_SPECIAL_TOKENS + extra]
         tok = train_tokenizer(_training_texts(recipe, spec.train), section["train"], extra, spec.chat_template)
     else:
         raise ValueError("tokenizer: give exactly one of `from_pretrained` or `train`")
@@ -88,14 +83,14 @@ def build_tokenizer(recipe: dict, out_dir: Path):
     return tok
 
 
-def train_tokenizer(texts, train_cfg: dict, extra_special_tokens=(), chat_template="chatml"):
+def train_tokenizer(texts, train_cfg: dict, extra_special_tokens=(), chat_template="auto"):
     """Train a byte-level BPE tokenizer on ``texts`` (an iterable of str) and wrap it for HF.
 
     Args:
         texts: the training documents.
         train_cfg: ``{vocab_size [8192], min_frequency [2], max_documents [None]}``.
         extra_special_tokens: special tokens beyond the four built-in ones.
-        chat_template: ``chatml``, ``none`` or a Jinja template string.
+        chat_template: ``auto`` (= ``chatml``), a named template, ``none`` or a Jinja string.
 
     Returns:
         A ``PreTrainedTokenizerFast``; ids 0..3 are ``<|endoftext|>``, ``<|pad|>``,
@@ -132,7 +127,7 @@ def train_tokenizer(texts, train_cfg: dict, extra_special_tokens=(), chat_templa
                                   unk_token=None, pad_token=PAD_TOKEN,
                                   additional_special_tokens=[IM_START, IM_END, *extra_special_tokens],
                                   model_max_length=int(1e9), clean_up_tokenization_spaces=False)
-    _set_chat_template(tok, chat_template)
+    _set_chat_template(tok, resolve_chat_template(tok, chat_template, pretrained=False), chat_template)
     return tok
 
 
@@ -198,16 +193,16 @@ def tokenizer_hash(path: Path | str) -> str:
 
 # -- helpers -------------------------------------------------------------------------------------
 
-def _set_chat_template(tok, template) -> None:
-    if template in (None, "none"):
+def _set_chat_template(tok, template: str | None, name: str) -> None:
+    """Give ``tok`` the chat ``template`` (None: leave it as it is), adding the special tokens of
+    the named template ``name`` that it lacks."""
+    if template is None:
         return
-    if template == "chatml":
-        missing = [t for t in (IM_START, IM_END) if tok.convert_tokens_to_ids(t) in (None, tok.unk_token_id)]
-        if missing:
-            tok.add_special_tokens({"additional_special_tokens": missing})
-        tok.chat_template = CHATML_TEMPLATE
-    else:
-        tok.chat_template = str(template)
+    missing = [t for t in TEMPLATE_TOKENS.get(name, ())
+               if tok.convert_tokens_to_ids(t) in (None, tok.unk_token_id)]
+    if missing:
+        tok.add_special_tokens({"additional_special_tokens": missing})
+    tok.chat_template = template
 
 
 def _load_pretrained(cfg, extra: list[str], template):
@@ -232,12 +227,8 @@ def _load_pretrained(cfg, extra: list[str], template):
         tok.add_special_tokens({"eos_token": EOS_TOKEN})
     if tok.pad_token is None:
         tok.add_special_tokens({"pad_token": PAD_TOKEN})
-    if template == "chatml":
-        # Keep a model's own template when it already marks the assistant turns for training.
-        if not (tok.chat_template and "{% generation %}" in str(tok.chat_template)):
-            _set_chat_template(tok, "chatml")
-    else:
-        _set_chat_template(tok, template)
+    chosen = resolve_chat_template(tok, template, pretrained=True)  # none: the tokenizer's as it is
+    _set_chat_template(tok, chosen, template)
     return tok
 
 

@@ -52,7 +52,7 @@ from llmlab.inference.generation import (
 from llmlab.heldout import (Scored, cut_count, document_windows, fit_left, kto_logps, kto_metrics, length_limit,  # noqa: F401
                             lm_loss, orpo_metrics, perplexity, preference_metrics, reward_metrics, score_tokens,
                             start_token)
-from llmlab.inference.loading import has_chatml_template, is_reward_model
+from llmlab.inference.loading import has_chat_template, is_reward_model
 
 LN2 = math.log(2.0)
 
@@ -372,7 +372,7 @@ def evaluate_model(model: Any, tokenizer: Any, rows: Sequence[dict], kind: str, 
     ``rows`` and ``seconds``.
     """
     if is_chat is None:
-        is_chat = has_chatml_template(tokenizer)
+        is_chat = has_chat_template(tokenizer)
     t0 = time.perf_counter()
     was_training = model.training
     model.eval()

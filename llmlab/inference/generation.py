@@ -73,14 +73,18 @@ class GenerationResult:
 
 
 def stop_token_ids(tokenizer: Any, is_chat: bool) -> list[int]:
-    """Token ids that end a reply: EOS, and ``<|im_end|>`` for chat models."""
+    """Token ids that end a reply: EOS, and for chat models ``<|im_end|>`` and the end-of-turn
+    tokens their chat template writes (:func:`llmlab.chat_templates.end_of_turn_ids`)."""
+    from llmlab.chat_templates import end_of_turn_ids
+
     ids = []
     if tokenizer.eos_token_id is not None:
         ids.append(int(tokenizer.eos_token_id))
     if is_chat:
         end = tokenizer.convert_tokens_to_ids(CHATML_END)
-        if isinstance(end, int) and end != tokenizer.unk_token_id and end not in ids:
-            ids.append(end)
+        for i in ([end] if isinstance(end, int) and end != tokenizer.unk_token_id else []) + end_of_turn_ids(tokenizer):
+            if i not in ids:
+                ids.append(i)
     return ids
 
 

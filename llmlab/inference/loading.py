@@ -15,8 +15,9 @@ Weights load from safetensors only; ``allow_code`` is needed for ``trust_remote_
 never contacted for a path that is not a local directory.
 
 Chat or plain continuation (``is_chat``): a model is a chat model when its tokenizer has a chat
-template that uses the ChatML tokens (``<|im_start|>``/``<|im_end|>`` are template text and vocabulary
-tokens) *and* the model was fine-tuned, i.e. the stage type known from ``stage.json`` (key ``type``) or
+template that llmlab trains with (ChatML: ``<|im_start|>``/``<|im_end|>`` are template text and
+vocabulary tokens; or any template with ``{% generation %}`` markers, e.g. ``llama3``) *and* the model
+was fine-tuned, i.e. the stage type known from ``stage.json`` (key ``type``) or
 the run's recipe is not ``pretrain`` (every LoRA adapter counts as fine-tuned). For a directory with no
 llmlab stage metadata (a foreign checkpoint), any chat template means a chat model, following the
 Hugging Face convention that base checkpoints ship without one.
@@ -253,11 +254,20 @@ def has_chatml_template(tokenizer: Any) -> bool:
     return CHATML_START in vocab and CHATML_END in vocab
 
 
+def has_chat_template(tokenizer: Any) -> bool:
+    """True when the tokenizer's chat template is one llmlab trains with: ChatML with both its
+    tokens in the vocabulary, or any template with generation markers (a named template of
+    :mod:`llmlab.chat_templates`, or a pretrained tokenizer's own, marked)."""
+    from llmlab.chat_templates import has_generation_markers
+
+    return has_chatml_template(tokenizer) or has_generation_markers(getattr(tokenizer, "chat_template", None))
+
+
 def decide_is_chat(tokenizer: Any, location: ModelLocation) -> bool:
     """The chat-or-continuation rule documented in this module's docstring."""
     if location.adapter_dir is not None or location.stage_type is not None:
         fine_tuned = location.adapter_dir is not None or location.stage_type != "pretrain"
-        return fine_tuned and has_chatml_template(tokenizer)
+        return fine_tuned and has_chat_template(tokenizer)
     return bool(getattr(tokenizer, "chat_template", None))
 
 

@@ -56,8 +56,8 @@ Beyond the types, ranges and enums below, `validate` checks (each error on the o
   `attention_type` agrees with `n_kv_heads` (mha: = n_heads, mqa: 1, gqa: between); `sliding_window <
   max_seq_len`; `yarn` needs `rope_scaling` with `original_max_seq_len < max_seq_len`; MoE
   `experts_per_token <= n_experts`; mamba2 `expand·d_model % head_dim == 0` and `n_groups` divides the heads.
-- tokenizer: exactly one of `from_pretrained` / `train`; its datasets exist; `chat_template` is chatml,
-  none (pretraining only) or Jinja.
+- tokenizer: exactly one of `from_pretrained` / `train`; its datasets exist; `chat_template` is auto,
+  a named template (chatml, qwen2, llama3, mistral, gemma, zephyr), none (pretraining only) or Jinja.
 - datasets: exactly one of `builtin` / `hub` / `path`; a local `path` names an existing file, directory
   or glob match; a builtin's `format` matches it (kjv text,
   chatterbot messages, chatterbot_pairs preference, chatterbot_prompts prompt, arithmetic messages); hub-only keys only on hub

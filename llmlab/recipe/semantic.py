@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 
+from llmlab.chat_templates import CHOICES as CHAT_TEMPLATE_CHOICES
 from llmlab.models import lora_presets
 from llmlab.recipe.schema import suggest
 from llmlab.stage_specs import (CONVERSATION_FORMATS, NON_LM_TYPES, NON_TRAINING_TYPES, REFERENCE_FREE_DPO_LOSSES,
@@ -342,8 +343,8 @@ def _check_tokenizer(doc: dict, datasets: dict, add) -> None:
                 add(("tokenizer", "train", "datasets", i), f"unknown dataset {ds!r}{suggest(ds, datasets)}; defined datasets: {', '.join(datasets) or 'none'}")
                 continue
     ct = tok.get("chat_template")
-    if isinstance(ct, str) and ct not in ("chatml", "none") and "{{" not in ct and "{%" not in ct:
-        add(("tokenizer", "chat_template"), f"{ct!r} is neither a known template{suggest(ct, ['chatml', 'none'])} nor a Jinja template; expected chatml, none, or a Jinja string")
+    if isinstance(ct, str) and ct not in CHAT_TEMPLATE_CHOICES and "{{" not in ct and "{%" not in ct:
+        add(("tokenizer", "chat_template"), f"{ct!r} is neither a known template{suggest(ct, list(CHAT_TEMPLATE_CHOICES))} nor a Jinja template; expected {', '.join(CHAT_TEMPLATE_CHOICES)}, or a Jinja string")
 
 
 def _stage_ref(stages: list, idx: int, value, path, add, what: str, need_type: str | None = None, types=None,

@@ -123,6 +123,10 @@ class OnlineRLStage(Stage):
             ids.append(int(tok.eos_token_id))
         if tok is not None and "<|im_end|>" in tok.get_vocab():
             ids.append(int(tok.convert_tokens_to_ids("<|im_end|>")))
+        if tok is not None:  # the chat template's own end-of-turn token (e.g. llama3's <|eot_id|>)
+            from llmlab.chat_templates import end_of_turn_ids
+
+            ids += [i for i in end_of_turn_ids(tok) if i not in ids]
         return ids
 
     def locate(self, index: int) -> tuple[int, int, int, int]:

@@ -295,3 +295,27 @@ def test_local_sft_data_stays_memory_mapped(tmp_path, tokenizer):
     assert data._train.cache_files[0]["filename"].startswith(str(tmp_path / "run" / "cache"))
     assert 850 <= data.num_train_examples <= 950  # the same prompt (i % 700) is never on both sides
     assert data.train_batch(0)["input_ids"].shape[0] == 8
+
+
+@pytest.mark.parametrize("name,eot", [("llama3", "<|eot_id|>"), ("gemma", "<end_of_turn>"),
+                                      ("mistral", "<|endoftext|>")])
+def test_named_template_sft_and_dpo_train_on_replies_and_their_end_of_turn(tmp_path, name, eot):
+    """A recipe's named template, end to end: its tokens become special tokens of the trained
+    tokenizer, SFT labels exactly the replies + the template's end-of-turn token, DPO the completion."""
+    from llmlab.data.tokenizer import build_tokenizer
+
+    rec = make_recipe(tmp_path)
+    rec["tokenizer"]["chat_template"] = name
+    tok = build_tokenizer(rec, tmp_path / "tok")
+    assert len(tok) == 1024  # the template's tokens are inside vocab_size
+    rec["stages"]["sft"]["seq_len"] = 512
+    rows = build_stage_data(rec, "sft", tok)._train
+    idx = next(i for i, ids in enumerate(rows["input_ids"]) if "borrow a cup of sugar" in tok.decode(ids))
+    ids, labels = rows[idx]["input_ids"], rows[idx]["labels"]
+    assistant = ["Hi", "I am doing well.", "Yes it is.", "Yes, I have a question.",
+                 "Could I borrow a cup of sugar?", "Thank you anyway"]
+    assert tok.decode([t for t, l in zip(ids, labels) if l != IGNORE_INDEX]) == "".join(a + eot for a in assistant)
+    b = build_stage_data(rec, "dpo", tok).train_batch(0)
+    for i in range(b["chosen_input_ids"].shape[0]):
+        c_lab = b["chosen_labels"][i][b["chosen_labels"][i] != IGNORE_INDEX]
+        assert tok.decode(c_lab).endswith(eot) and tok.decode(c_lab).count(eot) == 1

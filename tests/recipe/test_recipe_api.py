@@ -142,7 +142,7 @@ def test_defaults_are_filled(tmp_path, monkeypatch):
     assert "from" not in pre and sft["from"] == "pretrain"
     assert sft["truncation"] == "drop" and "beta" not in sft and "lora" not in sft
     assert r["datasets"]["bible"]["filters"] == {"dedup": "none", "minhash_threshold": 0.85}
-    assert r["tokenizer"]["chat_template"] == "chatml" and r["tokenizer"]["train"]["min_frequency"] == 2
+    assert r["tokenizer"]["chat_template"] == "auto" and r["tokenizer"]["train"]["min_frequency"] == 2
     assert r["logging"] == {"report_to": [], "log_every": 10}
     assert r["output_dir"] == str(tmp_path / "runs" / "mini")
     assert "extends" not in r
