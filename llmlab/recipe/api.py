@@ -476,6 +476,13 @@ def load_recipe(path, overrides: Iterable[str] = (), env: Mapping[str, str] | No
         return None, _finish(errors)
     resolved.pop("extends", None)
     _absolutize(resolved, positions, dirs)
+    if check_files:  # epochs: -> max_steps, counting the training rows (reads the data)
+        from llmlab.recipe.epochs import resolve_epochs
+
+        for p, msg in resolve_epochs(resolved):
+            add(p, msg)
+        if errors:
+            return None, _finish(errors)
     if warnings is not None:  # datasets sharing prompts with different held-out fractions
         found = semantic.eval_split_warnings(resolved) + (_missing_packages(resolved) if check_files else [])
         for p, msg in found:

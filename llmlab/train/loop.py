@@ -47,11 +47,15 @@ class StageResult:
     tokens: int
     resumed_from: int | None = None
     final_metrics: dict = field(default_factory=dict)
+    #: where early stopping ended the stage: {"stopped_at", "best_step", "best_eval_loss", ...}; None
+    #: when it ran to max_steps
+    early_stopping: dict | None = None
 
 
 def train(stage: Stage, *, fingerprint: str, accelerator=None, reset_optimizer: bool = False,
           progress=None) -> tuple[torch.nn.Module, StageResult]:
-    """Train ``stage`` to its ``max_steps``, resuming from its newest intact checkpoint.
+    """Train ``stage`` to its ``max_steps`` (or until ``early_stopping`` ends it, with the best
+    evaluation's weights), resuming from its newest intact checkpoint.
 
     The loop only calls components: :mod:`llmlab.train.setup` (model, LoRA, optimizer, compile),
     :class:`~llmlab.train.checkpointer.Checkpointer` (resume, save, best, non-finite check),
@@ -123,6 +127,8 @@ def train(stage: Stage, *, fingerprint: str, accelerator=None, reset_optimizer: 
                 improved = checkpointer.observe_eval(step, metrics.eval_loss if is_main else None)
             if checkpointer.due(step, improved):
                 checkpointer.save(step, unwrap(prepared_model), optimizer, scheduler)
+            if checkpointer.should_stop:  # early_stopping: patience ran out
+                break
     except RuntimeError as e:  # CUDA's OutOfMemoryError, or the CPU allocator's "... can't allocate memory ..."
         if isinstance(e, torch.OutOfMemoryError) or is_cpu_out_of_memory(e):
             raise out_of_memory(ctx.name, step + 1) from e
@@ -131,13 +137,14 @@ def train(stage: Stage, *, fingerprint: str, accelerator=None, reset_optimizer: 
         runner.close()
         metrics.close()
     model = unwrap(prepared_model)
-    checkpointer.restore_best(model)
+    checkpointer.restore_best(model, step)
     if sharded:
         model = gather_full_model(model, skeleton, is_main)
     return model, StageResult(
         steps=step, first_loss=metrics.first_loss, last_loss=metrics.last_loss, eval_loss=metrics.eval_loss,
         first_eval_loss=metrics.first_eval_loss, wall_time_s=metrics.elapsed_s(), tokens=metrics.tokens,
-        resumed_from=checkpointer.resumed_from, final_metrics=stage.summary_metrics())
+        resumed_from=checkpointer.resumed_from, final_metrics=stage.summary_metrics(),
+        early_stopping=checkpointer.early_stopping_record())
 
 
 @dataclass
