@@ -56,8 +56,9 @@ def epoch_examples(resolved: dict, stage: dict) -> int:
     return total
 
 
-def resolve_epochs(resolved: dict) -> list[tuple[tuple, str]]:
-    """Set ``max_steps`` of every stage of ``resolved`` that gives ``epochs`` (in place).
+def resolve_epochs(resolved: dict, processes: int | None = None) -> list[tuple[tuple, str]]:
+    """Set ``max_steps`` of every stage of ``resolved`` that gives ``epochs`` (in place), for
+    ``processes`` processes (None: :func:`world_size`).
 
     A stage that gives both keeps them only when they agree (as recipe.resolved.yaml writes them).
 
@@ -72,7 +73,7 @@ def resolve_epochs(resolved: dict) -> list[tuple[tuple, str]]:
         try:
             n = epoch_examples(resolved, st)
             steps = steps_for_epochs(float(st["epochs"]), n, int(st["batch_size"]),
-                                     int(st["gradient_accumulation_steps"]), world_size())
+                                     int(st["gradient_accumulation_steps"]), processes or world_size())
         except ValueError as e:
             problems.append((path, f"cannot size {st['epochs']} epoch(s): {e}"))
             continue

@@ -114,3 +114,18 @@ def test_early_stopping_is_hashed_with_the_eval_cadence(tmp_path):
     assert es != plain
     assert fp("stages.sft.early_stopping.patience=3") != es
     assert fp("stages.sft.early_stopping.patience=2", "stages.sft.eval_every=3") != es
+
+
+def test_plan_shows_the_steps_epochs_mean_for_its_world_size(tmp_path, monkeypatch, capsys):
+    from llmlab.plan import plan_command
+
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("COLUMNS", "200")  # the table on one line per row
+    path = _recipe(tmp_path, "    epochs: 2\n")
+    for world, steps in ((1, 8), (2, 4)):
+        assert plan_command(path, fmt="json", world_size=world) == 0
+        row = json.loads(capsys.readouterr().out)["rows"][0]
+        assert (row["steps"], row["epochs"]) == (steps, 2)
+    assert plan_command(path) == 0
+    assert "8 (2 epochs)" in capsys.readouterr().out
