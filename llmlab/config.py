@@ -127,6 +127,10 @@ class TrainingConfig:
     """On resume, load only the weights (fresh optimizer, schedule fast-forwarded)."""
     early_stopping: EarlyStoppingConfig | None
     """End the stage after ``patience`` evaluations without improvement (None: train to max_steps)."""
+    sample_prompts: tuple[str, ...] | None
+    """Prompts replied to (greedy and sampled) during training (None: no samples)."""
+    sample_every: int | None
+    """Steps between samples (None: ``eval_every``)."""
     optimizer: OptimizerConfig
     """The ``optimizer:`` section."""
     scheduler: SchedulerConfig
@@ -144,7 +148,9 @@ class TrainingConfig:
         if values.get("log_every") is None:
             values["log_every"] = _filled("#/properties/logging", logging)["log_every"]
         values["max_steps"] = stage["max_steps"]
+        prompts = values.get("sample_prompts")
         return _pick(cls, values, early_stopping=EarlyStoppingConfig.from_dict(values.get("early_stopping")),
+                     sample_prompts=tuple(prompts) if prompts is not None else None,
                      optimizer=OptimizerConfig.from_dict(stage.get("optimizer")),
                      scheduler=SchedulerConfig.from_dict(stage.get("scheduler")))
 

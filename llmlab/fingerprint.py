@@ -25,7 +25,7 @@ from llmlab.stage_specs import stage_spec
 #: ``early_stopping`` is hashed: where the stage stops and which weights final/ holds depend on it
 #: (as they do on ``save_best_only``); absent by default (null), it leaves older fingerprints alone.
 NON_SEMANTIC_KEYS = {"log_every", "eval_every", "eval_steps", "save_every", "keep_last", "max_steps",
-                     "epochs", "reset_optimizer"}
+                     "epochs", "reset_optimizer", "sample_prompts", "sample_every"}
 
 #: non-semantic keys hashed where ``early_stopping`` is set: they decide at which step it stops
 EARLY_STOPPING_KEYS = ("eval_every", "eval_steps")

@@ -181,6 +181,9 @@ def _check_distributed(doc: dict, add) -> None:
         if isinstance(opt, str) and opt not in FSDP_OPTIMIZERS:
             add(base + ("optimizer", "name"), f"optimizer {opt} does not train under distributed.strategy fsdp "
                                               f"(see docs/distributed.md); use {', '.join(FSDP_OPTIMIZERS)} or strategy ddp")
+        if st.get("sample_prompts") is not None:
+            add(base + ("sample_prompts",), "sample_prompts generates on one process, which distributed.strategy fsdp "
+                                            "cannot shard (every FSDP forward is a collective); use strategy ddp")
         if _dict(st.get("lora")).get("quantize"):
             add(base + ("lora", "quantize"), "a quantized LoRA base (QLoRA) cannot be sharded by distributed.strategy "
                                              "fsdp; use strategy ddp")
@@ -413,6 +416,8 @@ def _check_stages(doc: dict, datasets: dict, given, add) -> None:
         _check_length(st, base, spec, add)
         has_eval = bool(st.get("eval_datasets")) or any(
             (_num(_dict(datasets.get(ds)).get("eval_split")) or 0) > 0 for ds in _dict(st.get("datasets")))
+        if given(base + ("sample_every",), non_default=True) and st.get("sample_prompts") is None:
+            add(base + ("sample_every",), "sample_every only applies with sample_prompts; give the prompts too")
         for key in ("save_best_only", "early_stopping"):
             if st.get(key) not in (None, False) and not has_eval:
                 add(base + (key,), f"{key} needs evaluation data: give eval_datasets or an eval_split > 0 on a "

@@ -28,6 +28,7 @@ from llmlab.train.evaluator import Evaluator
 from llmlab.train.fsdp import clip_grad_norm_, gather_full_model, state_io
 from llmlab.train.metrics import MetricsLogger
 from llmlab.train.optim import distributed_hutchinson, needs_hessian
+from llmlab.train.samples import Sampler
 from llmlab.train.setup import maybe_compile, maybe_shard, setup_model, setup_optimizer, stage_model_arch
 from llmlab.train.tensors import scalar, to_device
 
@@ -104,6 +105,9 @@ def train(stage: Stage, *, fingerprint: str, accelerator=None, reset_optimizer: 
     metrics = MetricsLogger(stage, tc, accelerator=accelerator, start_step=start_step, progress=progress)
     if start_step == 0 and evaluator.due(0):
         evaluator.log(prepared_model, 0, metrics)
+    sampler = Sampler(stage, tc, accelerator)
+    if start_step == 0 and sampler.due(0):
+        sampler.log(prepared_model, 0, metrics)
     prepared_model.train()
     try:
         while step < max_steps:
@@ -125,6 +129,8 @@ def train(stage: Stage, *, fingerprint: str, accelerator=None, reset_optimizer: 
             if evaluator.due(step):
                 evaluator.log(prepared_model, step, metrics)
                 improved = checkpointer.observe_eval(step, metrics.eval_loss if is_main else None)
+            if sampler.due(step):
+                sampler.log(prepared_model, step, metrics)
             if checkpointer.due(step, improved):
                 checkpointer.save(step, unwrap(prepared_model), optimizer, scheduler)
             if checkpointer.should_stop:  # early_stopping: patience ran out
