@@ -151,9 +151,11 @@ def _check_length(st: dict, base: tuple, spec, add) -> None:
     """A training stage gives its length: ``max_steps`` or ``epochs`` (both only where they agree,
     which resolution checks: :mod:`llmlab.recipe.epochs`); ``epochs`` not on pretraining, whose
     examples are token blocks known only once the data is tokenised."""
+    if spec is None:  # an unknown type: the schema's one error says so
+        return
     if "max_steps" not in st and st.get("epochs") is None:
         add(base, "give the stage's length: max_steps (optimizer steps) or epochs (passes over its training data)")
-    if st.get("epochs") is not None and spec is not None and spec.family == "pretrain":
+    if st.get("epochs") is not None and spec.family == "pretrain":
         add(base + ("epochs",), "epochs does not apply to a pretrain stage (its examples are token blocks, counted "
                                 "only once the data is tokenised); give max_steps")
 
