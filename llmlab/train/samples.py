@@ -39,7 +39,6 @@ class Sampler:
         self.every = int(tc.sample_every if tc.sample_every is not None else tc.eval_every)
         self.max_steps = tc.max_steps
         self.seed = int(stage.ctx.seed)
-        self.is_chat = stage_spec(stage.type).kind != "text"
 
     def due(self, step: int) -> bool:
         """Whether ``step`` (just finished; 0: before the first) is a sampling step."""
@@ -55,6 +54,7 @@ class Sampler:
 
         bare = unwrap(model)
         tok = self.stage.ctx.tokenizer
+        is_chat = stage_spec(self.stage.type).kind != "text"
         sampled = GenerationSettings()
         out = []
         bare.eval()
@@ -62,8 +62,8 @@ class Sampler:
             with without_mixed_precision(bare), torch.no_grad():
                 for i, prompt in enumerate(self.prompts):
                     g = generate_text(bare, tok, prompt, sampled.replace(temperature=0.0, seed=self.seed + i),
-                                      self.is_chat)
-                    s = generate_text(bare, tok, prompt, sampled.replace(seed=self.seed + i), self.is_chat)
+                                      is_chat)
+                    s = generate_text(bare, tok, prompt, sampled.replace(seed=self.seed + i), is_chat)
                     out.append({"prompt": prompt, "greedy": g.text, "sampled": s.text, "seed": self.seed + i})
         finally:
             bare.train()
