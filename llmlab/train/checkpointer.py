@@ -107,6 +107,8 @@ class Checkpointer:
         self.best_eval = state["trainer_state"].get("best_eval", math.inf) or math.inf
         self.best_step = state["trainer_state"].get("best_step")
         self.bad_evals = int(state["trainer_state"].get("bad_evals") or 0)
+        if self._patience_spent(start_step):  # killed after stopping, before stage.json said done
+            self.stopped_at = start_step
         self.stage.load_state_dict(state["stage_state"])
         self.resumed_from, self.last_good = start_step, str(ckpt)
         log.info("stage %s: resuming from %s (step %d)", self.name, ckpt, start_step)
@@ -135,12 +137,17 @@ class Checkpointer:
             if improved:  # every rank knows the best step: restoring it is a collective under FSDP
                 self.best_step = step
         self.bad_evals = 0 if improved else self.bad_evals + 1  # the same on every rank
-        if self.early_stopping is not None and self.bad_evals >= self.early_stopping.patience:
+        if self._patience_spent(step):
             self.stopped_at = step
             log.info("stage %s: early stopping at step %d: eval_loss has not improved by more than %g for %d "
                      "evaluations; final/ gets the best step, %s (eval_loss %.4f)", self.name, step, min_delta,
                      self.bad_evals, self.best_step, self.best_eval)
         return improved
+
+    def _patience_spent(self, step: int) -> bool:
+        """Whether early stopping ends the stage at ``step`` (never at max_steps: it ends there anyway)."""
+        es = self.early_stopping
+        return es is not None and self.bad_evals >= es.patience and step < self.max_steps
 
     def early_stopping_record(self) -> dict | None:
         """What stage.json says of an early stop (None when the stage ran to ``max_steps``)."""

@@ -110,7 +110,7 @@ def train(stage: Stage, *, fingerprint: str, accelerator=None, reset_optimizer: 
         sampler.log(prepared_model, 0, metrics)
     prepared_model.train()
     try:
-        while step < max_steps:
+        while step < max_steps and not checkpointer.should_stop:
             out = runner.step(step)
             step += 1
             metrics.count_tokens(out.tokens)
@@ -133,8 +133,6 @@ def train(stage: Stage, *, fingerprint: str, accelerator=None, reset_optimizer: 
                 sampler.log(prepared_model, step, metrics)
             if checkpointer.due(step, improved):
                 checkpointer.save(step, unwrap(prepared_model), optimizer, scheduler)
-            if checkpointer.should_stop:  # early_stopping: patience ran out
-                break
     except RuntimeError as e:  # CUDA's OutOfMemoryError, or the CPU allocator's "... can't allocate memory ..."
         if isinstance(e, torch.OutOfMemoryError) or is_cpu_out_of_memory(e):
             raise out_of_memory(ctx.name, step + 1) from e

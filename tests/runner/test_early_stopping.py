@@ -108,9 +108,12 @@ class _Killed(Exception):
 
 
 @pytest.mark.slow
-def test_a_killed_stage_resumes_with_its_patience_counter(tmp_path, scripted_eval, monkeypatch):
+@pytest.mark.parametrize("kill_at,bad_evals", [(8, 2), (STOP, PATIENCE)])
+def test_a_killed_stage_resumes_with_its_patience_counter(tmp_path, scripted_eval, monkeypatch, kill_at, bad_evals):
     """Killed right after the step-8 checkpoint (2 evaluations without improvement): the rerun
-    resumes there and stops at step 10, as the uninterrupted run does, with the same weights."""
+    resumes there and stops at step 10, as the uninterrupted run does, with the same weights.
+    Killed right after the checkpoint of the stopping step (before stage.json says done): the rerun
+    trains no further step."""
     a, b = tmp_path / "a", tmp_path / "b"
     a.mkdir()
     b.mkdir()
@@ -120,18 +123,19 @@ def test_a_killed_stage_resumes_with_its_patience_counter(tmp_path, scripted_eva
 
     def save_then_die(self, step, *args, **kwargs):
         real_save(self, step, *args, **kwargs)
-        if step == 8:
-            assert self.bad_evals == 2
+        if step == kill_at:
+            assert self.bad_evals == bad_evals
             raise _Killed
 
     with monkeypatch.context() as m:
         m.setattr(Checkpointer, "save", save_then_die)
         assert run_command(_recipe(b)) == 1  # the run reports the failure; checkpoints are kept
-    state = json.loads((b / "run" / "sft" / "checkpoints" / "step-000008" / "trainer_state.json").read_text())
-    assert state["bad_evals"] == 2 and state["best_step"] == BEST
+    ckpt = b / "run" / "sft" / "checkpoints" / f"step-{kill_at:06d}"
+    state = json.loads((ckpt / "trainer_state.json").read_text())
+    assert state["bad_evals"] == bad_evals and state["best_step"] == BEST
     assert run_command(_recipe(b)) == 0
     ia, ib = (json.loads((d / "run" / "sft" / "stage.json").read_text()) for d in (a, b))
-    assert ib["resumed_from"] == 8
+    assert ib["resumed_from"] == kill_at and ib["steps"] == ia["steps"] == STOP
     assert ia["early_stopping"] == ib["early_stopping"]
     wa, wb = _weights(a / "run" / "sft" / "final"), _weights(b / "run" / "sft" / "final")
     for k in wa:
