@@ -438,10 +438,11 @@ class Runner:
             record.write(layout.record)
             if result.early_stopping:
                 es = result.early_stopping
+                best = ("no finite eval_loss: final/ holds the last step" if es["best_step"] is None else
+                        f"final/ holds step {es['best_step']} (eval_loss {es['best_eval_loss']:.4f})")
                 self.console.print(f"[cyan]■[/] stage {name}: early stopping at step {es['stopped_at']} of "
                                    f"{cfg['max_steps']} (eval_loss did not improve by more than {es['min_delta']:g} "
-                                   f"in {es['patience']} evaluations); final/ holds step {es['best_step']} "
-                                   f"(eval_loss {es['best_eval_loss']:.4f})")
+                                   f"in {es['patience']} evaluations); {best}", highlight=False)
         env.accelerator.wait_for_everyone()
         del model
         if env.device.type == "cuda":

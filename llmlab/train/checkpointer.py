@@ -140,8 +140,8 @@ class Checkpointer:
         if self._patience_spent(step):
             self.stopped_at = step
             log.info("stage %s: early stopping at step %d: eval_loss has not improved by more than %g for %d "
-                     "evaluations; final/ gets the best step, %s (eval_loss %.4f)", self.name, step, min_delta,
-                     self.bad_evals, self.best_step, self.best_eval)
+                     "evaluations; final/ gets the best step, %s", self.name, step, min_delta, self.bad_evals,
+                     self.best_step)
         return improved
 
     def _patience_spent(self, step: int) -> bool:
