@@ -98,7 +98,12 @@ def test_the_stage_stops_with_the_best_checkpoint_as_final(tmp_path, scripted_ev
     # and not the last step's weights (the stage trained on past the best)
     last = _weights(stage / "checkpoints" / f"step-{STOP:06d}")
     assert any(not torch.equal(final[k], last[k]) for k in kept)
-    # a second run finds it done
+    # plan says so, and a second run finds it done
+    from llmlab.recipe import load_recipe_or_raise
+    from llmlab.runplan import build_run_plan
+
+    plan = build_run_plan(load_recipe_or_raise(_recipe(tmp_path), env={}))
+    assert plan.status("sft") == ("done", f"early stopped at step {STOP} of 20; final/ holds step {BEST}")
     assert run_command(_recipe(tmp_path)) == 0
     assert json.loads((stage / "stage.json").read_text())["finished_at"] == info["finished_at"]
 
