@@ -195,4 +195,5 @@ class DistributedConfig:
         return _pick(cls, _filled("#/properties/distributed", section))
 
 
-__all__ = ["DataLoaderConfig", "DistributedConfig", "EarlyStoppingConfig", "OptimizerConfig", "SchedulerConfig", "TrainingConfig"]
+__all__ = ["DataLoaderConfig", "DistributedConfig", "EarlyStoppingConfig", "OptimizerConfig", "SchedulerConfig",
+           "TrainingConfig"]

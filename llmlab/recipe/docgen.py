@@ -69,7 +69,8 @@ Beyond the types, ranges and enums below, `validate` checks (each error on the o
   `model.from_pretrained`); `from`, `reference_from` and reward `from` name an earlier stage (reward
   `from` a reward stage); a training stage gives `max_steps` or `epochs` (both only when they agree;
   no `epochs` on pretrain); `save_best_only` and `early_stopping` need evaluation data; `sample_every`
-  only with `sample_prompts`, and no `sample_prompts` under `distributed.strategy: fsdp`; every dataset used is defined, has weight > 0 and a format the stage can use
+  only with `sample_prompts`, and no `sample_prompts` under `distributed.strategy: fsdp`; every dataset
+  used is defined, has weight > 0 and a format the stage can use
   (pretrain: text; sft: conversations or preference; dpo, orpo, kto, reward: preference; grpo, ppo: anything with
   a prompt); grpo/ppo have a `reward` and `batch_size % mini_batch_size == 0`; a LoRA preset means
   something for the architecture (e.g. no ffn_only on mamba2; PEFT refuses out_proj and conv1d on

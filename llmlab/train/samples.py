@@ -8,7 +8,7 @@ top-k 50, top-p 0.95 — :class:`~llmlab.inference.generation.GenerationSettings
 random streams are not touched and a run with samples trains bitwise the weights of one without.
 Prompt ``i``'s sampled reply is what ``llmlab generate --seed <seed> --prompts FILE`` gives for the
 same weights. The record goes to metrics.jsonl (``{"step", "samples": [{"prompt", "greedy",
-"sampled", "seed"}]}``) and, as text, to the ``report_to`` trackers; ``llmlab report`` shows the last.
+"sampled", "seed"}]}``) and, as text, to the ``report_to`` trackers; ``llmlab report`` shows the first and the last.
 """
 
 from __future__ import annotations
