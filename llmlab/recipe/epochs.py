@@ -44,15 +44,23 @@ def epoch_examples(resolved: dict, stage: dict) -> int:
     Raises:
         ValueError: a dataset cannot be loaded, or is streamed (its size is unknown).
     """
+    import datasets
+
     from llmlab.data.sources import load_named_dataset
 
     total = 0
-    for name in stage["datasets"]:
-        train = load_named_dataset(resolved, name).train
-        try:
-            total += len(train)
-        except TypeError:
-            raise ValueError(f"dataset {name!r} is streamed: its size is unknown; give max_steps") from None
+    was_disabled = datasets.are_progress_bars_disabled()
+    datasets.disable_progress_bars()  # resolution prints nothing of its own
+    try:
+        for name in stage["datasets"]:
+            train = load_named_dataset(resolved, name).train
+            try:
+                total += len(train)
+            except TypeError:
+                raise ValueError(f"dataset {name!r} is streamed: its size is unknown; give max_steps") from None
+    finally:
+        if not was_disabled:
+            datasets.enable_progress_bars()
     return total
 
 
