@@ -29,6 +29,11 @@ def read_samples(stage_dir: Path) -> list[dict]:
     return [rec for rec in read_records(StageLayout(stage_dir).metrics) if "samples" in rec]
 
 
+def _one_line(text: str) -> str:
+    """``text`` with its line breaks shown as ``\\n`` (a reply of blank lines stays one row)."""
+    return text.replace("\r", "\\r").replace("\n", "\\n")
+
+
 def samples_table(stage_dir: Path) -> Table | None:
     """The replies to ``sample_prompts`` at the stage's first and last sampled steps (None: none)."""
     records = read_samples(stage_dir)
@@ -40,7 +45,7 @@ def samples_table(stage_dir: Path) -> Table | None:
         t.add_column(col, overflow="fold")
     for rec in shown:
         for s in rec["samples"]:
-            t.add_row(str(rec["step"]), s["prompt"], s["greedy"], s["sampled"])
+            t.add_row(str(rec["step"]), *(_one_line(s[k]) for k in ("prompt", "greedy", "sampled")))
     return t
 
 

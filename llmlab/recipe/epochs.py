@@ -39,7 +39,8 @@ def world_size() -> int:
 
 
 def epoch_examples(resolved: dict, stage: dict) -> int:
-    """The training rows of ``stage``'s datasets (loads each dataset: local files are read).
+    """The training rows of ``stage``'s datasets (loads each dataset: local files are read, into
+    datasets' default cache; nothing is written to the run directory).
 
     Raises:
         ValueError: a dataset cannot be loaded, or is streamed (its size is unknown).
@@ -48,12 +49,15 @@ def epoch_examples(resolved: dict, stage: dict) -> int:
 
     from llmlab.data.sources import load_named_dataset
 
+    # no output_dir: datasets' own cache, not the run directory (which may not exist yet, and which
+    # `llmlab run` refuses when something other than llmlab made it)
+    probe = {**resolved, "output_dir": None}
     total = 0
     was_disabled = datasets.are_progress_bars_disabled()
     datasets.disable_progress_bars()  # resolution prints nothing of its own
     try:
         for name in stage["datasets"]:
-            train = load_named_dataset(resolved, name).train
+            train = load_named_dataset(probe, name).train
             try:
                 total += len(train)
             except TypeError:

@@ -129,7 +129,7 @@ def train(stage: Stage, *, fingerprint: str, accelerator=None, reset_optimizer: 
             if evaluator.due(step):
                 evaluator.log(prepared_model, step, metrics)
                 improved = checkpointer.observe_eval(step, metrics.eval_loss if is_main else None)
-            if sampler.due(step):
+            if sampler.due(step, last=checkpointer.should_stop):
                 sampler.log(prepared_model, step, metrics)
             if checkpointer.due(step, improved):
                 checkpointer.save(step, unwrap(prepared_model), optimizer, scheduler)

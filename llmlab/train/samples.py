@@ -2,13 +2,15 @@
 few fixed prompts as it trains, as Axolotl's and TRL's generation callbacks show.
 
 At step 0 (a fresh start), every ``sample_every`` steps (default ``eval_every``) and at the last
-step, the main process replies to each prompt twice: greedily, and sampled (temperature 0.8,
-top-k 50, top-p 0.95 — :class:`~llmlab.inference.generation.GenerationSettings`' defaults, those of
-``llmlab generate``) with seed ``recipe seed + prompt index``, under a forked RNG, so the training's
-random streams are not touched and a run with samples trains bitwise the weights of one without.
-Prompt ``i``'s sampled reply is what ``llmlab generate --seed <seed> --prompts FILE`` gives for the
-same weights. The record goes to metrics.jsonl (``{"step", "samples": [{"prompt", "greedy",
-"sampled", "seed"}]}``) and, as text, to the ``report_to`` trackers; ``llmlab report`` shows the first and the last.
+step (``max_steps``, or where early stopping ends the stage), the main process replies to each
+prompt twice: greedily, and sampled (temperature 0.8, top-k 50, top-p 0.95 —
+:class:`~llmlab.inference.generation.GenerationSettings`' defaults, those of ``llmlab generate``)
+with seed ``recipe seed + prompt index``, under a forked RNG, so the training's random streams are
+not touched and a run with samples trains bitwise the weights of one without. Prompt ``i``'s
+sampled reply is what ``llmlab generate --seed <seed> --prompts FILE`` gives for the same weights.
+The record goes to metrics.jsonl (``{"step", "samples": [{"prompt", "greedy", "sampled",
+"seed"}]}``) and, as text, to the ``report_to`` trackers; ``llmlab report`` shows the first and the
+last.
 """
 
 from __future__ import annotations
@@ -40,9 +42,10 @@ class Sampler:
         self.max_steps = tc.max_steps
         self.seed = int(stage.ctx.seed)
 
-    def due(self, step: int) -> bool:
-        """Whether ``step`` (just finished; 0: before the first) is a sampling step."""
-        return bool(self.prompts) and (step % self.every == 0 or step == self.max_steps)
+    def due(self, step: int, last: bool = False) -> bool:
+        """Whether ``step`` (just finished; 0: before the first) is a sampling step; ``last``: the
+        stage ends there (early stopping), which samples too."""
+        return bool(self.prompts) and (step % self.every == 0 or step == self.max_steps or last)
 
     def replies(self, model: torch.nn.Module) -> list[dict]:
         """``[{"prompt", "greedy", "sampled", "seed"}]`` of ``model`` (left in train mode).

@@ -51,11 +51,15 @@ def _load(path: Path, *overrides):
 @pytest.mark.parametrize("epochs,world,steps", [(2, 1, 8), (1, 1, 4), (0.5, 1, 2), (3, 2, 6)])
 def test_epochs_become_the_steps_of_that_many_passes(tmp_path, monkeypatch, epochs, world, steps):
     """30 rows, 4 × 2 × world examples per step: ceil(epochs × 30 / (8 × world)) steps."""
+    monkeypatch.chdir(tmp_path)  # the default output_dir is relative to it
     monkeypatch.setenv("WORLD_SIZE", str(world))
     resolved, errors = _load(_recipe(tmp_path, f"    epochs: {epochs}\n"))
     assert errors == []
     assert resolved["stages"]["sft"]["max_steps"] == steps
     assert resolved["stages"]["sft"]["epochs"] == epochs
+    # sizing reads the data but writes nothing into the run directory (`llmlab run` refuses a
+    # directory llmlab did not make)
+    assert not Path(resolved["output_dir"]).exists()
 
 
 def test_the_resolved_recipe_with_both_keys_loads_again(tmp_path, monkeypatch):

@@ -66,11 +66,11 @@ def scripted_eval(monkeypatch):
     monkeypatch.setattr(Evaluator, "run", run)
 
 
-def _recipe(d):
+def _recipe(d, **extra):
     rec = copy.deepcopy(TINY)
     rec["stages"] = {"sft": rec["stages"]["sft"]}
     rec["stages"]["sft"].update(max_steps=20, eval_every=2, save_every=4, keep_last=1,
-                                early_stopping={"patience": PATIENCE, "min_delta": MIN_DELTA})
+                                early_stopping={"patience": PATIENCE, "min_delta": MIN_DELTA}, **extra)
     return write_recipe(d, rec)
 
 
@@ -80,7 +80,8 @@ def _weights(path):
 
 @pytest.mark.slow
 def test_the_stage_stops_with_the_best_checkpoint_as_final(tmp_path, scripted_eval):
-    assert run_command(_recipe(tmp_path)) == 0
+    recipe = _recipe(tmp_path, sample_prompts=["Hello"], sample_every=100)
+    assert run_command(recipe) == 0
     stage = tmp_path / "run" / "sft"
     info = json.loads((stage / "stage.json").read_text())
     assert info["status"] == "done"
@@ -89,6 +90,7 @@ def test_the_stage_stops_with_the_best_checkpoint_as_final(tmp_path, scripted_ev
                                       "patience": PATIENCE, "min_delta": MIN_DELTA}
     records = [json.loads(x) for x in (stage / "metrics.jsonl").read_text().splitlines()]
     assert max(r["step"] for r in records) == STOP
+    assert [r["step"] for r in records if "samples" in r] == [0, STOP]  # the last step samples too
     best = stage / "checkpoints" / f"step-{BEST:06d}"
     assert best.is_dir()  # kept through keep_last=1
     final, kept = _weights(stage / "final"), _weights(best)
@@ -102,9 +104,9 @@ def test_the_stage_stops_with_the_best_checkpoint_as_final(tmp_path, scripted_ev
     from llmlab.recipe import load_recipe_or_raise
     from llmlab.runplan import build_run_plan
 
-    plan = build_run_plan(load_recipe_or_raise(_recipe(tmp_path), env={}))
+    plan = build_run_plan(load_recipe_or_raise(recipe, env={}))
     assert plan.status("sft") == ("done", f"early stopped at step {STOP} of 20; final/ holds step {BEST}")
-    assert run_command(_recipe(tmp_path)) == 0
+    assert run_command(recipe) == 0
     assert json.loads((stage / "stage.json").read_text())["finished_at"] == info["finished_at"]
 
 
