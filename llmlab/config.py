@@ -81,11 +81,30 @@ class SchedulerConfig:
 
 
 @dataclass(frozen=True)
+class EarlyStoppingConfig:
+    """A stage's ``early_stopping:`` section (``$defs/stage_common/properties/early_stopping``)."""
+
+    patience: int
+    """Evaluations in a row without improvement that end the stage."""
+    min_delta: float
+    """How much lower than the best so far an ``eval_loss`` must be to count as an improvement."""
+
+    @classmethod
+    def from_dict(cls, section: dict | None) -> EarlyStoppingConfig | None:
+        """The view of ``section`` (None: no early stopping)."""
+        if section is None:
+            return None
+        return _pick(cls, _filled("#/$defs/stage_common/properties/early_stopping", section))
+
+
+@dataclass(frozen=True)
 class TrainingConfig:
     """The keys of a stage (``$defs/stage_common``) that the training loop reads."""
 
     max_steps: int
-    """Optimizer steps to train to."""
+    """Optimizer steps to train to (resolution sets it from ``epochs`` where that is given)."""
+    epochs: float | None
+    """Passes over the training data that ``max_steps`` was computed from (None: max_steps given)."""
     batch_size: int
     """Examples per micro-batch (per process)."""
     gradient_accumulation_steps: int
@@ -106,6 +125,12 @@ class TrainingConfig:
     """Also save at each new best eval loss, never prune the best checkpoint, and end with its weights."""
     reset_optimizer: bool
     """On resume, load only the weights (fresh optimizer, schedule fast-forwarded)."""
+    early_stopping: EarlyStoppingConfig | None
+    """End the stage after ``patience`` evaluations without improvement (None: train to max_steps)."""
+    sample_prompts: tuple[str, ...] | None
+    """Prompts replied to (greedy and sampled) during training (None: no samples)."""
+    sample_every: int | None
+    """Steps between samples (None: ``eval_every``)."""
     optimizer: OptimizerConfig
     """The ``optimizer:`` section."""
     scheduler: SchedulerConfig
@@ -123,7 +148,10 @@ class TrainingConfig:
         if values.get("log_every") is None:
             values["log_every"] = _filled("#/properties/logging", logging)["log_every"]
         values["max_steps"] = stage["max_steps"]
-        return _pick(cls, values, optimizer=OptimizerConfig.from_dict(stage.get("optimizer")),
+        prompts = values.get("sample_prompts")
+        return _pick(cls, values, early_stopping=EarlyStoppingConfig.from_dict(values.get("early_stopping")),
+                     sample_prompts=tuple(prompts) if prompts is not None else None,
+                     optimizer=OptimizerConfig.from_dict(stage.get("optimizer")),
                      scheduler=SchedulerConfig.from_dict(stage.get("scheduler")))
 
 
@@ -167,4 +195,5 @@ class DistributedConfig:
         return _pick(cls, _filled("#/properties/distributed", section))
 
 
-__all__ = ["DataLoaderConfig", "DistributedConfig", "OptimizerConfig", "SchedulerConfig", "TrainingConfig"]
+__all__ = ["DataLoaderConfig", "DistributedConfig", "EarlyStoppingConfig", "OptimizerConfig", "SchedulerConfig",
+           "TrainingConfig"]

@@ -21,9 +21,15 @@ from llmlab.recipe.secrets import mask_secrets
 from llmlab.schemafile import schema_filled, top_level
 from llmlab.stage_specs import stage_spec
 
-#: stage keys that do not change the trained weights
+#: stage keys that do not change the trained weights. ``epochs`` is resolved into ``max_steps``
+#: (:mod:`llmlab.recipe.epochs`), which the output fingerprint holds: raising it extends the stage.
+#: ``early_stopping`` is hashed: where the stage stops and which weights final/ holds depend on it
+#: (as they do on ``save_best_only``); absent by default (null), it leaves older fingerprints alone.
 NON_SEMANTIC_KEYS = {"log_every", "eval_every", "eval_steps", "save_every", "keep_last", "max_steps",
-                     "reset_optimizer"}
+                     "epochs", "reset_optimizer", "sample_prompts", "sample_every"}
+
+#: non-semantic keys hashed where ``early_stopping`` is set: they decide at which step it stops
+EARLY_STOPPING_KEYS = ("eval_every", "eval_steps")
 
 #: keys added to the schema after runs were first fingerprinted, by section (``stage_<type>`` or
 #: ``lora``): while such a key holds its schema default (the behaviour before it existed) it is left
@@ -199,9 +205,12 @@ def _without_added_defaults(section: str, cfg: dict) -> dict:
 
 def _semantic_config(cfg: dict) -> dict:
     """The part of a resolved stage config that a fingerprint hashes: less :data:`NON_SEMANTIC_KEYS`
-    and less keys added since (:data:`ADDED_KEYS`) that keep their default."""
+    (but :data:`EARLY_STOPPING_KEYS` under ``early_stopping``) and less keys added since
+    (:data:`ADDED_KEYS`) that keep their default."""
+    # under early stopping the evaluation cadence and size decide where the stage stops
+    keep = EARLY_STOPPING_KEYS if cfg.get("early_stopping") else ()
     out = {k: v for k, v in _without_added_defaults(f"stage_{cfg.get('type')}", cfg).items()
-           if k not in NON_SEMANTIC_KEYS}
+           if k not in NON_SEMANTIC_KEYS or k in keep}
     if isinstance(out.get("lora"), dict):
         out["lora"] = _without_added_defaults("lora", out["lora"])
     return out
@@ -292,6 +301,10 @@ def stage_status(stage_dir: Path, fp: dict, max_steps: int) -> tuple[str, str]:
             if earlier:  # the schedule was recomputed at each extension: not a fresh run's weights
                 return "done", (f"{done_steps} steps, extended from {' → '.join(map(str, earlier))}; "
                                 f"differs from a fresh {done_steps}-step run (--force retrains it)")
+            es = info.get("early_stopping")
+            if es:  # done: patience ran out before max_steps
+                return "done", (f"early stopped at step {es.get('stopped_at')} of {done_steps}; final/ holds step "
+                                f"{es.get('best_step')}")
             return "done", f"{done_steps} steps"
         if done_steps < max_steps:
             return "extend", f"continues from step {done_steps} to {max_steps}"

@@ -223,6 +223,9 @@ class StageRecord:
     first_eval: dict | None = None
     last_eval: dict | None = None
     final_metrics: dict | None = None
+    #: training stages that early stopping ended: {"stopped_at", "best_step", "best_eval_loss",
+    #: "patience", "min_delta"} (absent when the stage ran to max_steps)
+    early_stopping: dict | None = None
     #: what the stage wrote: {"final": path, "adapter": path, "results": path, ...}
     outputs: dict | None = None
     absent: frozenset = frozenset()

@@ -343,6 +343,8 @@ def plan_rows(recipe: dict, world_size: int = 1) -> tuple[list[dict], dict]:
             "memory": memory, "tokens_per_step": tokens // max(1, steps),
             "tokens_per_param": tokens / params if (params and spec.kind == "text") else None,
             "status": status, "status_detail": detail, "fingerprint": stage.fingerprint[:12],
+            # the epochs the steps were sized from (only where the recipe gives epochs)
+            **({"epochs": stage.training.epochs} if stage.training.epochs is not None else {}),
         })
     return rows, {"params": params, "vocab_size": vocab, "tokenizer": run_tokenizer_state(recipe),
                   "world_size": world_size, "strategy": strategy, "sharded": shards > 1}
@@ -395,13 +397,14 @@ def plan_command(recipe_path: Path, output_dir: Path | None = None, overrides=()
     from llmlab.recipe import dump_resolved, load_for_command
 
     console = make_console()
-    rec = load_for_command(recipe_path, overrides, output_dir, console)
+    world_size = world_size or default_world_size()
+    rec = load_for_command(recipe_path, overrides, output_dir, console, world_size=world_size)
     if rec is None:
         return 1
     if resolved:
         print(dump_resolved(rec), end="")
         return 0
-    rows, facts = plan_rows(rec, world_size or default_world_size())
+    rows, facts = plan_rows(rec, world_size)
     if fmt == "json":
         from llmlab.data.prepare import dataset_plan
 
@@ -422,7 +425,8 @@ def plan_command(recipe_path: Path, output_dir: Path | None = None, overrides=()
     for r in rows:
         ds = ", ".join(f"{k} {v:.0f}%" for k, v in r["datasets"].items())
         status = r["status"] + (f" ({r['status_detail']})" if r["status_detail"] else "")
-        t.add_row(r["stage"], r["type"], r["from"], ds, str(r["steps"]), _fmt_count(r["tokens"]),
+        steps = str(r["steps"]) + (f" ({r['epochs']:g} epochs)" if r.get("epochs") is not None else "")
+        t.add_row(r["stage"], r["type"], r["from"], ds, steps, _fmt_count(r["tokens"]),
                   _fmt_count(r["tokens_per_step"]), _fmt_count(r["trainable"]), fmt_bytes(r["memory_bytes"]),
                   "-" if r["tokens_per_param"] is None else f"{r['tokens_per_param']:.1f}", status)
     console.print(t)

@@ -1,4 +1,5 @@
-"""``llmlab report RUN_DIR``: loss and eval curves of every stage to a PNG, and the summary table."""
+"""``llmlab report RUN_DIR``: loss and eval curves of every stage to a PNG, the summary table, and
+the replies to each stage's ``sample_prompts`` (first and last sampled step)."""
 
 from __future__ import annotations
 
@@ -16,8 +17,36 @@ def read_metrics(stage_dir: Path) -> tuple[list[dict], list[dict]]:
     """(train records, eval records) of a stage's metrics.jsonl."""
     train, evals = [], []
     for rec in read_records(StageLayout(stage_dir).metrics):
+        if "samples" in rec:  # replies to sample_prompts: read_samples
+            continue
         (evals if "eval_loss" in rec else train).append(rec)
     return train, evals
+
+
+def read_samples(stage_dir: Path) -> list[dict]:
+    """The ``samples`` records of a stage's metrics.jsonl (``{"step", "samples": [{"prompt",
+    "greedy", "sampled", "seed"}]}``, :mod:`llmlab.train.samples`), in step order."""
+    return [rec for rec in read_records(StageLayout(stage_dir).metrics) if "samples" in rec]
+
+
+def _one_line(text: str) -> str:
+    """``text`` with its line breaks shown as ``\\n`` (a reply of blank lines stays one row)."""
+    return text.replace("\r", "\\r").replace("\n", "\\n")
+
+
+def samples_table(stage_dir: Path) -> Table | None:
+    """The replies to ``sample_prompts`` at the stage's first and last sampled steps (None: none)."""
+    records = read_samples(stage_dir)
+    if not records:
+        return None
+    shown = [records[0]] if len(records) == 1 else [records[0], records[-1]]
+    t = Table(title=f"{stage_dir.name}: replies to sample_prompts (greedy / sampled)")
+    for col in ("step", "prompt", "greedy", "sampled"):
+        t.add_column(col, overflow="fold")
+    for rec in shown:
+        for s in rec["samples"]:
+            t.add_row(str(rec["step"]), *(_one_line(s[k]) for k in ("prompt", "greedy", "sampled")))
+    return t
 
 
 def stage_dirs(run_dir: Path) -> list[Path]:
@@ -82,5 +111,9 @@ def report_command(run_dir: Path, output: Path | None = None) -> int:
                   f"{fmt(i.get('first_loss'))} → {fmt(i.get('last_loss'))}", f"{fmt(fe)} → {fmt(le)}",
                   f"{float(i.get('wall_time_s') or 0):.1f} s")
     console.print(t)
+    for d in stage_dirs(run_dir):
+        st = samples_table(d)
+        if st is not None:
+            console.print(st)
     console.print(f"curves: {png}")
     return 0

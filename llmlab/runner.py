@@ -62,7 +62,7 @@ class _StageEnv:
 
 #: StageRecord fields set when a stage finishes / only training stages have
 _FINISH_FIELDS = frozenset({"finished_at", "steps", "wall_time_s", "tokens", "resumed_from", "first_loss", "last_loss",
-                            "first_eval", "last_eval", "final_metrics", "outputs"})
+                            "first_eval", "last_eval", "final_metrics", "outputs", "early_stopping"})
 _TRAINING_FIELDS = frozenset({"max_steps", "init_path", "init_adapter", "device", "precision", "distributed",
                               "extended_from"})
 
@@ -438,8 +438,16 @@ class Runner:
                           first_loss=summary.get("first_loss"), last_loss=summary.get("last_loss"),
                           first_eval=summary.get("first_eval"), last_eval=summary.get("last_eval"),
                           final_metrics=result.final_metrics,
-                          outputs={k: self.layout.portable(v) for k, v in written.items()})
+                          outputs={k: self.layout.portable(v) for k, v in written.items()},
+                          **({"early_stopping": result.early_stopping} if result.early_stopping else {}))
             record.write(layout.record)
+            if result.early_stopping:
+                es = result.early_stopping
+                best = ("no finite eval_loss: final/ holds the last step" if es["best_step"] is None else
+                        f"final/ holds step {es['best_step']} (eval_loss {es['best_eval_loss']:.4f})")
+                self.console.print(f"[cyan]■[/] stage {name}: early stopping at step {es['stopped_at']} of "
+                                   f"{cfg['max_steps']} (eval_loss did not improve by more than {es['min_delta']:g} "
+                                   f"in {es['patience']} evaluations); {best}", highlight=False)
         env.accelerator.wait_for_everyone()
         del model
         if env.device.type == "cuda":

@@ -363,7 +363,7 @@ def _requires_error(doc: dict, positions: dict, display: str) -> RecipeError | N
 
 def load_recipe(path, overrides: Iterable[str] = (), env: Mapping[str, str] | None = None,
                 allow_code: bool | None = None, warnings: list | None = None, check_files: bool = True,
-                ) -> tuple[dict | None, list[RecipeError]]:
+                world_size: int | None = None) -> tuple[dict | None, list[RecipeError]]:
     """Load, validate and resolve the recipe at ``path``.
 
     Args:
@@ -376,7 +376,10 @@ def load_recipe(path, overrides: Iterable[str] = (), env: Mapping[str, str] | No
         warnings: a list that receives warnings (:class:`RecipeError` with severity "warning").
         check_files: whether to check this machine's files: that each local dataset ``path`` exists
             (an error) and that a ``package:`` ``from_pretrained`` is installed (a warning).
-            ``validate --no-data-check`` turns both off (a CI job that checks recipes only).
+            ``validate --no-data-check`` turns both off (a CI job that checks recipes only), and
+            with them the sizing of ``epochs`` (which reads the data: such a stage keeps no ``max_steps``).
+        world_size: processes that ``epochs`` are sized for (None: ``$WORLD_SIZE``, else 1;
+            :mod:`llmlab.recipe.epochs`).
 
     Returns:
         ``(resolved, errors)``: when ``errors`` is empty, ``resolved`` is the plain-dict recipe with
@@ -483,6 +486,13 @@ def load_recipe(path, overrides: Iterable[str] = (), env: Mapping[str, str] | No
         return None, _finish(errors)
     resolved.pop("extends", None)
     _absolutize(resolved, positions, dirs)
+    if check_files:  # epochs: -> max_steps, counting the training rows (reads the data)
+        from llmlab.recipe.epochs import resolve_epochs
+
+        for p, msg in resolve_epochs(resolved, world_size):
+            add(p, msg)
+        if errors:
+            return None, _finish(errors)
     if warnings is not None:  # datasets sharing prompts with different held-out fractions
         found = semantic.eval_split_warnings(resolved) + semantic.warmup_warnings(resolved) \
             + (_missing_packages(resolved) if check_files else [])
@@ -567,16 +577,17 @@ def stage_order(resolved: dict) -> list[str]:
     return list(resolved.get("stages", {}))
 
 
-def load_for_command(path, overrides: Iterable[str], output_dir, console) -> dict | None:
+def load_for_command(path, overrides: Iterable[str], output_dir, console, world_size: int | None = None) -> dict | None:
     """Load a recipe for a command that reads it (plan, prepare, cache): every error and warning
     (:func:`load_recipe` with ``allow_code=None``) printed to the rich ``console``, warnings in
-    yellow; ``output_dir`` (``--output-dir``), when given, replaces the recipe's.
+    yellow; ``output_dir`` (``--output-dir``), when given, replaces the recipe's; ``world_size``:
+    the processes ``epochs`` are sized for (None: ``$WORLD_SIZE``).
 
     Returns:
         the resolved recipe, or None when it has errors (the command then exits 1).
     """
     warnings: list = []
-    rec, errors = load_recipe(path, list(overrides), warnings=warnings)
+    rec, errors = load_recipe(path, list(overrides), warnings=warnings, world_size=world_size)
     for e in errors or warnings:
         console.print(str(e), markup=False, highlight=False, style="yellow" if e.severity == "warning" else None)
     if errors:

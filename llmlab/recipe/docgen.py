@@ -67,7 +67,10 @@ Beyond the types, ranges and enums below, `validate` checks (each error on the o
   from the lower one (the held-out sets are nested).
 - stages: names are unique and not `tokenizer`; `seq_len <= model.max_seq_len` (and required with
   `model.from_pretrained`); `from`, `reference_from` and reward `from` name an earlier stage (reward
-  `from` a reward stage); every dataset used is defined, has weight > 0 and a format the stage can use
+  `from` a reward stage); a training stage gives `max_steps` or `epochs` (both only when they agree;
+  no `epochs` on pretrain); `save_best_only` and `early_stopping` need evaluation data; `sample_every`
+  only with `sample_prompts`, and no `sample_prompts` under `distributed.strategy: fsdp`; every dataset
+  used is defined, has weight > 0 and a format the stage can use
   (pretrain: text; sft: conversations or preference; dpo, orpo, kto, reward: preference; grpo, ppo: anything with
   a prompt); grpo/ppo have a `reward` and `batch_size % mini_batch_size == 0`; a LoRA preset means
   something for the architecture (e.g. no ffn_only on mamba2; PEFT refuses out_proj and conv1d on
@@ -155,6 +158,7 @@ def render() -> str:
     _section("datasets.NAME.filters", d["dataset"]["properties"]["filters"], out)
     _section("stages.NAME (every training stage type)", d["stage_common"], out)
     _section("stages.NAME.mixing", d["stage_common"]["properties"]["mixing"], out)
+    _section("stages.NAME.early_stopping", d["stage_common"]["properties"]["early_stopping"], out)
     for t in S.resolve_ref(d["stage"]["properties"]["type"])["enum"]:
         node = d[f"stage_{t}"]
         props = node["properties"]

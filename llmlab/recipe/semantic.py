@@ -193,6 +193,19 @@ def check(doc: dict, given, add) -> None:
     _check_distributed(doc, add)
 
 
+def _check_length(st: dict, base: tuple, spec, add) -> None:
+    """A training stage gives its length: ``max_steps`` or ``epochs`` (both only where they agree,
+    which resolution checks: :mod:`llmlab.recipe.epochs`); ``epochs`` not on pretraining, whose
+    examples are token blocks known only once the data is tokenised."""
+    if spec is None:  # an unknown type: the schema's one error says so
+        return
+    if "max_steps" not in st and st.get("epochs") is None:
+        add(base, "give the stage's length: max_steps (optimizer steps) or epochs (passes over its training data)")
+    if st.get("epochs") is not None and spec.family == "pretrain":
+        add(base + ("epochs",), "epochs does not apply to a pretrain stage (its examples are token blocks, counted "
+                                "only once the data is tokenised); give max_steps")
+
+
 def _check_distributed(doc: dict, add) -> None:
     """Under ``distributed.strategy: fsdp`` every training stage can be sharded: it samples nothing
     (a generating stage runs a different number of forwards on each process, and each FSDP forward
@@ -216,6 +229,9 @@ def _check_distributed(doc: dict, add) -> None:
         if isinstance(opt, str) and opt not in FSDP_OPTIMIZERS:
             add(base + ("optimizer", "name"), f"optimizer {opt} does not train under distributed.strategy fsdp "
                                               f"(see docs/distributed.md); use {', '.join(FSDP_OPTIMIZERS)} or strategy ddp")
+        if st.get("sample_prompts") is not None:
+            add(base + ("sample_prompts",), "sample_prompts generates on one process, which distributed.strategy fsdp "
+                                            "cannot shard (every FSDP forward is a collective); use strategy ddp")
         if _dict(st.get("lora")).get("quantize"):
             add(base + ("lora", "quantize"), "a quantized LoRA base (QLoRA) cannot be sharded by distributed.strategy "
                                              "fsdp; use strategy ddp")
@@ -445,11 +461,15 @@ def _check_stages(doc: dict, datasets: dict, given, add) -> None:
             add(base + ("type",), f"a {stype} stage needs a chat template, but tokenizer.chat_template is 'none'")
         if stype == "ppo" and given(base + ("kl_horizon",), non_default=True) and st.get("kl_target") is None:
             add(base + ("kl_horizon",), "kl_horizon only applies to the adaptive KL controller; set kl_target too")
-        if st.get("save_best_only") is True:
-            has_eval = bool(st.get("eval_datasets")) or any(
-                (_num(_dict(datasets.get(ds)).get("eval_split")) or 0) > 0 for ds in _dict(st.get("datasets")))
-            if not has_eval:
-                add(base + ("save_best_only",), "save_best_only needs evaluation data: give eval_datasets or an eval_split > 0 on a training dataset")
+        _check_length(st, base, spec, add)
+        has_eval = bool(st.get("eval_datasets")) or any(
+            (_num(_dict(datasets.get(ds)).get("eval_split")) or 0) > 0 for ds in _dict(st.get("datasets")))
+        if given(base + ("sample_every",), non_default=True) and st.get("sample_prompts") is None:
+            add(base + ("sample_every",), "sample_every only applies with sample_prompts; give the prompts too")
+        for key in ("save_best_only", "early_stopping"):
+            if st.get(key) not in (None, False) and not has_eval:
+                add(base + (key,), f"{key} needs evaluation data: give eval_datasets or an eval_split > 0 on a "
+                                   "training dataset")
         lora = st.get("lora")
         if isinstance(lora, dict):
             preset = lora.get("preset", "all")

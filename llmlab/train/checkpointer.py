@@ -26,12 +26,17 @@ log = logging.getLogger("llmlab")
 class Checkpointer:
     """Saves and restores one stage's checkpoints under ``<stage_dir>/checkpoints``.
 
-    Keys read: ``save_every``, ``keep_last``, ``save_best_only``, ``reset_optimizer``, ``optimizer.name``;
+    Keys read: ``save_every``, ``keep_last``, ``save_best_only``, ``early_stopping`` (which implies the
+    best-checkpoint keeping of ``save_best_only``), ``reset_optimizer``, ``optimizer.name``;
     the stage's ``scheduler`` section as given is stored in each checkpoint (a changed schedule is
     fast-forwarded rather than loaded).
 
     Attributes:
-        best_eval, best_step: the lowest ``eval_loss`` seen (on the main process) and its step.
+        best_eval, best_step: the lowest ``eval_loss`` seen (on the main process) and its step
+            (under early stopping: the lowest that beat the best before it by more than ``min_delta``).
+        bad_evals: evaluations in a row without such an improvement (early stopping's counter,
+            kept in each checkpoint so a resumed stage stops where an uninterrupted one would).
+        stopped_at: the step early stopping ended the stage at (None: it did not).
         last_good: the newest checkpoint written or resumed from (named in non-finite loss errors).
         resumed_from: the step resumed from, or None for a fresh start.
     """
@@ -47,11 +52,13 @@ class Checkpointer:
         self.accelerator = accelerator
         self.save_every = int(tc.save_every)
         self.keep_last = int(tc.keep_last)
-        self.save_best_only = bool(tc.save_best_only)
+        self.early_stopping = tc.early_stopping
+        self.save_best_only = bool(tc.save_best_only) or self.early_stopping is not None
         self.optimizer_name = tc.optimizer.name
         self.scheduler_cfg = stage.config.get("scheduler")
         self.reset_optimizer = bool(tc.reset_optimizer)
         self.best_eval, self.best_step = math.inf, None
+        self.bad_evals, self.stopped_at = 0, None
         self.last_good: str | None = None
         self.resumed_from: int | None = None
         #: what a step's data is: micro-batch size, accumulation, processes (stored in each checkpoint)
@@ -99,6 +106,9 @@ class Checkpointer:
                     scheduler.step()
         self.best_eval = state["trainer_state"].get("best_eval", math.inf) or math.inf
         self.best_step = state["trainer_state"].get("best_step")
+        self.bad_evals = int(state["trainer_state"].get("bad_evals") or 0)
+        if self._patience_spent(start_step):  # killed after stopping, before stage.json said done
+            self.stopped_at = start_step
         self.stage.load_state_dict(state["stage_state"])
         self.resumed_from, self.last_good = start_step, str(ckpt)
         log.info("stage %s: resuming from %s (step %d)", self.name, ckpt, start_step)
@@ -115,19 +125,48 @@ class Checkpointer:
             whether it is a new best; the same answer on every rank (broadcast from rank 0).
         """
         improved = False
-        if self.accelerator.is_main_process and eval_loss is not None and eval_loss < self.best_eval:
-            self.best_eval, self.best_step, improved = eval_loss, step, True
+        min_delta = self.early_stopping.min_delta if self.early_stopping else 0.0
+        if self.accelerator.is_main_process and eval_loss is not None:
+            improved, _ = plateau_update(self.best_eval, 0, eval_loss, min_delta)
+            if improved:
+                self.best_eval, self.best_step = eval_loss, step
         if self.accelerator.num_processes > 1:  # every rank must take the same save decision
             from accelerate.utils import broadcast_object_list
 
             improved = broadcast_object_list([improved], from_process=0)[0]
             if improved:  # every rank knows the best step: restoring it is a collective under FSDP
                 self.best_step = step
+        self.bad_evals = 0 if improved else self.bad_evals + 1  # the same on every rank
+        if self._patience_spent(step):
+            self.stopped_at = step
+            log.info("stage %s: early stopping at step %d: eval_loss has not improved by more than %g for %d "
+                     "evaluations; final/ gets the best step, %s", self.name, step, min_delta, self.bad_evals,
+                     self.best_step)
         return improved
 
-    def restore_best(self, model: torch.nn.Module) -> None:
-        """Under ``save_best_only``, load the best checkpoint's weights unless the last step was best."""
-        if self.save_best_only and self.best_step is not None and self.best_step != self.max_steps:
+    def _patience_spent(self, step: int) -> bool:
+        """Whether early stopping ends the stage at ``step`` (never at max_steps: it ends there anyway)."""
+        es = self.early_stopping
+        return es is not None and self.bad_evals >= es.patience and step < self.max_steps
+
+    def early_stopping_record(self) -> dict | None:
+        """What stage.json says of an early stop (None when the stage ran to ``max_steps``)."""
+        if self.stopped_at is None:
+            return None
+        es = self.early_stopping
+        return {"stopped_at": self.stopped_at, "best_step": self.best_step,
+                "best_eval_loss": None if math.isinf(self.best_eval) else self.best_eval,
+                "patience": es.patience, "min_delta": es.min_delta}
+
+    @property
+    def should_stop(self) -> bool:
+        """Whether early stopping has ended the stage (the same answer on every rank)."""
+        return self.stopped_at is not None
+
+    def restore_best(self, model: torch.nn.Module, last_step: int) -> None:
+        """Under ``save_best_only`` or ``early_stopping``, load the best checkpoint's weights unless
+        ``last_step`` (the step training ended at) was the best."""
+        if self.save_best_only and self.best_step is not None and self.best_step != last_step:
             best = self.layout.checkpoint(self.best_step)
             if best.is_dir() and ckpt_lib.verify(best) is None:
                 ckpt_lib.load_checkpoint(best, model=model, state_io=self.state_io)
@@ -138,8 +177,9 @@ class Checkpointer:
         return step % self.save_every == 0 or step == self.max_steps or (self.save_best_only and eval_due)
 
     def due(self, step: int, improved: bool) -> bool:
-        """Whether to write a checkpoint at ``step``."""
-        return step % self.save_every == 0 or step == self.max_steps or (self.save_best_only and improved)
+        """Whether to write a checkpoint at ``step`` (also where early stopping ends the stage)."""
+        return (step % self.save_every == 0 or step == self.max_steps or (self.save_best_only and improved)
+                or self.should_stop)
 
     def check_finite(self, loss: torch.Tensor, step: int, grad_norm=None) -> None:
         """Raise when the training loss or the gradient norm of ``step`` is NaN or infinite (a
@@ -223,8 +263,22 @@ class Checkpointer:
         io = self.state_io
         return {"fingerprint": self.fingerprint, "max_steps": self.max_steps, "optimizer": self.optimizer_name,
                 "scheduler": self.scheduler_cfg, "best_eval": None if math.isinf(self.best_eval) else self.best_eval,
-                "best_step": self.best_step,
+                "best_step": self.best_step, "bad_evals": self.bad_evals,
                 "optimizer_format": DCP_FORMAT if io.writes_shards else io.optimizer_format, "batch": self.batch}
+
+
+def plateau_update(best: float, bad_evals: int, eval_loss: float, min_delta: float) -> tuple[bool, int]:
+    """One evaluation of the early-stopping rule (Prechelt 1998, "Early stopping — but when?"; as
+    Keras' ``EarlyStopping``): an ``eval_loss`` below ``best - min_delta`` is an improvement (and the
+    new best); any other value adds one to the evaluations without improvement. A NaN never improves.
+
+    Returns:
+        (improved, evaluations without improvement after this one); the stage stops once the
+        second reaches ``patience``.
+    """
+    if eval_loss < best - min_delta:
+        return True, 0
+    return False, bad_evals + 1
 
 
 #: trainer_state.json's ``optimizer_format`` of a checkpoint holding DCP shards (llmlab.train.dcp):

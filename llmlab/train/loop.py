@@ -28,6 +28,7 @@ from llmlab.train.evaluator import Evaluator
 from llmlab.train.fsdp import clip_grad_norm_, gather_full_model, state_io
 from llmlab.train.metrics import MetricsLogger
 from llmlab.train.optim import distributed_hutchinson, needs_hessian
+from llmlab.train.samples import Sampler
 from llmlab.train.setup import maybe_compile, maybe_shard, setup_model, setup_optimizer, stage_model_arch
 from llmlab.train.tensors import scalar, to_device
 
@@ -47,11 +48,15 @@ class StageResult:
     tokens: int
     resumed_from: int | None = None
     final_metrics: dict = field(default_factory=dict)
+    #: where early stopping ended the stage: {"stopped_at", "best_step", "best_eval_loss", ...}; None
+    #: when it ran to max_steps
+    early_stopping: dict | None = None
 
 
 def train(stage: Stage, *, fingerprint: str, accelerator=None, reset_optimizer: bool = False,
           progress=None) -> tuple[torch.nn.Module, StageResult]:
-    """Train ``stage`` to its ``max_steps``, resuming from its newest intact checkpoint.
+    """Train ``stage`` to its ``max_steps`` (or until ``early_stopping`` ends it, with the best
+    evaluation's weights), resuming from its newest intact checkpoint.
 
     The loop only calls components: :mod:`llmlab.train.setup` (model, LoRA, optimizer, compile),
     :class:`~llmlab.train.checkpointer.Checkpointer` (resume, save, best, non-finite check),
@@ -100,9 +105,12 @@ def train(stage: Stage, *, fingerprint: str, accelerator=None, reset_optimizer: 
     metrics = MetricsLogger(stage, tc, accelerator=accelerator, start_step=start_step, progress=progress)
     if start_step == 0 and evaluator.due(0):
         evaluator.log(prepared_model, 0, metrics)
+    sampler = Sampler(stage, tc, accelerator)
+    if start_step == 0 and sampler.due(0):
+        sampler.log(prepared_model, 0, metrics)
     prepared_model.train()
     try:
-        while step < max_steps:
+        while step < max_steps and not checkpointer.should_stop:
             out = runner.step(step)
             step += 1
             metrics.count_tokens(out.tokens)
@@ -121,6 +129,8 @@ def train(stage: Stage, *, fingerprint: str, accelerator=None, reset_optimizer: 
             if evaluator.due(step):
                 evaluator.log(prepared_model, step, metrics)
                 improved = checkpointer.observe_eval(step, metrics.eval_loss if is_main else None)
+            if sampler.due(step, last=checkpointer.should_stop):
+                sampler.log(prepared_model, step, metrics)
             if checkpointer.due(step, improved):
                 checkpointer.save(step, unwrap(prepared_model), optimizer, scheduler)
     except RuntimeError as e:  # CUDA's OutOfMemoryError, or the CPU allocator's "... can't allocate memory ..."
@@ -131,13 +141,14 @@ def train(stage: Stage, *, fingerprint: str, accelerator=None, reset_optimizer: 
         runner.close()
         metrics.close()
     model = unwrap(prepared_model)
-    checkpointer.restore_best(model)
+    checkpointer.restore_best(model, step)
     if sharded:
         model = gather_full_model(model, skeleton, is_main)
     return model, StageResult(
         steps=step, first_loss=metrics.first_loss, last_loss=metrics.last_loss, eval_loss=metrics.eval_loss,
         first_eval_loss=metrics.first_eval_loss, wall_time_s=metrics.elapsed_s(), tokens=metrics.tokens,
-        resumed_from=checkpointer.resumed_from, final_metrics=stage.summary_metrics())
+        resumed_from=checkpointer.resumed_from, final_metrics=stage.summary_metrics(),
+        early_stopping=checkpointer.early_stopping_record())
 
 
 @dataclass
