@@ -17,7 +17,7 @@ from typing import Any
 
 from llmlab.chat_templates import template_identity
 from llmlab.layout import RunLayout, StageLayout
-from llmlab.recipe.secrets import mask_secrets
+from llmlab.secrets import mask_secrets
 from llmlab.schemafile import schema_filled, top_level
 from llmlab.stage_specs import stage_spec
 

@@ -5,7 +5,7 @@
   directory fails at once with a message naming the holder. The kernel drops the lock when its
   process dies (even on SIGKILL), so a lock left by a dead run is taken over, and said so.
   Under torchrun / accelerate only the process of global rank 0 takes it.
-  The command line written there has secrets masked (:mod:`llmlab.recipe.secrets`).
+  The command line written there has secrets masked (:mod:`llmlab.secrets`).
 - What llmlab may delete is :mod:`llmlab.ownership`'s rule (its marker in every folder it makes).
 - :func:`memory_shortfall` says, before a stage trains, when its planned peak memory is more
   than the device has free, so an out-of-memory kill is foreseen rather than met an hour in.
@@ -25,7 +25,7 @@ from pathlib import Path
 
 from llmlab.console import process_rank
 from llmlab.ownership import LOCK_NAME, NotOwnedError  # noqa: F401  (NotOwnedError's home is llmlab.ownership)
-from llmlab.recipe.secrets import mask_command, mask_secrets
+from llmlab.secrets import mask_command, mask_secrets
 
 
 

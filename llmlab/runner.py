@@ -25,7 +25,7 @@ from llmlab.fingerprint import tokenizer_fingerprint
 from llmlab.layout import RunLayout, StageLayout, StageRecord
 from llmlab.metricsfile import read_records
 from llmlab.ownership import NotOwnedError, check_run_dir, claim_run_dir, make_dir, remove_owned, writing_folder
-from llmlab.recipe.secrets import mask_secrets
+from llmlab.secrets import mask_secrets
 from llmlab.runguard import RunLockedError, memory_shortfall, run_lock
 from llmlab.runplan import build_run_plan
 from llmlab.stage_specs import stage_spec
@@ -644,7 +644,7 @@ def run_command(recipe_path: Path, output_dir: Path | None = None, overrides=(),
                 until=None, force=False, reset_optimizer=False, allow_code=False, adopt=False) -> int:
     """``llmlab run``: returns the exit status (0 ok, 1 invalid recipe, failed stage or an
     ``output_dir`` that holds files llmlab did not write and ``adopt`` is not set; 130 interrupted).
-    Error messages and ``error.log`` have secrets masked (:mod:`llmlab.recipe.secrets`)."""
+    Error messages and ``error.log`` have secrets masked (:mod:`llmlab.secrets`)."""
     from llmlab.recipe import load_recipe
 
     rank = process_rank()

@@ -16,6 +16,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+#: each builtin source (llmlab.data.sources) and the format its rows have: written once, here, where
+#: the recipe checker and the data layer both read it (a leaf module: no package cycle)
+BUILTIN_FORMATS = {"kjv": "text", "chatterbot": "messages", "chatterbot_pairs": "preference",
+                   "chatterbot_prompts": "prompt", "arithmetic": "messages"}
+
 #: conversation-shaped formats (llmlab.data converts each into messages)
 CONVERSATION_FORMATS = ("messages", "sharegpt", "alpaca", "prompt_completion")
 

@@ -43,7 +43,7 @@ from typing import Any
 
 from llmlab.data.formats import (BOOL_COLUMNS, COLUMNS_OF_KIND, KIND_OF_FORMAT, STRING_COLUMNS, BadRow,
                                  detect_format, normaliser, row_text)
-from llmlab.recipe.semantic import BUILTIN_FORMATS as BUILTIN_FORMAT
+from llmlab.stage_specs import BUILTIN_FORMATS as BUILTIN_FORMAT
 from llmlab.runplan import DatasetSource, dataset_source
 from llmlab.schemafile import schema_filled, top_level
 from llmlab.specs import FilterSpec, typed_section

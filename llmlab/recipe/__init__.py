@@ -2,7 +2,7 @@
 JSON Schema and semantic validation, and resolution. Imports neither torch nor transformers.
 
 The public names are imported lazily (as in :mod:`llmlab.data`), so importing a leaf module such
-as ``llmlab.recipe.secrets`` does not load jsonschema (a tokenising worker stays small).
+as ``llmlab.recipe.schema`` does not load the rest of the package.
 """
 
 from __future__ import annotations

@@ -21,7 +21,7 @@ from llmlab.recipe import messages, semantic
 from llmlab.recipe import schema as S
 from llmlab.recipe.errors import RecipeError, dotted
 from llmlab.recipe.codeuse import ALLOW_FLAG, code_uses
-from llmlab.recipe.secrets import mask_secrets
+from llmlab.secrets import mask_secrets
 from llmlab.recipe.yamlload import load_yaml, parse_scalar, read_file
 from llmlab.stage_specs import STAGE_SPECS
 
@@ -568,7 +568,7 @@ def load_recipe_or_raise(path, overrides: Iterable[str] = (), env: Mapping[str, 
 def dump_resolved(resolved: dict) -> str:
     """The resolved recipe as YAML (key order kept), as written to ``recipe.resolved.yaml``; the
     values of secret-looking environment variables show as ``${NAME}``
-    (:func:`llmlab.recipe.secrets.mask_secrets`)."""
+    (:func:`llmlab.secrets.mask_secrets`)."""
     return yaml.safe_dump(mask_secrets(resolved), sort_keys=False, default_flow_style=False, allow_unicode=True)
 
 

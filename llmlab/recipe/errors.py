@@ -22,7 +22,7 @@ class RecipeError:
     severity: str = "error"  # or "warning": reported, but the recipe is still valid
 
     def __str__(self) -> str:
-        from llmlab.recipe.secrets import mask_secrets
+        from llmlab.secrets import mask_secrets
 
         where = f"{self.path}: " if self.path else ""
         return mask_secrets(f"{self.file}:{self.line}:{self.col}: {self.severity}: {where}{self.message}")
@@ -30,7 +30,7 @@ class RecipeError:
     def to_dict(self) -> dict:
         """The error as a JSON-serialisable dict (secret values masked, as in ``str``); without
         ``severity``, which the list holding it (errors or warnings) already says."""
-        from llmlab.recipe.secrets import mask_secrets
+        from llmlab.secrets import mask_secrets
 
         fields = asdict(self)
         del fields["severity"]

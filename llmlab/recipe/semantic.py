@@ -12,14 +12,10 @@ import math
 from llmlab.chat_templates import CHOICES as CHAT_TEMPLATE_CHOICES
 from llmlab.models import lora_presets
 from llmlab.recipe.schema import suggest
-from llmlab.stage_specs import (CONVERSATION_FORMATS, NON_LM_TYPES, NON_TRAINING_TYPES, REFERENCE_FREE_DPO_LOSSES,
-                                STAGE_SPECS)
+from llmlab.stage_specs import (BUILTIN_FORMATS, CONVERSATION_FORMATS, NON_LM_TYPES, NON_TRAINING_TYPES,
+                                REFERENCE_FREE_DPO_LOSSES, STAGE_SPECS)
 
 
-#: each builtin source (llmlab.data.sources) and the format its rows have: written once, here, where
-#: the recipe checker needs it without importing llmlab.data
-BUILTIN_FORMATS = {"kjv": "text", "chatterbot": "messages", "chatterbot_pairs": "preference",
-                   "chatterbot_prompts": "prompt", "arithmetic": "messages"}
 
 #: builtins whose rows are cut from another builtin's dialogues (same prompts): its name
 _PROMPTS_FROM = {"chatterbot_pairs": "chatterbot", "chatterbot_prompts": "chatterbot"}

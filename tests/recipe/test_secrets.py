@@ -7,7 +7,7 @@ from pathlib import Path
 from llmlab.fingerprint import stage_fingerprints
 from llmlab.recipe import dump_resolved, load_recipe, stage_order
 from llmlab.recipe.errors import RecipeError
-from llmlab.recipe.secrets import mask_secrets
+from llmlab.secrets import mask_secrets
 
 QUICKSTART = Path(__file__).resolve().parents[2] / "recipes" / "quickstart.yaml"
 TOKEN = "hf_S3cr3tV4lu3xyz"
