@@ -80,6 +80,22 @@ class SchedulerConfig:
         return _pick(cls, _filled("#/$defs/scheduler", section))
 
 
+def duration_seconds(value: float | int | str | None) -> float | None:
+    """A ``max_time`` value in seconds: a number is seconds; a string is ``HH:MM:SS`` or
+    ``DD:HH:MM:SS`` (the form of Lightning's ``Trainer(max_time=...)``); None stays None.
+
+    Raises:
+        ValueError: a string of another form.
+    """
+    if value is None or isinstance(value, (int, float)):
+        return None if value is None else float(value)
+    parts = str(value).split(":")
+    if len(parts) not in (3, 4) or not all(p.isdigit() for p in parts):
+        raise ValueError(f"max_time {value!r}: give seconds or HH:MM:SS or DD:HH:MM:SS")
+    units = (86400, 3600, 60, 1)[-len(parts):]
+    return float(sum(int(p) * u for p, u in zip(parts, units)))
+
+
 @dataclass(frozen=True)
 class TrainingConfig:
     """The keys of a stage (``$defs/stage_common``) that the training loop reads."""
@@ -106,6 +122,8 @@ class TrainingConfig:
     """Also save at each new best eval loss, never prune the best checkpoint, and end with its weights."""
     reset_optimizer: bool
     """On resume, load only the weights (fresh optimizer, schedule fast-forwarded)."""
+    max_time: float | None
+    """Wall-clock seconds one run of the stage may take before it stops at a step boundary (None: no limit)."""
     optimizer: OptimizerConfig
     """The ``optimizer:`` section."""
     scheduler: SchedulerConfig
@@ -123,6 +141,7 @@ class TrainingConfig:
         if values.get("log_every") is None:
             values["log_every"] = _filled("#/properties/logging", logging)["log_every"]
         values["max_steps"] = stage["max_steps"]
+        values["max_time"] = duration_seconds(values.get("max_time"))  # null default: not filled
         return _pick(cls, values, optimizer=OptimizerConfig.from_dict(stage.get("optimizer")),
                      scheduler=SchedulerConfig.from_dict(stage.get("scheduler")))
 
@@ -167,4 +186,4 @@ class DistributedConfig:
         return _pick(cls, _filled("#/properties/distributed", section))
 
 
-__all__ = ["DataLoaderConfig", "DistributedConfig", "OptimizerConfig", "SchedulerConfig", "TrainingConfig"]
+__all__ = ["DataLoaderConfig", "DistributedConfig", "duration_seconds", "OptimizerConfig", "SchedulerConfig", "TrainingConfig"]

@@ -22,7 +22,7 @@ from llmlab.stage_specs import stage_spec
 
 #: stage keys that do not change the trained weights
 NON_SEMANTIC_KEYS = {"log_every", "eval_every", "eval_steps", "save_every", "keep_last", "max_steps",
-                     "reset_optimizer"}
+                     "reset_optimizer", "max_time"}
 
 #: keys added to the schema after runs were first fingerprinted, by section (``stage_<type>`` or
 #: ``lora``): while such a key holds its schema default (the behaviour before it existed) it is left
@@ -293,6 +293,8 @@ def stage_status(stage_dir: Path, fp: dict, max_steps: int) -> tuple[str, str]:
         if done_steps < max_steps:
             return "extend", f"continues from step {done_steps} to {max_steps}"
         return "stale", f"max_steps lowered from {done_steps} to {max_steps}"
+    if info.get("status") == "stopped":
+        return "partial", f"stopped by max_time; at step {ck}"
     return ("partial", f"at step {ck}") if ck else ("pending", "started, no checkpoint yet")
 
 

@@ -92,6 +92,17 @@ def flops_per_token(model_cfg, vocab_size: int, seq_len: int) -> int:
                      "shapes are known only once it is loaded)")
 
 
+def stage_flops_per_token(stage, model) -> int | None:
+    """:func:`flops_per_token` of the model a training ``stage`` trains (its vocabulary from
+    ``model.config``, T its ``seq_len``); None for a ``from_pretrained`` model. The count is the
+    language model's whatever the stage does with it: a reward model's score head, LoRA's frozen
+    weights (no weight gradients) and a DPO reference model's forwards are not told apart."""
+    model_cfg = stage.ctx.recipe["model"]
+    if not model_cfg.get("arch"):
+        return None
+    return flops_per_token(model_cfg, int(model.config.vocab_size), int(stage.config["seq_len"]))
+
+
 def gpu_peak_flops(name: str, dtype: str) -> float | None:
     """Datasheet peak FLOP/s of GPU ``name`` (``torch.cuda.get_device_name()``) for ``dtype``
     (bf16 | fp16 | fp32), or None when the GPU is not in :data:`GPU_PEAK_FLOPS`."""
@@ -212,4 +223,4 @@ def peak_flops(device, precision: str) -> float:
 
 
 __all__ = ["GPU_PEAK_FLOPS", "cache_file", "cached_peak", "cpu_name", "flops_per_token", "gpu_peak_flops",
-           "measure_peak", "peak_flops"]
+           "measure_peak", "peak_flops", "stage_flops_per_token"]

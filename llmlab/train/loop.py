@@ -25,11 +25,13 @@ from llmlab.stages.base import Stage
 from llmlab.train.checkpointer import Checkpointer
 from llmlab.train.errors import TrainingError, is_cpu_out_of_memory, out_of_memory
 from llmlab.train.evaluator import Evaluator
+from llmlab.train.flops import stage_flops_per_token
 from llmlab.train.fsdp import clip_grad_norm_, gather_full_model, state_io
 from llmlab.train.metrics import MetricsLogger
 from llmlab.train.optim import distributed_hutchinson, needs_hessian
 from llmlab.train.setup import maybe_compile, maybe_shard, setup_model, setup_optimizer, stage_model_arch
 from llmlab.train.tensors import scalar, to_device
+from llmlab.train.timelimit import TimeLimit
 
 __all__ = ["StageResult", "TrainingError", "stage_model_arch", "train"]
 
@@ -47,11 +49,16 @@ class StageResult:
     tokens: int
     resumed_from: int | None = None
     final_metrics: dict = field(default_factory=dict)
+    #: "max_time" when the stage stopped short of max_steps on its time budget (resumable), else None
+    stopped: str | None = None
+    #: the run's model FLOPs: {"flops_per_token", "tflops", "mfu", "peak_tflops"} ({} when unknown)
+    flops: dict = field(default_factory=dict)
 
 
 def train(stage: Stage, *, fingerprint: str, accelerator=None, reset_optimizer: bool = False,
           progress=None) -> tuple[torch.nn.Module, StageResult]:
-    """Train ``stage`` to its ``max_steps``, resuming from its newest intact checkpoint.
+    """Train ``stage`` to its ``max_steps``, resuming from its newest intact checkpoint; with
+    ``max_time``, stop at the first step boundary past it with a checkpoint (``result.stopped``).
 
     The loop only calls components: :mod:`llmlab.train.setup` (model, LoRA, optimizer, compile),
     :class:`~llmlab.train.checkpointer.Checkpointer` (resume, save, best, non-finite check),
@@ -97,7 +104,9 @@ def train(stage: Stage, *, fingerprint: str, accelerator=None, reset_optimizer: 
     runner = StepRunner(stage, tc, accelerator, prepared_model, optimizer, scheduler, start_step=start_step,
                         sharded=sharded)
     evaluator = Evaluator(stage, tc, accelerator, sharded=sharded)
-    metrics = MetricsLogger(stage, tc, accelerator=accelerator, start_step=start_step, progress=progress)
+    metrics = MetricsLogger(stage, tc, accelerator=accelerator, start_step=start_step, progress=progress,
+                            flops_per_token=stage_flops_per_token(stage, model))
+    time_limit, stopped = TimeLimit(tc.max_time, accelerator), None
     if start_step == 0 and evaluator.due(0):
         evaluator.log(prepared_model, 0, metrics)
     prepared_model.train()
@@ -121,8 +130,14 @@ def train(stage: Stage, *, fingerprint: str, accelerator=None, reset_optimizer: 
             if evaluator.due(step):
                 evaluator.log(prepared_model, step, metrics)
                 improved = checkpointer.observe_eval(step, metrics.eval_loss if is_main else None)
-            if checkpointer.due(step, improved):
+            saved = checkpointer.due(step, improved)
+            if saved:
                 checkpointer.save(step, unwrap(prepared_model), optimizer, scheduler)
+            if step < max_steps and time_limit.reached():  # max_time: checkpoint and stop, resumable
+                if not saved:
+                    checkpointer.save(step, unwrap(prepared_model), optimizer, scheduler)
+                stopped = "max_time"
+                break
     except RuntimeError as e:  # CUDA's OutOfMemoryError, or the CPU allocator's "... can't allocate memory ..."
         if isinstance(e, torch.OutOfMemoryError) or is_cpu_out_of_memory(e):
             raise out_of_memory(ctx.name, step + 1) from e
@@ -131,13 +146,15 @@ def train(stage: Stage, *, fingerprint: str, accelerator=None, reset_optimizer: 
         runner.close()
         metrics.close()
     model = unwrap(prepared_model)
-    checkpointer.restore_best(model)
-    if sharded:
-        model = gather_full_model(model, skeleton, is_main)
+    if stopped is None:  # a stopped stage writes no final/: its weights are only its checkpoint
+        checkpointer.restore_best(model)
+        if sharded:
+            model = gather_full_model(model, skeleton, is_main)
     return model, StageResult(
         steps=step, first_loss=metrics.first_loss, last_loss=metrics.last_loss, eval_loss=metrics.eval_loss,
         first_eval_loss=metrics.first_eval_loss, wall_time_s=metrics.elapsed_s(), tokens=metrics.tokens,
-        resumed_from=checkpointer.resumed_from, final_metrics=stage.summary_metrics())
+        resumed_from=checkpointer.resumed_from, final_metrics=stage.summary_metrics(), stopped=stopped,
+        flops=metrics.flops_summary() if is_main else {})
 
 
 @dataclass
