@@ -186,4 +186,5 @@ class DistributedConfig:
         return _pick(cls, _filled("#/properties/distributed", section))
 
 
-__all__ = ["DataLoaderConfig", "DistributedConfig", "duration_seconds", "OptimizerConfig", "SchedulerConfig", "TrainingConfig"]
+__all__ = ["DataLoaderConfig", "DistributedConfig", "OptimizerConfig", "SchedulerConfig", "TrainingConfig",
+           "duration_seconds"]
