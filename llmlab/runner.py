@@ -328,9 +328,9 @@ class Runner:
         device = self._device()
         accelerator = self._accelerator(device)
         self.distributed = distributed_info(accelerator, self.recipe)
-        self.console.print(f"processes: {self.distributed['world_size']} ({self.distributed['strategy']}"
+        self.console.print(f"CPU threads: {self.threads}; processes: {self.distributed['world_size']} ({self.distributed['strategy']}"
                            f"{', ' + self.distributed['backend'] if self.distributed['backend'] else ''}), "
-                           f"device {device.type}, precision {self.precision}, {self.threads} CPU thread(s)")
+                           f"device {device.type}, precision {self.precision}")
         launch_warning = single_process_launch_warning()
         if launch_warning and self.distributed["world_size"] == 1:
             self.console.print(f"warning: {launch_warning}", style="yellow", markup=False, highlight=False)
