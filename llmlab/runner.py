@@ -328,7 +328,8 @@ class Runner:
         device = self._device()
         accelerator = self._accelerator(device)
         self.distributed = distributed_info(accelerator, self.recipe)
-        self.console.print(f"CPU threads: {self.threads}; processes: {self.distributed['world_size']} ({self.distributed['strategy']}"
+        self.console.print(f"CPU threads: {self.threads}; "
+                           f"processes: {self.distributed['world_size']} ({self.distributed['strategy']}"
                            f"{', ' + self.distributed['backend'] if self.distributed['backend'] else ''}), "
                            f"device {device.type}, precision {self.precision}")
         launch_warning = single_process_launch_warning()
