@@ -115,7 +115,8 @@ def train(stage: Stage, *, fingerprint: str, accelerator=None, reset_optimizer: 
             out = runner.step(step)
             step += 1
             metrics.count_tokens(out.tokens)
-            log_now = metrics.due(step)
+            stop = step < max_steps and time_limit.reached()  # max_time: log, checkpoint and stop (resumable)
+            log_now = metrics.due(step) or stop
             if log_now:
                 out = runner.reduced(out)  # the global mean, as one process with the same global batch
             if runner.check_every_step or log_now or checkpointer.may_save(step, evaluator.due(step)):
@@ -130,12 +131,9 @@ def train(stage: Stage, *, fingerprint: str, accelerator=None, reset_optimizer: 
             if evaluator.due(step):
                 evaluator.log(prepared_model, step, metrics)
                 improved = checkpointer.observe_eval(step, metrics.eval_loss if is_main else None)
-            saved = checkpointer.due(step, improved)
-            if saved:
+            if checkpointer.due(step, improved) or stop:
                 checkpointer.save(step, unwrap(prepared_model), optimizer, scheduler)
-            if step < max_steps and time_limit.reached():  # max_time: checkpoint and stop, resumable
-                if not saved:
-                    checkpointer.save(step, unwrap(prepared_model), optimizer, scheduler)
+            if stop:
                 stopped = "max_time"
                 break
     except RuntimeError as e:  # CUDA's OutOfMemoryError, or the CPU allocator's "... can't allocate memory ..."

@@ -55,9 +55,11 @@ def test_max_time_stops_at_a_step_boundary_with_a_checkpoint_and_resumes_exactly
     ref_model, ref = train(ToyStage(_ctx(tmp_path / "ref")), fingerprint="fp")
     monkeypatch.setattr(timelimit, "time", SimpleNamespace(monotonic=_Clock()))
     # the clock advances 1 s from the limit's start to each step's check: 2.5 s run out after step 3
-    model, result = train(ToyStage(_ctx(tmp_path / "cut", max_time=2.5)), fingerprint="fp")
+    model, result = train(ToyStage(_ctx(tmp_path / "cut", max_time=2.5, log_every=5)), fingerprint="fp")
     assert result.stopped == "max_time" and result.steps == 3
     assert (tmp_path / "cut" / "toy" / "checkpoints" / "step-000003").is_dir()  # save_every is 4: written for the stop
+    logged = [json.loads(line) for line in (tmp_path / "cut" / "toy" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in logged if "loss" in r] == [1, 3]  # log_every 5: the first step and the stop
     monkeypatch.undo()
     model, result = train(ToyStage(_ctx(tmp_path / "cut")), fingerprint="fp")
     assert result.stopped is None and result.steps == 12 and result.resumed_from == 3
