@@ -112,18 +112,29 @@ def gpu_peak_flops(name: str, dtype: str) -> float | None:
     return None
 
 
-def measure_peak(dtype, device: str = "cpu", size: int = 2048, seconds: float = 3.0, windows: int = 3) -> float:
+def measure_peak(dtype, device: str = "cpu", size: int = 2048, seconds: float = 3.0, windows: int = 3,
+                 cpu_time: bool = False) -> float:
     """Best FLOP/s of ``size`` x ``size`` @ ``size`` x ``size`` matmuls (``torch.mm``) over ``windows``
     timed windows after a warm-up; for ``size`` >= 1024 also ``size // 2``, whose operands stay in
-    cache longer on a small CPU (the best wins). Takes about ``seconds``."""
+    cache longer on a small CPU (the best wins). Takes about ``seconds``.
+
+    ``cpu_time`` (CPU only): time each window by the CPU time the process used divided by torch's
+    threads instead of the wall clock, so time slices other processes take on a shared machine do
+    not count: the rate the cores give when they run this process."""
     if size >= 1024:
-        return max(_measure(dtype, device, size, seconds / 2, windows),
-                   _measure(dtype, device, size // 2, seconds / 2, windows))
-    return _measure(dtype, device, size, seconds, windows)
+        return max(_measure(dtype, device, size, seconds / 2, windows, cpu_time),
+                   _measure(dtype, device, size // 2, seconds / 2, windows, cpu_time))
+    return _measure(dtype, device, size, seconds, windows, cpu_time)
 
 
-def _measure(dtype, device: str, size: int, seconds: float, windows: int) -> float:
+def _measure(dtype, device: str, size: int, seconds: float, windows: int, cpu_time: bool = False) -> float:
     import torch
+
+    threads = torch.get_num_threads()
+
+    def busy(wall0: float, cpu0: float) -> float:
+        wall = time.perf_counter() - wall0
+        return min(wall, (time.process_time() - cpu0) / threads) if cpu_time else wall
 
     a = torch.randn(size, size, device=device).to(dtype)
     b = torch.randn(size, size, device=device).to(dtype)
@@ -138,7 +149,7 @@ def _measure(dtype, device: str, size: int, seconds: float, windows: int) -> flo
     sync()
     flop, best = 2.0 * size**3, 0.0
     for _ in range(windows):
-        n, t0 = 0, time.perf_counter()
+        n, t0, c0 = 0, time.perf_counter(), time.process_time()
         while True:
             torch.mm(a, b, out=out)
             n += 1
@@ -147,7 +158,7 @@ def _measure(dtype, device: str, size: int, seconds: float, windows: int) -> flo
                 if time.perf_counter() - t0 >= seconds / windows:
                     break
         sync()
-        best = max(best, n * flop / (time.perf_counter() - t0))
+        best = max(best, n * flop / max(busy(t0, c0), 1e-9))
     return best
 
 
@@ -204,18 +215,19 @@ def cached_peak(key: str, measure) -> float:
 
 
 #: how the CPU peak is measured, part of its cache key (a new method measures again): the best of 40
-#: windows of about 25 ms, short enough that on a busy machine some of them get a whole core (3 long
-#: windows measured 60 instead of 99 GFLOP/s fp32 at load average 4 on 2 cores)
-_CPU_METHOD = "best of 40 short windows"
+#: windows of about 25 ms, each timed by the process's CPU time per thread. On 2 cores at load average
+#: 4, wall-clock windows read 52-60 GFLOP/s fp32 and 140-198 bf16; CPU-time windows 92-98 and 203,
+#: as wall-clock windows on the quiet machine (94 and 209, docs/performance.md)
+_CPU_METHOD = "cpu-time best of 40"
 
 
 def peak_flops(device, precision: str) -> float:
     """Peak FLOP/s of one ``device`` (a torch device) in ``precision`` (bf16 | fp16 | fp32; mixed
     precision runs its matrix multiplies in the low precision): a known GPU's datasheet value, else
     measured once per machine (:func:`measure_peak`, about 1.5 s, with the current torch threads on a
-    CPU) and cached (:func:`cached_peak`). A CPU measured while other processes hold every core
-    still reads low: MFU then exceeds what the hardware allows, and deleting the entry from the
-    cache file measures again."""
+    CPU, timed by CPU time so that other processes on the machine do not lower it) and cached
+    (:func:`cached_peak`); deleting the entry from the cache file measures again. On a busy CPU the
+    MFU is then the share of the hardware's rate the run got, waiting for the cores included."""
     import torch
 
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[precision]
@@ -229,7 +241,7 @@ def peak_flops(device, precision: str) -> float:
     threads = torch.get_num_threads()
     key = f"cpu {cpu_name()}|threads {threads}|{precision}|torch {torch.__version__}|{_CPU_METHOD}"
     size = 512 if threads <= 4 else 1024  # large enough to keep every thread busy
-    return cached_peak(key, lambda: measure_peak(dtype, "cpu", size, 1.0, windows=40))
+    return cached_peak(key, lambda: measure_peak(dtype, "cpu", size, 1.0, windows=40, cpu_time=True))
 
 
 __all__ = ["GPU_PEAK_FLOPS", "cache_file", "cached_peak", "cpu_name", "flops_per_token", "gpu_peak_flops",

@@ -87,5 +87,6 @@ def test_a_cache_file_llmlab_cannot_read_is_left_alone(tmp_path, monkeypatch):
     assert (tmp_path / "peak_flops.json").read_text() == "not json, someone else's\n"
 
 
-def test_measure_peak_is_positive_and_quick():
-    assert fl.measure_peak(torch.float32, "cpu", size=64, seconds=0.05) > 0
+@pytest.mark.parametrize("cpu_time", [False, True])
+def test_measure_peak_is_positive_and_quick(cpu_time):
+    assert fl.measure_peak(torch.float32, "cpu", size=64, seconds=0.05, cpu_time=cpu_time) > 0
