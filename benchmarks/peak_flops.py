@@ -8,7 +8,8 @@ in fp32 and bf16, on CPU (all torch threads) and on CUDA when present. The best 
 really gives a GEMM right now, not the datasheet number (which on a CPU depends on the clock and on
 which AVX-512 / AMX units the kernels use).
 
-Also importable: ``measure_peak(dtype, device, size, seconds) -> FLOP/s``.
+Also importable: ``measure_peak(dtype, device, size, seconds) -> FLOP/s`` (llmlab.train.flops's, which
+``llmlab run`` uses for the MFU of CPU runs and of GPUs missing from its datasheet table).
 """
 
 from __future__ import annotations
@@ -16,46 +17,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import time
+import sys
+from pathlib import Path
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # llmlab from this checkout
 
-def measure_peak(dtype: torch.dtype, device: str = "cpu", size: int = 2048, seconds: float = 3.0,
-                 windows: int = 3) -> float:
-    """Best FLOP/s of ``size``×``size`` @ ``size``×``size`` matmuls over ``windows`` timed windows
-    (also tries ``size // 2``, whose operands stay in cache longer on a small CPU; the best wins)."""
-    if size >= 1024:
-        return max(_measure(dtype, device, size, seconds / 2, windows), _measure(dtype, device, size // 2, seconds / 2, windows))
-    return _measure(dtype, device, size, seconds, windows)
-
-
-def _measure(dtype, device, size, seconds, windows) -> float:
-    a = torch.randn(size, size, device=device).to(dtype)
-    b = torch.randn(size, size, device=device).to(dtype)
-    out = torch.empty(size, size, device=device, dtype=dtype)
-
-    def sync():
-        if device == "cuda":
-            torch.cuda.synchronize()
-
-    for _ in range(3):  # warm-up (oneDNN / cuBLAS heuristics, page faults)
-        torch.mm(a, b, out=out)
-    sync()
-    flop = 2.0 * size**3
-    best = 0.0
-    for _ in range(windows):
-        n, t0 = 0, time.perf_counter()
-        while True:
-            torch.mm(a, b, out=out)
-            n += 1
-            if n % 4 == 0:
-                sync()
-                if time.perf_counter() - t0 >= seconds / windows:
-                    break
-        sync()
-        best = max(best, n * flop / (time.perf_counter() - t0))
-    return best
+from llmlab.train.flops import measure_peak  # noqa: E402, F401 (re-exported for the other benchmarks)
 
 
 def main() -> None:

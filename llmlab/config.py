@@ -80,6 +80,22 @@ class SchedulerConfig:
         return _pick(cls, _filled("#/$defs/scheduler", section))
 
 
+def duration_seconds(value: float | int | str | None) -> float | None:
+    """A ``max_time`` value in seconds: a number is seconds; a string is ``HH:MM:SS`` or
+    ``DD:HH:MM:SS`` (the form of Lightning's ``Trainer(max_time=...)``); None stays None.
+
+    Raises:
+        ValueError: a string of another form.
+    """
+    if value is None or isinstance(value, (int, float)):
+        return None if value is None else float(value)
+    parts = str(value).split(":")
+    if len(parts) not in (3, 4) or not all(p.isdigit() for p in parts):
+        raise ValueError(f"max_time {value!r}: give seconds or HH:MM:SS or DD:HH:MM:SS")
+    units = (86400, 3600, 60, 1)[-len(parts):]
+    return float(sum(int(p) * u for p, u in zip(parts, units)))
+
+
 @dataclass(frozen=True)
 class EarlyStoppingConfig:
     """A stage's ``early_stopping:`` section (``$defs/stage_common/properties/early_stopping``)."""
@@ -131,6 +147,8 @@ class TrainingConfig:
     """Prompts replied to (greedy and sampled) during training (None: no samples)."""
     sample_every: int | None
     """Steps between samples (None: ``eval_every``)."""
+    max_time: float | None
+    """Wall-clock seconds one run of the stage may take before it stops at a step boundary (None: no limit)."""
     optimizer: OptimizerConfig
     """The ``optimizer:`` section."""
     scheduler: SchedulerConfig
@@ -148,6 +166,7 @@ class TrainingConfig:
         if values.get("log_every") is None:
             values["log_every"] = _filled("#/properties/logging", logging)["log_every"]
         values["max_steps"] = stage["max_steps"]
+        values["max_time"] = duration_seconds(values.get("max_time"))  # null default: not filled
         prompts = values.get("sample_prompts")
         return _pick(cls, values, early_stopping=EarlyStoppingConfig.from_dict(values.get("early_stopping")),
                      sample_prompts=tuple(prompts) if prompts is not None else None,
@@ -196,4 +215,4 @@ class DistributedConfig:
 
 
 __all__ = ["DataLoaderConfig", "DistributedConfig", "EarlyStoppingConfig", "OptimizerConfig", "SchedulerConfig",
-           "TrainingConfig"]
+           "TrainingConfig", "duration_seconds"]

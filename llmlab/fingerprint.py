@@ -26,7 +26,7 @@ from llmlab.stage_specs import stage_spec
 #: ``early_stopping`` is hashed: where the stage stops and which weights final/ holds depend on it
 #: (as they do on ``save_best_only``); absent by default (null), it leaves older fingerprints alone.
 NON_SEMANTIC_KEYS = {"log_every", "eval_every", "eval_steps", "save_every", "keep_last", "max_steps",
-                     "epochs", "reset_optimizer", "sample_prompts", "sample_every"}
+                     "epochs", "reset_optimizer", "sample_prompts", "sample_every", "max_time"}
 
 #: non-semantic keys hashed where ``early_stopping`` is set: they decide at which step it stops
 EARLY_STOPPING_KEYS = ("eval_every", "eval_steps")
@@ -309,6 +309,8 @@ def stage_status(stage_dir: Path, fp: dict, max_steps: int) -> tuple[str, str]:
         if done_steps < max_steps:
             return "extend", f"continues from step {done_steps} to {max_steps}"
         return "stale", f"max_steps lowered from {done_steps} to {max_steps}"
+    if info.get("status") == "stopped":
+        return "partial", f"stopped by max_time; at step {ck}"
     return ("partial", f"at step {ck}") if ck else ("pending", "started, no checkpoint yet")
 
 

@@ -206,6 +206,8 @@ class StageRecord:
     init_adapter: str | None = None
     device: str | None = None
     precision: str | None = None
+    #: the CPU threads torch used (the recipe's ``threads``, ``$LLMLAB_THREADS`` or torch's default)
+    threads: int | None = None
     #: {"world_size", "strategy", "backend"}: what ran (llmlab.runner.distributed_info)
     distributed: dict | None = None
     #: the max_steps of each earlier run this stage was extended from (absent for a fresh stage)
@@ -226,6 +228,9 @@ class StageRecord:
     #: training stages that early stopping ended: {"stopped_at", "best_step", "best_eval_loss",
     #: "patience", "min_delta"} (absent when the stage ran to max_steps)
     early_stopping: dict | None = None
+    #: model FLOPs of the stage's last run: {"flops_per_token", "tflops", "mfu", "peak_tflops"}
+    #: (llmlab.train.flops; tokens over that run's wall time)
+    flops: dict | None = None
     #: what the stage wrote: {"final": path, "adapter": path, "results": path, ...}
     outputs: dict | None = None
     absent: frozenset = frozenset()
@@ -239,9 +244,10 @@ class StageRecord:
         """Write atomically (:func:`write_json_atomic`)."""
         write_json_atomic(path, self.to_json())
 
-    def finish(self, **fields) -> None:
-        """Set ``fields`` (which become present) and ``status: done``."""
+    def finish(self, status: str = "done", **fields) -> None:
+        """Set ``fields`` (which become present) and ``status`` (done; ``stopped``: a stage that
+        ``max_time`` stopped short of max_steps, read as partial)."""
         for k, v in fields.items():
             setattr(self, k, v)
         self.absent = self.absent - set(fields)
-        self.status = "done"
+        self.status = status

@@ -62,8 +62,8 @@ class _StageEnv:
 
 #: StageRecord fields set when a stage finishes / only training stages have
 _FINISH_FIELDS = frozenset({"finished_at", "steps", "wall_time_s", "tokens", "resumed_from", "first_loss", "last_loss",
-                            "first_eval", "last_eval", "final_metrics", "outputs", "early_stopping"})
-_TRAINING_FIELDS = frozenset({"max_steps", "init_path", "init_adapter", "device", "precision", "distributed",
+                            "first_eval", "last_eval", "final_metrics", "outputs", "early_stopping", "flops"})
+_TRAINING_FIELDS = frozenset({"max_steps", "init_path", "init_adapter", "device", "precision", "threads", "distributed",
                               "extended_from"})
 
 
@@ -193,6 +193,36 @@ def resolve_precision(precision: str, device) -> str:
     return "bf16" if cpu_supports_bf16() else "fp32"
 
 
+def run_threads(recipe: dict, env: dict | None = None) -> int | None:
+    """The CPU threads a run asks for: the recipe's ``threads``, else ``$LLMLAB_THREADS``, else None
+    (torch's default).
+
+    Raises:
+        RunError: ``LLMLAB_THREADS`` is not a whole number >= 1.
+    """
+    from llmlab.schemafile import top_level
+
+    given = top_level(recipe, "threads")
+    if given is not None:
+        return int(given)
+    raw = (os.environ if env is None else env).get("LLMLAB_THREADS", "").strip()
+    if not raw:
+        return None
+    if not raw.isdigit() or int(raw) < 1:
+        raise RunError(f"LLMLAB_THREADS={raw!r}: give a whole number of threads >= 1")
+    return int(raw)
+
+
+def apply_threads(recipe: dict) -> int:
+    """``torch.set_num_threads`` to :func:`run_threads` when set; returns the threads torch uses."""
+    import torch
+
+    n = run_threads(recipe)
+    if n is not None and n != torch.get_num_threads():
+        torch.set_num_threads(n)
+    return torch.get_num_threads()
+
+
 def distributed_info(accelerator, recipe: dict | None = None) -> dict:
     """What ran, for stage.json and the start line: ``world_size`` (processes), ``strategy``
     (``FSDP`` when the recipe's ``distributed.strategy: fsdp`` shards the model over several
@@ -297,10 +327,12 @@ class Runner:
         if not todo:
             return [self._skip(n, statuses[n][1]) for n in selected]
 
+        self.threads = apply_threads(self.recipe)
         device = self._device()
         accelerator = self._accelerator(device)
         self.distributed = distributed_info(accelerator, self.recipe)
-        self.console.print(f"processes: {self.distributed['world_size']} ({self.distributed['strategy']}"
+        self.console.print(f"CPU threads: {self.threads}; "
+                           f"processes: {self.distributed['world_size']} ({self.distributed['strategy']}"
                            f"{', ' + self.distributed['backend'] if self.distributed['backend'] else ''}), "
                            f"device {device.type}, precision {self.precision}")
         self._refuse_unfittable(todo, device)
@@ -314,7 +346,12 @@ class Runner:
             prepare_stages(self.recipe, tokenizer, todo, pretrain_only=True,
                            progress=accelerator.is_main_process)
         env = _StageEnv(device, accelerator, tokenizer, tok_sha, reset_optimizer)
-        return [self._run_stage(name, name in forced, env) for name in selected]
+        outcomes = []
+        for name in selected:
+            outcomes.append(self._run_stage(name, name in forced, env))
+            if outcomes[-1].action == "stopped":  # max_time: the stages after it wait for the next run
+                break
+        return outcomes
 
     def _check_inputs(self, todo: list[str], statuses: dict[str, tuple[str, str]]) -> None:
         """Refuse the run when a stage to run reads a stage that is neither done nor run earlier by
@@ -413,7 +450,7 @@ class Runner:
             parts=self.fps[name]["parts"], max_steps=int(cfg["max_steps"]),
             started_at=previous.get("started_at") or _now(), tokenizer_sha256=env.tok_sha,
             init_path=self.layout.portable(ctx.init_path), init_adapter=self.layout.portable(ctx.init_adapter),
-            device=env.device.type, precision=self.precision, distributed=self.distributed,
+            device=env.device.type, precision=self.precision, threads=self.threads, distributed=self.distributed,
             versions=dict(package_versions()),
             absent=_FINISH_FIELDS | {"models"})
         extended_from = list(previous.get("extended_from") or [])
@@ -428,11 +465,14 @@ class Runner:
         with self._progress() as progress:
             model, result = train(stage, fingerprint=self.fps[name]["fingerprint"], accelerator=env.accelerator,
                                   reset_optimizer=env.reset_optimizer, progress=progress if main else None)
-        if main:
+        if main and result.stopped:  # max_time: partial, resumable; no final/
+            self._record_stopped(record, result, previous, layout)
+            action = "stopped"
+        elif main:
             model = stage.finalize(model)  # e.g. PPO detaches and saves its value head
             written = save_final(model, env.tokenizer, layout.dir, cfg, keep_adapter=ctx.init_adapter is not None)
             summary = _metrics_summary(layout.metrics)
-            record.finish(finished_at=_now(), steps=result.steps,
+            record.finish(finished_at=_now(), steps=result.steps, flops=result.flops or None,
                           wall_time_s=round(result.wall_time_s, 2) + float(previous.get("wall_time_s") or 0.0),
                           tokens=result.tokens, resumed_from=result.resumed_from,
                           first_loss=summary.get("first_loss"), last_loss=summary.get("last_loss"),
@@ -452,7 +492,21 @@ class Runner:
         del model
         if env.device.type == "cuda":
             torch.cuda.empty_cache()
-        return StageOutcome(name, cfg["type"], action, record.to_json())
+        return StageOutcome(name, cfg["type"], "stopped" if result.stopped else action, record.to_json())
+
+    def _record_stopped(self, record: StageRecord, result, previous: dict, layout) -> None:
+        """stage.json of a stage that ``max_time`` stopped: status ``stopped`` (plan and run read it
+        as partial), the steps done and the time and FLOPs so far; say how to continue."""
+        summary = _metrics_summary(layout.metrics)
+        record.finish(status="stopped", steps=result.steps, tokens=result.tokens, resumed_from=result.resumed_from,
+                      wall_time_s=round(result.wall_time_s, 2) + float(previous.get("wall_time_s") or 0.0),
+                      first_loss=summary.get("first_loss"), last_loss=summary.get("last_loss"),
+                      first_eval=summary.get("first_eval"), last_eval=summary.get("last_eval"),
+                      flops=result.flops or None)
+        record.write(layout.record)
+        self.console.print(f"[yellow]■[/] stage {record.name}: max_time reached after step {result.steps} of "
+                           f"{record.max_steps}; checkpoint saved. Run the same command to continue it "
+                           "(later stages wait for it).")
 
     def _refuse_unfittable(self, todo: list[str], device) -> None:
         """Refuse the run before anything is built or trained when a stage to run is planned to need
@@ -564,6 +618,7 @@ class Runner:
 
         return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                         TextColumn("loss {task.fields[loss]:.4f}"), TextColumn("{task.fields[tps]:>8,.0f} tok/s"),
+                        TextColumn("{task.fields[mfu]}"),
                         TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
                         console=self.console, transient=False)
 
@@ -592,12 +647,20 @@ def coverage_note(last_eval: dict) -> str:
     return f" ({n}/{total} ex.)" if n is not None and total is not None and n < total else ""
 
 
+def mfu_cell(flops: dict | None) -> str:
+    """The summary's MFU cell from stage.json's ``flops``: ``"12.3 % (0.45 TFLOP/s)"``, or ``-``."""
+    if not flops or flops.get("mfu") is None:
+        return "-"
+    return f"{flops['mfu']:.1%} ({flops['tflops']:.3g} TFLOP/s)"
+
+
 def summary_table(outcomes: list[StageOutcome], out_dir: Path) -> Table:
     """The final table: stage, action, steps, first and last loss, eval loss (the held-out loss of
-    docs/evaluation.md; with the share of the held-out set it covers when not all), wall time, output."""
+    docs/evaluation.md; with the share of the held-out set it covers when not all), wall time, MFU
+    (over this run of the stage, evaluations and checkpoints included), output."""
     t = Table(title=f"llmlab run → {out_dir}")
     for col in ("stage", "type", "action", "steps", "loss first → last", "eval loss first → last", "eval metrics",
-                "wall time", "output"):
+                "wall time", "MFU", "output"):
         t.add_column(col)
 
     def f(x):
@@ -608,6 +671,7 @@ def summary_table(outcomes: list[StageOutcome], out_dir: Path) -> Table:
         fe, le = (i.get("first_eval") or {}).get("eval_loss"), (i.get("last_eval") or {}).get("eval_loss")
         t.add_row(o.name, o.type, o.action, str(i.get("steps", "-")), f"{f(i.get('first_loss'))} → {f(i.get('last_loss'))}",
                   f"{f(fe)} → {f(le)}{coverage_note(i.get('last_eval') or {})}", key_metrics(i.get("last_eval") or {}, i.get("first_eval")), f"{i.get('wall_time_s', 0):.1f} s",
+                  mfu_cell(i.get("flops")),
                   str((i.get("outputs") or {}).get("final") or (i.get("outputs") or {}).get("results") or "-"))
     return t
 

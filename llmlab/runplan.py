@@ -97,6 +97,8 @@ class RunSettings:
     """Folder of the token stores (absolute; None: ``$LLMLAB_TOKEN_STORE`` or the run's cache)."""
     requires: str | None = None
     """PEP 440 specifier of the llmlab versions the recipe needs (checked when it is loaded)."""
+    threads: int | None = None
+    """CPU threads torch uses (None: ``$LLMLAB_THREADS`` or torch's default; :func:`llmlab.runner.apply_threads`)."""
 
 
 # ----------------------------------------------------------------------------- tokenizer, model

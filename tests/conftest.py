@@ -5,6 +5,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# the CPU's measured matmul peak (MFU's denominator, llmlab.train.flops) is cached here, not in the
+# user's ~/.cache: measured once per machine for the suite, and never mixed with real runs' entries
+os.environ.setdefault("LLMLAB_CACHE_DIR", os.path.join(__import__("tempfile").gettempdir(),
+                                                       f"llmlab-test-cache-{os.getuid()}"))
 
 # Tests must pass on any CPU, whatever floating-point paths it takes. To run the suite under other
 # numerics on one machine: ATEN_CPU_CAPABILITY=avx2 (or =default, no SIMD) picks torch's kernels (torch

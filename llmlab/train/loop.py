@@ -25,12 +25,14 @@ from llmlab.stages.base import Stage
 from llmlab.train.checkpointer import Checkpointer
 from llmlab.train.errors import TrainingError, is_cpu_out_of_memory, out_of_memory
 from llmlab.train.evaluator import Evaluator
+from llmlab.train.flops import stage_flops_per_token
 from llmlab.train.fsdp import clip_grad_norm_, gather_full_model, state_io
 from llmlab.train.metrics import MetricsLogger
 from llmlab.train.optim import distributed_hutchinson, needs_hessian
 from llmlab.train.samples import Sampler
 from llmlab.train.setup import maybe_compile, maybe_shard, setup_model, setup_optimizer, stage_model_arch
 from llmlab.train.tensors import scalar, to_device
+from llmlab.train.timelimit import TimeLimit
 
 __all__ = ["StageResult", "TrainingError", "stage_model_arch", "train"]
 
@@ -51,12 +53,17 @@ class StageResult:
     #: where early stopping ended the stage: {"stopped_at", "best_step", "best_eval_loss", ...}; None
     #: when it ran to max_steps
     early_stopping: dict | None = None
+    #: "max_time" when the stage stopped short of max_steps on its time budget (resumable), else None
+    stopped: str | None = None
+    #: the run's model FLOPs: {"flops_per_token", "tflops", "mfu", "peak_tflops"} ({} when unknown)
+    flops: dict = field(default_factory=dict)
 
 
 def train(stage: Stage, *, fingerprint: str, accelerator=None, reset_optimizer: bool = False,
           progress=None) -> tuple[torch.nn.Module, StageResult]:
     """Train ``stage`` to its ``max_steps`` (or until ``early_stopping`` ends it, with the best
-    evaluation's weights), resuming from its newest intact checkpoint.
+    evaluation's weights), resuming from its newest intact checkpoint; with ``max_time``, stop at the
+    first step boundary past it with a checkpoint (``result.stopped``).
 
     The loop only calls components: :mod:`llmlab.train.setup` (model, LoRA, optimizer, compile),
     :class:`~llmlab.train.checkpointer.Checkpointer` (resume, save, best, non-finite check),
@@ -102,7 +109,9 @@ def train(stage: Stage, *, fingerprint: str, accelerator=None, reset_optimizer: 
     runner = StepRunner(stage, tc, accelerator, prepared_model, optimizer, scheduler, start_step=start_step,
                         sharded=sharded)
     evaluator = Evaluator(stage, tc, accelerator, sharded=sharded)
-    metrics = MetricsLogger(stage, tc, accelerator=accelerator, start_step=start_step, progress=progress)
+    metrics = MetricsLogger(stage, tc, accelerator=accelerator, start_step=start_step, progress=progress,
+                            flops_per_token=stage_flops_per_token(stage, model))
+    time_limit, stopped = TimeLimit(tc.max_time, accelerator), None
     if start_step == 0 and evaluator.due(0):
         evaluator.log(prepared_model, 0, metrics)
     sampler = Sampler(stage, tc, accelerator)
@@ -114,7 +123,8 @@ def train(stage: Stage, *, fingerprint: str, accelerator=None, reset_optimizer: 
             out = runner.step(step)
             step += 1
             metrics.count_tokens(out.tokens)
-            log_now = metrics.due(step)
+            stop = step < max_steps and time_limit.reached()  # max_time: log, checkpoint and stop (resumable)
+            log_now = metrics.due(step) or stop
             if log_now:
                 out = runner.reduced(out)  # the global mean, as one process with the same global batch
             if runner.check_every_step or log_now or checkpointer.may_save(step, evaluator.due(step)):
@@ -131,8 +141,11 @@ def train(stage: Stage, *, fingerprint: str, accelerator=None, reset_optimizer: 
                 improved = checkpointer.observe_eval(step, metrics.eval_loss if is_main else None)
             if sampler.due(step, last=checkpointer.should_stop):
                 sampler.log(prepared_model, step, metrics)
-            if checkpointer.due(step, improved):
+            if checkpointer.due(step, improved) or stop:
                 checkpointer.save(step, unwrap(prepared_model), optimizer, scheduler)
+            if stop and not checkpointer.should_stop:  # early stopping ending here wins: the stage is done
+                stopped = "max_time"
+                break
     except RuntimeError as e:  # CUDA's OutOfMemoryError, or the CPU allocator's "... can't allocate memory ..."
         if isinstance(e, torch.OutOfMemoryError) or is_cpu_out_of_memory(e):
             raise out_of_memory(ctx.name, step + 1) from e
@@ -141,14 +154,16 @@ def train(stage: Stage, *, fingerprint: str, accelerator=None, reset_optimizer: 
         runner.close()
         metrics.close()
     model = unwrap(prepared_model)
-    checkpointer.restore_best(model, step)
-    if sharded:
-        model = gather_full_model(model, skeleton, is_main)
+    if stopped is None:  # a stopped stage writes no final/: its weights are only its checkpoint
+        checkpointer.restore_best(model, step)
+        if sharded:
+            model = gather_full_model(model, skeleton, is_main)
     return model, StageResult(
         steps=step, first_loss=metrics.first_loss, last_loss=metrics.last_loss, eval_loss=metrics.eval_loss,
         first_eval_loss=metrics.first_eval_loss, wall_time_s=metrics.elapsed_s(), tokens=metrics.tokens,
         resumed_from=checkpointer.resumed_from, final_metrics=stage.summary_metrics(),
-        early_stopping=checkpointer.early_stopping_record())
+        early_stopping=checkpointer.early_stopping_record(), stopped=stopped,
+        flops=metrics.flops_summary() if is_main else {})
 
 
 @dataclass

@@ -65,10 +65,14 @@ class MetricsLogger:
 
     Keys read: ``log_every`` (the stage's, else ``logging.log_every``), ``logging.report_to``,
     ``logging.wandb_project``. A training record is written at step ``start_step + 1``, every
-    ``log_every`` steps and at the last step.
+    ``log_every`` steps and at the last step. Given the model's ``flops_per_token``
+    (:func:`llmlab.train.flops.stage_flops_per_token`), each record also holds ``flops_per_token``,
+    ``tflops`` and ``mfu`` (:meth:`flops`; the device's peak is looked up or measured once when the
+    logger is made) and the progress bar shows MFU.
     """
 
-    def __init__(self, stage: Stage, tc: TrainingConfig, *, accelerator, start_step: int, progress=None):
+    def __init__(self, stage: Stage, tc: TrainingConfig, *, accelerator, start_step: int, progress=None,
+                 flops_per_token: int | None = None):
         ctx, cfg, max_steps = stage.ctx, stage.config, tc.max_steps
         self.is_main = accelerator.is_main_process
         self.world = accelerator.num_processes
@@ -80,7 +84,10 @@ class MetricsLogger:
         self.log_every = int(tc.log_every)
         self.progress, self.task = progress, None
         if progress is not None and self.is_main:
-            self.task = progress.add_task(ctx.name, total=max_steps, completed=start_step, loss=float("nan"), tps=0.0)
+            self.task = progress.add_task(ctx.name, total=max_steps, completed=start_step, loss=float("nan"), tps=0.0,
+                                          mfu="MFU -")
+        self.flops_per_token = flops_per_token
+        self.peak_flops = self._peak(accelerator) if flops_per_token and self.is_main else None
         self.first_loss = self.last_loss = self.eval_loss = self.first_eval_loss = None
         self.tokens = 0
         self.t0 = self._window_t = time.perf_counter()
@@ -103,9 +110,35 @@ class MetricsLogger:
         self.first_loss = loss if self.first_loss is None else self.first_loss
         self.last_loss = loss
         self._emit({"step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens": self.tokens,
-                    "tokens_per_s": tps, "elapsed_s": now - self.t0, **extra}, step, track=True)
+                    "tokens_per_s": tps, "elapsed_s": now - self.t0, **self.flops(tps), **extra}, step, track=True)
         if self.task is not None:
-            self.progress.update(self.task, completed=step, loss=loss, tps=tps)
+            mfu = self.flops(tps).get("mfu")
+            self.progress.update(self.task, completed=step, loss=loss, tps=tps,
+                                 mfu="MFU -" if mfu is None else f"MFU {mfu:5.1%}")
+
+    def _peak(self, accelerator) -> float:
+        """Peak FLOP/s of all processes together (:func:`llmlab.train.flops.peak_flops` of one device,
+        in the precision the matrix multiplies run in, times the processes)."""
+        from llmlab.train.flops import peak_flops
+
+        precision = {"no": "fp32", "bf16": "bf16", "fp16": "fp16"}[str(accelerator.mixed_precision)]
+        return peak_flops(accelerator.device, precision) * self.world
+
+    def flops(self, tokens_per_s: float) -> dict:
+        """``{"flops_per_token", "tflops", "mfu"}`` at ``tokens_per_s`` (tokens of all processes):
+        the model's training FLOPs per token, the model TFLOP/s achieved, and MFU = achieved FLOP/s /
+        the processes' peak FLOP/s (Chowdhery et al. 2022, appendix B); {} when the model's FLOPs are
+        not known (``from_pretrained``)."""
+        if not self.flops_per_token or not self.peak_flops:
+            return {}
+        achieved = tokens_per_s * self.flops_per_token
+        return {"flops_per_token": self.flops_per_token, "tflops": achieved / 1e12, "mfu": achieved / self.peak_flops}
+
+    def flops_summary(self) -> dict:
+        """The whole run's :meth:`flops` (tokens over wall time, evaluations and checkpoints included)
+        plus ``peak_tflops``, for stage.json; {} without a FLOP count."""
+        out = self.flops(self.tokens / max(self.elapsed_s(), 1e-9))
+        return {**out, "peak_tflops": self.peak_flops / 1e12} if out else {}
 
     def tick(self, step: int) -> None:
         """Advance the progress bar on a step without a record."""
