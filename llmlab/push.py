@@ -95,28 +95,43 @@ def _human(n: int) -> str:
     return str(n)
 
 
+def _lineage(run: Path, stage: str) -> list[str]:
+    """The stages whose weights led to ``stage``, first to last: each stage.json's ``init_path``
+    (``<stage>/final`` of this run) names the one before; a pretrained or scratch start ends it."""
+    names, root = [stage], run.resolve()
+    rec = RunLayout(run).stage(stage).read_record()
+    while rec is not None and rec.get("init_path"):
+        src = RunLayout(run).locate(rec["init_path"]).resolve()
+        if src.parent.parent != root or src.parent.name in names:
+            break
+        names.insert(0, src.parent.name)
+        rec = RunLayout(run).stage(src.parent.name).read_record()
+    return names
+
+
 def _chain_rows(run: Path, stage: str) -> list[str]:
-    """Markdown table rows of the stages up to ``stage`` (recipe order) that have a stage.json."""
-    order = _stage_order(run)
+    """Markdown table rows of the stages that led to ``stage`` (:func:`_lineage`): type, status,
+    steps, tokens, last train loss, last eval loss and the stage type's key eval metrics."""
+    from llmlab.runner import key_metrics
+
     rows = []
-    for name in order[: order.index(stage) + 1] if stage in order else [stage]:
-        rec = RunLayout(run).stage(name).read_record()
-        if rec is None:
-            continue
+    for name in _lineage(run, stage):
+        rec = RunLayout(run).stage(name).read_record() or {}
         ev = rec.get("last_eval") or {}
-        evs = ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in ev.items() if k != "step")
-        loss = rec.get("last_loss")
+
+        def num(v):
+            return "-" if v is None else f"{v:.4g}"
         rows.append(f"| {name} | {rec.get('type', '?')} | {rec.get('status', '?')} | {rec.get('steps', '-')} | "
-                    f"{rec.get('tokens', '-')} | {'-' if loss is None else f'{loss:.4g}'} | {evs or '-'} |")
+                    f"{rec.get('tokens', '-')} | {num(rec.get('last_loss'))} | {num(ev.get('eval_loss'))} | "
+                    f"{key_metrics(ev, rec.get('first_eval')) if ev else '-'} |")
     return rows
 
 
 def model_card(final: Path, run: Path | None, stage: str | None, repo_id: str, license: str | None = None) -> str:
     """The ``README.md`` text: YAML front matter (``library_name: transformers``, ``tags``,
     ``license`` when given) and a body naming the recipe, the architecture and size (from
-    ``config.json`` and the safetensors headers), the stage chain (each stage.json's type, status,
-    steps, tokens, last train loss and last eval numbers), the resolved recipe (masked) and the
-    llmlab version."""
+    ``config.json`` and the safetensors headers), the stages that led to it (:func:`_chain_rows`),
+    the resolved recipe (masked) and the llmlab version."""
     from huggingface_hub import ModelCard, ModelCardData
 
     from llmlab import __version__
@@ -129,7 +144,7 @@ def model_card(final: Path, run: Path | None, stage: str | None, repo_id: str, l
         recipe_text = _masked_recipe(run)
         resolved = yaml.safe_load(recipe_text) or {}
         recipe_name = resolved.get("name")
-        types = [s.get("type") for s in (resolved.get("stages") or {}).values() if isinstance(s, dict)]
+        types = [(RunLayout(run).stage(n).read_record() or {}).get("type") for n in _lineage(run, stage)]
     tags = TAGS + sorted({t for t in types if t})
     data = ModelCardData(library_name="transformers", tags=tags, license=license, pipeline_tag="text-generation")
     n = _param_count(final)
@@ -148,8 +163,8 @@ def model_card(final: Path, run: Path | None, stage: str | None, repo_id: str, l
         body += ["The modeling code travels with the weights: load with "
                  f"`AutoModelForCausalLM.from_pretrained(\"{repo_id}\", trust_remote_code=True)`.", ""]
     if run is not None:
-        body += ["## Stages", "", "| stage | type | status | steps | tokens | last loss | last eval |",
-                 "|---|---|---|---|---|---|---|", *_chain_rows(run, stage), "",
+        body += ["## Stages", "", "| stage | type | status | steps | tokens | last train loss | eval loss | eval metrics |",
+                 "|---|---|---|---|---|---|---|---|", *_chain_rows(run, stage), "",
                  "## Resolved recipe", "", "```yaml", recipe_text.rstrip("\n"), "```", ""]
     text = "---\n" + data.to_yaml() + "\n---\n\n" + "\n".join(body)
     return str(ModelCard(text))

@@ -22,12 +22,14 @@ http = sys.modules[next(b for b in HfHubHTTPError.__bases__ if b is not OSError)
 SECRET = "hf_secretvalue_abcdef123"
 
 
-def _stage(run, name, typ, steps, eval_loss, final=False):
+def _stage(run, name, typ, steps, eval_loss, init=None, final=False):
     d = run / name
     d.mkdir(parents=True)
     (d / "stage.json").write_text(json.dumps({
         "name": name, "type": typ, "status": "done", "steps": steps, "tokens": steps * 512,
-        "last_loss": 2.5, "last_eval": {"step": steps, "eval_loss": eval_loss, "eval_ppl": 12.25}}))
+        "init_path": init and f"{init}/final", "last_loss": 2.5,
+        "first_eval": {"step": 0, "eval_loss": 9.0, "eval_nll_loss": 3.0},
+        "last_eval": {"step": steps, "eval_loss": eval_loss, "eval_nll_loss": 2.5}}))
     if final:
         model = make_model(seed=3)
         model.save_pretrained(d / "final")
@@ -38,16 +40,18 @@ def _stage(run, name, typ, steps, eval_loss, final=False):
 
 @pytest.fixture
 def run(tmp_path, monkeypatch):
-    """A hand-made run directory: pretrain (no final/) then sft (final/ with a tiny model); the
+    """A hand-made run directory: pretrain (no final/), sft from it (final/ with a tiny model) and a
+    reward stage also from pretrain (not in sft's lineage); the
     resolved recipe holds the value of $HF_TOKEN unmasked (as one written before it was set)."""
     monkeypatch.setenv("HF_TOKEN", SECRET)
     run = tmp_path / "run"
     run.mkdir()
     recipe = {"name": "tinypush", "output_dir": str(run), "datasets": {"d": {"hub": "x/y", "token": SECRET}},
-              "stages": {"pretrain": {"type": "pretrain"}, "sft": {"type": "sft"}}}
+              "stages": {"pretrain": {"type": "pretrain"}, "sft": {"type": "sft"}, "rm": {"type": "reward"}}}
     (run / "recipe.resolved.yaml").write_text(RESOLVED_HEADER + "\n" + yaml.safe_dump(recipe, sort_keys=False))
     _stage(run, "pretrain", "pretrain", 60, 3.125)
-    model = _stage(run, "sft", "sft", 20, 2.0625, final=True)
+    model = _stage(run, "sft", "sft", 20, 2.0625, init="pretrain", final=True)
+    _stage(run, "rm", "reward", 30, 0.5, init="pretrain")
     return run, model
 
 
@@ -82,11 +86,13 @@ def test_dry_run_writes_final_card_and_masked_recipe(run, tmp_path):
         assert SECRET not in text and "${HF_TOKEN}" in text
     meta = _front_matter(card)
     assert meta["library_name"] == "transformers" and meta["license"] == "apache-2.0"
-    assert {"llmlab", "pretrain", "sft"} <= set(meta["tags"])
+    assert {"llmlab", "pretrain", "sft"} <= set(meta["tags"]) and "reward" not in meta["tags"]
     assert "tinypush" in card and "LlmlabForCausalLM" in card
     assert f"{model.num_parameters():,}" in card
-    rows = [line for line in card.splitlines() if line.startswith("| pretrain") or line.startswith("| sft")]
-    assert len(rows) == 2 and "3.125" in rows[0] and "2.062" in rows[1] and "| 20 |" in rows[1]
+    rows = [line for line in card.splitlines() if line.startswith("| ") and "| done |" in line]
+    assert [r.split(" | ")[0] for r in rows] == ["| pretrain", "| sft"]  # sft's lineage, not the reward stage
+    assert "| 3.125 |" in rows[0] and "| 2.062 |" in rows[1] and "| 20 | 10240 |" in rows[1]
+    assert "nll 3.000 → 2.500" in rows[1]
     assert yaml.safe_load(card.split("```yaml\n")[1].split("```")[0])["name"] == "tinypush"
 
 
