@@ -137,14 +137,18 @@ def model_card(final: Path, run: Path | None, stage: str | None, repo_id: str, l
     from llmlab import __version__
 
     cfg = json.loads((final / "config.json").read_text())
-    recipe_name, types = None, []
+    types, intro = [], f"Pushed with llmlab {__version__}."
     if run is not None:
         import yaml
 
         recipe_text = _masked_recipe(run)
         resolved = yaml.safe_load(recipe_text) or {}
-        recipe_name = resolved.get("name")
         types = [(RunLayout(run).stage(n).read_record() or {}).get("type") for n in _lineage(run, stage)]
+        # the version that trained the stage (stage.json, else the run's resolved_with), not this one
+        trained = (((RunLayout(run).stage(stage).read_record() or {}).get("versions") or {}).get("llmlab")
+                   or (resolved.get("resolved_with") or {}).get("llmlab") or "(version not recorded)")
+        intro = (f"Trained with llmlab {trained} from the recipe `{resolved.get('name')}`, stage `{stage}`; "
+                 f"pushed with llmlab {__version__}.")
     tags = TAGS + sorted({t for t in types if t})
     data = ModelCardData(library_name="transformers", tags=tags, license=license, pipeline_tag="text-generation")
     n = _param_count(final)
@@ -153,9 +157,7 @@ def model_card(final: Path, run: Path | None, stage: str | None, repo_id: str, l
                                                  "vocab_size", "max_seq_len", "positional_encoding",
                                                  "norm_type", "activation") if k in cfg)
     body = [f"# {repo_id.split('/')[-1]}", "",
-            f"Trained with llmlab {__version__}"
-            + (f" from the recipe `{recipe_name}`" + (f", stage `{stage}`" if stage else "") if recipe_name else "")
-            + ".", "", "## Model", "",
+            intro, "", "## Model", "",
             f"- architecture: {arch} (`model_type: {cfg.get('model_type', '?')}`)",
             f"- parameters: {_human(n)} ({n:,})" if n is not None else "- parameters: unknown (no safetensors)",
             f"- shape: {shape}" if shape else "", ""]

@@ -27,7 +27,7 @@ def _stage(run, name, typ, steps, eval_loss, init=None, final=False):
     d.mkdir(parents=True)
     (d / "stage.json").write_text(json.dumps({
         "name": name, "type": typ, "status": "done", "steps": steps, "tokens": steps * 512,
-        "init_path": init and f"{init}/final", "last_loss": 2.5,
+        "init_path": init and f"{init}/final", "last_loss": 2.5, "versions": {"llmlab": "0.0.7"},
         "first_eval": {"step": 0, "eval_loss": 9.0, "eval_nll_loss": 3.0},
         "last_eval": {"step": steps, "eval_loss": eval_loss, "eval_nll_loss": 2.5}}))
     if final:
@@ -87,7 +87,8 @@ def test_dry_run_writes_final_card_and_masked_recipe(run, tmp_path):
     meta = _front_matter(card)
     assert meta["library_name"] == "transformers" and meta["license"] == "apache-2.0"
     assert {"llmlab", "pretrain", "sft"} <= set(meta["tags"]) and "reward" not in meta["tags"]
-    assert "tinypush" in card and "LlmlabForCausalLM" in card
+    assert "recipe `tinypush`, stage `sft`" in card and "LlmlabForCausalLM" in card
+    assert "Trained with llmlab 0.0.7 " in card  # the version in sft's stage.json, not this one
     assert f"{model.num_parameters():,}" in card
     rows = [line for line in card.splitlines() if line.startswith("| ") and "| done |" in line]
     assert [r.split(" | ")[0] for r in rows] == ["| pretrain", "| sft"]  # sft's lineage, not the reward stage
