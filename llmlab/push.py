@@ -190,11 +190,13 @@ def upload_files(final: Path, run: Path | None, stage: str | None, repo_id: str,
 def _hub_error(repo_id: str, exc: BaseException) -> PushError:
     """One line naming ``repo_id`` and why the hub call failed."""
     from huggingface_hub import constants
-    from huggingface_hub.errors import HfHubHTTPError
+    from huggingface_hub.errors import HfHubHTTPError, LocalTokenNotFoundError
 
     status = getattr(getattr(exc, "response", None), "status_code", None)
     first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-    if isinstance(exc, HfHubHTTPError) and status in (401, 403):
+    if isinstance(exc, LocalTokenNotFoundError):
+        why = "no hub token: log in with `hf auth login` or set HF_TOKEN to a token with write access"
+    elif isinstance(exc, HfHubHTTPError) and status in (401, 403):
         why = (f"the hub refused the token (HTTP {status}): log in with `hf auth login` or set HF_TOKEN to a "
                "token with write access")
     elif isinstance(exc, HfHubHTTPError):

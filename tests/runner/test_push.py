@@ -201,11 +201,16 @@ def test_offline_refuses_in_one_line(run, monkeypatch):
 @pytest.mark.parametrize("fail,says", [
     (http.ConnectError("[Errno -3] Temporary failure in name resolution"), "cannot reach the hub"),
     ("401", "refused the token (HTTP 401)"),
+    ("no token", "no hub token"),
 ])
 def test_hub_failures_are_one_line(run, stub_hub, fail, says):
     if fail == "401":
         response = http.Response(401, request=http.Request("POST", "https://hub.example/api/repos/create"))
         fail = HfHubHTTPError("401 Client Error: Unauthorized\nmore detail", response=response)
+    if fail == "no token":
+        from huggingface_hub.errors import LocalTokenNotFoundError
+
+        fail = LocalTokenNotFoundError("Token is required (`token=True`), but no token found.")
     stub_hub.fail = fail
     with pytest.raises(PushError, match="push to me/tiny: .*" + says.replace("(", r"\(").replace(")", r"\)")):
         push(run[0], "me/tiny")
