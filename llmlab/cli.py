@@ -183,6 +183,26 @@ def export(
     raise typer.Exit(export_command(model_dir, to, out_dir))
 
 
+@app.command()
+def push(
+    target: Path = typer.Argument(..., help="A run directory or a stage's final/ folder."),
+    repo: str = typer.Option(..., "--repo", help="Hub repo id, owner/name (created when missing)."),
+    stage: Optional[str] = typer.Option(None, "--stage", help="With a run directory: the stage to push "
+                                        "(default: the last stage with a final/)."),
+    private: bool = typer.Option(False, "--private", help="Create the repo private."),
+    revision: Optional[str] = typer.Option(None, "--revision", help="Branch to commit to (created when missing)."),
+    license: Optional[str] = typer.Option(None, "--license", help="The card's license, e.g. apache-2.0."),
+    dry_run: Optional[Path] = typer.Option(None, "--dry-run", help="Write the folder that would be uploaded "
+                                           "to this path instead; upload nothing."),
+):
+    """Upload a stage's final/ to the Hugging Face hub with a model card (recipe, stages, metrics)
+    and the resolved recipe; the token is huggingface_hub's (HF_TOKEN or `hf auth login`)."""
+    from llmlab.push import push_command
+
+    raise typer.Exit(push_command(target, repo, stage=stage, private=private, revision=revision,
+                                  license=license, dry_run=dry_run))
+
+
 # chat, generate, eval, serve (llmlab/inference/commands.py imports only the standard library and typer)
 from llmlab.inference.commands import register_commands  # noqa: E402
 
