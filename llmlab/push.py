@@ -121,7 +121,7 @@ def _chain_rows(run: Path, stage: str) -> list[str]:
 
         def num(v):
             return "-" if v is None else f"{v:.4g}"
-        rows.append(f"| {name} | {rec.get('type', '?')} | {rec.get('status', '?')} | {rec.get('steps', '-')} | "
+        rows.append(f"| {name} | {rec.get('type') or '?'} | {rec.get('status') or '?'} | {rec.get('steps', '-')} | "
                     f"{rec.get('tokens', '-')} | {num(rec.get('last_loss'))} | {num(ev.get('eval_loss'))} | "
                     f"{key_metrics(ev, rec.get('first_eval')) if ev else '-'} |")
     return rows
