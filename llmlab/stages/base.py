@@ -109,8 +109,9 @@ class Stage:
         """The micro-batch with global index ``index`` (step × grad-accum + micro).
 
         Must be a pure function of (seed, stage, index) and of state saved by :meth:`state_dict`.
+        The default is the stage data's :meth:`~llmlab.data.pipeline.StageData.train_batch`.
         """
-        raise NotImplementedError
+        return self.data.train_batch(index)
 
     def batch_function(self):
         """``index -> batch`` when the training batches are a pure function of their index (the
@@ -123,16 +124,19 @@ class Stage:
         return None if spec is None or spec.generates else self.data.train_batch
 
     def eval_batches(self) -> list[dict]:
-        """Fixed held-out batches for :meth:`evaluate` (may be empty); not read when :meth:`heldout`
-        gives a held-out set."""
-        return []
+        """Fixed held-out batches for :meth:`evaluate` (may be empty; by default the stage data's); not
+        read when :meth:`heldout` gives a held-out set."""
+        return list(self.data.eval_batches())
 
     def heldout(self):
         """The held-out examples :meth:`evaluate_heldout` scores (a
         :class:`llmlab.data.pipeline.HeldOut`), or None for a stage evaluated on :meth:`eval_batches`
         (the default). Stages with a held-out loss (pretrain, sft, dpo, orpo, kto, reward) use this: one definition with
-        ``llmlab eval`` (:mod:`llmlab.heldout`)."""
-        return None
+        ``llmlab eval`` (:mod:`llmlab.heldout`); by default the stage data's
+        (:meth:`llmlab.data.pipeline.StageData.heldout`, None for the types without one, and for
+        a stage with no stage data)."""
+        data = self.data
+        return data.heldout() if data is not None else None
 
     # -- loss ------------------------------------------------------------------------------
     def compute_loss(self, model: torch.nn.Module, batch: dict) -> tuple[torch.Tensor, dict]:

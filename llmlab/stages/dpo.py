@@ -102,16 +102,6 @@ class DPOStage(Stage):
         if self.reference is not None:
             self.reference.setup(model, self.ctx.device)
 
-    # -- data ------------------------------------------------------------------------------
-    def get_batch(self, index: int, model: torch.nn.Module) -> dict:
-        return self.data.train_batch(index)
-
-    def eval_batches(self) -> list[dict]:
-        return self.data.eval_batches()
-
-    def heldout(self):
-        return self.data.heldout()
-
     @torch.no_grad()
     def evaluate_heldout(self, model: torch.nn.Module, heldout) -> dict[str, float]:
         """The held-out preference numbers over all held-out pairs (:func:`llmlab.heldout.preference_metrics`:

@@ -117,15 +117,6 @@ class KTOStage(Stage):
     def setup(self, model: torch.nn.Module) -> None:
         self.reference.setup(model, self.ctx.device)
 
-    def get_batch(self, index: int, model: torch.nn.Module) -> dict:
-        return self.data.train_batch(index)
-
-    def eval_batches(self) -> list[dict]:
-        return self.data.eval_batches()
-
-    def heldout(self):
-        return self.data.heldout()
-
     @torch.no_grad()
     def evaluate_heldout(self, model: torch.nn.Module, heldout) -> dict[str, float]:
         """The held-out KTO numbers (:func:`llmlab.heldout.kto_metrics`: the reference point over the

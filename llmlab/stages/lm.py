@@ -18,15 +18,6 @@ class _CausalLMStage(Stage):
     padding-free on llmlab's Transformer.
     """
 
-    def get_batch(self, index: int, model: torch.nn.Module) -> dict:
-        return self.data.train_batch(index)
-
-    def eval_batches(self) -> list[dict]:
-        return list(self.data.eval_batches())
-
-    def heldout(self):
-        return self.data.heldout()
-
     @torch.no_grad()
     def evaluate_heldout(self, model: torch.nn.Module, heldout) -> dict[str, float]:
         """Held-out loss per scored token over the held-out documents (pretrain) or conversations'

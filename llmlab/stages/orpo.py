@@ -40,15 +40,6 @@ class ORPOStage(Stage):
         cfg = {**stage_defaults(self.type), **self.config}
         self.beta = float(cfg["beta"])
 
-    def get_batch(self, index: int, model: torch.nn.Module) -> dict:
-        return self.data.train_batch(index)
-
-    def eval_batches(self) -> list[dict]:
-        return self.data.eval_batches()
-
-    def heldout(self):
-        return self.data.heldout()
-
     @torch.no_grad()
     def evaluate_heldout(self, model: torch.nn.Module, heldout) -> dict[str, float]:
         """The held-out ORPO numbers over all held-out pairs (:func:`llmlab.heldout.orpo_metrics`: the

@@ -64,15 +64,6 @@ class RewardStage(Stage):
         base = model.get_base_model() if hasattr(model, "get_base_model") else model
         self._ensure_pad(base)
 
-    def get_batch(self, index: int, model: torch.nn.Module) -> dict:
-        return self.data.train_batch(index)
-
-    def eval_batches(self) -> list[dict]:
-        return self.data.eval_batches()
-
-    def heldout(self):
-        return self.data.heldout()
-
     @torch.no_grad()
     def evaluate_heldout(self, model: torch.nn.Module, heldout) -> dict[str, float]:
         """The held-out reward-model numbers over all held-out pairs (:func:`llmlab.heldout.reward_metrics`:
