@@ -309,16 +309,29 @@ def writing_folder(tmp: Path, dest: Path, kind: str):
     check_replaceable(tmp)
     remove_owned(tmp)  # a copy left by a killed write
     make_dir(tmp, kind)
-    try:
+    with removed_on_failure(tmp, f"writing {dest}"):
         yield tmp
         mark_written(tmp, kind)
+    replace_owned(tmp, dest)
+
+
+@contextmanager
+def removed_on_failure(tmp: Path, what: str):
+    """Run the block that writes llmlab's temporary folder ``tmp``; when it fails (``OSError``, or the
+    opaque ``RuntimeError`` torch and safetensors raise for a failed write) remove ``tmp`` at once
+    and re-raise, a full disk as :func:`disk_full_error`'s ENOSPC naming ``what`` and the disk.
+
+    Raises:
+        OSError, RuntimeError: the block's error (ENOSPC with the disk named when the disk is full).
+    """
+    try:
+        yield
     except (OSError, RuntimeError) as exc:
-        full = disk_full_error(exc, tmp, f"writing {dest}")
+        full = disk_full_error(exc, tmp, what)
         remove_owned(tmp)
         if full is not None:
             raise full from exc
         raise
-    replace_owned(tmp, dest)
 
 
 # -- the run directory -------------------------------------------------------------------------

@@ -40,11 +40,11 @@ from llmlab.layout import CHECKPOINT_PREFIX
 from llmlab.ownership import (
     MARKER,
     check_replaceable,
-    disk_full_error,
     make_dir,
     match_umask,
     owns,
     remove_owned,
+    removed_on_failure,
     try_remove_owned,
 )
 
@@ -201,14 +201,8 @@ def save_checkpoint(ckpt_root: Path, step: int, *, model_state: dict[str, torch.
     """
     final = ckpt_root / f"{PREFIX}{step:06d}"
     tmp = tmp or begin_checkpoint(ckpt_root, step)
-    try:
+    with removed_on_failure(tmp, f"writing checkpoint {final}"):
         _write_files(tmp, model_state, optimizer_state, scheduler, stage_state, {**trainer_state, "step": step})
-    except (OSError, RuntimeError) as exc:
-        full = disk_full_error(exc, tmp, f"writing checkpoint {final}")
-        remove_owned(tmp)
-        if full is not None:
-            raise full from exc
-        raise
     if final.exists():  # a re-save of the same step (e.g. after an extend): replace atomically enough
         old = ckpt_root / f".old-{PREFIX}{step:06d}-{os.getpid()}"
         final.rename(old)
