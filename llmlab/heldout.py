@@ -205,6 +205,17 @@ def preference_metrics(policy_chosen: Sequence[float], policy_rejected: Sequence
             "logps/rejected": float(pr.mean()), "pairs": len(pc)}
 
 
+def eval_record(metrics: dict, heldout: Any, tokens: int, truncated: int, count_key: str = "pairs") -> dict:
+    """A stage's held-out numbers as logged: ``metrics`` prefixed ``eval_`` (less their own count,
+    ``count_key``), with ``eval_examples`` (the examples scored), ``eval_tokens`` (scored tokens),
+    ``eval_truncated`` (examples cut from the left) and ``eval_heldout_examples`` (the held-out set
+    they were drawn from)."""
+    out = {f"eval_{k}": v for k, v in metrics.items() if k != count_key}
+    out.update(eval_examples=len(heldout.examples), eval_tokens=tokens, eval_truncated=truncated,
+               eval_heldout_examples=heldout.total)
+    return out
+
+
 def perplexity(mean_loss: float) -> float:
     """``exp(mean_loss)`` (NaN for NaN)."""
     return math.exp(mean_loss) if mean_loss == mean_loss else float("nan")
@@ -230,8 +241,7 @@ def lm_heldout(model: Any, heldout: Any, tokenizer: Any, pad_id: int, batch_size
         items = [fit_left(ids, flags, limit) for ids, flags in heldout.examples]
         cut = sum(it[2] for it in items)
     loss, tokens = lm_loss(score_tokens(model, items, pad_id, batch_size))
-    return {"eval_loss": loss, "eval_examples": len(heldout.examples), "eval_tokens": tokens,
-            "eval_truncated": cut, "eval_heldout_examples": heldout.total}
+    return eval_record({"loss": loss}, heldout, tokens, cut)
 
 
 def pair_logps(model: Any, pairs: Sequence[tuple], pad_id: int, batch_size: int = 8

@@ -109,7 +109,7 @@ class DPOStage(Stage):
         ``eval_examples`` (pairs), ``eval_tokens`` (scored completion tokens, chosen and rejected),
         ``eval_truncated`` and ``eval_heldout_examples``. The reference's log-probabilities are
         computed once per held-out set (the reference is frozen)."""
-        from llmlab.heldout import pair_logps, preference_metrics
+        from llmlab.heldout import eval_record, pair_logps, preference_metrics
 
         bs = self.data.batch_size
         c, r, cut = pair_logps(model, heldout.examples, self.pad_token_id, bs)
@@ -127,10 +127,7 @@ class DPOStage(Stage):
                                [n for _, n in c], [n for _, n in r], beta=self.beta, loss_type=self.loss_type,
                                label_smoothing=self.label_smoothing, rpo_alpha=self.rpo_alpha,
                                simpo_gamma=self.simpo_gamma, cpo_alpha=self.cpo_alpha)
-        out = {f"eval_{k}": v for k, v in m.items() if k != "pairs"}
-        out.update(eval_examples=len(heldout.examples), eval_tokens=sum(n for _, n in c) + sum(n for _, n in r),
-                   eval_truncated=cut, eval_heldout_examples=heldout.total)
-        return out
+        return eval_record(m, heldout, sum(n for _, n in c) + sum(n for _, n in r), cut)
 
     # -- loss ------------------------------------------------------------------------------
     def compute_loss(self, model: torch.nn.Module, batch: dict) -> tuple[torch.Tensor, dict]:

@@ -125,7 +125,7 @@ class KTOStage(Stage):
         ``eval_examples`` (pairs, or unpaired rows), ``eval_tokens`` (scored completion tokens),
         ``eval_truncated`` (rows, or pairs, with a sequence cut) and ``eval_heldout_examples``. The reference's
         log-probabilities are computed once per held-out set (the reference is frozen)."""
-        from llmlab.heldout import cut_count, kto_logps, kto_metrics
+        from llmlab.heldout import cut_count, eval_record, kto_logps, kto_metrics
 
         examples = kto_examples(heldout)
         bs = self.data.batch_size
@@ -139,11 +139,7 @@ class KTOStage(Stage):
         m = kto_metrics(logps, ref_logps, kl_logps, ref_kl_logps, [ex[2] for ex in examples], beta=self.beta,
                         desirable_weight=self.desirable_weight, undesirable_weight=self.undesirable_weight,
                         paired=heldout.kind == "preference")
-        out = {f"eval_{k}": v for k, v in m.items() if k != "examples"}
-        out.update(eval_examples=len(heldout.examples), eval_tokens=sum(tokens),
-                   eval_truncated=cut_count(cut, heldout.kind == "preference"),
-                   eval_heldout_examples=heldout.total)
-        return out
+        return eval_record(m, heldout, sum(tokens), cut_count(cut, heldout.kind == "preference"), "examples")
 
     def compute_loss(self, model: torch.nn.Module, batch: dict) -> tuple[torch.Tensor, dict]:
         device = self.ctx.device

@@ -46,16 +46,13 @@ class ORPOStage(Stage):
         chosen sequences' NLL per token over all pairs plus the odds-ratio term averaged over pairs),
         keys prefixed ``eval_``, with ``eval_examples`` (pairs), ``eval_tokens`` (scored completion
         tokens, chosen and rejected), ``eval_truncated`` and ``eval_heldout_examples``."""
-        from llmlab.heldout import orpo_metrics, pair_logps, whole_logps
+        from llmlab.heldout import eval_record, orpo_metrics, pair_logps, whole_logps
 
         bs = self.data.batch_size
         c, r, cut = pair_logps(model, heldout.examples, self.pad_token_id, bs)
         whole = whole_logps(model, [chosen[0] for chosen, _ in heldout.examples], self.pad_token_id, bs)
         m = orpo_metrics(c, r, whole, beta=self.beta)
-        out = {f"eval_{k}": v for k, v in m.items() if k != "pairs"}
-        out.update(eval_examples=len(heldout.examples), eval_tokens=sum(n for _, n in c) + sum(n for _, n in r),
-                   eval_truncated=cut, eval_heldout_examples=heldout.total)
-        return out
+        return eval_record(m, heldout, sum(n for _, n in c) + sum(n for _, n in r), cut)
 
     def compute_loss(self, model: torch.nn.Module, batch: dict) -> tuple[torch.Tensor, dict]:
         device = self.ctx.device

@@ -72,17 +72,14 @@ class RewardStage(Stage):
         (pairs), ``eval_tokens`` (tokens of the chosen and rejected sequences scored), ``eval_truncated``
         (pairs with a cut sequence) and ``eval_heldout_examples``. The same numbers as ``llmlab eval``'s
         ``loss``, ``reward_accuracy`` and ``reward_margin`` on those pairs."""
-        from llmlab.heldout import length_limit, reward_metrics, sequence_rewards
+        from llmlab.heldout import eval_record, length_limit, reward_metrics, sequence_rewards
 
         seqs = [ids for pair in heldout.examples for ids, _ in pair]
         scores, _ = sequence_rewards(model, seqs, self.data.batch_size)
         limit = length_limit(model)
         m = reward_metrics(scores[0::2], scores[1::2])
-        out = {f"eval_{k}": v for k, v in m.items() if k != "pairs"}
-        out.update(eval_examples=len(heldout.examples), eval_tokens=sum(min(len(s), limit) for s in seqs),
-                   eval_truncated=sum(len(a) > limit or len(b) > limit for a, b in zip(seqs[0::2], seqs[1::2])),
-                   eval_heldout_examples=heldout.total)
-        return out
+        return eval_record(m, heldout, sum(min(len(s), limit) for s in seqs),
+                           sum(len(a) > limit or len(b) > limit for a, b in zip(seqs[0::2], seqs[1::2])))
 
     def compute_loss(self, model: torch.nn.Module, batch: dict) -> tuple[torch.Tensor, dict]:
         tok = self.ctx.tokenizer
