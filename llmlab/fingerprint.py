@@ -34,9 +34,10 @@ EARLY_STOPPING_KEYS = ("eval_every", "eval_steps")
 #: keys added to the schema after runs were first fingerprinted, by section (``stage_<type>`` or
 #: ``lora``): while such a key holds its schema default (the behaviour before it existed) it is left
 #: out of the fingerprint, so a release that adds a key does not turn finished runs stale. A key
-#: set to another value is hashed as usual. 0.2: SimPO/CPO losses, DoRA/rsLoRA, NEFTune.
+#: set to another value is hashed as usual. 0.2: SimPO/CPO losses, DoRA/rsLoRA, NEFTune, group_by_length
+#: (``stage_common``: every stage type).
 ADDED_KEYS = {"stage_dpo": ("simpo_gamma", "cpo_alpha"), "stage_sft": ("neftune_alpha",),
-              "lora": ("use_dora", "use_rslora")}
+              "lora": ("use_dora", "use_rslora"), "stage_common": ("group_by_length",)}
 
 _SMALL_FILE = 64 << 20
 
@@ -196,7 +197,7 @@ def models_inputs(cfg: dict) -> dict[str, str | None]:
 
 def _without_added_defaults(section: str, cfg: dict) -> dict:
     """``cfg`` less the :data:`ADDED_KEYS` of ``section`` that hold their schema default."""
-    added = ADDED_KEYS.get(section, ())
+    added = ADDED_KEYS.get(section, ()) + (ADDED_KEYS["stage_common"] if section.startswith("stage_") else ())
     if not added:
         return cfg
     defaults = schema_filled(f"#/$defs/{section}", {}, nulls=True)

@@ -313,6 +313,7 @@ class StageData:
     _sources: Any = field(repr=False, default=None)  # int array [N]: dataset of each example
     _family: str | None = field(repr=False, default=None)  # set where the data's kind chose it (kto)
     _heldout: Any = field(repr=False, default=None)  # the held-out set in split order (HeldOut for pretrain)
+    _group_lengths: Any = field(repr=False, default=None)  # int array [N] with group_by_length, else None
 
     @property
     def num_train_examples(self) -> int:
@@ -352,8 +353,11 @@ class StageData:
         if epoch not in self._perms:
             if len(self._perms) > 4:
                 self._perms.clear()
-            self._perms[epoch] = _rng(self.seed, "epoch", self.stage, epoch).permutation(
-                self.num_train_examples)
+            perm = _rng(self.seed, "epoch", self.stage, epoch).permutation(self.num_train_examples)
+            if self._group_lengths is not None:
+                perm = group_by_length(perm, self._group_lengths, self.batch_size,
+                                       _rng(self.seed, "length-groups", self.stage, epoch))
+            self._perms[epoch] = perm
         return self._perms[epoch]
 
     def train_sources(self, index: int) -> list[int]:
@@ -449,6 +453,40 @@ class StageData:
         ids, attn = _pad(rows["prompt_input_ids"], self.pad_token_id, left=True)
         return {"prompt_input_ids": ids, "prompt_attention_mask": attn,
                 "prompts": [list(p) for p in rows["prompt"]], "answers": list(rows["answer"])}
+
+
+#: examples per length group of :func:`group_by_length`, in batches (transformers' LengthGroupedSampler: 50)
+LENGTH_GROUP_BATCHES = 50
+
+
+def group_by_length(perm: np.ndarray, lengths: np.ndarray, batch_size: int, rng: np.random.Generator) -> np.ndarray:
+    """Reorder one epoch's permutation so that each micro-batch holds examples of similar length.
+
+    The permutation is cut into groups of :data:`LENGTH_GROUP_BATCHES` × ``batch_size`` examples;
+    each group is sorted by length, longest first, cut into batches, and its batches are put in a
+    random order (the scheme of transformers' ``LengthGroupedSampler``, ``group_by_length`` in the
+    Trainer and Axolotl, with the batch order inside a group shuffled too). Every example still
+    appears once per epoch; only the order changes.
+
+    Args:
+        perm: int array [N], the epoch's random permutation of example indices.
+        lengths: int array [N], the padded length of each example (tokens; pairs: the longer side).
+        batch_size: examples per micro-batch.
+        rng: the generator of the batch order (seeded per stage and epoch).
+
+    Returns:
+        int array [N]: the same indices, length-grouped.
+    """
+    group = LENGTH_GROUP_BATCHES * batch_size
+    out = []
+    for start in range(0, len(perm), group):
+        chunk = perm[start:start + group]
+        chunk = chunk[np.argsort(-lengths[chunk], kind="stable")]
+        batches = [chunk[i:i + batch_size] for i in range(0, len(chunk), batch_size)]
+        full = len(chunk) // batch_size  # a short last batch keeps its place at the group's end
+        order = list(rng.permutation(full)) + list(range(full, len(batches)))
+        out.extend(batches[i] for i in order)
+    return np.concatenate(out) if out else perm
 
 
 def column(ds, name: str):
@@ -583,6 +621,8 @@ class StageDataConfig:
     """sft: drop | truncate an over-long conversation; None for other types."""
     max_new_tokens: int | None
     """grpo / ppo: tokens generated per completion (the prompt budget is seq_len minus it)."""
+    group_by_length: bool
+    """Micro-batches of examples of similar length (:func:`group_by_length`)."""
 
 
 def _stage_config(recipe: dict, stage_name: str) -> StageDataConfig:
@@ -609,7 +649,7 @@ def _stage_config(recipe: dict, stage_name: str) -> StageDataConfig:
         gradient_accumulation_steps=int(cfg["gradient_accumulation_steps"]), max_steps=int(cfg.get("max_steps") or 0),
         eval_steps=int(cfg["eval_steps"]), stopping=cfg["mixing"]["stopping"],
         max_dropped_fraction=float(cfg["max_dropped_fraction"]), truncation=cfg.get("truncation"),
-        max_new_tokens=cfg.get("max_new_tokens"))
+        max_new_tokens=cfg.get("max_new_tokens"), group_by_length=bool(cfg["group_by_length"]))
 
 
 def _tokenise(recipe: dict, name: str, split: str, rows, cfg: StageDataConfig, family: str, kind_src: str,
@@ -775,6 +815,9 @@ def build_stage_data(recipe: dict, stage_name: str, tokenizer) -> StageData:
         src = column(mixed, "_source").to_numpy()
         lens = _lengths(mixed, id_col)
         shares = {n: float((src == i).mean()) for i, n in enumerate(names)}
+        group_lengths = None
+        if cfg.group_by_length:
+            group_lengths = np.maximum(lens, _lengths(mixed, "rejected_input_ids")) if family == "pair" else lens
         tok_total = max(int(lens.sum()), 1)
         token_shares = {n: float(lens[src == i].sum() / tok_total) for i, n in enumerate(names)}
 
@@ -789,7 +832,8 @@ def build_stage_data(recipe: dict, stage_name: str, tokenizer) -> StageData:
                      eval_steps=cfg.eval_steps, shares=shares,
                      token_shares=token_shares, dropped=dropped, _train=train, _eval=eval_,
                      _sources=src.astype(np.int64), _family=family,
-                     _heldout=eval_mixed if cfg.type in HELD_OUT_WHOLE else None)
+                     _heldout=eval_mixed if cfg.type in HELD_OUT_WHOLE else None,
+                     _group_lengths=group_lengths)
     log.info("stage %s: %d training examples, shares %s, dropped %s", stage_name,
              data.num_train_examples, {k: round(v, 4) for k, v in shares.items()}, dropped)
     return data

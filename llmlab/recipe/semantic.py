@@ -458,6 +458,9 @@ def _check_stages(doc: dict, datasets: dict, given, add) -> None:
         if stype == "ppo" and given(base + ("kl_horizon",), non_default=True) and st.get("kl_target") is None:
             add(base + ("kl_horizon",), "kl_horizon only applies to the adaptive KL controller; set kl_target too")
         _check_length(st, base, spec, add)
+        if st.get("group_by_length") and spec and spec.family == "pretrain":
+            add(base + ("group_by_length",), "group_by_length does not apply to a pretrain stage (its packed blocks "
+                                             "have no padding); remove it")
         has_eval = bool(st.get("eval_datasets")) or any(
             (_num(_dict(datasets.get(ds)).get("eval_split")) or 0) > 0 for ds in _dict(st.get("datasets")))
         if given(base + ("sample_every",), non_default=True) and st.get("sample_prompts") is None:
