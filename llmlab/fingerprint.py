@@ -174,7 +174,7 @@ def tokenizer_fingerprint(recipe: dict) -> str:
         tok["chat_template"] = template_identity(tok["chat_template"], pretrained=not tok.get("train"))
     parts: dict = {"tokenizer": tok}
     if tok.get("train"):
-        parts["data"] = {n: source_fingerprint(recipe["datasets"][n]) for n in tok["train"].get("datasets", [])
+        parts["data"] = {n: source_fingerprint(recipe["datasets"][n]) for n in tok["train"]["datasets"]
                          if n in recipe["datasets"]}
     else:
         content = _local_dir_content(tok.get("from_pretrained"))
