@@ -13,6 +13,7 @@ yet handed the plan.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import math
@@ -29,12 +30,25 @@ if TYPE_CHECKING:
     from llmlab.runplan import RunPlan, StagePlan
 
 
-def as_run_plan(run: RunPlan | dict) -> RunPlan:
-    """``run`` as it is, or the :func:`llmlab.runplan.build_run_plan` of a resolved recipe dict
-    (which hashes the recipe's local data: pass the plan where one is at hand)."""
+#: the dict path's one-entry memo: (the resolved dict, a copy of it, its plan)
+_LAST_BUILT: list[tuple[dict, dict, RunPlan]] = []
+
+
+def as_run_plan(run: RunPlan | dict, fresh: bool = False) -> RunPlan:
+    """``run`` as it is, or the :func:`llmlab.runplan.build_run_plan` of a resolved recipe dict, for
+    callers not yet handed the plan. Building one hashes the recipe's data, so the plan of the last
+    dict is kept and reused while the same dict, unchanged, comes back (the runner asks for each
+    stage's memory); ``fresh``: build it anew (the statuses and fingerprints of :func:`plan_rows`
+    also follow data files that changed under an unchanged recipe)."""
     from llmlab.runplan import RunPlan, build_run_plan
 
-    return run if isinstance(run, RunPlan) else build_run_plan(run)
+    if isinstance(run, RunPlan):
+        return run
+    if not fresh and _LAST_BUILT and _LAST_BUILT[0][0] is run and _LAST_BUILT[0][1] == run:
+        return _LAST_BUILT[0][2]
+    plan = build_run_plan(run)
+    _LAST_BUILT[:] = [(run, copy.deepcopy(run), plan)]
+    return plan
 
 
 def run_tokenizer_state(run: RunPlan | dict) -> str:
@@ -357,7 +371,7 @@ def plan_rows(run: RunPlan | dict, world_size: int = 1) -> tuple[list[dict], dic
     ``memory`` / ``memory_bytes`` are one device's (sharded by ``world_size`` under
     ``distributed.strategy: fsdp``, see :func:`llmlab.models.params.training_memory`).
     """
-    run = as_run_plan(run)
+    run = as_run_plan(run, fresh=True)
     world_size = max(1, int(world_size))
     strategy = run.settings.distributed.strategy
     shards = world_size if strategy == "fsdp" else 1
