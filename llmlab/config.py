@@ -125,6 +125,9 @@ class TrainingConfig:
     """Examples per micro-batch (per process)."""
     gradient_accumulation_steps: int
     """Micro-batches per optimizer step."""
+    seq_len: int | None
+    """Training sequence length in tokens (resolution fills ``model.max_seq_len`` for an ``arch``
+    model; None only in a bare section)."""
     grad_clip: float | None
     """Clip the global gradient norm to this (None or 0: no clipping)."""
     eval_every: int

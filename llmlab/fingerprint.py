@@ -1,10 +1,22 @@
-"""Content fingerprints of stages, and the status of each stage in a run directory.
+"""Content fingerprints of a resolved recipe's stages, tokenizer and data sources: part of the run-plan
+builder.
 
 A stage's fingerprint hashes what determines its weights: its own resolved config (less the keys
 that only change logging, evaluation cadence or disk use, and less ``max_steps``, which is handled as
 an extension), the fingerprints of the stages it reads (``from``, ``reference_from``, reward
 stages), the tokenizer's fingerprint, the model section when it starts from scratch, the seed, and
 the specs and contents of its data sources. Pure Python: ``llmlab plan`` uses it without torch.
+
+Why this module reads the resolved dict: a fingerprint is the hash of the recipe's canonical
+sections as they were resolved (``recipe.resolved.yaml``), key for key, so that it stays
+byte-identical when the code changes shape (tests/runner/test_fingerprint_pins.py); hashing typed
+objects would tie every finished run to today's dataclasses. It is computed once, by
+:func:`llmlab.runplan.build_run_plan`, and kept on each :class:`~llmlab.runplan.StagePlan`
+(``fingerprint``, ``fingerprint_parts``, ``output_fingerprint``) and on the
+:class:`~llmlab.runplan.RunPlan` (``tokenizer_fingerprint``); code after the builder reads it there
+(scripts/count_recipe_reads.py counts this module with the builder). The status of a stage, which
+compares a fingerprint with a run directory, takes typed inputs and lives in :mod:`llmlab.status`
+(re-exported here for older imports).
 """
 
 from __future__ import annotations
@@ -16,10 +28,16 @@ from pathlib import Path
 from typing import Any
 
 from llmlab.chat_templates import template_identity
-from llmlab.layout import RunLayout, StageLayout
-from llmlab.secrets import mask_secrets
 from llmlab.schemafile import schema_filled, top_level
+from llmlab.secrets import mask_secrets
 from llmlab.stage_specs import stage_spec
+from llmlab.status import (  # noqa: F401 (re-exported: the status functions' older home)
+    explain_change,
+    latest_checkpoint_step,
+    read_stage_json,
+    results_stage_status,
+    stage_status,
+)
 
 #: stage keys that do not change the trained weights. ``epochs`` is resolved into ``max_steps``
 #: (:mod:`llmlab.recipe.epochs`), which the output fingerprint holds: raising it extends the stage.
@@ -157,7 +175,7 @@ def tokenizer_fingerprint(recipe: dict) -> str:
         tok["chat_template"] = template_identity(tok["chat_template"], pretrained=not tok.get("train"))
     parts: dict = {"tokenizer": tok}
     if tok.get("train"):
-        parts["data"] = {n: source_fingerprint(recipe["datasets"][n]) for n in tok["train"].get("datasets", [])
+        parts["data"] = {n: source_fingerprint(recipe["datasets"][n]) for n in tok["train"]["datasets"]
                          if n in recipe["datasets"]}
     else:
         content = _local_dir_content(tok.get("from_pretrained"))
@@ -217,24 +235,27 @@ def _semantic_config(cfg: dict) -> dict:
     return out
 
 
-def stage_fingerprints(recipe: dict, order: list[str]) -> dict[str, dict]:
+def stage_fingerprints(recipe: dict, order: list[str], *, inputs: dict[str, dict] | None = None,
+                       tokenizer_fp: str | None = None) -> dict[str, dict]:
     """For each stage: ``{"fingerprint": str, "parts": dict, "output": str}``.
 
     ``parts`` are kept in stage.json so a stale stage can say what changed; ``output`` also covers
     ``max_steps`` and is what downstream stages hash, so extending a stage makes its readers stale.
+    ``inputs`` (each stage's :func:`stage_inputs`) and ``tokenizer_fp`` (:func:`tokenizer_fingerprint`)
+    are computed here when not given (the plan builder computes them once and passes them).
     """
-    tok_fp = tokenizer_fingerprint(recipe)
+    tok_fp = tokenizer_fp if tokenizer_fp is not None else tokenizer_fingerprint(recipe)
     out: dict[str, dict] = {}
     for name in order:
         cfg = recipe["stages"][name]
-        inputs = stage_inputs(recipe, name, order)
+        stage_in = inputs[name] if inputs is not None else stage_inputs(recipe, name, order)
         used = dict(cfg.get("datasets") or {})
         used.update(cfg.get("eval_datasets") or {})
         parts = {
             "config": _semantic_config(cfg),
             # an input's output fingerprint includes its max_steps: extending it changes what we read
-            "inputs": {k: (out[v]["output"] if v else None) for k, v in inputs.items()},
-            "model": model_section_fingerprint_part(recipe["model"]) if inputs["from"] is None else None,
+            "inputs": {k: (out[v]["output"] if v else None) for k, v in stage_in.items()},
+            "model": model_section_fingerprint_part(recipe["model"]) if stage_in["from"] is None else None,
             "tokenizer": tok_fp,
             "seed": top_level(recipe, "seed"),
             "data": {n: source_fingerprint(recipe["datasets"][n]) for n in sorted(used) if n in recipe["datasets"]},
@@ -247,96 +268,3 @@ def stage_fingerprints(recipe: dict, order: list[str]) -> dict[str, dict]:
         fp = sha256_json(parts)
         out[name] = {"fingerprint": fp, "parts": parts, "output": sha256_json([fp, cfg.get("max_steps")])}
     return out
-
-
-def explain_change(old: dict | None, new: dict) -> str:
-    """A short human reason why a stage's fingerprint parts changed, e.g.
-    ``config.optimizer.lr: 0.003 → 0.001``."""
-    if not old:
-        return "no record of the previous fingerprint"
-    diffs: list[str] = []
-
-    def walk(a, b, path):
-        if isinstance(a, dict) and isinstance(b, dict):
-            for k in sorted(set(a) | set(b)):
-                walk(a.get(k), b.get(k), f"{path}.{k}" if path else k)
-        elif a != b:
-            if path.startswith("inputs."):
-                diffs.append(f"input stage {path.split('.', 1)[1]} changed")
-            elif path.startswith("data."):
-                diffs.append(f"dataset {path.split('.', 1)[1]} changed")
-            elif path == "tokenizer":
-                diffs.append("tokenizer changed")
-            else:
-                diffs.append(f"{path}: {a!r} → {b!r}")
-
-    walk(old, new, "")
-    return "; ".join(diffs[:4]) + (" …" if len(diffs) > 4 else "") if diffs else "unknown change"
-
-
-def read_stage_json(stage_dir: Path) -> dict | None:
-    """``<stage_dir>/stage.json`` as a dict, or None when missing or unreadable."""
-    return StageLayout(Path(stage_dir)).read_record()
-
-
-def latest_checkpoint_step(stage_dir: Path) -> int | None:
-    """Step of the newest checkpoint directory (not verified; plan's quick look)."""
-    return StageLayout(Path(stage_dir)).latest_checkpoint_step()
-
-
-def stage_status(stage_dir: Path, fp: dict, max_steps: int) -> tuple[str, str]:
-    """(status, detail) of one training stage: done | extend | partial | stale | pending."""
-    layout = StageLayout(Path(stage_dir))
-    info = layout.read_record()
-    ck = layout.latest_checkpoint_step()
-    if info is None:
-        return ("partial", f"at step {ck}") if ck else ("pending", "")
-    if info.get("fingerprint") != fp["fingerprint"]:
-        return "stale", explain_change(info.get("parts"), fp["parts"])
-    if info.get("status") == "done" and not (layout.final / "config.json").is_file():
-        return ("partial", f"final/ is missing; at step {ck}") if ck else ("pending", "final/ is missing")
-    if info.get("status") == "done":
-        done_steps = int(info.get("max_steps", 0))
-        if done_steps == max_steps:
-            earlier = info.get("extended_from") or []
-            if earlier:  # the schedule was recomputed at each extension: not a fresh run's weights
-                return "done", (f"{done_steps} steps, extended from {' → '.join(map(str, earlier))}; "
-                                f"differs from a fresh {done_steps}-step run (--force retrains it)")
-            es = info.get("early_stopping")
-            if es:  # done: patience ran out before max_steps
-                return "done", (f"early stopped at step {es.get('stopped_at')} of {done_steps}; final/ holds step "
-                                f"{es.get('best_step')}")
-            return "done", f"{done_steps} steps"
-        if done_steps < max_steps:
-            return "extend", f"continues from step {done_steps} to {max_steps}"
-        return "stale", f"max_steps lowered from {done_steps} to {max_steps}"
-    if info.get("status") == "stopped":
-        return "partial", f"stopped by max_time; at step {ck}"
-    return ("partial", f"at step {ck}") if ck else ("pending", "started, no checkpoint yet")
-
-
-def results_stage_status(stage_dir: Path, fp: dict, results_file: str) -> tuple[str, str]:
-    """(status, detail) of a stage that trains nothing (evaluate): ``done`` (stage.json says done with
-    this fingerprint and ``results_file`` exists), ``stale`` (another fingerprint; detail says what
-    changed) or ``pending``. The counterpart of :func:`stage_status`, which looks for final/ and steps."""
-    info = read_stage_json(stage_dir)
-    if info is None:
-        return "pending", ""
-    if info.get("fingerprint") != fp["fingerprint"]:
-        return "stale", explain_change(info.get("parts"), fp["parts"])
-    if info.get("status") == "done":
-        if (Path(stage_dir) / results_file).is_file():
-            return "done", results_file
-        return "pending", f"{results_file} is missing"
-    return "pending", "started, not finished"
-
-
-def recipe_stage_status(recipe: dict, name: str, fps: dict) -> tuple[str, str]:
-    """The status of stage ``name`` of a resolved recipe, by its spec's rule: :func:`stage_status`
-    for a stage that trains, :func:`results_stage_status` for one that writes results."""
-    cfg = recipe["stages"][name]
-    spec = stage_spec(cfg["type"])
-    stage_dir = RunLayout.of(recipe).stage(name).dir
-    if not spec.trains:
-        return results_stage_status(stage_dir, fps[name], spec.results_file)
-    return stage_status(stage_dir, fps[name], int(cfg["max_steps"]))

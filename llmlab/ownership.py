@@ -414,11 +414,11 @@ def legacy_run(out: Path) -> bool:
 
 def _legacy_stage(d: Path) -> dict | None:
     try:
-        rec = json.loads((d / "stage.json").read_text())
+        record = json.loads((d / "stage.json").read_text())  # a stage record, not a recipe
     except (OSError, ValueError):
         return None
-    ok = isinstance(rec, dict) and rec.get("name") == d.name and {"fingerprint", "status", "type"} <= set(rec)
-    return rec if ok else None
+    ok = isinstance(record, dict) and record.get("name") == d.name and {"fingerprint", "status", "type"} <= set(record)
+    return record if ok else None
 
 
 def legacy_checkpoint_files(d: Path) -> list[str] | None:

@@ -355,13 +355,10 @@ class RunPlan:
 
     def status(self, name: str) -> tuple[str, str]:
         """(status, detail) of one stage in the run directory (reads its stage.json once):
-        done | extend | partial | stale | pending (see :func:`llmlab.fingerprint.stage_status`)."""
-        from llmlab.fingerprint import results_stage_status, stage_status
+        done | extend | partial | stale | pending (:func:`llmlab.status.plan_stage_status`)."""
+        from llmlab.status import plan_stage_status
 
-        s = self.stage(name)
-        if not s.trains:
-            return results_stage_status(s.layout.dir, s.fingerprint_record(), s.spec.results_file)
-        return stage_status(s.layout.dir, s.fingerprint_record(), s.training.max_steps)
+        return plan_stage_status(self.stage(name))
 
     def statuses(self) -> dict[str, tuple[str, str]]:
         """Every stage's (status, detail), in graph order, each stage.json read once."""
@@ -380,22 +377,23 @@ def build_run_plan(resolved: dict) -> RunPlan:
     from llmlab.fingerprint import stage_fingerprints, stage_inputs, tokenizer_fingerprint
 
     order = list(resolved["stages"])
-    layout = RunLayout.of(resolved)
-    fps = stage_fingerprints(resolved, order)
-    tok = resolved["tokenizer"]
+    layout = RunLayout(Path(resolved["output_dir"]))
+    inputs = {n: stage_inputs(resolved, n, order) for n in order}
+    tok_fp = tokenizer_fingerprint(resolved)
+    fps = stage_fingerprints(resolved, order, inputs=inputs, tokenizer_fp=tok_fp)
     settings = from_section(
-        RunSettings, resolved, layout=layout, output_dir=Path(resolved["output_dir"]),
+        RunSettings, resolved, layout=layout, output_dir=layout.root,
         token_store=Path(resolved["token_store"]) if resolved.get("token_store") else None,
         logging=from_section(LoggingSpec, resolved["logging"]),
         distributed=DistributedConfig.from_dict(resolved.get("distributed")),
         dataloader=DataLoaderConfig.from_recipe(resolved))
     return RunPlan(
         settings=settings,
-        tokenizer=tokenizer_spec(tok),
+        tokenizer=tokenizer_spec(resolved["tokenizer"]),
         model=model_spec(resolved["model"]),
         datasets={n: dataset_source(n, d) for n, d in resolved["datasets"].items()},
-        stages=tuple(stage_plan(resolved, n, fps[n], stage_inputs(resolved, n, order), layout) for n in order),
-        recipe=resolved, tokenizer_fingerprint=tokenizer_fingerprint(resolved))
+        stages=tuple(stage_plan(resolved, n, fps[n], inputs[n], layout) for n in order),
+        recipe=resolved, tokenizer_fingerprint=tok_fp)
 
 
 __all__ = ["DatasetSource", "FilterSpec", "LoggingSpec", "LoraSpec", "Mamba2Spec", "ModelSpec", "PretrainedSpec",

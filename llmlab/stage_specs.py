@@ -98,15 +98,16 @@ STAGE_SPECS: dict[str, StageSpec] = {s.type: s for s in (
 REFERENCE_FREE_DPO_LOSSES = ("simpo", "cpo")
 
 
-def uses_reference(cfg: dict) -> bool | None:
-    """Whether a preference stage with config ``cfg`` keeps a frozen reference model: dpo (not its
-    reference-free ``loss_type`` simpo / cpo; an absent ``loss_type`` is the schema's sigmoid) and
-    kto do, orpo and the other types that train on pairs (reward) do not. None for grpo and ppo, which
-    decide from their own keys (their stages' ``needs_reference``), and for types that train nothing."""
-    if cfg["type"] == "dpo":
-        return cfg.get("loss_type") not in REFERENCE_FREE_DPO_LOSSES
-    if cfg["type"] in ("kto", "orpo", "reward", "pretrain", "sft"):
-        return cfg["type"] == "kto"
+def uses_reference(stage_type: str, params=None) -> bool | None:
+    """Whether a preference stage of ``stage_type`` keeps a frozen reference model: dpo (not its
+    reference-free ``loss_type`` simpo / cpo, read from ``params``, the stage's
+    :class:`llmlab.stage_params.DPOParams`) and kto do, orpo and the other types that train on pairs
+    (reward) do not. None for grpo and ppo, which decide from their own keys (their stages'
+    ``needs_reference``), and for types that train nothing."""
+    if stage_type == "dpo":
+        return params.loss_type not in REFERENCE_FREE_DPO_LOSSES
+    if stage_type in ("kto", "orpo", "reward", "pretrain", "sft"):
+        return stage_type == "kto"
     return None
 
 

@@ -40,8 +40,13 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 
-#: the modules that build the typed run plan from the resolved dict
-BUILDER = frozenset({"llmlab/runplan.py", "llmlab/specs.py", "llmlab/stage_params.py", "llmlab/schemafile.py"})
+#: the modules that build the typed run plan from the resolved dict: the plan itself, the typed
+#: sections it is made of (specs, stage params, the training/distributed/dataloader views of
+#: config.py, each built from its section by a ``from_dict``), the schema's defaults, and the
+#: fingerprints, which hash the resolved sections key for key so that they stay byte-identical
+#: (llmlab/fingerprint.py; computed once, in build_run_plan, and kept on each StagePlan)
+BUILDER = frozenset({"llmlab/runplan.py", "llmlab/specs.py", "llmlab/stage_params.py", "llmlab/schemafile.py",
+                     "llmlab/config.py", "llmlab/fingerprint.py"})
 
 #: names that hold the resolved recipe or one of its sections in llmlab's code
 RECIPE_NAMES = frozenset({

@@ -183,9 +183,19 @@ def test_each_spec_agrees_with_its_schema_section():
 
 
 def test_plan_falls_back_on_the_schema_defaults():
+    from types import SimpleNamespace
+
+    from llmlab.config import TrainingConfig
     from llmlab.plan import stage_tokens
+    from llmlab.stage_params import params_of
+    from llmlab.stage_specs import stage_spec
+
+    def stage(cfg):  # the typed parts of a StagePlan that plan reads, from a bare section
+        return SimpleNamespace(spec=stage_spec(cfg["type"]), training=TrainingConfig.from_dict(cfg),
+                               params=params_of(cfg["type"], cfg))
 
     bare = {"type": "grpo", "max_steps": 2, "batch_size": 3, "seq_len": 0}
-    assert stage_tokens(bare) == stage_tokens({**bare, "group_size": 4, "max_new_tokens": 32}) == 2 * 3 * 4 * 32
+    assert stage_tokens(stage(bare)) == stage_tokens(stage({**bare, "group_size": 4, "max_new_tokens": 32})) \
+        == 2 * 3 * 4 * 32
     dpo = {"type": "dpo", "max_steps": 2, "batch_size": 3, "seq_len": 10}
-    assert stage_tokens(dpo) == 2 * 3 * 2 * 10
+    assert stage_tokens(stage(dpo)) == 2 * 3 * 2 * 10

@@ -151,14 +151,23 @@ def test_stage_memory_of_a_pretrained_checkpoint(tmp_path):
                       num_key_value_heads=1, max_position_embeddings=32)
     torch.manual_seed(0)
     LlamaForCausalLM(cfg).save_pretrained(tmp_path / "ckpt")
-    rec = {"model": {"from_pretrained": str(tmp_path / "ckpt")}, "device": "cpu", "precision": "fp32",
-           "tokenizer": {"from_pretrained": str(tmp_path / "ckpt")}, "output_dir": str(tmp_path / "run"),
-           "stages": {"sft": {"type": "sft", "seq_len": 5, "batch_size": 2, "optimizer": {"name": "adamw"}}}}
+    import copy
+
+    from llmlab.recipe import load_recipe
+    from tests.tiny import TINY, write_recipe
+
+    rec = copy.deepcopy(TINY)  # a resolved recipe: the plan is built from it
+    rec.update(model={"from_pretrained": str(tmp_path / "ckpt")}, device="cpu", precision="fp32",
+               datasets={"chat": TINY["datasets"]["chat"]},
+               tokenizer={"train": {**TINY["tokenizer"]["train"], "datasets": ["chat"]}, "chat_template": "chatml"},
+               stages={"sft": {**TINY["stages"]["sft"], "seq_len": 8, "batch_size": 2, "optimizer": {"name": "adamw"}}})
+    rec, errors = load_recipe(write_recipe(tmp_path, rec))
+    assert not errors, errors
     params = model_params(rec, None)
     assert params == sum(p.numel() for p in LlamaForCausalLM(cfg).parameters())
     _, parts = stage_memory(rec, "sft", params, None)
-    # kv_dim = 1 head x 4 = 4: 408 elements per token (as above), 10 tokens, fp32; logits 3 x 10 x 50 x 4
-    assert parts["activations"] == 10 * 408 * 4 + 3 * 10 * 50 * 4
+    # kv_dim = 1 head x 4 = 4: 408 elements per token (as above), 2 x 8 = 16 tokens, fp32; logits 3 x 16 x 50 x 4
+    assert parts["activations"] == 16 * 408 * 4 + 3 * 16 * 50 * 4
     assert parts["weights"] == 4 * params and parts["optimizer"] == 8 * params
     assert parts["runtime"] == CPU_RUNTIME_BYTES and parts["frozen"] == 0
 

@@ -95,7 +95,7 @@ def test_pinned_precision_is_part_of_the_fingerprint(tmp_path):
 def test_an_extended_stage_says_it_differs_from_a_fresh_run(tmp_path, capsys):
     import json
 
-    from llmlab.fingerprint import recipe_stage_status
+    from llmlab.runplan import build_run_plan
     from llmlab.runner import run_command
 
     recipe = write_recipe(tmp_path, {**TINY, "stages": _short_stages(pretrain=3)})
@@ -104,7 +104,7 @@ def test_an_extended_stage_says_it_differs_from_a_fresh_run(tmp_path, capsys):
     info = json.loads((tmp_path / "run" / "pretrain" / "stage.json").read_text())
     assert info["extended_from"] == [3] and info["max_steps"] == 5
     rec, _ = load_recipe(recipe, overrides=["stages.pretrain.max_steps=5"])
-    status, detail = recipe_stage_status(rec, "pretrain", stage_fingerprints(rec, stage_order(rec)))
+    status, detail = build_run_plan(rec).status("pretrain")
     assert status == "done" and "extended from 3" in detail and "fresh 5-step run" in detail
 
 
@@ -135,7 +135,7 @@ def test_byte_identical_data_in_another_folder_is_the_same_source(tmp_path):
 def test_moving_a_recipe_with_its_data_keeps_every_stage_done(tmp_path):
     import shutil
 
-    from llmlab.fingerprint import recipe_stage_status
+    from llmlab.runplan import build_run_plan
     from llmlab.runner import run_command
 
     proj = tmp_path / "proj"
@@ -150,8 +150,7 @@ def test_moving_a_recipe_with_its_data_keeps_every_stage_done(tmp_path):
     shutil.move(proj, moved)
     resolved, errors = load_recipe(moved / recipe.name)
     assert errors == []
-    fps = stage_fingerprints(resolved, stage_order(resolved))
-    assert recipe_stage_status(resolved, "pretrain", fps)[0] == "done"
+    assert build_run_plan(resolved).status("pretrain")[0] == "done"
 
 
 def test_merge_finds_the_base_of_a_moved_run_and_never_overwrites_without_force(tmp_path):

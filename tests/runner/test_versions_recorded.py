@@ -10,9 +10,10 @@ import yaml
 
 import llmlab
 from llmlab import runner
-from llmlab.fingerprint import recipe_stage_status, stage_fingerprints
+from llmlab.fingerprint import stage_fingerprints
 from llmlab.recipe import load_recipe, stage_order
 from llmlab.runner import package_versions, run_command
+from llmlab.runplan import build_run_plan
 from tests.tiny import TINY, write_recipe
 
 
@@ -44,8 +45,7 @@ def test_versions_are_recorded_as_data_and_do_not_make_a_done_stage_stale(tmp_pa
     # a newer llmlab and torch: the finished stage is still done, and a second run trains nothing
     newer = {**package_versions(), "llmlab": "9.9.9", "torch": "99.0"}
     monkeypatch.setattr(runner, "package_versions", lambda: newer)
-    fps = stage_fingerprints(original, order)
-    assert recipe_stage_status(original, "pretrain", fps)[0] == "done"
+    assert build_run_plan(original).status("pretrain")[0] == "done"
     mtime = (run / "pretrain" / "final" / "model.safetensors").stat().st_mtime_ns
     assert run_command(recipe) == 0
     assert (run / "pretrain" / "final" / "model.safetensors").stat().st_mtime_ns == mtime
