@@ -489,6 +489,12 @@ def group_by_length(perm: np.ndarray, lengths: np.ndarray, batch_size: int, rng:
     return np.concatenate(out) if out else perm
 
 
+def _padded_lengths(ds, family: str, lengths: np.ndarray) -> np.ndarray:
+    """The width each example needs in a padded batch: ``lengths`` (of the family's id column), for
+    pairs the longer of chosen and rejected."""
+    return np.maximum(lengths, _lengths(ds, "rejected_input_ids")) if family == "pair" else lengths
+
+
 def column(ds, name: str):
     """Column ``name`` of a ``datasets.Dataset`` as one pyarrow Array (vectorised; honours an
     indices mapping)."""
@@ -815,9 +821,6 @@ def build_stage_data(recipe: dict, stage_name: str, tokenizer) -> StageData:
         src = column(mixed, "_source").to_numpy()
         lens = _lengths(mixed, id_col)
         shares = {n: float((src == i).mean()) for i, n in enumerate(names)}
-        group_lengths = None
-        if cfg.group_by_length:
-            group_lengths = np.maximum(lens, _lengths(mixed, "rejected_input_ids")) if family == "pair" else lens
         tok_total = max(int(lens.sum()), 1)
         token_shares = {n: float(lens[src == i].sum() / tok_total) for i, n in enumerate(names)}
 
@@ -827,13 +830,12 @@ def build_stage_data(recipe: dict, stage_name: str, tokenizer) -> StageData:
             perm = _rng(seed, "eval", stage_name).permutation(len(eval_mixed))
             eval_ = eval_mixed.select(perm.tolist())
 
-    data = StageData(stage=stage_name, type=cfg.type, seed=seed,
-                     batch_size=cfg.batch_size, seq_len=seq_len, pad_token_id=int(pad_id),
-                     eval_steps=cfg.eval_steps, shares=shares,
+    data = StageData(stage=stage_name, type=cfg.type, seed=seed, batch_size=cfg.batch_size, seq_len=seq_len,
+                     pad_token_id=int(pad_id), eval_steps=cfg.eval_steps, shares=shares,
                      token_shares=token_shares, dropped=dropped, _train=train, _eval=eval_,
                      _sources=src.astype(np.int64), _family=family,
                      _heldout=eval_mixed if cfg.type in HELD_OUT_WHOLE else None,
-                     _group_lengths=group_lengths)
+                     _group_lengths=_padded_lengths(train, family, lens) if cfg.group_by_length else None)
     log.info("stage %s: %d training examples, shares %s, dropped %s", stage_name,
              data.num_train_examples, {k: round(v, 4) for k, v in shares.items()}, dropped)
     return data

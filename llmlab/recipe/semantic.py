@@ -458,17 +458,7 @@ def _check_stages(doc: dict, datasets: dict, given, add) -> None:
         if stype == "ppo" and given(base + ("kl_horizon",), non_default=True) and st.get("kl_target") is None:
             add(base + ("kl_horizon",), "kl_horizon only applies to the adaptive KL controller; set kl_target too")
         _check_length(st, base, spec, add)
-        if st.get("group_by_length") and spec and spec.family == "pretrain":
-            add(base + ("group_by_length",), "group_by_length does not apply to a pretrain stage (its packed blocks "
-                                             "have no padding); remove it")
-        has_eval = bool(st.get("eval_datasets")) or any(
-            (_num(_dict(datasets.get(ds)).get("eval_split")) or 0) > 0 for ds in _dict(st.get("datasets")))
-        if given(base + ("sample_every",), non_default=True) and st.get("sample_prompts") is None:
-            add(base + ("sample_every",), "sample_every only applies with sample_prompts; give the prompts too")
-        for key in ("save_best_only", "early_stopping"):
-            if st.get(key) not in (None, False) and not has_eval:
-                add(base + (key,), f"{key} needs evaluation data: give eval_datasets or an eval_split > 0 on a "
-                                   "training dataset")
+        _check_stage_keys(st, base, spec, datasets, given, add)
         lora = st.get("lora")
         if isinstance(lora, dict):
             preset = lora.get("preset", "all")
@@ -489,6 +479,24 @@ def _check_stages(doc: dict, datasets: dict, given, add) -> None:
                             known = sorted(lora_presets.KNOWN_TARGETS[key])
                             add(base + ("lora", "target_modules"),
                                 f"{unknown} name no module of a {model.get('arch')} model; LoRA can adapt {known}")
+
+
+
+def _check_stage_keys(st: dict, base: tuple, spec, datasets: dict, given, add) -> None:
+    """Keys of a training stage that need another key or do not apply to its type: sample_every
+    without sample_prompts, save_best_only / early_stopping without evaluation data,
+    group_by_length on pretrain."""
+    has_eval = bool(st.get("eval_datasets")) or any(
+        (_num(_dict(datasets.get(ds)).get("eval_split")) or 0) > 0 for ds in _dict(st.get("datasets")))
+    if given(base + ("sample_every",), non_default=True) and st.get("sample_prompts") is None:
+        add(base + ("sample_every",), "sample_every only applies with sample_prompts; give the prompts too")
+    for key in ("save_best_only", "early_stopping"):
+        if st.get(key) not in (None, False) and not has_eval:
+            add(base + (key,), f"{key} needs evaluation data: give eval_datasets or an eval_split > 0 on a "
+                               "training dataset")
+    if st.get("group_by_length") and spec and spec.family == "pretrain":
+        add(base + ("group_by_length",), "group_by_length does not apply to a pretrain stage (its packed blocks "
+                                         "have no padding); remove it")
 
 
 def _check_online_rl(stages: list, types: dict, idx: int, name: str, st: dict, given, add) -> None:
