@@ -11,8 +11,9 @@ SFT, preference and prompt stages:
 
 1. each dataset is loaded (:func:`llmlab.data.sources.load_named_dataset`), converted to the kind
    the stage needs and tokenised with a batched ``datasets.map`` whose result is cached under
-   ``<output_dir>/cache/`` in a file keyed by the tokenizer's hash, the dataset spec and the stage's
-   sequence settings;
+   ``<output_dir>/cache/`` in a file keyed by the tokenizer's hash, the dataset's identity (its
+   source's content fingerprint, :meth:`llmlab.data.source.DatasetSource.identity`) and the
+   stage's sequence settings;
 2. the datasets are mixed with ``datasets.interleave_datasets`` (probabilities = the normalised
    weights, the recipe seed, the stage's ``mixing.stopping`` rule) into one fixed sequence of
    examples, pass after seeded pass until it covers the stage's max_steps × grad-accum × batch
@@ -42,7 +43,7 @@ import torch
 
 from llmlab.data.formats import convert_kind
 from llmlab.data.packed import PackedSource, PretrainStream, eval_blocks, pack_documents  # noqa: F401 (re-export)
-from llmlab.data.sources import dataset_spec, load_named_dataset
+from llmlab.data.sources import load_named_dataset, recipe_source
 from llmlab.models.padfree import bucket_width
 from llmlab.schemafile import schema_filled, top_level
 from llmlab.stage_specs import STAGE_SPECS
@@ -624,16 +625,16 @@ def _tokenise(recipe: dict, name: str, split: str, rows, cfg: StageDataConfig, f
             raise ValueError(f"datasets.{name}: {e} (stage type {cfg.type})") from None
     keep_long = split == "eval" and cfg.type in HELD_OUT_WHOLE
     fn, features = _TOKENISERS[family](tokenizer, cfg.seq_len, cfg, source, keep_long)
+    seed = int(top_level(recipe, "seed"))
     key = hashlib.sha256(json.dumps({
-        "v": DATA_VERSION, "tok": tok_hash, "spec": dataset_spec(recipe, name), "split": split,
-        "seed": int(top_level(recipe, "seed")), "family": family, "seq_len": cfg.seq_len,
-        "truncation": cfg.truncation, "max_new_tokens": cfg.max_new_tokens,
+        "v": DATA_VERSION, "tok": tok_hash, "split": split, "seed": seed, "family": family,
+        "seq_len": cfg.seq_len, "truncation": cfg.truncation, "max_new_tokens": cfg.max_new_tokens,
         "source": source, "n": len(rows), **({"keep_long": True} if keep_long else {}),
-        # content fingerprint of the canonical rows (datasets hashes in-memory tables and the
-        # files a local/hub dataset was read from), so edited data never hits a stale cache
-        "rows": getattr(rows, "_fingerprint", None)}, sort_keys=True, default=str).encode()).hexdigest()[:20]
+        # the dataset's one identity (its source's content fingerprint, as stage fingerprints and
+        # the token store hash it), so edited data never hits a stale cache
+        "data": recipe_source(recipe, name).identity(seed)}, sort_keys=True, default=str).encode()).hexdigest()[:20]
     kwargs: dict[str, Any] = {"keep_in_memory": True}
-    out_dir = recipe.get("output_dir")
+    out_dir = top_level(recipe, "output_dir")
     if out_dir and len(rows):
         cache = Path(out_dir) / "cache"
         cache.mkdir(parents=True, exist_ok=True)
@@ -820,7 +821,7 @@ def _build_pretrain(recipe: dict, stage_name: str, cfg: StageDataConfig, tokeniz
     ev_stores, ev_weights = [], []
     for name, w in zip(eval_names, eval_w):
         # the held-out split; a dataset named only for evaluation is used whole
-        split = "eval" if float(dataset_spec(recipe, name).get("eval_split") or 0) > 0 else \
+        split = "eval" if recipe_source(recipe, name).eval_split > 0 else \
             ("train" if eval_named else None)
         if split is None:
             continue
