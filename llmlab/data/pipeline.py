@@ -34,7 +34,7 @@ import hashlib
 import json
 import logging
 import zlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +46,7 @@ from llmlab.data.packed import PackedSource, PretrainStream, eval_blocks, pack_d
 from llmlab.data.sources import load_named_dataset, recipe_source
 from llmlab.models.padfree import bucket_width
 from llmlab.schemafile import schema_filled, top_level
+from llmlab.specs import from_section
 from llmlab.stage_specs import STAGE_SPECS
 
 log = logging.getLogger(__name__)
@@ -558,32 +559,38 @@ def _examples_needed(cfg: StageDataConfig, family: str) -> int:
 class StageDataConfig:
     """What the data layer reads of a training stage's config: the ``$defs/stage_common`` keys that
     shape its batches and the type's own ones. Built by :func:`_stage_config` from the config
-    filled with the schema's defaults (no default is written here)."""
+    filled with the schema's defaults (:func:`llmlab.specs.from_section`; no default is written
+    here: None only for keys a stage type may lack)."""
 
     type: str
     """The stage type (its family: :data:`STAGE_FAMILY`)."""
     datasets: dict
     """Training datasets: name → mixture weight."""
-    eval_datasets: dict | None
-    """Held-out datasets: name → weight (None: the training datasets' held-out splits)."""
-    seq_len: int
-    """Tokens per sequence (resolution: the model's max_seq_len)."""
     batch_size: int
     """Examples per micro-batch."""
     gradient_accumulation_steps: int
     """Micro-batches per optimizer step."""
-    max_steps: int
-    """Optimizer steps (0 when a bare config gives none: nothing to size ahead)."""
     eval_steps: int
     """Held-out batches per evaluation."""
-    stopping: str
-    """``mixing.stopping``: first_exhausted | all_exhausted."""
+    mixing: dict
+    """``mixing``: ``stopping`` is first_exhausted | all_exhausted."""
     max_dropped_fraction: float
     """Most of a split that tokenisation may drop before the stage is refused."""
-    truncation: str | None
+    eval_datasets: dict | None = None
+    """Held-out datasets: name → weight (None: the training datasets' held-out splits)."""
+    seq_len: int | None = None
+    """Tokens per sequence (None in the section: the model's max_seq_len, resolution's rule)."""
+    max_steps: int | None = None
+    """Optimizer steps (None in a bare config, 0 here: nothing to size ahead)."""
+    truncation: str | None = None
     """sft: drop | truncate an over-long conversation; None for other types."""
-    max_new_tokens: int | None
+    max_new_tokens: int | None = None
     """grpo / ppo: tokens generated per completion (the prompt budget is seq_len minus it)."""
+
+    @property
+    def stopping(self) -> str:
+        """``mixing.stopping``."""
+        return self.mixing["stopping"]
 
 
 def _stage_config(recipe: dict, stage_name: str) -> StageDataConfig:
@@ -592,25 +599,20 @@ def _stage_config(recipe: dict, stage_name: str) -> StageDataConfig:
     Raises:
         KeyError: no such stage. ValueError: a stage type with no data family, or no dataset.
     """
-    stages = recipe.get("stages") or {}
+    stages = top_level(recipe, "stages") or {}
     if stage_name not in stages:
         raise KeyError(f"stages.{stage_name}: no such stage")
-    cfg = schema_filled("#/$defs/stage", stages[stage_name])
-    if cfg.get("type") not in STAGE_FAMILY:
-        raise ValueError(f"stages.{stage_name}.type: {cfg.get('type')!r} is not one of "
+    filled = schema_filled("#/$defs/stage", stages[stage_name])
+    if filled.get("type") not in STAGE_FAMILY:
+        raise ValueError(f"stages.{stage_name}.type: {filled.get('type')!r} is not one of "
                          f"{', '.join(STAGE_FAMILY)}")
-    if not cfg.get("datasets"):
+    cfg = from_section(StageDataConfig, filled)
+    if not cfg.datasets:
         raise ValueError(f"stages.{stage_name}.datasets: name at least one dataset")
-    seq_len = cfg.get("seq_len")
-    if seq_len is None:  # resolution's rule: the model's max_seq_len
-        seq_len = schema_filled("#/properties/model", recipe["model"])["max_seq_len"]
-    return StageDataConfig(
-        type=cfg["type"], datasets=dict(cfg["datasets"]), eval_datasets=cfg.get("eval_datasets"),
-        seq_len=int(seq_len), batch_size=int(cfg["batch_size"]),
-        gradient_accumulation_steps=int(cfg["gradient_accumulation_steps"]), max_steps=int(cfg.get("max_steps") or 0),
-        eval_steps=int(cfg["eval_steps"]), stopping=cfg["mixing"]["stopping"],
-        max_dropped_fraction=float(cfg["max_dropped_fraction"]), truncation=cfg.get("truncation"),
-        max_new_tokens=cfg.get("max_new_tokens"))
+    seq_len = cfg.seq_len  # resolution's rule when absent: the model's max_seq_len
+    if seq_len is None:
+        seq_len = schema_filled("#/properties/model", top_level(recipe, "model"))["max_seq_len"]
+    return replace(cfg, seq_len=int(seq_len), max_steps=int(cfg.max_steps or 0))
 
 
 def _tokenise(recipe: dict, name: str, split: str, rows, cfg: StageDataConfig, family: str, kind_src: str,

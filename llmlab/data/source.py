@@ -51,6 +51,16 @@ class RawRows:
 
 
 @dataclass(frozen=True)
+class BadEntry:
+    """An entry of a source that makes no row (a builtin's list that is no conversation):
+    :meth:`DatasetSource.iter_rows` yields these before the rows, so a stream counts them as a
+    loaded dataset does (:attr:`RawRows.bad`)."""
+
+    place: str
+    problem: str
+
+
+@dataclass(frozen=True)
 class DatasetSource:
     """One entry of ``datasets:`` (``$defs/dataset``): where rows come from and how they are read.
 
@@ -138,8 +148,9 @@ class DatasetSource:
         """The rows as a ``datasets.Dataset`` (``cache_dir``: datasets' cache, None: its default)."""
         raise NotImplementedError
 
-    def iter_rows(self, seed: int, cache_dir: str | None, batch_size: int = 1000) -> Iterator[dict]:
-        """The rows one by one (read ``batch_size`` at a time), never all in memory."""
+    def iter_rows(self, seed: int, cache_dir: str | None, batch_size: int = 1000) -> Iterator[dict | BadEntry]:
+        """The rows one by one (read ``batch_size`` at a time), never all in memory; entries that
+        make no row come first, as :class:`BadEntry`."""
         raise NotImplementedError
 
 
@@ -172,9 +183,11 @@ class BuiltinSource(DatasetSource):
         rows, bad = self._rows(seed)
         return RawRows(Dataset.from_list(rows, features=canonical_features(KIND_OF_FORMAT[self.row_format])), bad)
 
-    def iter_rows(self, seed: int, cache_dir: str | None, batch_size: int = 1000) -> Iterator[dict]:
-        """The builtin's canonical rows (its bad entries are not rows)."""
-        yield from self._rows(seed)[0]
+    def iter_rows(self, seed: int, cache_dir: str | None, batch_size: int = 1000) -> Iterator[dict | BadEntry]:
+        """The builtin's bad entries (:class:`BadEntry`), then its canonical rows."""
+        rows, bad = self._rows(seed)
+        yield from (BadEntry(str(place), problem) for place, problem in bad)
+        yield from rows
 
 
 class HubSource(DatasetSource):
@@ -251,12 +264,20 @@ class LocalSource(DatasetSource):
             raise self._unreadable(files, exc) from exc
 
     def load(self, seed: int, cache_dir: str | None) -> RawRows:
-        """The files through ``datasets.load_dataset`` (memory-mapped Arrow in ``cache_dir``).
+        """The files through ``datasets.load_dataset``, as memory-mapped Arrow in a folder of
+        ``cache_dir`` (None: datasets' own cache) named by :meth:`fingerprint`: datasets keys its
+        cache of local files on their paths and modification times, so bytes changed under the
+        same size and mtime would otherwise be read from the old Arrow file.
 
         Raises:
             ValueError: no such files, or a broken one (naming the file and line).
         """
-        return RawRows(self._load_dataset(self.files(), cache_dir=cache_dir))
+        if cache_dir is None:
+            from datasets import config
+
+            cache_dir = str(config.HF_DATASETS_CACHE)
+        files = self.files()
+        return RawRows(self._load_dataset(files, cache_dir=os.path.join(cache_dir, f"local-{self.fingerprint()[:16]}")))
 
     def iter_rows(self, seed: int, cache_dir: str | None, batch_size: int = 1000) -> Iterator[dict]:
         """The files streamed (``datasets.load_dataset(streaming=True)``), ``batch_size`` rows at a

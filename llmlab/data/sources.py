@@ -15,7 +15,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,7 +25,7 @@ from llmlab.data.builtins import (  # noqa: F401 (re-exported: the built-in sour
     chatterbot_conversations, chatterbot_pairs, kjv_chapters, shuffled_words)
 from llmlab.data.formats import KIND_OF_FORMAT, BadRow, detect_format, normaliser, row_text
 from llmlab.data.source import (  # noqa: F401 (re-exported: the readers of sources)
-    _LOCAL_BUILDERS, DatasetSource, HubUnreachableError, canonical_features, dataset_source, diagnose_files,
+    _LOCAL_BUILDERS, BadEntry, DatasetSource, HubUnreachableError, canonical_features, dataset_source, diagnose_files,
     hub_unreachable, iter_rows, load_hub_dataset, resolve_files)
 from llmlab.schemafile import schema_filled, top_level
 from llmlab.specs import FilterSpec, typed_section
@@ -106,23 +105,17 @@ def cache_dir(recipe: dict) -> str | None:
 
 
 def _memo_key(src: DatasetSource, seed: int) -> str:
-    """The per-process memo key of a loaded dataset: its section, seed and name, and its files'
-    (size, mtime, inode), so an edited file is read again."""
-    stamp = None
-    if src.path:
-        try:
-            stamp = [(f, (st := os.stat(f)).st_size, st.st_mtime_ns, st.st_ino) for f in src.files()]
-        except (ValueError, OSError):
-            stamp = None
-    return json.dumps({"spec": src.raw, "seed": seed, "name": src.name, "files": stamp}, sort_keys=True,
-                      default=str)
+    """The per-process memo key of a loaded dataset: its name, section, seed and identity (the
+    content fingerprint), so files whose bytes changed are read again."""
+    return json.dumps({"spec": src.raw, "seed": seed, "name": src.name, "data": src.identity(seed)},
+                      sort_keys=True, default=str)
 
 
 def load_named_dataset(recipe: dict, name: str) -> DatasetSplits:
     """Load, normalise, check, filter and split the recipe's dataset ``name``.
 
-    Results are memoised per process on (dataset spec, seed), so stages sharing a dataset load it
-    once.
+    Results are memoised per process on (dataset spec, seed, content fingerprint), so stages
+    sharing a dataset load it once.
 
     Args:
         recipe: the resolved recipe (``datasets``, ``seed``, ``output_dir`` are read).
@@ -193,9 +186,13 @@ def stream_rows(src: DatasetSource, seed: int, hf_cache: str | None, split: str,
                          "with streaming")
     rules = RowRules(src, seed)
     n = 0
+    entries: list[tuple[Any, str]] = []  # the source's entries that make no row (counted as rows read)
     bad: list[tuple[Any, str]] = []
     limit = src.max_samples
     for row in src.iter_rows(seed, hf_cache, min(1000, int(limit)) if limit is not None else 1000):
+        if isinstance(row, BadEntry):
+            entries.append((row.place, row.problem))
+            continue
         if limit is not None and n >= int(limit):
             break
         n += 1
@@ -210,6 +207,7 @@ def stream_rows(src: DatasetSource, seed: int, hf_cache: str | None, split: str,
             continue
         if rules.row_filter.keep(r) and (rules.fraction == 0 or rules.held(r) == (split == "eval")):
             yield r, rules.kind
+    n, bad = n + len(entries), entries + bad  # as a loaded dataset counts them
     rules.check_bad(len(bad), n, bad)
     info.update(rows_read=n, bad_rows=len(bad), dropped={"bad": len(bad), **rules.row_filter.counts},
                 first_bad_rows=[[str(r), p] for r, p in bad[:_MAX_BAD_LOGGED]])
