@@ -276,8 +276,8 @@ class LocalSource(DatasetSource):
             from datasets import config
 
             cache_dir = str(config.HF_DATASETS_CACHE)
-        files = self.files()
-        return RawRows(self._load_dataset(files, cache_dir=os.path.join(cache_dir, f"local-{self.fingerprint()[:16]}")))
+        folder = os.path.join(cache_dir, f"local-{self.fingerprint()[:16]}")
+        return RawRows(self._load_dataset(self.files(), cache_dir=folder))
 
     def iter_rows(self, seed: int, cache_dir: str | None, batch_size: int = 1000) -> Iterator[dict]:
         """The files streamed (``datasets.load_dataset(streaming=True)``), ``batch_size`` rows at a

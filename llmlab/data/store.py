@@ -23,8 +23,9 @@ and revision, or a hub id and revision), plus the seed where the rows depend on 
 data elsewhere has the same key; a file whose bytes change gets a new store.
 Every stage, run and recipe naming the same data with the same tokenizer so shares one store.
 
-**Root.** ``token_store`` in the recipe (a path relative to the recipe file, absolute once resolved), else the environment
-variable ``LLMLAB_TOKEN_STORE``, else ``<output_dir>/cache/tokens`` (:func:`store_root`).
+**Root.** ``token_store`` in the recipe (a path relative to the recipe file, absolute once
+resolved), else the environment variable ``LLMLAB_TOKEN_STORE``, else ``<output_dir>/cache/tokens``
+(:func:`store_root`).
 
 **Writing** (:func:`build_store`) is resumable: documents are cut into shards of about
 :data:`SHARD_TEXT_BYTES` of text (a pure function of the rows), each shard is tokenised by one
