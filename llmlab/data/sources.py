@@ -141,8 +141,9 @@ def load_named_dataset(recipe: dict, name: str) -> DatasetSplits:
     if src.max_samples is not None:
         raw = raw.select(range(min(len(raw), int(src.max_samples))))
     rules = RowRules(src, seed)
-    rules.check_columns(raw.column_names)
-    raw = raw.remove_columns(rules.clashes(raw.column_names)).rename_columns(rules.renames)
+    if rules.renames:
+        rules.check_columns(raw.column_names)
+        raw = raw.remove_columns(rules.clashes(raw.column_names)).rename_columns(rules.renames)
     rules.detect(raw.column_names, raw[0] if len(raw) else None)
     ds, bad = _normalise(raw, rules)
     num_raw = len(raw) + len(got.bad)
