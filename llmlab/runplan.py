@@ -5,7 +5,7 @@
     resolved dict ──build_run_plan──▶ RunPlan
         .settings   RunSettings: seed, precision, device, dataloader, distributed, logging, RunLayout
         .tokenizer  TokenizerSpec        .model  TransformerSpec | Mamba2Spec | PretrainedSpec
-        .datasets   {name: DatasetSource}
+        .datasets   {name: DatasetSource}  BuiltinSource | HubSource | LocalSource (llmlab.data.source)
         .stages     (StagePlan, ...) in graph order: spec, training, params, inputs, init, lora,
                     fingerprint, layout
         .statuses() each stage's (status, detail), reading each stage.json once
@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from llmlab.config import DataLoaderConfig, DistributedConfig, TrainingConfig
+from llmlab.data.source import DatasetSource, dataset_source  # noqa: F401 (re-exported: the datasets' type)
 from llmlab.layout import RunLayout, StageLayout
 from llmlab.schemafile import schema_filled  # noqa: F401 (re-exported)
 from llmlab.specs import (  # noqa: F401 (re-exported: the sections' types)
@@ -35,9 +36,12 @@ from llmlab.specs import (  # noqa: F401 (re-exported: the sections' types)
     Mamba2Spec,
     ModelSpec,
     PretrainedSpec,
+    TokenizerSpec,
+    TokenizerTrainSpec,
     TransformerSpec,
     from_section,
     model_spec,
+    tokenizer_spec,
     typed_section,
 )
 from llmlab.stage_params import params_of
@@ -104,108 +108,13 @@ class RunSettings:
 # ----------------------------------------------------------------------------- tokenizer, model
 
 
-@dataclass(frozen=True)
-class TokenizerTrainSpec:
-    """``tokenizer.train``: a byte-level BPE tokenizer trained on the recipe's datasets."""
-
-    SCHEMA: ClassVar[str] = "#/properties/tokenizer/properties/train"
-
-    datasets: tuple[str, ...]
-    """Datasets of this recipe whose text trains it."""
-    vocab_size: int
-    """Vocabulary size to reach (BPE may stop short of it)."""
-    min_frequency: int
-    """Minimum pair frequency of a merge."""
-    max_documents: int | None = None
-    """Documents read per dataset at most (None: all)."""
-
-
-@dataclass(frozen=True)
-class TokenizerSpec:
-    """The ``tokenizer:`` section: exactly one of ``from_pretrained`` and ``train`` is set."""
-
-    SCHEMA: ClassVar[str] = "#/properties/tokenizer"
-
-    chat_template: str
-    """The chat template: ``auto``, a named one (llmlab.chat_templates), ``none`` or Jinja."""
-    special_tokens: tuple[str, ...]
-    """Extra special tokens added to the vocabulary."""
-    from_pretrained: str | None = None
-    """A local directory (absolute), hub id or GGUF file."""
-    revision: str | None = None
-    """Hub revision of ``from_pretrained``."""
-    train: TokenizerTrainSpec | None = None
-    """Train one on the recipe's data."""
-
-
-def tokenizer_spec(section: dict) -> TokenizerSpec:
-    """The typed ``tokenizer:`` section (a bare one too: absent keys take the schema's defaults)."""
-    train = section.get("train")
-    return typed_section(TokenizerSpec, section, train=typed_section(TokenizerTrainSpec, train) if train else None)
+# TokenizerSpec, TokenizerTrainSpec, tokenizer_spec: llmlab.specs (llmlab.data reads them too), imported above
 
 
 # ----------------------------------------------------------------------------- data sources
 
 
-@dataclass(frozen=True)
-class DatasetSource:
-    """One entry of ``datasets:`` (``$defs/dataset``): where rows come from and how they are read.
-
-    Exactly one of ``builtin``, ``hub`` and ``path`` is set (:attr:`kind`). A minimal source spec:
-    loading and iterating stay in :mod:`llmlab.data.sources` for now (issue #26 gives sources
-    ``load()`` / ``iter_rows()``)."""
-
-    SCHEMA: ClassVar[str] = "#/$defs/dataset"
-
-    name: str = field(metadata={"derived": True})
-    """The dataset's name in the recipe."""
-    split: str
-    """Hub split."""
-    streaming: bool
-    """Read row by row instead of loading the whole source."""
-    format: str
-    """The rows' format (auto: detected)."""
-    columns: dict
-    """Canonical column name → source column name."""
-    eval_split: float
-    """Fraction of prompts held out for evaluation."""
-    filters: FilterSpec
-    """Row filters."""
-    max_bad_fraction: float
-    """Most rows that may fail normalisation before the source is refused."""
-    raw: dict = field(metadata={"derived": True}, repr=False, compare=False)
-    """The resolved section itself: the record that fingerprints hash (absent keys stay absent)."""
-    builtin: str | None = None
-    """A built-in source (kjv, chatterbot, ...)."""
-    hub: str | None = None
-    """A Hugging Face hub dataset id."""
-    subset: str | None = None
-    """Hub subset (configuration)."""
-    revision: str | None = None
-    """Hub revision."""
-    path: str | None = None
-    """Local file, directory or glob (absolute)."""
-    max_samples: int | None = None
-    """Rows kept at most."""
-    max_tokens: int | None = None
-    """Tokens kept at most (pretraining)."""
-
-    @property
-    def kind(self) -> str:
-        """``builtin`` | ``hub`` | ``local``."""
-        return "builtin" if self.builtin else ("hub" if self.hub else "local")
-
-    def fingerprint(self) -> str:
-        """The source's content fingerprint (:func:`llmlab.fingerprint.source_fingerprint`)."""
-        from llmlab.fingerprint import source_fingerprint
-
-        return source_fingerprint(self.raw)
-
-
-def dataset_source(name: str, section: dict) -> DatasetSource:
-    """The typed entry ``name`` of a recipe's ``datasets:`` (a bare one too: the schema's defaults)."""
-    return typed_section(DatasetSource, section, name=name, raw=copy.deepcopy(section),
-                         filters=typed_section(FilterSpec, section.get("filters")))
+# DatasetSource (BuiltinSource | HubSource | LocalSource): llmlab.data.source, imported above
 
 
 # ----------------------------------------------------------------------------- stages

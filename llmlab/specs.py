@@ -1,5 +1,5 @@
-"""Typed, frozen views of recipe sections that several packages read (the model, LoRA, filters),
-and the one way a section becomes one (:func:`from_section`). Pure Python; imports only
+"""Typed, frozen views of recipe sections that several packages read (the model, LoRA, filters,
+the tokenizer), and the one way a section becomes one (:func:`from_section`). Pure Python; imports only
 :mod:`llmlab.schemafile`, so llmlab.models and llmlab.data may use it without reaching the recipe
 package.
 
@@ -182,6 +182,46 @@ def model_spec(section: dict) -> ModelSpec:
     arch = section.get("arch")
     cls = {"transformer": TransformerSpec, "mamba2": Mamba2Spec}.get(arch, PretrainedSpec)
     return from_section(cls, section)
+
+
+@dataclass(frozen=True)
+class TokenizerTrainSpec:
+    """``tokenizer.train``: a byte-level BPE tokenizer trained on the recipe's datasets."""
+
+    SCHEMA: ClassVar[str] = "#/properties/tokenizer/properties/train"
+
+    datasets: tuple[str, ...]
+    """Datasets of this recipe whose text trains it."""
+    vocab_size: int
+    """Vocabulary size to reach (BPE may stop short of it)."""
+    min_frequency: int
+    """Minimum pair frequency of a merge."""
+    max_documents: int | None = None
+    """Documents read per dataset at most (None: all)."""
+
+
+@dataclass(frozen=True)
+class TokenizerSpec:
+    """The ``tokenizer:`` section: exactly one of ``from_pretrained`` and ``train`` is set."""
+
+    SCHEMA: ClassVar[str] = "#/properties/tokenizer"
+
+    chat_template: str
+    """The chat template: ``auto``, a named one (llmlab.chat_templates), ``none`` or Jinja."""
+    special_tokens: tuple[str, ...]
+    """Extra special tokens added to the vocabulary."""
+    from_pretrained: str | None = None
+    """A local directory (absolute), hub id or GGUF file."""
+    revision: str | None = None
+    """Hub revision of ``from_pretrained``."""
+    train: TokenizerTrainSpec | None = None
+    """Train one on the recipe's data."""
+
+
+def tokenizer_spec(section: dict) -> TokenizerSpec:
+    """The typed ``tokenizer:`` section (a bare one too: absent keys take the schema's defaults)."""
+    train = section.get("train")
+    return typed_section(TokenizerSpec, section, train=typed_section(TokenizerTrainSpec, train) if train else None)
 
 
 @dataclass(frozen=True)

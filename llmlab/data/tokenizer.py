@@ -25,7 +25,8 @@ from pathlib import Path
 from typing import Iterator
 
 from llmlab.chat_templates import TEMPLATE_TOKENS, TEMPLATES, resolve_chat_template
-from llmlab.schemafile import schema_filled
+from llmlab.schemafile import top_level
+from llmlab.specs import TokenizerTrainSpec, typed_section
 
 log = logging.getLogger(__name__)
 
@@ -65,30 +66,30 @@ def build_tokenizer(recipe: dict, out_dir: Path):
             dataset has no text, or ``chat_template: auto`` finds a pretrained template without
             generation markers of no known family (the message names the choices).
     """
-    from llmlab.runplan import tokenizer_spec
+    from llmlab.specs import tokenizer_spec
 
     out_dir = Path(out_dir)
-    section = recipe.get("tokenizer") or {}
-    spec = tokenizer_spec(section)  # absent keys: the schema's defaults
+    spec = tokenizer_spec(top_level(recipe, "tokenizer") or {})  # absent keys: the schema's defaults
     extra = [t for t in spec.special_tokens if t not in BASE_SPECIAL_TOKENS]
     if spec.from_pretrained:
         tok = _load_pretrained(spec, extra, spec.chat_template)
     elif spec.train:
         # a named template's markers are special tokens from the start (ids inside vocab_size)
         extra += [t for t in TEMPLATE_TOKENS.get(spec.chat_template, ()) if t not in BASE_SPECIAL_TOKENS + extra]
-        tok = train_tokenizer(_training_texts(recipe, spec.train), section["train"], extra, spec.chat_template)
+        tok = train_tokenizer(_training_texts(recipe, spec.train), spec.train, extra, spec.chat_template)
     else:
         raise ValueError("tokenizer: give exactly one of `from_pretrained` or `train`")
     save_tokenizer(tok, out_dir)
     return tok
 
 
-def train_tokenizer(texts, train_cfg: dict, extra_special_tokens=(), chat_template="auto"):
+def train_tokenizer(texts, train_cfg: TokenizerTrainSpec | dict, extra_special_tokens=(), chat_template="auto"):
     """Train a byte-level BPE tokenizer on ``texts`` (an iterable of str) and wrap it for HF.
 
     Args:
         texts: the training documents.
-        train_cfg: ``{vocab_size [8192], min_frequency [2], max_documents [None]}``.
+        train_cfg: ``tokenizer.train`` (:class:`llmlab.specs.TokenizerTrainSpec`, or a bare section
+            whose absent ``vocab_size`` / ``min_frequency`` take the schema's defaults).
         extra_special_tokens: special tokens beyond the four built-in ones.
         chat_template: ``auto`` (= ``chatml``), a named template, ``none`` or a Jinja string.
 
@@ -103,9 +104,9 @@ def train_tokenizer(texts, train_cfg: dict, extra_special_tokens=(), chat_templa
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    train_cfg = schema_filled("#/properties/tokenizer/properties/train", train_cfg)  # a bare one too
-    vocab_size = int(train_cfg["vocab_size"])
-    min_frequency = int(train_cfg["min_frequency"])
+    if not isinstance(train_cfg, TokenizerTrainSpec):  # a bare section: absent keys take the schema's defaults
+        train_cfg = typed_section(TokenizerTrainSpec, train_cfg, datasets=())  # texts are given: no datasets
+    vocab_size, min_frequency = int(train_cfg.vocab_size), int(train_cfg.min_frequency)
     special = BASE_SPECIAL_TOKENS + list(extra_special_tokens)
     alphabet = pre_tokenizers.ByteLevel.alphabet()
     if vocab_size < len(special) + len(alphabet):
@@ -206,12 +207,12 @@ def _set_chat_template(tok, template: str | None, name: str) -> None:
 
 
 def _load_pretrained(cfg, extra: list[str], template):
-    """A pretrained tokenizer from ``cfg`` (a :class:`llmlab.runplan.TokenizerSpec`, or a bare
+    """A pretrained tokenizer from ``cfg`` (a :class:`llmlab.specs.TokenizerSpec`, or a bare
     ``tokenizer:`` section) with ``extra`` special tokens and the chat ``template``."""
     from transformers import AutoTokenizer
 
     from llmlab.models.gguf import is_gguf, split_gguf
-    from llmlab.runplan import TokenizerSpec, tokenizer_spec
+    from llmlab.specs import TokenizerSpec, tokenizer_spec
 
     if not isinstance(cfg, TokenizerSpec):
         cfg = tokenizer_spec(cfg)
@@ -233,9 +234,9 @@ def _load_pretrained(cfg, extra: list[str], template):
 
 
 def _training_texts(recipe: dict, train_cfg) -> Iterator[str]:
-    """Documents for tokenizer training (``train_cfg``: a :class:`llmlab.runplan.TokenizerTrainSpec`):
+    """Documents for tokenizer training (``train_cfg``: a :class:`llmlab.specs.TokenizerTrainSpec`):
     the train split of each named dataset, in order."""
-    from llmlab.data.sources import dataset_spec, load_named_dataset
+    from llmlab.data.sources import load_named_dataset, recipe_source
 
     names = list(train_cfg.datasets)
     if not names:
@@ -243,7 +244,7 @@ def _training_texts(recipe: dict, train_cfg) -> Iterator[str]:
     limit = train_cfg.max_documents
     docs: list[str] = []
     for name in names:
-        if dataset_spec(recipe, name).get("streaming"):  # read the stream up to what is needed
+        if recipe_source(recipe, name).streaming:  # read the stream up to what is needed
             import itertools
 
             from llmlab.data.store import stream_texts
