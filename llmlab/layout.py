@@ -244,6 +244,23 @@ class StageRecord:
         """Write atomically (:func:`write_json_atomic`)."""
         write_json_atomic(path, self.to_json())
 
+    @classmethod
+    def start(cls, name: str, type: str, fingerprint: str, parts: dict, started_at: str, **fields) -> StageRecord:
+        """The record of a stage that starts now (``status: running``): ``fields`` (``max_steps``,
+        ``init_path``, ``models``, ...) are present in stage.json, even when None; every other
+        optional field stays absent until :meth:`finish` sets it.
+
+        Raises:
+            TypeError: a name in ``fields`` is not a field of the record.
+        """
+        optional = {f.name for f in dataclasses.fields(cls)} - {"name", "type", "status", "fingerprint", "parts",
+                                                                 "started_at", "absent"}
+        unknown = set(fields) - optional
+        if unknown:
+            raise TypeError(f"StageRecord has no field(s) {', '.join(sorted(unknown))}")
+        return cls(name=name, type=type, status="running", fingerprint=fingerprint, parts=parts,
+                   started_at=started_at, absent=frozenset(optional - set(fields)), **fields)
+
     def finish(self, status: str = "done", **fields) -> None:
         """Set ``fields`` (which become present) and ``status`` (done; ``stopped``: a stage that
         ``max_time`` stopped short of max_steps, read as partial)."""

@@ -13,7 +13,6 @@ from pathlib import Path
 
 from rich.table import Table
 
-from llmlab.console import make_console
 from llmlab.recipe.schema import stage_defaults
 from llmlab.schemafile import schema_filled
 from llmlab.stage_specs import stage_spec, uses_reference
@@ -387,62 +386,3 @@ def memory_table(rows: list[dict], facts: dict) -> Table | None:
         m = r["memory"]
         t.add_row(r["stage"], *(fmt_bytes(m[k]) if m[k] else "-" for k in parts), fmt_bytes(sum(m.values())))
     return t
-
-
-def plan_command(recipe_path: Path, output_dir: Path | None = None, overrides=(), resolved: bool = False,
-                 fmt: str = "text", world_size: int | None = None) -> int:
-    """``llmlab plan``: print the table (or the resolved recipe); 0 ok, 1 invalid recipe.
-
-    ``world_size``: processes to plan for (None: :func:`default_world_size`)."""
-    from llmlab.recipe import dump_resolved, load_for_command
-
-    console = make_console()
-    world_size = world_size or default_world_size()
-    rec = load_for_command(recipe_path, overrides, output_dir, console, world_size=world_size)
-    if rec is None:
-        return 1
-    if resolved:
-        print(dump_resolved(rec), end="")
-        return 0
-    rows, facts = plan_rows(rec, world_size)
-    if fmt == "json":
-        from llmlab.data.prepare import dataset_plan
-
-        print(json.dumps({"rows": rows, **facts, "datasets": dataset_plan(rec, rows)}, indent=2))
-        return 0
-    arch = rec["model"].get("arch") or f"from_pretrained {rec['model'].get('from_pretrained')}"
-    console.print(f"[bold]{rec['name']}[/]: {arch}, {_fmt_count(facts['params'])} parameters "
-                  f"({_exactness(rec, facts)}), vocab {facts['vocab_size']}, run dir {rec['output_dir']}")
-    console.print(world_line(facts))
-    if facts["tokenizer"] == "changed":
-        console.print("[yellow]the tokenizer in the run directory was trained from a different tokenizer section or "
-                      "data: `llmlab run` retrains it and then every stage. To keep the finished run, restore the "
-                      "recipe's tokenizer section (and its datasets) or give this recipe another output_dir.[/]")
-    t = Table()
-    for col in ("stage", "type", "from", "datasets (share)", "steps", "tokens", "tokens/step", "trainable",
-                "memory est. per device", "tokens/param (Chinchilla 20)", "status"):
-        t.add_column(col)
-    for r in rows:
-        ds = ", ".join(f"{k} {v:.0f}%" for k, v in r["datasets"].items())
-        status = r["status"] + (f" ({r['status_detail']})" if r["status_detail"] else "")
-        steps = str(r["steps"]) + (f" ({r['epochs']:g} epochs)" if r.get("epochs") is not None else "")
-        t.add_row(r["stage"], r["type"], r["from"], ds, steps, _fmt_count(r["tokens"]),
-                  _fmt_count(r["tokens_per_step"]), _fmt_count(r["trainable"]), fmt_bytes(r["memory_bytes"]),
-                  "-" if r["tokens_per_param"] is None else f"{r['tokens_per_param']:.1f}", status)
-    console.print(t)
-    mem = memory_table(rows, facts)
-    if mem is not None:
-        console.print(mem)
-    from llmlab.data.prepare import dataset_plan
-
-    ds_rows = dataset_plan(rec, rows)
-    if ds_rows:  # pretraining data: what the token stores hold once prepared (llmlab prepare)
-        d = Table(title="pretraining data")
-        for col in ("stage", "dataset", "documents", "tokens", "epochs seen"):
-            d.add_column(col)
-        for r in ds_rows:
-            d.add_row(r["stage"], r["dataset"], "not prepared" if r["documents"] is None else f"{r['documents']:,}",
-                      "-" if r["tokens"] is None else _fmt_count(r["tokens"]),
-                      "-" if r["epochs"] is None else f"{r['epochs']:.2f}")
-        console.print(d)
-    return 0
