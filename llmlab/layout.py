@@ -185,7 +185,8 @@ class StageRecord:
 
     Fields left None are written as null only when they were set explicitly for this stage type
     (a training stage records ``init_path: null``; an evaluate stage has no ``max_steps`` key):
-    :meth:`to_json` drops the fields named in ``absent``.
+    :meth:`start` makes present the fields it is given, :meth:`finish` those it sets, and
+    :meth:`to_json` drops the rest (named in ``absent``).
     """
 
     name: str
@@ -197,7 +198,7 @@ class StageRecord:
     #: ISO 8601 UTC times
     started_at: str
     tokenizer_sha256: str | None = None
-    #: llmlab's version and the package versions that ran the stage (llmlab.runner.package_versions);
+    #: llmlab's version and the package versions that ran the stage (llmlab.session.package_versions);
     #: a record, never compared: the fingerprint alone decides whether the stage is stale
     versions: dict | None = None
     #: training stages: steps asked for, where weights came from, device, precision
@@ -208,7 +209,7 @@ class StageRecord:
     precision: str | None = None
     #: the CPU threads torch used (the recipe's ``threads``, ``$LLMLAB_THREADS`` or torch's default)
     threads: int | None = None
-    #: {"world_size", "strategy", "backend"}: what ran (llmlab.runner.distributed_info)
+    #: {"world_size", "strategy", "backend"}: what ran (llmlab.session.DistributedInfo)
     distributed: dict | None = None
     #: the max_steps of each earlier run this stage was extended from (absent for a fresh stage)
     extended_from: list | None = None
