@@ -17,6 +17,7 @@ from typing import Any
 
 import typer
 
+
 def _err(msg: str) -> None:
     print(f"error: {msg}", file=sys.stderr)
 
@@ -409,6 +410,7 @@ DEVICE_HELP = "Device: cpu, cuda, cuda:1 ... (default: cuda when available)."
 MAX_NEW_HELP = ("longest reply, in tokens (default: 256, or a quarter of a smaller context); capped, "
                 "with a note, to what the context leaves after the prompt.")
 
+
 def chat(
     path: Path = typer.Argument(..., help=PATH_HELP),
     stage: str | None = typer.Option(None, "--stage", help=STAGE_HELP),
@@ -428,12 +430,11 @@ def chat(
     Chat models (fine-tuned, with a ChatML template) keep the conversation, dropping its oldest whole
     turns when it outgrows the context; base models continue each line as plain text. Type /reset to clear the conversation, /exit or Ctrl+C to quit.
     """
-    from llmlab.inference.commands import chat_command
-
     raise typer.Exit(chat_command(path, stage=stage, temperature=temperature, top_k=top_k, top_p=top_p,
                                   max_new_tokens=max_new_tokens, repetition_penalty=repetition_penalty,
                                   seed=seed, system=system, chat=chat_mode, allow_code=allow_code,
                                   device=device))
+
 
 def generate(
     path: Path = typer.Argument(..., help=PATH_HELP),
@@ -455,13 +456,12 @@ def generate(
     device: str | None = typer.Option(None, "--device", help=DEVICE_HELP),
 ):
     """Generate completions for a prompt or a file of prompts, deterministically for a given seed."""
-    from llmlab.inference.commands import generate_command
-
     raise typer.Exit(generate_command(path, prompt=prompt, prompts=prompts, output=output, stage=stage,
                                       seed=seed, temperature=temperature, top_k=top_k, top_p=top_p,
                                       max_new_tokens=max_new_tokens, repetition_penalty=repetition_penalty,
                                       system=system, chat=chat_mode, jsonl=jsonl, allow_code=allow_code,
                                       device=device))
+
 
 def eval_(
     path: Path = typer.Argument(..., help=PATH_HELP),
@@ -501,14 +501,13 @@ def eval_(
 ):
     """Measure a model: perplexity and bits per byte on text, preference accuracy and margin,
     or sampled generations on prompts. Prints a table; --output writes a JSON report."""
-    from llmlab.inference.commands import eval_command
-
     raise typer.Exit(eval_command(path, dataset=dataset, output=output, stage=stage, reference=reference,
                                   reference_stage=reference_stage, reward_model=reward_model, beta=beta,
                                   kind=kind, limit=limit, batch_size=batch_size, max_length=max_length,
                                   num_samples=num_samples, seed=seed, max_new_tokens=max_new_tokens,
                                   temperature=temperature, chat=chat_mode, tasks=tasks or None,
                                   split=split, allow_code=allow_code, device=device))
+
 
 def serve(
     path: Path = typer.Argument(..., help=PATH_HELP),
@@ -538,8 +537,6 @@ def serve(
 ):
     """Serve a model over HTTP: POST /generate, OpenAI-compatible POST /v1/chat/completions
     (streaming too) and GET /v1/models."""
-    from llmlab.inference.commands import serve_command
-
     raise typer.Exit(serve_command(path, stage=stage, host=host, port=port, model_id=model_id,
                                    temperature=temperature, top_k=top_k, top_p=top_p,
                                    max_new_tokens=max_new_tokens, repetition_penalty=repetition_penalty,
