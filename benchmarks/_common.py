@@ -108,7 +108,7 @@ def quiet() -> None:
     warnings.filterwarnings("ignore")
     logging.getLogger("llmlab").setLevel(logging.ERROR)
     try:
-        from llmlab.runner import quiet_libraries
+        from llmlab.commands.run import quiet_libraries
 
         quiet_libraries()
     except Exception:  # pragma: no cover

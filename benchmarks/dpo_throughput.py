@@ -78,7 +78,7 @@ def run_llmlab_padded(s: Setup, rep: int) -> float:
 def run_llmlab(s: Setup, rep: int, padded: bool = False) -> float:
     """Seconds of the timed window of ``llmlab.train.loop.train`` on the stage (``padded``: with
     padding-free batching switched off, to show what it buys)."""
-    from llmlab.runner import Runner
+    from llmlab.session import resolve_precision, setup_accelerator
     from llmlab.stages import stage_class
     from llmlab.stages.base import StageContext
     from llmlab.train.loop import train
@@ -112,7 +112,7 @@ def run_llmlab(s: Setup, rep: int, padded: bool = False) -> float:
     stage_dir.mkdir(parents=True)
     device = torch.device("cpu")
     C.reset_accelerate()  # a Trainer run before this one in the process set its own state
-    acc = Runner(s.resolved)._accelerator(device)
+    acc = setup_accelerator(device, resolve_precision(s.resolved["precision"], device))
     ctx = StageContext(recipe=s.resolved, name=s.stage, config=s.cfg, stage_dir=stage_dir, tokenizer=s.tok,
                        init_path=None, stage_paths={s.stage: stage_dir}, device=device)
     train(Bench(ctx), fingerprint="bench", accelerator=acc)

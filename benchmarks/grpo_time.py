@@ -139,7 +139,7 @@ class Setup:
 
 def run_llmlab(s: Setup, rep: int) -> dict:
     """The grpo stage through ``llmlab.train.loop.train``; timed window from its metrics.jsonl."""
-    from llmlab.runner import Runner
+    from llmlab.session import resolve_precision, setup_accelerator
     from llmlab.stages.base import StageContext
     from llmlab.stages.grpo import GRPOStage
     from llmlab.train.loop import train
@@ -176,7 +176,7 @@ def run_llmlab(s: Setup, rep: int) -> dict:
     stage_dir.mkdir(parents=True)
     device = torch.device("cpu")
     C.reset_accelerate()
-    acc = Runner(s.resolved)._accelerator(device)
+    acc = setup_accelerator(device, resolve_precision(s.resolved["precision"], device))
     ctx = StageContext(recipe=s.resolved, name="grpo", config=s.cfg, stage_dir=stage_dir, tokenizer=s.tok,
                        init_path=None, stage_paths={"grpo": stage_dir}, device=device, allow_code=True)
     train(Bench(ctx), fingerprint="bench", accelerator=acc)

@@ -108,7 +108,7 @@ def run_llmlab(s: Setup, rep: int, own_data: bool = False) -> dict:
     """The real loop (``llmlab.train.loop.train``) on the recipe's pretrain stage."""
     import shutil
 
-    from llmlab.runner import Runner
+    from llmlab.session import resolve_precision, setup_accelerator
     from llmlab.stages.base import StageContext
     from llmlab.stages.lm import PretrainStage
     from llmlab.train.loop import train
@@ -126,9 +126,8 @@ def run_llmlab(s: Setup, rep: int, own_data: bool = False) -> dict:
     shutil.rmtree(stage_dir, ignore_errors=True)
     stage_dir.mkdir(parents=True)
     device = torch.device("cpu")
-    runner = Runner(s.resolved)
     C.reset_accelerate()  # a Trainer run before this one in the process set its own state
-    acc = runner._accelerator(device)
+    acc = setup_accelerator(device, resolve_precision(s.resolved["precision"], device))
     ctx = StageContext(recipe=s.resolved, name="pretrain", config=s.cfg, stage_dir=stage_dir, tokenizer=s.tok,
                        init_path=None, stage_paths={"pretrain": stage_dir}, device=device)
     model, result = train(BenchPretrain(ctx), fingerprint="bench", accelerator=acc)
@@ -295,7 +294,7 @@ def main() -> None:
     from peak_flops import measure_peak
 
     print(C.machine_note())
-    from llmlab.runner import resolve_precision
+    from llmlab.session import resolve_precision
 
     llmlab_precision = resolve_precision("auto", torch.device("cpu")) if args.precision == "defaults" \
         else args.precision

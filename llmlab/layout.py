@@ -185,7 +185,8 @@ class StageRecord:
 
     Fields left None are written as null only when they were set explicitly for this stage type
     (a training stage records ``init_path: null``; an evaluate stage has no ``max_steps`` key):
-    :meth:`to_json` drops the fields named in ``absent``.
+    :meth:`start` makes present the fields it is given, :meth:`finish` those it sets, and
+    :meth:`to_json` drops the rest (named in ``absent``).
     """
 
     name: str
@@ -197,7 +198,7 @@ class StageRecord:
     #: ISO 8601 UTC times
     started_at: str
     tokenizer_sha256: str | None = None
-    #: llmlab's version and the package versions that ran the stage (llmlab.runner.package_versions);
+    #: llmlab's version and the package versions that ran the stage (llmlab.session.package_versions);
     #: a record, never compared: the fingerprint alone decides whether the stage is stale
     versions: dict | None = None
     #: training stages: steps asked for, where weights came from, device, precision
@@ -208,7 +209,7 @@ class StageRecord:
     precision: str | None = None
     #: the CPU threads torch used (the recipe's ``threads``, ``$LLMLAB_THREADS`` or torch's default)
     threads: int | None = None
-    #: {"world_size", "strategy", "backend"}: what ran (llmlab.runner.distributed_info)
+    #: {"world_size", "strategy", "backend"}: what ran (llmlab.session.DistributedInfo)
     distributed: dict | None = None
     #: the max_steps of each earlier run this stage was extended from (absent for a fresh stage)
     extended_from: list | None = None
@@ -243,6 +244,23 @@ class StageRecord:
     def write(self, path: Path) -> None:
         """Write atomically (:func:`write_json_atomic`)."""
         write_json_atomic(path, self.to_json())
+
+    @classmethod
+    def start(cls, name: str, type: str, fingerprint: str, parts: dict, started_at: str, **fields) -> StageRecord:
+        """The record of a stage that starts now (``status: running``): ``fields`` (``max_steps``,
+        ``init_path``, ``models``, ...) are present in stage.json, even when None; every other
+        optional field stays absent until :meth:`finish` sets it.
+
+        Raises:
+            TypeError: a name in ``fields`` is not a field of the record.
+        """
+        optional = {f.name for f in dataclasses.fields(cls)} - {"name", "type", "status", "fingerprint", "parts",
+                                                                 "started_at", "absent"}
+        unknown = set(fields) - optional
+        if unknown:
+            raise TypeError(f"StageRecord has no field(s) {', '.join(sorted(unknown))}")
+        return cls(name=name, type=type, status="running", fingerprint=fingerprint, parts=parts,
+                   started_at=started_at, absent=frozenset(optional - set(fields)), **fields)
 
     def finish(self, status: str = "done", **fields) -> None:
         """Set ``fields`` (which become present) and ``status`` (done; ``stopped``: a stage that

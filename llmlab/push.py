@@ -13,11 +13,10 @@ from __future__ import annotations
 
 import json
 import shutil
-import sys
 from pathlib import Path
 
 from llmlab.layout import RunLayout, StageLayout
-from llmlab.ownership import MARKER, NotOwnedError, writing_folder
+from llmlab.ownership import MARKER, writing_folder
 
 #: the card's ``tags`` besides the stage types of the run
 TAGS = ["llmlab", "text-generation"]
@@ -112,18 +111,18 @@ def _lineage(run: Path, stage: str) -> list[str]:
 def _chain_rows(run: Path, stage: str) -> list[str]:
     """Markdown table rows of the stages that led to ``stage`` (:func:`_lineage`): type, status,
     steps, tokens, last train loss, last eval loss and the stage type's key eval metrics."""
-    from llmlab.runner import key_metrics
+    from llmlab.run_summary import key_metrics
 
     rows = []
     for name in _lineage(run, stage):
-        rec = RunLayout(run).stage(name).read_record() or {}
-        ev = rec.get("last_eval") or {}
+        record = RunLayout(run).stage(name).read_record() or {}
+        ev = record.get("last_eval") or {}
 
         def num(v):
             return "-" if v is None else f"{v:.4g}"
-        rows.append(f"| {name} | {rec.get('type') or '?'} | {rec.get('status') or '?'} | {rec.get('steps', '-')} | "
-                    f"{rec.get('tokens', '-')} | {num(rec.get('last_loss'))} | {num(ev.get('eval_loss'))} | "
-                    f"{key_metrics(ev, rec.get('first_eval')) if ev else '-'} |")
+        rows.append(f"| {name} | {record.get('type') or '?'} | {record.get('status') or '?'} | "
+                    f"{record.get('steps', '-')} | {record.get('tokens', '-')} | {num(record.get('last_loss'))} | {num(ev.get('eval_loss'))} | "
+                    f"{key_metrics(ev, record.get('first_eval')) if ev else '-'} |")
     return rows
 
 
@@ -270,18 +269,4 @@ def _upload(files: dict[str, Path | bytes], repo_id: str, *, private: bool, revi
     return str(getattr(info, "commit_url", info))
 
 
-def push_command(target: Path, repo_id: str, *, stage: str | None = None, private: bool = False,
-                 revision: str | None = None, license: str | None = None, dry_run: Path | None = None) -> int:
-    """``llmlab push``: 0 after the upload (or the dry run), 1 with one line on stderr otherwise."""
-    try:
-        where = push(target, repo_id, stage=stage, private=private, revision=revision, license=license,
-                     dry_run=dry_run)
-    except (FileNotFoundError, ValueError, NotOwnedError, PushError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    print(f"wrote what would be pushed to {repo_id} into {where}" if dry_run is not None
-          else f"pushed to {repo_id}: {where}")
-    return 0
-
-
-__all__ = ["PushError", "model_card", "push", "push_command", "resolve_final", "upload_files"]
+__all__ = ["PushError", "model_card", "push", "resolve_final", "upload_files"]

@@ -179,7 +179,7 @@ def test_eval_reports_greedy_exact_answer_rate_on_the_held_out_prompts():
 
 
 def test_closing_table_shows_the_rl_stages_held_out_metrics_first_to_last():
-    from llmlab.runner import key_metrics
+    from llmlab.run_summary import key_metrics
 
     first = {"eval_exact_answer": 0.156, "eval_reward": 0.133, "eval_loss": -0.133}
     last = {"eval_exact_answer": 0.582, "eval_reward": 0.473, "eval_loss": -0.473}

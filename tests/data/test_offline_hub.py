@@ -89,8 +89,8 @@ def test_streaming_hub_dataset_too(tmp_path):
 
 @pytest.mark.parametrize("command", ["prepare", "run"])
 def test_commands_print_one_line_and_exit_1(tmp_path, capsys, command):
-    from llmlab.prepare import prepare_command
-    from llmlab.runner import run_command
+    from llmlab.commands.data import prepare_command
+    from llmlab.commands.run import run_command
 
     path = write_recipe(tmp_path, RECIPE)
     code = (prepare_command if command == "prepare" else run_command)(path)

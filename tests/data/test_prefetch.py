@@ -66,7 +66,7 @@ def test_training_with_dataloader_workers_gives_identical_weights(tmp_path, monk
     """A pretrain and an SFT stage with 2 DataLoader workers per process on the CPU end with the
     same bytes as without workers (and the run reads the keys from the recipe)."""
     from tests.tiny import TINY, write_recipe
-    from llmlab.runner import run_command
+    from llmlab.commands.run import run_command
     import copy
 
     rec = copy.deepcopy(TINY)

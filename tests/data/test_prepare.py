@@ -10,7 +10,7 @@ from llmlab.data.prepare import dataset_plan
 from llmlab.data.sources import kjv_chapters
 from llmlab.data.store import TokenStore
 from llmlab.plan import plan_rows
-from llmlab.prepare import prepare_command
+from llmlab.commands.data import prepare_command
 from llmlab.recipe import load_recipe
 
 ROOT = Path(__file__).resolve().parents[2]

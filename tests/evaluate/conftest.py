@@ -40,7 +40,7 @@ def trained(tmp_path_factory):
     """``(dir, resolved)``: ``dir/run`` holds the trained SMALL run; ``dir/full.yaml`` is FULL (same
     output directory) and ``resolved`` its resolved recipe."""
     from llmlab.recipe import load_recipe_or_raise
-    from llmlab.runner import run_command
+    from llmlab.commands.run import run_command
 
     before = torch.get_num_threads()
     torch.set_num_threads(1)

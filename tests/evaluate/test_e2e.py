@@ -22,7 +22,7 @@ def _strip_seconds(results: dict) -> dict:
 
 
 def test_run_command_runs_a_final_evaluate_stage(trained, tmp_path, capsys):
-    from llmlab.runner import run_command
+    from llmlab.commands.run import run_command
     from llmlab.stages.evaluate import run_evaluate_stage
 
     d, resolved = trained

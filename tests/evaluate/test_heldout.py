@@ -22,7 +22,7 @@ EVAL_STEPS = 100  # × batch_size 8: more than every held-out split here, so eac
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
-    from llmlab.runner import run_command
+    from llmlab.commands.run import run_command
 
     rec = copy.deepcopy(TINY)
     rec["precision"] = "fp32"
@@ -40,7 +40,7 @@ def _last_eval(run_dir, stage: str) -> dict:
 
 
 def _llmlab_eval(run_dir, stage: str, dataset: str, tmp_path) -> dict:
-    from llmlab.inference.commands import eval_command
+    from llmlab.commands.inference import eval_command
 
     out = tmp_path / f"{stage}.json"
     assert eval_command(run_dir, dataset=dataset, stage=stage, output=out, limit=EVAL_STEPS * 8) == 0
@@ -73,7 +73,7 @@ def test_dpo_eval_is_llmlab_eval_on_the_pairs(run_dir, tmp_path):
 
 
 def test_summary_table_says_what_the_eval_loss_covers(run_dir):
-    from llmlab.runner import coverage_note
+    from llmlab.run_summary import coverage_note
 
     ev = _last_eval(run_dir, "sft")
     assert coverage_note(ev) == ""  # the whole split

@@ -19,7 +19,7 @@ EVAL_STEPS = 100  # × batch_size 8: more than the held-out split, so each stage
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
-    from llmlab.runner import run_command
+    from llmlab.commands.run import run_command
 
     rec = copy.deepcopy(TINY)
     rec["precision"] = "fp32"
@@ -44,7 +44,7 @@ def _last_eval(run_dir, stage: str) -> dict:
 
 
 def _llmlab_eval(run_dir, stage: str, tmp_path) -> dict:
-    from llmlab.inference.commands import eval_command
+    from llmlab.commands.inference import eval_command
 
     out = tmp_path / f"{stage}.json"
     assert eval_command(run_dir, dataset="chat_pairs", stage=stage, output=out, limit=EVAL_STEPS * 8) == 0

@@ -20,7 +20,7 @@ SETTINGS = {"max_new_tokens": 24, "temperature": 1.0, "top_k": 50, "top_p": 0.95
 
 
 def _spawn(tiny_run):
-    args = ["-m", "llmlab.inference.commands", "chat", str(tiny_run), "--stage", "sft", "--seed", "0",
+    args = ["-m", "llmlab", "chat", str(tiny_run), "--stage", "sft", "--seed", "0",
             "--max-new-tokens", "24", "--temperature", "1.0"]
     env = subprocess_env()
     env["TERM"] = "dumb"

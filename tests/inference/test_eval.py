@@ -28,7 +28,7 @@ def _logp(model, ids, n_prompt):
 
 
 def test_perplexity_equals_exp_mean_token_loss(tiny_run, tmp_path):
-    from llmlab.inference.commands import eval_command
+    from llmlab.commands.inference import eval_command
 
     data = tmp_path / "text.jsonl"
     data.write_text("".join(json.dumps({"text": t}) + "\n" for t in TEXTS))
@@ -203,7 +203,7 @@ def test_recipe_dataset_name_gives_its_held_out_rows():
 def test_lm_eval_is_optional(tiny_run, monkeypatch):
     import importlib.util
 
-    from llmlab.inference.commands import eval_command
+    from llmlab.commands.inference import eval_command
 
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a: None if n == "lm_eval" else real(n, *a))
@@ -230,7 +230,7 @@ def test_templates_without_generation_markers_score_the_same_tokens(tiny_run):
 def test_sequences_cut_to_the_length_limit_are_counted(tiny_run, tmp_path, capsys):
     """Conversations and preference pairs longer than --max-length are cut from the left; the report says
     how many (it used to cut them silently), and `llmlab eval` prints a note."""
-    from llmlab.inference.commands import eval_command
+    from llmlab.commands.inference import eval_command
 
     model, tok, _ = load_for_inference(tiny_run / "sft" / "final")
     short = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]

@@ -104,7 +104,7 @@ def test_seeded_sampling_is_reproducible_and_streams(tiny_run):
 
 
 def test_generate_command_is_deterministic(tiny_run, tmp_path, capsys):
-    from llmlab.inference.commands import generate_command
+    from llmlab.commands.inference import generate_command
 
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text(json.dumps({"prompt": "Hello"}) + "\n"

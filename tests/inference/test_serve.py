@@ -116,7 +116,7 @@ def test_bad_requests(server):
 
 
 def test_serve_command_subprocess(tiny_run):
-    proc = subprocess.Popen([sys.executable, "-m", "llmlab.inference.commands", "serve", str(tiny_run),
+    proc = subprocess.Popen([sys.executable, "-m", "llmlab", "serve", str(tiny_run),
                              "--stage", "sft", "--port", "0", "--max-new-tokens", "8"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=subprocess_env())
     try:

@@ -226,7 +226,7 @@ def saved_llama(llama, tok, tmp_path):
 def test_the_cli_refuses_what_the_server_refuses(saved_llama, capsys, bad):
     """chat/generate/serve refuse the server's out-of-range values (repetition_penalty 1e-300 reached
     generation and gave inf logits) before loading anything."""
-    from llmlab.inference.commands import chat_command, generate_command, serve_command
+    from llmlab.commands.inference import chat_command, generate_command, serve_command
 
     for cmd in (chat_command, serve_command):
         assert cmd(saved_llama, **bad) == 2, cmd.__name__
@@ -238,7 +238,7 @@ def test_the_cli_refuses_what_the_server_refuses(saved_llama, capsys, bad):
 def test_a_tiny_temperature_is_greedy_in_the_cli(saved_llama):
     """``generate --temperature 1e-300`` overflowed the logits to inf and sampling failed; like the
     server, it now decodes greedily."""
-    from llmlab.inference.commands import generate_command
+    from llmlab.commands.inference import generate_command
 
     replies = []
     for t in (1e-300, 0.0):

@@ -97,7 +97,7 @@ def test_unfittable_message_past_twice_the_total(tmp_path):
 
 def test_run_refuses_a_model_far_beyond_memory_before_training(tmp_path, monkeypatch, capsys):
     import llmlab.plan as plan
-    from llmlab.runner import run_command
+    from llmlab.commands.run import run_command
 
     monkeypatch.setattr(plan, "total_memory", lambda device_type: (1 << 20, "this machine has in all"))
     path = write_recipe(tmp_path)

@@ -33,7 +33,7 @@ def test_validate_warns_with_the_line_and_the_flag_but_passes(tmp_path, capsys):
 
 
 def test_run_without_the_flag_is_refused_before_any_stage(tmp_path, capsys):
-    from llmlab.runner import run_command
+    from llmlab.commands.run import run_command
 
     path = _code_recipe(tmp_path)
     assert run_command(path) == 1

@@ -121,7 +121,7 @@ def test_early_stopping_is_hashed_with_the_eval_cadence(tmp_path):
 
 
 def test_plan_shows_the_steps_epochs_mean_for_its_world_size(tmp_path, monkeypatch, capsys):
-    from llmlab.plan import plan_command
+    from llmlab.commands.recipe import plan_command
 
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     monkeypatch.chdir(tmp_path)

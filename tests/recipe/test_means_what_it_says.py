@@ -37,7 +37,7 @@ def _short_stages(**steps):
 
 
 def test_only_checks_inputs_before_deleting_anything(tmp_path, capsys):
-    from llmlab.runner import run_command
+    from llmlab.commands.run import run_command
 
     recipe = write_recipe(tmp_path, {**TINY, "stages": _short_stages(pretrain=4, sft=3, dpo=2)})
     assert run_command(recipe) == 0
@@ -95,8 +95,8 @@ def test_pinned_precision_is_part_of_the_fingerprint(tmp_path):
 def test_an_extended_stage_says_it_differs_from_a_fresh_run(tmp_path, capsys):
     import json
 
+    from llmlab.commands.run import run_command
     from llmlab.runplan import build_run_plan
-    from llmlab.runner import run_command
 
     recipe = write_recipe(tmp_path, {**TINY, "stages": _short_stages(pretrain=3)})
     assert run_command(recipe) == 0
@@ -135,8 +135,8 @@ def test_byte_identical_data_in_another_folder_is_the_same_source(tmp_path):
 def test_moving_a_recipe_with_its_data_keeps_every_stage_done(tmp_path):
     import shutil
 
+    from llmlab.commands.run import run_command
     from llmlab.runplan import build_run_plan
-    from llmlab.runner import run_command
 
     proj = tmp_path / "proj"
     (proj / "data").mkdir(parents=True)
@@ -235,7 +235,8 @@ def test_plan_counts_with_the_real_tokenizer_and_the_adapter_a_stage_continues(t
     from rich.console import Console
 
     from llmlab.models.params import count_lora_parameters, count_parameters
-    from llmlab.plan import plan_command, plan_rows
+    from llmlab.commands.recipe import plan_command
+    from llmlab.plan import plan_rows
     from llmlab.runner import Runner
 
     stages = _short_stages(pretrain=2, sft=2, dpo=2)
@@ -269,7 +270,7 @@ def test_a_moved_run_continues_an_unmerged_adapter(tmp_path):
     import json
     import shutil
 
-    from llmlab.runner import run_command
+    from llmlab.commands.run import run_command
 
     stages = _short_stages(pretrain=2, sft=2, dpo=2)
     stages["sft"]["lora"] = {"preset": "minimal", "r": 4, "alpha": 8, "merge": False}

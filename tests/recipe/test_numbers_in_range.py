@@ -85,7 +85,7 @@ def test_warmup_that_outlasts_the_stage_is_warned(warmup, steps, warned):
 
 
 def test_run_prints_the_warmup_warning(tmp_path, capsys):
-    from llmlab.runner import run_command
+    from llmlab.commands.run import run_command
 
     rec = copy.deepcopy(TINY)
     rec["stages"] = {"pretrain": {**rec["stages"]["pretrain"], "max_steps": 1, "eval_every": 1, "save_every": 1}}

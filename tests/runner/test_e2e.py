@@ -6,7 +6,7 @@ import time
 import pytest
 import torch
 
-from llmlab.runner import run_command
+from llmlab.commands.run import run_command
 from tests.numerics import learning_note
 from tests.tiny import write_recipe
 

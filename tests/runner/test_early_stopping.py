@@ -14,7 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from llmlab.runner import run_command
+from llmlab.commands.run import run_command
 from llmlab.train.checkpointer import Checkpointer, plateau_update
 from llmlab.train.evaluator import Evaluator
 from tests.tiny import TINY, write_recipe

@@ -11,7 +11,7 @@ import pytest
 
 from llmlab.metricsfile import read_records
 from llmlab.runguard import run_lock
-from llmlab.runner import _write_error_log, run_command
+from llmlab.commands.run import _write_error_log, run_command
 from tests.tiny import TINY, write_recipe
 
 SHORT = {**TINY, "stages": {"pretrain": {**TINY["stages"]["pretrain"], "max_steps": 10, "save_every": 5,

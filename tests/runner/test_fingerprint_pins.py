@@ -134,7 +134,7 @@ def _plan_text(run_dir: Path) -> str:
     ``run_dir`` short (a path of /tmp/tmpXXXXXXXX length) so the first line does not wrap."""
     import io
 
-    from llmlab.plan import plan_command
+    from llmlab.commands.recipe import plan_command
 
     buf = io.StringIO()
     with _fixed_package_versions(), contextlib.redirect_stdout(buf):

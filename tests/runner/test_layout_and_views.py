@@ -41,6 +41,24 @@ def test_stage_record_keys_while_running_and_when_done(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["stage.json"]  # the temporary file was renamed
 
 
+def test_stage_record_start_keeps_exactly_the_fields_given():
+    """start(): the given fields are present (None as null), every other optional one absent until
+    finish() sets it; stage.json keeps the dataclass's key order; an unknown field is refused."""
+    rec = StageRecord.start("a", "sft", "f", {"config": {}}, "t", max_steps=3, init_path=None, versions={"x": "1"})
+    assert rec.status == "running"
+    assert list(rec.to_json()) == ["name", "type", "status", "fingerprint", "parts", "started_at", "versions",
+                                   "max_steps", "init_path"]
+    rec.finish(status="stopped", steps=2, first_eval=None)
+    assert rec.status == "stopped" and rec.to_json()["steps"] == 2 and rec.to_json()["first_eval"] is None
+    assert "finished_at" not in rec.to_json() and "models" not in rec.to_json()
+    ev = StageRecord.start("e", "evaluate", "g", {}, "t", models=["a"], tokenizer_sha256=None)
+    assert list(ev.to_json())[-2:] == ["tokenizer_sha256", "models"] and "max_steps" not in ev.to_json()
+    with pytest.raises(TypeError, match="absent"):
+        StageRecord.start("a", "sft", "f", {}, "t", absent=frozenset())
+    with pytest.raises(TypeError, match="max_step"):
+        StageRecord.start("a", "sft", "f", {}, "t", max_step=3)
+
+
 def test_write_json_atomic_replaces_whole_files(tmp_path):
     p = tmp_path / "x.json"
     write_json_atomic(p, {"a": "é", "p": tmp_path})

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from llmlab.layout import RunLayout
-from llmlab.runner import run_command
+from llmlab.commands.run import run_command
 from tests.tiny import TINY, write_recipe
 
 pytestmark = pytest.mark.slow

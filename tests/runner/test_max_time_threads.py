@@ -10,7 +10,8 @@ import torch
 
 from llmlab.config import TrainingConfig, duration_seconds
 from llmlab.fingerprint import stage_fingerprints
-from llmlab.runner import RunError, run_command, run_threads
+from llmlab.commands.run import run_command
+from llmlab.session import RunError, run_threads
 from llmlab.train import timelimit
 from llmlab.train.loop import train
 from tests.runner.test_loop import ToyStage, _ctx, _params
@@ -67,11 +68,11 @@ def test_max_time_stops_at_a_step_boundary_with_a_checkpoint_and_resumes_exactly
 
 
 def test_threads_key_wins_over_the_variable():
-    assert run_threads({"threads": 2}, env={"LLMLAB_THREADS": "3"}) == 2
-    assert run_threads({}, env={"LLMLAB_THREADS": "3"}) == 3
-    assert run_threads({}, env={}) is None
+    assert run_threads(2, env={"LLMLAB_THREADS": "3"}) == 2
+    assert run_threads(None, env={"LLMLAB_THREADS": "3"}) == 3
+    assert run_threads(None, env={}) is None
     with pytest.raises(RunError, match="LLMLAB_THREADS"):
-        run_threads({}, env={"LLMLAB_THREADS": "all"})
+        run_threads(None, env={"LLMLAB_THREADS": "all"})
 
 
 def test_a_stopped_stage_is_partial_its_readers_wait_and_the_next_run_finishes_it(tmp_path, monkeypatch):

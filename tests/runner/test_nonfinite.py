@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from llmlab.runner import run_command
+from llmlab.commands.run import run_command
 from llmlab.train.errors import is_cpu_out_of_memory
 from tests.tiny import TINY, write_recipe
 

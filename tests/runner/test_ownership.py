@@ -18,7 +18,8 @@ import pytest
 import torch
 
 from llmlab.ownership import MARKER, NotOwnedError, claim_run_dir, make_dir, mark, owns, remove_owned, writing_folder
-from llmlab.runner import Runner, run_command
+from llmlab.commands.run import run_command
+from llmlab.runner import Runner
 from llmlab.train import checkpoint as ck
 from tests.tiny import TINY, write_recipe
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from llmlab.runguard import LOCK_NAME, RunLockedError, run_lock
-from llmlab.runner import run_command
+from llmlab.commands.run import run_command
 from tests.tiny import TINY, write_recipe
 
 PRETRAIN_ONLY = {**TINY, "stages": {"pretrain": {**TINY["stages"]["pretrain"], "max_steps": 40, "log_every": 1}}}

@@ -11,9 +11,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from llmlab.inference.commands import generate_command
+from llmlab.commands.inference import generate_command
 from llmlab.report import report_command
-from llmlab.runner import run_command
+from llmlab.commands.run import run_command
 from tests.tiny import TINY, write_recipe
 
 pytestmark = pytest.mark.slow

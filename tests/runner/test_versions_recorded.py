@@ -12,7 +12,8 @@ import llmlab
 from llmlab import runner
 from llmlab.fingerprint import stage_fingerprints
 from llmlab.recipe import load_recipe, stage_order
-from llmlab.runner import package_versions, run_command
+from llmlab.commands.run import run_command
+from llmlab.runner import package_versions
 from llmlab.runplan import build_run_plan
 from tests.tiny import TINY, write_recipe
 
