@@ -112,9 +112,9 @@ def run_llmlab(s: Setup, rep: int, padded: bool = False) -> float:
     stage_dir.mkdir(parents=True)
     device = torch.device("cpu")
     C.reset_accelerate()  # a Trainer run before this one in the process set its own state
-    acc = Runner(s.resolved)._accelerator(device)
-    ctx = StageContext(recipe=s.resolved, name=s.stage, config=s.cfg, stage_dir=stage_dir, tokenizer=s.tok,
-                       init_path=None, stage_paths={s.stage: stage_dir}, device=device)
+    runner = Runner(s.resolved)
+    acc = runner._accelerator(device)
+    ctx = StageContext.for_stage(runner.plan, s.stage, s.tok, stage_dir=stage_dir, device=device)
     train(Bench(ctx), fingerprint="bench", accelerator=acc)
     recs = {r["step"]: r for r in map(json.loads, (stage_dir / "metrics.jsonl").read_text().splitlines()) if "loss" in r}
     shutil.rmtree(stage_dir, ignore_errors=True)

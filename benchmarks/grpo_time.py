@@ -176,9 +176,9 @@ def run_llmlab(s: Setup, rep: int) -> dict:
     stage_dir.mkdir(parents=True)
     device = torch.device("cpu")
     C.reset_accelerate()
-    acc = Runner(s.resolved)._accelerator(device)
-    ctx = StageContext(recipe=s.resolved, name="grpo", config=s.cfg, stage_dir=stage_dir, tokenizer=s.tok,
-                       init_path=None, stage_paths={"grpo": stage_dir}, device=device, allow_code=True)
+    runner = Runner(s.resolved)
+    acc = runner._accelerator(device)
+    ctx = StageContext.for_stage(runner.plan, "grpo", s.tok, stage_dir=stage_dir, device=device, allow_code=True)
     train(Bench(ctx), fingerprint="bench", accelerator=acc)
     recs = {r["step"]: r for r in map(json.loads, (stage_dir / "metrics.jsonl").read_text().splitlines()) if "loss" in r}
     shutil.rmtree(stage_dir, ignore_errors=True)

@@ -129,8 +129,7 @@ def run_llmlab(s: Setup, rep: int, own_data: bool = False) -> dict:
     runner = Runner(s.resolved)
     C.reset_accelerate()  # a Trainer run before this one in the process set its own state
     acc = runner._accelerator(device)
-    ctx = StageContext(recipe=s.resolved, name="pretrain", config=s.cfg, stage_dir=stage_dir, tokenizer=s.tok,
-                       init_path=None, stage_paths={"pretrain": stage_dir}, device=device)
+    ctx = StageContext.for_stage(runner.plan, "pretrain", s.tok, stage_dir=stage_dir, device=device)
     model, result = train(BenchPretrain(ctx), fingerprint="bench", accelerator=acc)
     recs = [json.loads(x) for x in (stage_dir / "metrics.jsonl").read_text().splitlines()]
     recs = {r["step"]: r for r in recs if "loss" in r}

@@ -408,9 +408,8 @@ class Runner:
             if dep_status != "done":
                 raise RunError(f"stage {name} reads stage {dep} ({role}), which is {dep_status}; run it first")
         init_path, init_adapter = self._init_weights(cfg, inputs["from"])
-        ctx = StageContext(recipe=self.recipe, name=name, config=cfg, stage_dir=stage_dir, tokenizer=env.tokenizer,
-                           init_path=init_path, stage_paths={n: self.layout.stage(n).dir for n in self.order},
-                           device=env.device, allow_code=self.allow_code, init_adapter=init_adapter)
+        ctx = StageContext.for_stage(self.plan, name, env.tokenizer, init_path=init_path, device=env.device,
+                                     allow_code=self.allow_code, init_adapter=init_adapter)
         stage = stage_class(cfg["type"])(ctx)
         if not stage_spec(cfg["type"]).trains:
             return self._run_results_stage(stage, env)
