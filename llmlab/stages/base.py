@@ -107,14 +107,14 @@ class StageContext:
 
     @property
     def recipe(self) -> dict:
-        """The resolved recipe, for the data pipeline (:mod:`llmlab.data`), which still reads it as
-        a dict: ``run_plan.recipe``. Stage code reads the typed plans instead."""
+        """The resolved recipe (``run_plan.recipe``), for code that still reads it as a dict (the
+        data pipeline, :mod:`llmlab.train.loop`); stage code reads the typed plans instead."""
         return self.run_plan.recipe
 
     @property
     def config(self) -> dict:
-        """The resolved stage section: the record (trackers log it), for the code that has not
-        moved to :attr:`plan`'s typed fields."""
+        """The resolved stage section (``plan.config``): the record trackers log, and what code
+        that has not moved to :attr:`plan`'s typed fields reads (the loop, the checkpointer)."""
         return self.plan.config
 
 
