@@ -106,7 +106,8 @@ def mamba2_config(model: dict | Mamba2Spec, vocab_size: int, special_ids: dict |
     head_dim (must divide exactly, and be a multiple of n_groups), state_size, head_dim, expand,
     conv_kernel, n_groups, chunk_size as named, tie_embeddings -> tie_word_embeddings; max_seq_len is
     stored as is (config.json ``max_seq_len``): Mamba2 has no position limit, but this is the context
-    it was trained for, and inference (``context_limit``) caps prompt plus reply to it.
+    it was trained for, and inference (``context_limit``) caps prompt plus reply to it. A dict without
+    ``max_seq_len`` declares no context (as a Mamba2 saved before config.json carried one).
 
     Raises:
         ValueError: head_dim does not divide expand * d_model, or n_groups the heads; a dict with
@@ -115,6 +116,7 @@ def mamba2_config(model: dict | Mamba2Spec, vocab_size: int, special_ids: dict |
     from transformers import Mamba2Config
 
     c = _spec(model, "mamba2", MAMBA2_KEYS)
+    declared = not isinstance(model, dict) or model.get("max_seq_len") is not None
     inner = c.expand * c.d_model
     if inner % c.head_dim:
         raise ValueError(f"mamba2: expand * d_model ({inner}) must be divisible by head_dim ({c.head_dim})")
@@ -137,7 +139,7 @@ def mamba2_config(model: dict | Mamba2Spec, vocab_size: int, special_ids: dict |
         pad_token_id=ids.get("pad_token_id"),
         bos_token_id=ids.get("bos_token_id"),
         eos_token_id=ids.get("eos_token_id"),
-        max_seq_len=int(c.max_seq_len),
+        **({"max_seq_len": int(c.max_seq_len)} if declared else {}),
     )
 
 
