@@ -80,6 +80,7 @@ def run_llmlab(s: Setup, rep: int, padded: bool = False) -> float:
     padding-free batching switched off, to show what it buys)."""
     from llmlab.session import resolve_precision, setup_accelerator
     from llmlab.stages import stage_class
+    from llmlab.runplan import build_run_plan
     from llmlab.stages.base import StageContext
     from llmlab.train.loop import train
 
@@ -113,8 +114,7 @@ def run_llmlab(s: Setup, rep: int, padded: bool = False) -> float:
     device = torch.device("cpu")
     C.reset_accelerate()  # a Trainer run before this one in the process set its own state
     acc = setup_accelerator(device, resolve_precision(s.resolved["precision"], device))
-    ctx = StageContext(recipe=s.resolved, name=s.stage, config=s.cfg, stage_dir=stage_dir, tokenizer=s.tok,
-                       init_path=None, stage_paths={s.stage: stage_dir}, device=device)
+    ctx = StageContext.for_stage(build_run_plan(s.resolved), s.stage, s.tok, stage_dir=stage_dir, device=device)
     train(Bench(ctx), fingerprint="bench", accelerator=acc)
     recs = {r["step"]: r for r in map(json.loads, (stage_dir / "metrics.jsonl").read_text().splitlines()) if "loss" in r}
     shutil.rmtree(stage_dir, ignore_errors=True)

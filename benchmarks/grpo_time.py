@@ -140,6 +140,7 @@ class Setup:
 def run_llmlab(s: Setup, rep: int) -> dict:
     """The grpo stage through ``llmlab.train.loop.train``; timed window from its metrics.jsonl."""
     from llmlab.session import resolve_precision, setup_accelerator
+    from llmlab.runplan import build_run_plan
     from llmlab.stages.base import StageContext
     from llmlab.stages.grpo import GRPOStage
     from llmlab.train.loop import train
@@ -177,8 +178,7 @@ def run_llmlab(s: Setup, rep: int) -> dict:
     device = torch.device("cpu")
     C.reset_accelerate()
     acc = setup_accelerator(device, resolve_precision(s.resolved["precision"], device))
-    ctx = StageContext(recipe=s.resolved, name="grpo", config=s.cfg, stage_dir=stage_dir, tokenizer=s.tok,
-                       init_path=None, stage_paths={"grpo": stage_dir}, device=device, allow_code=True)
+    ctx = StageContext.for_stage(build_run_plan(s.resolved), "grpo", s.tok, stage_dir=stage_dir, device=device, allow_code=True)
     train(Bench(ctx), fingerprint="bench", accelerator=acc)
     recs = {r["step"]: r for r in map(json.loads, (stage_dir / "metrics.jsonl").read_text().splitlines()) if "loss" in r}
     shutil.rmtree(stage_dir, ignore_errors=True)

@@ -109,6 +109,7 @@ def run_llmlab(s: Setup, rep: int, own_data: bool = False) -> dict:
     import shutil
 
     from llmlab.session import resolve_precision, setup_accelerator
+    from llmlab.runplan import build_run_plan
     from llmlab.stages.base import StageContext
     from llmlab.stages.lm import PretrainStage
     from llmlab.train.loop import train
@@ -128,8 +129,7 @@ def run_llmlab(s: Setup, rep: int, own_data: bool = False) -> dict:
     device = torch.device("cpu")
     C.reset_accelerate()  # a Trainer run before this one in the process set its own state
     acc = setup_accelerator(device, resolve_precision(s.resolved["precision"], device))
-    ctx = StageContext(recipe=s.resolved, name="pretrain", config=s.cfg, stage_dir=stage_dir, tokenizer=s.tok,
-                       init_path=None, stage_paths={"pretrain": stage_dir}, device=device)
+    ctx = StageContext.for_stage(build_run_plan(s.resolved), "pretrain", s.tok, stage_dir=stage_dir, device=device)
     model, result = train(BenchPretrain(ctx), fingerprint="bench", accelerator=acc)
     recs = [json.loads(x) for x in (stage_dir / "metrics.jsonl").read_text().splitlines()]
     recs = {r["step"]: r for r in recs if "loss" in r}

@@ -152,6 +152,8 @@ class TrainingConfig:
     """Steps between samples (None: ``eval_every``)."""
     max_time: float | None
     """Wall-clock seconds one run of the stage may take before it stops at a step boundary (None: no limit)."""
+    seq_len: int | None
+    """Training sequence length in tokens (resolution fills model.max_seq_len; None only in a bare section)."""
     optimizer: OptimizerConfig
     """The ``optimizer:`` section."""
     scheduler: SchedulerConfig

@@ -171,10 +171,8 @@ class Runner:
             if dep_status != "done":
                 raise RunError(f"stage {name} reads stage {dep} ({role}), which is {dep_status}; run it first")
         init_path, init_adapter = init_weights(self.plan, stage_plan)
-        ctx = StageContext(recipe=self.plan.recipe, name=name, config=stage_plan.config, stage_dir=lay.dir,
-                           tokenizer=session.tokenizer, init_path=init_path,
-                           stage_paths={s.name: s.layout.dir for s in self.plan.stages},
-                           device=session.device, allow_code=self.allow_code, init_adapter=init_adapter)
+        ctx = StageContext.for_stage(self.plan, name, session.tokenizer, init_path=init_path,
+                                     device=session.device, allow_code=self.allow_code, init_adapter=init_adapter)
         stage = stage_class(stage_plan.type)(ctx)
         if not stage_plan.trains:
             outcome = evaluate_stage(stage, stage_plan, session, self.layout, self.console)

@@ -305,7 +305,43 @@ def build_run_plan(resolved: dict) -> RunPlan:
         recipe=resolved, tokenizer_fingerprint=tok_fp)
 
 
+
+def bare_run_plan(recipe: dict) -> RunPlan:
+    """The :class:`RunPlan` of a hand-made recipe that was not resolved (a test's or benchmark's):
+    a copy filled with the schema's defaults; a stage without ``datasets`` has none and a training
+    stage without ``max_steps`` trains 0 steps; ``model`` is None without ``arch`` or
+    ``from_pretrained``; no fingerprints (empty) and nothing read from disk. Not for runs: a run's
+    recipe is resolved (:func:`build_run_plan`).
+
+    Raises:
+        KeyError: the recipe has no ``output_dir``.
+    """
+    from llmlab.fingerprint import stage_inputs
+    from llmlab.schemafile import fill_defaults, load_schema
+
+    bare = copy.deepcopy(recipe)
+    bare.setdefault("name", "bare")
+    fill_defaults(load_schema(), bare)
+    for section in bare.setdefault("stages", {}).values():
+        section.setdefault("datasets", {})
+        if stage_spec(section["type"]).trains:
+            section.setdefault("max_steps", 0)
+    order, layout = list(bare["stages"]), RunLayout.of(bare)
+    model = bare.get("model") or {}
+    settings = from_section(
+        RunSettings, bare, layout=layout, output_dir=layout.root, token_store=None,
+        logging=from_section(LoggingSpec, bare["logging"]), distributed=DistributedConfig.from_dict(bare.get("distributed")),
+        dataloader=DataLoaderConfig.from_recipe(bare))
+    none = {"fingerprint": "", "parts": {}, "output": ""}
+    return RunPlan(
+        settings=settings, tokenizer=tokenizer_spec(bare.get("tokenizer") or {}),
+        model=model_spec(model) if model.get("arch") or model.get("from_pretrained") else None,
+        datasets={n: dataset_source(n, d) for n, d in (bare.get("datasets") or {}).items()},
+        stages=tuple(stage_plan(bare, n, none, stage_inputs(bare, n, order), layout) for n in order),
+        recipe=bare, tokenizer_fingerprint="")
+
+
 __all__ = ["DatasetSource", "FilterSpec", "LoggingSpec", "LoraSpec", "Mamba2Spec", "ModelSpec", "PretrainedSpec",
            "RunPlan", "RunSettings", "StageInit", "StagePlan", "TokenizerSpec", "TokenizerTrainSpec",
-           "TransformerSpec", "build_run_plan", "dataset_source", "from_section", "model_spec", "schema_filled", "stage_plan",
+           "TransformerSpec", "bare_run_plan", "build_run_plan", "dataset_source", "from_section", "model_spec", "schema_filled", "stage_plan",
            "tokenizer_spec", "trained_lora"]

@@ -50,13 +50,13 @@ def _msgs(x: Any, default_role: str) -> list[dict]:
         return [{"role": default_role, "content": x}]
     if isinstance(x, list):
         out = []
-        for m in x:
-            if isinstance(m, dict) and "content" in m:
-                out.append({"role": m.get("role", default_role), "content": str(m["content"])})
-            elif isinstance(m, dict) and "value" in m:
-                out.append({"role": _ROLE.get(str(m.get("from")), default_role), "content": str(m["value"])})
+        for msg in x:  # a message (ShareGPT's "from"/"value" too), not a recipe section
+            if isinstance(msg, dict) and "content" in msg:
+                out.append({"role": msg.get("role", default_role), "content": str(msg["content"])})
+            elif isinstance(msg, dict) and "value" in msg:
+                out.append({"role": _ROLE.get(str(msg.get("from")), default_role), "content": str(msg["value"])})
             else:
-                raise ValueError(f"not a message: {m!r}")
+                raise ValueError(f"not a message: {msg!r}")
         return out
     raise ValueError(f"expected a string or a list of messages, got {type(x).__name__}")
 

@@ -378,7 +378,7 @@ def evaluate_model(model: Any, tokenizer: Any, rows: Sequence[dict], kind: str, 
     model.eval()
     try:
         if kind == "text":
-            res = eval_text(model, tokenizer, [r["text"] for r in rows], batch_size, max_length)
+            res = eval_text(model, tokenizer, [row["text"] for row in rows], batch_size, max_length)
         elif kind == "conversation":
             res = eval_conversation(model, tokenizer, rows, batch_size, max_length)
         elif kind == "preference":

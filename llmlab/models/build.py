@@ -24,6 +24,7 @@ from llmlab.models.gguf import drop_gguf_quantizer, is_gguf, split_gguf
 from llmlab.models.configuration_llmlab import LlmlabConfig
 from llmlab.models.modeling_llmlab import LlmlabForCausalLM, register_auto_classes
 from llmlab.models.params import as_model_spec, lora_spec
+from llmlab.specs import LoraSpec, Mamba2Spec, ModelSpec, PretrainedSpec, TransformerSpec
 
 log = logging.getLogger(__name__)
 
@@ -60,13 +61,11 @@ def _special_ids(tokenizer) -> dict[str, int | None]:
     return ids
 
 
-def _vocab_size(model_cfg: dict, tokenizer, vocab_size: int | None) -> int:
+def _vocab_size(tokenizer, vocab_size: int | None) -> int:
     if tokenizer is not None:
         return len(tokenizer)
     if vocab_size is not None:
         return int(vocab_size)
-    if model_cfg.get("vocab_size") is not None:
-        return int(model_cfg["vocab_size"])
     raise ValueError("build_model needs a tokenizer or vocab_size to size the embedding")
 
 
@@ -76,32 +75,48 @@ def _check_keys(model_cfg: dict, allowed: tuple[str, ...], arch: str) -> None:
         raise ValueError(f"model: keys {unknown} do not apply to arch {arch!r} (expected some of {sorted(allowed)})")
 
 
-def transformer_config(model_cfg: dict, vocab_size: int, special_ids: dict | None = None) -> LlmlabConfig:
-    """The :class:`LlmlabConfig` for a recipe's ``model:`` section with ``arch: transformer``.
+def _spec(model: dict | ModelSpec, arch: str, allowed: tuple[str, ...]) -> ModelSpec:
+    """``model`` typed (a dict is checked for keys of another arch, then filled from the schema)."""
+    if isinstance(model, dict):
+        _check_keys(model, allowed, arch)
+        model = as_model_spec({**model, "arch": arch})
+    return model
 
-    Keys left out or ``null`` take the recipe defaults (schemas/recipe.schema.json, docs/recipes.md).
+
+def transformer_config(model: dict | TransformerSpec, vocab_size: int, special_ids: dict | None = None) -> LlmlabConfig:
+    """The :class:`LlmlabConfig` for a recipe's ``model:`` section with ``arch: transformer`` (a
+    :class:`~llmlab.specs.TransformerSpec`, or a dict: keys left out or ``null`` take the schema's
+    defaults, schemas/recipe.schema.json, docs/recipes.md).
+
+    Raises:
+        ValueError: a dict with keys of another arch.
     """
-    _check_keys(model_cfg, TRANSFORMER_KEYS, "transformer")
-    kwargs: dict[str, Any] = {k: model_cfg[k] for k in TRANSFORMER_KEYS if model_cfg.get(k) is not None}
-    if "tie_embeddings" in kwargs:
-        kwargs["tie_word_embeddings"] = bool(kwargs.pop("tie_embeddings"))
+    spec = _spec(model, "transformer", TRANSFORMER_KEYS)
+    kwargs: dict[str, Any] = {k: v for k in TRANSFORMER_KEYS if (v := getattr(spec, k)) is not None}
+    kwargs["tie_word_embeddings"] = bool(kwargs.pop("tie_embeddings"))
     kwargs.update({k: v for k, v in (special_ids or {}).items() if v is not None})
     return LlmlabConfig(vocab_size=vocab_size, **kwargs)
 
 
-def mamba2_config(model_cfg: dict, vocab_size: int, special_ids: dict | None = None):
-    """The ``transformers.Mamba2Config`` for a recipe's ``model:`` section with ``arch: mamba2``.
+def mamba2_config(model: dict | Mamba2Spec, vocab_size: int, special_ids: dict | None = None):
+    """The ``transformers.Mamba2Config`` for a recipe's ``model:`` section with ``arch: mamba2`` (a
+    :class:`~llmlab.specs.Mamba2Spec`, or a dict filled from the schema).
 
     Mapping: d_model -> hidden_size, n_layers -> num_hidden_layers, num_heads = expand * d_model /
     head_dim (must divide exactly, and be a multiple of n_groups), state_size, head_dim, expand,
     conv_kernel, n_groups, chunk_size as named, tie_embeddings -> tie_word_embeddings; max_seq_len is
     stored as is (config.json ``max_seq_len``): Mamba2 has no position limit, but this is the context
-    it was trained for, and inference (``context_limit``) caps prompt plus reply to it.
+    it was trained for, and inference (``context_limit``) caps prompt plus reply to it. A dict without
+    ``max_seq_len`` declares no context (as a Mamba2 saved before config.json carried one).
+
+    Raises:
+        ValueError: head_dim does not divide expand * d_model, or n_groups the heads; a dict with
+            keys of another arch.
     """
     from transformers import Mamba2Config
 
-    _check_keys(model_cfg, MAMBA2_KEYS, "mamba2")
-    c = as_model_spec({"arch": "mamba2", **model_cfg})  # absent or null keys: the schema's defaults
+    c = _spec(model, "mamba2", MAMBA2_KEYS)
+    declared = not isinstance(model, dict) or model.get("max_seq_len") is not None
     inner = c.expand * c.d_model
     if inner % c.head_dim:
         raise ValueError(f"mamba2: expand * d_model ({inner}) must be divisible by head_dim ({c.head_dim})")
@@ -109,7 +124,6 @@ def mamba2_config(model_cfg: dict, vocab_size: int, special_ids: dict | None = N
     if num_heads % c.n_groups:
         raise ValueError(f"mamba2: num_heads = expand*d_model/head_dim = {num_heads} must be divisible by n_groups ({c.n_groups})")
     ids = {k: v for k, v in (special_ids or {}).items() if v is not None}
-    context = {"max_seq_len": int(model_cfg["max_seq_len"])} if model_cfg.get("max_seq_len") is not None else {}
     return Mamba2Config(
         vocab_size=vocab_size,
         hidden_size=c.d_model,
@@ -125,28 +139,28 @@ def mamba2_config(model_cfg: dict, vocab_size: int, special_ids: dict | None = N
         pad_token_id=ids.get("pad_token_id"),
         bos_token_id=ids.get("bos_token_id"),
         eos_token_id=ids.get("eos_token_id"),
-        **context,
+        **({"max_seq_len": int(c.max_seq_len)} if declared else {}),
     )
 
 
-def _trust_remote_code(model_cfg: dict, allow_code: bool) -> bool:
-    wants = model_cfg.get("trust_remote_code") is True  # the schema's default: false
+def _trust_remote_code(spec: PretrainedSpec, allow_code: bool) -> bool:
+    wants = spec.trust_remote_code is True  # the schema's default: false
     if wants and not allow_code:
         raise PermissionError(
-            f"model.trust_remote_code is true for {model_cfg.get('from_pretrained')!r}: running a checkpoint's "
+            f"model.trust_remote_code is true for {spec.from_pretrained!r}: running a checkpoint's "
             "Python code needs the explicit --allow-code flag"
         )
     return wants and allow_code
 
 
-def _from_pretrained(model_cfg: dict, allow_code: bool) -> PreTrainedModel:
-    source = str(model_cfg["from_pretrained"])
-    dtype_name = model_cfg.get("dtype") or "auto"
+def _from_pretrained(spec: PretrainedSpec, allow_code: bool) -> PreTrainedModel:
+    source = str(spec.from_pretrained)
+    dtype_name = spec.dtype
     if dtype_name != "auto" and dtype_name not in _DTYPES:
         raise ValueError(f"model.dtype must be auto|float32|bfloat16|float16, got {dtype_name!r}")
     dtype = "auto" if dtype_name == "auto" else _DTYPES[dtype_name]
-    trust = _trust_remote_code(model_cfg, allow_code)
-    kwargs: dict[str, Any] = {"revision": model_cfg.get("revision"), "dtype": dtype, "trust_remote_code": trust}
+    trust = _trust_remote_code(spec, allow_code)
+    kwargs: dict[str, Any] = {"revision": spec.revision, "dtype": dtype, "trust_remote_code": trust}
     if is_gguf(source):
         # GGUF is a plain tensor container (no pickle); transformers dequantizes it (needs `gguf`)
         where, name = split_gguf(source)
@@ -164,11 +178,26 @@ def _from_pretrained(model_cfg: dict, allow_code: bool) -> PreTrainedModel:
         raise
 
 
-def build_model(model_cfg: dict, tokenizer=None, vocab_size: int | None = None, allow_code: bool = False) -> PreTrainedModel:
+def _typed_model(model: dict | ModelSpec) -> ModelSpec:
+    """``model`` as a spec (a dict filled from the schema; its keys of another arch are refused)."""
+    if not isinstance(model, dict):
+        return model
+    spec = as_model_spec(model)
+    allowed = {TransformerSpec: TRANSFORMER_KEYS, Mamba2Spec: MAMBA2_KEYS}.get(type(spec))
+    if allowed is not None:
+        _check_keys(model, allowed, spec.arch)
+    return spec
+
+
+def build_model(model: dict | ModelSpec, tokenizer=None, vocab_size: int | None = None,
+                allow_code: bool = False) -> PreTrainedModel:
     """Build (from scratch, seeded by the caller) or load the causal LM of a recipe's ``model:``.
 
     Args:
-        model_cfg: the resolved ``model:`` section (one of ``arch`` / ``from_pretrained``).
+        model: the typed ``model:`` section (:class:`~llmlab.specs.TransformerSpec`,
+            :class:`~llmlab.specs.Mamba2Spec` or :class:`~llmlab.specs.PretrainedSpec`; the run's
+            ``RunPlan.model``), or a dict section (one of ``arch`` / ``from_pretrained``; absent
+            keys take the schema's defaults).
         tokenizer: the run's tokenizer; sets vocab_size = len(tokenizer) and pad/bos/eos ids
             (pad falls back to eos). A ``from_pretrained`` model whose embedding has fewer rows
             than the tokenizer has tokens (a pad or chat-template token llmlab added) is grown to
@@ -179,26 +208,27 @@ def build_model(model_cfg: dict, tokenizer=None, vocab_size: int | None = None, 
     Returns:
         an ``LlmlabForCausalLM`` / ``Mamba2ForCausalLM`` / any AutoModelForCausalLM, in train mode is
         left to the caller; gradient checkpointing enabled when the section asks for it.
+
+    Raises:
+        ValueError: neither ``arch`` nor ``from_pretrained``, or keys of another arch.
     """
-    if model_cfg.get("from_pretrained") is not None:
-        model = _from_pretrained(model_cfg, allow_code)
+    spec = _typed_model(model)
+    if isinstance(spec, PretrainedSpec):
+        built = _from_pretrained(spec, allow_code)
         if tokenizer is not None:
-            grow_embeddings_for(model, tokenizer)
+            grow_embeddings_for(built, tokenizer)
     else:
-        arch = model_cfg.get("arch")
-        vocab = _vocab_size(model_cfg, tokenizer, vocab_size)
+        vocab = _vocab_size(tokenizer, vocab_size)
         ids = _special_ids(tokenizer)
-        if arch == "transformer":
-            model = LlmlabForCausalLM(transformer_config(model_cfg, vocab, ids))
-        elif arch == "mamba2":
+        if isinstance(spec, TransformerSpec):
+            built = LlmlabForCausalLM(transformer_config(spec, vocab, ids))
+        else:
             from transformers import Mamba2ForCausalLM
 
-            model = Mamba2ForCausalLM(mamba2_config(model_cfg, vocab, ids))
-        else:
-            raise ValueError(f"model.arch must be 'transformer' or 'mamba2', got {arch!r}")
-    if model_cfg.get("gradient_checkpointing"):
-        enable_gradient_checkpointing(model)
-    return model
+            built = Mamba2ForCausalLM(mamba2_config(spec, vocab, ids))
+    if spec.gradient_checkpointing:
+        enable_gradient_checkpointing(built)
+    return built
 
 
 def grow_embeddings_for(model: PreTrainedModel, tokenizer) -> bool:
@@ -309,12 +339,13 @@ def arch_key_for_model(model) -> str | None:
     return lora_presets.arch_key_for_model_type(model_type, {"activation": getattr(config, "activation", "swiglu")})
 
 
-def apply_lora(model: PreTrainedModel, lora_cfg: dict, arch_key: str | None = None):
+def apply_lora(model: PreTrainedModel, lora_cfg: dict | LoraSpec, arch_key: str | None = None):
     """Wrap ``model`` with LoRA adapters (Hu et al. 2021, "LoRA: Low-Rank Adaptation") via peft.
 
     Args:
         model: the model to adapt (its base weights are frozen by peft).
-        lora_cfg: the stage's ``lora:`` section: ``preset``, ``r``, ``alpha``, ``dropout``,
+        lora_cfg: the stage's typed ``lora:`` (:class:`~llmlab.specs.LoraSpec`; a dict section is
+            filled from the schema): ``preset``, ``r``, ``alpha``, ``dropout``,
             ``target_modules`` (custom), ``use_dora`` (DoRA, Liu et al. 2024), ``use_rslora``
             (rsLoRA, Kalajdzievski 2023: scale alpha / sqrt(r)).
         arch_key: a ``lora_presets.PRESETS`` key; ``None`` -> derived from ``model.config``.
@@ -325,11 +356,10 @@ def apply_lora(model: PreTrainedModel, lora_cfg: dict, arch_key: str | None = No
     """
     from peft import LoraConfig, TaskType, get_peft_model
 
-    if lora_cfg.get("quantize") and not (getattr(model, "is_loaded_in_4bit", False)
-                                         or getattr(model, "is_loaded_in_8bit", False)):
+    lora = lora_spec(lora_cfg)  # a bare section too: the schema's defaults
+    if lora.quantize and not (getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False)):
         raise ValueError("lora.quantize: the base must be loaded quantized (load_causal_lm(..., quantize=...)); "
                          "a model built from scratch has no pretrained weights to quantize")
-    lora = lora_spec(lora_cfg)  # a bare section too: the schema's defaults
     key = arch_key or arch_key_for_model(model)
     if key is None:
         if lora.preset != "custom":
@@ -345,8 +375,8 @@ def apply_lora(model: PreTrainedModel, lora_cfg: dict, arch_key: str | None = No
         lora_dropout=float(lora.dropout),
         target_modules=targets,
         task_type=TaskType.SEQ_CLS if is_seq_cls else TaskType.CAUSAL_LM,
-        use_dora=bool(lora_cfg.get("use_dora")),
-        use_rslora=bool(lora_cfg.get("use_rslora")),
+        use_dora=bool(lora.use_dora),
+        use_rslora=bool(lora.use_rslora),
     )
     return get_peft_model(model, config)
 

@@ -8,6 +8,8 @@ directly), so Mamba2 presets only ever adapt ``in_proj``.
 
 from __future__ import annotations
 
+from llmlab.specs import Mamba2Spec, ModelSpec, PretrainedSpec, TransformerSpec
+
 PRESET_NAMES = ("minimal", "attention_only", "ffn_only", "all", "custom")
 
 _ATTN = ["q_proj", "k_proj", "v_proj", "o_proj"]
@@ -51,32 +53,39 @@ KNOWN_TARGETS: dict[str, set[str]] = {
 }
 
 
-def arch_key(model_cfg: dict) -> str | None:
-    """The PRESETS key for a recipe's ``model:`` section; None when unknown before loading
-    (a ``from_pretrained`` checkpoint of an unknown family)."""
-    arch = model_cfg.get("arch")
+def arch_key(model_cfg: dict | ModelSpec) -> str | None:
+    """The PRESETS key for a recipe's ``model:`` section: typed (:mod:`llmlab.specs`), or a dict,
+    also one not validated yet (the validator calls this; absent keys take the schema's defaults);
+    None when unknown before loading (a ``from_pretrained`` checkpoint of an unknown family)."""
+    if isinstance(model_cfg, (TransformerSpec, Mamba2Spec, PretrainedSpec)):
+        arch, activation = getattr(model_cfg, "arch", None), getattr(model_cfg, "activation", None)
+    else:
+        arch = model_cfg.get("arch")
+        if arch == "transformer":
+            from llmlab.schemafile import schema_filled
+
+            section = {k: v for k, v in model_cfg.items() if v is not None}
+            activation = schema_filled("#/properties/model", section)["activation"]  # absent: the default
     if arch == "mamba2":
         return "mamba2"
     if arch == "transformer":
-        from llmlab.schemafile import schema_filled
-
-        section = {k: v for k, v in model_cfg.items() if v is not None}
-        gated = schema_filled("#/properties/model", section)["activation"] == "swiglu"  # absent: the default
-        return "transformer_gated" if gated else "transformer_plain"
+        return "transformer_gated" if activation == "swiglu" else "transformer_plain"
     return None
 
 
-def arch_key_for_model_type(model_type: str, config: dict | None = None) -> str | None:
+def arch_key_for_model_type(model_type: str, hf_config: dict | None = None) -> str | None:
     """The PRESETS key for a Hugging Face ``config.model_type`` (for from_pretrained models).
 
-    ``config`` (the checkpoint's config.json as a dict) is needed for our own ``llmlab`` models,
-    whose feed-forward is gated or plain depending on ``activation``; without it swiglu is assumed.
+    ``hf_config`` (the checkpoint's config.json as a dict, not a recipe section) is needed for our
+    own ``llmlab`` models, whose feed-forward is gated or plain depending on ``activation``; without
+    it swiglu (LlmlabConfig's default) is assumed.
     """
     if model_type == "mamba2":
         return "mamba2"
     if model_type == "llmlab":
-        activation = (config or {}).get("activation", "swiglu")
-        return "transformer_gated" if activation == "swiglu" else "transformer_plain"
+        # an llmlab checkpoint's config.json always holds its activation
+        gated = hf_config is None or hf_config["activation"] == "swiglu"
+        return "transformer_gated" if gated else "transformer_plain"
     if model_type in {"llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "phi3", "mixtral", "olmo", "olmo2"}:
         return "transformer_gated"
     return None

@@ -356,9 +356,10 @@ def activation_elements_per_token(model_cfg: dict, seq_len: int) -> int:
     out_proj input, plus one (num_heads x head_dim x state_size) state per chunk.
     """
     if isinstance(model_cfg, dict) and "kv_dim" in model_cfg:  # a pretrained decoder's dims (:func:`pretrained_dims`)
-        d = model_cfg["d_model"]
-        ffn = (4 if model_cfg["gated"] else 2) * model_cfg["d_ff"]
-        return model_cfg["n_layers"] * (6 * d + 2 * model_cfg["kv_dim"] + 2 * d + ffn)
+        dims = model_cfg  # not a recipe section: the numbers read from the checkpoint's shapes
+        d = dims["d_model"]
+        ffn = (4 if dims["gated"] else 2) * dims["d_ff"]
+        return dims["n_layers"] * (6 * d + 2 * dims["kv_dim"] + 2 * d + ffn)
     arch = getattr(as_model_spec(model_cfg), "arch", None)
     if arch == "transformer":
         k = transformer_dims(model_cfg)

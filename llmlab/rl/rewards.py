@@ -115,23 +115,35 @@ def exact_answer_rewards(completions: list[str], answers: list[str]) -> list[flo
     return out
 
 
-def check_reward_specs(specs: list[dict], stage_name: str, allow_code: bool) -> None:
-    """Validate a ``reward:`` list without loading anything (call this before training starts).
+#: the source fields of a :class:`~llmlab.stage_params.RewardSpec`, by recipe key
+_SOURCE_FIELDS = {"from": "from_stage", "model": "model", "function": "function", "builtin": "builtin"}
+
+
+def reward_specs(specs) -> tuple[RewardSpec, ...]:
+    """A ``reward:`` list as typed entries (a stage plan's ``params.reward`` as it is; dict entries,
+    resolved or bare, take the schema's defaults); None or empty: ()."""
+    return tuple(s if isinstance(s, RewardSpec) else typed_section(RewardSpec, s) for s in (specs or ()))
+
+
+def check_reward_specs(specs, stage_name: str, allow_code: bool) -> None:
+    """Validate a ``reward:`` list (typed entries or dicts, :func:`reward_specs`) without loading
+    anything (call this before training starts).
 
     Raises:
         RewardConfigError: an empty list, an entry with zero or several sources, an unknown builtin,
             or a Python function without ``--allow-code``.
     """
     where = f"stages.{stage_name}.reward"
+    specs = reward_specs(specs)
     if not specs:
         raise RewardConfigError(f"{where}: an online-RL stage needs at least one reward source "
                                 "({from: STAGE}, {model: PATH}, {builtin: NAME} or {function: module:function})")
     for i, spec in enumerate(specs):
-        keys = [k for k in SOURCE_KEYS if k in spec]
+        keys = [k for k in SOURCE_KEYS if getattr(spec, _SOURCE_FIELDS[k]) is not None]
         if len(keys) != 1:
             raise RewardConfigError(f"{where}[{i}]: give exactly one of {', '.join(SOURCE_KEYS)} (got {keys or 'none'})")
-        if "function" in spec:
-            target = spec["function"]
+        if spec.function is not None:
+            target = spec.function
             if not allow_code:
                 raise RewardConfigError(
                     f"{where}[{i}].function: the recipe names Python code ({target!r}) to run as a reward "
@@ -139,13 +151,12 @@ def check_reward_specs(specs: list[dict], stage_name: str, allow_code: bool) -> 
                     "pass --allow-code (llmlab run --allow-code ...).")
             if not isinstance(target, str) or ":" not in target:
                 raise RewardConfigError(f"{where}[{i}].function: expected 'module:function', got {target!r}")
-        if "builtin" in spec:
-            name = spec["builtin"]
-            if name not in BUILTINS:
-                raise RewardConfigError(f"{where}[{i}].builtin: {name!r} is not one of {', '.join(BUILTINS)}")
-            need = BUILTIN_KEYS[name]
-            if need is not None and need not in spec:
-                raise RewardConfigError(f"{where}[{i}]: builtin {name} needs the key {need!r}")
+        if spec.builtin is not None:
+            if spec.builtin not in BUILTINS:
+                raise RewardConfigError(f"{where}[{i}].builtin: {spec.builtin!r} is not one of {', '.join(BUILTINS)}")
+            need = BUILTIN_KEYS[spec.builtin]
+            if need is not None and getattr(spec, need) is None:
+                raise RewardConfigError(f"{where}[{i}]: builtin {spec.builtin} needs the key {need!r}")
 
 
 def _pack_right(r: Rollout, pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -272,15 +283,15 @@ class RewardFunction:
     Also exposes ``components(rollout) -> dict[str, [N]]`` for per-source logging.
     """
 
-    def __init__(self, specs: list[dict], ctx):
+    def __init__(self, specs, ctx):
+        specs = reward_specs(specs)
         check_reward_specs(specs, ctx.name, ctx.allow_code)
         tok = ctx.tokenizer
         pad = tok.pad_token_id if tok is not None and tok.pad_token_id is not None else 0
         self.tokenizer = tok
         self.sources: list[tuple[str, float, Callable]] = []
-        for i, section in enumerate(specs):
+        for i, spec in enumerate(specs):  # checked above: exactly one source
             where = f"stages.{ctx.name}.reward[{i}]"
-            spec = typed_section(RewardSpec, section)  # checked above: exactly one source; weight from the schema
             weight = float(spec.weight)
             if spec.builtin is not None:
                 src, label = _BuiltinReward(spec, tok, where), f"builtin:{spec.builtin}"

@@ -7,22 +7,30 @@ optimizer steps, gradient accumulation and clipping, evaluation, logging, checkp
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from llmlab.layout import StageLayout
+from llmlab.runplan import LoraSpec, ModelSpec, RunPlan, RunSettings, StagePlan, bare_run_plan
+
 
 @dataclass
 class StageContext:
-    """Everything a stage needs to build itself.
+    """Everything a stage needs to build itself: its :class:`~llmlab.runplan.StagePlan` (typed
+    ``training``, ``params``, ``lora``, ``init``, ``inputs``, ``layout``), the run's
+    :class:`~llmlab.runplan.RunPlan` (typed ``settings``, ``model``, ``tokenizer``, ``datasets``)
+    and what only the run knows (tokenizer, device, the paths its inputs resolved to).
+
+    Build one with :meth:`for_stage` (a resolved run) or :meth:`bare` (a hand-made recipe in tests
+    and benchmarks).
 
     Attributes:
-        recipe: the resolved recipe (plain dict, defaults filled, paths absolute).
-        name: this stage's name (a key of ``recipe["stages"]``).
-        config: ``recipe["stages"][name]``.
-        stage_dir: ``<output_dir>/<name>``.
+        plan: this stage's node of the stage graph.
+        run_plan: the run's plan (run-wide settings, the model section, every stage).
         tokenizer: the run's frozen tokenizer (a ``PreTrainedTokenizerFast``).
         init_path: the HF-format directory this stage starts from (the ``from`` stage's ``final/``),
             or ``None`` when the stage starts from the recipe's ``model:`` section.
@@ -35,20 +43,79 @@ class StageContext:
             then that adapter's base.
     """
 
-    recipe: dict
-    name: str
-    config: dict
-    stage_dir: Path
+    plan: StagePlan
+    run_plan: RunPlan
     tokenizer: Any
-    init_path: Path | None
+    init_path: Path | None = None
     stage_paths: dict[str, Path] = field(default_factory=dict)
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     allow_code: bool = False
     init_adapter: Path | None = None
 
+    @classmethod
+    def for_stage(cls, run_plan: RunPlan, name: str, tokenizer: Any, stage_dir: Path | None = None,
+                  **kw) -> StageContext:
+        """The context of stage ``name`` of ``run_plan``; ``kw`` sets the other attributes
+        (``stage_paths`` defaults to every stage's directory in the run's layout). ``stage_dir``
+        moves the stage's own directory elsewhere (benchmarks training one stage several times).
+
+        Raises:
+            KeyError: no stage ``name``.
+        """
+        plan = run_plan.stage(name)
+        if stage_dir is not None:
+            plan = dataclasses.replace(plan, layout=StageLayout(Path(stage_dir)))
+        kw.setdefault("stage_paths", {s.name: s.layout.dir for s in run_plan.stages} | {name: plan.layout.dir})
+        return cls(plan=plan, run_plan=run_plan, tokenizer=tokenizer, **kw)
+
+    @classmethod
+    def bare(cls, recipe: dict, name: str, tokenizer: Any = None, **kw) -> StageContext:
+        """:meth:`for_stage` of a hand-made recipe that was not resolved (tests, benchmarks):
+        :func:`llmlab.runplan.bare_run_plan` fills it from the schema."""
+        return cls.for_stage(bare_run_plan(recipe), name, tokenizer, **kw)
+
+    @property
+    def name(self) -> str:
+        """This stage's name."""
+        return self.plan.name
+
+    @property
+    def stage_dir(self) -> Path:
+        """``<output_dir>/<name>``."""
+        return self.plan.layout.dir
+
+    @property
+    def settings(self) -> RunSettings:
+        """The run-wide settings (seed, precision, device, logging, ...)."""
+        return self.run_plan.settings
+
     @property
     def seed(self) -> int:
-        return int(self.recipe.get("seed", 0))
+        """The run's seed."""
+        return int(self.run_plan.settings.seed)
+
+    @property
+    def model_spec(self) -> ModelSpec | None:
+        """The typed ``model:`` section (None only in a bare recipe without one)."""
+        return self.run_plan.model
+
+    @property
+    def own_lora(self) -> LoraSpec | None:
+        """The LoRA this stage applies to its model itself: its own ``lora``, not the unmerged
+        adapter it continues (which its starting model already carries)."""
+        return self.plan.lora if self.plan.init.adapter_from is None else None
+
+    @property
+    def recipe(self) -> dict:
+        """The resolved recipe (``run_plan.recipe``), for code that still reads it as a dict (the
+        data pipeline, :mod:`llmlab.train.loop`); stage code reads the typed plans instead."""
+        return self.run_plan.recipe
+
+    @property
+    def config(self) -> dict:
+        """The resolved stage section (``plan.config``): the record trackers log, and what code
+        that has not moved to :attr:`plan`'s typed fields reads (the loop, the checkpointer)."""
+        return self.plan.config
 
 
 class Stage:
@@ -63,7 +130,16 @@ class Stage:
 
     def __init__(self, ctx: StageContext):
         self.ctx = ctx
-        self.config = ctx.config
+
+    @property
+    def plan(self) -> StagePlan:
+        """The stage's plan (``ctx.plan``)."""
+        return self.ctx.plan
+
+    @property
+    def config(self) -> dict:
+        """The resolved stage section (``ctx.config``: the record; read :attr:`plan` instead)."""
+        return self.ctx.config
 
     # -- model -----------------------------------------------------------------------------
     def build_model(self) -> torch.nn.Module:
@@ -80,10 +156,10 @@ class Stage:
             base = load_causal_lm(self.ctx.init_path, allow_code=self.ctx.allow_code)
             return PeftModel.from_pretrained(base, str(self.ctx.init_adapter), is_trainable=True)
         if self.ctx.init_path is not None:
-            quantize = (self.config.get("lora") or {}).get("quantize")
-            return load_causal_lm(self.ctx.init_path, allow_code=self.ctx.allow_code, quantize=quantize)
-        return build_model(self.ctx.recipe["model"], tokenizer=self.ctx.tokenizer,
-                           allow_code=self.ctx.allow_code)
+            lora = self.ctx.own_lora
+            return load_causal_lm(self.ctx.init_path, allow_code=self.ctx.allow_code,
+                                  quantize=lora.quantize if lora is not None else None)
+        return build_model(self.ctx.model_spec, tokenizer=self.ctx.tokenizer, allow_code=self.ctx.allow_code)
 
     def setup(self, model: torch.nn.Module) -> None:
         """Called once after the model is built, LoRA applied and moved to the device."""
@@ -95,7 +171,7 @@ class Stage:
         if getattr(self, "_data", None) is None:
             from llmlab.data.pipeline import build_stage_data
 
-            self._data = build_stage_data(self.ctx.recipe, self.ctx.name, self.ctx.tokenizer)
+            self._data = build_stage_data(self.ctx.run_plan.recipe, self.ctx.name, self.ctx.tokenizer)
         return self._data
 
     @property

@@ -35,7 +35,7 @@ import torch
 
 from llmlab.losses import cpo_loss, dpo_loss, preference_accuracy, token_logps
 from llmlab.models.padfree import concat_pairs, model_logits, packs_documents, padfree_sequence_logps
-from llmlab.recipe.schema import stage_defaults
+from llmlab.stage_params import DPOParams
 from llmlab.stage_specs import REFERENCE_FREE_DPO_LOSSES
 from llmlab.stages.base import Stage, StageContext
 from llmlab.stages.reference import ReferenceModel
@@ -71,25 +71,25 @@ class DPOStage(Stage):
 
     def __init__(self, ctx: StageContext):
         super().__init__(ctx)
-        cfg = {**stage_defaults(self.type), **self.config}
-        self.beta = float(cfg["beta"])
-        self.loss_type = cfg["loss_type"]
-        self.label_smoothing = float(cfg["label_smoothing"])
-        self.rpo_alpha = float(cfg["rpo_alpha"])
-        self.simpo_gamma = float(cfg["simpo_gamma"])
-        self.cpo_alpha = float(cfg["cpo_alpha"])
+        p: DPOParams = ctx.plan.params
+        self.beta = float(p.beta)
+        self.loss_type = p.loss_type
+        self.label_smoothing = float(p.label_smoothing)
+        self.rpo_alpha = float(p.rpo_alpha)
+        self.simpo_gamma = float(p.simpo_gamma)
+        self.cpo_alpha = float(p.cpo_alpha)
         if self.loss_type not in ("sigmoid", "ipo") + REFERENCE_FREE_LOSSES:
             raise ValueError(f"stages.{ctx.name}.loss_type: {self.loss_type!r} is not one of sigmoid, ipo, simpo, cpo")
         if self.loss_type == "ipo" and self.label_smoothing:
             raise ValueError(f"stages.{ctx.name}.label_smoothing does not apply to loss_type ipo")
         if self.loss_type == "cpo" and self.rpo_alpha:
             raise ValueError(f"stages.{ctx.name}.rpo_alpha: loss_type cpo weighs its NLL term with cpo_alpha")
-        if self.loss_type in REFERENCE_FREE_LOSSES and cfg.get("reference_from"):
+        if self.loss_type in REFERENCE_FREE_LOSSES and p.reference_from:
             raise ValueError(f"stages.{ctx.name}.reference_from: loss_type {self.loss_type} uses no reference model")
         #: weight of the chosen replies' NLL term: CPO's cpo_alpha, else RPO's rpo_alpha
         self.nll_weight = self.cpo_alpha if self.loss_type == "cpo" else self.rpo_alpha
         self.reference = (None if self.loss_type in REFERENCE_FREE_LOSSES
-                          else ReferenceModel(ctx, cfg.get("reference_from")))
+                          else ReferenceModel(ctx, p.reference_from))
 
     # -- model -----------------------------------------------------------------------------
     def build_model(self) -> torch.nn.Module:

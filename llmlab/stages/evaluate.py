@@ -38,7 +38,8 @@ from rich.table import Table
 
 from llmlab.fingerprint import models_inputs, results_stage_status
 from llmlab.layout import StageLayout, write_json_atomic
-from llmlab.recipe.schema import stage_defaults
+from llmlab.runplan import RunPlan, RunSettings
+from llmlab.stage_params import EvaluateParams
 from llmlab.stage_specs import stage_spec
 from llmlab.stages.base import Stage
 
@@ -116,10 +117,10 @@ def _finite(obj: Any) -> Any:
     return obj
 
 
-def _device_and_dtype(recipe: dict) -> tuple[str | None, str | None]:
-    device = recipe.get("device", "auto")
-    dev = None if device in (None, "auto") else str(device)
-    return dev, _DTYPES.get(str(recipe.get("precision", "auto")))
+def _device_and_dtype(settings: RunSettings) -> tuple[str | None, str | None]:
+    """(device, dtype name) to load the models with: None where the run's setting is ``auto``."""
+    dev = None if settings.device == "auto" else str(settings.device)
+    return dev, _DTYPES.get(str(settings.precision))
 
 
 def _load(stage_dir: Path, stage: str, allow_code: bool, device: str | None, dtype: str | None):
@@ -138,12 +139,13 @@ def _same_vocab(a: Any, b: Any) -> bool:
     return a is None or b is None or a.get_vocab() == b.get_vocab()
 
 
-def run_evaluate_stage(recipe: dict, name: str, stage_paths: dict[str, Path], tokenizer: Any = None,
+def run_evaluate_stage(run_plan: RunPlan, name: str, stage_paths: dict[str, Path], tokenizer: Any = None,
                        allow_code: bool = False, log: Callable[[str], None] | None = None) -> dict:
-    """Evaluate the evaluate stage ``name`` of a resolved recipe; write and return its results.
+    """Evaluate the evaluate stage ``name`` of a run plan; write and return its results.
 
     Args:
-        recipe: the resolved recipe (``recipe["stages"][name]`` has ``type: evaluate``).
+        run_plan: the run's plan (:func:`llmlab.runplan.build_run_plan`); stage ``name`` has
+            ``type: evaluate``, its ``params`` are :class:`~llmlab.stage_params.EvaluateParams`.
         name: the evaluate stage.
         stage_paths: stage name → stage directory (``<output_dir>/<stage>``); the model stages must
             have a ``final/``, and ``stage_paths[name]`` receives ``results.json``.
@@ -167,23 +169,19 @@ def run_evaluate_stage(recipe: dict, name: str, stage_paths: dict[str, Path], to
     from llmlab.inference.generation import GenerationSettings
     from llmlab.inference.loading import is_reward_model
 
-    cfg = recipe["stages"][name]
-    if cfg.get("type") != EVALUATE:
-        raise EvaluateError(f"stage {name} is a {cfg.get('type')} stage, not an evaluate stage")
-    seed = int(recipe.get("seed", 0) or 0)
-    models = list(cfg.get("models") or [])
-    datasets = list(cfg.get("datasets") or {})
+    plan = run_plan.stage(name)
+    if plan.type != EVALUATE:
+        raise EvaluateError(f"stage {name} is a {plan.type} stage, not an evaluate stage")
+    p: EvaluateParams = plan.params
+    seed = int(run_plan.settings.seed)
+    models, datasets = list(p.models), list(plan.datasets)
     if not models or not datasets:
         raise EvaluateError(f"stage {name}: nothing to evaluate (models: {models}, datasets: {datasets})")
-    device, dtype = _device_and_dtype(recipe)
-    cfg = {**stage_defaults(EVALUATE), **cfg}  # keys a caller left out: the schema's defaults
-    max_samples, batch_size, beta = cfg.get("max_samples"), int(cfg["batch_size"]), float(cfg["beta"])
-    settings = GenerationSettings(max_new_tokens=int(cfg["max_new_tokens"]), temperature=float(cfg["temperature"]),
-                                  seed=seed)
-    num_samples = int(cfg["num_samples"])
+    device, dtype = _device_and_dtype(run_plan.settings)
+    settings = GenerationSettings(max_new_tokens=int(p.max_new_tokens), temperature=float(p.temperature), seed=seed)
     say = log or (lambda _msg: None)
 
-    data = {ds: evaluation_rows(recipe, ds, max_samples) for ds in datasets}
+    data = {ds: evaluation_rows(run_plan.recipe, ds, p.max_samples) for ds in datasets}
     kinds = {k for k, _ in data.values()}
 
     def load(stage: str, role: str):
@@ -192,18 +190,15 @@ def run_evaluate_stage(recipe: dict, name: str, stage_paths: dict[str, Path], to
             raise EvaluateError(f"stage {stage} ({role}): its tokenizer differs from the run's")
         return model, tok, is_chat
 
-    reference = reward = None
-    if cfg.get("reference_from") and "preference" in kinds:
-        reference = load(cfg["reference_from"], "reference_from")[0]
-    if cfg.get("reward_from") and "prompt" in kinds:
-        reward = load(cfg["reward_from"], "reward_from")
+    reference = load(p.reference_from, "reference_from")[0] if p.reference_from and "preference" in kinds else None
+    reward = load(p.reward_from, "reward_from") if p.reward_from and "prompt" in kinds else None
 
     results: dict[str, dict] = {}
     for stage in models:
         model, tok, is_chat = load(stage, "models")
         say(f"  evaluate {name}: {stage} on {', '.join(datasets)}")
-        scorer = functools.partial(evaluate_model, model, tok, is_chat=is_chat, beta=beta, batch_size=batch_size,
-                                   settings=settings, num_samples=num_samples)
+        scorer = functools.partial(evaluate_model, model, tok, is_chat=is_chat, beta=float(p.beta),
+                                   batch_size=int(p.batch_size), settings=settings, num_samples=int(p.num_samples))
         results[stage] = _score_datasets(scorer, is_reward_model(model), data, reference, reward, seed,
                                          f"stage {name}: {stage}")
         for ds, m in results[stage].items():
@@ -233,7 +228,7 @@ class EvaluateStage(Stage):
             EvaluateError: see :func:`run_evaluate_stage`.
         """
         ctx = self.ctx
-        return run_evaluate_stage(ctx.recipe, ctx.name, ctx.stage_paths, ctx.tokenizer, allow_code=ctx.allow_code,
+        return run_evaluate_stage(ctx.run_plan, ctx.name, ctx.stage_paths, ctx.tokenizer, allow_code=ctx.allow_code,
                                   log=log)
 
 

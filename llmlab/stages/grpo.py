@@ -26,7 +26,7 @@ import torch
 
 from llmlab.losses import clipped_policy_loss, grpo_advantages, kl_k3, masked_mean
 from llmlab.rl.generation import sequence_forward
-from llmlab.stage_params import params_of
+from llmlab.stage_params import GRPOParams
 from llmlab.stages.online import OnlineRLStage
 
 
@@ -34,7 +34,7 @@ class GRPOStage(OnlineRLStage):
     type = "grpo"
 
     def __init__(self, ctx):
-        params = params_of(self.type, ctx.config)
+        params: GRPOParams = ctx.plan.params
         self.group_size = int(params.group_size)
         if self.group_size < 2:
             raise ValueError(f"stages.{ctx.name}.group_size: GRPO needs at least 2 completions per prompt")

@@ -24,7 +24,7 @@ import torch
 
 from llmlab.losses import IGNORE_INDEX, kto_kl, kto_loss
 from llmlab.models.padfree import concat_pairs
-from llmlab.recipe.schema import stage_defaults
+from llmlab.stage_params import KTOParams
 from llmlab.stages.base import Stage, StageContext
 from llmlab.stages.dpo import pair_metrics, pair_sequence_logps, reference_sequence_logps
 from llmlab.stages.reference import ReferenceModel
@@ -103,11 +103,11 @@ class KTOStage(Stage):
 
     def __init__(self, ctx: StageContext):
         super().__init__(ctx)
-        cfg = {**stage_defaults(self.type), **self.config}
-        self.beta = float(cfg["beta"])
-        self.desirable_weight = float(cfg["desirable_weight"])
-        self.undesirable_weight = float(cfg["undesirable_weight"])
-        self.reference = ReferenceModel(ctx, cfg.get("reference_from"))
+        p: KTOParams = ctx.plan.params
+        self.beta = float(p.beta)
+        self.desirable_weight = float(p.desirable_weight)
+        self.undesirable_weight = float(p.undesirable_weight)
+        self.reference = ReferenceModel(ctx, p.reference_from)
 
     def build_model(self) -> torch.nn.Module:
         policy = super().build_model()

@@ -61,8 +61,9 @@ class SFTStage(_CausalLMStage):
     type = "sft"
 
     def setup(self, model: torch.nn.Module) -> None:
-        if self.config.get("neftune_alpha"):
-            add_neftune(model, float(self.config["neftune_alpha"]))
+        alpha = self.plan.params.neftune_alpha
+        if alpha:
+            add_neftune(model, float(alpha))
 
 
 def add_neftune(model: torch.nn.Module, alpha: float) -> torch.utils.hooks.RemovableHandle:

@@ -27,8 +27,6 @@ import torch
 
 from llmlab.rl.generation import make_generator, rollout_seed, sample, sequence_forward
 from llmlab.rl.rewards import RewardFunction, Rollout, check_reward_specs, exact_answer_rewards
-from llmlab.schemafile import schema_filled
-from llmlab.stage_params import params_of
 from llmlab.stages.base import Stage
 from llmlab.models.wrappers import unwrap
 from llmlab.stages.reference import ReferenceModel
@@ -59,13 +57,11 @@ class OnlineRLStage(Stage):
 
     def __init__(self, ctx):
         super().__init__(ctx)
-        cfg = self.config
         where = f"stages.{ctx.name}"
-        params = params_of(self.type, cfg)  # absent keys: the schema's defaults
-        common = schema_filled("#/$defs/stage_common", cfg)
-        self.batch_size = int(common["batch_size"])
+        params, training = ctx.plan.params, ctx.plan.training
+        self.batch_size = int(training.batch_size)
         self.mini_batch_size = int(params.mini_batch_size or self.batch_size)
-        self.grad_accum = int(common["gradient_accumulation_steps"])
+        self.grad_accum = int(training.gradient_accumulation_steps)
         self.ppo_epochs = int(params.ppo_epochs)
         self.temperature = float(params.temperature)
         self.top_k = int(params.top_k)
@@ -83,8 +79,8 @@ class OnlineRLStage(Stage):
         self.n_minibatches = self.batch_size // self.mini_batch_size
         self.updates_per_rollout = self.ppo_epochs * self.n_minibatches
         # fail before any training when the recipe names code and the user did not allow it
-        check_reward_specs(cfg.get("reward") or [], ctx.name, ctx.allow_code)
-        self.reference = ReferenceModel(ctx, cfg.get("reference_from"))
+        check_reward_specs(params.reward or (), ctx.name, ctx.allow_code)
+        self.reference = ReferenceModel(ctx, params.reference_from)
         self.reward_fn: RewardFunction | None = None
         self.buffer: dict | None = None
         self.buffer_rollout = -1
@@ -112,7 +108,7 @@ class OnlineRLStage(Stage):
         if self.needs_reference:
             self.reference.setup(model, self.ctx.device)
         if self.reward_fn is None:
-            self.reward_fn = RewardFunction(self.config.get("reward") or [], self.ctx)
+            self.reward_fn = RewardFunction(self.plan.params.reward or (), self.ctx)
 
     # -- data ------------------------------------------------------------------------------
     @property

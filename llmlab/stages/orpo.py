@@ -17,7 +17,7 @@ import torch
 
 from llmlab.losses import IGNORE_INDEX, orpo_loss, token_logps
 from llmlab.models.padfree import concat_pairs, model_logits
-from llmlab.recipe.schema import stage_defaults
+from llmlab.stage_params import ORPOParams
 from llmlab.stages.base import Stage, StageContext
 from llmlab.stages.dpo import pair_metrics
 
@@ -37,8 +37,8 @@ class ORPOStage(Stage):
 
     def __init__(self, ctx: StageContext):
         super().__init__(ctx)
-        cfg = {**stage_defaults(self.type), **self.config}
-        self.beta = float(cfg["beta"])
+        p: ORPOParams = ctx.plan.params
+        self.beta = float(p.beta)
 
     @torch.no_grad()
     def evaluate_heldout(self, model: torch.nn.Module, heldout) -> dict[str, float]:

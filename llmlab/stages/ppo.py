@@ -40,7 +40,7 @@ from llmlab.layout import StageLayout
 from llmlab.losses import (clipped_policy_loss, clipped_value_loss, explained_variance, gae, masked_whiten)
 from llmlab.rl.generation import sequence_forward
 from llmlab.rl.value_head import V_HEAD, attach_value_head, base_model, get_value_head, save_value_head
-from llmlab.stage_params import params_of
+from llmlab.stage_params import PPOParams
 from llmlab.stages.online import OnlineRLStage
 
 
@@ -50,7 +50,7 @@ class PPOStage(OnlineRLStage):
     uses_value_head = True
 
     def __init__(self, ctx):
-        params = params_of(self.type, ctx.config)
+        params: PPOParams = ctx.plan.params
         self.kl_coef = float(params.kl_coef)
         self.kl_target = params.kl_target
         self.kl_horizon = float(params.kl_horizon)

@@ -51,7 +51,7 @@ class ReferenceModel:
         elif self.ctx.init_adapter is not None:
             # continuing an unmerged adapter: the reference is base + that adapter as the stage starts
             self.model = freeze(copy.deepcopy(policy).merge_and_unload())
-        elif self.ctx.config.get("lora") or is_peft_model(policy):
+        elif self.ctx.own_lora is not None or is_peft_model(policy):
             self.model = None  # LoRA: the base with adapters disabled is the reference (no copy)
         else:
             self.model = freeze(copy.deepcopy(policy))

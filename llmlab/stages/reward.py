@@ -41,7 +41,7 @@ class RewardStage(Stage):
 
         path = self.ctx.init_path
         if path is None:
-            path = self.ctx.recipe.get("model", {}).get("from_pretrained")
+            path = getattr(self.ctx.model_spec, "from_pretrained", None)  # a PretrainedSpec's, else None
         if path is None:
             raise ValueError(
                 f"stages.{self.ctx.name}: a reward stage starts from a trained language model; give it "

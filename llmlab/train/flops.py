@@ -97,10 +97,10 @@ def stage_flops_per_token(stage, model) -> int | None:
     ``model.config``, T its ``seq_len``); None for a ``from_pretrained`` model. The count is the
     language model's whatever the stage does with it: a reward model's score head, LoRA's frozen
     weights (no weight gradients) and a DPO reference model's forwards are not told apart."""
-    model_cfg = stage.ctx.recipe["model"]
-    if not model_cfg.get("arch"):
+    spec = stage.ctx.model_spec
+    if getattr(spec, "arch", None) is None:  # from_pretrained
         return None
-    return flops_per_token(model_cfg, int(model.config.vocab_size), int(stage.config["seq_len"]))
+    return flops_per_token(spec, int(model.config.vocab_size), int(stage.ctx.plan.training.seq_len))
 
 
 def gpu_peak_flops(name: str, dtype: str) -> float | None:

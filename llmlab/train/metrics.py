@@ -73,14 +73,14 @@ class MetricsLogger:
 
     def __init__(self, stage: Stage, tc: TrainingConfig, *, accelerator, start_step: int, progress=None,
                  flops_per_token: int | None = None):
-        ctx, cfg, max_steps = stage.ctx, stage.config, tc.max_steps
+        ctx, max_steps = stage.ctx, tc.max_steps
         self.is_main = accelerator.is_main_process
         self.world = accelerator.num_processes
         self.start_step, self.max_steps = start_step, max_steps
         self.writer = MetricsWriter(StageLayout(ctx.stage_dir).metrics, start_step, enabled=self.is_main)
-        log_cfg = ctx.recipe.get("logging", {}) or {}
-        self.trackers = open_trackers(log_cfg.get("report_to") or [], Path(ctx.recipe["output_dir"]), ctx.name, cfg,
-                                      log_cfg.get("wandb_project")) if self.is_main else []
+        log_spec = ctx.settings.logging
+        self.trackers = open_trackers(list(log_spec.report_to), ctx.settings.output_dir, ctx.name, ctx.config,
+                                      log_spec.wandb_project) if self.is_main else []
         self.log_every = int(tc.log_every)
         self.progress, self.task = progress, None
         if progress is not None and self.is_main:

@@ -25,17 +25,18 @@ def setup_model(stage: Stage, accelerator) -> torch.nn.Module:
     Raises:
         TrainingError: the model's input embeddings have fewer rows than the tokenizer has tokens.
     """
-    ctx, cfg = stage.ctx, stage.config
+    ctx = stage.ctx
     model = stage.build_model()
     emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
     if emb is not None and ctx.tokenizer is not None and emb.num_embeddings < len(ctx.tokenizer):
         raise TrainingError(f"stage {ctx.name}: the model's vocabulary ({emb.num_embeddings}) does not cover the "
                             f"tokenizer's {len(ctx.tokenizer)} tokens; use the tokenizer the model was trained with")
-    if cfg.get("lora"):
+    if ctx.own_lora is not None:  # a continued adapter is on the model already
         from llmlab.models.build import apply_lora
 
-        model = apply_lora(model, cfg["lora"], stage_model_arch(model))
-    if ctx.recipe.get("model", {}).get("gradient_checkpointing") and hasattr(model, "gradient_checkpointing_enable"):
+        model = apply_lora(model, ctx.own_lora, stage_model_arch(model))
+    spec = ctx.model_spec
+    if spec is not None and spec.gradient_checkpointing and hasattr(model, "gradient_checkpointing_enable"):
         model.gradient_checkpointing_enable()
     model.to(accelerator.device)
     with accelerator.main_process_first():  # rank 0 tokenizes and caches the data, the others reuse it

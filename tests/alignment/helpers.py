@@ -55,12 +55,10 @@ def make_ctx(stage_type: str, config: dict, tmp_path: Path | None = None, tokeni
              allow_code: bool = False, stage_paths=None, name: str = "stage"):
     from llmlab.stages.base import StageContext
 
-    cfg = {"type": stage_type, **config}
-    recipe = {"seed": 0, "stages": {name: cfg}}
     root = Path(tmp_path) if tmp_path is not None else Path("/tmp/llmlab-test")
-    return StageContext(recipe=recipe, name=name, config=cfg, stage_dir=root / name,
-                        tokenizer=tokenizer if tokenizer is not None else tiny_tokenizer(),
-                        init_path=None, stage_paths=stage_paths or {}, allow_code=allow_code)
+    recipe = {"seed": 0, "output_dir": str(root), "stages": {name: {"type": stage_type, **config}}}
+    return StageContext.bare(recipe, name, tokenizer if tokenizer is not None else tiny_tokenizer(),
+                             stage_paths=stage_paths or {}, allow_code=allow_code)
 
 
 def pad_rows(rows: list[list[int]], value: int, left: bool = False) -> torch.Tensor:

@@ -30,8 +30,7 @@ def _stage(tmp_path, case: str, crash_at: int | None = None):
     config = {"type": stage_type, "max_steps": 6, "batch_size": 4, "save_every": 2, "eval_every": 3, "log_every": 1,
               "keep_last": 5, "optimizer": {"name": "adamw", "lr": 1e-3}, "scheduler": {"name": "constant"}, **extra}
     recipe = {"seed": 3, "output_dir": str(tmp_path), "model": {}, "stages": {case: config}}
-    ctx = StageContext(recipe=recipe, name=case, config=config, stage_dir=tmp_path / case,
-                       tokenizer=tiny_tokenizer(), init_path=None)
+    ctx = StageContext.bare(recipe, case, tiny_tokenizer())
 
     class Tiny(stage_class(stage_type)):
         def build_model(self):

@@ -8,6 +8,7 @@ import shutil
 
 import pytest
 
+from llmlab.runplan import build_run_plan
 from tests.evaluate.conftest import FULL
 from tests.tiny import write_recipe
 
@@ -41,7 +42,7 @@ def test_run_command_runs_a_final_evaluate_stage(trained, tmp_path, capsys):
     assert not (stage_dir / "final").exists() and not (stage_dir / "checkpoints").exists()
 
     # the same numbers as the stage function called directly on the original run
-    direct = run_evaluate_stage(resolved, "compare", {n: d / "run" / n for n in resolved["stages"]})
+    direct = run_evaluate_stage(build_run_plan(resolved), "compare", {n: d / "run" / n for n in resolved["stages"]})
     assert _strip_seconds(results) == _strip_seconds(direct)
 
     # nothing changed: everything is skipped, results.json untouched

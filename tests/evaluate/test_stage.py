@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 from rich.console import Console
 
+from llmlab.runplan import build_run_plan
 from llmlab.stages.evaluate import (
     EvaluateError,
     comparison_table,
@@ -30,7 +31,7 @@ def evaluated(trained):
     _, resolved = trained
     run = Path(resolved["output_dir"])
     paths = {n: run / n for n in resolved["stages"]}
-    results = run_evaluate_stage(resolved, "compare", paths, load_tokenizer(run / "tokenizer"))
+    results = run_evaluate_stage(build_run_plan(resolved), "compare", paths, load_tokenizer(run / "tokenizer"))
     return run, resolved, results
 
 
@@ -100,7 +101,7 @@ def test_a_second_evaluation_gives_the_same_numbers(evaluated, tmp_path):
     rec["stages"]["compare"]["models"] = ["dpo"]
     rec["stages"]["compare"]["datasets"] = {"chat_pairs": 1, "prompts": 1}
     paths = {n: run / n for n in rec["stages"]} | {"compare": tmp_path / "compare"}
-    again = run_evaluate_stage(rec, "compare", paths)
+    again = run_evaluate_stage(build_run_plan(rec), "compare", paths)
     assert _strip_seconds(again) == {"dpo": {ds: _strip_seconds(results)["dpo"][ds] for ds in ("chat_pairs", "prompts")}}
     assert (tmp_path / "compare" / "results.json").is_file()
 
@@ -136,10 +137,10 @@ def test_a_model_stage_without_final_is_an_error(evaluated, tmp_path):
     run, resolved, _ = evaluated
     paths = {n: run / n for n in resolved["stages"]} | {"sft": tmp_path / "sft", "compare": tmp_path / "compare"}
     with pytest.raises(EvaluateError, match="stage sft has no finished output"):
-        run_evaluate_stage(resolved, "compare", paths)
+        run_evaluate_stage(build_run_plan(resolved), "compare", paths)
     assert not (tmp_path / "compare" / "results.json").exists()
     with pytest.raises(EvaluateError, match="not an evaluate stage"):
-        run_evaluate_stage(resolved, "dpo", paths)
+        run_evaluate_stage(build_run_plan(resolved), "dpo", paths)
 
 
 def test_inputs_and_status_helpers(evaluated, tmp_path):

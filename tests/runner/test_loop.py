@@ -43,11 +43,11 @@ class ToyStage(Stage):
 
 
 def _ctx(tmp_path, **cfg):
-    config = {"type": "toy", "max_steps": 12, "batch_size": 4, "save_every": 4, "eval_every": 4, "log_every": 1,
+    config = {"type": "pretrain", "max_steps": 12, "batch_size": 4, "save_every": 4, "eval_every": 4, "log_every": 1,
               "keep_last": 5, "optimizer": {"name": "adamw", "lr": 1e-2}, "scheduler": {"name": "cosine", "warmup_steps": 2}}
     config.update(cfg)
     recipe = {"seed": 3, "output_dir": str(tmp_path), "model": {}, "stages": {"toy": config}}
-    return StageContext(recipe=recipe, name="toy", config=config, stage_dir=tmp_path / "toy", tokenizer=None, init_path=None)
+    return StageContext.bare(recipe, "toy")
 
 
 def _params(model):
