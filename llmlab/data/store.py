@@ -245,9 +245,9 @@ def _trusted_record(folder: Path, meta: dict, stats: dict[str, list[int]]) -> di
 def rebuild_hint(path: Path) -> str:
     """What to do with the unusable store folder ``path``: the command that deletes it and the one
     that rebuilds it (the recipe this process was started with, when its command line names one)."""
-    recipe = next((a for a in sys.argv[1:] if a.endswith((".yaml", ".yml"))), "RECIPE")
+    recipe = next((shlex.quote(a) for a in sys.argv[1:] if a.endswith((".yaml", ".yml"))), "RECIPE")
     return (f"delete the folder (`rm -r {shlex.quote(str(path))}`; llmlab never deletes it on its own) and "
-            f"rebuild it with `llmlab prepare {shlex.quote(recipe) if recipe != 'RECIPE' else recipe}`")
+            f"rebuild it with `llmlab prepare {recipe}`")
 
 
 def incomplete_store_error(path: Path) -> StoreError:
