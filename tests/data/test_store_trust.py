@@ -115,7 +115,7 @@ def test_a_checked_shard_is_trusted_by_a_stat_until_its_file_changes(store, monk
     changed in place with the old mtime put back are still caught (the inode's change time moved)."""
     records = sorted(p.name for p in store.path.glob("shard-*.verified"))
     assert records == [f"shard-{i:05d}.verified" for i in range(len(store.manifest["shards"]))]
-    monkeypatch.setattr(S, "sha256_file", _no_hashing)
+    monkeypatch.setattr(S, "sha256_mapped", _no_hashing)
     S.TokenStore(store.path).check()  # trusted: no hash
     tokens = store.path / store.manifest["shards"][2]["tokens_file"]
     before = tokens.stat()
@@ -128,7 +128,7 @@ def test_a_checked_shard_is_trusted_by_a_stat_until_its_file_changes(store, monk
     _flip_low_bit(tokens)  # the bytes as written again: checked once more, then trusted
     time.sleep(0.05)  # past the file system's clock tick (S.FINE_TICK_MARGIN_NS)
     S.TokenStore(store.path).check()
-    monkeypatch.setattr(S, "sha256_file", _no_hashing)
+    monkeypatch.setattr(S, "sha256_mapped", _no_hashing)
     S.TokenStore(store.path).check()
 
 
