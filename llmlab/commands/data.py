@@ -17,7 +17,7 @@ def prepare(
     set_: List[str] = typer.Option([], "--set", help=SET_HELP),
     stage: Optional[str] = typer.Option(None, "--stage", help="Prepare only this stage's data."),
     processes: Optional[int] = typer.Option(None, "--processes", help="Tokenising processes (default: all cores)."),
-    verify: bool = typer.Option(False, "--verify", help="Also check every token-store shard against the sha256 in its manifest."),
+    verify: bool = typer.Option(False, "--verify", help="Hash every token-store shard again against the sha256 in its manifest, whatever its verification record says (without it a shard is hashed once, on its first read, and then trusted while its size, times and inode are unchanged)."),
     adopt: bool = typer.Option(False, "--adopt", help=ADOPT_HELP),
 ):
     """Tokenise the data of every stage ahead of training (idempotent, resumable after a kill)."""
@@ -31,8 +31,10 @@ def prepare_command(recipe_path: Path, output_dir: Path | None = None, overrides
     (:mod:`llmlab.data.prepare`), with the run's tokenizer trained or loaded as ``llmlab run`` does.
 
     Returns 0 when everything is prepared (and, with ``verify``, every store shard matches its
-    sha256), 1 on an invalid recipe, bad data, a damaged store, a full disk (named) or an
-    ``output_dir`` holding files llmlab did not write (unless ``adopt``: see ``llmlab run --adopt``)."""
+    sha256), 1 on an invalid recipe, bad data, a damaged store, a full disk (named), an
+    ``output_dir`` holding files llmlab did not write (unless ``adopt``: see ``llmlab run --adopt``)
+    or one in use by another ``llmlab run`` or ``prepare`` (its run lock,
+    :func:`llmlab.runguard.run_lock`, is held for the whole prepare: the tokenizer is written there)."""
     import logging
 
     from rich.table import Table
@@ -40,8 +42,9 @@ def prepare_command(recipe_path: Path, output_dir: Path | None = None, overrides
     from llmlab.commands.run import quiet_libraries
     from llmlab.console import make_console
     from llmlab.data.prepare import prepare_stages
-    from llmlab.ownership import NotOwnedError
+    from llmlab.ownership import NotOwnedError, check_run_dir
     from llmlab.recipe import load_for_command
+    from llmlab.runguard import RunLockedError, run_lock
     from llmlab.runner import Runner
 
     console = make_console()
@@ -52,12 +55,16 @@ def prepare_command(recipe_path: Path, output_dir: Path | None = None, overrides
     quiet_libraries()
     try:
         runner = Runner(rec, console)
-        runner.claim_output_dir(adopt)
-        tokenizer, _ = runner.ensure_tokenizer()
-        rows = prepare_stages(rec, tokenizer, [stage] if stage else None, processes=processes, progress=True,
-                              verify=verify)
-    except (KeyError, ValueError, OSError, NotOwnedError) as e:  # a damaged store's StoreError is a ValueError;
-        # an unreachable hub dataset's HubUnreachableError a ConnectionError (an OSError)
+        check_run_dir(runner.out, runner.order, adopt)  # before the lock file: refuse a user's folder untouched
+        # the run directory's lock, as `llmlab run` holds it: one prepare or run writes its tokenizer at a time
+        with run_lock(runner.out, announce=lambda msg: console.print(msg, style="yellow")):
+            runner.claim_output_dir(adopt)
+            tokenizer, _ = runner.ensure_tokenizer()
+            rows = prepare_stages(rec, tokenizer, [stage] if stage else None, processes=processes, progress=True,
+                                  verify=verify)
+    except (KeyError, ValueError, OSError, NotOwnedError, RunLockedError) as e:  # a damaged store's StoreError
+        # is a ValueError; an unreachable hub dataset's HubUnreachableError a ConnectionError (an OSError);
+        # RunLockedError: another prepare or run holds the folder (its pid and command are named)
         console.print(f"error: {e}", style="red", markup=False, highlight=False)
         return 1
     t = Table(title=f"llmlab prepare → {runner.out}")

@@ -42,7 +42,9 @@ def prepare_stages(recipe: dict, tokenizer, stages: list[str] | None = None, *, 
         recipe: the resolved recipe. tokenizer: the run's tokenizer.
         processes: tokenising processes for the stores (default: all cores).
         progress: draw progress bars. pretrain_only: skip the other stage types.
-        verify: check every shard of every store against the sha256 in its manifest.
+        verify: hash every shard of every store again, whatever its verification record says
+            (without it, each shard is checked as its first read by ``llmlab run`` would:
+            :meth:`llmlab.data.store.TokenStore.check`, a ``stat`` for a shard checked before).
 
     Returns:
         one dict per (stage, dataset, split): ``stage``, ``dataset``, ``split``, ``documents``,
@@ -50,7 +52,9 @@ def prepare_stages(recipe: dict, tokenizer, stages: list[str] | None = None, *, 
 
     Raises:
         KeyError: unknown stage. ValueError: bad data (as :func:`build_stage_data`).
-        llmlab.data.store.StoreError: ``verify`` found a shard whose bytes differ.
+        llmlab.data.store.StoreError: a damaged store (a shard missing, truncated, holding ids
+            outside the vocabulary or bytes whose sha256 differs; a folder without a manifest),
+            named with the commands that delete and rebuild it.
     """
     from llmlab.data.store import ensure_text_store
 
@@ -67,8 +71,7 @@ def prepare_stages(recipe: dict, tokenizer, stages: list[str] | None = None, *, 
             for name, split in pretrain_splits(recipe, stage):
                 t0 = time.perf_counter()
                 st = ensure_text_store(recipe, name, split, tokenizer, processes=processes, progress=progress)
-                if verify:
-                    st.verify()
+                st.verify() if verify else st.check()  # every shard, as its first read would
                 rows.append({"stage": stage, "dataset": name, "split": split, "documents": st.documents,
                              "tokens": st.tokens, "store": str(st.path),
                              "seconds": round(time.perf_counter() - t0, 2)})

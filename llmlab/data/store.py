@@ -7,12 +7,21 @@ the tokenizer's EOS, for one tokenizer. It is a folder::
     <root>/<key>/shard-00000.tokens.npy     uint16 ids when the vocabulary has <= 65,536 ids, else uint32
     <root>/<key>/shard-00000.offsets.npy    int64 [documents + 1]: document d of the shard is
                                             tokens[offsets[d]:offsets[d + 1]] (its EOS included)
+    <root>/<key>/shard-00000.verified       the last check of the shard's content (see Trust)
     ...
 
 Files are ``.npy`` arrays opened with ``numpy.load(mmap_mode="r")``, so a reader maps pages, never
 the corpus. ``manifest.json`` records the tokenizer's sha256, the source fingerprint, documents,
-tokens, the rows dropped at load (bad rows, filters) and each shard's sha256; it names files
-relative to the folder, so the folder (or the run directory holding it) can be moved.
+tokens, the rows dropped at load (bad rows, filters) and each shard's sha256 and largest id; it
+names files relative to the folder, so the folder (or the run directory holding it) can be moved.
+
+**Trust.** A store is never read blindly: each shard is checked the first time a process reads it
+(sizes, sha256s, ids below the vocabulary size), and a check that passes leaves a verification
+record, ``shard-NNNNN.verified`` (the sha256s, the largest id, and each file's size, mtime, ctime
+and inode when checked), so later processes trust an unchanged shard after a ``stat`` instead of
+hashing it again (:class:`TokenStore`). A damaged store stops ``llmlab run`` and ``llmlab prepare``
+with an error naming the folder, the file, and the commands that delete and rebuild it; llmlab never
+deletes it on its own, nor tokenises over a store folder that lost its manifest.
 
 **Key.** ``key = sha256(STORE_VERSION, tokenizer sha256, source identity, split)`` where the
 tokenizer sha256 hashes the Rust tokenizer's JSON and the EOS id (:func:`tokenizer_sha256`) and
@@ -33,7 +42,8 @@ worker process and written as ``*.tmp`` files renamed into place, its own small 
 folder is ``<key>.partial`` until the manifest is written and the folder renamed to ``<key>``.
 The folder carries llmlab's ownership marker (:mod:`llmlab.ownership`) from its creation, so
 ``llmlab cache --prune`` deletes only folders that are token stores.
-A killed prepare resumes at the first missing shard. Tokenising uses the exact piece cache of
+A killed prepare resumes at the first missing shard, and leaves no worker behind (they end with
+their parent: :func:`die_with_parent`). Tokenising uses the exact piece cache of
 :mod:`llmlab.data.fastencode` in every worker (one cache per process, kept across its shards).
 """
 
@@ -44,6 +54,10 @@ import itertools
 import json
 import logging
 import os
+import shlex
+import signal
+import sys
+import threading
 import time
 from concurrent.futures import Future, ProcessPoolExecutor
 from contextlib import contextmanager
@@ -146,25 +160,125 @@ def store_path(recipe: dict, name: str, split: str, tok_sha: str) -> Path:
 
 # -- reading -------------------------------------------------------------------------------------
 
+#: a verification record is trusted only for files last changed at least this long before the
+#: check it records: a change within one tick of the file system's clock can leave the file's
+#: times as they were. Linux's file times tick every 1-10 ms (exFAT 10 ms); FAT (2 s) and HFS+ (1 s)
+#: keep whole seconds, recognised by times that are exact seconds
+FINE_TICK_MARGIN_NS = 20 * 10**6
+COARSE_TICK_MARGIN_NS = 2 * 10**9
+
+
+def _margin_ns(stats: Iterable[list[int]]) -> int:
+    """How long after their last change files with these :func:`_file_stat` can be vouched for."""
+    coarse = all(t % 10**9 == 0 for st in stats for t in st[1:3])
+    return COARSE_TICK_MARGIN_NS if coarse else FINE_TICK_MARGIN_NS
+
+
+def _file_stat(path: Path) -> list[int]:
+    """What changes when a file's bytes change: [size, mtime ns, ctime ns, inode]. The change time
+    cannot be set back by a user (``touch -d`` and ``os.utime`` set it to now)."""
+    st = os.stat(path)
+    return [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino]
+
+
+def sha256_mapped(path: Path) -> str:
+    """sha256 hex digest of a file's bytes, hashed from a read-only memory map (a third less CPU
+    than reading it in chunks: no copy into Python bytes)."""
+    import mmap
+
+    with open(path, "rb") as fh:
+        if os.fstat(fh.fileno()).st_size == 0:
+            return hashlib.sha256(b"").hexdigest()
+        with mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as m:
+            return hashlib.sha256(m).hexdigest()
+
+
+def _record_path(folder: Path, index: int) -> Path:
+    return folder / f"shard-{index:05d}.verified"
+
+
+def _write_record(folder: Path, index: int, record: dict) -> None:
+    """Write a shard's verification record (best effort: a read-only store root keeps none, and its
+    shards are then checked by every process that reads them)."""
+    path = _record_path(folder, index)
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    try:
+        tmp.write_text(json.dumps(record, sort_keys=True))
+        os.replace(tmp, path)
+    except OSError:
+        try:
+            tmp.unlink(missing_ok=True)
+        except OSError:
+            pass
+
+
+def _trusted_record(folder: Path, meta: dict, stats: dict[str, list[int]]) -> dict | None:
+    """The shard's verification record when it vouches for the files as they are now: the same
+    sha256s as ``meta`` (the manifest's), the same :func:`_file_stat` of both files, and taken at
+    least :func:`_margin_ns` after both were last changed; else None."""
+    try:
+        rec = json.loads(_record_path(folder, meta["index"]).read_text())
+        last_change = max(max(s[1], s[2]) for s in stats.values())
+        if all(rec[f"{k}_sha256"] == meta[f"{k}_sha256"] and rec[f"{k}_stat"] == stats[k] for k in stats) \
+                and rec["checked_ns"] - last_change >= _margin_ns(stats.values()):
+            return rec
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    return None
+
+
+def rebuild_hint(path: Path) -> str:
+    """What to do with the unusable store folder ``path``: the command that deletes it and the one
+    that rebuilds it (the recipe this process was started with, when its command line names one)."""
+    recipe = next((shlex.quote(a) for a in sys.argv[1:] if a.endswith((".yaml", ".yml"))), "RECIPE")
+    return (f"delete the folder (`rm -r {shlex.quote(str(path))}`; llmlab never deletes it on its own) and "
+            f"rebuild it with `llmlab prepare {recipe}`")
+
+
+def incomplete_store_error(path: Path) -> StoreError:
+    """The error for a store folder ``path`` without ``manifest.json`` (its files cannot be trusted,
+    and tokenising again cannot complete it: the folder name is taken)."""
+    return StoreError(f"{path}: a token store folder without manifest.json (not a complete token store; its "
+                      f"shards cannot be trusted and it is not tokenised again over them); {rebuild_hint(path)}")
+
+
 class TokenStore:
-    """A complete store, memory-mapped (see the module docstring for the layout).
+    """A complete store, memory-mapped (see the module docstring for the layout), never trusted
+    blindly: each shard is checked the first time this process reads it (:meth:`_shard`).
+
+    The first read of a shard maps it and checks its sizes against the manifest, then its content:
+    the sha256 of both files against the manifest's and every id against the vocabulary, unless the
+    shard's verification record (``shard-NNNNN.verified``, written by an earlier check) vouches for
+    the files as they are now (same sha256s, same size, mtime, ctime and inode, checked at least
+    :func:`_margin_ns` after their last change). So a store is hashed once (by its writer, at the
+    end of :func:`build_store`), not by every process; :meth:`verify` hashes every shard regardless.
+    What a record cannot see: bytes that change with no change of the file's times (media
+    corruption, a disk image restored with its metadata); ``llmlab prepare --verify`` hashes again.
 
     Attributes:
         path: the folder. manifest: its ``manifest.json``. documents, tokens: totals.
 
     Raises:
-        StoreError: no manifest (an incomplete store) or a shard file missing.
+        StoreError: naming the store folder, the file, what is wrong and the commands that delete
+            and rebuild it (:func:`rebuild_hint`): no or an unreadable manifest; on a shard's first
+            read, a file missing, truncated or empty, other sizes than the manifest's, an id at or
+            above the vocabulary size, or bytes whose sha256 differs from the manifest's.
     """
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
         mf = self.path / "manifest.json"
         if not mf.is_file():
-            raise StoreError(f"{self.path}: not a complete token store (no manifest.json)")
-        self.manifest = json.loads(mf.read_text())
-        shards = self.manifest["shards"]
-        self.documents = int(self.manifest["documents"])
-        self.tokens = int(self.manifest["tokens"])
+            raise incomplete_store_error(self.path)
+        try:
+            self.manifest = json.loads(mf.read_text())
+            shards = self.manifest["shards"]
+            self.documents = int(self.manifest["documents"])
+            self.tokens = int(self.manifest["tokens"])
+            self.vocab_size = int(self.manifest["vocab_size"])
+        except (ValueError, KeyError, TypeError) as e:
+            raise StoreError(f"{mf}: not a token store manifest ({type(e).__name__}: {e}); "
+                             f"{rebuild_hint(self.path)}") from None
         self._tok_start = np.concatenate([[0], np.cumsum([s["tokens"] for s in shards])]).astype(np.int64)
         self._doc_start = np.concatenate([[0], np.cumsum([s["documents"] for s in shards])]).astype(np.int64)
         self._ids: list = [None] * len(shards)
@@ -179,24 +293,59 @@ class TokenStore:
         """Whether ``path`` holds a complete store."""
         return (Path(path) / "manifest.json").is_file()
 
+    def _damaged(self, file: str, what: str) -> StoreError:
+        where = f" ({self.manifest.get('dataset')}, {self.manifest.get('split')})" if "dataset" in self.manifest else ""
+        return StoreError(f"{self.path / file}: {what}. The token store {self.path}{where} cannot be used: "
+                          f"{rebuild_hint(self.path)}")
+
     def _shard(self, i: int):
+        """Shard ``i``'s (ids, offsets) memmaps, checked on their first read (see the class doc)."""
         if self._ids[i] is None:
-            s = self.manifest["shards"][i]
-            try:
-                self._ids[i] = np.load(self.path / s["tokens_file"], mmap_mode="r")
-                self._offsets[i] = np.load(self.path / s["offsets_file"], mmap_mode="r")
-            except FileNotFoundError as e:
-                raise StoreError(f"{self.path}: shard file missing ({e.filename}); delete the folder "
-                                 "and prepare again") from None
-            except ValueError as e:  # a truncated or overwritten .npy header
-                raise StoreError(f"{self.path / s['tokens_file']}: not a readable shard ({e}); delete the "
-                                 "folder and prepare again") from None
-            # a cheap check on every open (sizes); `llmlab prepare --verify` checks the sha256s
-            if self._ids[i].shape != (s["tokens"],) or self._offsets[i].shape != (s["documents"] + 1,):
-                self._ids[i] = self._offsets[i] = None
-                raise StoreError(f"{self.path / s['tokens_file']}: holds a different number of tokens or "
-                                 "documents than manifest.json says; delete the folder and prepare again")
+            ids, offsets = self._map(i)
+            self._check(i, ids, force=False)
+            self._ids[i], self._offsets[i] = ids, offsets
         return self._ids[i], self._offsets[i]
+
+    def _map(self, i: int):
+        """Memory-map shard ``i``'s two files and check their lengths against the manifest."""
+        s = self.manifest["shards"][i]
+        arrays = []
+        for f in (s["tokens_file"], s["offsets_file"]):
+            try:
+                arrays.append(np.load(self.path / f, mmap_mode="r"))
+            except FileNotFoundError:
+                raise self._damaged(f, "shard file missing") from None
+            except (ValueError, EOFError, OSError) as e:  # empty, truncated, or an overwritten header
+                raise self._damaged(f, f"not a readable shard (empty or truncated: {e})") from None
+        ids, offsets = arrays
+        if ids.shape != (s["tokens"],) or offsets.shape != (s["documents"] + 1,):
+            raise self._damaged(s["tokens_file"], "holds a different number of tokens or documents than "
+                                "manifest.json says")
+        return ids, offsets
+
+    def _check(self, i: int, ids: np.ndarray, force: bool) -> None:
+        """Check shard ``i``'s content (``ids``: its mapped tokens) unless a trusted record vouches
+        for it (``force``: always); record a successful check."""
+        s = self.manifest["shards"][i]
+        files = {k: self.path / s[f"{k}_file"] for k in ("tokens", "offsets")}
+        checked_ns = time.time_ns()
+        stats = {k: _file_stat(f) for k, f in files.items()}
+        rec = None if force else _trusted_record(self.path, s, stats)
+        max_id = int(rec["max_id"]) if rec is not None else (int(ids.max()) if ids.size else -1)
+        outside = f"holds token id {max_id}, outside the tokenizer's vocabulary of {self.vocab_size} ids" \
+            if max_id >= self.vocab_size else ""
+        if rec is None:
+            for k, f in files.items():
+                if sha256_mapped(f) != s[f"{k}_sha256"]:
+                    raise self._damaged(s[f"{k}_file"], "sha256 differs from manifest.json (its bytes changed after "
+                                        "it was written)" + (f"; the shard {outside}" if outside else ""))
+        if outside:  # bytes as written, by a tokenizer with more ids than this store's manifest says
+            raise self._damaged(s["tokens_file"], outside)
+        if rec is not None:
+            return
+        _write_record(self.path, i, {"tokens_sha256": s["tokens_sha256"], "offsets_sha256": s["offsets_sha256"],
+                                     "tokens_stat": stats["tokens"], "offsets_stat": stats["offsets"],
+                                     "max_id": max_id, "checked_ns": checked_ns})
 
     def window(self, start: int, stop: int) -> np.ndarray:
         """Tokens ``[start, stop)`` of the store's stream (documents in order, each ending with EOS),
@@ -228,16 +377,26 @@ class TokenStore:
         k = d - int(self._doc_start[i])
         return np.asarray(ids[int(offsets[k]): int(offsets[k + 1])], dtype=np.int64)
 
-    def verify(self) -> None:
-        """Check every shard file against its sha256 in the manifest.
+    def check(self) -> None:
+        """Check every shard as its first read does (cheap for shards a record vouches for).
 
         Raises:
-            StoreError: naming the first file whose bytes differ.
+            StoreError: as the class says, for the first damaged shard.
         """
-        for s in self.manifest["shards"]:
-            for f, want in ((s["tokens_file"], s["tokens_sha256"]), (s["offsets_file"], s["offsets_sha256"])):
-                if sha256_file(self.path / f) != want:
-                    raise StoreError(f"{self.path / f}: sha256 differs from manifest.json")
+        for i in range(len(self._ids)):
+            self._shard(i)
+
+    def verify(self) -> None:
+        """Check every shard's sizes, ids and sha256s, whatever its verification record says
+        (``llmlab prepare --verify``), and record the result.
+
+        Raises:
+            StoreError: naming the first file whose bytes differ (``sha256 differs``) or that is
+                damaged otherwise.
+        """
+        for i in range(len(self._ids)):
+            ids, _ = self._map(i)
+            self._check(i, ids, force=True)
 
 
 # -- writing -------------------------------------------------------------------------------------
@@ -262,9 +421,37 @@ def _worker_tokenizer(tokenizer):
     return _RustTokenizer(backend, tokenizer.eos_token, tokenizer.eos_token_id)
 
 
-def _init_worker(tokenizer) -> None:
+def _init_worker(tokenizer, parent: int) -> None:
     os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one process per core already
     _WORKER["tokenizer"] = tokenizer
+    die_with_parent(parent)
+
+
+def die_with_parent(parent: int) -> None:
+    """End this process (a pool worker) as soon as its parent, pid ``parent``, ends, even by
+    SIGKILL, which gives the parent no chance to stop its workers (a killed ``llmlab prepare``
+    left them alive, blocked on their task queue for ever).
+
+    On Linux the kernel sends this process SIGKILL when its parent dies (``prctl(PR_SET_PDEATHSIG)``);
+    everywhere a daemon thread also polls ``os.getppid()`` every 0.5 s (a dead parent's children are
+    re-parented) and exits. A parent already gone when this runs ends the process at once.
+    """
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        try:
+            ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGKILL), 0, 0, 0)  # 1: PR_SET_PDEATHSIG
+        except (OSError, AttributeError):  # no prctl in this libc: the thread below does it
+            pass
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(0.5)
+        os._exit(1)
+
+    if os.getppid() != parent:
+        os._exit(1)
+    threading.Thread(target=watch, name="llmlab-parent-watch", daemon=True).start()
 
 
 def _write_shard(folder: str, index: int, texts: list[str], eos_id: int, dtype: str,
@@ -277,6 +464,7 @@ def _write_shard(folder: str, index: int, texts: list[str], eos_id: int, dtype: 
     folder_p = Path(folder)
     stem = f"shard-{index:05d}"
     meta = {"index": index, "documents": len(texts), "tokens": int(ids.size),
+            "max_id": int(ids.max()) if ids.size else -1,  # checked against the vocabulary on reading
             "text_bytes": int(sum(len(t.encode()) for t in texts)),
             "tokens_file": f"{stem}.tokens.npy", "offsets_file": f"{stem}.offsets.npy"}
     for kind, arr in (("tokens", ids.astype(dtype)), ("offsets", offsets.astype(np.int64))):
@@ -360,7 +548,8 @@ def build_store(path: str | os.PathLike, texts: Iterable[str], tokenizer, *, inf
         progress: draw a rich progress bar (documents, tokens, tokens/s, ETA).
 
     Returns:
-        the complete :class:`TokenStore`.
+        the complete :class:`TokenStore`; one just written has had every shard checked
+        (:meth:`TokenStore.check`), which leaves the verification records later readers trust.
 
     Concurrent writers of one store (another node's ranks, another run sharing the store root)
     are serialised by an ``flock`` on ``<path>.lock``: the second waits, then opens the complete
@@ -368,6 +557,8 @@ def build_store(path: str | os.PathLike, texts: Iterable[str], tokenizer, *, inf
 
     Raises:
         ValueError: the tokenizer has no EOS token.
+        StoreError: ``path`` exists without ``manifest.json`` (:func:`incomplete_store_error`: it is
+            named with the command that deletes it, never tokenised again over or deleted).
         OSError: ENOSPC when the disk filled up, naming it and its free MiB; the partial ``*.tmp``
             files are removed, the finished shards kept for the same command to resume.
     """
@@ -383,6 +574,8 @@ def build_store(path: str | os.PathLike, texts: Iterable[str], tokenizer, *, inf
                                                    path, who)):
         if TokenStore.is_complete(path):
             return TokenStore(path)
+        if path.exists() or path.is_symlink():  # a store folder that lost its manifest: never rebuilt over
+            raise incomplete_store_error(path)
         return _build_store_locked(path, texts, tokenizer, info=info, processes=processes,
                                    max_tokens=max_tokens, total_documents=total_documents,
                                    progress=progress, label=label, shard_bytes=shard_bytes)
@@ -404,7 +597,7 @@ def _build_store_locked(path: Path, texts: Iterable[str], tokenizer, *, info: di
         mark(part, "token-store")
     make_dir(part, "token-store")  # the marker that lets `llmlab cache --prune` delete it
     done = {}
-    for f in part.glob("shard-*.json"):
+    for f in part.glob("shard-*.json"):  # shard-NNNNN.json: a finished shard's meta
         meta = json.loads(f.read_text())
         if all((part / meta[k]).is_file() for k in ("tokens_file", "offsets_file")):
             done[int(meta["index"])] = meta
@@ -441,7 +634,21 @@ def _build_store_locked(path: Path, texts: Iterable[str], tokenizer, *, info: di
     else:
         os.replace(part, path)
     log.info("token store %s: %d documents, %d tokens", path, manifest["documents"], manifest["tokens"])
-    return TokenStore(path)
+    return _checked_when_settled(TokenStore(path))
+
+
+def _checked_when_settled(store: TokenStore) -> TokenStore:
+    """Check a store just written (:meth:`TokenStore.check`: 0.7 s per GB of shards, against
+    minutes of tokenising), once its files are old enough for the verification records written by
+    the check to be trusted (:func:`_margin_ns`: 20 ms here, 2 s on FAT or HFS+), so no reader
+    hashes them again."""
+    stats = [_file_stat(store.path / s[f"{k}_file"]) for s in store.manifest["shards"] for k in ("tokens", "offsets")]
+    if stats:
+        wait_ns = max(max(st[1], st[2]) for st in stats) + _margin_ns(stats) - time.time_ns()
+        if wait_ns > 0:
+            time.sleep(min(wait_ns, COARSE_TICK_MARGIN_NS) / 1e9)
+    store.check()
+    return store
 
 
 @contextmanager
@@ -503,7 +710,7 @@ def _run_shards(part: Path, shards: Iterator[list[str]], tokenizer, eos: int, dt
             # spawned, not forked: a fork of a process holding torch and a model would share (then
             # copy, page by page, as Python touches its objects) hundreds of MB per worker
             pool = ProcessPoolExecutor(processes, mp_context=mp.get_context("spawn"), initializer=_init_worker,
-                                       initargs=(_worker_tokenizer(tokenizer),))
+                                       initargs=(_worker_tokenizer(tokenizer), os.getpid()))
         first = None  # with a pool, shard 0 is tokenised here while the workers start
         for i, texts in enumerate(itertools.chain(head, shards)):
             if i in done:
@@ -537,7 +744,8 @@ def _truncate_shard(part: Path, meta: dict, budget: int) -> dict:
     if keep == meta["documents"]:
         return meta
     ids = np.load(part / meta["tokens_file"], mmap_mode="r")[: offsets[keep]]
-    new = dict(meta, documents=keep, tokens=int(offsets[keep]), text_bytes=0)
+    new = dict(meta, documents=keep, tokens=int(offsets[keep]), text_bytes=0,
+               max_id=int(ids.max()) if ids.size else -1)
     for kind, arr in (("tokens", np.array(ids)), ("offsets", offsets[: keep + 1])):
         final = part / meta[f"{kind}_file"]
         tmp = final.with_name(final.name + ".tmp")

@@ -30,9 +30,10 @@ class StoreEntry:
 
     Attributes:
         path: the folder (``<key>`` or ``<key>.partial``).
-        complete: False for a ``.partial`` folder (a prepare killed or still running).
-        dataset, split: from the manifest (None for a partial folder).
-        documents, tokens: from the manifest (None for a partial folder).
+        complete: False for a ``.partial`` folder (a prepare killed or still running) and for a
+            store folder that lost its ``manifest.json`` (unusable: :func:`llmlab.data.store.incomplete_store_error`).
+        dataset, split: from the manifest (None for an incomplete folder).
+        documents, tokens: from the manifest (None for an incomplete folder).
         bytes: size on disk of its files.
         created: the manifest's creation time (ISO 8601 UTC), None for a partial folder.
         last_used: seconds since the epoch the store was last opened (the folder's mtime).
@@ -66,9 +67,9 @@ def list_stores(root: str | Path) -> list[StoreEntry]:
     for d in sorted(root.iterdir()) if root.is_dir() else []:
         if d.is_symlink() or not d.is_dir() or not is_store_folder(d):
             continue
-        if d.name.endswith(".partial"):
+        if d.name.endswith(".partial") or not TokenStore.is_complete(d):
             out.append(StoreEntry(d, False, None, None, None, None, _size(d), None, d.stat().st_mtime))
-        elif TokenStore.is_complete(d):
+        else:
             m = json.loads((d / "manifest.json").read_text())
             out.append(StoreEntry(d, True, m.get("dataset"), m.get("split"), m.get("documents"), m.get("tokens"),
                                   _size(d), m.get("created"), d.stat().st_mtime))
