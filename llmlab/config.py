@@ -207,6 +207,10 @@ class DistributedConfig:
     """fsdp: free gathered block parameters after the forward (ZeRO-3) rather than after the backward."""
     cpu_offload: bool
     """fsdp: sharded parameters, gradients and optimizer state live in CPU memory."""
+    async_checkpoint: bool
+    """fsdp: checkpoint shards are written in the background while training goes on."""
+    replicate: int
+    """fsdp: HSDP replica groups (1: plain FSDP over every process)."""
 
     @classmethod
     def from_dict(cls, section: dict | None) -> DistributedConfig:

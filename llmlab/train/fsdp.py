@@ -136,6 +136,9 @@ class ShardedStateIO(LocalStateIO):
     collective = True
     writes_shards = True
 
+    def __init__(self, async_save: bool = False):
+        self.async_save = async_save
+
     def _options(self, **kw):
         from torch.distributed.checkpoint.state_dict import StateDictOptions
 
@@ -163,9 +166,10 @@ class ShardedStateIO(LocalStateIO):
         set_optimizer_state_dict(model, _inner(optimizer), state, options=self._options())
 
 
-def state_io(sharded: bool) -> LocalStateIO:
-    """:class:`ShardedStateIO` for an FSDP-sharded model, else :data:`LOCAL`."""
-    return ShardedStateIO() if sharded else LOCAL
+def state_io(sharded: bool, cfg: DistributedConfig | None = None) -> LocalStateIO:
+    """:class:`ShardedStateIO` for an FSDP-sharded model (its shards written in the background
+    under ``cfg.async_checkpoint``), else :data:`LOCAL`."""
+    return ShardedStateIO(async_save=bool(cfg and cfg.async_checkpoint)) if sharded else LOCAL
 
 
 def _inner(optimizer):
