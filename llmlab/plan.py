@@ -313,8 +313,9 @@ def plan_rows(recipe: dict, world_size: int = 1) -> tuple[list[dict], dict]:
 
     run = build_run_plan(recipe)
     world_size = max(1, int(world_size))
-    strategy = run.settings.distributed.strategy
-    shards = world_size if strategy == "fsdp" else 1
+    dist_cfg = run.settings.distributed
+    strategy = dist_cfg.strategy
+    groups, shards = dist_cfg.mesh_shape(world_size) if strategy == "fsdp" and world_size > 1 else (1, 1)
     statuses = run.statuses()
     vocab = vocab_size_for(recipe)
     params = model_params(recipe, vocab)
@@ -347,7 +348,7 @@ def plan_rows(recipe: dict, world_size: int = 1) -> tuple[list[dict], dict]:
             **({"epochs": stage.training.epochs} if stage.training.epochs is not None else {}),
         })
     return rows, {"params": params, "vocab_size": vocab, "tokenizer": run_tokenizer_state(recipe),
-                  "world_size": world_size, "strategy": strategy, "sharded": shards > 1}
+                  "world_size": world_size, "strategy": strategy, "sharded": shards > 1, "replicate": groups}
 
 
 def default_world_size() -> int:
@@ -367,6 +368,10 @@ def world_line(facts: dict) -> str:
     n, strategy = facts["world_size"], facts["strategy"]
     if n == 1:
         return f"1 process (strategy {strategy} has no effect; plan another with --world-size N)"
+    if facts["replicate"] > 1:
+        k = facts["replicate"]
+        return (f"{n} processes, hsdp: {k} replica groups of {n // k} processes; parameters, gradients and optimizer "
+                f"state sharded {n // k} ways inside each group, replicated across groups")
     if facts["sharded"]:
         return f"{n} processes, fsdp: parameters, gradients and optimizer state sharded {n} ways"
     return f"{n} processes, ddp: every process holds the whole model"

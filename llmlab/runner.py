@@ -226,16 +226,16 @@ def apply_threads(recipe: dict) -> int:
 def distributed_info(accelerator, recipe: dict | None = None) -> dict:
     """What ran, for stage.json and the start line: ``world_size`` (processes), ``strategy``
     (``FSDP`` when the recipe's ``distributed.strategy: fsdp`` shards the model over several
-    processes, else accelerate's distributed type: NO, MULTI_CPU, MULTI_GPU, ...) and the
+    processes, ``HSDP`` with ``distributed.replicate`` > 1, else accelerate's distributed type: NO, MULTI_CPU, MULTI_GPU, ...) and the
     torch.distributed ``backend`` (gloo, nccl; None for one process)."""
     import torch.distributed as dist
 
     from llmlab.config import DistributedConfig
-    from llmlab.train.fsdp import fsdp_enabled
+    from llmlab.train.fsdp import strategy_name
 
     strategy = getattr(accelerator.distributed_type, "value", str(accelerator.distributed_type))
-    if fsdp_enabled(DistributedConfig.from_dict((recipe or {}).get("distributed")), int(accelerator.num_processes)):
-        strategy = "FSDP"
+    strategy = strategy_name(DistributedConfig.from_dict((recipe or {}).get("distributed")),
+                             int(accelerator.num_processes)) or strategy
     backend = dist.get_backend() if dist.is_available() and dist.is_initialized() else None
     return {"world_size": int(accelerator.num_processes), "strategy": str(strategy), "backend": backend}
 
