@@ -265,7 +265,7 @@ class Runner:
         d = self.layout.tokenizer
         fp = tokenizer_fingerprint(self.recipe)
         marker = self.layout.tokenizer_fingerprint  # beside the dir: the dir's own files are hashed
-        if d.is_dir() and marker.is_file() and marker.read_text().strip() == fp:
+        if self.tokenizer_current():
             tok = load_tokenizer(d)
         else:
             t0 = time.perf_counter()
@@ -282,6 +282,13 @@ class Runner:
             tok = load_tokenizer(d)
             self.console.print(f"tokenizer: {len(tok)} tokens, built in {time.perf_counter() - t0:.1f} s → {d}")
         return tok, tokenizer_hash(d)
+
+    def tokenizer_current(self) -> bool:
+        """Whether ``tokenizer/`` holds the tokenizer of this recipe's tokenizer section (its
+        fingerprint file, written after the folder, matches)."""
+        marker = self.layout.tokenizer_fingerprint
+        return (self.layout.tokenizer.is_dir() and marker.is_file()
+                and marker.read_text().strip() == tokenizer_fingerprint(self.recipe))
 
     def claim_output_dir(self, adopt: bool = False) -> None:
         """Create or take the run directory for llmlab (:func:`llmlab.ownership.check_run_dir`,
@@ -329,6 +336,12 @@ class Runner:
 
         self.threads = apply_threads(self.recipe)
         device = self._device()
+        from llmlab.data.prepare import prepare_stages  # fill missing token stores before any stage
+        from llmlab.train.ranks import prepare_before_process_group
+
+        tokenizer, tok_sha = prepare_before_process_group(
+            self.ensure_tokenizer, self.tokenizer_current,
+            lambda tok: prepare_stages(self.recipe, tok, todo, pretrain_only=True, progress=process_rank() == 0))
         accelerator = self._accelerator(device)
         self.distributed = distributed_info(accelerator, self.recipe)
         self.console.print(f"CPU threads: {self.threads}; "
@@ -339,12 +352,6 @@ class Runner:
         launch_warning = single_process_launch_warning()
         if launch_warning and self.distributed["world_size"] == 1:
             self.console.print(f"warning: {launch_warning}", style="yellow", markup=False, highlight=False)
-        with accelerator.main_process_first():  # under torchrun: rank 0 trains the tokenizer, the rest load it
-            tokenizer, tok_sha = self.ensure_tokenizer()
-            from llmlab.data.prepare import prepare_stages  # fill missing token stores before any stage
-
-            prepare_stages(self.recipe, tokenizer, todo, pretrain_only=True,
-                           progress=accelerator.is_main_process)
         env = _StageEnv(device, accelerator, tokenizer, tok_sha, reset_optimizer)
         outcomes = []
         for name in selected:
@@ -515,11 +522,14 @@ class Runner:
         Raises:
             RunError: naming the stage and its estimate.
         """
+        from llmlab.config import DistributedConfig
         from llmlab.plan import unfittable_message
+        from llmlab.train.fsdp import shard_ways
 
         world = int(self.distributed["world_size"])
         message = unfittable_message(self.recipe, todo, device.type,
-                                     shards=world if self.distributed["strategy"] == "FSDP" else 1,
+                                     shards=shard_ways(DistributedConfig.from_dict(self.recipe.get("distributed")),
+                                                       world),
                                      processes_here=int(os.environ.get("LOCAL_WORLD_SIZE", world)))
         if message:
             raise RunError(message)

@@ -61,6 +61,12 @@ def strategy_name(cfg: DistributedConfig, world_size: int) -> str | None:
     return "HSDP" if cfg.replicate > 1 else "FSDP"
 
 
+def shard_ways(cfg: DistributedConfig, world_size: int) -> int:
+    """Over how many processes each parameter is sharded: 1 unsharded, the world size under FSDP,
+    world size / ``replicate`` under HSDP."""
+    return cfg.mesh_shape(world_size)[1] if fsdp_enabled(cfg, world_size) else 1
+
+
 def device_mesh(cfg: DistributedConfig, device_type: str):
     """The device mesh FSDP2 shards over: 1-D over every process, or under ``replicate: K`` (HSDP)
     2-D, ``(K, world / K)`` with dimensions named ``replicate`` and ``shard`` (consecutive ranks,
