@@ -334,6 +334,13 @@ def plan_rows(recipe: dict, world_size: int = 1) -> tuple[list[dict], dict]:
         weights = stage.datasets
         total_w = sum(weights.values()) or 1.0
         shares = {k: 100.0 * v / total_w for k, v in weights.items()}
+        if status == "partial":  # resumed under another world size: does the global batch change?
+            from llmlab.train.resharding import resume_note
+
+            tr = stage.training
+            note = resume_note(stage.layout.dir, {"batch_size": int(tr.batch_size), "world_size": world_size,
+                                                  "gradient_accumulation_steps": int(tr.gradient_accumulation_steps)})
+            detail = f"{detail}; {note}" if note else detail
         trainable, memory = stage_memory(recipe, name, params, vocab, shards)
         tokens = stage_tokens(cfg) * world_size  # batch_size is per process
         steps = stage.training.max_steps

@@ -19,6 +19,7 @@ from llmlab.layout import StageLayout
 from llmlab.stages.base import Stage
 from llmlab.train import checkpoint as ckpt_lib
 from llmlab.train.errors import TrainingError
+from llmlab.train.resharding import batch_change  # noqa: F401  (re-exported: its home before resharding.py)
 
 log = logging.getLogger("llmlab")
 
@@ -383,32 +384,6 @@ def plateau_update(best: float, bad_evals: int, eval_loss: float, min_delta: flo
 #: trainer_state.json's ``optimizer_format`` of a checkpoint holding DCP shards (llmlab.train.dcp):
 #: any strategy and world size loads its optimizer state
 DCP_FORMAT = "dcp"
-
-
-def batch_change(saved: dict | None, now: dict) -> str | None:
-    """What resuming a checkpoint written with ``saved`` (its ``batch``: ``batch_size``,
-    ``gradient_accumulation_steps``, ``world_size``) under ``now`` does to the data, or None when
-    nothing changed (or the checkpoint predates the record).
-
-    Micro-batch ``i`` of step ``s`` on rank ``r`` is stream index ``(s * accumulation + i) * world + r``
-    (:class:`llmlab.train.loop.StepRunner`), so a step reads the indices
-    ``[s * G, (s + 1) * G)`` with ``G = accumulation * world``: with the same micro-batch size and
-    the same ``G`` every later step reads exactly the examples it would have.
-    """
-    if not saved or saved == now:
-        return None
-
-    def global_batch(b):
-        return b["batch_size"] * b["gradient_accumulation_steps"] * b["world_size"]
-
-    moved = (f"the checkpoint was written by {saved['world_size']} process(es), this run has {now['world_size']}"
-             if saved["world_size"] != now["world_size"] else "the batch settings changed since the checkpoint")
-    old, new = global_batch(saved), global_batch(now)
-    if saved["batch_size"] == now["batch_size"] and old == new:
-        return f"{moved}; the global batch ({new} examples per step) is kept: the data order continues exactly"
-    return (f"{moved}; the global batch changes from {old} to {new} examples per step "
-            "(batch_size × gradient_accumulation_steps × processes): the training dynamics and the data order "
-            "change")
 
 
 def nonfinite_parameters(model: torch.nn.Module, collective: bool = False) -> list[str]:

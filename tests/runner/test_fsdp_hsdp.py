@@ -65,3 +65,29 @@ def test_hsdp_two_node_rehearsal_gives_the_weights_of_one_process(tmp_path):
     # gradients); measured 1.7e-8 after 3 steps
     worst = max(float((a[k] - b[k]).abs().max()) for k in a)
     assert worst < 1e-6, worst
+
+
+def test_plan_shows_hsdp_and_validation_refuses_what_it_cannot_shape(tmp_path):
+    from typer.testing import CliRunner
+
+    from llmlab.cli import app
+    from llmlab.plan import plan_rows
+    from llmlab.recipe import load_recipe
+
+    rec = _recipe(("pretrain",), HSDP, max_steps=4)
+    path = write_recipe(tmp_path, rec)
+    resolved, errors = load_recipe(path, [], world_size=4)
+    assert not errors, [str(e) for e in errors]
+    rows, facts = plan_rows(resolved, world_size=4)
+    fsdp, _ = load_recipe(path, ["distributed.replicate=1"], world_size=4)
+    flat, _ = plan_rows(fsdp, world_size=4)
+    two, _ = plan_rows(fsdp, world_size=2)
+    assert facts["replicate"] == 2 and facts["sharded"]
+    assert rows[0]["memory"] == two[0]["memory"] != flat[0]["memory"]  # sharded 2 ways, not 4
+    out = CliRunner().invoke(app, ["plan", str(path), "--world-size", "4"])
+    assert out.exit_code == 0 and "hsdp: 2 replica groups of 2 processes" in out.output, out.output
+    # the world size must be a multiple of replicate; replicate needs fsdp
+    out = CliRunner().invoke(app, ["plan", str(path), "--world-size", "3"])
+    assert out.exit_code != 0 and "distributed.replicate" in out.output and "does not divide the 3" in out.output
+    _, errors = load_recipe(path, ["distributed.strategy=ddp"], world_size=4)
+    assert [e.path for e in errors] == ["distributed.replicate"]
