@@ -355,7 +355,8 @@ def plan_rows(recipe: dict, world_size: int = 1) -> tuple[list[dict], dict]:
             **({"epochs": stage.training.epochs} if stage.training.epochs is not None else {}),
         })
     return rows, {"params": params, "vocab_size": vocab, "tokenizer": run_tokenizer_state(recipe),
-                  "world_size": world_size, "strategy": strategy, "sharded": shards > 1, "replicate": groups}
+                  "world_size": world_size, "strategy": strategy, "sharded": shards > 1,
+                  **({"replicate": groups} if groups > 1 else {})}  # HSDP only
 
 
 def default_world_size() -> int:
@@ -375,8 +376,8 @@ def world_line(facts: dict) -> str:
     n, strategy = facts["world_size"], facts["strategy"]
     if n == 1:
         return f"1 process (strategy {strategy} has no effect; plan another with --world-size N)"
-    if facts["replicate"] > 1:
-        k = facts["replicate"]
+    k = facts.get("replicate")  # present under HSDP only
+    if k:
         return (f"{n} processes, hsdp: {k} replica groups of {n // k} processes; parameters, gradients and optimizer "
                 f"state sharded {n // k} ways inside each group, replicated across groups")
     if facts["sharded"]:

@@ -82,7 +82,7 @@ def test_plan_shows_hsdp_and_validation_refuses_what_it_cannot_shape(tmp_path):
     fsdp, _ = load_recipe(path, ["distributed.replicate=1"], world_size=4)
     flat, _ = plan_rows(fsdp, world_size=4)
     two, _ = plan_rows(fsdp, world_size=2)
-    assert facts["replicate"] == 2 and facts["sharded"]
+    assert facts["replicate"] == 2 and facts["sharded"] and "replicate" not in plan_rows(fsdp, world_size=4)[1]
     assert rows[0]["memory"] == two[0]["memory"] != flat[0]["memory"]  # sharded 2 ways, not 4
     out = CliRunner().invoke(app, ["plan", str(path), "--world-size", "4"])
     assert out.exit_code == 0 and "hsdp: 2 replica groups of 2 processes" in out.output, out.output
