@@ -32,6 +32,17 @@ ROOT = Path(__file__).resolve().parents[1]
 MODES = ("full", "dcp", "final_state_dict", "final_per_param")
 
 
+def _release_freed_memory() -> None:
+    """Give the heap memory freed so far (the step's gathered blocks, gradients) back to the OS
+    (glibc's ``malloc_trim``), so that a save reusing it does not hide its cost from the RSS."""
+    import ctypes
+
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: the increase may be understated
+        pass
+
+
 def _worker(mode: str, out: Path, d_model: int, layers: int) -> None:
     """One torchrun process: shard, step, then save once or gather final/'s model in ``mode``
     (:data:`MODES`); rank 0 prints JSON."""
@@ -62,6 +73,7 @@ def _worker(mode: str, out: Path, d_model: int, layers: int) -> None:
     opt.zero_grad(set_to_none=True)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
     gc.collect()
+    _release_freed_memory()
     proc = psutil.Process()
     base = proc.memory_info().rss
     peak, done = [base], threading.Event()
