@@ -226,8 +226,9 @@ def apply_threads(recipe: dict) -> int:
 def distributed_info(accelerator, recipe: dict | None = None) -> dict:
     """What ran, for stage.json and the start line: ``world_size`` (processes), ``strategy``
     (``FSDP`` when the recipe's ``distributed.strategy: fsdp`` shards the model over several
-    processes, ``HSDP`` with ``distributed.replicate`` > 1, else accelerate's distributed type: NO, MULTI_CPU, MULTI_GPU, ...) and the
-    torch.distributed ``backend`` (gloo, nccl; None for one process)."""
+    processes, ``HSDP`` with ``distributed.replicate`` > 1, else accelerate's distributed type:
+    NO, MULTI_CPU, MULTI_GPU, ...) and the torch.distributed ``backend`` (gloo, nccl; None for
+    one process)."""
     import torch.distributed as dist
 
     from llmlab.config import DistributedConfig
@@ -336,6 +337,7 @@ class Runner:
 
         self.threads = apply_threads(self.recipe)
         device = self._device()
+        self._refuse_unfittable(todo, device)  # before anything is built
         from llmlab.data.prepare import prepare_stages  # fill missing token stores before any stage
         from llmlab.train.ranks import prepare_before_process_group
 
@@ -348,7 +350,6 @@ class Runner:
                            f"processes: {self.distributed['world_size']} ({self.distributed['strategy']}"
                            f"{', ' + self.distributed['backend'] if self.distributed['backend'] else ''}), "
                            f"device {device.type}, precision {self.precision}")
-        self._refuse_unfittable(todo, device)
         launch_warning = single_process_launch_warning()
         if launch_warning and self.distributed["world_size"] == 1:
             self.console.print(f"warning: {launch_warning}", style="yellow", markup=False, highlight=False)
@@ -523,10 +524,10 @@ class Runner:
             RunError: naming the stage and its estimate.
         """
         from llmlab.config import DistributedConfig
-        from llmlab.plan import unfittable_message
+        from llmlab.plan import default_world_size, unfittable_message
         from llmlab.train.fsdp import shard_ways
 
-        world = int(self.distributed["world_size"])
+        world = default_world_size()  # $WORLD_SIZE: the process group does not exist yet
         message = unfittable_message(self.recipe, todo, device.type,
                                      shards=shard_ways(DistributedConfig.from_dict(self.recipe.get("distributed")),
                                                        world),

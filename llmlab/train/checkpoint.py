@@ -175,6 +175,7 @@ class FrozenState:
         self._state = copy.deepcopy(obj.state_dict())
 
     def state_dict(self) -> dict:
+        """The state captured at construction."""
         return self._state
 
 
