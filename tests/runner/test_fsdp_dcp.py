@@ -283,3 +283,32 @@ def test_plan_says_when_a_resume_under_another_world_size_changes_the_global_bat
     assert one["status"] == "partial" and "global batch changes from 8 to 4" in one["status_detail"], one
     two = plan_rows(resolved, world_size=2)[0][0]
     assert two["status_detail"] == "at step 2"
+
+
+def test_pending_async_save_finalises_only_after_the_upload_and_reports_failures():
+    """The folder is finalised only once the shards' upload completed; a failed upload is never
+    finalised, and an upload or finalisation error comes back from wait() as text, not raised
+    in the writer thread."""
+    from concurrent.futures import Future
+
+    from llmlab.train.checkpointer import PendingSave
+
+    calls = []
+    upload = Future()
+    pending = PendingSave(4, upload, lambda: calls.append("finalised") or "/ckpt/step-000004")
+    assert calls == []  # the shards are still being written
+    upload.set_result(None)
+    assert pending.wait() == ("/ckpt/step-000004", None) and calls == ["finalised"]
+    failed = Future()
+    pending = PendingSave(6, failed, lambda: calls.append("wrongly finalised"))
+    failed.set_exception(OSError(28, "No space left on device"))
+    path, error = pending.wait()
+    assert path is None and "No space left" in error and calls == ["finalised"]
+    done = Future()
+    done.set_result(None)
+
+    def boom():
+        raise RuntimeError("manifest")
+
+    assert PendingSave(8, done, boom).wait() == (None, "RuntimeError: manifest")
+    assert PendingSave(8, done, None).wait() == (None, None)  # ranks other than 0 finalise nothing
