@@ -1,5 +1,8 @@
 """Rank 0's peak memory during one FSDP checkpoint save: the full state gathered to rank 0 (llmlab
-before DCP) against DCP shards every rank writes (llmlab.train.dcp), 2 gloo processes on CPU.
+before DCP) against DCP shards every rank writes (llmlab.train.dcp), 2 gloo processes on CPU; and
+during the gather of ``final/``'s plain model: the full state dict gathered then copied into the
+unsharded model (llmlab before 2026-12-06, ``final_state_dict``) against one parameter at a time
+straight into it (:func:`llmlab.train.fsdp.gather_full_model`, ``final_per_param``).
 
 Each mode runs in a fresh ``torchrun`` (peak RSS is per process): the model (``--d-model``,
 ``--layers``, vocabulary 32 000, untied) is sharded with FSDP2, takes one AdamW step, and then one
@@ -7,7 +10,8 @@ checkpoint is saved while a thread samples rank 0's RSS every 2 ms. Prints, per 
 before the save, the peak during it, the increase and the save's wall time (noisy on a shared
 machine; the RSS increase is the result).
 
-    python benchmarks/checkpoint_rss.py            # 66 M parameters: ~1 min
+    python benchmarks/checkpoint_rss.py            # 66 M parameters: ~2 min
+    python benchmarks/checkpoint_rss.py --modes final_state_dict final_per_param
 """
 
 from __future__ import annotations
@@ -24,10 +28,24 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+#: checkpoint saves (full, dcp) and final/ gathers (final_state_dict, final_per_param)
+MODES = ("full", "dcp", "final_state_dict", "final_per_param")
+
+
+def _release_freed_memory() -> None:
+    """Give the heap memory freed so far (the step's gathered blocks, gradients) back to the OS
+    (glibc's ``malloc_trim``), so that a save reusing it does not hide its cost from the RSS."""
+    import ctypes
+
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: the increase may be understated
+        pass
 
 
 def _worker(mode: str, out: Path, d_model: int, layers: int) -> None:
-    """One torchrun process: shard, step, save once in ``mode`` (full | dcp), rank 0 prints JSON."""
+    """One torchrun process: shard, step, then save once or gather final/'s model in ``mode``
+    (:data:`MODES`); rank 0 prints JSON."""
     import psutil
     import torch
     import torch.distributed as dist
@@ -36,7 +54,7 @@ def _worker(mode: str, out: Path, d_model: int, layers: int) -> None:
     from llmlab.models.build import build_model
     from llmlab.train import checkpoint as ck
     from llmlab.train import dcp
-    from llmlab.train.fsdp import ShardedStateIO, shard_model
+    from llmlab.train.fsdp import ShardedStateIO, _materialize, gather_full_model, meta_skeleton, shard_model
 
     dist.init_process_group("gloo")
     rank = dist.get_rank()
@@ -46,6 +64,7 @@ def _worker(mode: str, out: Path, d_model: int, layers: int) -> None:
            "norm_type": "rmsnorm", "activation": "swiglu", "tie_embeddings": False}
     model = build_model(cfg, vocab_size=32000)
     n_params = sum(p.numel() for p in model.parameters())
+    skeleton = meta_skeleton(model) if rank == 0 else None
     shard_model(model, DistributedConfig.from_dict({"strategy": "fsdp"}), torch.device("cpu"))
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     x = torch.randint(0, 32000, (1, 16))
@@ -54,6 +73,7 @@ def _worker(mode: str, out: Path, d_model: int, layers: int) -> None:
     opt.zero_grad(set_to_none=True)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
     gc.collect()
+    _release_freed_memory()
     proc = psutil.Process()
     base = proc.memory_info().rss
     peak, done = [base], threading.Event()
@@ -73,6 +93,14 @@ def _worker(mode: str, out: Path, d_model: int, layers: int) -> None:
             ck.save_checkpoint(out, 1, model_state=weights, optimizer_state=optim, scheduler=sched,
                                stage_state={}, trainer_state={})
         del weights, optim
+    elif mode == "final_state_dict":  # the whole state dict on rank 0, then copied into the plain model
+        weights = ShardedStateIO().model_state(model)
+        if rank == 0:
+            _materialize(skeleton)
+            skeleton.load_state_dict(weights, strict=False)
+        del weights
+    elif mode == "final_per_param":
+        gather_full_model(model, skeleton, rank == 0)
     else:
         tmp = [str(ck.begin_checkpoint(out, 1)) if rank == 0 else None]
         dist.broadcast_object_list(tmp, 0)
@@ -96,6 +124,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--d-model", type=int, default=512)
     ap.add_argument("--layers", type=int, default=8)
+    ap.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
     ap.add_argument("--worker", nargs=2, metavar=("MODE", "DIR"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
@@ -103,7 +132,7 @@ def main() -> None:
         return
     print(f"load average {os.getloadavg()[0]:.1f}")
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
-    for mode in ("full", "dcp"):
+    for mode in args.modes:
         with tempfile.TemporaryDirectory() as d:
             cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                    __file__, "--d-model", str(args.d_model), "--layers", str(args.layers), "--worker", mode, d]

@@ -212,6 +212,23 @@ class DistributedConfig:
     """fsdp: free gathered block parameters after the forward (ZeRO-3) rather than after the backward."""
     cpu_offload: bool
     """fsdp: sharded parameters, gradients and optimizer state live in CPU memory."""
+    async_checkpoint: bool
+    """fsdp: checkpoint shards are written in the background while training goes on."""
+    replicate: int
+    """fsdp: HSDP replica groups (1: plain FSDP over every process)."""
+
+    def mesh_shape(self, world_size: int) -> tuple[int, int]:
+        """``(replica groups, processes sharding within each)`` for ``world_size`` processes under
+        fsdp: ``(replicate, world_size // replicate)``; ``(1, world_size)`` is plain FSDP.
+
+        Raises:
+            ValueError: ``replicate`` does not divide ``world_size`` (naming the key).
+        """
+        if world_size % self.replicate:
+            raise ValueError(f"distributed.replicate is {self.replicate}, which does not divide the {world_size} "
+                             "processes: HSDP needs world size = replicate × processes per replica group (e.g. "
+                             "replicate = the number of nodes)")
+        return self.replicate, world_size // self.replicate
 
     @classmethod
     def from_dict(cls, section: dict | None) -> DistributedConfig:

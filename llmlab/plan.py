@@ -373,14 +373,22 @@ def plan_rows(run: RunPlan | dict, world_size: int = 1) -> tuple[list[dict], dic
     """
     run = as_run_plan(run, fresh=True)
     world_size = max(1, int(world_size))
-    strategy = run.settings.distributed.strategy
-    shards = world_size if strategy == "fsdp" else 1
+    dist_cfg = run.settings.distributed
+    strategy = dist_cfg.strategy
+    groups, shards = dist_cfg.mesh_shape(world_size) if strategy == "fsdp" and world_size > 1 else (1, 1)
     statuses = run.statuses()
     vocab = vocab_size_for(run)
     params = model_params(run, vocab)
     rows = []
     for stage in run.stages:
         status, detail = statuses[stage.name]
+        if stage.trains and status == "partial":  # resumed under another world size: does the global batch change?
+            from llmlab.train.resharding import resume_note
+
+            tr = stage.training
+            note = resume_note(stage.layout.dir, {"batch_size": int(tr.batch_size), "world_size": world_size,
+                                                  "gradient_accumulation_steps": int(tr.gradient_accumulation_steps)})
+            detail = f"{detail}; {note}" if note else detail
         row = _training_row(run, stage, params, vocab, world_size, shards) if stage.trains \
             else _results_row(stage, params)
         row.update({"status": status, "status_detail": detail, "fingerprint": stage.fingerprint[:12]})
@@ -388,7 +396,8 @@ def plan_rows(run: RunPlan | dict, world_size: int = 1) -> tuple[list[dict], dic
             row["epochs"] = stage.training.epochs
         rows.append(row)
     return rows, {"params": params, "vocab_size": vocab, "tokenizer": run_tokenizer_state(run),
-                  "world_size": world_size, "strategy": strategy, "sharded": shards > 1}
+                  "world_size": world_size, "strategy": strategy, "sharded": shards > 1,
+                  **({"replicate": groups} if groups > 1 else {})}  # HSDP only
 
 
 def default_world_size() -> int:
@@ -408,6 +417,10 @@ def world_line(facts: dict) -> str:
     n, strategy = facts["world_size"], facts["strategy"]
     if n == 1:
         return f"1 process (strategy {strategy} has no effect; plan another with --world-size N)"
+    k = facts.get("replicate")  # present under HSDP only
+    if k:
+        return (f"{n} processes, hsdp: {k} replica groups of {n // k} processes; parameters, gradients and optimizer "
+                f"state sharded {n // k} ways inside each group, replicated across groups")
     if facts["sharded"]:
         return f"{n} processes, fsdp: parameters, gradients and optimizer state sharded {n} ways"
     return f"{n} processes, ddp: every process holds the whole model"

@@ -26,7 +26,7 @@ import sys
 import time
 from dataclasses import dataclass
 
-from llmlab.console import single_process_launch_warning
+from llmlab.console import process_rank, single_process_launch_warning
 from llmlab.ownership import remove_owned
 from llmlab.runplan import RunPlan
 
@@ -142,19 +142,17 @@ class DistributedInfo:
     world_size: int
     """Processes training together."""
     strategy: str
-    """``FSDP`` when ``distributed.strategy: fsdp`` shards the model over several processes, else
-    accelerate's distributed type (NO, MULTI_CPU, MULTI_GPU, ...)."""
+    """``FSDP`` when ``distributed.strategy: fsdp`` shards the model over several processes, ``HSDP``
+    with ``distributed.replicate`` > 1, else accelerate's distributed type (NO, MULTI_CPU, MULTI_GPU, ...)."""
     backend: str | None
     """The torch.distributed backend (gloo, nccl; None for one process)."""
-
-    @property
-    def shards(self) -> int:
-        """The ways the model's state is sharded (1 unless FSDP)."""
-        return self.world_size if self.strategy == "FSDP" else 1
+    shards: int = dataclasses.field(default=1, compare=False)
+    """Over how many processes each parameter is sharded (1 unless FSDP / HSDP:
+    :func:`llmlab.train.fsdp.shard_ways`)."""
 
     def to_json(self) -> dict:
         """``{"world_size", "strategy", "backend"}``."""
-        return dataclasses.asdict(self)
+        return {"world_size": self.world_size, "strategy": self.strategy, "backend": self.backend}
 
 
 def distributed_info(accelerator, distributed) -> DistributedInfo:
@@ -162,13 +160,13 @@ def distributed_info(accelerator, distributed) -> DistributedInfo:
     (a :class:`llmlab.config.DistributedConfig`)."""
     import torch.distributed as dist
 
-    from llmlab.train.fsdp import fsdp_enabled
+    from llmlab.train.fsdp import shard_ways, strategy_name
 
+    world = int(accelerator.num_processes)
     strategy = getattr(accelerator.distributed_type, "value", str(accelerator.distributed_type))
-    if fsdp_enabled(distributed, int(accelerator.num_processes)):
-        strategy = "FSDP"
+    strategy = strategy_name(distributed, world) or strategy
     backend = dist.get_backend() if dist.is_available() and dist.is_initialized() else None
-    return DistributedInfo(int(accelerator.num_processes), str(strategy), backend)
+    return DistributedInfo(world, str(strategy), backend, shards=shard_ways(distributed, world))
 
 
 def processes_here(world_size: int) -> int:
@@ -176,17 +174,21 @@ def processes_here(world_size: int) -> int:
     return int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
 
 
-def refuse_unfittable(plan: RunPlan, todo: list[str], device, dist_info: DistributedInfo) -> None:
-    """Refuse the run before anything is built or trained when a stage to run is planned to need
-    far more memory than the device has in all (:func:`llmlab.plan.unfittable_message`).
+def refuse_unfittable(plan: RunPlan, todo: list[str], device) -> None:
+    """Refuse the run before anything is built, prepared or trained when a stage to run is planned
+    to need far more memory than the device has in all (:func:`llmlab.plan.unfittable_message`),
+    with the model sharded as ``distributed`` shards it over ``$WORLD_SIZE`` processes (the process
+    group does not exist yet).
 
     Raises:
         RunError: naming the stage and its estimate.
     """
-    from llmlab.plan import unfittable_message
+    from llmlab.plan import default_world_size, unfittable_message
+    from llmlab.train.fsdp import shard_ways
 
-    message = unfittable_message(plan.recipe, todo, device.type, shards=dist_info.shards,
-                                 processes_here=processes_here(dist_info.world_size))
+    world = default_world_size()
+    message = unfittable_message(plan, todo, device.type, shards=shard_ways(plan.settings.distributed, world),
+                                 processes_here=processes_here(world))
     if message:
         raise RunError(message)
 
@@ -203,8 +205,7 @@ def setup_tokenizer(plan: RunPlan, console):
 
     layout = plan.layout
     d, fp = layout.tokenizer, plan.tokenizer_fingerprint
-    marker = layout.tokenizer_fingerprint  # beside the dir: the dir's own files are hashed
-    if d.is_dir() and marker.is_file() and marker.read_text().strip() == fp:
+    if tokenizer_current(plan):
         return load_tokenizer(d), tokenizer_hash(d)
     t0 = time.perf_counter()
     tmp = layout.tokenizer_tmp
@@ -218,6 +219,15 @@ def setup_tokenizer(plan: RunPlan, console):
     tok = load_tokenizer(d)
     console.print(f"tokenizer: {len(tok)} tokens, built in {time.perf_counter() - t0:.1f} s → {d}")
     return tok, tokenizer_hash(d)
+
+
+def tokenizer_current(plan: RunPlan) -> bool:
+    """Whether ``tokenizer/`` holds the tokenizer of the plan's tokenizer section (the fingerprint
+    file beside it, written after the folder is renamed into place, matches; the dir's own files are
+    hashed)."""
+    layout = plan.layout
+    marker = layout.tokenizer_fingerprint
+    return layout.tokenizer.is_dir() and marker.is_file() and marker.read_text().strip() == plan.tokenizer_fingerprint
 
 
 def setup_token_stores(plan: RunPlan, tokenizer, todo: list[str], progress: bool) -> None:
@@ -267,18 +277,21 @@ def open_session(plan: RunPlan, console, todo: list[str], reset_optimizer: bool 
     threads = setup_threads(settings.threads)
     device = setup_device(settings.device)
     precision = resolve_precision(settings.precision, device)
+    refuse_unfittable(plan, todo, device)  # before anything is built or prepared
+    # the tokenizer and token stores before the process group exists: no rank waits in a collective
+    from llmlab.train.ranks import prepare_before_process_group
+
+    tokenizer, tok_sha = prepare_before_process_group(
+        lambda: setup_tokenizer(plan, console), lambda: tokenizer_current(plan),
+        lambda tok: setup_token_stores(plan, tok, todo, progress=process_rank() == 0))
     accelerator = setup_accelerator(device, precision)
     dist_info = distributed_info(accelerator, settings.distributed)
     console.print(f"CPU threads: {threads}; "
                   f"processes: {dist_info.world_size} ({dist_info.strategy}"
                   f"{', ' + dist_info.backend if dist_info.backend else ''}), "
                   f"device {device.type}, precision {precision}")
-    refuse_unfittable(plan, todo, device, dist_info)
     launch_warning = single_process_launch_warning()
     if launch_warning and dist_info.world_size == 1:
         console.print(f"warning: {launch_warning}", style="yellow", markup=False, highlight=False)
-    with accelerator.main_process_first():  # under torchrun: rank 0 trains the tokenizer, the rest load it
-        tokenizer, tok_sha = setup_tokenizer(plan, console)
-        setup_token_stores(plan, tokenizer, todo, progress=accelerator.is_main_process)
     return RunSession(device=device, accelerator=accelerator, precision=precision, threads=threads,
                       distributed=dist_info, tokenizer=tokenizer, tok_sha=tok_sha, reset_optimizer=reset_optimizer)

@@ -462,6 +462,8 @@ def load_recipe(path, overrides: Iterable[str] = (), env: Mapping[str, str] | No
     try:
         if not broken:  # without the base's keys, cross-key checks would only report its absence
             semantic.check(resolved, given, add)
+            for p, msg in semantic.world_size_errors(resolved, world_size):
+                add(p, msg)
     except Exception:  # a check tripping over a shape the schema already rejected
         if not errors:
             raise

@@ -207,8 +207,14 @@ def _check_distributed(doc: dict, add) -> None:
     (a generating stage runs a different number of forwards on each process, and each FSDP forward
     is a collective all-gather), its optimizer is one of :data:`FSDP_OPTIMIZERS` and
     its LoRA base is not quantized (bitsandbytes' 4-bit weights are no DTensor); and the precision
-    is not fp16 (the loss scaler's unscale is not wired for sharded gradients)."""
-    if _dict(doc.get("distributed")).get("strategy") != "fsdp":
+    is not fp16 (the loss scaler's unscale is not wired for sharded gradients). ``replicate`` > 1
+    (HSDP) needs strategy fsdp."""
+    dist = _dict(doc.get("distributed"))
+    if dist.get("strategy") != "fsdp":
+        replicate = dist.get("replicate")
+        if isinstance(replicate, int) and replicate > 1:
+            add(("distributed", "replicate"), "replicate (HSDP: shard within groups, replicate across them) needs "
+                                              "distributed.strategy fsdp; under ddp every process holds the whole model")
         return
     if doc.get("precision") == "fp16":
         add(("precision",), "precision fp16 (loss scaling) is not supported with distributed.strategy fsdp; use bf16 "
@@ -231,6 +237,21 @@ def _check_distributed(doc: dict, add) -> None:
         if _dict(st.get("lora")).get("quantize"):
             add(base + ("lora", "quantize"), "a quantized LoRA base (QLoRA) cannot be sharded by distributed.strategy "
                                              "fsdp; use strategy ddp")
+
+
+def world_size_errors(doc: dict, world_size: int | None) -> list[tuple[tuple, str]]:
+    """``(key path, message)`` when ``distributed.replicate`` (HSDP) does not divide the processes
+    the recipe is loaded for (``world_size``; None: ``$WORLD_SIZE``, else 1): under torchrun
+    every process refuses the recipe before it trains. One process is never sharded."""
+    from llmlab.recipe.epochs import world_size as launched
+
+    dist = _dict(doc.get("distributed"))
+    n, replicate = world_size or launched(), dist.get("replicate")
+    if dist.get("strategy") != "fsdp" or n <= 1 or not isinstance(replicate, int) or n % replicate == 0:
+        return []
+    return [(("distributed", "replicate"), f"replicate {replicate} does not divide the {n} processes: HSDP needs "
+                                           "processes = replicate × processes per replica group (e.g. replicate = "
+                                           "the number of nodes)")]
 
 
 #: logging.report_to tracker -> the package it needs (installed by the `logging` extra)

@@ -127,6 +127,8 @@ class LocalStateIO:
     collective = False
     #: model and optimizer state are saved as DCP shards every rank writes (llmlab.train.dcp)
     writes_shards = False
+    #: those shards are written in the background (distributed.async_checkpoint)
+    async_save = False
 
     def model_state(self, model: torch.nn.Module) -> dict[str, torch.Tensor]:
         """The model's state dict on the CPU (tied tensors once, see ``checkpoint.model_state``)."""
@@ -163,6 +165,20 @@ def check_keys(missing, unexpected, where) -> None:
                            f"unexpected {sorted(unexpected)[:5]}")
 
 
+class FrozenState:
+    """A copy of an object's ``state_dict()`` taken now, answering ``state_dict()`` later: what an
+    asynchronous save records of the scheduler at the step it was started."""
+
+    def __init__(self, obj):
+        import copy
+
+        self._state = copy.deepcopy(obj.state_dict())
+
+    def state_dict(self) -> dict:
+        """The state captured at construction."""
+        return self._state
+
+
 def begin_checkpoint(ckpt_root: Path, step: int) -> Path:
     """Make (marked) and return the temporary folder checkpoint ``step`` is written into before
     :func:`save_checkpoint` renames it into place; the DCP shards of an FSDP model go in here
@@ -181,7 +197,8 @@ def begin_checkpoint(ckpt_root: Path, step: int) -> Path:
 
 def save_checkpoint(ckpt_root: Path, step: int, *, model_state: dict[str, torch.Tensor] | None,
                     optimizer_state: dict | None, scheduler, stage_state: dict, trainer_state: dict,
-                    keep_last: int = 2, protect: set[int] | None = None, tmp: Path | None = None) -> Path:
+                    keep_last: int = 2, protect: set[int] | None = None, tmp: Path | None = None,
+                    rng: tuple[dict, dict] | None = None) -> Path:
     """Write ``ckpt_root/step-{step:06d}`` atomically and prune older checkpoints.
 
     Args:
@@ -191,6 +208,10 @@ def save_checkpoint(ckpt_root: Path, step: int, *, model_state: dict[str, torch.
         keep_last: how many of the newest checkpoints to keep (≥ 1).
         protect: steps never pruned (e.g. the best checkpoint under ``save_best_only``).
         tmp: the folder :func:`begin_checkpoint` made (made here when None).
+        scheduler: the LR scheduler, or anything with its ``state_dict()`` (a :class:`FrozenState`
+            captured when the step ended, for a save finalised later).
+        rng: :func:`rng_state` captured when the step ended (an asynchronous save is finalised
+            while training goes on); None: the generators' states now.
 
     Returns:
         the checkpoint directory.
@@ -202,7 +223,8 @@ def save_checkpoint(ckpt_root: Path, step: int, *, model_state: dict[str, torch.
     final = ckpt_root / f"{PREFIX}{step:06d}"
     tmp = tmp or begin_checkpoint(ckpt_root, step)
     with removed_on_failure(tmp, f"writing checkpoint {final}"):
-        _write_files(tmp, model_state, optimizer_state, scheduler, stage_state, {**trainer_state, "step": step})
+        _write_files(tmp, model_state, optimizer_state, scheduler, stage_state, {**trainer_state, "step": step},
+                     rng or rng_state())
     if final.exists():  # a re-save of the same step (e.g. after an extend): replace atomically enough
         old = ckpt_root / f".old-{PREFIX}{step:06d}-{os.getpid()}"
         final.rename(old)
@@ -216,7 +238,7 @@ def save_checkpoint(ckpt_root: Path, step: int, *, model_state: dict[str, torch.
 
 
 def _write_files(tmp: Path, model_state: dict | None, optimizer_state: dict | None, scheduler, stage_state: dict,
-                 trainer_state: dict) -> None:
+                 trainer_state: dict, rng: tuple[dict, dict]) -> None:
     """Write a checkpoint's files into ``tmp``, fsynced, MANIFEST.json last (which lists every
     file in ``tmp``, DCP shards written there before included)."""
     from safetensors.torch import save_file
@@ -226,7 +248,7 @@ def _write_files(tmp: Path, model_state: dict | None, optimizer_state: dict | No
     if optimizer_state is not None:
         torch.save(optimizer_state, tmp / "optimizer.pt")
     torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-    tensors, plain = rng_state()
+    tensors, plain = rng
     torch.save(tensors, tmp / "rng.pt")
     (tmp / "rng.json").write_text(json.dumps(plain))
     torch.save(stage_state, tmp / "stage_state.pt")

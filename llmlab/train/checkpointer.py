@@ -19,6 +19,7 @@ from llmlab.layout import StageLayout
 from llmlab.stages.base import Stage
 from llmlab.train import checkpoint as ckpt_lib
 from llmlab.train.errors import TrainingError
+from llmlab.train.resharding import batch_change  # noqa: F401  (re-exported: its home before resharding.py)
 
 log = logging.getLogger("llmlab")
 
@@ -61,6 +62,10 @@ class Checkpointer:
         self.bad_evals, self.stopped_at = 0, None
         self.last_good: str | None = None
         self.resumed_from: int | None = None
+        #: DCP shards written in the background (distributed.async_checkpoint; FSDP only)
+        self.async_save = bool(self.state_io.async_save)
+        self._inflight: PendingSave | None = None
+        self._group = None
         #: what a step's data is: micro-batch size, accumulation, processes (stored in each checkpoint)
         self.batch = {"batch_size": int(tc.batch_size),
                       "gradient_accumulation_steps": int(tc.gradient_accumulation_steps),
@@ -166,6 +171,7 @@ class Checkpointer:
     def restore_best(self, model: torch.nn.Module, last_step: int) -> None:
         """Under ``save_best_only`` or ``early_stopping``, load the best checkpoint's weights unless
         ``last_step`` (the step training ended at) was the best."""
+        self.finish()
         if self.save_best_only and self.best_step is not None and self.best_step != last_step:
             best = self.layout.checkpoint(self.best_step)
             if best.is_dir() and ckpt_lib.verify(best) is None:
@@ -202,10 +208,18 @@ class Checkpointer:
         """Write ``checkpoints/step-NNNNNN`` and prune old ones: the main process writes it (every
         rank waits); under FSDP every rank first writes its DCP shards into it (:mod:`llmlab.train.dcp`).
 
+        Under ``distributed.async_checkpoint`` (FSDP) the shards are copied to CPU memory and
+        written in the background while training goes on; the folder is finalised (its other
+        files, MANIFEST.json, the rename into place, pruning) on rank 0 once every shard is on
+        disk. One save is in flight at a time: the next save, :meth:`finish` and
+        :meth:`restore_best` wait for it first.
+
         Raises:
             TrainingError: a trainable weight is NaN or infinite; nothing is written, so the last
-                good checkpoint named in the message is finite.
+                good checkpoint named in the message is finite. Or the previous asynchronous save
+                failed (:meth:`finish`).
         """
+        self.finish()
         self.accelerator.wait_for_everyone()
         bad = nonfinite_parameters(model, collective=self.state_io.collective)
         if bad:
@@ -220,6 +234,10 @@ class Checkpointer:
             try:
                 from llmlab.train import dcp
 
+                if self.async_save:
+                    upload = dcp.async_save(tmp, model, optimizer, self._save_group())
+                    self._inflight = PendingSave(step, upload, self._finaliser(step, scheduler, tmp) if main else None)
+                    return
                 dcp.save(tmp, model, optimizer)
             except BaseException:
                 if main:
@@ -234,6 +252,59 @@ class Checkpointer:
                 stage_state=self.stage.state_dict(), trainer_state=self.trainer_state(), keep_last=self.keep_last,
                 protect=protect, tmp=tmp))
         self.accelerator.wait_for_everyone()
+
+    def _finaliser(self, step: int, scheduler, tmp):
+        """What rank 0 runs once the shards of an asynchronous save are on disk: write the rest
+        of checkpoint ``step`` into ``tmp`` from the state captured now (scheduler, RNG, stage
+        and trainer state: training moves them on meanwhile), checksum it and rename it into
+        place. Returns the checkpoint's path."""
+        import copy
+
+        protect = {self.best_step} if self.save_best_only and self.best_step else set()
+        frozen, rng = ckpt_lib.FrozenState(scheduler), ckpt_lib.rng_state()
+        stage_state, trainer_state = copy.deepcopy(self.stage.state_dict()), self.trainer_state()
+
+        def finalise() -> str:
+            return str(ckpt_lib.save_checkpoint(
+                self.root, step, model_state=None, optimizer_state=None, scheduler=frozen, stage_state=stage_state,
+                trainer_state=trainer_state, keep_last=self.keep_last, protect=protect, tmp=tmp, rng=rng))
+
+        return finalise
+
+    def _save_group(self):
+        """The gloo process group asynchronous saves run their collectives on (made on the first
+        one; every rank saves at the same steps, so every rank makes it at the same point)."""
+        if self._group is None:
+            import torch.distributed as dist
+
+            self._group = dist.new_group(backend="gloo")
+        return self._group
+
+    def finish(self) -> None:
+        """Wait until the asynchronous save in flight (if any) is written and finalised. Every
+        rank calls it (a collective when there are several): the loop at the end of training,
+        :meth:`save` and :meth:`restore_best` before theirs.
+
+        Raises:
+            TrainingError: a rank failed to write its shards, or rank 0 to finalise the folder
+                (on every rank, naming them); the previous checkpoint is intact.
+        """
+        pending, self._inflight = self._inflight, None
+        if pending is None:
+            return
+        path, error = pending.wait()
+        errors = [error]
+        if self.accelerator.num_processes > 1:
+            import torch.distributed as dist
+
+            errors = [None] * self.accelerator.num_processes
+            dist.all_gather_object(errors, error)
+        failed = [f"rank {r}: {e}" for r, e in enumerate(errors) if e]
+        if failed:
+            raise TrainingError(f"stage {self.name}: checkpoint step {pending.step} was not written "
+                                f"({'; '.join(failed)}); the last good checkpoint is {self.last_good or 'none'}")
+        if path is not None:
+            self.last_good = path
 
     def _shared_tmp(self, step: int):
         """Rank 0 makes checkpoint ``step``'s temporary folder; every rank gets its path (or the
@@ -267,6 +338,35 @@ class Checkpointer:
                 "optimizer_format": DCP_FORMAT if io.writes_shards else io.optimizer_format, "batch": self.batch}
 
 
+class PendingSave:
+    """One asynchronous checkpoint in flight: ``upload`` (DCP's future for this rank's shards)
+    and then, on rank 0, ``finalise`` (which writes, checksums and renames the folder), both off
+    the training thread."""
+
+    def __init__(self, step: int, upload, finalise):
+        from concurrent.futures import Future
+
+        self.step = step
+        self._done: Future = Future()
+
+        def then(fut) -> None:
+            try:
+                fut.result()
+                self._done.set_result(finalise() if finalise is not None else None)
+            except BaseException as exc:  # reported by wait() on the training thread
+                self._done.set_exception(exc)
+
+        upload.add_done_callback(then)
+
+    def wait(self) -> tuple[str | None, str | None]:
+        """Block until done. Returns (the checkpoint's path on rank 0 else None, None) or
+        (None, what went wrong)."""
+        try:
+            return self._done.result(), None
+        except Exception as exc:
+            return None, f"{type(exc).__name__}: {exc}"
+
+
 def plateau_update(best: float, bad_evals: int, eval_loss: float, min_delta: float) -> tuple[bool, int]:
     """One evaluation of the early-stopping rule (Prechelt 1998, "Early stopping — but when?"; as
     Keras' ``EarlyStopping``): an ``eval_loss`` below ``best - min_delta`` is an improvement (and the
@@ -284,32 +384,6 @@ def plateau_update(best: float, bad_evals: int, eval_loss: float, min_delta: flo
 #: trainer_state.json's ``optimizer_format`` of a checkpoint holding DCP shards (llmlab.train.dcp):
 #: any strategy and world size loads its optimizer state
 DCP_FORMAT = "dcp"
-
-
-def batch_change(saved: dict | None, now: dict) -> str | None:
-    """What resuming a checkpoint written with ``saved`` (its ``batch``: ``batch_size``,
-    ``gradient_accumulation_steps``, ``world_size``) under ``now`` does to the data, or None when
-    nothing changed (or the checkpoint predates the record).
-
-    Micro-batch ``i`` of step ``s`` on rank ``r`` is stream index ``(s * accumulation + i) * world + r``
-    (:class:`llmlab.train.loop.StepRunner`), so a step reads the indices
-    ``[s * G, (s + 1) * G)`` with ``G = accumulation * world``: with the same micro-batch size and
-    the same ``G`` every later step reads exactly the examples it would have.
-    """
-    if not saved or saved == now:
-        return None
-
-    def global_batch(b):
-        return b["batch_size"] * b["gradient_accumulation_steps"] * b["world_size"]
-
-    moved = (f"the checkpoint was written by {saved['world_size']} process(es), this run has {now['world_size']}"
-             if saved["world_size"] != now["world_size"] else "the batch settings changed since the checkpoint")
-    old, new = global_batch(saved), global_batch(now)
-    if saved["batch_size"] == now["batch_size"] and old == new:
-        return f"{moved}; the global batch ({new} examples per step) is kept: the data order continues exactly"
-    return (f"{moved}; the global batch changes from {old} to {new} examples per step "
-            "(batch_size × gradient_accumulation_steps × processes): the training dynamics and the data order "
-            "change")
 
 
 def nonfinite_parameters(model: torch.nn.Module, collective: bool = False) -> list[str]:

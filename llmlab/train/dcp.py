@@ -63,6 +63,33 @@ def save(folder: Path, model: torch.nn.Module, optimizer) -> None:
     dcp.save({"model": model_sd, "optimizer": optim_sd}, checkpoint_id=str(folder))
 
 
+def async_save(folder: Path, model: torch.nn.Module, optimizer, process_group):
+    """Start writing ``model``'s and ``optimizer``'s state as DCP shards into ``folder`` and return
+    at once with a ``concurrent.futures.Future`` that completes when every rank's shards and
+    ``.metadata`` are on disk (``dcp.async_save``, a background thread).
+
+    Before it returns, the rank's shards are copied into new CPU memory (DCP's ``DefaultStager``):
+    the optimizer may update the live tensors while the copy is written. That costs one extra copy
+    of the rank's shard of the model and optimizer state while the save is in flight.
+
+    A collective: every rank calls it with the same ``folder``. The background thread's
+    collectives (plan exchange, the coordinator's gather of write results) run on
+    ``process_group``, a gloo group of its own, so they never interleave with the training's
+    collectives on the default group (as torchtitan does). On rank 0 the future completes only
+    after every rank wrote (the coordinator writes ``.metadata`` after gathering all results).
+
+    Raises (from the future's ``result()``):
+        torch.distributed.checkpoint.api.CheckpointException: a rank failed to write.
+    """
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    model_sd, optim_sd = get_state_dict(model, _inner(optimizer))
+    response = dcp.async_save({"model": model_sd, "optimizer": optim_sd}, checkpoint_id=str(folder),
+                              process_group=process_group)
+    return getattr(response, "upload_completion", response)  # newer torch: an AsyncSaveResponse
+
+
 def load(folder: Path, model: torch.nn.Module, optimizer=None) -> None:
     """Load the DCP shards in ``folder`` into ``model`` (and ``optimizer`` when given), resharded
     to this run's world size and sharding (FSDP DTensors, or whole tensors in one process or

@@ -14,8 +14,13 @@ The loop reads and writes model and optimizer state through a state IO:
   (:mod:`llmlab.train.dcp`; no rank holds more than its shard) and any world size reads back.
   Checkpoints of earlier llmlab versions, whose ``model.safetensors`` / ``optimizer.pt`` hold
   the full state (the optimizer keyed by parameter name, ``optimizer_format`` "fqn"), still load:
-  every rank slices its shard from the full dict. :func:`gather_full_model` gathers the full
-  model (not the optimizer) to rank 0's CPU for ``final/``.
+  every rank slices its shard from the full dict. :func:`gather_full_model` gathers the model
+  (never the optimizer) one parameter at a time into a plain copy on rank 0's CPU for ``final/``.
+
+Under ``distributed.replicate: K`` (HSDP) the mesh is 2-D, ``(K, world / K)``: each parameter is
+sharded over the second dimension (the processes of one replica group, e.g. one node) and
+replicated over the first, so all-gathers stay inside a group and only the gradient all-reduce
+crosses groups (FSDP2's ``fully_shard`` with a 2-D mesh).
 
 Reference: Zhao et al. 2023, "PyTorch FSDP"; the FSDP2 API in ``torch.distributed.fsdp``.
 """
@@ -36,8 +41,43 @@ PARAM_DTYPES = {"bf16": torch.bfloat16}
 
 def fsdp_enabled(cfg: DistributedConfig, world_size: int) -> bool:
     """Whether the model is sharded: strategy fsdp under more than one process (one process holds
-    the whole model whatever the strategy)."""
-    return cfg.strategy == "fsdp" and world_size > 1
+    the whole model whatever the strategy).
+
+    Raises:
+        ValueError: ``distributed.replicate`` does not divide ``world_size``
+            (:meth:`~llmlab.config.DistributedConfig.mesh_shape`).
+    """
+    if cfg.strategy != "fsdp" or world_size <= 1:
+        return False
+    cfg.mesh_shape(world_size)
+    return True
+
+
+def strategy_name(cfg: DistributedConfig, world_size: int) -> str | None:
+    """What stage.json and the start line call the sharding: ``FSDP``, ``HSDP`` (``replicate`` >
+    1), or None when the model is not sharded (:func:`fsdp_enabled`)."""
+    if not fsdp_enabled(cfg, world_size):
+        return None
+    return "HSDP" if cfg.replicate > 1 else "FSDP"
+
+
+def shard_ways(cfg: DistributedConfig, world_size: int) -> int:
+    """Over how many processes each parameter is sharded: 1 unsharded, the world size under FSDP,
+    world size / ``replicate`` under HSDP."""
+    return cfg.mesh_shape(world_size)[1] if fsdp_enabled(cfg, world_size) else 1
+
+
+def device_mesh(cfg: DistributedConfig, device_type: str):
+    """The device mesh FSDP2 shards over: 1-D over every process, or under ``replicate: K`` (HSDP)
+    2-D, ``(K, world / K)`` with dimensions named ``replicate`` and ``shard`` (consecutive ranks,
+    e.g. one node's GPUs under torchrun, form one shard group)."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+
+    groups, per_group = cfg.mesh_shape(dist.get_world_size())
+    if groups == 1:
+        return init_device_mesh(device_type, (per_group,))
+    return init_device_mesh(device_type, (groups, per_group), mesh_dim_names=("replicate", "shard"))
 
 
 def block_classes(model: torch.nn.Module) -> set[str]:
@@ -53,12 +93,14 @@ def block_classes(model: torch.nn.Module) -> set[str]:
 def shard_model(model: torch.nn.Module, cfg: DistributedConfig, device: torch.device,
                 mixed_precision: str = "no") -> torch.nn.Module:
     """Apply ``fully_shard`` to every transformer block of ``model`` and then to ``model`` itself,
-    in place (``model`` becomes an ``FSDPModule``; its parameters become DTensor shards).
+    in place (``model`` becomes an ``FSDPModule``; its parameters become DTensor shards), over
+    :func:`device_mesh` (HSDP when ``cfg.replicate`` > 1).
 
     Args:
         model: the stage's model on ``device`` (LoRA already applied; frozen parameters are
             sharded like trainable ones).
-        cfg: the recipe's ``distributed:`` section (``reshard_after_forward``, ``cpu_offload``).
+        cfg: the recipe's ``distributed:`` section (``reshard_after_forward``, ``cpu_offload``,
+            ``replicate``).
         device: the process's device (``cpu`` with gloo, ``cuda`` with nccl).
         mixed_precision: accelerate's name (``no``, ``bf16``, ``fp16``); under ``bf16``
             parameters are gathered in bf16 and gradients reduced in fp32.
@@ -68,14 +110,14 @@ def shard_model(model: torch.nn.Module, cfg: DistributedConfig, device: torch.de
 
     Raises:
         RuntimeError: torch.distributed is not initialised.
+        ValueError: ``cfg.replicate`` does not divide the world size.
     """
     import torch.distributed as dist
-    from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
 
     if not dist.is_initialized():
         raise RuntimeError("distributed.strategy fsdp needs torch.distributed (run under torchrun or accelerate launch)")
-    mesh = init_device_mesh(device.type, (dist.get_world_size(),))
+    mesh = device_mesh(cfg, device.type)
     kwargs = {"mesh": mesh, "reshard_after_forward": cfg.reshard_after_forward}
     if mixed_precision in PARAM_DTYPES:
         kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=PARAM_DTYPES[mixed_precision], reduce_dtype=torch.float32)
@@ -136,6 +178,9 @@ class ShardedStateIO(LocalStateIO):
     collective = True
     writes_shards = True
 
+    def __init__(self, async_save: bool = False):
+        self.async_save = async_save
+
     def _options(self, **kw):
         from torch.distributed.checkpoint.state_dict import StateDictOptions
 
@@ -163,9 +208,10 @@ class ShardedStateIO(LocalStateIO):
         set_optimizer_state_dict(model, _inner(optimizer), state, options=self._options())
 
 
-def state_io(sharded: bool) -> LocalStateIO:
-    """:class:`ShardedStateIO` for an FSDP-sharded model, else :data:`LOCAL`."""
-    return ShardedStateIO() if sharded else LOCAL
+def state_io(sharded: bool, cfg: DistributedConfig | None = None) -> LocalStateIO:
+    """:class:`ShardedStateIO` for an FSDP-sharded model (its shards written in the background
+    under ``cfg.async_checkpoint``), else :data:`LOCAL`."""
+    return ShardedStateIO(async_save=bool(cfg and cfg.async_checkpoint)) if sharded else LOCAL
 
 
 def _inner(optimizer):
@@ -174,15 +220,35 @@ def _inner(optimizer):
 
 
 def gather_full_model(model: torch.nn.Module, skeleton: torch.nn.Module | None, is_main: bool) -> torch.nn.Module:
-    """The trained weights of FSDP ``model`` in a plain (unsharded) copy on rank 0's CPU.
+    """The trained weights of FSDP ``model`` in a plain (unsharded) copy on rank 0's CPU, gathered
+    one parameter at a time: rank 0 holds the whole model once (``skeleton``) plus one gathered
+    parameter, the other ranks one gathered parameter; the optimizer state is never gathered.
 
-    Every rank must call it (the gather is a collective). ``skeleton`` is rank 0's
+    Every rank must call it (each parameter's ``full_tensor()`` is an all-gather over the shard
+    group; under HSDP the replicas hold it already). ``skeleton`` is rank 0's
     :func:`meta_skeleton`, filled here; other ranks get ``model`` back unchanged.
+
+    Raises:
+        RuntimeError: the skeleton's parameter names differ from the sharded model's.
     """
-    state = ShardedStateIO().model_state(model)
-    if not is_main or skeleton is None:
-        return model
-    _materialize(skeleton)
-    missing, unexpected = skeleton.load_state_dict(state, strict=False)
-    check_keys(missing, unexpected, "gathered from the FSDP shards")
-    return skeleton
+    fill = is_main and skeleton is not None
+    targets: dict[str, torch.nn.Parameter] = {}
+    if fill:
+        _materialize(skeleton)
+        targets = dict(skeleton.named_parameters())
+        names = [n for n, _ in model.named_parameters()]
+        if sorted(names) != sorted(targets):
+            raise RuntimeError(f"the unsharded copy does not fit the FSDP model: missing "
+                               f"{sorted(set(names) - set(targets))[:5]}, unexpected {sorted(set(targets) - set(names))[:5]}")
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            full = p.full_tensor() if hasattr(p, "full_tensor") else p  # a collective: every rank, same order
+            if fill:
+                targets[name].copy_(full)
+            del full
+        if fill:  # buffers are whole on every rank (rotary tables): the trained model's, as they are
+            own = dict(model.named_buffers())
+            for name, b in skeleton.named_buffers():
+                if name in own:
+                    b.copy_(own[name])
+    return skeleton if fill else model

@@ -97,9 +97,11 @@ def train(stage: Stage, *, fingerprint: str, accelerator=None, reset_optimizer: 
     max_steps = tc.max_steps
     is_main = accelerator.is_main_process
     model = setup_model(stage, accelerator)
-    sharded, skeleton = maybe_shard(model, DistributedConfig.from_dict(ctx.recipe.get("distributed")), accelerator)
+    dist_cfg = DistributedConfig.from_dict(ctx.recipe.get("distributed"))
+    sharded, skeleton = maybe_shard(model, dist_cfg, accelerator)
     optimizer, scheduler = setup_optimizer(model, tc, accelerator.device)
-    checkpointer = Checkpointer(stage, tc, fingerprint=fingerprint, accelerator=accelerator, state_io=state_io(sharded))
+    checkpointer = Checkpointer(stage, tc, fingerprint=fingerprint, accelerator=accelerator,
+                                state_io=state_io(sharded, dist_cfg))
     step = start_step = checkpointer.resume(model, optimizer, scheduler, reset_optimizer=reset_optimizer)
     if sharded:  # FSDP2 does its own gradient reduction: no DDP wrapper
         prepared_model, optimizer = model, accelerator.prepare(optimizer)
@@ -153,6 +155,7 @@ def train(stage: Stage, *, fingerprint: str, accelerator=None, reset_optimizer: 
     finally:
         runner.close()
         metrics.close()
+    checkpointer.finish()  # an asynchronous save still in flight is written and finalised
     model = unwrap(prepared_model)
     if stopped is None:  # a stopped stage writes no final/: its weights are only its checkpoint
         checkpointer.restore_best(model, step)

@@ -187,8 +187,8 @@ def test_llmlab_run_and_prepare_stop_on_a_damaged_store(tmp_path, capsys, monkey
     as told and preparing again gives a store that runs."""
     import shutil
 
-    from llmlab.prepare import prepare_command
-    from llmlab.runner import run_command
+    from llmlab.commands.data import prepare_command
+    from llmlab.commands.run import run_command
 
     recipe = write_recipe(tmp_path, PRETRAIN)
     monkeypatch.setattr(sys, "argv", ["llmlab", "run", str(recipe)])
@@ -224,7 +224,7 @@ def _env() -> dict:
 def test_prepare_holds_the_run_lock(tmp_path, capsys):
     """Beside a live run (its lock held) prepare refuses at once, naming the holder, and writes
     nothing; two prepares started together on a fresh folder never crash on the tokenizer."""
-    from llmlab.prepare import prepare_command
+    from llmlab.commands.data import prepare_command
     from llmlab.runguard import run_lock
 
     recipe = write_recipe(tmp_path, PRETRAIN)

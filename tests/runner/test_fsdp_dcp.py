@@ -264,3 +264,51 @@ def test_fsdp_with_compile_trains_and_checkpoints_the_uncompiled_names(tmp_path)
             p.zero_()
     ck.load_checkpoint(stage / "checkpoints" / "step-000002", model=plain)
     assert all(torch.equal(v, final[k]) for k, v in plain.state_dict().items())
+
+
+def test_plan_says_when_a_resume_under_another_world_size_changes_the_global_batch(tmp_path):
+    """A stage with a checkpoint written by 2 processes: planned for 1 process, its status says
+    the global batch halves; for 2 it says nothing more."""
+    from llmlab.plan import plan_rows
+    from llmlab.recipe import load_recipe
+
+    rec = _recipe(("pretrain",), FSDP, max_steps=8, gradient_accumulation_steps=1)
+    resolved, errors = load_recipe(write_recipe(tmp_path, rec), [])
+    assert not errors
+    ckpt = Path(resolved["output_dir"]) / "pretrain" / "checkpoints" / "step-000002"
+    ckpt.mkdir(parents=True)
+    batch = {"batch_size": 4, "gradient_accumulation_steps": 1, "world_size": 2}
+    (ckpt / "trainer_state.json").write_text(json.dumps({"step": 2, "batch": batch}))
+    one = plan_rows(resolved, world_size=1)[0][0]
+    assert one["status"] == "partial" and "global batch changes from 8 to 4" in one["status_detail"], one
+    two = plan_rows(resolved, world_size=2)[0][0]
+    assert two["status_detail"] == "at step 2"
+
+
+def test_pending_async_save_finalises_only_after_the_upload_and_reports_failures():
+    """The folder is finalised only once the shards' upload completed; a failed upload is never
+    finalised, and an upload or finalisation error comes back from wait() as text, not raised
+    in the writer thread."""
+    from concurrent.futures import Future
+
+    from llmlab.train.checkpointer import PendingSave
+
+    calls = []
+    upload = Future()
+    pending = PendingSave(4, upload, lambda: calls.append("finalised") or "/ckpt/step-000004")
+    assert calls == []  # the shards are still being written
+    upload.set_result(None)
+    assert pending.wait() == ("/ckpt/step-000004", None) and calls == ["finalised"]
+    failed = Future()
+    pending = PendingSave(6, failed, lambda: calls.append("wrongly finalised"))
+    failed.set_exception(OSError(28, "No space left on device"))
+    path, error = pending.wait()
+    assert path is None and "No space left" in error and calls == ["finalised"]
+    done = Future()
+    done.set_result(None)
+
+    def boom():
+        raise RuntimeError("manifest")
+
+    assert PendingSave(8, done, boom).wait() == (None, "RuntimeError: manifest")
+    assert PendingSave(8, done, None).wait() == (None, None)  # ranks other than 0 finalise nothing
