@@ -13,8 +13,8 @@ trains (torchtune's recipe pattern: one small ``setup_*`` function per concern).
         setup_tokenizer     the run's tokenizer/, trained or loaded (rank 0 first under torchrun)
         setup_token_stores  the pretraining stages' token stores, filled when missing
 
-Every fact comes from the :class:`llmlab.runplan.RunPlan`; the resolved dict is only handed on to
-the functions that still take it (the tokenizer build, the token stores, the memory estimate).
+Every fact comes from the :class:`llmlab.runplan.RunPlan`; the resolved dict (``plan.recipe``) is
+only handed on to the data layer, which still takes it (the tokenizer build, the token stores).
 """
 
 from __future__ import annotations
@@ -185,7 +185,7 @@ def refuse_unfittable(plan: RunPlan, todo: list[str], device, dist_info: Distrib
     """
     from llmlab.plan import unfittable_message
 
-    message = unfittable_message(plan.recipe, todo, device.type, shards=dist_info.shards,
+    message = unfittable_message(plan, todo, device.type, shards=dist_info.shards,
                                  processes_here=processes_here(dist_info.world_size))
     if message:
         raise RunError(message)
