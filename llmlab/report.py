@@ -56,7 +56,8 @@ def stage_dirs(run_dir: Path) -> list[Path]:
     if resolved.exists():
         import yaml
 
-        order = list((yaml.safe_load(resolved.read_text()) or {}).get("stages", {}))
+        stages = (yaml.safe_load(resolved.read_text()) or {}).get("stages")
+        order = list(stages) if isinstance(stages, dict) else []
     found = {d.name: d for d in run_dir.iterdir() if StageLayout(d).record.is_file()}
     return [found[n] for n in order if n in found] + [d for n, d in sorted(found.items()) if n not in order]
 

@@ -13,8 +13,8 @@ trains (torchtune's recipe pattern: one small ``setup_*`` function per concern).
         setup_tokenizer     the run's tokenizer/, trained or loaded (rank 0 first under torchrun)
         setup_token_stores  the pretraining stages' token stores, filled when missing
 
-Every fact comes from the :class:`llmlab.runplan.RunPlan`; the resolved dict is only handed on to
-the functions that still take it (the tokenizer build, the token stores, the memory estimate).
+Every fact comes from the :class:`llmlab.runplan.RunPlan`; the resolved dict (``plan.recipe``) is
+only handed on to the data layer, which still takes it (the tokenizer build, the token stores).
 """
 
 from __future__ import annotations
@@ -215,7 +215,7 @@ def setup_tokenizer(plan: RunPlan, console):
     build_tokenizer(plan.recipe, tmp)
     mark_written(tmp, "tokenizer")
     replace_owned(tmp, d)
-    marker.write_text(fp)
+    layout.tokenizer_fingerprint.write_text(fp)  # after the rename: the folder is complete
     tok = load_tokenizer(d)
     console.print(f"tokenizer: {len(tok)} tokens, built in {time.perf_counter() - t0:.1f} s → {d}")
     return tok, tokenizer_hash(d)

@@ -113,8 +113,8 @@ def warn_memory(plan: RunPlan, name: str, session: RunSession, console) -> None:
 
     if isinstance(plan.model, PretrainedSpec):  # from_pretrained: plan has no estimate for it
         return
-    vocab = vocab_size_for(plan.recipe)
-    _, parts = stage_memory(plan.recipe, name, model_params(plan.recipe, vocab), vocab,
+    vocab = vocab_size_for(plan)
+    _, parts = stage_memory(plan, name, model_params(plan, vocab), vocab,
                             shards=session.distributed.shards, device=session.device.type)
     message = memory_shortfall(name, parts, session.device,
                                processes_here=processes_here(session.distributed.world_size))

@@ -92,9 +92,9 @@ def plan_command(recipe_path: Path, output_dir: Path | None = None, overrides=()
     ``world_size``: processes to plan for (None: :func:`llmlab.plan.default_world_size`)."""
     from llmlab.console import make_console
     from llmlab.data.prepare import dataset_plan
-    from llmlab.plan import _exactness, _fmt_count, default_world_size, memory_table, plan_rows, world_line
+    from llmlab.plan import _exactness, _fmt_count, as_run_plan, default_world_size, memory_table, plan_rows, world_line
     from llmlab.recipe import dump_resolved, load_for_command
-    from llmlab.runplan import PretrainedSpec, model_spec
+    from llmlab.runplan import PretrainedSpec
 
     console = make_console()
     world_size = world_size or default_world_size()
@@ -104,15 +104,16 @@ def plan_command(recipe_path: Path, output_dir: Path | None = None, overrides=()
     if resolved:
         print(dump_resolved(rec), end="")
         return 0
-    rows, facts = plan_rows(rec, world_size)
+    run = as_run_plan(rec, fresh=True)  # statuses and fingerprints follow the data files as they are now
+    rows, facts = plan_rows(run, world_size)
     if fmt == "json":
         print(json.dumps({"rows": rows, **facts, "datasets": dataset_plan(rec, rows)}, indent=2))
         return 0
-    model = model_spec(rec["model"])
+    model = run.model
     arch = f"from_pretrained {model.from_pretrained}" if isinstance(model, PretrainedSpec) else model.arch
-    name, out = rec["name"], rec["output_dir"]
+    name, out = run.settings.name, run.settings.output_dir
     console.print(f"[bold]{name}[/]: {arch}, {_fmt_count(facts['params'])} parameters "
-                  f"({_exactness(rec, facts)}), vocab {facts['vocab_size']}, run dir {out}")
+                  f"({_exactness(run, facts)}), vocab {facts['vocab_size']}, run dir {out}")
     console.print(world_line(facts))
     if facts["tokenizer"] == "changed":
         console.print("[yellow]the tokenizer in the run directory was trained from a different tokenizer section or "

@@ -123,62 +123,13 @@ class LlmlabConfig(PretrainedConfig):
         head_dim: int | None = None,
         **kwargs,
     ):
-        if positional_encoding not in POSITIONAL_ENCODINGS:
-            raise ValueError(f"positional_encoding must be one of {POSITIONAL_ENCODINGS}, got {positional_encoding!r}")
-        if norm_type not in NORM_TYPES:
-            raise ValueError(f"norm_type must be one of {NORM_TYPES}, got {norm_type!r}")
-        if activation not in ACTIVATIONS:
-            raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
-        if attn_backend not in ATTENTION_BACKENDS:
-            raise ValueError(f"attn_backend must be one of {ATTENTION_BACKENDS}, got {attn_backend!r}")
-        if d_model % n_heads != 0:
-            raise ValueError(f"d_model ({d_model}) must be divisible by n_heads ({n_heads})")
-
-        # attention type <-> number of K/V heads
-        if attention_type is None:
-            attention_type = "gqa" if (n_kv_heads is not None and n_kv_heads < n_heads) else "mha"
-            if n_kv_heads == 1 and n_heads > 1:
-                attention_type = "mqa"
-        if attention_type not in ATTENTION_TYPES:
-            raise ValueError(f"attention_type must be one of {ATTENTION_TYPES}, got {attention_type!r}")
-        if attention_type == "mha":
-            if n_kv_heads is not None and n_kv_heads != n_heads:
-                raise ValueError(f"attention_type mha needs n_kv_heads == n_heads ({n_heads}), got {n_kv_heads}")
-            n_kv_heads = n_heads
-        elif attention_type == "mqa":
-            if n_kv_heads is not None and n_kv_heads != 1:
-                raise ValueError(f"attention_type mqa needs n_kv_heads == 1, got {n_kv_heads}")
-            n_kv_heads = 1
-        else:  # gqa
-            if n_kv_heads is None:
-                raise ValueError("attention_type gqa needs n_kv_heads")
-        if n_kv_heads < 1 or n_heads % n_kv_heads != 0:
-            raise ValueError(f"n_heads ({n_heads}) must be divisible by n_kv_heads ({n_kv_heads})")
-        if head_dim is not None and head_dim != d_model // n_heads:
-            raise ValueError(f"head_dim must be d_model / n_heads = {d_model // n_heads}, got {head_dim}")
-
+        _check_choices(positional_encoding, norm_type, activation, attn_backend)
+        attention_type, n_kv_heads = _resolve_heads(attention_type, d_model, n_heads, n_kv_heads, head_dim)
         if sliding_window is not None and int(sliding_window) < 1:
             raise ValueError(f"sliding_window must be >= 1, got {sliding_window}")
-
-        # yarn scaling (the recipe's rope_scaling mapping)
-        if rope_scaling is not None:
-            yarn_factor = rope_scaling.get("factor", yarn_factor)
-            yarn_original_max_seq_len = rope_scaling.get(
-                "original_max_seq_len",
-                rope_scaling.get("original_max_position_embeddings", yarn_original_max_seq_len),
-            )
-        if positional_encoding == "yarn":
-            if yarn_factor is None:
-                raise ValueError("positional_encoding yarn needs rope_scaling.factor")
-            if yarn_original_max_seq_len is None:
-                yarn_original_max_seq_len = int(max_seq_len / float(yarn_factor))
-
-        if n_experts is not None:
-            if n_experts < 1:
-                raise ValueError(f"n_experts must be >= 1, got {n_experts}")
-            if not 1 <= experts_per_token <= n_experts:
-                raise ValueError(f"experts_per_token must be in [1, n_experts={n_experts}], got {experts_per_token}")
-
+        yarn_factor, yarn_original_max_seq_len = _resolve_yarn(
+            positional_encoding, rope_scaling, yarn_factor, yarn_original_max_seq_len, max_seq_len)
+        _check_experts(n_experts, experts_per_token)
         if tie_word_embeddings is None:
             tie_word_embeddings = True if tie_embeddings is None else bool(tie_embeddings)
 
@@ -223,6 +174,83 @@ class LlmlabConfig(PretrainedConfig):
     def is_moe(self) -> bool:
         """True when the feed-forward is a sparse mixture of experts."""
         return self.n_experts is not None
+
+
+def _check_choices(positional_encoding: str, norm_type: str, activation: str, attn_backend: str) -> None:
+    """Raise ValueError naming the first of the four enumerated options not among its choices."""
+    for name, value, choices in (("positional_encoding", positional_encoding, POSITIONAL_ENCODINGS),
+                                 ("norm_type", norm_type, NORM_TYPES),
+                                 ("activation", activation, ACTIVATIONS),
+                                 ("attn_backend", attn_backend, ATTENTION_BACKENDS)):
+        if value not in choices:
+            raise ValueError(f"{name} must be one of {choices}, got {value!r}")
+
+
+def _resolve_heads(attention_type: str | None, d_model: int, n_heads: int, n_kv_heads: int | None,
+                   head_dim: int | None) -> tuple[str, int]:
+    """``(attention_type, n_kv_heads)`` made consistent: an unset type follows the K/V heads (gqa if
+    H_kv < H, mqa if H_kv == 1 < H, else mha); an unset H_kv follows the type (H for mha, 1 for mqa).
+
+    Raises:
+        ValueError: D not divisible by H, an unknown type, a type contradicting ``n_kv_heads``, gqa
+            without ``n_kv_heads``, H not divisible by H_kv, or a ``head_dim`` other than D / H.
+    """
+    if d_model % n_heads != 0:
+        raise ValueError(f"d_model ({d_model}) must be divisible by n_heads ({n_heads})")
+    if attention_type is None:
+        attention_type = "gqa" if (n_kv_heads is not None and n_kv_heads < n_heads) else "mha"
+        if n_kv_heads == 1 and n_heads > 1:
+            attention_type = "mqa"
+    if attention_type not in ATTENTION_TYPES:
+        raise ValueError(f"attention_type must be one of {ATTENTION_TYPES}, got {attention_type!r}")
+    if attention_type == "mha":
+        if n_kv_heads is not None and n_kv_heads != n_heads:
+            raise ValueError(f"attention_type mha needs n_kv_heads == n_heads ({n_heads}), got {n_kv_heads}")
+        n_kv_heads = n_heads
+    elif attention_type == "mqa":
+        if n_kv_heads is not None and n_kv_heads != 1:
+            raise ValueError(f"attention_type mqa needs n_kv_heads == 1, got {n_kv_heads}")
+        n_kv_heads = 1
+    else:  # gqa
+        if n_kv_heads is None:
+            raise ValueError("attention_type gqa needs n_kv_heads")
+    if n_kv_heads < 1 or n_heads % n_kv_heads != 0:
+        raise ValueError(f"n_heads ({n_heads}) must be divisible by n_kv_heads ({n_kv_heads})")
+    if head_dim is not None and head_dim != d_model // n_heads:
+        raise ValueError(f"head_dim must be d_model / n_heads = {d_model // n_heads}, got {head_dim}")
+    return attention_type, n_kv_heads
+
+
+def _resolve_yarn(positional_encoding: str, rope_scaling: dict | None, yarn_factor: float | None,
+                  yarn_original_max_seq_len: int | None, max_seq_len: int) -> tuple[float | None, int | None]:
+    """``(yarn_factor, yarn_original_max_seq_len)``: the recipe's ``rope_scaling`` mapping (``factor``,
+    ``original_max_seq_len`` or HF's ``original_max_position_embeddings``) over the flat arguments;
+    for yarn an unset original length is ``max_seq_len / factor``.
+
+    Raises:
+        ValueError: ``positional_encoding`` yarn without a factor.
+    """
+    if rope_scaling is not None:
+        yarn_factor = rope_scaling.get("factor", yarn_factor)
+        yarn_original_max_seq_len = rope_scaling.get(
+            "original_max_seq_len",
+            rope_scaling.get("original_max_position_embeddings", yarn_original_max_seq_len),
+        )
+    if positional_encoding == "yarn":
+        if yarn_factor is None:
+            raise ValueError("positional_encoding yarn needs rope_scaling.factor")
+        if yarn_original_max_seq_len is None:
+            yarn_original_max_seq_len = int(max_seq_len / float(yarn_factor))
+    return yarn_factor, yarn_original_max_seq_len
+
+
+def _check_experts(n_experts: int | None, experts_per_token: int) -> None:
+    """Raise ValueError unless a MoE (``n_experts`` set) has E >= 1 and 1 <= k <= E."""
+    if n_experts is not None:
+        if n_experts < 1:
+            raise ValueError(f"n_experts must be >= 1, got {n_experts}")
+        if not 1 <= experts_per_token <= n_experts:
+            raise ValueError(f"experts_per_token must be in [1, n_experts={n_experts}], got {experts_per_token}")
 
 
 __all__ = ["LlmlabConfig", "default_d_ff"]

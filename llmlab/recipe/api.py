@@ -390,43 +390,86 @@ def load_recipe(path, overrides: Iterable[str] = (), env: Mapping[str, str] | No
         the semantic checks of the incomplete result; a semantic error on a key the schema already
         rejected (or inside it) is dropped.
     """
-    file = Path(path)
     env = os.environ if env is None else env
     errors: list[RecipeError] = []
     dirs: dict = {SET_FILE: Path.cwd()}
     broken: list = []
-    doc, positions = _load_tree(file.resolve(), errors, dirs, (), display=str(path), broken=broken)
+    doc, positions = _load_tree(Path(path).resolve(), errors, dirs, (), display=str(path), broken=broken)
     if doc is None:
         return None, _finish(errors)
     too_new = _requires_error(doc, positions, str(path))
     if too_new is not None:
         return None, _finish(errors + [too_new])
     apply_overrides(doc, positions, list(overrides), errors)
-    main_pos = (str(path), 1, 1)
+    where = _locator(positions, (str(path), 1, 1))
+    unresolved: set = set()
+    doc = substitute_env(doc, env, (), where, errors, unresolved)
+    n_before = len(errors)
+    errors.extend(_schema_errors(doc, positions, where, broken))
+    rejected = {e.path for e in errors[n_before:]}
+    resolved = copy.deepcopy(doc)
+    S.fill_defaults(S.load_schema(), resolved)
+    _fill_computed(resolved)
+
+    def add(p, msg):
+        errors.append(RecipeError(*where(p), dotted(tuple(p)), msg))
+
+    _check_semantics(resolved, _given_test(doc, positions), add, errors, broken, rejected, world_size)
+    _check_code_uses(resolved, allow_code, add, where, warnings)
+    if check_files:
+        _check_local_data(resolved, positions, dirs, add)
+    if unresolved:  # drop follow-on errors about values whose ${VAR} could not be substituted
+        skip = {dotted(p) for p in unresolved}
+        errors[n_before:] = [e for e in errors[n_before:] if e.path not in skip]
+    if errors:
+        return None, _finish(errors)
+    resolved.pop("extends", None)
+    _absolutize(resolved, positions, dirs)
+    if check_files:  # epochs: -> max_steps, counting the training rows (reads the data)
+        from llmlab.recipe.epochs import resolve_epochs
+
+        for p, msg in resolve_epochs(resolved, world_size):
+            add(p, msg)
+        if errors:
+            return None, _finish(errors)
+    if warnings is not None:
+        warnings.extend(_resolved_warnings(resolved, where, check_files))
+    return _reorder(resolved), []
+
+
+def _locator(positions: dict, fallback: tuple):
+    """``where(path) -> (file, line, column)`` of key path ``path``, or of its nearest written
+    ancestor; ``fallback`` (the recipe's first line) when none of them was written."""
 
     def where(p: tuple):
         p = tuple(p)
         while p and p not in positions:
             p = p[:-1]
-        return positions.get(p, main_pos)
+        return positions.get(p, fallback)
 
-    unresolved: set = set()
-    doc = substitute_env(doc, env, (), where, errors, unresolved)
-    n_before = len(errors)
-    # with a base that could not be loaded, the keys it would have given are not reported missing
+    return where
+
+
+def _schema_errors(doc: dict, positions: dict, where, broken: list) -> list[RecipeError]:
+    """The JSON Schema's errors on ``doc`` plus one per number that is not finite or out of range.
+
+    With a base that could not be loaded (``broken``), the keys it would have given are not
+    reported missing. The schema's range keywords let NaN through; a non-finite number's own schema
+    errors (inf > maximum) are replaced by the one saying it is not finite; an oversized integer's
+    range error (seed) is kept.
+    """
     schema_errors = [e for err in S.validator().iter_errors(doc) if not (broken and err.validator == "required")
                      for e in messages.convert(err, positions, where)]
-    # the schema's range keywords let NaN through; a non-finite number's own schema errors (inf > maximum)
-    # are replaced by the one saying it is not finite; an oversized integer's range error (seed) is kept
     bad = list(semantic.bad_numbers(doc))
     nonfinite_paths, flagged = {dotted(p) for p, _, nonfinite in bad if nonfinite}, {e.path for e in schema_errors}
-    errors.extend(e for e in schema_errors if e.path not in nonfinite_paths)
-    for p, msg, nonfinite in bad:
-        if nonfinite or dotted(p) not in flagged:
-            errors.append(RecipeError(*where(p), dotted(p), msg))
-    rejected = {e.path for e in errors[n_before:]}
-    resolved = copy.deepcopy(doc)
-    S.fill_defaults(S.load_schema(), resolved)
+    out = [e for e in schema_errors if e.path not in nonfinite_paths]
+    out.extend(RecipeError(*where(p), dotted(p), msg) for p, msg, nonfinite in bad
+               if nonfinite or dotted(p) not in flagged)
+    return out
+
+
+def _given_test(doc: dict, positions: dict):
+    """``given(path, non_default=False) -> bool`` over the recipe as written (``doc``, before defaults)."""
 
     def given(p: tuple, non_default: bool = False) -> bool:
         """Whether the user wrote key path ``p``; with ``non_default``, also with a value other than
@@ -453,14 +496,18 @@ def load_recipe(path, overrides: Iterable[str] = (), env: Mapping[str, str] | No
             node = node[k]
         return probe != node
 
-    _fill_computed(resolved)
+    return given
 
-    def add(p, msg):
-        errors.append(RecipeError(*where(p), dotted(tuple(p)), msg))
 
+def _check_semantics(resolved: dict, given, add, errors: list, broken: list, rejected: set,
+                     world_size: int | None) -> None:
+    """Run the cross-key checks (:func:`llmlab.recipe.semantic.check`) through ``add``; drop those
+    on a key the schema already rejected (``rejected``) or inside it; ``distributed.replicate`` against
+    ``world_size`` (:func:`llmlab.recipe.semantic.world_size_errors`). Skipped when a base recipe
+    could not be loaded: without its keys they would only report its absence."""
     n_semantic = len(errors)
     try:
-        if not broken:  # without the base's keys, cross-key checks would only report its absence
+        if not broken:
             semantic.check(resolved, given, add)
             for p, msg in semantic.world_size_errors(resolved, world_size):
                 add(p, msg)
@@ -468,39 +515,39 @@ def load_recipe(path, overrides: Iterable[str] = (), env: Mapping[str, str] | No
         if not errors:
             raise
     errors[n_semantic:] = [e for e in errors[n_semantic:] if not _under_any(e.path, rejected)]
-    if allow_code is not True:
-        for p, what in code_uses(resolved):
-            if allow_code is False:
-                add(p, f"runs code: {what}; a recipe runs code only with `llmlab run {ALLOW_FLAG}`")
-            elif warnings is not None:
-                warnings.append(RecipeError(*where(p), dotted(tuple(p)),
-                                            f"runs code: {what}; `llmlab run` refuses it without {ALLOW_FLAG}",
-                                            severity="warning"))
-    if check_files and isinstance(resolved.get("datasets"), dict):  # on an absolute copy: resolution comes after the checks
-        probe = {"datasets": {k: copy.deepcopy(v) for k, v in resolved["datasets"].items() if isinstance(v, dict)}}
-        _absolutize(probe, positions, dirs)
-        for p, msg in _missing_local_data(probe):
-            add(p, msg)
-    if unresolved:  # drop follow-on errors about values whose ${VAR} could not be substituted
-        skip = {dotted(p) for p in unresolved}
-        errors[n_before:] = [e for e in errors[n_before:] if e.path not in skip]
-    if errors:
-        return None, _finish(errors)
-    resolved.pop("extends", None)
-    _absolutize(resolved, positions, dirs)
-    if check_files:  # epochs: -> max_steps, counting the training rows (reads the data)
-        from llmlab.recipe.epochs import resolve_epochs
 
-        for p, msg in resolve_epochs(resolved, world_size):
-            add(p, msg)
-        if errors:
-            return None, _finish(errors)
-    if warnings is not None:  # datasets sharing prompts with different held-out fractions
-        found = semantic.eval_split_warnings(resolved) + semantic.warmup_warnings(resolved) \
-            + (_missing_packages(resolved) if check_files else [])
-        for p, msg in found:
-            warnings.append(RecipeError(*where(p), dotted(tuple(p)), msg, severity="warning"))
-    return _reorder(resolved), []
+
+def _check_code_uses(resolved: dict, allow_code: bool | None, add, where, warnings: list | None) -> None:
+    """Each key that would run code: an error through ``add`` (``allow_code`` False), a warning
+    appended to ``warnings`` (None), or nothing (True); see :func:`load_recipe`."""
+    if allow_code is True:
+        return
+    for p, what in code_uses(resolved):
+        if allow_code is False:
+            add(p, f"runs code: {what}; a recipe runs code only with `llmlab run {ALLOW_FLAG}`")
+        elif warnings is not None:
+            warnings.append(RecipeError(*where(p), dotted(tuple(p)),
+                                        f"runs code: {what}; `llmlab run` refuses it without {ALLOW_FLAG}",
+                                        severity="warning"))
+
+
+def _check_local_data(resolved: dict, positions: dict, dirs: dict, add) -> None:
+    """An error through ``add`` for each local dataset ``path`` that names no file. Checked on an
+    absolute copy of the datasets: ``resolved`` itself is made absolute only after every check."""
+    if not isinstance(resolved.get("datasets"), dict):
+        return
+    probe = {"datasets": {k: copy.deepcopy(v) for k, v in resolved["datasets"].items() if isinstance(v, dict)}}
+    _absolutize(probe, positions, dirs)
+    for p, msg in _missing_local_data(probe):
+        add(p, msg)
+
+
+def _resolved_warnings(resolved: dict, where, check_files: bool) -> list[RecipeError]:
+    """Warnings on a valid resolved recipe: datasets sharing prompts with different held-out
+    fractions, warmup longer than training, and (``check_files``) ``package:`` sources not installed."""
+    found = semantic.eval_split_warnings(resolved) + semantic.warmup_warnings(resolved) \
+        + (_missing_packages(resolved) if check_files else [])
+    return [RecipeError(*where(p), dotted(tuple(p)), msg, severity="warning") for p, msg in found]
 
 
 def _under_any(path: str, roots: set) -> bool:

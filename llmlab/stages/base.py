@@ -107,15 +107,10 @@ class StageContext:
 
     @property
     def recipe(self) -> dict:
-        """The resolved recipe (``run_plan.recipe``), for code that still reads it as a dict (the
-        data pipeline, :mod:`llmlab.train.loop`); stage code reads the typed plans instead."""
+        """The resolved recipe (``run_plan.recipe``). COMPATIBILITY: read only by
+        :mod:`llmlab.train.loop` (``logging``, ``distributed``, ``compile``, the dataloader); new code
+        reads :attr:`settings` / :attr:`plan`, and the data layer ``run_plan.recipe``."""
         return self.run_plan.recipe
-
-    @property
-    def config(self) -> dict:
-        """The resolved stage section (``plan.config``): the record trackers log, and what code
-        that has not moved to :attr:`plan`'s typed fields reads (the loop, the checkpointer)."""
-        return self.plan.config
 
 
 class Stage:
@@ -138,8 +133,10 @@ class Stage:
 
     @property
     def config(self) -> dict:
-        """The resolved stage section (``ctx.config``: the record; read :attr:`plan` instead)."""
-        return self.ctx.config
+        """The resolved stage section (``plan.config``). COMPATIBILITY: read only by
+        :mod:`llmlab.train.loop` and :mod:`llmlab.train.checkpointer`; new code reads
+        :attr:`plan`'s typed ``training`` and ``params``."""
+        return self.ctx.plan.config
 
     # -- model -----------------------------------------------------------------------------
     def build_model(self) -> torch.nn.Module:

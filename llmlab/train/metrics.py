@@ -79,7 +79,7 @@ class MetricsLogger:
         self.start_step, self.max_steps = start_step, max_steps
         self.writer = MetricsWriter(StageLayout(ctx.stage_dir).metrics, start_step, enabled=self.is_main)
         log_spec = ctx.settings.logging
-        self.trackers = open_trackers(list(log_spec.report_to), ctx.settings.output_dir, ctx.name, ctx.config,
+        self.trackers = open_trackers(list(log_spec.report_to), ctx.settings.output_dir, ctx.name, ctx.plan.config,
                                       log_spec.wandb_project) if self.is_main else []
         self.log_every = int(tc.log_every)
         self.progress, self.task = progress, None
