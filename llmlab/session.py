@@ -63,14 +63,29 @@ def cpu_supports_bf16() -> bool:
     return any(getattr(torch.cpu, p, lambda: False)() for p in probes)
 
 
-def resolve_precision(precision: str, device) -> str:
-    """``auto`` → bf16 on a GPU that supports it or a CPU with native bf16, else fp32."""
+#: the narrowest model (d_model) for which ``precision: auto`` picks bf16 autocast on a CPU with
+#: native bf16. Measured by benchmarks/precision_crossover.py (2-core AMD EPYC with avx512_bf16,
+#: one thread, CPU time per train step with fine-tuning's varied batch widths, fp32 / bf16):
+#: Llama-style 64: 0.94, 96: 1.03, 128: 1.13, 192: 1.21-1.23, 256: 1.95; Mamba2 96: 1.22, 192: 1.35.
+#: Narrower models spend their step in small matmuls and per-op overhead, where the casts bf16
+#: autocast adds are not paid back; where the two tie, fp32 wins (its numbers are exact to more bits).
+CPU_BF16_MIN_D_MODEL = 128
+
+
+def resolve_precision(precision: str, device, model=None) -> str:
+    """The precision a run trains in: ``precision`` as given, or for ``auto`` bf16 on a GPU that
+    supports it, bf16 on a CPU with native bf16 matrix instructions when the model is at least
+    :data:`CPU_BF16_MIN_D_MODEL` wide (``model``: the run's ModelSpec; a pretrained checkpoint or
+    None counts as wide), else fp32."""
     import torch
 
     if precision != "auto":
         return precision
     if device.type == "cuda":
         return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+    width = getattr(model, "d_model", None)
+    if width is not None and int(width) < CPU_BF16_MIN_D_MODEL:
+        return "fp32"
     return "bf16" if cpu_supports_bf16() else "fp32"
 
 
@@ -276,7 +291,7 @@ def open_session(plan: RunPlan, console, todo: list[str], reset_optimizer: bool 
     settings = plan.settings
     threads = setup_threads(settings.threads)
     device = setup_device(settings.device)
-    precision = resolve_precision(settings.precision, device)
+    precision = resolve_precision(settings.precision, device, plan.model)
     refuse_unfittable(plan, todo, device)  # before anything is built or prepared
     # the tokenizer and token stores before the process group exists: no rank waits in a collective
     from llmlab.train.ranks import prepare_before_process_group
