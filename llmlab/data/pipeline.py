@@ -120,13 +120,19 @@ def _labels_for_last_spans(ids: list[int], mask: list[int], k: int) -> list[int]
     return labels
 
 
-def _chat(tokenizer, conversations: list, **kw):
+def require_chat_template(tokenizer) -> None:
+    """Raise ValueError (naming the stage types and the templates to choose from) when the
+    tokenizer has no chat template."""
     if not getattr(tokenizer, "chat_template", None):
         from llmlab.chat_templates import choices_message
 
         raise ValueError("the tokenizer has no chat template (tokenizer.chat_template: none, or a "
                          "pretrained tokenizer without one); sft, dpo, orpo, kto, reward, grpo and "
                          f"ppo stages need one: {choices_message()}")
+
+
+def _chat(tokenizer, conversations: list, **kw):
+    require_chat_template(tokenizer)
     return tokenizer.apply_chat_template(conversations, tokenize=True, return_dict=True, **kw)
 
 
@@ -453,18 +459,27 @@ class StageData:
 
 def column(ds, name: str):
     """Column ``name`` of a ``datasets.Dataset`` as one pyarrow Array (vectorised; honours an
-    indices mapping)."""
+    indices mapping); of chat-store examples, ``_source`` only."""
+    if hasattr(ds, "take_rows") and name == "_source":
+        import pyarrow as pa
+
+        return pa.array(ds.sources)
     return ds.with_format("arrow")[:].column(name).combine_chunks()
 
 
 def _lengths(ds, name: str) -> np.ndarray:
     import pyarrow.compute as pc
 
+    if hasattr(ds, "take_rows"):  # chat-store examples (their first sequence: what ``name`` is)
+        return ds.lengths()
     return pc.list_value_length(column(ds, name)).to_numpy(zero_copy_only=False)
 
 
 def _take(ds, idx: np.ndarray) -> dict[str, list]:
-    """Rows ``idx`` of ``ds`` as {column: python list} via one arrow take."""
+    """Rows ``idx`` of ``ds`` as {column: python list} via one arrow take (chat-store examples:
+    read from their memory maps)."""
+    if hasattr(ds, "take_rows"):
+        return ds.take_rows(idx)
     table = ds.with_format("arrow")[idx.tolist()]
     return {c: table.column(c).to_pylist() for c in table.column_names}
 
@@ -510,6 +525,10 @@ def mix(datasets_: list, weights: list[float], seed: int, stopping: str = "all_e
         raise ValueError(f"mixture weights must be > 0, got {weights}")
     if stopping not in ("first_exhausted", "all_exhausted"):
         raise ValueError(f"mixing.stopping: {stopping!r} is not first_exhausted/all_exhausted")
+    if hasattr(datasets_[0], "index_dataset"):  # chat-store parts: the same draw over their indices
+        from llmlab.data.chat_store import ChatExamples
+
+        return ChatExamples.mixed(datasets_, lambda ds: mix(ds, weights, seed, stopping))
     if len(datasets_) == 1:
         return datasets_[0]
     total = float(sum(weights))
@@ -531,6 +550,10 @@ def mix_stream(parts: list, weights: list[float], seed: int, stopping: str, need
     """
     from datasets import concatenate_datasets
 
+    if hasattr(parts[0], "index_dataset"):  # chat-store parts: the same passes over their indices
+        from llmlab.data.chat_store import ChatExamples
+
+        return ChatExamples.mixed(parts, lambda ds: mix_stream(ds, weights, seed, stopping, needed, token_column))
     if len(parts) == 1:
         return parts[0]
     passes, total, k = [], 0, 0
@@ -614,7 +637,15 @@ def _stage_config(recipe: dict, stage_name: str) -> StageDataConfig:
 
 def _tokenise(recipe: dict, name: str, split: str, rows, cfg: StageDataConfig, family: str, kind_src: str,
               kind_dst: str, tokenizer, tok_hash: str, source: int):
-    """Tokenise one dataset split (cached); returns (tokenised dataset, {reason: dropped})."""
+    """Tokenise one dataset split (cached); returns (tokenised dataset, {reason: dropped}).
+
+    Rows of a chat-store source (:class:`llmlab.data.chat_store.StoredRows`) come from their
+    memory-mapped store instead (:func:`llmlab.data.chat_store.tokenised_part`)."""
+    keep_long = split == "eval" and cfg.type in HELD_OUT_WHOLE
+    from llmlab.data import chat_store
+
+    if isinstance(rows, chat_store.StoredRows):
+        return chat_store.tokenised_part(rows, split, cfg, family, kind_dst, source, keep_long)
     if kind_src != kind_dst:
         try:
             rows = rows.map(lambda r: convert_kind(r, kind_src, kind_dst),
@@ -622,7 +653,6 @@ def _tokenise(recipe: dict, name: str, split: str, rows, cfg: StageDataConfig, f
                             load_from_cache_file=False)
         except ValueError as e:
             raise ValueError(f"datasets.{name}: {e} (stage type {cfg.type})") from None
-    keep_long = split == "eval" and cfg.type in HELD_OUT_WHOLE
     fn, features = _TOKENISERS[family](tokenizer, cfg.seq_len, cfg, source, keep_long)
     key = hashlib.sha256(json.dumps({
         "v": DATA_VERSION, "tok": tok_hash, "spec": dataset_spec(recipe, name), "split": split,
@@ -739,7 +769,11 @@ def build_stage_data(recipe: dict, stage_name: str, tokenizer) -> StageData:
     dropped: dict[str, dict[str, int]] = {}
     train_parts, eval_parts = [], []
     with _quiet_datasets():
-        loaded = {name: load_named_dataset(recipe, name) for name in dict.fromkeys(names + eval_names)}
+        from llmlab.data.chat_store import stored_source
+
+        # sft and preference data through chat token stores (llmlab.data.chat_store), the rest loaded
+        loaded = {name: stored_source(recipe, name, cfg.type, tokenizer, tok_hash) or load_named_dataset(recipe, name)
+                  for name in dict.fromkeys(names + eval_names)}
         family, kind_dst = stage_family(cfg.type, {n: s.kind for n, s in loaded.items()}, stage_name)
         for i, name in enumerate(names):
             splits = loaded[name]
