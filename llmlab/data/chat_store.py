@@ -110,6 +110,10 @@ class ChatStore:
         self._first = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
         self._maps: dict[tuple[int, str], np.ndarray] = {}
         self._desirable: np.ndarray | None = None
+        try:  # the folder's mtime is its last use (`llmlab cache --prune` removes stores unused for long)
+            os.utime(self.path)
+        except OSError:  # a read-only store root
+            pass
 
     def _array(self, shard: int, name: str) -> np.ndarray:
         key = (shard, name)
@@ -471,8 +475,10 @@ def _write_shards(part: Path, rows, family: str, kind_src: str, kind_dst: str, n
     done: dict[int, Any] = {}
     for f in part.glob("shard-*.json"):  # finished by a run that was killed: resume after them
         meta = json.loads(f.read_text())
-        if all((part / fn).is_file() for fn in meta["files"].values()):
-            done[int(meta["index"])] = meta
+        i = int(meta["index"])
+        if meta["examples"] == min(SHARD_EXAMPLES, n - i * SHARD_EXAMPLES) and \
+                all((part / fn).is_file() for fn in meta["files"].values()):
+            done[i] = meta
     todo = [i for i in range(shards) if i not in done]
     pool = None
     if len(todo) > 1 and processes > 1:  # spawned, not forked: see store._run_shards

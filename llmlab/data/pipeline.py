@@ -9,10 +9,13 @@ blocks of ``seq_len`` tokens located by index and mixed by a seeded draw per pos
 
 SFT, preference and prompt stages:
 
-1. each dataset is loaded (:func:`llmlab.data.sources.load_named_dataset`), converted to the kind
-   the stage needs and tokenised with a batched ``datasets.map`` whose result is cached under
-   ``<output_dir>/cache/`` in a file keyed by the tokenizer's hash, the dataset spec and the stage's
-   sequence settings;
+1. sft and preference data (sft, dpo, orpo, reward, kto) come from the chat token store
+   (:mod:`llmlab.data.chat_store`: tokenised once per source, tokenizer, template and family into
+   memory-mapped shards, loaded only when a store is missing; the stage's seq_len and truncation
+   are applied from per-example lengths); prompts (grpo, ppo): each dataset is loaded
+   (:func:`llmlab.data.sources.load_named_dataset`), converted to the kind the stage needs and
+   tokenised with a batched ``datasets.map`` whose result is cached under ``<output_dir>/cache/``
+   in a file keyed by the tokenizer's hash, the dataset spec and the stage's sequence settings;
 2. the datasets are mixed with ``datasets.interleave_datasets`` (probabilities = the normalised
    weights, the recipe seed, the stage's ``mixing.stopping`` rule) into one fixed sequence of
    examples, pass after seeded pass until it covers the stage's max_steps × grad-accum × batch

@@ -176,3 +176,14 @@ def test_assistant_flags_follow_the_offsets_rule_where_characters_are_split():
     assert chat_store._flags_from_offsets(offsets, [(2, 3)]).tolist() == [False, False, True, True, False]
     assert chat_store._flags_from_offsets(offsets, [(0, 1), (4, 5)]).tolist() == [True, False, False, False, True]
     assert chat_store._runs(np.array([1, 1, 0, 1, 0, 0, 1], dtype=bool)).tolist() == [[0, 2], [3, 4], [6, 7]]
+
+
+def test_cache_prune_deletes_chat_stores_whole(tmp_path, tokenizer):
+    from llmlab.data.store_admin import list_stores, prune_stores
+
+    build_stage_data(make_recipe(tmp_path), "sft", tokenizer)
+    root = tmp_path / "run" / "cache" / "tokens"
+    listed = [e for e in list_stores(root) if e.path.name.startswith("chat-")]
+    assert len(listed) == 2 and {e.split for e in listed} == {"train", "eval"} and all(e.tokens for e in listed)
+    prune_stores(root, unused_days=-1)
+    assert not [p for p in root.iterdir() if p.is_dir()]
