@@ -16,7 +16,10 @@ main process's RSS is sampled every 50 ms (as benchmarks/data_scale.py does):
 fresh     ``llmlab run`` of a 2-step stage (sft, or dpo) of a tiny model, seq_len 512: loading,
           tokenising, training;
 restart   the same run extended by one step (``--set stages.<s>.max_steps=3``): the data are
-          tokenised already, so this is what a prepared data set costs at start-up.
+          tokenised already, so this is what a prepared data set costs at start-up;
+data      ``build_stage_data`` + the first batch on the prepared run, timed in its own process
+          (seconds and RSS growth): the data's share of a restart without the imports and model
+          set-up whose time the machine's load makes noisy.
 
 The 4,096-token tokenizer (trained on the built-in ``kjv``, chatml template) is trained once and
 copied into every run directory. ``--code`` runs another checkout's llmlab (e.g. the commit before
@@ -106,6 +109,26 @@ stages:
     save_every: 1000
 """
 
+#: the stage's data on the prepared run, timed in-process: what a restart's start-up costs for the data,
+#: without the imports and model set-up that the machine's load makes noisy
+STARTUP_SCRIPT = textwrap.dedent("""
+    import json, resource, sys, time
+    sys.path.insert(0, {code!r})
+    from llmlab.recipe import load_recipe
+    from llmlab.data.tokenizer import load_tokenizer
+    from llmlab.data.pipeline import build_stage_data
+    rec, _ = load_recipe({recipe!r}, ["output_dir={run}"])
+    tok = load_tokenizer({run!r} + "/tokenizer")
+    import torch  # imported by the stage before its data: not the data's RSS
+    rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    t0 = time.perf_counter()
+    data = build_stage_data(rec, {stage!r}, tok)
+    data.train_batch(0)
+    t1 = time.perf_counter()
+    rss1 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    print("RESULT", json.dumps({{"startup_s": t1 - t0, "rss_kb": rss1 - rss0}}))
+""")
+
 THROUGHPUT_SCRIPT = textwrap.dedent("""
     import json, shutil, sys, time
     sys.path.insert(0, {code!r})
@@ -161,11 +184,16 @@ def scale_row(work: Path, kind: str, n: int, tok_run: Path, env: dict, cli: list
     shutil.copy(tok_run / "tokenizer.fingerprint", run / "tokenizer.fingerprint")
     fresh = measure(cli + ["run", str(recipe), "--output-dir", str(run)], env)
     restart = measure(cli + ["run", str(recipe), "--output-dir", str(run), "--set", f"stages.{stage}.max_steps=3"], env)
+    script = STARTUP_SCRIPT.format(code=str(env["PYTHONPATH"]), recipe=str(recipe), run=str(run), stage=stage)
+    su = json.loads(subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True,
+                                   check=True).stdout.split("RESULT", 1)[1])
     shutil.rmtree(run, ignore_errors=True)
     row = {"kind": kind, "n": n, "MB": data.stat().st_size / 1e6, "fresh_s": fresh["seconds"],
-           "fresh_rss": fresh["peak_rss"], "restart_s": restart["seconds"], "restart_rss": restart["peak_rss"]}
+           "fresh_rss": fresh["peak_rss"], "restart_s": restart["seconds"], "restart_rss": restart["peak_rss"],
+           "data_s": su["startup_s"], "data_rss": su["rss_kb"] * 1024}
     print(f"{tag} {kind} {n}: {row['MB']:.1f} MB jsonl; fresh {row['fresh_s']:.1f} s / {row['fresh_rss'] / 1e6:.0f} MB; "
-          f"restart {row['restart_s']:.1f} s / {row['restart_rss'] / 1e6:.0f} MB", flush=True)
+          f"restart {row['restart_s']:.1f} s / {row['restart_rss'] / 1e6:.0f} MB; data start-up (prepared) "
+          f"{row['data_s']:.2f} s / +{row['data_rss'] / 1e6:.0f} MB", flush=True)
     return row
 
 
@@ -216,16 +244,18 @@ def main() -> None:
         for n in args.sizes:
             rows.append(scale_row(args.work, kind, n, tok_run, env, cli, tag))
     if rows:
-        print("\n| data | conversations | jsonl | first run | peak RSS | restart (+1 step) | restart RSS |")
-        print("|---|---|---|---|---|---|---|")
+        print("\n| data | conversations | jsonl | first run | peak RSS | restart (+1 step) | restart RSS "
+              "| data start-up (prepared) | its RSS |")
+        print("|---|---|---|---|---|---|---|---|---|")
         for r in rows:
             print(f"| {r['kind']} | {r['n']:,} | {r['MB']:.0f} MB | {r['fresh_s']:.1f} s | {r['fresh_rss'] / 1e6:,.0f} MB "
-                  f"| {r['restart_s']:.1f} s | {r['restart_rss'] / 1e6:,.0f} MB |")
+                  f"| {r['restart_s']:.1f} s | {r['restart_rss'] / 1e6:,.0f} MB | {r['data_s']:.2f} s "
+                  f"| +{r['data_rss'] / 1e6:.0f} MB |")
         for kind in args.kinds:
             a, b = [r for r in rows if r["kind"] == kind][0], [r for r in rows if r["kind"] == kind][-1]
             print(f"{kind}: {b['n']:,} vs {a['n']:,}: peak RSS {(b['fresh_rss'] - a['fresh_rss']) / 1e6:+.0f} MB, "
                   f"restart RSS {(b['restart_rss'] - a['restart_rss']) / 1e6:+.0f} MB, restart time "
-                  f"{b['restart_s'] - a['restart_s']:+.2f} s")
+                  f"{b['restart_s'] - a['restart_s']:+.2f} s, data start-up {b['data_s'] - a['data_s']:+.2f} s")
     if not args.skip_throughput:
         throughput(args.work, min(args.sizes), tok_run, env, args.code, args.repeats)
 
