@@ -63,14 +63,15 @@ IGNORE_INDEX = -100
 
 def source_identity(recipe: dict, name: str) -> str:
     """The content identity of dataset ``name``'s canonical rows: its content fingerprint
-    (:func:`llmlab.fingerprint.source_fingerprint`: the spec, local files' content, a builtin's
-    package version) and the recipe seed (it draws the held-out split and chatterbot_pairs'
+    (:func:`llmlab.fingerprint.source_fingerprint` of its spec with the schema's defaults: the
+    settings, local files' content, a builtin's package version) and the recipe seed (it draws the held-out split and chatterbot_pairs'
     rejected replies). The ONE place the chat store learns what a source is.
     """
+    from llmlab.data.sources import dataset_spec
     from llmlab.fingerprint import sha256_json, source_fingerprint
     from llmlab.schemafile import top_level
 
-    return sha256_json({"source": source_fingerprint(recipe["datasets"][name]),
+    return sha256_json({"source": source_fingerprint(dataset_spec(recipe, name)),
                         "seed": int(top_level(recipe, "seed"))})
 
 
