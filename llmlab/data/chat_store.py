@@ -56,7 +56,19 @@ CHAT_STORE_VERSION = "1"
 SHARD_EXAMPLES = 8192
 #: stage family -> the token sequences of one example
 SEQUENCES = {"sft": ("input",), "pair": ("chosen", "rejected"), "unpaired_preference": ("input",)}
+#: the label of a token that is not trained on (torch's cross-entropy ``ignore_index``)
 IGNORE_INDEX = -100
+
+
+def require_chat_template(tokenizer) -> None:
+    """Raise ValueError (naming the stage types and the templates to choose from) when the
+    tokenizer has no chat template."""
+    if not getattr(tokenizer, "chat_template", None):
+        from llmlab.chat_templates import choices_message
+
+        raise ValueError("the tokenizer has no chat template (tokenizer.chat_template: none, or a "
+                         "pretrained tokenizer without one); sft, dpo, orpo, kto, reward, grpo and "
+                         f"ppo stages need one: {choices_message()}")
 
 
 # -- keys ----------------------------------------------------------------------------------------
@@ -265,8 +277,6 @@ def render_chats(tokenizer, conversations: list[list[dict]]) -> tuple[list[str],
         ValueError: the tokenizer has no chat template.
     """
     from transformers.utils.chat_template_utils import _normalize_chat_messages, render_jinja_template
-
-    from llmlab.data.pipeline import require_chat_template
 
     require_chat_template(tokenizer)
     texts, spans = render_jinja_template(
@@ -570,16 +580,15 @@ def stored_source(recipe: dict, name: str, stage_type: str, tokenizer, tok_hash:
     return StoredSource(recipe, name, families, tok_hash, tokenizer)
 
 
-def tokenised_part(rows: StoredRows, split: str, cfg, family: str, kind_dst: str, source: int,
-                   keep_long: bool) -> tuple[ChatPart | None, dict[str, int]]:
-    """``rows`` tokenised for a stage (:func:`llmlab.data.pipeline._tokenise`'s contract): the kept
-    examples, cut and dropped by the stage's ``seq_len`` / ``truncation`` exactly as the datasets
-    path's tokenisers do, and ``{reason: dropped}`` (announced; over ``max_dropped_fraction``
-    raises ValueError)."""
-    from llmlab.data.pipeline import _announce_drops
-
+def tokenised_part(rows: StoredRows, cfg, family: str, kind_dst: str, source: int,
+                   keep_long: bool) -> tuple[ChatPart | None, dict[str, int], int]:
+    """``rows`` tokenised for a stage (``cfg``: its ``StageDataConfig``; ``keep_long``: no example
+    is dropped or cut for its length): the kept examples, cut and dropped by the stage's
+    ``seq_len`` / ``truncation`` exactly as the datasets path's tokenisers do
+    (``llmlab.data.pipeline._tok_*``), ``{reason: dropped}`` in order of first occurrence, and the
+    seq_len that would keep every over-long example (0 when none is)."""
     if len(rows) == 0:
-        return None, {}
+        return None, {}, 0
     store = rows.source.store(rows.split, family, kind_dst, cfg.type)
     seq_len = cfg.seq_len
     seqs = store.sequences
@@ -601,8 +610,6 @@ def tokenised_part(rows: StoredRows, split: str, cfg, family: str, kind_dst: str
     firsts = {r: int(np.argmax(m)) for r, m in (("too_long", too_long), ("no_assistant_tokens", no_labels)) if m.any()}
     for reason in sorted(firsts, key=firsts.get):  # in order of first occurrence, as the datasets path
         counts[reason] = int((too_long if reason == "too_long" else no_labels).sum())
-    if counts:
-        needed = int(longest[too_long].max()) if too_long.any() else 0
-        _announce_drops(rows.source.name, split, counts, len(longest), needed, cfg)
+    needed = int(longest[too_long].max()) if too_long.any() else 0
     keep = np.flatnonzero(~(too_long | no_labels))
-    return ChatPart(store, keep, cut[keep], source), counts
+    return ChatPart(store, keep, cut[keep], source), counts, needed

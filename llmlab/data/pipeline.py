@@ -43,6 +43,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from llmlab.data import chat_store
+from llmlab.data.chat_store import IGNORE_INDEX, require_chat_template
 from llmlab.data.formats import convert_kind
 from llmlab.data.packed import PackedSource, PretrainStream, eval_blocks, pack_documents  # noqa: F401 (re-export)
 from llmlab.data.sources import dataset_spec, load_named_dataset
@@ -53,7 +55,6 @@ from llmlab.stage_specs import STAGE_SPECS
 log = logging.getLogger(__name__)
 
 DATA_VERSION = "2"  # bump when tokenisation changes, to invalidate cached files
-IGNORE_INDEX = -100
 #: stage type -> (family, canonical kind it consumes)
 STAGE_FAMILY = {t: (s.family, s.kind) for t, s in STAGE_SPECS.items() if s.family}
 
@@ -121,17 +122,6 @@ def _labels_for_last_spans(ids: list[int], mask: list[int], k: int) -> list[int]
     for s, e in _assistant_spans(mask)[-k:] if k > 0 else []:
         labels[s:e] = ids[s:e]
     return labels
-
-
-def require_chat_template(tokenizer) -> None:
-    """Raise ValueError (naming the stage types and the templates to choose from) when the
-    tokenizer has no chat template."""
-    if not getattr(tokenizer, "chat_template", None):
-        from llmlab.chat_templates import choices_message
-
-        raise ValueError("the tokenizer has no chat template (tokenizer.chat_template: none, or a "
-                         "pretrained tokenizer without one); sft, dpo, orpo, kto, reward, grpo and "
-                         f"ppo stages need one: {choices_message()}")
 
 
 def _chat(tokenizer, conversations: list, **kw):
@@ -529,9 +519,7 @@ def mix(datasets_: list, weights: list[float], seed: int, stopping: str = "all_e
     if stopping not in ("first_exhausted", "all_exhausted"):
         raise ValueError(f"mixing.stopping: {stopping!r} is not first_exhausted/all_exhausted")
     if hasattr(datasets_[0], "index_dataset"):  # chat-store parts: the same draw over their indices
-        from llmlab.data.chat_store import ChatExamples
-
-        return ChatExamples.mixed(datasets_, lambda ds: mix(ds, weights, seed, stopping))
+        return chat_store.ChatExamples.mixed(datasets_, lambda ds: mix(ds, weights, seed, stopping))
     if len(datasets_) == 1:
         return datasets_[0]
     total = float(sum(weights))
@@ -554,9 +542,7 @@ def mix_stream(parts: list, weights: list[float], seed: int, stopping: str, need
     from datasets import concatenate_datasets
 
     if hasattr(parts[0], "index_dataset"):  # chat-store parts: the same passes over their indices
-        from llmlab.data.chat_store import ChatExamples
-
-        return ChatExamples.mixed(parts, lambda ds: mix_stream(ds, weights, seed, stopping, needed, token_column))
+        return chat_store.ChatExamples.mixed(parts, lambda ds: mix_stream(ds, weights, seed, stopping, needed, token_column))
     if len(parts) == 1:
         return parts[0]
     passes, total, k = [], 0, 0
@@ -645,10 +631,11 @@ def _tokenise(recipe: dict, name: str, split: str, rows, cfg: StageDataConfig, f
     Rows of a chat-store source (:class:`llmlab.data.chat_store.StoredRows`) come from their
     memory-mapped store instead (:func:`llmlab.data.chat_store.tokenised_part`)."""
     keep_long = split == "eval" and cfg.type in HELD_OUT_WHOLE
-    from llmlab.data import chat_store
-
     if isinstance(rows, chat_store.StoredRows):
-        return chat_store.tokenised_part(rows, split, cfg, family, kind_dst, source, keep_long)
+        part, counts, needed = chat_store.tokenised_part(rows, cfg, family, kind_dst, source, keep_long)
+        if counts:
+            _announce_drops(name, split, counts, len(rows), needed, cfg)
+        return part, counts
     if kind_src != kind_dst:
         try:
             rows = rows.map(lambda r: convert_kind(r, kind_src, kind_dst),
@@ -772,10 +759,9 @@ def build_stage_data(recipe: dict, stage_name: str, tokenizer) -> StageData:
     dropped: dict[str, dict[str, int]] = {}
     train_parts, eval_parts = [], []
     with _quiet_datasets():
-        from llmlab.data.chat_store import stored_source
-
         # sft and preference data through chat token stores (llmlab.data.chat_store), the rest loaded
-        loaded = {name: stored_source(recipe, name, cfg.type, tokenizer, tok_hash) or load_named_dataset(recipe, name)
+        loaded = {name: chat_store.stored_source(recipe, name, cfg.type, tokenizer, tok_hash)
+                  or load_named_dataset(recipe, name)
                   for name in dict.fromkeys(names + eval_names)}
         family, kind_dst = stage_family(cfg.type, {n: s.kind for n, s in loaded.items()}, stage_name)
         for i, name in enumerate(names):
