@@ -76,8 +76,9 @@ def require_chat_template(tokenizer) -> None:
 def source_identity(recipe: dict, name: str) -> str:
     """The content identity of dataset ``name``'s canonical rows: its content fingerprint
     (:func:`llmlab.fingerprint.source_fingerprint` of its spec with the schema's defaults: the
-    settings, local files' content, a builtin's package version) and the recipe seed (it draws the held-out split and chatterbot_pairs'
-    rejected replies). The ONE place the chat store learns what a source is.
+    settings, local files' content, a builtin's package version) and the recipe seed (it draws
+    the held-out split and chatterbot_pairs' rejected replies). The ONE place the chat store
+    learns what a source is (swap in the Source abstraction's ``fingerprint()`` here).
     """
     from llmlab.data.sources import dataset_spec
     from llmlab.fingerprint import sha256_json, source_fingerprint
