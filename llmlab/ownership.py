@@ -48,7 +48,9 @@ KIND_FILES: dict[str, re.Pattern] = {
     "checkpoint": re.compile(r"model\.safetensors|optimizer\.pt|scheduler\.pt|rng\.pt|rng\.json|stage_state\.pt|"
                              r"trainer_state\.json|MANIFEST\.json|"
                              r"\.metadata(\.tmp)?|__\d+_\d+\.distcp"),  # DCP shards (llmlab.train.dcp)
-    "token-store": re.compile(r"manifest\.json(\.tmp)?|shard-\d+\.(tokens\.npy|offsets\.npy|json)(\.tmp)?|"
+    # pretraining stores: shard-N.tokens/offsets.npy (+ shard-N.verified, the first read's check);
+    # chat stores (llmlab.data.chat_store): shard-N.<array>.npy
+    "token-store": re.compile(r"manifest\.json(\.tmp)?|shard-\d+\.(tokens\.npy|offsets\.npy|json|[a-z_]+\.npy)(\.tmp)?|"
                               r"shard-\d+\.verified(\.tmp-\d+)?"),
 }
 

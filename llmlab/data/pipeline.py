@@ -9,11 +9,14 @@ blocks of ``seq_len`` tokens located by index and mixed by a seeded draw per pos
 
 SFT, preference and prompt stages:
 
-1. each dataset is loaded (:func:`llmlab.data.sources.load_named_dataset`), converted to the kind
-   the stage needs and tokenised with a batched ``datasets.map`` whose result is cached under
-   ``<output_dir>/cache/`` in a file keyed by the tokenizer's hash, the dataset's identity (its
-   source's content fingerprint, :meth:`llmlab.data.source.DatasetSource.identity`) and the
-   stage's sequence settings;
+1. sft and preference data (sft, dpo, orpo, reward, kto) come from the chat token store
+   (:mod:`llmlab.data.chat_store`: tokenised once per source, tokenizer, template and family into
+   memory-mapped shards, loaded only when a store is missing; the stage's seq_len and truncation
+   are applied from per-example lengths); prompts (grpo, ppo): each dataset is loaded
+   (:func:`llmlab.data.sources.load_named_dataset`), converted to the kind the stage needs and
+   tokenised with a batched ``datasets.map`` whose result is cached under ``<output_dir>/cache/``
+   in a file keyed by the tokenizer's hash, the dataset's identity (its source's content
+   fingerprint, :meth:`llmlab.data.source.DatasetSource.identity`) and the stage's sequence settings;
 2. the datasets are mixed with ``datasets.interleave_datasets`` (probabilities = the normalised
    weights, the recipe seed, the stage's ``mixing.stopping`` rule) into one fixed sequence of
    examples, pass after seeded pass until it covers the stage's max_steps × grad-accum × batch
@@ -41,6 +44,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from llmlab.data import chat_store
+from llmlab.data.chat_store import IGNORE_INDEX, require_chat_template
 from llmlab.data.formats import convert_kind
 from llmlab.data.packed import PackedSource, PretrainStream, eval_blocks, pack_documents  # noqa: F401 (re-export)
 from llmlab.data.sources import load_named_dataset, recipe_source
@@ -52,7 +57,6 @@ from llmlab.stage_specs import STAGE_SPECS
 log = logging.getLogger(__name__)
 
 DATA_VERSION = "2"  # bump when tokenisation changes, to invalidate cached files
-IGNORE_INDEX = -100
 #: stage type -> (family, canonical kind it consumes)
 STAGE_FAMILY = {t: (s.family, s.kind) for t, s in STAGE_SPECS.items() if s.family}
 
@@ -123,12 +127,7 @@ def _labels_for_last_spans(ids: list[int], mask: list[int], k: int) -> list[int]
 
 
 def _chat(tokenizer, conversations: list, **kw):
-    if not getattr(tokenizer, "chat_template", None):
-        from llmlab.chat_templates import choices_message
-
-        raise ValueError("the tokenizer has no chat template (tokenizer.chat_template: none, or a "
-                         "pretrained tokenizer without one); sft, dpo, orpo, kto, reward, grpo and "
-                         f"ppo stages need one: {choices_message()}")
+    require_chat_template(tokenizer)
     return tokenizer.apply_chat_template(conversations, tokenize=True, return_dict=True, **kw)
 
 
@@ -494,23 +493,34 @@ def group_by_length(perm: np.ndarray, lengths: np.ndarray, batch_size: int, rng:
 def _padded_lengths(ds, family: str, lengths: np.ndarray) -> np.ndarray:
     """The width each example needs in a padded batch: ``lengths`` (of the family's id column), for
     pairs the longer of chosen and rejected."""
+    if hasattr(ds, "padded_lengths"):  # chat-store examples
+        return ds.padded_lengths()
     return np.maximum(lengths, _lengths(ds, "rejected_input_ids")) if family == "pair" else lengths
 
 
 def column(ds, name: str):
     """Column ``name`` of a ``datasets.Dataset`` as one pyarrow Array (vectorised; honours an
-    indices mapping)."""
+    indices mapping); of chat-store examples, ``_source`` only."""
+    if hasattr(ds, "take_rows") and name == "_source":
+        import pyarrow as pa
+
+        return pa.array(ds.sources)
     return ds.with_format("arrow")[:].column(name).combine_chunks()
 
 
 def _lengths(ds, name: str) -> np.ndarray:
     import pyarrow.compute as pc
 
+    if hasattr(ds, "take_rows"):  # chat-store examples (their first sequence: what ``name`` is)
+        return ds.lengths()
     return pc.list_value_length(column(ds, name)).to_numpy(zero_copy_only=False)
 
 
 def _take(ds, idx: np.ndarray) -> dict[str, list]:
-    """Rows ``idx`` of ``ds`` as {column: python list} via one arrow take."""
+    """Rows ``idx`` of ``ds`` as {column: python list} via one arrow take (chat-store examples:
+    read from their memory maps)."""
+    if hasattr(ds, "take_rows"):
+        return ds.take_rows(idx)
     table = ds.with_format("arrow")[idx.tolist()]
     return {c: table.column(c).to_pylist() for c in table.column_names}
 
@@ -556,6 +566,8 @@ def mix(datasets_: list, weights: list[float], seed: int, stopping: str = "all_e
         raise ValueError(f"mixture weights must be > 0, got {weights}")
     if stopping not in ("first_exhausted", "all_exhausted"):
         raise ValueError(f"mixing.stopping: {stopping!r} is not first_exhausted/all_exhausted")
+    if hasattr(datasets_[0], "index_dataset"):  # chat-store parts: the same draw over their indices
+        return chat_store.ChatExamples.mixed(datasets_, lambda ds: mix(ds, weights, seed, stopping))
     if len(datasets_) == 1:
         return datasets_[0]
     total = float(sum(weights))
@@ -577,6 +589,8 @@ def mix_stream(parts: list, weights: list[float], seed: int, stopping: str, need
     """
     from datasets import concatenate_datasets
 
+    if hasattr(parts[0], "index_dataset"):  # chat-store parts: the same passes over their indices
+        return chat_store.ChatExamples.mixed(parts, lambda ds: mix_stream(ds, weights, seed, stopping, needed, token_column))
     if len(parts) == 1:
         return parts[0]
     passes, total, k = [], 0, 0
@@ -663,7 +677,16 @@ def _stage_config(recipe: dict, stage_name: str) -> StageDataConfig:
 
 def _tokenise(recipe: dict, name: str, split: str, rows, cfg: StageDataConfig, family: str, kind_src: str,
               kind_dst: str, tokenizer, tok_hash: str, source: int):
-    """Tokenise one dataset split (cached); returns (tokenised dataset, {reason: dropped})."""
+    """Tokenise one dataset split (cached); returns (tokenised dataset, {reason: dropped}).
+
+    Rows of a chat-store source (:class:`llmlab.data.chat_store.StoredRows`) come from their
+    memory-mapped store instead (:func:`llmlab.data.chat_store.tokenised_part`)."""
+    keep_long = split == "eval" and cfg.type in HELD_OUT_WHOLE
+    if isinstance(rows, chat_store.StoredRows):
+        part, counts, needed = chat_store.tokenised_part(rows, cfg, family, kind_dst, source, keep_long)
+        if counts:
+            _announce_drops(name, split, counts, len(rows), needed, cfg)
+        return part, counts
     if kind_src != kind_dst:
         try:
             rows = rows.map(lambda r: convert_kind(r, kind_src, kind_dst),
@@ -671,7 +694,6 @@ def _tokenise(recipe: dict, name: str, split: str, rows, cfg: StageDataConfig, f
                             load_from_cache_file=False)
         except ValueError as e:
             raise ValueError(f"datasets.{name}: {e} (stage type {cfg.type})") from None
-    keep_long = split == "eval" and cfg.type in HELD_OUT_WHOLE
     fn, features = _TOKENISERS[family](tokenizer, cfg.seq_len, cfg, source, keep_long)
     seed = int(top_level(recipe, "seed"))
     key = hashlib.sha256(json.dumps({
@@ -780,15 +802,17 @@ def build_stage_data(recipe: dict, stage_name: str, tokenizer) -> StageData:
     # the held-out mixture follows eval_datasets' weights (null: 1), else the training weights
     eval_w = [float(eval_spec[n]) if eval_spec[n] is not None else 1.0 for n in eval_names] \
         if eval_spec else weights
-    eval_weights: list[float] = []
 
     if STAGE_FAMILY[cfg.type][0] == "pretrain":
         return _build_pretrain(recipe, stage_name, cfg, tokenizer, names, weights, eval_names, eval_w,
                                bool(eval_spec))
     dropped: dict[str, dict[str, int]] = {}
-    train_parts, eval_parts = [], []
+    train_parts = []
     with _quiet_datasets():
-        loaded = {name: load_named_dataset(recipe, name) for name in dict.fromkeys(names + eval_names)}
+        # sft and preference data through chat token stores (llmlab.data.chat_store), the rest loaded
+        loaded = {name: chat_store.stored_source(recipe, name, cfg.type, tokenizer, tok_hash)
+                  or load_named_dataset(recipe, name)
+                  for name in dict.fromkeys(names + eval_names)}
         family, kind_dst = stage_family(cfg.type, {n: s.kind for n, s in loaded.items()}, stage_name)
         for i, name in enumerate(names):
             splits = loaded[name]
@@ -799,26 +823,10 @@ def build_stage_data(recipe: dict, stage_name: str, tokenizer) -> StageData:
                 raise ValueError(f"stages.{stage_name}: dataset {name!r} has no usable training "
                                  f"examples (dropped: {dropped[name]})")
             train_parts.append(tokd)
-        for name in eval_names:
-            splits = loaded[name]
-            # the held-out split; a dataset named only for evaluation is used whole
-            rows = splits.eval if (not eval_spec or len(splits.eval)) else splits.train
-            tokd, counts = _tokenise(recipe, name, "eval", rows, cfg, family, splits.kind,
-                                     kind_dst, tokenizer, tok_hash, names.index(name)
-                                     if name in names else len(names) + eval_names.index(name))
-            if counts:
-                dropped.setdefault(name, {})
-                dropped[name].update({f"eval_{k}": v for k, v in counts.items()})
-            if tokd is not None and len(tokd):
-                eval_parts.append(tokd)
-                eval_weights.append(eval_w[eval_names.index(name)])
-        eval_mixed = None
-        if eval_parts:  # several held-out sets: sampled ∝ weights until the first runs out
-            eval_mixed = mix(eval_parts, eval_weights, int(_rng(seed, "eval-mix", stage_name).integers(2**31 - 1)),
-                             "first_exhausted")
+        eval_mixed = _heldout_mixture(recipe, stage_name, cfg, loaded, names, eval_names, eval_w, bool(eval_spec),
+                                      (family, kind_dst), tokenizer, tok_hash, dropped)
 
-        id_col = {"pretrain": "input_ids", "sft": "input_ids", "pair": "chosen_input_ids",
-                  "prompt": "prompt_input_ids", "unpaired_preference": "input_ids"}[family]
+        id_col = ID_COLUMN[family]
         mixed = mix_stream(train_parts, weights, seed, cfg.stopping,
                            _examples_needed(cfg, family), id_col if family == "pretrain" else None)
         src = column(mixed, "_source").to_numpy()
@@ -842,6 +850,37 @@ def build_stage_data(recipe: dict, stage_name: str, tokenizer) -> StageData:
     log.info("stage %s: %d training examples, shares %s, dropped %s", stage_name,
              data.num_train_examples, {k: round(v, 4) for k, v in shares.items()}, dropped)
     return data
+
+
+#: the token-id column whose lengths count a family's tokens (a pair's: the chosen reply's)
+ID_COLUMN = {"pretrain": "input_ids", "sft": "input_ids", "pair": "chosen_input_ids", "prompt": "prompt_input_ids",
+             "unpaired_preference": "input_ids"}
+
+
+def _heldout_mixture(recipe: dict, stage_name: str, cfg: StageDataConfig, loaded: dict, names: list[str],
+                     eval_names: list[str], eval_w: list[float], eval_named: bool, kinds: tuple[str, str], tokenizer,
+                     tok_hash: str, dropped: dict):
+    """The held-out examples of a fine-tuning stage (:func:`build_stage_data`): each held-out
+    dataset's eval split (a dataset named only in ``eval_datasets`` whole) tokenised, then mixed ∝
+    ``eval_w`` until the first runs out; None when there are none. Drops go into ``dropped`` as
+    ``eval_<reason>``."""
+    family, kind_dst = kinds
+    parts, weights = [], []
+    for name in eval_names:
+        splits = loaded[name]
+        rows = splits.eval if (not eval_named or len(splits.eval)) else splits.train
+        tokd, counts = _tokenise(recipe, name, "eval", rows, cfg, family, splits.kind, kind_dst, tokenizer, tok_hash,
+                                 names.index(name) if name in names else len(names) + eval_names.index(name))
+        if counts:
+            dropped.setdefault(name, {})
+            dropped[name].update({f"eval_{k}": v for k, v in counts.items()})
+        if tokd is not None and len(tokd):
+            parts.append(tokd)
+            weights.append(eval_w[eval_names.index(name)])
+    if not parts:
+        return None
+    seed = int(top_level(recipe, "seed"))
+    return mix(parts, weights, int(_rng(seed, "eval-mix", stage_name).integers(2**31 - 1)), "first_exhausted")
 
 
 def _build_pretrain(recipe: dict, stage_name: str, cfg: StageDataConfig, tokenizer, names: list[str],

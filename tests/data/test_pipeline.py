@@ -173,15 +173,19 @@ def test_grpo_prompts_are_left_padded(tmp_path, tokenizer):
 def test_tokenisation_is_cached_under_the_run_dir(tmp_path, tokenizer):
     rec = make_recipe(tmp_path)
     first = build_stage_data(rec, "sft", tokenizer)
-    cache = Path(rec["output_dir"]) / "cache"
-    files = sorted(p.name for p in cache.glob("sft-chat-*.arrow"))
-    assert len(files) == 2  # train + eval
+    cache = Path(rec["output_dir"]) / "cache" / "tokens"  # the chat token store (llmlab.data.chat_store)
+    stores = sorted(p.name for p in cache.glob("chat-*") if p.is_dir())
+    assert len(stores) == 2  # train + eval
     again = build_stage_data(rec, "sft", tokenizer)
-    assert sorted(p.name for p in cache.glob("sft-chat-*.arrow")) == files
+    assert sorted(p.name for p in cache.glob("chat-*") if p.is_dir()) == stores
     assert torch.equal(first.train_batch(4)["input_ids"], again.train_batch(4)["input_ids"])
     rec["stages"]["sft"]["seq_len"] = 96
     build_stage_data(rec, "sft", tokenizer)
-    assert len(list(cache.glob("sft-chat-*.arrow"))) == 4  # new settings, new files
+    # examples are stored whole: other sequence settings read the same stores
+    assert sorted(p.name for p in cache.glob("chat-*") if p.is_dir()) == stores
+    grpo = Path(rec["output_dir"]) / "cache"
+    build_stage_data(rec, "grpo", tokenizer)  # prompts keep the datasets path's Arrow cache
+    assert len(list(grpo.glob("prompt-prompts-*.arrow"))) == 1
 
 
 def test_text_data_cannot_feed_sft(tmp_path, tokenizer):
@@ -291,8 +295,9 @@ def test_local_sft_data_stays_memory_mapped(tmp_path, tokenizer):
 
     loaded = load_named_dataset(rec, "local")  # the canonical rows before tokenisation, too
     assert isinstance(loaded.train.data, MemoryMappedTable) and isinstance(loaded.eval.data, MemoryMappedTable)
-    assert isinstance(data._train.data, MemoryMappedTable) and data._train.cache_files
-    assert data._train.cache_files[0]["filename"].startswith(str(tmp_path / "run" / "cache"))
+    store = data._train.parts[0].store  # the tokens: the chat token store's memory maps
+    assert isinstance(store._array(0, "input_ids"), np.memmap) and isinstance(store._array(0, "input_labels"), np.memmap)
+    assert str(store.path).startswith(str(tmp_path / "run" / "cache"))
     assert 850 <= data.num_train_examples <= 950  # the same prompt (i % 700) is never on both sides
     assert data.train_batch(0)["input_ids"].shape[0] == 8
 

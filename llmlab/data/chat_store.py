@@ -1,0 +1,627 @@
+"""The chat token store: SFT and preference data tokenised once, on disk, memory-mapped.
+
+One store holds one split (train | eval) of one named dataset tokenised for one stage *family*
+(:data:`llmlab.data.pipeline.STAGE_FAMILY`: ``sft``, ``pair`` or ``unpaired_preference``) with one
+tokenizer and chat template, every example whole (no seq_len applied)::
+
+    <root>/<key>/manifest.json                   written last: the store is complete when it exists
+    <root>/<key>/shard-00000.<seq>_ids.npy       token ids (uint16 when the vocabulary fits, else uint32)
+    <root>/<key>/shard-00000.<seq>_labels.npy    uint8 [tokens]: 1 where the token is a label
+    <root>/<key>/shard-00000.<seq>_offsets.npy   int64 [examples + 1]: example j is ids[offsets[j]:offsets[j+1]]
+    <root>/<key>/shard-00000.<seq>_info.npy      int32 [examples, 3]: labels, [start, end) of the last
+                                                 run of assistant tokens (sft truncation keeps it whole)
+    <root>/<key>/shard-00000.desirable.npy       uint8 [examples] (unpaired_preference only)
+    <root>/<key>/shard-00000.json                the shard's counts and sha256s, written after its arrays
+
+``<seq>`` is ``input`` (sft, unpaired_preference) or ``chosen`` and ``rejected`` (pair). Labels
+are exactly those of ``llmlab.data.pipeline``'s tokenisers: every assistant token of the
+conversation (sft), the tokens of the completion's assistant turns (the last k runs of
+assistant tokens, pair and unpaired). What a stage's ``seq_len``, ``truncation`` and held-out rule
+drop or cut is decided when a stage opens the store (:func:`tokenised_part`), from the per-example
+lengths and ``info``: a store is shared by every stage, run and recipe with the same data,
+tokenizer and template, whatever their sequence settings.
+
+**Key.** sha256 of (:data:`CHAT_STORE_VERSION`, :func:`source_identity` of the dataset, the
+tokenizer's fingerprint (:func:`llmlab.data.pipeline.tokenizer_fingerprint`: its JSON, chat
+template, eos and pad ids), the family and the split). **Root**: the token store's
+(:func:`llmlab.data.store.store_root`).
+
+**Writing** (:func:`ensure_chat_store`): the rows are read in this process and each conversation's
+chat template rendered once (with its generation spans); shards of :data:`SHARD_EXAMPLES`
+examples go to a pool of spawned worker processes (:func:`llmlab.data.store._init_worker`: they die with their parent) that
+tokenise the rendered text with the Rust tokenizer in batch mode and locate the assistant tokens
+from the spans; each shard's arrays are written as ``*.tmp`` and renamed, its JSON last, into
+``<key>.partial``, renamed to ``<key>`` once the manifest is written. A killed build resumes at the
+first missing shard; a concurrent builder waits on ``<key>.lock``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import time
+from concurrent.futures import Future, ProcessPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+CHAT_STORE_VERSION = "1"
+#: examples per shard (a pure function of the rows, so a resumed build cuts the same shards)
+SHARD_EXAMPLES = 8192
+#: stage family -> the token sequences of one example
+SEQUENCES = {"sft": ("input",), "pair": ("chosen", "rejected"), "unpaired_preference": ("input",)}
+#: the label of a token that is not trained on (torch's cross-entropy ``ignore_index``)
+IGNORE_INDEX = -100
+
+
+def require_chat_template(tokenizer) -> None:
+    """Raise ValueError (naming the stage types and the templates to choose from) when the
+    tokenizer has no chat template."""
+    if not getattr(tokenizer, "chat_template", None):
+        from llmlab.chat_templates import choices_message
+
+        raise ValueError("the tokenizer has no chat template (tokenizer.chat_template: none, or a "
+                         "pretrained tokenizer without one); sft, dpo, orpo, kto, reward, grpo and "
+                         f"ppo stages need one: {choices_message()}")
+
+
+# -- keys ----------------------------------------------------------------------------------------
+
+def source_identity(recipe: dict, name: str) -> str:
+    """The content identity of dataset ``name``'s canonical rows: its source's one identity
+    (:meth:`llmlab.data.source.DatasetSource.identity`: the content fingerprint stage fingerprints,
+    the pretraining token store and the tokenised-Arrow cache hash too, plus the recipe seed where
+    it draws the rows: the held-out split, chatterbot_pairs' rejected replies)."""
+    from llmlab.data.sources import recipe_source
+    from llmlab.fingerprint import sha256_json
+    from llmlab.schemafile import top_level
+
+    return sha256_json(recipe_source(recipe, name).identity(int(top_level(recipe, "seed"))))
+
+
+def chat_store_path(recipe: dict, name: str, family: str, split: str, tok_hash: str) -> Path:
+    """The folder of the store of ``split`` of dataset ``name`` tokenised for ``family``."""
+    from llmlab.data.store import store_root
+
+    blob = json.dumps({"v": CHAT_STORE_VERSION, "src": source_identity(recipe, name), "tok": tok_hash,
+                       "family": family, "split": split}, sort_keys=True)
+    return store_root(recipe) / ("chat-" + hashlib.sha256(blob.encode()).hexdigest()[:32])
+
+
+# -- reading -------------------------------------------------------------------------------------
+
+class ChatStore:
+    """A complete chat store, memory-mapped (layout: the module docstring).
+
+    Attributes:
+        path: the folder. manifest: its ``manifest.json``. examples: how many. sequences: the
+        sequence names of one example.
+
+    Raises:
+        llmlab.data.store.StoreError: no manifest, or a shard file missing or of the wrong size.
+    """
+
+    def __init__(self, path: str | os.PathLike):
+        from llmlab.data.store import StoreError
+
+        self.path = Path(path)
+        mf = self.path / "manifest.json"
+        if not mf.is_file():
+            raise StoreError(f"{self.path}: not a complete chat token store (no manifest.json)")
+        self.manifest = json.loads(mf.read_text())
+        self.examples = int(self.manifest["examples"])
+        self.sequences = tuple(SEQUENCES[self.manifest["family"]])
+        counts = [s["examples"] for s in self.manifest["shards"]]
+        self._first = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+        self._maps: dict[tuple[int, str], np.ndarray] = {}
+        self._desirable: np.ndarray | None = None
+        try:  # the folder's mtime is its last use (`llmlab cache --prune` removes stores unused for long)
+            os.utime(self.path)
+        except OSError:  # a read-only store root
+            pass
+
+    def _array(self, shard: int, name: str) -> np.ndarray:
+        key = (shard, name)
+        if key not in self._maps:
+            from llmlab.data.store import StoreError
+
+            meta = self.manifest["shards"][shard]
+            f = self.path / meta["files"][name]
+            try:
+                arr = np.load(f, mmap_mode="r")
+            except (FileNotFoundError, ValueError) as e:
+                raise StoreError(f"{f}: missing or not a readable array ({e}); delete {self.path} and run "
+                                 "again") from None
+            if arr.shape[0] != meta["sizes"][name]:
+                raise StoreError(f"{f}: holds {arr.shape[0]} entries, manifest.json says {meta['sizes'][name]}; "
+                                 f"delete {self.path} and run again")
+            self._maps[key] = arr
+        return self._maps[key]
+
+    def _whole(self, name: str) -> np.ndarray:
+        parts = [np.asarray(self._array(i, name)) for i in range(len(self.manifest["shards"]))]
+        return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int32)
+
+    def lengths(self, seq: str) -> np.ndarray:
+        """Tokens of sequence ``seq`` of every example: int64 [examples]."""
+        parts = [np.diff(np.asarray(self._array(i, f"{seq}_offsets")))
+                 for i in range(len(self.manifest["shards"]))]
+        return np.concatenate(parts).astype(np.int64) if parts else np.zeros(0, dtype=np.int64)
+
+    def info(self, seq: str) -> np.ndarray:
+        """int32 [examples, 3]: labelled tokens, [start, end) of the last run of assistant tokens
+        ((0, 0) when there is none)."""
+        return self._whole(f"{seq}_info").reshape(-1, 3)
+
+    def desirable(self) -> np.ndarray:
+        """uint8 [examples]: the unpaired rows' labels (unpaired_preference stores only; read once)."""
+        if self._desirable is None:
+            self._desirable = self._whole("desirable")
+        return self._desirable
+
+    def sequence(self, seq: str, j: int) -> tuple[np.ndarray, np.ndarray]:
+        """Example ``j``'s sequence ``seq``: (token ids int64 [T], label flags bool [T])."""
+        s = int(np.searchsorted(self._first, j, side="right")) - 1
+        k = j - int(self._first[s])
+        off = self._array(s, f"{seq}_offsets")
+        lo, hi = int(off[k]), int(off[k + 1])
+        return (np.asarray(self._array(s, f"{seq}_ids")[lo:hi], dtype=np.int64),
+                np.asarray(self._array(s, f"{seq}_labels")[lo:hi], dtype=bool))
+
+
+@dataclass
+class ChatPart:
+    """One dataset split as a stage sees it: the kept examples of a store (in store order), the
+    tokens cut from the left of each (sft truncation) and the stage's source number."""
+
+    store: ChatStore
+    keep: np.ndarray  # int64 [n]: store example of each kept example
+    cut: np.ndarray   # int64 [n]
+    source: int
+
+    def __len__(self) -> int:
+        return int(self.keep.size)
+
+    def index_dataset(self, part: int):
+        """A ``datasets.Dataset`` of (``_part``, ``_row``): what mixing needs of this part (its
+        length), so the stage's mixture is drawn by the same ``datasets`` functions as ever."""
+        from datasets import Dataset
+
+        return Dataset.from_dict({"_part": np.full(len(self), part, dtype=np.int32),
+                                  "_row": np.arange(len(self), dtype=np.int64)})
+
+    def lengths(self) -> np.ndarray:
+        """Tokens of each kept example's first sequence as batched: int64 [n]."""
+        return self.store.lengths(self.store.sequences[0])[self.keep] - self.cut
+
+    def padded_lengths(self) -> np.ndarray:
+        """The width each kept example needs in a padded batch: the longest of its sequences as
+        batched (pairs: chosen or rejected), int64 [n]."""
+        others = [self.store.lengths(s)[self.keep] for s in self.store.sequences[1:]]
+        return np.max([self.lengths(), *others], axis=0)
+
+    def row(self, r: int) -> dict:
+        """Kept example ``r`` as the columns of the datasets path (python lists)."""
+        j, cut = int(self.keep[r]), int(self.cut[r])
+        out: dict[str, Any] = {"_source": self.source}
+        family = self.store.manifest["family"]
+        for seq in self.store.sequences:
+            ids, flags = self.store.sequence(seq, j)
+            ids, flags = ids[cut:], flags[cut:]
+            prefix = "" if family != "pair" else f"{seq}_"
+            out[f"{prefix}input_ids"] = ids.tolist()
+            out[f"{prefix}labels"] = np.where(flags, ids, IGNORE_INDEX).tolist()
+        if family == "unpaired_preference":
+            out["desirable"] = int(self.store.desirable()[j])
+        return out
+
+
+class ChatExamples:
+    """A stage's example sequence over chat-store parts: example i is row ``row[i]`` of part
+    ``part[i]``. Stands where the datasets path has a ``datasets.Dataset``: ``len``, ``select``,
+    :meth:`take_rows`, and ``ds[column]`` / ``ds[i]`` (whole columns: for tests and small sets)."""
+
+    def __init__(self, parts: list[ChatPart], part: np.ndarray, row: np.ndarray):
+        self.parts, self.part, self.row = parts, part.astype(np.int32), row.astype(np.int64)
+
+    @classmethod
+    def mixed(cls, parts: list[ChatPart], mixer) -> ChatExamples:
+        """The sequence ``mixer`` (list of ``datasets.Dataset`` → one Dataset: the datasets path's
+        :func:`~llmlab.data.pipeline.mix` or :func:`~llmlab.data.pipeline.mix_stream`) draws over
+        the parts' index datasets."""
+        m = mixer([p.index_dataset(i) for i, p in enumerate(parts)]).with_format("arrow")[:]
+        return cls(parts, m.column("_part").to_numpy(), m.column("_row").to_numpy())
+
+    def __len__(self) -> int:
+        return int(self.part.size)
+
+    def select(self, idx) -> ChatExamples:
+        """The examples at ``idx``, in that order."""
+        idx = np.asarray(idx, dtype=np.int64)
+        return ChatExamples(self.parts, self.part[idx], self.row[idx])
+
+    @property
+    def sources(self) -> np.ndarray:
+        """The stage's source number of each example: int64 [len]."""
+        return np.asarray([p.source for p in self.parts], dtype=np.int64)[self.part]
+
+    def lengths(self) -> np.ndarray:
+        """Tokens of each example's first sequence (as batched): int64 [len]."""
+        out = np.empty(len(self), dtype=np.int64)
+        for i, p in enumerate(self.parts):
+            sel = self.part == i
+            out[sel] = p.lengths()[self.row[sel]]
+        return out
+
+    def padded_lengths(self) -> np.ndarray:
+        """The width each example needs in a padded batch (:meth:`ChatPart.padded_lengths`): int64 [len]."""
+        out = np.empty(len(self), dtype=np.int64)
+        for i, p in enumerate(self.parts):
+            sel = self.part == i
+            out[sel] = p.padded_lengths()[self.row[sel]]
+        return out
+
+    def take_rows(self, idx: np.ndarray) -> dict[str, list]:
+        """Examples ``idx`` as {column: python list}: the columns of the datasets path."""
+        rows = [self.parts[int(self.part[i])].row(int(self.row[i])) for i in np.asarray(idx, dtype=np.int64)]
+        return {k: [r[k] for r in rows] for k in (rows[0] if rows else {})}
+
+    def __getitem__(self, key):
+        if isinstance(key, str):
+            return self.take_rows(np.arange(len(self)))[key]
+        return {k: v[0] for k, v in self.take_rows(np.asarray([int(key)])).items()}
+
+
+# -- writing -------------------------------------------------------------------------------------
+
+def render_chats(tokenizer, conversations: list[list[dict]]) -> tuple[list[str], list[list[tuple[int, int]]]]:
+    """Each conversation rendered once by the tokenizer's chat template, as
+    ``tokenizer.apply_chat_template(..., return_assistant_tokens_mask=True)`` renders it: the text
+    and the [start, end) character spans of its generation blocks (the assistant turns).
+
+    Raises:
+        ValueError: the tokenizer has no chat template.
+    """
+    from transformers.utils.chat_template_utils import _normalize_chat_messages, render_jinja_template
+
+    require_chat_template(tokenizer)
+    texts, spans = render_jinja_template(
+        conversations=[_normalize_chat_messages(c) for c in conversations], tools=None, documents=None,
+        chat_template=tokenizer.get_chat_template(None, None), return_assistant_tokens_mask=True,
+        continue_final_message=False, add_generation_prompt=False, **tokenizer.special_tokens_map)
+    return texts, [[tuple(s) for s in sp] for sp in spans]
+
+
+def _assistant_flags(enc, spans: list[tuple[int, int]]) -> np.ndarray:
+    """bool [tokens]: the tokens of the ``tokenizers.Encoding`` ``enc`` that overlap a span (the rule
+    of ``apply_chat_template``'s assistant mask), from two character lookups per span."""
+    n = len(enc.ids)
+    flags = np.zeros(n, dtype=bool)
+    for s, e in spans:
+        a, b = (enc.char_to_token(s), enc.char_to_token(e - 1)) if e > s else (None, None)
+        if a is None or b is None:  # a character no token covers (trimmed offsets), an empty span
+            return _flags_from_offsets(np.asarray(enc.offsets, dtype=np.int64).reshape(-1, 2), spans)
+        while b + 1 < n and enc.token_to_chars(b + 1)[0] < e:  # a character split over several tokens
+            b += 1
+        flags[a: b + 1] = True
+    return flags
+
+
+def _flags_from_offsets(offsets: np.ndarray, spans: list[tuple[int, int]]) -> np.ndarray:
+    """:func:`_assistant_flags` from the tokens' character offsets [tokens, 2]: a token is flagged
+    when it ends after the start of the first span that ends after its start."""
+    if not spans:
+        return np.zeros(len(offsets), dtype=bool)
+    sp = np.asarray(spans, dtype=np.int64).reshape(-1, 2)
+    k = np.searchsorted(sp[:, 1], offsets[:, 0], side="right")
+    inside = k < len(sp)
+    return inside & (offsets[:, 1] > sp[np.minimum(k, len(sp) - 1), 0])
+
+
+def _runs(flags: np.ndarray) -> np.ndarray:
+    """[start, end) of each run of True in ``flags``: int64 [runs, 2]."""
+    d = np.diff(np.concatenate([[0], flags.astype(np.int8), [0]]))
+    return np.stack([np.flatnonzero(d == 1), np.flatnonzero(d == -1)], axis=1)
+
+
+def _encode_sequence(backend, texts: list[str], spans: list, last_k: list[int], dtype: str) -> dict:
+    """Tokenise one sequence of a shard's examples: ids, label flags, offsets and info arrays.
+
+    ``last_k[i]`` < 0: every assistant token is a label (sft); else the last ``last_k[i]`` runs of
+    assistant tokens (the completion's turns: ``pipeline._labels_for_last_spans``)."""
+    encs = backend.encode_batch(texts, add_special_tokens=False)
+    n = len(texts)
+    offsets = np.zeros(n + 1, dtype=np.int64)
+    info = np.zeros((n, 3), dtype=np.int32)
+    ids_parts, label_parts = [], []
+    for i, enc in enumerate(encs):
+        flags = _assistant_flags(enc, spans[i])
+        runs = _runs(flags)
+        if last_k[i] >= 0:
+            runs = runs[len(runs) - last_k[i]:] if last_k[i] > 0 else runs[:0]
+            flags = np.zeros_like(flags)
+            for s, e in runs:
+                flags[s:e] = True
+        ids_parts.append(np.asarray(enc.ids, dtype=dtype))
+        label_parts.append(flags.astype(np.uint8))
+        offsets[i + 1] = offsets[i] + flags.size
+        info[i] = (int(flags.sum()), *(runs[-1] if len(runs) else (0, 0)))
+    cat = lambda parts, dt: np.concatenate(parts) if parts else np.zeros(0, dtype=dt)  # noqa: E731
+    return {"ids": cat(ids_parts, dtype), "labels": cat(label_parts, np.uint8), "offsets": offsets,
+            "info": info.reshape(-1)}
+
+
+def _encode_shard(folder: str, index: int, sequences: dict, extras: dict, dtype: str, tokenizer=None) -> dict:
+    """Tokenise one shard's rendered sequences and write its arrays atomically (``*.tmp`` renamed),
+    its JSON last. Runs in a pool worker (:func:`llmlab.data.store._init_worker`) or in-process."""
+    from llmlab.data.store import _WORKER, _write_json
+
+    tok = tokenizer if tokenizer is not None else _WORKER["tokenizer"]
+    arrays = dict(extras)
+    for seq, (texts, spans, last_k) in sequences.items():
+        for k, arr in _encode_sequence(tok.backend_tokenizer, texts, spans, last_k, dtype).items():
+            arrays[f"{seq}_{k}"] = arr
+    stem = f"shard-{index:05d}"
+    meta: dict[str, Any] = {"index": index, "examples": len(next(iter(sequences.values()))[0]),
+                            "files": {}, "sizes": {}, "sha256": {}}
+    for name, arr in arrays.items():
+        final = Path(folder) / f"{stem}.{name}.npy"
+        meta["files"][name], meta["sizes"][name] = final.name, int(arr.shape[0])
+        meta["sha256"][name] = _save_npy(final, arr)
+    meta["tokens"] = {seq: int(arrays[f"{seq}_ids"].size) for seq in sequences}
+    _write_json(Path(folder) / f"{stem}.json", meta)
+    return meta
+
+
+def _save_npy(final: Path, arr: np.ndarray) -> str:
+    """Write ``arr`` to ``final`` through ``final.tmp`` (fsynced, then renamed); its sha256."""
+    from llmlab.fingerprint import sha256_file
+
+    tmp = final.with_name(final.name + ".tmp")
+    with open(tmp, "wb") as fh:
+        np.save(fh, arr)
+        fh.flush()
+        os.fsync(fh.fileno())
+    digest = sha256_file(tmp)
+    os.replace(tmp, final)
+    return digest
+
+
+def _shard_payload(batch: dict, family: str, kind_src: str, kind_dst: str, name: str, stage_type: str,
+                   tokenizer) -> tuple[dict, dict]:
+    """The rendered sequences (text, generation spans, label runs kept) and per-example arrays of
+    one shard's rows (``batch``: column → values, of kind ``kind_src``)."""
+    from llmlab.data.formats import convert_kind
+
+    if kind_src != kind_dst:
+        cols = list(batch)
+        try:
+            rows = [convert_kind(dict(zip(cols, vals)), kind_src, kind_dst) for vals in zip(*batch.values())]
+        except ValueError as e:
+            raise ValueError(f"datasets.{name}: {e} (stage type {stage_type})") from None
+        batch = {k: [r[k] for r in rows] for k in (rows[0] if rows else {})}
+    n_asst = lambda msgs: sum(m["role"] == "assistant" for m in msgs)  # noqa: E731
+    if family == "sft":
+        texts, spans = render_chats(tokenizer, batch["messages"])
+        return {"input": (texts, spans, [-1] * len(texts))}, {}
+    sides = ("chosen", "rejected") if family == "pair" else ("completion",)
+    seqs = {}
+    for side in sides:
+        convs = [p + c for p, c in zip(batch["prompt"], batch[side])]
+        texts, spans = render_chats(tokenizer, convs)
+        seqs["input" if side == "completion" else side] = (texts, spans, [n_asst(c) for c in batch[side]])
+    extras = {"desirable": np.asarray([bool(x) for x in batch["label"]], dtype=np.uint8)} \
+        if family == "unpaired_preference" else {}
+    return seqs, extras
+
+
+def ensure_chat_store(path: Path, rows, *, family: str, kind_src: str, kind_dst: str, name: str, split: str,
+                      stage_type: str, tokenizer, info: dict, processes: int | None = None) -> ChatStore:
+    """The chat store at ``path``: opened when complete, else ``rows`` (a ``datasets.Dataset`` of
+    canonical rows of kind ``kind_src``, or a callable returning it) tokenised into it.
+
+    Args:
+        family: sft | pair | unpaired_preference; ``kind_dst``: the kind it consumes.
+        info: manifest fields (the source's kind, rows dropped at load, its split sizes, ...).
+        processes: tokenising processes (default: all cores); 1 tokenises in this process.
+
+    Concurrent builders are serialised by an ``flock`` on ``<path>.lock`` (the second opens the
+    complete store).
+
+    Raises:
+        ValueError: the rows cannot become ``kind_dst``, or the tokenizer has no chat template.
+        OSError: ENOSPC, naming the disk (finished shards are kept for the next run to resume).
+    """
+    from llmlab.runguard import file_lock
+
+    if chat_store_complete(path):
+        return ChatStore(path)
+    with file_lock(path.with_name(path.name + ".lock"), wait=True,
+                   on_busy=lambda who: log.warning("chat store %s is being written by %s; waiting", path, who)):
+        if chat_store_complete(path):
+            return ChatStore(path)
+        return _build_locked(path, rows() if callable(rows) else rows, family, kind_src, kind_dst, name, split,
+                             stage_type, tokenizer, info, processes)
+
+
+def chat_store_complete(path: Path) -> bool:
+    """Whether ``path`` holds a complete chat store."""
+    return (Path(path) / "manifest.json").is_file()
+
+
+def _build_locked(path: Path, rows, family: str, kind_src: str, kind_dst: str, name: str, split: str,
+                  stage_type: str, tokenizer, info: dict, processes: int | None) -> ChatStore:
+    """:func:`ensure_chat_store`'s work, under the store's lock."""
+    from llmlab.data.store import _full_disk_named, _write_json
+    from llmlab.ownership import make_dir, try_remove_owned
+
+    part = path.with_name(path.name + ".partial")
+    make_dir(part, "token-store")  # the marker that lets `llmlab cache --prune` delete it
+    dtype = "uint16" if len(tokenizer) <= 65536 else "uint32"
+    t0 = time.perf_counter()
+    with _full_disk_named(part, path):
+        metas = _write_shards(part, rows, family, kind_src, kind_dst, name, stage_type, tokenizer, dtype,
+                              max(1, int(processes or os.cpu_count() or 1)))
+    tokens = {seq: sum(m["tokens"][seq] for m in metas) for seq in SEQUENCES[family]}
+    manifest = {"version": CHAT_STORE_VERSION, "family": family, "kind_dst": kind_dst, "dataset": name,
+                "split": split, "dtype": dtype, "examples": sum(m["examples"] for m in metas),
+                "documents": sum(m["examples"] for m in metas), "tokens": sum(tokens.values()),
+                "sequence_tokens": tokens, "shards": metas,
+                "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **info}
+    with _full_disk_named(part, path):
+        _write_json(part / "manifest.json", manifest)
+    if path.exists():  # a concurrent builder without the lock (another host) finished first
+        try_remove_owned(part)
+    else:
+        os.replace(part, path)
+    log.info("chat store %s: %s %s of %s, %d examples, %d tokens in %.1f s", path, family, split, name,
+             manifest["examples"], manifest["tokens"], time.perf_counter() - t0)
+    return ChatStore(path)
+
+
+def _write_shards(part: Path, rows, family: str, kind_src: str, kind_dst: str, name: str, stage_type: str,
+                  tokenizer, dtype: str, processes: int) -> list[dict]:
+    """Render every missing shard here and tokenise it in a pool of ``processes`` spawned workers
+    (in this process when 1 or a single shard); returns the shards' metas in order."""
+    import multiprocessing as mp
+
+    from llmlab.data.store import _init_worker, _worker_tokenizer
+
+    n = len(rows)
+    shards = (n + SHARD_EXAMPLES - 1) // SHARD_EXAMPLES
+    done: dict[int, Any] = {}
+    for f in part.glob("shard-*.json"):  # finished by a run that was killed: resume after them
+        meta = json.loads(f.read_text())
+        i = int(meta["index"])
+        if meta["examples"] == min(SHARD_EXAMPLES, n - i * SHARD_EXAMPLES) and \
+                all((part / fn).is_file() for fn in meta["files"].values()):
+            done[i] = meta
+    todo = [i for i in range(shards) if i not in done]
+    pool = None
+    if len(todo) > 1 and processes > 1:  # spawned, not forked: see store._run_shards
+        pool = ProcessPoolExecutor(processes, mp_context=mp.get_context("spawn"), initializer=_init_worker,
+                                   initargs=(_worker_tokenizer(tokenizer), os.getpid()))
+    try:
+        pending: dict[int, Future] = {}
+        for i in todo:
+            batch = rows[i * SHARD_EXAMPLES: (i + 1) * SHARD_EXAMPLES]
+            seqs, extras = _shard_payload(batch, family, kind_src, kind_dst, name, stage_type, tokenizer)
+            if pool is None:
+                done[i] = _encode_shard(str(part), i, seqs, extras, dtype, tokenizer)
+                continue
+            pending[i] = pool.submit(_encode_shard, str(part), i, seqs, extras, dtype)
+            while len(pending) >= 2 * processes:  # bound what waits in memory
+                first = min(pending)
+                done[first] = pending.pop(first).result()
+        for i, fut in pending.items():
+            done[i] = fut.result()
+    finally:
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=True)
+    return [done[i] for i in range(shards)]
+
+
+# -- a stage's sources ---------------------------------------------------------------------------
+
+class StoredSource:
+    """A named dataset that reaches a stage through chat stores: what ``build_stage_data`` reads of
+    a :class:`llmlab.data.sources.DatasetSplits` (``kind``, ``dropped``, ``train``, ``eval``),
+    taken from a complete store's manifest where one exists, so a prepared dataset is not loaded.
+    The rows are loaded (:func:`llmlab.data.sources.load_named_dataset`) only when a store is
+    missing."""
+
+    def __init__(self, recipe: dict, name: str, families: list[str], tok_hash: str, tokenizer):
+        self.recipe, self.name, self.tok_hash, self.tokenizer = recipe, name, tok_hash, tokenizer
+        self._splits = None
+        for family in families:
+            path = chat_store_path(recipe, name, family, "train", tok_hash)
+            if chat_store_complete(path):
+                m = json.loads((path / "manifest.json").read_text())
+                self.kind, self.dropped, self.rows = m["kind"], dict(m["load_dropped"]), dict(m["rows"])
+                break
+        else:
+            s = self.splits()
+            self.kind, self.dropped = s.kind, s.dropped
+            self.rows = {"train": len(s.train), "eval": len(s.eval)}
+        self.train, self.eval = StoredRows(self, "train"), StoredRows(self, "eval")
+
+    def splits(self):
+        """The loaded dataset (memoised by :func:`~llmlab.data.sources.load_named_dataset`)."""
+        if self._splits is None:
+            from llmlab.data.sources import load_named_dataset
+
+            self._splits = load_named_dataset(self.recipe, self.name)
+        return self._splits
+
+    def store(self, split: str, family: str, kind_dst: str, stage_type: str) -> ChatStore:
+        """The complete store of ``split`` for ``family`` (built first where missing)."""
+        path = chat_store_path(self.recipe, self.name, family, split, self.tok_hash)
+        info = {"kind": self.kind, "load_dropped": self.dropped, "rows": self.rows,
+                "source": source_identity(self.recipe, self.name), "tokenizer": self.tok_hash}
+        return ensure_chat_store(path, lambda: getattr(self.splits(), split), family=family, kind_src=self.kind,
+                                 kind_dst=kind_dst, name=self.name, split=split, stage_type=stage_type,
+                                 tokenizer=self.tokenizer, info=info)
+
+
+@dataclass
+class StoredRows:
+    """One split of a :class:`StoredSource` (stands where the datasets path has its rows)."""
+
+    source: StoredSource
+    split: str
+
+    def __len__(self) -> int:
+        return int(self.source.rows[self.split])
+
+
+def stored_source(recipe: dict, name: str, stage_type: str, tokenizer, tok_hash: str) -> StoredSource | None:
+    """Dataset ``name`` through chat stores for a stage of ``stage_type``; None where the stage's
+    data take the datasets path (pretrain, grpo/ppo prompts, a tokenizer without a Rust backend)."""
+    from llmlab.stage_specs import STAGE_SPECS
+
+    spec = STAGE_SPECS[stage_type]
+    families = [f for f in (spec.family, *spec.own_kinds) if f in SEQUENCES]
+    if spec.family not in SEQUENCES or getattr(tokenizer, "backend_tokenizer", None) is None:
+        return None
+    return StoredSource(recipe, name, families, tok_hash, tokenizer)
+
+
+def tokenised_part(rows: StoredRows, cfg, family: str, kind_dst: str, source: int,
+                   keep_long: bool) -> tuple[ChatPart | None, dict[str, int], int]:
+    """``rows`` tokenised for a stage (``cfg``: its ``StageDataConfig``; ``keep_long``: no example
+    is dropped or cut for its length): the kept examples, cut and dropped by the stage's
+    ``seq_len`` / ``truncation`` exactly as the datasets path's tokenisers do
+    (``llmlab.data.pipeline._tok_*``), ``{reason: dropped}`` in order of first occurrence, and the
+    seq_len that would keep every over-long example (0 when none is)."""
+    if len(rows) == 0:
+        return None, {}, 0
+    store = rows.source.store(rows.split, family, kind_dst, cfg.type)
+    seq_len = cfg.seq_len
+    seqs = store.sequences
+    lens = np.stack([store.lengths(s) for s in seqs], axis=1)
+    infos = [store.info(s) for s in seqs]
+    longest = lens.max(axis=1)
+    too_long = (longest > seq_len) & (not keep_long)
+    cut = np.zeros(len(longest), dtype=np.int64)
+    if family == "sft" and cfg.truncation == "truncate":
+        last = infos[0][:, 2] - infos[0][:, 1]
+        can = too_long & (last > 0) & (last < seq_len)  # keeps the final assistant turn whole
+        cut = np.where(can, longest - seq_len, 0)
+        too_long &= ~can
+    labelled = np.ones(len(longest), dtype=bool)
+    for inf in infos:
+        labelled &= np.where(cut > 0, inf[:, 2] > cut, inf[:, 0] > 0)
+    no_labels = ~too_long & ~labelled
+    counts: dict[str, int] = {}
+    firsts = {r: int(np.argmax(m)) for r, m in (("too_long", too_long), ("no_assistant_tokens", no_labels)) if m.any()}
+    for reason in sorted(firsts, key=firsts.get):  # in order of first occurrence, as the datasets path
+        counts[reason] = int((too_long if reason == "too_long" else no_labels).sum())
+    needed = int(longest[too_long].max()) if too_long.any() else 0
+    keep = np.flatnonzero(~(too_long | no_labels))
+    return ChatPart(store, keep, cut[keep], source), counts, needed
