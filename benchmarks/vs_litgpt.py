@@ -222,7 +222,7 @@ def report(runs: dict, names: list[str]) -> None:
 def sweep(args) -> None:
     """llmlab alone, fp32, over ``--lrs`` x ``--warmups`` x ``--wds`` (plus the no-optimizer-keys
     default): held-out loss at the same tokens for each."""
-    grid = [("defaults", None)] + [(f"lr{lr:g}-wu{wu}-wd{wd:g}", {**SAME, "lr": lr, "warmup": wu, "weight_decay": wd})
+    grid = [("defaults", None)] * args.with_defaults + [(f"lr{lr:g}-wu{wu}-wd{wd:g}", {**SAME, "lr": lr, "warmup": wu, "weight_decay": wd})
                                    for lr in args.lrs for wu in args.warmups for wd in args.wds]
     rows = []
     for name, opt in grid:
@@ -250,6 +250,8 @@ def main() -> None:
     ap.add_argument("--lrs", type=float, nargs="+", default=[1e-3, 2e-3, 4e-3])
     ap.add_argument("--warmups", type=int, nargs="+", default=[0, 10])
     ap.add_argument("--wds", type=float, nargs="+", default=[0.0, 0.1])
+    ap.add_argument("--no-defaults", dest="with_defaults", action="store_false",
+                    help="--sweep: leave out the run without optimizer keys")
     args = ap.parse_args()
     args.workdir = args.workdir or C.make_workdir("vs-litgpt")
     C.quiet()
