@@ -21,7 +21,8 @@ llmlab (and nanoGPT).
 
 Timing: the DataModule's dataset stamps ``time.perf_counter()`` when the loop fetches each batch;
 fetch k (k ≥ 1) happens right after step k ends. Prints one line ``RESULT {json}`` with
-``startup_s`` (launch → end of step 1), ``tokens_per_s`` (steps warmup+1 .. steps), ``heldout_loss``
+``startup_s`` (launch → end of step 1), ``tokens_per_s`` (steps warmup+1 .. steps; and
+``tokens_per_cpu_s``, per CPU-second of this process: less sensitive to a busy machine), ``heldout_loss``
 (nats per scored token over the windows, fp32), ``last_loss`` and ``peak_rss_mb`` (VmHWM).
 """
 
@@ -35,6 +36,7 @@ from pathlib import Path
 
 BATCHES: list = []  # batch k of the run: rows [k·B, (k+1)·B) of the training blocks
 FETCHED: list[float] = []  # perf_counter() at each fetch of a training batch
+FETCHED_CPU: list[float] = []  # process_time() (this process's CPU seconds) at the same moments
 
 
 class Blocks:
@@ -50,6 +52,7 @@ class Blocks:
     def __getitem__(self, k):
         if self.stamp:
             FETCHED.append(time.perf_counter())
+            FETCHED_CPU.append(time.process_time())
         return BATCHES[k % len(BATCHES)]
 
 
@@ -121,6 +124,7 @@ def main() -> None:
     result = {"startup_s": FETCHED[1] - time.perf_counter() + time.time() - spec["launch_time"]
               if len(FETCHED) > 1 else None,
               "tokens_per_s": tokens / (FETCHED[steps] - FETCHED[w]),
+              "tokens_per_cpu_s": tokens / (FETCHED_CPU[steps] - FETCHED_CPU[w]),
               "heldout_loss": heldout_loss(trained["model"], windows, m["seq_len"]),
               "precision": spec["precision"] or P.get_default_supported_precision(training=True)}
     result["peak_rss_mb"] = peak_rss_mb()

@@ -48,7 +48,8 @@ Configurations (one row of the table each):
 
 Runs are interleaved (each repetition runs every configuration, the tools' order alternating) and
 the best and median tokens/s are reported (others' load only ever adds time), with the load average
-at each run. Start-up is the wall time from launching the process to the end of step 1 (warm
+at each run, and beside them tokens per CPU-second of the training process (user + system time
+over the same steps), which a busy machine disturbs far less than wall time. Start-up is the wall time from launching the process to the end of step 1 (warm
 caches: the tokenizer and token store are built before the first timed run). Peak RSS is the
 process's VmHWM.
 """
@@ -131,6 +132,15 @@ def proc_rss_mb(pid: int) -> float | None:
     return None
 
 
+def proc_cpu_s(pid: int) -> float | None:
+    """User + system CPU seconds of process ``pid`` so far (/proc/PID/stat), None once it is gone."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError):
+        return None
+
+
 def run_llmlab(args, p: Prepared, tag: str) -> dict:
     """``python -m llmlab run`` on the configuration's recipe in a fresh process."""
     shutil.rmtree(p.out / "pretrain", ignore_errors=True)  # the benchmark's own previous run
@@ -140,11 +150,16 @@ def run_llmlab(args, p: Prepared, tag: str) -> dict:
     launch = time.time()
     proc = subprocess.Popen([sys.executable, "-m", "llmlab", "run", str(p.recipe_path)], env=env, cwd=str(C.ROOT),
                             stdout=log, stderr=subprocess.STDOUT)
-    startup, rss = None, 0.0
-    while proc.poll() is None:
+    startup, rss, cpu = None, 0.0, {}
+    w, s = args.warmup_steps, args.steps
+    while proc.poll() is None:  # every 20 ms: peak RSS, and the CPU time when steps w and s are logged
         rss = max(rss, proc_rss_mb(proc.pid) or 0.0)
-        if startup is None and metrics.exists() and '"loss"' in metrics.read_text():
+        text = metrics.read_text() if metrics.exists() else ""
+        if startup is None and '"loss"' in text:
             startup = time.time() - launch
+        for k in (w, s):
+            if k not in cpu and f'{{"step": {k}, "loss"' in text:
+                cpu[k] = proc_cpu_s(proc.pid)
         time.sleep(0.02)
     log.close()
     if proc.returncode:
@@ -152,9 +167,10 @@ def run_llmlab(args, p: Prepared, tag: str) -> dict:
     recs = [json.loads(x) for x in metrics.read_text().splitlines()]
     train = {r["step"]: r for r in recs if "loss" in r}
     evals = {r["step"]: r for r in recs if "eval_loss" in r}
-    w, s = args.warmup_steps, args.steps
     tokens = (s - w) * args.batch_size * args.seq_len
+    cpu_s = cpu[s] - cpu[w] if cpu.get(s) is not None and cpu.get(w) is not None else float("nan")
     return {"startup_s": startup, "tokens_per_s": tokens / (train[s]["elapsed_s"] - train[w]["elapsed_s"]),
+            "tokens_per_cpu_s": tokens / cpu_s,
             "heldout_loss": evals[s]["eval_loss"], "peak_rss_mb": rss, "last_loss": train[s]["loss"]}
 
 
@@ -195,7 +211,7 @@ def report(runs: dict, names: list[str]) -> None:
 
     def ratio(cfg, key, better_high=True):
         a, b = col(cfg, "llmlab", key), col(cfg, "litgpt", key)
-        if key == "tokens_per_s":
+        if key.startswith("tokens_per"):
             return f"{max(a) / max(b):.2f} / {C.median(a) / C.median(b):.2f}"
         return f"{C.median(a) / C.median(b):.2f}"
 
@@ -203,8 +219,9 @@ def report(runs: dict, names: list[str]) -> None:
     labels = {"fp32-defaults": "tokens/s, fp32, each tool's defaults", "fp32-same": "tokens/s, fp32, identical settings",
               "bf16-same": "tokens/s, default precision (bf16 autocast), identical settings"}
     for cfg in names:
-        rows.append([labels.get(cfg, cfg), fmt_pair(col(cfg, "llmlab", "tokens_per_s")),
-                     fmt_pair(col(cfg, "litgpt", "tokens_per_s")), ratio(cfg, "tokens_per_s")])
+        for key, unit in (("tokens_per_s", ""), ("tokens_per_cpu_s", " per CPU-second")):
+            rows.append([labels.get(cfg, cfg) + unit, fmt_pair(col(cfg, "llmlab", key)),
+                         fmt_pair(col(cfg, "litgpt", key)), ratio(cfg, key)])
     for cfg, label in (("fp32-same", "identical settings"), ("fp32-defaults", "each tool's defaults")):
         if cfg in runs:
             a, b = C.median(col(cfg, "llmlab", "heldout_loss")), C.median(col(cfg, "litgpt", "heldout_loss"))
@@ -272,7 +289,8 @@ def main() -> None:
                 r = TOOLS[tool](args, prepared[name], f"{name}-{tool}-rep{rep}")
                 r["load"] = os.getloadavg()[0]
                 runs[name][tool].append(r)
-                print(f"  rep {rep} {name:<14} {tool:<7} {r['tokens_per_s']:7,.0f} tok/s  held-out {r['heldout_loss']:.3f}  "
+                print(f"  rep {rep} {name:<14} {tool:<7} {r['tokens_per_s']:7,.0f} tok/s  "
+                      f"{r['tokens_per_cpu_s']:7,.0f} tok/CPU-s  held-out {r['heldout_loss']:.3f}  "
                       f"start-up {r['startup_s'] or float('nan'):.1f} s  RSS {r['peak_rss_mb']:,.0f} MB  "
                       f"load {r['load']:.2f}", flush=True)
     if set(args.tools) == set(TOOLS):
