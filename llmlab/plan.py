@@ -430,6 +430,10 @@ def plan_command(recipe_path: Path, output_dir: Path | None = None, overrides=()
                   _fmt_count(r["tokens_per_step"]), _fmt_count(r["trainable"]), fmt_bytes(r["memory_bytes"]),
                   "-" if r["tokens_per_param"] is None else f"{r['tokens_per_param']:.1f}", status)
     console.print(t)
+    from llmlab.recipe.optim_auto import auto_notes
+
+    for note in auto_notes(rec):  # optimizer values that `lr: auto` chose
+        console.print(note)
     mem = memory_table(rows, facts)
     if mem is not None:
         console.print(mem)

@@ -493,6 +493,9 @@ def load_recipe(path, overrides: Iterable[str] = (), env: Mapping[str, str] | No
             add(p, msg)
         if errors:
             return None, _finish(errors)
+    from llmlab.recipe.optim_auto import resolve_auto_optimizer
+
+    resolve_auto_optimizer(resolved)  # lr / weight_decay / warmup_steps: auto -> numbers (needs max_steps)
     if warnings is not None:  # datasets sharing prompts with different held-out fractions
         found = semantic.eval_split_warnings(resolved) + semantic.warmup_warnings(resolved) \
             + (_missing_packages(resolved) if check_files else [])

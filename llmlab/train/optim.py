@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 
 from llmlab.config import OptimizerConfig, SchedulerConfig
+from llmlab.recipe.optim_auto import unresolved
 
 
 def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
@@ -94,7 +95,7 @@ def build_optimizer(model: torch.nn.Module, cfg: OptimizerConfig | dict,
     """
     if not isinstance(cfg, OptimizerConfig):
         cfg = OptimizerConfig.from_dict(cfg)
-    name, lr, wd = cfg.name, float(cfg.lr), float(cfg.weight_decay)
+    name, lr, wd = cfg.name, float(unresolved(cfg.lr, "lr")), float(unresolved(cfg.weight_decay, "weight_decay"))
     beta1, beta2, eps = cfg.beta1, cfg.beta2, cfg.eps
     if name == "adamw":
         fused = cfg.fused
@@ -191,7 +192,7 @@ def build_scheduler(optimizer: torch.optim.Optimizer, cfg: SchedulerConfig | dic
 
     if not isinstance(cfg, SchedulerConfig):
         cfg = SchedulerConfig.from_dict(cfg)
-    name, warmup = cfg.name, int(cfg.warmup_steps or 0)
+    name, warmup = cfg.name, int(unresolved(cfg.warmup_steps, "warmup_steps") or 0)
     kwargs = None
     if name in ("none", "constant"):
         name = "constant_with_warmup"
