@@ -411,28 +411,6 @@ class AttentionMaskSpec:
             self._cache[key] = (cu, int(torch.diff(cu).max()))
         return self._cache[key]
 
-    def document_segments(self) -> list[list[tuple[int, int]]] | None:
-        """Per row, the ``(start, end)`` of each packed document, when attention is exactly causal
-        inside each document (packing with no padding, cache, ALiBi or binding window) and the rows
-        hold at most two documents on average; else None. Each document is then plain causal
-        attention on its own (:meth:`LlmlabAttention._per_document`): on a CPU, whose SDPA kernel
-        skips the blocks above the diagonal only with ``is_causal``, half the work of a dense
-        T x T mask or less. Costs one device-to-host copy (the document starts); built once per
-        forward and shared by the layers."""
-        key = ("segments",)
-        if key not in self._cache:
-            segs = None
-            if (self.doc_ids is not None and self.attention_mask is None and self.past_len == 0
-                    and self.slopes is None and (self.sliding_window is None or self.sliding_window >= self.q_len)):
-                b, t = self.doc_ids.shape
-                starts: list[list[int]] = [[0] for _ in range(b)]
-                for r, c in (self.doc_ids[:, 1:] != self.doc_ids[:, :-1]).nonzero().tolist():
-                    starts[r].append(c + 1)
-                if sum(map(len, starts)) <= 2 * b:
-                    segs = [list(zip(st, st[1:] + [t])) for st in starts]
-            self._cache[key] = segs
-        return self._cache[key]
-
     @property
     def is_plain(self) -> bool:
         """No padding and no packing: causal (+ window, + alibi) only; flash-attn can do it."""
@@ -581,8 +559,6 @@ class LlmlabAttention(nn.Module):
                 out = F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True, scale=self.scaling, **gqa)
             elif not prefix and mask.sees_everything(kv_len):
                 out = F.scaled_dot_product_attention(q, k, v, dropout_p=p, scale=self.scaling, **gqa)
-            elif not prefix and q.device.type == "cpu" and (segments := mask.document_segments()) is not None:
-                out = self._per_document(q, k, v, segments, p, gqa)
             else:
                 attn_mask = mask.sdpa_mask(kv_len, q.dtype, prefix)
                 out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=p, scale=self.scaling,
@@ -590,27 +566,6 @@ class LlmlabAttention(nn.Module):
             out = out.transpose(1, 2)
         out = out.reshape(b, t, self.n_heads * self.head_dim)
         return self.o_proj(out)
-
-    def _per_document(self, q, k, v, segments: list[list[tuple[int, int]]], p: float, gqa: dict) -> torch.Tensor:
-        """Causal SDPA inside each packed document (:meth:`AttentionMaskSpec.document_segments`):
-        q [B, H, T, Dh], k and v [B, H_kv, T, Dh] -> [B, H, T, Dh], equal to the dense
-        block-diagonal mask. Consecutive one-document rows go through one call."""
-        def causal(r0: int, r1: int, s: int, e: int) -> torch.Tensor:
-            return F.scaled_dot_product_attention(q[r0:r1, :, s:e], k[r0:r1, :, s:e], v[r0:r1, :, s:e], dropout_p=p,
-                                                  is_causal=True, scale=self.scaling, **gqa)
-
-        parts, r, b, t = [], 0, q.shape[0], q.shape[2]
-        while r < b:
-            if len(segments[r]) == 1:
-                r1 = r + 1
-                while r1 < b and len(segments[r1]) == 1:
-                    r1 += 1
-                parts.append(causal(r, r1, 0, t))
-                r = r1
-            else:
-                parts.append(torch.cat([causal(r, r + 1, s, e) for s, e in segments[r]], dim=2))
-                r += 1
-        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
 
     def _backend(self, q: torch.Tensor, mask: AttentionMaskSpec, prefix: bool) -> str:
         """``flash`` (plain causal), ``flash_varlen`` (packed documents, no padding), ``sdpa`` or
