@@ -120,6 +120,10 @@ def plan_command(recipe_path: Path, output_dir: Path | None = None, overrides=()
                       "data: `llmlab run` retrains it and then every stage. To keep the finished run, restore the "
                       "recipe's tokenizer section (and its datasets) or give this recipe another output_dir.[/]")
     console.print(_stage_table(rows))
+    from llmlab.recipe.optim_auto import auto_notes
+
+    for note in auto_notes(rec):  # optimizer values that `lr: auto` chose
+        console.print(note)
     mem = memory_table(rows, facts)
     if mem is not None:
         console.print(mem)

@@ -432,6 +432,9 @@ def load_recipe(path, overrides: Iterable[str] = (), env: Mapping[str, str] | No
             add(p, msg)
         if errors:
             return None, _finish(errors)
+    from llmlab.recipe.optim_auto import resolve_auto_optimizer
+
+    resolve_auto_optimizer(resolved)  # lr / weight_decay / warmup_steps: auto -> numbers (needs max_steps)
     if warnings is not None:
         warnings.extend(_resolved_warnings(resolved, where, check_files))
     return _reorder(resolved), []

@@ -153,6 +153,9 @@ def convert(err, positions, where) -> list[RecipeError]:
     if v == "uniqueItems":
         add(path, f"items must be unique, got {_show(inst)}")
         return out
+    if v == "pattern" and err.validator_value == "^auto$":  # a number or auto (optimizer lr, ...)
+        add(path, f"{_show(inst)}: expected a number or auto, got a string")
+        return out
     if v == "pattern":
         add(path, f"{_show(inst)} does not have the expected form (pattern {err.validator_value})")
         return out

@@ -72,24 +72,30 @@ def test_a_same_size_edit_with_the_mtime_put_back_is_another_dataset(tmp_path):
     assert edited != rows and edited[7]["messages"][1]["content"] == "Answer 8."
 
 
-def test_the_sft_arrow_cache_follows_the_content_not_the_path(tmp_path, tokenizer):
-    def arrow_files():
-        return sorted(p.name for p in (tmp_path / "run" / "cache").glob("sft-local-train-*.arrow"))
+def test_the_sft_chat_store_follows_the_content_not_the_path(tmp_path, tokenizer):
+    """SFT data is tokenised into chat token stores (llmlab.data.chat_store) keyed by the source's
+    identity: the same bytes elsewhere reuse them, a same-size edit makes new ones."""
+    from llmlab.data.store import store_root
 
     rec = make_recipe(tmp_path)
     rec["datasets"]["local"] = {"path": _chat_file(tmp_path / "a" / "chat.jsonl"), "format": "messages"}
     rec["stages"]["sft"]["datasets"] = {"local": 1.0}
+
+    def chat_stores():
+        return sorted(p.name for p in store_root(rec).glob("chat-*") if p.is_dir())
+
     first = build_stage_data(rec, "sft", tokenizer)
-    assert len(arrow_files()) == 1
-    copy = tmp_path / "b" / "chat.jsonl"  # the same bytes elsewhere: the same data, the cache is reused
+    made = chat_stores()
+    assert made
+    copy = tmp_path / "b" / "chat.jsonl"  # the same bytes elsewhere: the same data, the stores are reused
     copy.parent.mkdir()
     shutil.copy(rec["datasets"]["local"]["path"], copy)
     rec["datasets"]["local"]["path"] = str(copy)
     again = build_stage_data(rec, "sft", tokenizer)
-    assert len(arrow_files()) == 1 and again.train_batch(0)["input_ids"].equal(first.train_batch(0)["input_ids"])
+    assert chat_stores() == made and again.train_batch(0)["input_ids"].equal(first.train_batch(0)["input_ids"])
     _same_size_edit(copy, b"Answer", b"Adieu!")
     build_stage_data(rec, "sft", tokenizer)
-    assert len(arrow_files()) == 2
+    assert len(chat_stores()) > len(made) and set(made) <= set(chat_stores())
 
 
 def test_one_class_per_kind_of_source_and_exactly_one_kind(tmp_path):

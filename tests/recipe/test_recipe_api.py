@@ -10,6 +10,7 @@ import pytest
 import yaml
 
 from llmlab.recipe import RecipeError, RecipeLoadError, dump_resolved, load_recipe, load_recipe_or_raise, stage_order
+from llmlab.recipe.optim_auto import auto_lr, auto_warmup, non_embedding_parameters
 
 ROOT = Path(__file__).resolve().parents[2]
 RECIPES = sorted((ROOT / "recipes").glob("*.yaml"))
@@ -134,8 +135,11 @@ def test_defaults_are_filled(tmp_path, monkeypatch):
     assert m["positional_encoding"] == "rope" and m["norm_type"] == "rmsnorm" and m["tie_embeddings"] is True
     assert "sliding_window" not in m and "n_experts" not in m  # null defaults stay absent
     pre, sft = r["stages"]["pretrain"], r["stages"]["sft"]
-    assert pre["optimizer"] == {"name": "adamw", "lr": 3e-4, "weight_decay": 0.0, "beta1": 0.9, "beta2": 0.95, "eps": 1e-8}
-    assert pre["scheduler"] == {"name": "cosine", "warmup_steps": 0, "min_lr_ratio": 0.1}
+    # lr: auto in a pretrain stage with adamw (llmlab.recipe.optim_auto); sft's lion keeps the old 3e-4
+    lr = auto_lr(non_embedding_parameters(m))
+    assert pre["optimizer"] == {"name": "adamw", "lr": lr, "weight_decay": 0.1, "beta1": 0.9, "beta2": 0.95, "eps": 1e-8}
+    assert pre["scheduler"] == {"name": "cosine", "warmup_steps": auto_warmup(0.95, pre["max_steps"]), "min_lr_ratio": 0.1}
+    assert sft["optimizer"]["lr"] == 3e-4 and sft["optimizer"]["weight_decay"] == 0.0
     assert sft["optimizer"]["beta2"] == 0.99 and "eps" not in sft["optimizer"]
     assert sft["scheduler"] == {"name": "polynomial", "warmup_steps": 0, "power": 1.0}
     assert pre["seq_len"] == 128 and pre["batch_size"] == 8 and pre["log_every"] == 10
