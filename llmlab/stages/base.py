@@ -105,13 +105,6 @@ class StageContext:
         adapter it continues (which its starting model already carries)."""
         return self.plan.lora if self.plan.init.adapter_from is None else None
 
-    @property
-    def recipe(self) -> dict:
-        """The resolved recipe (``run_plan.recipe``). COMPATIBILITY: read only by
-        :mod:`llmlab.train.loop` (``logging``, ``distributed``, ``compile``, the dataloader); new code
-        reads :attr:`settings` / :attr:`plan`, and the data layer ``run_plan.recipe``."""
-        return self.run_plan.recipe
-
 
 class Stage:
     """Base class of the stage types (one per entry of :data:`llmlab.stage_specs.STAGE_SPECS`).
@@ -130,13 +123,6 @@ class Stage:
     def plan(self) -> StagePlan:
         """The stage's plan (``ctx.plan``)."""
         return self.ctx.plan
-
-    @property
-    def config(self) -> dict:
-        """The resolved stage section (``plan.config``). COMPATIBILITY: read only by
-        :mod:`llmlab.train.loop` and :mod:`llmlab.train.checkpointer`; new code reads
-        :attr:`plan`'s typed ``training`` and ``params``."""
-        return self.ctx.plan.config
 
     # -- model -----------------------------------------------------------------------------
     def build_model(self) -> torch.nn.Module:

@@ -56,7 +56,7 @@ class Checkpointer:
         self.early_stopping = tc.early_stopping
         self.save_best_only = bool(tc.save_best_only) or self.early_stopping is not None
         self.optimizer_name = tc.optimizer.name
-        self.scheduler_cfg = stage.config.get("scheduler")
+        self.scheduler_cfg = stage.ctx.plan.config.get("scheduler")  # as written: checkpoints compare it as JSON
         self.reset_optimizer = bool(tc.reset_optimizer)
         self.best_eval, self.best_step = math.inf, None
         self.bad_evals, self.stopped_at = 0, None

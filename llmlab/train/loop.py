@@ -15,10 +15,11 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
-from llmlab.config import DataLoaderConfig, DistributedConfig, TrainingConfig
+from llmlab.config import TrainingConfig
 from llmlab.data.prefetch import BatchPrefetcher, auto_num_workers, step_indices
 from llmlab.models.wrappers import unwrap
 from llmlab.stages.base import Stage
@@ -93,80 +94,116 @@ def train(stage: Stage, *, fingerprint: str, accelerator=None, reset_optimizer: 
     ctx.stage_dir.mkdir(parents=True, exist_ok=True)
     accelerator = accelerator or Accelerator(cpu=ctx.device.type == "cpu")
     set_seed(ctx.seed)
-    tc = TrainingConfig.from_dict(stage.config, ctx.recipe.get("logging"))
-    max_steps = tc.max_steps
-    is_main = accelerator.is_main_process
-    model = setup_model(stage, accelerator)
-    dist_cfg = DistributedConfig.from_dict(ctx.recipe.get("distributed"))
-    sharded, skeleton = maybe_shard(model, dist_cfg, accelerator)
-    optimizer, scheduler = setup_optimizer(model, tc, accelerator.device)
-    checkpointer = Checkpointer(stage, tc, fingerprint=fingerprint, accelerator=accelerator,
-                                state_io=state_io(sharded, dist_cfg))
-    step = start_step = checkpointer.resume(model, optimizer, scheduler, reset_optimizer=reset_optimizer)
-    if sharded:  # FSDP2 does its own gradient reduction: no DDP wrapper
-        prepared_model, optimizer = model, accelerator.prepare(optimizer)
-    else:
-        prepared_model, optimizer = accelerator.prepare(model, optimizer)
-    prepared_model = maybe_compile(prepared_model, bool(ctx.recipe.get("compile")))
-    runner = StepRunner(stage, tc, accelerator, prepared_model, optimizer, scheduler, start_step=start_step,
-                        sharded=sharded)
-    evaluator = Evaluator(stage, tc, accelerator, sharded=sharded)
-    metrics = MetricsLogger(stage, tc, accelerator=accelerator, start_step=start_step, progress=progress,
-                            flops_per_token=stage_flops_per_token(stage, model))
-    time_limit, stopped = TimeLimit(tc.max_time, accelerator), None
-    if start_step == 0 and evaluator.due(0):
-        evaluator.log(prepared_model, 0, metrics)
-    sampler = Sampler(stage, tc, accelerator)
-    if start_step == 0 and sampler.due(0):
-        sampler.log(prepared_model, 0, metrics)
-    prepared_model.train()
+    run = _setup_run(stage, accelerator, fingerprint, reset_optimizer, progress)
+    step, stopped = run.start_step, None
+    if run.start_step == 0:
+        if run.evaluator.due(0):
+            run.evaluator.log(run.model, 0, run.metrics)
+        if run.sampler.due(0):
+            run.sampler.log(run.model, 0, run.metrics)
+    run.model.train()
     try:
-        while step < max_steps and not checkpointer.should_stop:
-            out = runner.step(step)
-            step += 1
-            metrics.count_tokens(out.tokens)
-            stop = step < max_steps and time_limit.reached()  # max_time: log, checkpoint and stop (resumable)
-            log_now = metrics.due(step) or stop
-            if log_now:
-                out = runner.reduced(out)  # the global mean, as one process with the same global batch
-            if runner.check_every_step or log_now or checkpointer.may_save(step, evaluator.due(step)):
-                checkpointer.check_finite(out.loss, step, out.grad_norm)
-            if log_now:
-                metrics.log_train(step, scalar(out.loss), scheduler.get_last_lr()[0],
-                                  None if out.grad_norm is None else scalar(out.grad_norm),
-                                  {k: scalar(v) for k, v in out.metrics.items()})
-            else:
-                metrics.tick(step)
-            improved = False
-            if evaluator.due(step):
-                evaluator.log(prepared_model, step, metrics)
-                improved = checkpointer.observe_eval(step, metrics.eval_loss if is_main else None)
-            if sampler.due(step, last=checkpointer.should_stop):
-                sampler.log(prepared_model, step, metrics)
-            if checkpointer.due(step, improved) or stop:
-                checkpointer.save(step, unwrap(prepared_model), optimizer, scheduler)
-            if stop and not checkpointer.should_stop:  # early stopping ending here wins: the stage is done
-                stopped = "max_time"
-                break
+        step, stopped = _run_steps(run, step)
     except RuntimeError as e:  # CUDA's OutOfMemoryError, or the CPU allocator's "... can't allocate memory ..."
         if isinstance(e, torch.OutOfMemoryError) or is_cpu_out_of_memory(e):
             raise out_of_memory(ctx.name, step + 1) from e
         raise
     finally:
-        runner.close()
-        metrics.close()
-    checkpointer.finish()  # an asynchronous save still in flight is written and finalised
-    model = unwrap(prepared_model)
+        run.runner.close()
+        run.metrics.close()
+    run.checkpointer.finish()  # an asynchronous save still in flight is written and finalised
+    model = unwrap(run.model)
     if stopped is None:  # a stopped stage writes no final/: its weights are only its checkpoint
-        checkpointer.restore_best(model, step)
-        if sharded:
-            model = gather_full_model(model, skeleton, is_main)
+        run.checkpointer.restore_best(model, step)
+        if run.sharded:
+            model = gather_full_model(model, run.skeleton, accelerator.is_main_process)
+    m = run.metrics
     return model, StageResult(
-        steps=step, first_loss=metrics.first_loss, last_loss=metrics.last_loss, eval_loss=metrics.eval_loss,
-        first_eval_loss=metrics.first_eval_loss, wall_time_s=metrics.elapsed_s(), tokens=metrics.tokens,
-        resumed_from=checkpointer.resumed_from, final_metrics=stage.summary_metrics(),
-        early_stopping=checkpointer.early_stopping_record(), stopped=stopped,
-        flops=metrics.flops_summary() if is_main else {})
+        steps=step, first_loss=m.first_loss, last_loss=m.last_loss, eval_loss=m.eval_loss,
+        first_eval_loss=m.first_eval_loss, wall_time_s=m.elapsed_s(), tokens=m.tokens,
+        resumed_from=run.checkpointer.resumed_from, final_metrics=stage.summary_metrics(),
+        early_stopping=run.checkpointer.early_stopping_record(), stopped=stopped,
+        flops=m.flops_summary() if accelerator.is_main_process else {})
+
+
+@dataclass
+class _Run:
+    """The components of one stage's training (:func:`_setup_run`)."""
+
+    tc: TrainingConfig
+    accelerator: Any
+    model: torch.nn.Module  # prepared (DDP-wrapped / compiled) for the steps
+    sharded: bool
+    skeleton: Any
+    optimizer: Any
+    scheduler: Any
+    checkpointer: Checkpointer
+    start_step: int
+    runner: StepRunner
+    evaluator: Evaluator
+    metrics: MetricsLogger
+    sampler: Sampler
+    time_limit: TimeLimit
+
+
+def _setup_run(stage: Stage, accelerator, fingerprint: str, reset_optimizer: bool, progress) -> _Run:
+    """Model (LoRA, sharding, compile), optimizer and schedule, checkpointer (resumed), step runner,
+    evaluator, metrics, sampler and time limit of ``stage``, from its typed plan."""
+    settings, tc = stage.ctx.settings, stage.ctx.plan.training
+    model = setup_model(stage, accelerator)
+    sharded, skeleton = maybe_shard(model, settings.distributed, accelerator)
+    optimizer, scheduler = setup_optimizer(model, tc, accelerator.device)
+    checkpointer = Checkpointer(stage, tc, fingerprint=fingerprint, accelerator=accelerator,
+                                state_io=state_io(sharded, settings.distributed))
+    start_step = checkpointer.resume(model, optimizer, scheduler, reset_optimizer=reset_optimizer)
+    if sharded:  # FSDP2 does its own gradient reduction: no DDP wrapper
+        prepared, optimizer = model, accelerator.prepare(optimizer)
+    else:
+        prepared, optimizer = accelerator.prepare(model, optimizer)
+    prepared = maybe_compile(prepared, bool(settings.compile))
+    return _Run(
+        tc=tc, accelerator=accelerator, model=prepared, sharded=sharded, skeleton=skeleton, optimizer=optimizer,
+        scheduler=scheduler, checkpointer=checkpointer, start_step=start_step,
+        runner=StepRunner(stage, tc, accelerator, prepared, optimizer, scheduler, start_step=start_step,
+                          sharded=sharded),
+        evaluator=Evaluator(stage, tc, accelerator, sharded=sharded),
+        metrics=MetricsLogger(stage, tc, accelerator=accelerator, start_step=start_step, progress=progress,
+                              flops_per_token=stage_flops_per_token(stage, model)),
+        sampler=Sampler(stage, tc, accelerator), time_limit=TimeLimit(tc.max_time, accelerator))
+
+
+def _run_steps(run: _Run, step: int) -> tuple[int, str | None]:
+    """Optimizer steps from ``step`` to ``max_steps`` (or until early stopping or ``max_time``), with
+    logging, evaluation, samples and checkpoints as they fall due; returns (the last step, ``"max_time"``
+    when the time limit stopped it, else None)."""
+    max_steps, checkpointer, evaluator, metrics = run.tc.max_steps, run.checkpointer, run.evaluator, run.metrics
+    while step < max_steps and not checkpointer.should_stop:
+        out = run.runner.step(step)
+        step += 1
+        metrics.count_tokens(out.tokens)
+        stop = step < max_steps and run.time_limit.reached()  # max_time: log, checkpoint and stop (resumable)
+        log_now = metrics.due(step) or stop
+        if log_now:
+            out = run.runner.reduced(out)  # the global mean, as one process with the same global batch
+        if run.runner.check_every_step or log_now or checkpointer.may_save(step, evaluator.due(step)):
+            checkpointer.check_finite(out.loss, step, out.grad_norm)
+        if log_now:
+            metrics.log_train(step, scalar(out.loss), run.scheduler.get_last_lr()[0],
+                              None if out.grad_norm is None else scalar(out.grad_norm),
+                              {k: scalar(v) for k, v in out.metrics.items()})
+        else:
+            metrics.tick(step)
+        improved = False
+        if evaluator.due(step):
+            evaluator.log(run.model, step, metrics)
+            improved = checkpointer.observe_eval(step, metrics.eval_loss if run.accelerator.is_main_process else None)
+        if run.sampler.due(step, last=checkpointer.should_stop):
+            run.sampler.log(run.model, step, metrics)
+        if checkpointer.due(step, improved) or stop:
+            checkpointer.save(step, unwrap(run.model), run.optimizer, run.scheduler)
+        if stop and not checkpointer.should_stop:  # early stopping ending here wins: the stage is done
+            return step, "max_time"
+    return step, None
 
 
 @dataclass
@@ -264,7 +301,7 @@ class StepRunner:
 def _prefetcher(stage: Stage, tc: TrainingConfig, accelerator, start_step: int, fallback) -> BatchPrefetcher:
     """The stage's micro-batches from ``start_step`` on, built ahead by the recipe's
     ``dataloader_*`` workers (none on a CPU by default; see :mod:`llmlab.data.prefetch`)."""
-    dl = DataLoaderConfig.from_recipe(stage.ctx.recipe)
+    dl = stage.ctx.settings.dataloader
     world, rank = accelerator.num_processes, accelerator.process_index
     workers = dl.num_workers if dl.num_workers is not None else auto_num_workers(accelerator.device, world)
     batch_fn = stage.batch_function() if workers else None

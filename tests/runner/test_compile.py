@@ -20,8 +20,7 @@ def test_compile_switch_compiles_and_matches_eager(tmp_path):
     eager, _ = train(NoDropoutToy(_ctx(tmp_path / "eager", max_steps=6)), fingerprint="f")
     dynamo.reset()
     counters.clear()
-    ctx = _ctx(tmp_path / "compiled", max_steps=6)
-    ctx.recipe["compile"] = True
+    ctx = _ctx(tmp_path / "compiled", max_steps=6, compile=True)
     compiled, _ = train(NoDropoutToy(ctx), fingerprint="f")
     assert counters["stats"]["unique_graphs"] >= 1  # dynamo really compiled the forward
     assert not any("_orig_mod" in k for k in compiled.state_dict())  # the loop hands back the bare model

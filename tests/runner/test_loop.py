@@ -42,11 +42,11 @@ class ToyStage(Stage):
     _calls = 0
 
 
-def _ctx(tmp_path, **cfg):
+def _ctx(tmp_path, compile: bool = False, **cfg):
     config = {"type": "pretrain", "max_steps": 12, "batch_size": 4, "save_every": 4, "eval_every": 4, "log_every": 1,
               "keep_last": 5, "optimizer": {"name": "adamw", "lr": 1e-2}, "scheduler": {"name": "cosine", "warmup_steps": 2}}
     config.update(cfg)
-    recipe = {"seed": 3, "output_dir": str(tmp_path), "model": {}, "stages": {"toy": config}}
+    recipe = {"seed": 3, "output_dir": str(tmp_path), "model": {}, "stages": {"toy": config}, "compile": compile}
     return StageContext.bare(recipe, "toy")
 
 
