@@ -102,7 +102,7 @@ class RunSettings:
     requires: str | None = None
     """PEP 440 specifier of the llmlab versions the recipe needs (checked when it is loaded)."""
     threads: int | None = None
-    """CPU threads torch uses (None: ``$LLMLAB_THREADS`` or torch's default; :func:`llmlab.runner.apply_threads`)."""
+    """CPU threads torch uses (None: ``$LLMLAB_THREADS`` or torch's default; :func:`llmlab.session.setup_threads`)."""
 
 
 # ----------------------------------------------------------------------------- tokenizer, model
