@@ -64,13 +64,6 @@ class Runner:
         (:func:`llmlab.session.setup_tokenizer`)."""
         return setup_tokenizer(self.plan, self.console)
 
-    def tokenizer_current(self) -> bool:
-        """Whether ``tokenizer/`` holds the tokenizer of this recipe's tokenizer section (its
-        fingerprint file, written after the folder, matches)."""
-        marker = self.layout.tokenizer_fingerprint
-        return (self.layout.tokenizer.is_dir() and marker.is_file()
-                and marker.read_text().strip() == tokenizer_fingerprint(self.recipe))
-
     def claim_output_dir(self, adopt: bool = False) -> None:
         """Create or take the run directory for llmlab (:func:`llmlab.ownership.check_run_dir`,
         then :func:`~llmlab.ownership.claim_run_dir` on one process).

@@ -35,8 +35,8 @@ def prepare_before_process_group(ensure_tokenizer: Callable[[], tuple], tokenize
 
     Args:
         ensure_tokenizer: loads the run's tokenizer, training it first when absent or stale;
-            returns ``(tokenizer, its sha)`` (``Runner.ensure_tokenizer``).
-        tokenizer_current: whether the tokenizer on disk is this recipe's (``Runner.tokenizer_current``).
+            returns ``(tokenizer, its sha)`` (:func:`llmlab.session.setup_tokenizer`).
+        tokenizer_current: whether the tokenizer on disk is this recipe's (:func:`llmlab.session.tokenizer_current`).
         prepare_stores: fills the missing token stores with the tokenizer (each under its lock).
 
     Returns:
