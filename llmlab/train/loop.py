@@ -152,7 +152,7 @@ def _setup_run(stage: Stage, accelerator, fingerprint: str, reset_optimizer: boo
     settings, tc = stage.ctx.settings, stage.ctx.plan.training
     model = setup_model(stage, accelerator)
     sharded, skeleton = maybe_shard(model, settings.distributed, accelerator)
-    optimizer, scheduler = setup_optimizer(model, tc, accelerator.device)
+    optimizer, scheduler = setup_optimizer(model, tc, accelerator.device, fsdp=settings.distributed.strategy == "fsdp")
     checkpointer = Checkpointer(stage, tc, fingerprint=fingerprint, accelerator=accelerator,
                                 state_io=state_io(sharded, settings.distributed))
     start_step = checkpointer.resume(model, optimizer, scheduler, reset_optimizer=reset_optimizer)

@@ -81,7 +81,7 @@ class MuonWithAdamW(torch.optim.Optimizer):
 
 
 def build_optimizer(model: torch.nn.Module, cfg: OptimizerConfig | dict,
-                    device: torch.device | None = None) -> torch.optim.Optimizer:
+                    device: torch.device | None = None, cpu_fused: bool = True) -> torch.optim.Optimizer:
     """Build the optimizer named by ``cfg.name`` over the model's trainable parameters.
 
     Args:
@@ -89,6 +89,9 @@ def build_optimizer(model: torch.nn.Module, cfg: OptimizerConfig | dict,
         cfg: the stage's ``optimizer:`` section, as a view or a dict (absent keys: the schema's defaults).
         device: the training device (fused AdamW is used on CUDA and, for unsharded parameters, on a
             CPU unless ``fused: false``).
+        cpu_fused: allow the fused kernel on a CPU when ``fused`` is unset (False under
+            ``distributed.strategy: fsdp``: the CPU's sharded parameters cannot take it, and one
+            process must give the weights of several).
 
     Raises:
         ValueError: unknown optimizer name.
@@ -102,7 +105,7 @@ def build_optimizer(model: torch.nn.Module, cfg: OptimizerConfig | dict,
         fused = cfg.fused
         if fused is None:  # CUDA; and a CPU (one kernel per tensor: 3.7 ms instead of 19 ms a step on the
             # 5 M model of benchmarks/vs_litgpt.py), except for sharded (DTensor) parameters
-            fused = device is not None and (device.type == "cuda" or (device.type == "cpu" and not any(
+            fused = device is not None and (device.type == "cuda" or (device.type == "cpu" and cpu_fused and not any(
                 hasattr(p, "device_mesh") for p in model.parameters())))
         return torch.optim.AdamW(_param_groups(model, wd), lr=lr, betas=(beta1, beta2), eps=eps,
                                  fused=bool(fused) or None)

@@ -62,13 +62,15 @@ def maybe_shard(model: torch.nn.Module, dist_cfg: DistributedConfig, accelerator
     return True, skeleton
 
 
-def setup_optimizer(model: torch.nn.Module, tc: TrainingConfig, device: torch.device):
+def setup_optimizer(model: torch.nn.Module, tc: TrainingConfig, device: torch.device, fsdp: bool = False):
     """``(optimizer, scheduler)`` of the stage's ``optimizer`` and ``scheduler`` over ``max_steps``.
 
+    ``fsdp``: the recipe's ``distributed.strategy`` is fsdp, at any world size (AdamW then takes the
+    same, unfused CPU kernel in one process as sharded in several, so both give the same weights).
     Sophia's Hessian estimate differentiates through the backward pass; fused SDPA kernels have no
     double backward, so with Sophia the model's attention is switched to plain PyTorch ops.
     """
-    optimizer = build_optimizer(model, tc.optimizer, device)
+    optimizer = build_optimizer(model, tc.optimizer, device, cpu_fused=not fsdp)
     scheduler = build_scheduler(optimizer, tc.scheduler, tc.max_steps)
     if needs_hessian(optimizer):
         if hasattr(getattr(model, "config", None), "attn_backend"):
