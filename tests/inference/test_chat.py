@@ -24,7 +24,7 @@ def _spawn(tiny_run):
             "--max-new-tokens", "24", "--temperature", "1.0"]
     env = subprocess_env()
     env["TERM"] = "dumb"
-    return pexpect.spawn(sys.executable, args, env=env, encoding="utf-8", timeout=60, dimensions=(24, 500))
+    return pexpect.spawn(sys.executable, args, env=env, encoding="utf-8", timeout=120, dimensions=(24, 500))
 
 
 def _reader(lines):

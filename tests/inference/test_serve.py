@@ -132,7 +132,7 @@ def test_serve_command_subprocess(tiny_run):
         status, _, body = _post(url + "/v1/chat/completions", {"messages": [{"role": "user", "content": "Hi"}]})
         assert status == 200 and json.loads(body)["choices"][0]["message"]["role"] == "assistant"
         proc.send_signal(signal.SIGINT)
-        assert proc.wait(timeout=30) == 0
+        assert proc.wait(timeout=90) == 0
     finally:
         if proc.poll() is None:
             proc.kill()
