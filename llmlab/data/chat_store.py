@@ -253,18 +253,18 @@ class ChatExamples:
 
     def lengths(self) -> np.ndarray:
         """Tokens of each example's first sequence (as batched): int64 [len]."""
-        out = np.empty(len(self), dtype=np.int64)
-        for i, p in enumerate(self.parts):
-            sel = self.part == i
-            out[sel] = p.lengths()[self.row[sel]]
-        return out
+        return self._per_example(ChatPart.lengths)
 
     def padded_lengths(self) -> np.ndarray:
         """The width each example needs in a padded batch (:meth:`ChatPart.padded_lengths`): int64 [len]."""
+        return self._per_example(ChatPart.padded_lengths)
+
+    def _per_example(self, per_row) -> np.ndarray:
+        """``per_row(part)`` (an int array over a part's kept rows) gathered for each example: int64 [len]."""
         out = np.empty(len(self), dtype=np.int64)
         for i, p in enumerate(self.parts):
             sel = self.part == i
-            out[sel] = p.padded_lengths()[self.row[sel]]
+            out[sel] = per_row(p)[self.row[sel]]
         return out
 
     def take_rows(self, idx: np.ndarray) -> dict[str, list]:
