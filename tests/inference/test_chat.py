@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import signal
 import sys
 
 import pytest
@@ -24,7 +25,10 @@ def _spawn(tiny_run):
             "--max-new-tokens", "24", "--temperature", "1.0"]
     env = subprocess_env()
     env["TERM"] = "dumb"
-    return pexpect.spawn(sys.executable, args, env=env, encoding="utf-8", timeout=120, dimensions=(24, 500))
+    # SIGINT as a terminal delivers it, even when pytest itself was started in the background by a
+    # shell without job control (which ignores SIGINT, and an ignored signal stays ignored across exec)
+    return pexpect.spawn(sys.executable, args, env=env, encoding="utf-8", timeout=120, dimensions=(24, 500),
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
 def _reader(lines):

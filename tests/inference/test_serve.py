@@ -118,7 +118,9 @@ def test_bad_requests(server):
 def test_serve_command_subprocess(tiny_run):
     proc = subprocess.Popen([sys.executable, "-m", "llmlab", "serve", str(tiny_run),
                              "--stage", "sft", "--port", "0", "--max-new-tokens", "8"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=subprocess_env())
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=subprocess_env(),
+                            # SIGINT handled as in a terminal even under a background pytest (see test_chat._spawn)
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         line = ""
         timer = threading.Timer(90, proc.kill)
