@@ -34,7 +34,8 @@ def _checkpointer(out: Path, mode: str, steps: int, save_every: int):
     from llmlab.train.checkpointer import Checkpointer
     from llmlab.train.fsdp import ShardedStateIO
 
-    stage = SimpleNamespace(ctx=SimpleNamespace(name="bench", stage_dir=out), config={"scheduler": None},
+    stage = SimpleNamespace(ctx=SimpleNamespace(name="bench", stage_dir=out,
+                                                plan=SimpleNamespace(config={"scheduler": None})),
                             state_dict=dict)
     tc = SimpleNamespace(max_steps=steps, save_every=save_every, keep_last=2, early_stopping=None,
                          save_best_only=False, optimizer=SimpleNamespace(name="adamw"), reset_optimizer=False,
@@ -51,15 +52,13 @@ def _worker(mode: str, out: Path, d_model: int, layers: int, steps: int, save_ev
     import torch.distributed as dist
 
     from llmlab.config import DistributedConfig
-    from llmlab.models.build import build_model
+    from checkpoint_rss import bench_model
+
     from llmlab.train.fsdp import shard_model
 
     dist.init_process_group("gloo")
     torch.manual_seed(0)
-    cfg = {"arch": "transformer", "d_model": d_model, "n_layers": layers, "n_heads": 8, "n_kv_heads": 8,
-           "attention_type": "gqa", "d_ff": 4 * d_model, "max_seq_len": 64, "positional_encoding": "rope",
-           "norm_type": "rmsnorm", "activation": "swiglu", "tie_embeddings": False}
-    model = build_model(cfg, vocab_size=32000)
+    model = bench_model(d_model, layers)
     n_params = sum(p.numel() for p in model.parameters())
     shard_model(model, DistributedConfig.from_dict({"strategy": "fsdp"}), torch.device("cpu"))
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)

@@ -43,6 +43,17 @@ def _release_freed_memory() -> None:
         pass
 
 
+def bench_model(d_model: int, layers: int):
+    """The benchmarks' FSDP model (also benchmarks/checkpoint_async.py): llmlab's Llama-style
+    transformer, ``d_model`` wide, ``layers`` deep, 8 heads, d_ff 4 x d_model, vocab 32,000, untied."""
+    from llmlab.models.build import build_model
+
+    cfg = {"arch": "transformer", "d_model": d_model, "n_layers": layers, "n_heads": 8, "n_kv_heads": 8,
+           "attention_type": "gqa", "d_ff": 4 * d_model, "max_seq_len": 64, "positional_encoding": "rope",
+           "norm_type": "rmsnorm", "activation": "swiglu", "tie_embeddings": False}
+    return build_model(cfg, vocab_size=32000)
+
+
 def _worker(mode: str, out: Path, d_model: int, layers: int) -> None:
     """One torchrun process: shard, step, then save once or gather final/'s model in ``mode``
     (:data:`MODES`); rank 0 prints JSON."""
@@ -51,7 +62,6 @@ def _worker(mode: str, out: Path, d_model: int, layers: int) -> None:
     import torch.distributed as dist
 
     from llmlab.config import DistributedConfig
-    from llmlab.models.build import build_model
     from llmlab.train import checkpoint as ck
     from llmlab.train import dcp
     from llmlab.train.fsdp import ShardedStateIO, _materialize, gather_full_model, meta_skeleton, shard_model
@@ -59,10 +69,7 @@ def _worker(mode: str, out: Path, d_model: int, layers: int) -> None:
     dist.init_process_group("gloo")
     rank = dist.get_rank()
     torch.manual_seed(0)
-    cfg = {"arch": "transformer", "d_model": d_model, "n_layers": layers, "n_heads": 8, "n_kv_heads": 8,
-           "attention_type": "gqa", "d_ff": 4 * d_model, "max_seq_len": 64, "positional_encoding": "rope",
-           "norm_type": "rmsnorm", "activation": "swiglu", "tie_embeddings": False}
-    model = build_model(cfg, vocab_size=32000)
+    model = bench_model(d_model, layers)
     n_params = sum(p.numel() for p in model.parameters())
     skeleton = meta_skeleton(model) if rank == 0 else None
     shard_model(model, DistributedConfig.from_dict({"strategy": "fsdp"}), torch.device("cpu"))
