@@ -203,3 +203,19 @@ def test_sft_and_dpo_stage_paths_pack_mamba2_with_the_padded_results(variant):
         seq, _ = padfree_sequence_logps(model, ids, att, labels)
         lp, _ = token_logps(model_logits(oracle, ids, att), labels)
     assert _close(seq, lp.sum(-1), 1e-5)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("training", [False, True])
+def test_packed_on_cuda_equals_alone(training):
+    """On a GPU: the mamba_ssm kernels with seq_idx where installed (training: the fused
+    split-conv-scan kernel), else the pure-PyTorch packed path; each sequence as if alone."""
+    model, oracle = _models()
+    model, oracle = model.cuda().train(training), oracle.cuda().train(training)
+    seqs = [s.cuda() for s in _seqs()]
+    ids, pos = _packed(seqs)
+    with torch.no_grad():
+        packed = model(input_ids=ids, position_ids=pos.cuda(), use_cache=False).logits[0]
+        alone = _alone(oracle, seqs)
+    assert _close(packed, alone, 1e-3)
