@@ -78,7 +78,7 @@ def packed_causal_conv1d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
     where = torch.arange(length, device=x.device) + (k - 1) * torch.cumsum(first.long(), dim=-1)  # [B, L]
     width = int(where.max()) + 1
     index = where[:, None, :].expand(b, channels, length)
-    spread = x.new_zeros(b, channels, width).to(weight.dtype).scatter(2, index, x.to(weight.dtype))
+    spread = x.new_zeros(b, channels, width, dtype=weight.dtype).scatter(2, index, x.to(weight.dtype))
     out = F.conv1d(spread, weight[:, None, :], bias, padding=k - 1, groups=channels)[..., :width]
     out = out.gather(2, index)
     if activation is not None:
