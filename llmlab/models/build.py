@@ -5,7 +5,8 @@ seed and the ``model:`` section).
 
 * ``arch: transformer`` -> :class:`~llmlab.models.modeling_llmlab.LlmlabForCausalLM`
 * ``arch: mamba2`` -> ``transformers.Mamba2ForCausalLM`` (Dao & Gu 2024, "Transformers are SSMs";
-  it uses the mamba_ssm / causal_conv1d kernels when installed, a pure PyTorch path otherwise)
+  it uses the mamba_ssm / causal_conv1d kernels when installed, a pure PyTorch path otherwise), its
+  mixers able to keep packed sequences apart (llmlab.models.mamba2_packed)
 * ``from_pretrained: PATH_OR_HUB_ID`` -> ``AutoModelForCausalLM.from_pretrained`` (safetensors only;
   a ``.gguf`` file is dequantized by transformers with the ``gguf`` package, see llmlab.models.gguf)
 """
@@ -225,7 +226,9 @@ def build_model(model: dict | ModelSpec, tokenizer=None, vocab_size: int | None 
         else:
             from transformers import Mamba2ForCausalLM
 
-            built = Mamba2ForCausalLM(mamba2_config(spec, vocab, ids))
+            from llmlab.models.mamba2_packed import enable_packed_mamba2
+
+            built = enable_packed_mamba2(Mamba2ForCausalLM(mamba2_config(spec, vocab, ids)))
     if spec.gradient_checkpointing:
         enable_gradient_checkpointing(built)
     return built
@@ -289,7 +292,8 @@ def load_causal_lm(path: str | Path, allow_code: bool = False, dtype: torch.dtyp
 
     ``model_type "llmlab"`` loads through the registered classes, without running the directory's
     code; other remote-code models need ``allow_code``. ``quantize`` (``4bit``/``8bit``) loads the
-    frozen base through bitsandbytes for QLoRA and prepares it for k-bit training (peft).
+    frozen base through bitsandbytes for QLoRA and prepares it for k-bit training (peft). A Mamba2 is
+    made to take packed rows (:func:`llmlab.models.mamba2_packed.enable_packed_mamba2`), as when built.
 
     Raises:
         RuntimeError: ``quantize`` on a machine without CUDA or bitsandbytes.
@@ -302,8 +306,14 @@ def load_causal_lm(path: str | Path, allow_code: bool = False, dtype: torch.dtyp
         kwargs["device_map"] = {"": torch.cuda.current_device()}
         from peft import prepare_model_for_kbit_training
 
-        return prepare_model_for_kbit_training(AutoModelForCausalLM.from_pretrained(str(path), **kwargs))
-    return AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
+        model = prepare_model_for_kbit_training(AutoModelForCausalLM.from_pretrained(str(path), **kwargs))
+    else:
+        model = AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
+    if getattr(model.config, "model_type", None) == "mamba2":
+        from llmlab.models.mamba2_packed import enable_packed_mamba2
+
+        enable_packed_mamba2(model)
+    return model
 
 
 def load_reward_model(path: str | Path, allow_code: bool = False, pad_token_id: int | None = None) -> PreTrainedModel:

@@ -1,5 +1,6 @@
 """Padding-free batches: right-padded rows laid end to end in one row, for models that keep
-attention inside each sequence when position ids restart (llmlab's Transformer).
+attention inside each sequence when position ids restart (llmlab's Transformer, transformers'
+decoders, and the Mamba2 llmlab builds: :mod:`llmlab.models.mamba2_packed`).
 
 The same idea as TRL's ``padding_free`` / ``DataCollatorWithFlattening`` and Axolotl's multipack
 (position ids restart at each sequence); ours works on CPU too, because llmlab's attention turns
@@ -27,7 +28,9 @@ def packs_documents(model) -> bool:
     sequences laid end to end with restarting position ids must give the second one the logits it
     gets alone, in fp32 (models held in another dtype are not probed and keep padded batches).
     transformers' own decoders (Llama, Mistral, Qwen2, ...) pass, as their mask builder detects
-    packed position ids; Mamba2, whose state flows across the row, does not.
+    packed position ids. A plain ``Mamba2ForCausalLM``, whose conv and SSM state flow across the
+    row, does not; the Mamba2 llmlab builds or loads passes (its mixers reset at every restart:
+    :func:`llmlab.models.mamba2_packed.enable_packed_mamba2`).
     """
     config = getattr(model, "config", None)
     if getattr(config, "model_type", None) == "llmlab":
