@@ -81,10 +81,11 @@ def setup_optimizer(model: torch.nn.Module, tc: TrainingConfig, device: torch.de
     return optimizer, scheduler
 
 
-#: glibc's malloc hands allocations of at least M_MMAP_THRESHOLD bytes to their own mmap and
-#: gives them back to the kernel on free, and trims the heap's free top beyond M_TRIM_THRESHOLD:
-#: then each training step's activations (tens of MB) are mapped, page-faulted and zero-filled by
-#: the kernel again at every step. Raised, freed blocks stay in the process for the next step.
+#: glibc's malloc hands allocations of at least M_MMAP_THRESHOLD bytes (its adaptive default
+#: stops at 32 MiB) to their own mmap and gives them back to the kernel on free, and trims the
+#: heap's free top beyond M_TRIM_THRESHOLD: then a step's largest activations (the logits and
+#: their gradient) are mapped, page-faulted and zero-filled by the kernel again at every step.
+#: Raised, freed blocks stay in the process for the next step.
 CPU_MALLOC_OPTIONS = {-3: 256 << 20, -1: 1 << 30}  # M_MMAP_THRESHOLD, M_TRIM_THRESHOLD (bytes)
 
 
