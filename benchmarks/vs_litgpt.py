@@ -3,6 +3,7 @@ RSS, on the same model, tokenizer, data and batch (issue 27).
 
     python benchmarks/vs_litgpt.py                       # the table: 3 configurations x 2 tools x --reps
     python benchmarks/vs_litgpt.py --reps 1 --steps 30   # a quick look
+    python benchmarks/vs_litgpt.py --configs fp32-same fp32-same-compiled bf16-same bf16-same-compiled
     python benchmarks/vs_litgpt.py --sweep               # llmlab only: lr x warm-up x weight decay grid
 
 It installs nothing. LitGPT runs in its own virtual environment (its pins differ from llmlab's),
@@ -45,12 +46,16 @@ Configurations (one row of the table each):
 ``bf16-same``      each tool's default precision (llmlab ``precision: auto``, LitGPT ``bf16-mixed``
                    on a CPU: bf16 autocast for both on a CPU with native bf16) and the identical
                    optimizer settings.
+``fp32-same-compiled``, ``bf16-same-compiled``  as ``fp32-same`` / ``bf16-same`` with llmlab's
+                   ``compile: true`` (LitGPT compiles in every configuration, so these are the
+                   compiled-against-compiled rows; not in the default ``--configs``).
 
 Runs are interleaved (each repetition runs every configuration, the tools' order alternating) and
 the best and median tokens/s are reported (others' load only ever adds time), with the load average
 at each run, and beside them tokens per CPU-second of the training process (user + system time
 over the same steps), which a busy machine disturbs far less than wall time. Start-up is the wall time from launching the process to the end of step 1 (warm
-caches: the tokenizer and token store are built before the first timed run). Peak RSS is the
+caches: the tokenizer and token store are built before the first timed run; torch.compile's
+on-disk caches are whatever earlier runs left), per configuration: compiling adds to it. Peak RSS is the
 process's VmHWM.
 """
 
@@ -70,16 +75,21 @@ import _common as C  # noqa: E402
 
 SAME = {"lr": 1e-3, "betas": [0.9, 0.95], "eps": 1e-8, "weight_decay": 0.1, "warmup": 10, "min_lr_ratio": 0.1}
 MODEL = dict(d_model=256, n_layers=4, n_heads=4, n_kv_heads=4, d_ff=688)
-CONFIGS = {  # name: (llmlab precision key or None for auto, optimizer settings or None for defaults)
-    "fp32-defaults": ("fp32", None),
-    "fp32-same": ("fp32", SAME),
-    "bf16-same": (None, SAME),
+CONFIGS = {  # name: (llmlab precision key or None for auto, optimizer settings or None for defaults,
+    #                llmlab's `compile`; LitGPT always compiles)
+    "fp32-defaults": ("fp32", None, False),
+    "fp32-same": ("fp32", SAME, False),
+    "bf16-same": (None, SAME, False),
+    "fp32-same-compiled": ("fp32", SAME, True),
+    "bf16-same-compiled": (None, SAME, True),
 }
+DEFAULT_CONFIGS = ["fp32-defaults", "fp32-same", "bf16-same"]
 CHILD = Path(__file__).resolve().parent / "_litgpt_child.py"
 
 
-def recipe(args, precision: str | None, opt: dict | None) -> dict:
-    """The llmlab recipe of one configuration (no optimizer keys at all when ``opt`` is None)."""
+def recipe(args, precision: str | None, opt: dict | None, compile_: bool = False) -> dict:
+    """The llmlab recipe of one configuration (no optimizer keys at all when ``opt`` is None;
+    ``compile: true`` only when ``compile_``)."""
     stage = {"type": "pretrain", "datasets": {"bible": 1.0}, "seq_len": args.seq_len, "batch_size": args.batch_size,
              "max_steps": args.steps, "eval_every": 10**6, "eval_steps": 8, "save_every": 10**6, "log_every": 1}
     if opt is not None:
@@ -95,6 +105,8 @@ def recipe(args, precision: str | None, opt: dict | None) -> dict:
            "stages": {"pretrain": stage}}
     if precision is not None:
         rec["precision"] = precision
+    if compile_:
+        rec["compile"] = True
     return rec
 
 
@@ -102,11 +114,11 @@ class Prepared:
     """One configuration's recipe file with its tokenizer and token store built (warm caches), and
     (``dump``) the training blocks and held-out windows written for LitGPT."""
 
-    def __init__(self, args, name: str, precision: str | None, opt: dict | None, dump: Path | None):
+    def __init__(self, args, name: str, precision: str | None, opt: dict | None, compile_: bool, dump: Path | None):
         self.name, self.opt, self.precision = name, opt, precision
         self.dir = args.workdir / name
         self.dir.mkdir(parents=True, exist_ok=True)
-        self.resolved = C.resolve(recipe(args, precision, opt), self.dir)
+        self.resolved = C.resolve(recipe(args, precision, opt, compile_), self.dir)
         self.recipe_path, self.out = self.dir / "bench.yaml", Path(self.resolved["output_dir"])
         tok = C.tokenizer_for(self.resolved)
         data = C.stage_data(self.resolved, "pretrain", tok)
@@ -217,19 +229,23 @@ def report(runs: dict, names: list[str]) -> None:
 
     rows = []
     labels = {"fp32-defaults": "tokens/s, fp32, each tool's defaults", "fp32-same": "tokens/s, fp32, identical settings",
-              "bf16-same": "tokens/s, default precision (bf16 autocast), identical settings"}
+              "bf16-same": "tokens/s, default precision (bf16 autocast), identical settings",
+              "fp32-same-compiled": "tokens/s, fp32, identical settings, llmlab compile: true",
+              "bf16-same-compiled": "tokens/s, bf16 autocast, identical settings, llmlab compile: true"}
     for cfg in names:
         for key, unit in (("tokens_per_s", ""), ("tokens_per_cpu_s", " per CPU-second")):
             rows.append([labels.get(cfg, cfg) + unit, fmt_pair(col(cfg, "llmlab", key)),
                          fmt_pair(col(cfg, "litgpt", key)), ratio(cfg, key)])
-    for cfg, label in (("fp32-same", "identical settings"), ("fp32-defaults", "each tool's defaults")):
+    for cfg, label in (("fp32-same", "identical settings"), ("fp32-defaults", "each tool's defaults"),
+                       ("fp32-same-compiled", "identical settings, llmlab compiled")):
         if cfg in runs:
             a, b = C.median(col(cfg, "llmlab", "heldout_loss")), C.median(col(cfg, "litgpt", "heldout_loss"))
             rows.append([f"held-out loss at equal tokens, {label}", f"{a:.3f}", f"{b:.3f}", f"{a - b:+.3f} nats"])
-    every = [r for cfg in names for r in runs[cfg]["llmlab"]], [r for cfg in names for r in runs[cfg]["litgpt"]]
-    su = [[r["startup_s"] for r in rs if r["startup_s"]] for rs in every]
-    rows.append(["start-up to step 1 (s, min-max)", *(f"{min(x):.1f}-{max(x):.1f}" for x in su),
-                 f"{C.median(su[0]) / C.median(su[1]):.2f}"])
+    for cfg in names:  # per configuration: llmlab's compile: true adds its compile time here
+        su = [[r["startup_s"] for r in runs[cfg][tool] if r["startup_s"]] for tool in ("llmlab", "litgpt")]
+        if all(su):
+            rows.append([f"start-up to step 1 (s, min-max), {cfg}", *(f"{min(x):.1f}-{max(x):.1f}" for x in su),
+                         f"{C.median(su[0]) / C.median(su[1]):.2f}"])
     cfg = "fp32-same" if "fp32-same" in runs else names[0]
     a, b = C.median(col(cfg, "llmlab", "peak_rss_mb")), C.median(col(cfg, "litgpt", "peak_rss_mb"))
     rows.append([f"peak RSS MB ({cfg})", f"{a:,.0f}", f"{b:,.0f}", f"{a / b:.2f}"])
@@ -243,7 +259,7 @@ def sweep(args) -> None:
                                    for lr in args.lrs for wu in args.warmups for wd in args.wds]
     rows = []
     for name, opt in grid:
-        p = Prepared(args, f"sweep-{name}", "fp32", opt, None)
+        p = Prepared(args, f"sweep-{name}", "fp32", opt, False, None)
         r = run_llmlab(args, p, f"sweep-{name}")
         load = os.getloadavg()[0]
         rows.append([name, f"{r['heldout_loss']:.3f}", f"{r['last_loss']:.3f}", f"{r['tokens_per_s']:,.0f}", f"{load:.1f}"])
@@ -258,7 +274,8 @@ def main() -> None:
     ap.add_argument("--warmup-steps", type=int, default=5, help="steps left out of the tokens/s window")
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--seq-len", type=int, default=256)
-    ap.add_argument("--configs", nargs="+", choices=list(CONFIGS), default=list(CONFIGS))
+    ap.add_argument("--configs", nargs="+", choices=list(CONFIGS), default=DEFAULT_CONFIGS,
+                    help="the *-compiled ones run llmlab with `compile: true` (LitGPT compiles in every one)")
     ap.add_argument("--tools", nargs="+", choices=list(TOOLS), default=list(TOOLS))
     ap.add_argument("--litgpt-python", default="/work/litgpt-venv/bin/python")
     ap.add_argument("--workdir", type=Path, default=None, help="default: a new temporary folder")

@@ -237,7 +237,7 @@ class AlibiPositions(PositionalEncoding):
     alibi = True
 
 
-def rope_inv_freq(config: LlmlabConfig) -> tuple[torch.Tensor, float]:
+def rope_inv_freq(config: LlmlabConfig, device: torch.device | str | None = None) -> tuple[torch.Tensor, float]:
     """Inverse frequencies of RoPE and the cos/sin scale.
 
     ``rope``: theta^(-2i/Dh) (Su et al. 2021), scale 1.
@@ -248,11 +248,11 @@ def rope_inv_freq(config: LlmlabConfig) -> tuple[torch.Tensor, float]:
     The correction range is floored/ceiled like the reference implementation and transformers.
 
     Returns:
-        (inv_freq [Dh/2] fp32, attention scale float)
+        (inv_freq [Dh/2] fp32 on ``device`` (default: torch's current default device), attention scale float)
     """
     dim = config.head_dim
     base = config.rope_theta
-    pos_freqs = base ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim)
+    pos_freqs = base ** (torch.arange(0, dim, 2, dtype=torch.float32, device=device) / dim)
     if config.positional_encoding != "yarn":
         return 1.0 / pos_freqs, 1.0
     factor = float(config.yarn_factor)
@@ -266,7 +266,7 @@ def rope_inv_freq(config: LlmlabConfig) -> tuple[torch.Tensor, float]:
     high = min(math.ceil(correction_dim(beta_slow)), dim - 1)
     if low == high:
         high += 0.001
-    ramp = ((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)
+    ramp = ((torch.arange(dim // 2, dtype=torch.float32, device=device) - low) / (high - low)).clamp(0, 1)
     extrapolation_weight = 1.0 - ramp
     inv_freq = (1.0 / (factor * pos_freqs)) * (1 - extrapolation_weight) + (1.0 / pos_freqs) * extrapolation_weight
     scale = 0.1 * math.log(factor) + 1.0 if factor > 1 else 1.0
@@ -289,13 +289,17 @@ class LlmlabRotaryEmbedding(nn.Module):
 
     @torch.no_grad()
     def forward(self, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        if self._inv_freq is None or self._inv_freq.device != position_ids.device:
-            with torch.device(position_ids.device):
-                inv_freq, self.scale = rope_inv_freq(self.config)
-            self._inv_freq = inv_freq.to(position_ids.device)
-        freqs = position_ids[..., None].to(torch.float32) * self._inv_freq
+        if torch.compiler.is_compiling():
+            # traced: computed in the graph (a few ops on [Dh/2]) rather than cached on the module,
+            # whose mutation would break the graph
+            inv_freq, scale = rope_inv_freq(self.config, position_ids.device)
+        else:
+            if self._inv_freq is None or self._inv_freq.device != position_ids.device:
+                self._inv_freq, self.scale = rope_inv_freq(self.config, position_ids.device)
+            inv_freq, scale = self._inv_freq, self.scale
+        freqs = position_ids[..., None].to(torch.float32) * inv_freq
         emb = torch.cat((freqs, freqs), dim=-1)
-        return (emb.cos() * self.scale).to(dtype), (emb.sin() * self.scale).to(dtype)
+        return (emb.cos() * scale).to(dtype), (emb.sin() * scale).to(dtype)
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -964,6 +968,12 @@ class ChunkedCrossEntropy(torch.autograd.Function):
         return grad, None, None
 
 
+@torch.compiler.disable
+def _chunked_cross_entropy(flat: torch.Tensor, targets: torch.Tensor, denominator) -> torch.Tensor:
+    """:class:`ChunkedCrossEntropy` of logits [N, V] and targets [N], run eagerly under torch.compile."""
+    return ChunkedCrossEntropy.apply(flat, targets, denominator)
+
+
 def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, num_items_in_batch=None,
                    chunked: bool = True) -> torch.Tensor:
     """Next-token cross entropy: logits[:, t] predicts labels[:, t + 1]; labels == -100 ignored.
@@ -971,15 +981,15 @@ def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, num_items_in_batc
     Shapes: logits [B, T, V], labels [B, T] -> scalar (mean over counted tokens, or sum /
     ``num_items_in_batch`` when given, for exact gradient accumulation). On a CPU through
     :class:`ChunkedCrossEntropy` (the same value, less memory traffic) unless ``chunked`` is False
-    (its backward has no second derivative: Sophia's Hessian needs one) or under torch.compile;
-    elsewhere ``F.cross_entropy``.
+    (its backward has no second derivative: Sophia's Hessian needs one); elsewhere
+    ``F.cross_entropy``. Under torch.compile the chunked loss runs eagerly after the compiled
+    graph (one graph break at the loss): it is faster than the graph's fused log-softmax on a CPU.
     """
     # shift the labels, not the logits: no [B, T-1, V] copy of the largest activation
     shift_labels = F.pad(labels[:, 1:], (0, 1), value=-100).reshape(-1).to(logits.device)
     flat = logits.reshape(-1, logits.shape[-1])
-    if chunked and flat.device.type == "cpu" and flat.requires_grad and torch.is_grad_enabled() \
-            and not torch.compiler.is_compiling():
-        return ChunkedCrossEntropy.apply(flat, shift_labels, num_items_in_batch)
+    if chunked and flat.device.type == "cpu" and flat.requires_grad and torch.is_grad_enabled():
+        return _chunked_cross_entropy(flat, shift_labels, num_items_in_batch)
     flat_logits = flat.float()
     if num_items_in_batch is not None:
         loss = F.cross_entropy(flat_logits, shift_labels, ignore_index=-100, reduction="sum")

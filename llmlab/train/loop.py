@@ -31,7 +31,9 @@ from llmlab.train.fsdp import clip_grad_norm_, gather_full_model, state_io
 from llmlab.train.metrics import MetricsLogger
 from llmlab.train.optim import distributed_hutchinson, needs_hessian
 from llmlab.train.samples import Sampler
-from llmlab.train.setup import maybe_compile, maybe_shard, setup_model, setup_optimizer, stage_model_arch
+from llmlab.train.setup import (
+    keep_freed_memory, maybe_compile, maybe_shard, setup_model, setup_optimizer, stage_model_arch,
+)
 from llmlab.train.tensors import scalar, to_device
 from llmlab.train.timelimit import TimeLimit
 
@@ -161,6 +163,7 @@ def _setup_run(stage: Stage, accelerator, fingerprint: str, reset_optimizer: boo
     else:
         prepared, optimizer = accelerator.prepare(model, optimizer)
     prepared = maybe_compile(prepared, bool(settings.compile))
+    keep_freed_memory(accelerator.device)
     return _Run(
         tc=tc, accelerator=accelerator, model=prepared, sharded=sharded, skeleton=skeleton, optimizer=optimizer,
         scheduler=scheduler, checkpointer=checkpointer, start_step=start_step,

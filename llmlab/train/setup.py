@@ -3,7 +3,8 @@
 :func:`setup_model` builds the stage's model, checks it against the tokenizer, applies LoRA and
 gradient checkpointing, moves it to the device and lets the stage finish its own setup (reference
 model, data); :func:`maybe_shard` shards it under ``distributed.strategy: fsdp``. :func:`setup_optimizer` builds the optimizer and schedule (and switches attention to
-plain PyTorch ops for Sophia). :func:`maybe_compile` wraps the prepared model in ``torch.compile``.
+plain PyTorch ops for Sophia). :func:`maybe_compile` wraps the prepared model in ``torch.compile``;
+:func:`keep_freed_memory` stops a CPU run from page-faulting its activations in again at every step.
 """
 
 from __future__ import annotations
@@ -78,6 +79,32 @@ def setup_optimizer(model: torch.nn.Module, tc: TrainingConfig, device: torch.de
         elif hasattr(model, "set_attn_implementation"):
             model.set_attn_implementation("eager")
     return optimizer, scheduler
+
+
+#: glibc's malloc hands allocations of at least M_MMAP_THRESHOLD bytes (its adaptive default
+#: stops at 32 MiB) to their own mmap and gives them back to the kernel on free, and trims the
+#: heap's free top beyond M_TRIM_THRESHOLD: then a step's largest activations (the logits and
+#: their gradient) are mapped, page-faulted and zero-filled by the kernel again at every step.
+#: Raised, freed blocks stay in the process for the next step.
+CPU_MALLOC_OPTIONS = {-3: 256 << 20, -1: 1 << 30}  # M_MMAP_THRESHOLD, M_TRIM_THRESHOLD (bytes)
+
+
+def keep_freed_memory(device: torch.device) -> bool:
+    """On a CPU with glibc: keep freed memory in the process (:data:`CPU_MALLOC_OPTIONS`) instead
+    of returning it to the kernel at every step. Measured on the 5.26 M model of
+    benchmarks/vs_litgpt.py: the kernel's page-fault time fell from 44-63 to 0-2 ms per step
+    (5-6 % of the step), peak RSS +4 %. Process-wide and idempotent; returns whether it applied
+    (False on other devices or C libraries)."""
+    import ctypes
+    import platform
+
+    if device.type != "cpu" or platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return False
+    try:
+        mallopt = ctypes.CDLL("libc.so.6").mallopt
+    except (OSError, AttributeError):
+        return False
+    return all(mallopt(option, value) == 1 for option, value in CPU_MALLOC_OPTIONS.items())
 
 
 def maybe_compile(model: torch.nn.Module, enabled: bool) -> torch.nn.Module:
