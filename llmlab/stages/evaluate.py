@@ -50,11 +50,11 @@ RESULTS_FILE = stage_spec(EVALUATE).results_file
 HEADLINE = {
     "text": ("perplexity", "bits_per_byte"),
     "conversation": ("perplexity",),
-    "preference": ("logp_accuracy", "reward_accuracy"),
+    "preference": ("logp_accuracy", "reward_accuracy", "nll_loss"),
     "prompt": ("mean_reward", "mean_completion_tokens"),
 }
 #: metrics where lower is better (the best value of a column is shown in bold)
-LOWER_IS_BETTER = {"perplexity", "bits_per_byte", "bits_per_token", "mean_loss"}
+LOWER_IS_BETTER = {"perplexity", "bits_per_byte", "bits_per_token", "mean_loss", "nll_loss"}
 #: metrics where higher is better
 HIGHER_IS_BETTER = {"logp_accuracy", "avg_logp_accuracy", "reward_accuracy", "reward_margin", "mean_reward"}
 
@@ -270,9 +270,9 @@ def _fmt(metric: str, value: Any) -> str:
 
 def comparison_table(results: dict, title: str | None = None) -> Table:
     """A table of ``results`` (``{model: {dataset: metrics}}``): one row per model, one column per
-    ``dataset:metric`` for the headline metrics of each dataset's kind (:data:`HEADLINE`: text
-    perplexity and bits per byte, conversation perplexity, preference logp and reward accuracy,
-    prompt mean reward and completion length) that at least one model reports. The best value of a
+    dataset and metric (two header lines) for the headline metrics of each dataset's kind (:data:`HEADLINE`: text
+    perplexity and bits per byte, conversation perplexity, preference logp and reward accuracy and
+    the chosen replies' NLL per token, prompt mean reward and completion length) that at least one model reports. The best value of a
     column is bold when there are several models; a missing or skipped value is ``-``."""
     datasets: dict[str, str] = {}
     for per in results.values():
@@ -287,7 +287,7 @@ def comparison_table(results: dict, title: str | None = None) -> Table:
     t = Table(title=title or "evaluation")
     t.add_column("model")
     for ds, metric in columns:
-        t.add_column(f"{ds}:{metric}", justify="right")
+        t.add_column(f"{ds}\n{metric}", justify="right")  # two header lines: narrow enough for 8 columns
     best: dict[tuple[str, str], float] = {}
     if len(results) > 1:
         for col in columns:

@@ -34,7 +34,10 @@ def test_run_command_runs_a_final_evaluate_stage(trained, tmp_path, capsys):
     out = capsys.readouterr().out
     for name in ("pretrain", "sft", "dpo"):
         assert f"stage {name}: done" in out  # adding an evaluate stage reruns no training stage
-    assert "bible:perplexity" in out and "chat_pairs:reward_accuracy" in out  # the comparison table
+    table = out[out.index("evaluation"):]  # the comparison table: dataset over metric in each header
+    header = table[:table.index("┡")]
+    assert all(w in header for w in ("bible", "perplexity", "chat_pairs", "reward_accuracy", "nll_loss"))
+    assert "…" not in header  # no header cut short
     stage_dir = tmp_path / "run" / "compare"
     results = json.loads((stage_dir / "results.json").read_text())
     info = json.loads((stage_dir / "stage.json").read_text())

@@ -110,8 +110,9 @@ def test_comparison_table_has_a_row_per_model_and_headline_columns(evaluated):
     _, _, results = evaluated
     table = comparison_table(results, title="compare")
     headers = [c.header for c in table.columns]
-    assert headers == ["model", "bible:perplexity", "bible:bits_per_byte", "chat:perplexity",
-                       "chat_pairs:logp_accuracy", "chat_pairs:reward_accuracy", "prompts:mean_completion_tokens"]
+    assert headers == ["model", "bible\nperplexity", "bible\nbits_per_byte", "chat\nperplexity",
+                       "chat_pairs\nlogp_accuracy", "chat_pairs\nreward_accuracy", "chat_pairs\nnll_loss",
+                       "prompts\nmean_completion_tokens"]
     assert table.row_count == 3
     console = Console(record=True, width=300, color_system=None)
     console.print(table)
@@ -126,8 +127,8 @@ def test_comparison_table_marks_missing_and_skipped_values():
                "sft": {"pairs": {"kind": "preference", "logp_accuracy": 0.5},
                        "bible": {"kind": "text", "perplexity": 12.345, "bits_per_byte": 1.5}}}
     table = comparison_table(results)
-    assert [c.header for c in table.columns] == ["model", "pairs:logp_accuracy", "pairs:reward_accuracy",
-                                                 "bible:perplexity", "bible:bits_per_byte"]
+    assert [c.header for c in table.columns] == ["model", "pairs\nlogp_accuracy", "pairs\nreward_accuracy",
+                                                 "bible\nperplexity", "bible\nbits_per_byte"]
     cells = [list(c.cells) for c in table.columns]
     assert cells[1] == ["-", "[bold]0.500[/]"] and cells[2] == ["[bold]0.750[/]", "-"]
     assert cells[3] == ["-", "[bold]12.35[/]"]
