@@ -53,7 +53,7 @@ from llmlab.schemafile import top_level
 
 log = logging.getLogger(__name__)
 
-CHAT_STORE_VERSION = "1"
+CHAT_STORE_VERSION = "2"  # 2: manifest.json records vocab_size; shards checked on first read
 #: examples per shard (a pure function of the rows, so a resumed build cuts the same shards)
 SHARD_EXAMPLES = 8192
 #: stage family -> the token sequences of one example
@@ -98,52 +98,104 @@ def chat_store_path(recipe: dict, name: str, family: str, split: str, tok_hash: 
 # -- reading -------------------------------------------------------------------------------------
 
 class ChatStore:
-    """A complete chat store, memory-mapped (layout: the module docstring).
+    """A complete chat store, memory-mapped (layout: the module docstring), never trusted blindly:
+    each shard is checked the first time this process reads it, as the token store's are
+    (:func:`llmlab.data.store.check_shard_content`: sizes against the manifest, then the sha256 of
+    every file and every id below the vocabulary unless the shard's verification record
+    ``shard-NNNNN.verified`` vouches for the files as they are; the writer leaves those records).
 
     Attributes:
         path: the folder. manifest: its ``manifest.json``. examples: how many. sequences: the
-        sequence names of one example.
+        sequence names of one example. vocab_size: the tokenizer's ids.
 
     Raises:
-        llmlab.data.store.StoreError: no manifest, or a shard file missing or of the wrong size.
+        llmlab.data.store.StoreError: naming the store folder, the file, what is wrong and the
+            commands that delete and rebuild it: no or an unreadable manifest; on a shard's first
+            read, a file missing, unreadable or of another size than the manifest's, bytes whose
+            sha256 differs, or an id at or above the vocabulary size.
     """
 
     def __init__(self, path: str | os.PathLike):
-        from llmlab.data.store import StoreError
+        from llmlab.data.store import StoreError, incomplete_store_error, rebuild_hint
 
         self.path = Path(path)
         mf = self.path / "manifest.json"
         if not mf.is_file():
-            raise StoreError(f"{self.path}: not a complete chat token store (no manifest.json)")
-        self.manifest = json.loads(mf.read_text())
-        self.examples = int(self.manifest["examples"])
-        self.sequences = tuple(SEQUENCES[self.manifest["family"]])
-        counts = [s["examples"] for s in self.manifest["shards"]]
+            raise incomplete_store_error(self.path)
+        try:
+            self.manifest = json.loads(mf.read_text())
+            self.examples = int(self.manifest["examples"])
+            self.sequences = tuple(SEQUENCES[self.manifest["family"]])
+            self.vocab_size = int(self.manifest["vocab_size"])
+            counts = [s["examples"] for s in self.manifest["shards"]]
+        except (ValueError, KeyError, TypeError) as e:
+            raise StoreError(f"{mf}: not a chat token store manifest ({type(e).__name__}: {e}); "
+                             f"{rebuild_hint(self.path)}") from None
         self._first = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
         self._maps: dict[tuple[int, str], np.ndarray] = {}
+        self._checked: set[int] = set()
         self._desirable: np.ndarray | None = None
         try:  # the folder's mtime is its last use (`llmlab cache --prune` removes stores unused for long)
             os.utime(self.path)
         except OSError:  # a read-only store root
             pass
 
-    def _array(self, shard: int, name: str) -> np.ndarray:
-        key = (shard, name)
-        if key not in self._maps:
-            from llmlab.data.store import StoreError
+    def _damaged(self, file: str, what: str):
+        from llmlab.data.store import damaged_store_error
 
-            meta = self.manifest["shards"][shard]
-            f = self.path / meta["files"][name]
+        return damaged_store_error(self.path, self.manifest, file, what, "chat token store")
+
+    def _files(self, shard: int) -> dict[str, Path]:
+        """Shard ``shard``'s files by array name."""
+        return {k: self.path / f for k, f in self.manifest["shards"][shard]["files"].items()}
+
+    def _map(self, shard: int) -> None:
+        """Memory-map every file of ``shard`` and check its length against the manifest."""
+        meta = self.manifest["shards"][shard]
+        for name, f in self._files(shard).items():
             try:
                 arr = np.load(f, mmap_mode="r")
-            except (FileNotFoundError, ValueError) as e:
-                raise StoreError(f"{f}: missing or not a readable array ({e}); delete {self.path} and run "
-                                 "again") from None
+            except FileNotFoundError:
+                raise self._damaged(f.name, "shard file missing") from None
+            except (ValueError, EOFError, OSError) as e:  # empty, truncated, or an overwritten header
+                raise self._damaged(f.name, f"not a readable shard (empty or truncated: {e})") from None
             if arr.shape[0] != meta["sizes"][name]:
-                raise StoreError(f"{f}: holds {arr.shape[0]} entries, manifest.json says {meta['sizes'][name]}; "
-                                 f"delete {self.path} and run again")
-            self._maps[key] = arr
-        return self._maps[key]
+                raise self._damaged(f.name, f"holds {arr.shape[0]} entries, manifest.json says {meta['sizes'][name]}")
+            self._maps[(shard, name)] = arr
+
+    def _check(self, shard: int, force: bool) -> None:
+        """Map ``shard`` and check its content (:func:`llmlab.data.store.check_shard_content`)."""
+        from llmlab.data.store import check_shard_content
+
+        self._map(shard)
+        meta = self.manifest["shards"][shard]
+        flat = {"index": meta["index"], **{f"{k}_sha256": v for k, v in meta["sha256"].items()}}
+        ids = {k: self._maps[(shard, k)] for k in meta["files"] if k.endswith("_ids")}
+        check_shard_content(self.path, flat, self._files(shard), ids, self.vocab_size, self._damaged, force)
+        self._checked.add(shard)
+
+    def _array(self, shard: int, name: str) -> np.ndarray:
+        if shard not in self._checked:
+            self._check(shard, force=False)
+        return self._maps[(shard, name)]
+
+    def check(self) -> None:
+        """Check every shard as its first read does (cheap for shards a record vouches for).
+
+        Raises:
+            llmlab.data.store.StoreError: as the class says, for the first damaged shard.
+        """
+        for i in range(len(self.manifest["shards"])):
+            self._array(i, next(iter(self.manifest["shards"][i]["files"])))
+
+    def verify(self) -> None:
+        """Check every shard's sizes, sha256s and ids whatever its verification record says.
+
+        Raises:
+            llmlab.data.store.StoreError: naming the first damaged file.
+        """
+        for i in range(len(self.manifest["shards"])):
+            self._check(i, force=True)
 
     def _whole(self, name: str) -> np.ndarray:
         parts = [np.asarray(self._array(i, name)) for i in range(len(self.manifest["shards"]))]
@@ -423,6 +475,7 @@ class ShardJob:
     name: str
     stage_type: str
     dtype: str
+    vocab_size: int
     template: ChatTemplate
 
 
@@ -633,7 +686,7 @@ def _processes(processes: int | None) -> int:
 
 def _job(family: str, kind_src: str, kind_dst: str, name: str, stage_type: str, tokenizer) -> ShardJob:
     dtype = "uint16" if len(tokenizer) <= 65536 else "uint32"
-    return ShardJob(family, kind_src, kind_dst, name, stage_type, dtype, ChatTemplate.of(tokenizer))
+    return ShardJob(family, kind_src, kind_dst, name, stage_type, dtype, len(tokenizer), ChatTemplate.of(tokenizer))
 
 
 def _start_part(path: Path) -> Path:
@@ -653,13 +706,13 @@ def chat_store_complete(path: Path) -> bool:
 def _finish_store(path: Path, part: Path, metas: list[dict], job: ShardJob, split: str, info: dict,
                   t0: float) -> ChatStore:
     """Write the manifest of the shards ``metas`` in ``part`` and rename it to ``path``."""
-    from llmlab.data.store import _full_disk_named, _write_json
+    from llmlab.data.store import _full_disk_named, _write_json, checked_when_settled
     from llmlab.ownership import try_remove_owned
 
     family = job.family
     tokens = {seq: sum(m["tokens"][seq] for m in metas) for seq in SEQUENCES[family]}
     manifest = {"version": CHAT_STORE_VERSION, "family": family, "kind_dst": job.kind_dst, "dataset": job.name,
-                "split": split, "dtype": job.dtype, "examples": sum(m["examples"] for m in metas),
+                "split": split, "dtype": job.dtype, "vocab_size": job.vocab_size, "examples": sum(m["examples"] for m in metas),
                 "documents": sum(m["examples"] for m in metas), "tokens": sum(tokens.values()),
                 "sequence_tokens": tokens, "shards": metas,
                 "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **info}
@@ -671,7 +724,7 @@ def _finish_store(path: Path, part: Path, metas: list[dict], job: ShardJob, spli
         os.replace(part, path)
     log.info("chat store %s: %s %s of %s, %d examples, %d tokens in %.1f s", path, family, split, job.name,
              manifest["examples"], manifest["tokens"], time.perf_counter() - t0)
-    return ChatStore(path)
+    return checked_when_settled(ChatStore(path))
 
 
 def build_streamed(paths: dict[str, Path], src, seed: int, hf_cache: str | None, *, family: str, kind_src: str,
