@@ -12,6 +12,7 @@ tokenizer and chat template, every example whole (no seq_len applied)::
                                                  run of assistant tokens (sft truncation keeps it whole)
     <root>/<key>/shard-00000.desirable.npy       uint8 [examples] (unpaired_preference only)
     <root>/<key>/shard-00000.json                the shard's counts and sha256s, written after its arrays
+    <root>/<key>/shard-00000.verified            the last check of the shard's content (see Trust)
 
 ``<seq>`` is ``input`` (sft, unpaired_preference) or ``chosen`` and ``rejected`` (pair). Labels
 are exactly those of ``llmlab.data.pipeline``'s tokenisers: every assistant token of the
@@ -26,13 +27,24 @@ tokenizer's fingerprint (:func:`llmlab.data.pipeline.tokenizer_fingerprint`: its
 template, eos and pad ids), the family and the split). **Root**: the token store's
 (:func:`llmlab.data.store.store_root`).
 
-**Writing** (:func:`ensure_chat_store`): the rows are read in this process and each conversation's
-chat template rendered once (with its generation spans); shards of :data:`SHARD_EXAMPLES`
-examples go to a pool of spawned worker processes (:func:`llmlab.data.store._init_worker`: they die with their parent) that
-tokenise the rendered text with the Rust tokenizer in batch mode and locate the assistant tokens
-from the spans; each shard's arrays are written as ``*.tmp`` and renamed, its JSON last, into
-``<key>.partial``, renamed to ``<key>`` once the manifest is written. A killed build resumes at the
-first missing shard; a concurrent builder waits on ``<key>.lock``.
+**Writing** (:func:`ensure_chat_store` for loaded rows, :func:`build_streamed` for a streamable
+source's train and eval stores at once): this process only reads the canonical rows (streamed
+where the source allows, so a first run never holds the dataset) and hands shards of
+:data:`SHARD_EXAMPLES` rows to a pool of spawned worker processes (:func:`_init_chat_worker`: they
+die with their parent), writing the first shard itself while they start. A worker renders each
+conversation once with the chat template (:class:`ChatTemplate`, compiled once per worker), with
+its generation spans, tokenises the texts through the piece cache
+(:class:`llmlab.data.fastencode.ChatEncoder`: the Rust tokenizer's ids and character offsets; the
+batched Rust ``encode_batch`` for other tokenizers) and flags the tokens that overlap a span; each
+shard's arrays are written as ``*.tmp`` and renamed, its JSON last, into ``<key>.partial``, renamed
+to ``<key>`` once the manifest is written. A killed build resumes at the first missing shard; a
+concurrent builder waits on ``<key>.lock``.
+
+**Trust**, as the token store's (:mod:`llmlab.data.store`): each shard is checked the first time a
+process reads it (sizes, sha256s, ids below the manifest's ``vocab_size``), a passing check leaves
+``shard-NNNNN.verified`` so later processes trust an unchanged shard after a ``stat``; the writer
+checks its store once. A damaged store stops with an error naming the store, the file and the
+commands that delete and rebuild it.
 """
 
 from __future__ import annotations
