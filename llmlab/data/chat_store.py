@@ -31,7 +31,8 @@ template, eos and pad ids), the family and the split). **Root**: the token store
 source's train and eval stores at once): this process only reads the canonical rows (streamed
 where the source allows, so a first run never holds the dataset) and hands shards of
 :data:`SHARD_EXAMPLES` rows to a pool of spawned worker processes (:func:`_init_chat_worker`: they
-die with their parent), writing the first shard itself while they start. A worker renders each
+die with their parent), once it has written the first :data:`LOCAL_SHARDS` itself (a worker's
+start costs about a shard's CPU time). A worker renders each
 conversation once with the chat template (:class:`ChatTemplate`, compiled once per worker), with
 its generation spans, tokenises the texts through the piece cache
 (:class:`llmlab.data.fastencode.ChatEncoder`: the Rust tokenizer's ids and character offsets; the
@@ -68,6 +69,8 @@ log = logging.getLogger(__name__)
 CHAT_STORE_VERSION = "2"  # 2: manifest.json records vocab_size; shards checked on first read
 #: examples per shard (a pure function of the rows, so a resumed build cuts the same shards)
 SHARD_EXAMPLES = 8192
+#: shards a build writes in its own process before starting worker processes (see ``_ShardPool``)
+LOCAL_SHARDS = 3
 #: stage family -> the token sequences of one example
 SEQUENCES = {"sft": ("input",), "pair": ("chosen", "rejected"), "unpaired_preference": ("input",)}
 #: the label of a token that is not trained on (torch's cross-entropy ``ignore_index``)
@@ -563,11 +566,13 @@ def _init_chat_worker(tokenizer, parent: int) -> None:
 
 
 class _ShardPool:
-    """The shards of one build, rendered and tokenised by :func:`_encode_shard` in a pool of
-    ``processes`` spawned workers (they die with their parent: :func:`llmlab.data.store.die_with_parent`),
-    or in this process when ``pooled`` is false. This process hands out rows, and writes the first
-    shard itself while the workers start (as :func:`llmlab.data.store.build_store` does); at most
-    ``processes + 1`` shards wait in memory. Use as a context manager (the pool is shut down)."""
+    """The shards of one build, rendered and tokenised by :func:`_encode_shard`: the first
+    :data:`LOCAL_SHARDS` in this process, the rest in a pool of ``processes`` spawned workers (they
+    die with their parent: :func:`llmlab.data.store.die_with_parent`), or all in this process when
+    ``pooled`` is false. A worker costs about a shard's CPU time to start (interpreter, the template
+    renderer's imports, a cold piece cache), so a small dataset is written faster here. This
+    process hands out rows; at most ``processes + 1`` shards wait in memory. Use as a context
+    manager (the pool is shut down)."""
 
     def __init__(self, tokenizer, job: ShardJob, processes: int, pooled: bool):
         self.tokenizer, self.job, self.processes = tokenizer, job, processes
@@ -575,7 +580,7 @@ class _ShardPool:
         self.pool: ProcessPoolExecutor | None = None
         self.pending: dict[tuple[str, int], Future] = {}
         self.metas: dict[str, dict[int, dict]] = {}
-        self.first: tuple | None = None  # the first shard to write, in this process once the pool starts
+        self.local = 0  # shards written in this process
 
     def __enter__(self) -> _ShardPool:
         return self
@@ -591,11 +596,9 @@ class _ShardPool:
         if index in done and done[index]["examples"] == len(rows):
             metas[index] = done[index]
             return
-        if not self.pooled:
+        if not self.pooled or self.local < LOCAL_SHARDS:
+            self.local += 1
             metas[index] = _encode_shard(str(part), index, rows, self.job, self.tokenizer)
-            return
-        if self.pool is None and self.first is None:  # the first shard waits for a second one
-            self.first = (split, part, index, rows)
             return
         if self.pool is None:  # spawned, not forked: see store._run_shards
             import multiprocessing as mp
@@ -606,16 +609,8 @@ class _ShardPool:
                                             initializer=_init_chat_worker,
                                             initargs=(_worker_tokenizer(self.tokenizer), os.getpid()))
         self.pending[(split, index)] = self.pool.submit(_encode_shard, str(part), index, rows, self.job)
-        self._first_here()  # while the workers start
         while len(self.pending) > self.processes:  # bound what waits in memory
             self._collect()
-
-    def _first_here(self) -> None:
-        """Write the held first shard in this process."""
-        if self.first is not None:
-            split, part, index, rows = self.first
-            self.first = None
-            self.metas[split][index] = _encode_shard(str(part), index, rows, self.job, self.tokenizer)
 
     def _collect(self) -> None:
         key = next(iter(self.pending))
@@ -623,7 +618,6 @@ class _ShardPool:
 
     def finish(self) -> dict[str, list[dict]]:
         """Every shard's meta, per split, in order."""
-        self._first_here()
         while self.pending:
             self._collect()
         return {split: [m[i] for i in sorted(m)] for split, m in self.metas.items()}
@@ -677,7 +671,7 @@ def ensure_chat_store(path: Path, rows, *, family: str, kind_src: str, kind_dst:
         todo = [i for i in range(-(-n // SHARD_EXAMPLES))
                 if done.get(i, {}).get("examples") != min(SHARD_EXAMPLES, n - i * SHARD_EXAMPLES)]
         with _full_disk_named(part, path), _ShardPool(tokenizer, job, _processes(processes),
-                                                           pooled=len(todo) > 1) as pool:
+                                                           pooled=len(todo) > LOCAL_SHARDS) as pool:
             for i in range(0, n, SHARD_EXAMPLES):
                 pool.submit(split, part, i // SHARD_EXAMPLES, _rows_of(rows[i: i + SHARD_EXAMPLES]), done)
             metas = pool.finish().get(split, [])
