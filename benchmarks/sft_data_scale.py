@@ -29,7 +29,9 @@ Throughput: the 20 k-conversation jsonl tokenised for SFT by the run's own data 
 (``build_stage_data`` with nothing cached, in one process with its tokenising workers) against the
 pretraining path (``build_store(stream_texts(...))``, all cores) on a text jsonl of the same
 conversations (user and reply joined by a blank line, as ``convert_kind`` renders them as text):
-bytes of jsonl per second each, best of ``--repeats``. The machine is shared; figures are noisy.
+bytes of jsonl per second each, best of ``--repeats``, and per CPU-second of the process and its
+workers (less sensitive to other sessions' load than wall time). The machine is shared; figures
+are noisy.
 """
 
 from __future__ import annotations
@@ -137,17 +139,23 @@ THROUGHPUT_SCRIPT = textwrap.dedent("""
     from llmlab.data.pipeline import build_stage_data
     from llmlab.data.store import build_store, stream_texts
     import llmlab.data.sources as sources
-    out = {{"chat": [], "text": []}}
+    import resource
+    def cpu():  # this process and its finished workers: CPU seconds
+        a, b = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+        return a.ru_utime + a.ru_stime + b.ru_utime + b.ru_stime
+    out = {{"chat": [], "text": [], "chat_cpu": [], "text_cpu": []}}
     for rep in range({repeats}):
         rec, _ = load_recipe({recipe!r}, ["output_dir={tmp}/chat-" + str(rep)])
         tok = load_tokenizer({tokdir!r})
         sources._CACHE.clear()
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), cpu()
         build_stage_data(rec, "sft", tok)
         out["chat"].append(time.perf_counter() - t0)
-        t0 = time.perf_counter()
+        out["chat_cpu"].append(cpu() - c0)
+        t0, c0 = time.perf_counter(), cpu()
         build_store({tmp!r} + "/text-" + str(rep), stream_texts(rec, "text", {{}}), tok)
         out["text"].append(time.perf_counter() - t0)
+        out["text_cpu"].append(cpu() - c0)
         shutil.rmtree({tmp!r} + "/text-" + str(rep))
         shutil.rmtree({tmp!r} + "/chat-" + str(rep))
     print("RESULT", json.dumps(out))
@@ -220,6 +228,9 @@ def throughput(work: Path, n: int, tok_run: Path, env: dict, code: Path, repeats
           f"{cb / c / 1e6:.2f} MB/s; pretraining store ({tb / 1e6:.1f} MB jsonl of the same text) {t:.1f} s = "
           f"{tb / t / 1e6:.2f} MB/s; ratio **{(cb / c) / (tb / t):.2f}x** (runs: chat "
           f"{' / '.join(f'{x:.1f}' for x in out['chat'])} s, text {' / '.join(f'{x:.1f}' for x in out['text'])} s)")
+    cc, tc = min(out["chat_cpu"]), min(out["text_cpu"])
+    print(f"CPU seconds (all processes): chat {cc:.1f} = {cb / cc / 1e6:.2f} MB per CPU-s, text {tc:.1f} = "
+          f"{tb / tc / 1e6:.2f} MB per CPU-s; ratio {(cb / cc) / (tb / tc):.2f}x; load now {os.getloadavg()[0]:.1f}")
 
 
 def main() -> None:

@@ -12,6 +12,7 @@ tokenizer and chat template, every example whole (no seq_len applied)::
                                                  run of assistant tokens (sft truncation keeps it whole)
     <root>/<key>/shard-00000.desirable.npy       uint8 [examples] (unpaired_preference only)
     <root>/<key>/shard-00000.json                the shard's counts and sha256s, written after its arrays
+    <root>/<key>/shard-00000.verified            the last check of the shard's content (see Trust)
 
 ``<seq>`` is ``input`` (sft, unpaired_preference) or ``chosen`` and ``rejected`` (pair). Labels
 are exactly those of ``llmlab.data.pipeline``'s tokenisers: every assistant token of the
@@ -26,13 +27,25 @@ tokenizer's fingerprint (:func:`llmlab.data.pipeline.tokenizer_fingerprint`: its
 template, eos and pad ids), the family and the split). **Root**: the token store's
 (:func:`llmlab.data.store.store_root`).
 
-**Writing** (:func:`ensure_chat_store`): the rows are read in this process and each conversation's
-chat template rendered once (with its generation spans); shards of :data:`SHARD_EXAMPLES`
-examples go to a pool of spawned worker processes (:func:`llmlab.data.store._init_worker`: they die with their parent) that
-tokenise the rendered text with the Rust tokenizer in batch mode and locate the assistant tokens
-from the spans; each shard's arrays are written as ``*.tmp`` and renamed, its JSON last, into
-``<key>.partial``, renamed to ``<key>`` once the manifest is written. A killed build resumes at the
-first missing shard; a concurrent builder waits on ``<key>.lock``.
+**Writing** (:func:`ensure_chat_store` for loaded rows, :func:`build_streamed` for a streamable
+source's train and eval stores at once): this process only reads the canonical rows (streamed
+where the source allows, so a first run never holds the dataset) and hands shards of
+:data:`SHARD_EXAMPLES` rows to a pool of spawned worker processes (:func:`_init_chat_worker`: they
+die with their parent), once it has written the first :data:`LOCAL_SHARDS` itself (a worker's
+start costs about a shard's CPU time). A worker renders each
+conversation once with the chat template (:class:`ChatTemplate`, compiled once per worker), with
+its generation spans, tokenises the texts through the piece cache
+(:class:`llmlab.data.fastencode.ChatEncoder`: the Rust tokenizer's ids and character offsets; the
+batched Rust ``encode_batch`` for other tokenizers) and flags the tokens that overlap a span; each
+shard's arrays are written as ``*.tmp`` and renamed, its JSON last, into ``<key>.partial``, renamed
+to ``<key>`` once the manifest is written. A killed build resumes at the first missing shard; a
+concurrent builder waits on ``<key>.lock``.
+
+**Trust**, as the token store's (:mod:`llmlab.data.store`): each shard is checked the first time a
+process reads it (sizes, sha256s, ids below the manifest's ``vocab_size``), a passing check leaves
+``shard-NNNNN.verified`` so later processes trust an unchanged shard after a ``stat``; the writer
+checks its store once. A damaged store stops with an error naming the store, the file and the
+commands that delete and rebuild it.
 """
 
 from __future__ import annotations
@@ -49,11 +62,15 @@ from typing import Any
 
 import numpy as np
 
+from llmlab.schemafile import top_level
+
 log = logging.getLogger(__name__)
 
-CHAT_STORE_VERSION = "1"
+CHAT_STORE_VERSION = "2"  # 2: manifest.json records vocab_size; shards checked on first read
 #: examples per shard (a pure function of the rows, so a resumed build cuts the same shards)
 SHARD_EXAMPLES = 8192
+#: shards a build writes in its own process before starting worker processes (see ``_ShardPool``)
+LOCAL_SHARDS = 3
 #: stage family -> the token sequences of one example
 SEQUENCES = {"sft": ("input",), "pair": ("chosen", "rejected"), "unpaired_preference": ("input",)}
 #: the label of a token that is not trained on (torch's cross-entropy ``ignore_index``)
@@ -80,7 +97,6 @@ def source_identity(recipe: dict, name: str) -> str:
     it draws the rows: the held-out split, chatterbot_pairs' rejected replies)."""
     from llmlab.data.sources import recipe_source
     from llmlab.fingerprint import sha256_json
-    from llmlab.schemafile import top_level
 
     return sha256_json(recipe_source(recipe, name).identity(int(top_level(recipe, "seed"))))
 
@@ -97,52 +113,104 @@ def chat_store_path(recipe: dict, name: str, family: str, split: str, tok_hash: 
 # -- reading -------------------------------------------------------------------------------------
 
 class ChatStore:
-    """A complete chat store, memory-mapped (layout: the module docstring).
+    """A complete chat store, memory-mapped (layout: the module docstring), never trusted blindly:
+    each shard is checked the first time this process reads it, as the token store's are
+    (:func:`llmlab.data.store.check_shard_content`: sizes against the manifest, then the sha256 of
+    every file and every id below the vocabulary unless the shard's verification record
+    ``shard-NNNNN.verified`` vouches for the files as they are; the writer leaves those records).
 
     Attributes:
         path: the folder. manifest: its ``manifest.json``. examples: how many. sequences: the
-        sequence names of one example.
+        sequence names of one example. vocab_size: the tokenizer's ids.
 
     Raises:
-        llmlab.data.store.StoreError: no manifest, or a shard file missing or of the wrong size.
+        llmlab.data.store.StoreError: naming the store folder, the file, what is wrong and the
+            commands that delete and rebuild it: no or an unreadable manifest; on a shard's first
+            read, a file missing, unreadable or of another size than the manifest's, bytes whose
+            sha256 differs, or an id at or above the vocabulary size.
     """
 
     def __init__(self, path: str | os.PathLike):
-        from llmlab.data.store import StoreError
+        from llmlab.data.store import StoreError, incomplete_store_error, rebuild_hint
 
         self.path = Path(path)
         mf = self.path / "manifest.json"
         if not mf.is_file():
-            raise StoreError(f"{self.path}: not a complete chat token store (no manifest.json)")
-        self.manifest = json.loads(mf.read_text())
-        self.examples = int(self.manifest["examples"])
-        self.sequences = tuple(SEQUENCES[self.manifest["family"]])
-        counts = [s["examples"] for s in self.manifest["shards"]]
+            raise incomplete_store_error(self.path)
+        try:
+            self.manifest = json.loads(mf.read_text())
+            self.examples = int(self.manifest["examples"])
+            self.sequences = tuple(SEQUENCES[self.manifest["family"]])
+            self.vocab_size = int(self.manifest["vocab_size"])
+            counts = [s["examples"] for s in self.manifest["shards"]]
+        except (ValueError, KeyError, TypeError) as e:
+            raise StoreError(f"{mf}: not a chat token store manifest ({type(e).__name__}: {e}); "
+                             f"{rebuild_hint(self.path)}") from None
         self._first = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
         self._maps: dict[tuple[int, str], np.ndarray] = {}
+        self._checked: set[int] = set()
         self._desirable: np.ndarray | None = None
         try:  # the folder's mtime is its last use (`llmlab cache --prune` removes stores unused for long)
             os.utime(self.path)
         except OSError:  # a read-only store root
             pass
 
-    def _array(self, shard: int, name: str) -> np.ndarray:
-        key = (shard, name)
-        if key not in self._maps:
-            from llmlab.data.store import StoreError
+    def _damaged(self, file: str, what: str):
+        from llmlab.data.store import damaged_store_error
 
-            meta = self.manifest["shards"][shard]
-            f = self.path / meta["files"][name]
+        return damaged_store_error(self.path, self.manifest, file, what, "chat token store")
+
+    def _files(self, shard: int) -> dict[str, Path]:
+        """Shard ``shard``'s files by array name."""
+        return {k: self.path / f for k, f in self.manifest["shards"][shard]["files"].items()}
+
+    def _map(self, shard: int) -> None:
+        """Memory-map every file of ``shard`` and check its length against the manifest."""
+        meta = self.manifest["shards"][shard]
+        for name, f in self._files(shard).items():
             try:
                 arr = np.load(f, mmap_mode="r")
-            except (FileNotFoundError, ValueError) as e:
-                raise StoreError(f"{f}: missing or not a readable array ({e}); delete {self.path} and run "
-                                 "again") from None
+            except FileNotFoundError:
+                raise self._damaged(f.name, "shard file missing") from None
+            except (ValueError, EOFError, OSError) as e:  # empty, truncated, or an overwritten header
+                raise self._damaged(f.name, f"not a readable shard (empty or truncated: {e})") from None
             if arr.shape[0] != meta["sizes"][name]:
-                raise StoreError(f"{f}: holds {arr.shape[0]} entries, manifest.json says {meta['sizes'][name]}; "
-                                 f"delete {self.path} and run again")
-            self._maps[key] = arr
-        return self._maps[key]
+                raise self._damaged(f.name, f"holds {arr.shape[0]} entries, manifest.json says {meta['sizes'][name]}")
+            self._maps[(shard, name)] = arr
+
+    def _check(self, shard: int, force: bool) -> None:
+        """Map ``shard`` and check its content (:func:`llmlab.data.store.check_shard_content`)."""
+        from llmlab.data.store import check_shard_content
+
+        self._map(shard)
+        meta = self.manifest["shards"][shard]
+        flat = {"index": meta["index"], **{f"{k}_sha256": v for k, v in meta["sha256"].items()}}
+        ids = {k: self._maps[(shard, k)] for k in meta["files"] if k.endswith("_ids")}
+        check_shard_content(self.path, flat, self._files(shard), ids, self.vocab_size, self._damaged, force)
+        self._checked.add(shard)
+
+    def _array(self, shard: int, name: str) -> np.ndarray:
+        if shard not in self._checked:
+            self._check(shard, force=False)
+        return self._maps[(shard, name)]
+
+    def check(self) -> None:
+        """Check every shard as its first read does (cheap for shards a record vouches for).
+
+        Raises:
+            llmlab.data.store.StoreError: as the class says, for the first damaged shard.
+        """
+        for i in range(len(self.manifest["shards"])):
+            self._array(i, next(iter(self.manifest["shards"][i]["files"])))
+
+    def verify(self) -> None:
+        """Check every shard's sizes, sha256s and ids whatever its verification record says.
+
+        Raises:
+            llmlab.data.store.StoreError: naming the first damaged file.
+        """
+        for i in range(len(self.manifest["shards"])):
+            self._check(i, force=True)
 
     def _whole(self, name: str) -> np.ndarray:
         parts = [np.asarray(self._array(i, name)) for i in range(len(self.manifest["shards"]))]
@@ -280,22 +348,41 @@ class ChatExamples:
 
 # -- writing -------------------------------------------------------------------------------------
 
-def render_chats(tokenizer, conversations: list[list[dict]]) -> tuple[list[str], list[list[tuple[int, int]]]]:
-    """Each conversation rendered once by the tokenizer's chat template, as
-    ``tokenizer.apply_chat_template(..., return_assistant_tokens_mask=True)`` renders it: the text
-    and the [start, end) character spans of its generation blocks (the assistant turns).
+@dataclass(frozen=True)
+class ChatTemplate:
+    """A tokenizer's chat template and special tokens: what rendering a conversation needs, free of
+    the tokenizer (picklable, so each tokenising worker renders its own shards; transformers
+    compiles the template once per process).
 
-    Raises:
-        ValueError: the tokenizer has no chat template.
+    Attributes:
+        template: the Jinja source (``tokenizer.get_chat_template()``). special: the tokenizer's
+        ``special_tokens_map`` (the template's ``bos_token``, ``eos_token``, ... variables).
     """
-    from transformers.utils.chat_template_utils import _normalize_chat_messages, render_jinja_template
 
-    require_chat_template(tokenizer)
-    texts, spans = render_jinja_template(
-        conversations=[_normalize_chat_messages(c) for c in conversations], tools=None, documents=None,
-        chat_template=tokenizer.get_chat_template(None, None), return_assistant_tokens_mask=True,
-        continue_final_message=False, add_generation_prompt=False, **tokenizer.special_tokens_map)
-    return texts, [[tuple(s) for s in sp] for sp in spans]
+    template: str
+    special: tuple[tuple[str, Any], ...]
+
+    @classmethod
+    def of(cls, tokenizer) -> ChatTemplate:
+        """``tokenizer``'s template.
+
+        Raises:
+            ValueError: the tokenizer has no chat template.
+        """
+        require_chat_template(tokenizer)
+        return cls(tokenizer.get_chat_template(None, None), tuple(sorted(tokenizer.special_tokens_map.items())))
+
+    def render(self, conversations: list[list[dict]]) -> tuple[list[str], list[list[tuple[int, int]]]]:
+        """Each conversation rendered once, as ``tokenizer.apply_chat_template(...,
+        return_assistant_tokens_mask=True)`` renders it: the text and the [start, end) character
+        spans of its generation blocks (the assistant turns)."""
+        from transformers.utils.chat_template_utils import _normalize_chat_messages, render_jinja_template
+
+        texts, spans = render_jinja_template(
+            conversations=[_normalize_chat_messages(c) for c in conversations], tools=None, documents=None,
+            chat_template=self.template, return_assistant_tokens_mask=True, continue_final_message=False,
+            add_generation_prompt=False, **dict(self.special))
+        return texts, [[tuple(s) for s in sp] for sp in spans]
 
 
 def _assistant_flags(enc, spans: list[tuple[int, int]]) -> np.ndarray:
@@ -330,46 +417,98 @@ def _runs(flags: np.ndarray) -> np.ndarray:
     return np.stack([np.flatnonzero(d == 1), np.flatnonzero(d == -1)], axis=1)
 
 
-def _encode_sequence(backend, texts: list[str], spans: list, last_k: list[int], dtype: str) -> dict:
+def _encode_sequence(tok, texts: list[str], spans: list, last_k: list[int], dtype: str) -> dict:
     """Tokenise one sequence of a shard's examples: ids, label flags, offsets and info arrays.
 
-    ``last_k[i]`` < 0: every assistant token is a label (sft); else the last ``last_k[i]`` runs of
-    assistant tokens (the completion's turns: ``pipeline._labels_for_last_spans``)."""
-    encs = backend.encode_batch(texts, add_special_tokens=False)
+    ``tok``: a tokenizer or a worker's :class:`llmlab.data.store._RustTokenizer`. ``last_k[i]`` < 0:
+    every assistant token is a label (sft); else the last ``last_k[i]`` runs of assistant tokens
+    (the completion's turns: ``pipeline._labels_for_last_spans``). Vectorised over the shard: runs
+    of flagged tokens never cross an example's end."""
     n = len(texts)
-    offsets = np.zeros(n + 1, dtype=np.int64)
+    ids, offsets, flags = _encoded_flags(tok, texts, spans)
+    doc_of = np.repeat(np.arange(n), np.diff(offsets))
+    f = np.concatenate([[False], flags, [False]])
+    same_left = np.concatenate([[False], doc_of[1:] == doc_of[:-1]])  # token t's left neighbour is in its example
+    same_right = np.concatenate([doc_of[:-1] == doc_of[1:], [False]])
+    starts = np.flatnonzero(flags & ~(f[:-2] & same_left))
+    ends = np.flatnonzero(flags & ~(f[2:] & same_right)) + 1
+    run_doc = doc_of[starts]
+    per_doc = np.bincount(run_doc, minlength=n)
+    from_end = np.cumsum(per_doc)[run_doc] - np.arange(run_doc.size) - 1  # 0: the example's last run
+    k = np.asarray(last_k, dtype=np.int64)[run_doc] if n else np.zeros(0, np.int64)
+    keep = (k < 0) | (from_end < k)
+    starts, ends, run_doc = starts[keep], ends[keep], run_doc[keep]
+    delta = np.zeros(ids.size + 1, dtype=np.int64)
+    np.add.at(delta, starts, 1)
+    np.add.at(delta, ends, -1)
+    labels = np.cumsum(delta[:-1]) > 0
     info = np.zeros((n, 3), dtype=np.int32)
-    ids_parts, label_parts = [], []
-    for i, enc in enumerate(encs):
-        flags = _assistant_flags(enc, spans[i])
-        runs = _runs(flags)
-        if last_k[i] >= 0:
-            runs = runs[len(runs) - last_k[i]:] if last_k[i] > 0 else runs[:0]
-            flags = np.zeros_like(flags)
-            for s, e in runs:
-                flags[s:e] = True
-        ids_parts.append(np.asarray(enc.ids, dtype=dtype))
-        label_parts.append(flags.astype(np.uint8))
-        offsets[i + 1] = offsets[i] + flags.size
-        info[i] = (int(flags.sum()), *(runs[-1] if len(runs) else (0, 0)))
-    cat = lambda parts, dt: np.concatenate(parts) if parts else np.zeros(0, dtype=dt)  # noqa: E731
-    return {"ids": cat(ids_parts, dtype), "labels": cat(label_parts, np.uint8), "offsets": offsets,
+    info[:, 0] = np.bincount(run_doc, weights=ends - starts, minlength=n).astype(np.int32) if n else 0
+    last = np.full(n, -1, dtype=np.int64)
+    last[run_doc] = np.arange(run_doc.size)  # the last kept run of each example (runs are in order)
+    has = last >= 0
+    info[has, 1] = starts[last[has]] - offsets[:-1][has]
+    info[has, 2] = ends[last[has]] - offsets[:-1][has]
+    return {"ids": ids.astype(dtype), "labels": labels.astype(np.uint8), "offsets": offsets,
             "info": info.reshape(-1)}
 
 
-def _encode_shard(folder: str, index: int, sequences: dict, extras: dict, dtype: str, tokenizer=None) -> dict:
-    """Tokenise one shard's rendered sequences and write its arrays atomically (``*.tmp`` renamed),
-    its JSON last. Runs in a pool worker (:func:`llmlab.data.store._init_worker`) or in-process."""
+def _encoded_flags(tok, texts: list[str], spans: list) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The texts' token ids (int64 [L]), token offsets (int64 [n + 1]) and assistant flags (bool
+    [L]): through the piece cache (:class:`llmlab.data.fastencode.ChatEncoder`: ids and character
+    offsets without one ``Encoding`` object per text) where the tokenizer allows, else the Rust
+    ``encode_batch``."""
+    from llmlab.data.fastencode import chat_encoder
+
+    enc = chat_encoder(tok)
+    got = enc.encode(texts) if enc is not None and texts else None
+    if got is None:
+        encs = tok.backend_tokenizer.encode_batch(texts, add_special_tokens=False)
+        offsets = np.concatenate([[0], np.cumsum([len(e.ids) for e in encs])]).astype(np.int64)
+        ids = np.fromiter((t for e in encs for t in e.ids), dtype=np.int64, count=int(offsets[-1]))
+        flags = [_assistant_flags(e, spans[i]) for i, e in enumerate(encs)]
+        return ids, offsets, np.concatenate(flags) if flags else np.zeros(0, dtype=bool)
+    ids, offsets, chars = got  # chars: each token's characters in the texts joined
+    base = np.concatenate([[0], np.cumsum([len(t) for t in texts])])
+    joined = [(s + base[i], e + base[i]) for i, sp in enumerate(spans) for s, e in sp]
+    return ids.astype(np.int64), offsets, _flags_from_offsets(chars, joined)
+
+
+@dataclass(frozen=True)
+class ShardJob:
+    """What a worker needs to turn a shard's canonical rows into arrays (picklable).
+
+    Attributes:
+        family: sft | pair | unpaired_preference. kind_src: the rows' kind; kind_dst: the kind the
+        family consumes. name, stage_type: for error messages. dtype: the ids' dtype.
+        template: the chat template that renders the rows.
+    """
+
+    family: str
+    kind_src: str
+    kind_dst: str
+    name: str
+    stage_type: str
+    dtype: str
+    vocab_size: int
+    template: ChatTemplate
+
+
+def _encode_shard(folder: str, index: int, rows: list[dict], job: ShardJob, tokenizer=None) -> dict:
+    """Render and tokenise one shard's canonical ``rows`` and write its arrays atomically (``*.tmp``
+    renamed), its JSON last. Runs in a pool worker (:func:`_init_chat_worker`) or in-process.
+
+    Raises:
+        ValueError: a row that cannot become ``job.kind_dst`` (naming the dataset and stage type)."""
     from llmlab.data.store import _WORKER, _write_json
 
     tok = tokenizer if tokenizer is not None else _WORKER["tokenizer"]
-    arrays = dict(extras)
+    sequences, arrays = _shard_payload(rows, job)
     for seq, (texts, spans, last_k) in sequences.items():
-        for k, arr in _encode_sequence(tok.backend_tokenizer, texts, spans, last_k, dtype).items():
+        for k, arr in _encode_sequence(tok, texts, spans, last_k, job.dtype).items():
             arrays[f"{seq}_{k}"] = arr
     stem = f"shard-{index:05d}"
-    meta: dict[str, Any] = {"index": index, "examples": len(next(iter(sequences.values()))[0]),
-                            "files": {}, "sizes": {}, "sha256": {}}
+    meta: dict[str, Any] = {"index": index, "examples": len(rows), "files": {}, "sizes": {}, "sha256": {}}
     for name, arr in arrays.items():
         final = Path(folder) / f"{stem}.{name}.npy"
         meta["files"][name], meta["sizes"][name] = final.name, int(arr.shape[0])
@@ -393,32 +532,111 @@ def _save_npy(final: Path, arr: np.ndarray) -> str:
     return digest
 
 
-def _shard_payload(batch: dict, family: str, kind_src: str, kind_dst: str, name: str, stage_type: str,
-                   tokenizer) -> tuple[dict, dict]:
+def _shard_payload(rows: list[dict], job: ShardJob) -> tuple[dict, dict]:
     """The rendered sequences (text, generation spans, label runs kept) and per-example arrays of
-    one shard's rows (``batch``: column → values, of kind ``kind_src``)."""
+    one shard's canonical ``rows`` (of kind ``job.kind_src``)."""
     from llmlab.data.formats import convert_kind
 
-    if kind_src != kind_dst:
-        cols = list(batch)
+    if job.kind_src != job.kind_dst:
         try:
-            rows = [convert_kind(dict(zip(cols, vals)), kind_src, kind_dst) for vals in zip(*batch.values())]
+            rows = [convert_kind(r, job.kind_src, job.kind_dst) for r in rows]
         except ValueError as e:
-            raise ValueError(f"datasets.{name}: {e} (stage type {stage_type})") from None
-        batch = {k: [r[k] for r in rows] for k in (rows[0] if rows else {})}
+            raise ValueError(f"datasets.{job.name}: {e} (stage type {job.stage_type})") from None
     n_asst = lambda msgs: sum(m["role"] == "assistant" for m in msgs)  # noqa: E731
-    if family == "sft":
-        texts, spans = render_chats(tokenizer, batch["messages"])
+    if job.family == "sft":
+        texts, spans = job.template.render([r["messages"] for r in rows])
         return {"input": (texts, spans, [-1] * len(texts))}, {}
-    sides = ("chosen", "rejected") if family == "pair" else ("completion",)
+    sides = ("chosen", "rejected") if job.family == "pair" else ("completion",)
     seqs = {}
     for side in sides:
-        convs = [p + c for p, c in zip(batch["prompt"], batch[side])]
-        texts, spans = render_chats(tokenizer, convs)
-        seqs["input" if side == "completion" else side] = (texts, spans, [n_asst(c) for c in batch[side]])
-    extras = {"desirable": np.asarray([bool(x) for x in batch["label"]], dtype=np.uint8)} \
-        if family == "unpaired_preference" else {}
+        texts, spans = job.template.render([r["prompt"] + r[side] for r in rows])
+        seqs["input" if side == "completion" else side] = (texts, spans, [n_asst(r[side]) for r in rows])
+    extras = {"desirable": np.asarray([bool(r["label"]) for r in rows], dtype=np.uint8)} \
+        if job.family == "unpaired_preference" else {}
     return seqs, extras
+
+
+def _init_chat_worker(tokenizer, parent: int) -> None:
+    """A tokenising worker's set-up (:func:`llmlab.data.store._init_worker`), and the template
+    renderer imported while the parent reads the first rows."""
+    from llmlab.data.store import _init_worker
+
+    _init_worker(tokenizer, parent)
+    import transformers.utils.chat_template_utils  # noqa: F401
+
+
+class _ShardPool:
+    """The shards of one build, rendered and tokenised by :func:`_encode_shard`: the first
+    :data:`LOCAL_SHARDS` in this process, the rest in a pool of ``processes`` spawned workers (they
+    die with their parent: :func:`llmlab.data.store.die_with_parent`), or all in this process when
+    ``pooled`` is false. A worker costs about a shard's CPU time to start (interpreter, the template
+    renderer's imports, a cold piece cache), so a small dataset is written faster here. This
+    process hands out rows; at most ``processes + 1`` shards wait in memory. Use as a context
+    manager (the pool is shut down)."""
+
+    def __init__(self, tokenizer, job: ShardJob, processes: int, pooled: bool):
+        self.tokenizer, self.job, self.processes = tokenizer, job, processes
+        self.pooled = pooled and processes > 1
+        self.pool: ProcessPoolExecutor | None = None
+        self.pending: dict[tuple[str, int], Future] = {}
+        self.metas: dict[str, dict[int, dict]] = {}
+        self.local = 0  # shards written in this process
+
+    def __enter__(self) -> _ShardPool:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.pool is not None:
+            self.pool.shutdown(wait=True, cancel_futures=True)
+
+    def submit(self, split: str, part: Path, index: int, rows: list[dict], done: dict[int, dict]) -> None:
+        """Shard ``index`` of ``split`` (folder ``part``): kept when ``done`` (finished by a killed
+        build) holds it with as many examples, else written."""
+        metas = self.metas.setdefault(split, {})
+        if index in done and done[index]["examples"] == len(rows):
+            metas[index] = done[index]
+            return
+        if not self.pooled or self.local < LOCAL_SHARDS:
+            self.local += 1
+            metas[index] = _encode_shard(str(part), index, rows, self.job, self.tokenizer)
+            return
+        if self.pool is None:  # spawned, not forked: see store._run_shards
+            import multiprocessing as mp
+
+            from llmlab.data.store import _worker_tokenizer
+
+            self.pool = ProcessPoolExecutor(self.processes, mp_context=mp.get_context("spawn"),
+                                            initializer=_init_chat_worker,
+                                            initargs=(_worker_tokenizer(self.tokenizer), os.getpid()))
+        self.pending[(split, index)] = self.pool.submit(_encode_shard, str(part), index, rows, self.job)
+        while len(self.pending) > self.processes:  # bound what waits in memory
+            self._collect()
+
+    def _collect(self) -> None:
+        key = next(iter(self.pending))
+        self.metas[key[0]][key[1]] = self.pending.pop(key).result()
+
+    def finish(self) -> dict[str, list[dict]]:
+        """Every shard's meta, per split, in order."""
+        while self.pending:
+            self._collect()
+        return {split: [m[i] for i in sorted(m)] for split, m in self.metas.items()}
+
+
+def _done_shards(part: Path) -> dict[int, dict]:
+    """The shards a killed build finished in ``part`` (their JSON and every file present)."""
+    done = {}
+    for f in part.glob("shard-*.json"):
+        meta = json.loads(f.read_text())
+        if all((part / fn).is_file() for fn in meta["files"].values()):
+            done[int(meta["index"])] = meta
+    return done
+
+
+def _rows_of(batch: dict) -> list[dict]:
+    """A ``datasets`` column batch as a list of rows."""
+    cols = list(batch)
+    return [dict(zip(cols, vals)) for vals in zip(*batch.values())]
 
 
 def ensure_chat_store(path: Path, rows, *, family: str, kind_src: str, kind_dst: str, name: str, split: str,
@@ -438,16 +656,52 @@ def ensure_chat_store(path: Path, rows, *, family: str, kind_src: str, kind_dst:
         ValueError: the rows cannot become ``kind_dst``, or the tokenizer has no chat template.
         OSError: ENOSPC, naming the disk (finished shards are kept for the next run to resume).
     """
-    from llmlab.runguard import file_lock
+    from llmlab.data.store import _full_disk_named
 
     if chat_store_complete(path):
         return ChatStore(path)
-    with file_lock(path.with_name(path.name + ".lock"), wait=True,
-                   on_busy=lambda who: log.warning("chat store %s is being written by %s; waiting", path, who)):
+    with _store_lock(path):
         if chat_store_complete(path):
             return ChatStore(path)
-        return _build_locked(path, rows() if callable(rows) else rows, family, kind_src, kind_dst, name, split,
-                             stage_type, tokenizer, info, processes)
+        rows = rows() if callable(rows) else rows
+        job = _job(family, kind_src, kind_dst, name, stage_type, tokenizer)
+        part, t0 = _start_part(path), time.perf_counter()
+        n = len(rows)
+        done = _done_shards(part)
+        todo = [i for i in range(-(-n // SHARD_EXAMPLES))
+                if done.get(i, {}).get("examples") != min(SHARD_EXAMPLES, n - i * SHARD_EXAMPLES)]
+        with _full_disk_named(part, path), _ShardPool(tokenizer, job, _processes(processes),
+                                                           pooled=len(todo) > LOCAL_SHARDS) as pool:
+            for i in range(0, n, SHARD_EXAMPLES):
+                pool.submit(split, part, i // SHARD_EXAMPLES, _rows_of(rows[i: i + SHARD_EXAMPLES]), done)
+            metas = pool.finish().get(split, [])
+        return _finish_store(path, part, metas, job, split, info, t0)
+
+
+def _store_lock(path: Path):
+    """The ``flock`` on ``<path>.lock`` that serialises the builders of one store."""
+    from llmlab.runguard import file_lock
+
+    return file_lock(path.with_name(path.name + ".lock"), wait=True,
+                     on_busy=lambda who: log.warning("chat store %s is being written by %s; waiting", path, who))
+
+
+def _processes(processes: int | None) -> int:
+    return max(1, int(processes or os.cpu_count() or 1))
+
+
+def _job(family: str, kind_src: str, kind_dst: str, name: str, stage_type: str, tokenizer) -> ShardJob:
+    dtype = "uint16" if len(tokenizer) <= 65536 else "uint32"
+    return ShardJob(family, kind_src, kind_dst, name, stage_type, dtype, len(tokenizer), ChatTemplate.of(tokenizer))
+
+
+def _start_part(path: Path) -> Path:
+    """The ``<key>.partial`` folder a store is written in (kept from a killed build)."""
+    from llmlab.ownership import make_dir
+
+    part = path.with_name(path.name + ".partial")
+    make_dir(part, "token-store")  # the marker that lets `llmlab cache --prune` delete it
+    return part
 
 
 def chat_store_complete(path: Path) -> bool:
@@ -455,22 +709,16 @@ def chat_store_complete(path: Path) -> bool:
     return (Path(path) / "manifest.json").is_file()
 
 
-def _build_locked(path: Path, rows, family: str, kind_src: str, kind_dst: str, name: str, split: str,
-                  stage_type: str, tokenizer, info: dict, processes: int | None) -> ChatStore:
-    """:func:`ensure_chat_store`'s work, under the store's lock."""
-    from llmlab.data.store import _full_disk_named, _write_json
-    from llmlab.ownership import make_dir, try_remove_owned
+def _finish_store(path: Path, part: Path, metas: list[dict], job: ShardJob, split: str, info: dict,
+                  t0: float) -> ChatStore:
+    """Write the manifest of the shards ``metas`` in ``part`` and rename it to ``path``."""
+    from llmlab.data.store import _full_disk_named, _write_json, checked_when_settled
+    from llmlab.ownership import try_remove_owned
 
-    part = path.with_name(path.name + ".partial")
-    make_dir(part, "token-store")  # the marker that lets `llmlab cache --prune` delete it
-    dtype = "uint16" if len(tokenizer) <= 65536 else "uint32"
-    t0 = time.perf_counter()
-    with _full_disk_named(part, path):
-        metas = _write_shards(part, rows, family, kind_src, kind_dst, name, stage_type, tokenizer, dtype,
-                              max(1, int(processes or os.cpu_count() or 1)))
+    family = job.family
     tokens = {seq: sum(m["tokens"][seq] for m in metas) for seq in SEQUENCES[family]}
-    manifest = {"version": CHAT_STORE_VERSION, "family": family, "kind_dst": kind_dst, "dataset": name,
-                "split": split, "dtype": dtype, "examples": sum(m["examples"] for m in metas),
+    manifest = {"version": CHAT_STORE_VERSION, "family": family, "kind_dst": job.kind_dst, "dataset": job.name,
+                "split": split, "dtype": job.dtype, "vocab_size": job.vocab_size, "examples": sum(m["examples"] for m in metas),
                 "documents": sum(m["examples"] for m in metas), "tokens": sum(tokens.values()),
                 "sequence_tokens": tokens, "shards": metas,
                 "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **info}
@@ -480,51 +728,68 @@ def _build_locked(path: Path, rows, family: str, kind_src: str, kind_dst: str, n
         try_remove_owned(part)
     else:
         os.replace(part, path)
-    log.info("chat store %s: %s %s of %s, %d examples, %d tokens in %.1f s", path, family, split, name,
+    log.info("chat store %s: %s %s of %s, %d examples, %d tokens in %.1f s", path, family, split, job.name,
              manifest["examples"], manifest["tokens"], time.perf_counter() - t0)
-    return ChatStore(path)
+    return checked_when_settled(ChatStore(path))
 
 
-def _write_shards(part: Path, rows, family: str, kind_src: str, kind_dst: str, name: str, stage_type: str,
-                  tokenizer, dtype: str, processes: int) -> list[dict]:
-    """Render every missing shard here and tokenise it in a pool of ``processes`` spawned workers
-    (in this process when 1 or a single shard); returns the shards' metas in order."""
-    import multiprocessing as mp
+def build_streamed(paths: dict[str, Path], src, seed: int, hf_cache: str | None, *, family: str, kind_src: str,
+                   kind_dst: str, stage_type: str, tokenizer, info: dict, processes: int | None = None) -> None:
+    """Fill the stores ``paths`` (train and eval) of the streamed source ``src`` in one pass over its
+    rows (:func:`llmlab.data.sources.stream_split_rows`: the loaded dataset's rules, the same rows
+    on each side), never holding them: this process reads and routes the rows, the workers render
+    and tokenise them. The eval store is written only when rows are held out. ``info``: the
+    manifest fields; ``kind``, ``load_dropped`` and ``rows`` are added once the stream ends.
 
-    from llmlab.data.store import _init_worker, _worker_tokenizer
+    Raises:
+        ValueError: as loading the dataset raises (bad rows, no usable rows, an eval_split that holds
+            out nothing or everything), or rows that cannot become ``kind_dst``.
+    """
+    from contextlib import ExitStack
 
-    n = len(rows)
-    shards = (n + SHARD_EXAMPLES - 1) // SHARD_EXAMPLES
-    done: dict[int, Any] = {}
-    for f in part.glob("shard-*.json"):  # finished by a run that was killed: resume after them
-        meta = json.loads(f.read_text())
-        i = int(meta["index"])
-        if meta["examples"] == min(SHARD_EXAMPLES, n - i * SHARD_EXAMPLES) and \
-                all((part / fn).is_file() for fn in meta["files"].values()):
-            done[i] = meta
-    todo = [i for i in range(shards) if i not in done]
-    pool = None
-    if len(todo) > 1 and processes > 1:  # spawned, not forked: see store._run_shards
-        pool = ProcessPoolExecutor(processes, mp_context=mp.get_context("spawn"), initializer=_init_worker,
-                                   initargs=(_worker_tokenizer(tokenizer), os.getpid()))
-    try:
-        pending: dict[int, Future] = {}
-        for i in todo:
-            batch = rows[i * SHARD_EXAMPLES: (i + 1) * SHARD_EXAMPLES]
-            seqs, extras = _shard_payload(batch, family, kind_src, kind_dst, name, stage_type, tokenizer)
-            if pool is None:
-                done[i] = _encode_shard(str(part), i, seqs, extras, dtype, tokenizer)
-                continue
-            pending[i] = pool.submit(_encode_shard, str(part), i, seqs, extras, dtype)
-            while len(pending) >= 2 * processes:  # bound what waits in memory
-                first = min(pending)
-                done[first] = pending.pop(first).result()
-        for i, fut in pending.items():
-            done[i] = fut.result()
-    finally:
-        if pool is not None:
-            pool.shutdown(wait=True, cancel_futures=True)
-    return [done[i] for i in range(shards)]
+    from llmlab.data.sources import check_split, stream_split_rows
+    from llmlab.data.store import _full_disk_named
+
+    job = _job(family, kind_src, kind_dst, src.name, stage_type, tokenizer)
+    with ExitStack() as stack:
+        for p in paths.values():
+            stack.enter_context(_store_lock(p))
+        todo = {s: p for s, p in paths.items() if not chat_store_complete(p)}
+        parts: dict[str, Path] = {}
+        dones: dict[str, dict] = {}
+        buffers: dict[str, list] = {s: [] for s in paths}
+        counts = dict.fromkeys(paths, 0)
+        t0, stream_info = time.perf_counter(), {}
+        pool = stack.enter_context(_ShardPool(tokenizer, job, _processes(processes), pooled=True))
+
+        def flush(side: str) -> None:
+            if side not in parts:
+                parts[side] = _start_part(todo[side])
+                dones[side] = _done_shards(parts[side])
+                stack.enter_context(_full_disk_named(parts[side], todo[side]))
+            pool.submit(side, parts[side], (counts[side] - 1) // SHARD_EXAMPLES, buffers[side], dones[side])
+            buffers[side] = []
+
+        for row, _, side in stream_split_rows(src, seed, hf_cache, stream_info):
+            counts[side] += 1
+            if side in todo:
+                buffers[side].append(row)
+                if len(buffers[side]) == SHARD_EXAMPLES:
+                    flush(side)
+        for side in todo:
+            if buffers[side]:
+                flush(side)
+        if "train" in todo and "train" not in parts:  # no training rows: an empty store records it
+            parts["train"] = _start_part(todo["train"])
+        metas = pool.finish()
+        if stream_info["rows_read"] == stream_info["bad_rows"]:
+            raise ValueError(f"datasets.{src.name}: no usable rows")
+        if counts["train"] + counts["eval"]:
+            check_split(src.name, float(src.eval_split), counts["train"], counts["eval"])
+        info = {**info, "kind": kind_src, "load_dropped": stream_info["dropped"], "rows": counts}
+        for side, p in todo.items():
+            if counts[side] or side == "train":
+                _finish_store(p, parts[side], metas.get(side, []), job, side, info, t0)
 
 
 # -- a stage's sources ---------------------------------------------------------------------------
@@ -533,23 +798,69 @@ class StoredSource:
     """A named dataset that reaches a stage through chat stores: what ``build_stage_data`` reads of
     a :class:`llmlab.data.sources.DatasetSplits` (``kind``, ``dropped``, ``train``, ``eval``),
     taken from a complete store's manifest where one exists, so a prepared dataset is not loaded.
-    The rows are loaded (:func:`llmlab.data.sources.load_named_dataset`) only when a store is
-    missing."""
+    Where a store is missing, a streamable source (:attr:`llmlab.data.source.DatasetSource.streamable`:
+    local files, ``streaming: true``) fills its train and eval stores in one pass over its rows
+    (:func:`build_streamed`, never holding them; ``dropped`` and the split sizes are known once it
+    has run); any other is loaded (:func:`llmlab.data.sources.load_named_dataset`)."""
 
-    def __init__(self, recipe: dict, name: str, families: list[str], tok_hash: str, tokenizer):
+    def __init__(self, recipe: dict, name: str, stage_type: str, tok_hash: str, tokenizer):
+        from llmlab.data.sources import recipe_source
+        from llmlab.stage_specs import STAGE_SPECS
+
         self.recipe, self.name, self.tok_hash, self.tokenizer = recipe, name, tok_hash, tokenizer
+        self.spec = STAGE_SPECS[stage_type]
+        self.src = recipe_source(recipe, name)
         self._splits = None
-        for family in families:
-            path = chat_store_path(recipe, name, family, "train", tok_hash)
-            if chat_store_complete(path):
-                m = json.loads((path / "manifest.json").read_text())
-                self.kind, self.dropped, self.rows = m["kind"], dict(m["load_dropped"]), dict(m["rows"])
+        self._meta: tuple[dict, dict] | None = None  # (dropped, rows)
+        for family in [f for f in (self.spec.family, *self.spec.own_kinds) if f in SEQUENCES]:
+            if self._read_meta(chat_store_path(recipe, name, family, "train", tok_hash)):
                 break
         else:
-            s = self.splits()
-            self.kind, self.dropped = s.kind, s.dropped
-            self.rows = {"train": len(s.train), "eval": len(s.eval)}
+            if self.src.streamable:
+                self.kind = self._peek_kind()
+            else:
+                s = self.splits()
+                self.kind = s.kind
+                self._meta = (s.dropped, {"train": len(s.train), "eval": len(s.eval)})
         self.train, self.eval = StoredRows(self, "train"), StoredRows(self, "eval")
+
+    def _read_meta(self, path: Path) -> bool:
+        """Take ``kind``, ``dropped`` and the split sizes from the complete store at ``path``."""
+        if not chat_store_complete(path):
+            return False
+        m = json.loads((path / "manifest.json").read_text())
+        self.kind, self._meta = m["kind"], (dict(m["load_dropped"]), dict(m["rows"]))
+        return True
+
+    def _peek_kind(self) -> str:
+        """The canonical kind of a streamed source: its format's, or that of its first row."""
+        from llmlab.data.formats import KIND_OF_FORMAT
+        from llmlab.data.sources import cache_dir, stream_split_rows
+
+        if self.src.row_format in KIND_OF_FORMAT:
+            return KIND_OF_FORMAT[self.src.row_format]
+        seed = int(top_level(self.recipe, "seed"))
+        for _, kind, _ in stream_split_rows(self.src, seed, cache_dir(self.recipe), {}):
+            return kind
+        raise ValueError(f"datasets.{self.name}: no usable rows")
+
+    @property
+    def dropped(self) -> dict[str, int]:
+        """Rows dropped at load (``bad`` and per filter)."""
+        return self._metadata()[0]
+
+    @property
+    def rows(self) -> dict[str, int]:
+        """Rows of each split (``train``, ``eval``)."""
+        return self._metadata()[1]
+
+    def _metadata(self) -> tuple[dict, dict]:
+        if self._meta is None:  # a streamed source: fill the stores of the stage's family
+            family, kind_dst = (self.kind, self.kind) if self.kind in self.spec.own_kinds \
+                else (self.spec.family, self.spec.kind)
+            self.store("train", family, kind_dst, self.spec.type)
+        assert self._meta is not None
+        return self._meta
 
     def splits(self):
         """The loaded dataset (memoised by :func:`~llmlab.data.sources.load_named_dataset`)."""
@@ -562,8 +873,17 @@ class StoredSource:
     def store(self, split: str, family: str, kind_dst: str, stage_type: str) -> ChatStore:
         """The complete store of ``split`` for ``family`` (built first where missing)."""
         path = chat_store_path(self.recipe, self.name, family, split, self.tok_hash)
-        info = {"kind": self.kind, "load_dropped": self.dropped, "rows": self.rows,
-                "source": source_identity(self.recipe, self.name), "tokenizer": self.tok_hash}
+        info = {"source": source_identity(self.recipe, self.name), "tokenizer": self.tok_hash}
+        if not chat_store_complete(path) and self.src.streamable:
+            from llmlab.data.sources import cache_dir
+
+            paths = {s: chat_store_path(self.recipe, self.name, family, s, self.tok_hash) for s in ("train", "eval")}
+            build_streamed(paths, self.src, int(top_level(self.recipe, "seed")), cache_dir(self.recipe), family=family,
+                           kind_src=self.kind, kind_dst=kind_dst, stage_type=stage_type, tokenizer=self.tokenizer,
+                           info=info)
+            self._read_meta(paths["train"])
+            return ChatStore(path)
+        info.update(kind=self.kind, load_dropped=self.dropped, rows=self.rows)
         return ensure_chat_store(path, lambda: getattr(self.splits(), split), family=family, kind_src=self.kind,
                                  kind_dst=kind_dst, name=self.name, split=split, stage_type=stage_type,
                                  tokenizer=self.tokenizer, info=info)
@@ -585,11 +905,9 @@ def stored_source(recipe: dict, name: str, stage_type: str, tokenizer, tok_hash:
     data take the datasets path (pretrain, grpo/ppo prompts, a tokenizer without a Rust backend)."""
     from llmlab.stage_specs import STAGE_SPECS
 
-    spec = STAGE_SPECS[stage_type]
-    families = [f for f in (spec.family, *spec.own_kinds) if f in SEQUENCES]
-    if spec.family not in SEQUENCES or getattr(tokenizer, "backend_tokenizer", None) is None:
+    if STAGE_SPECS[stage_type].family not in SEQUENCES or getattr(tokenizer, "backend_tokenizer", None) is None:
         return None
-    return StoredSource(recipe, name, families, tok_hash, tokenizer)
+    return StoredSource(recipe, name, stage_type, tok_hash, tokenizer)
 
 
 def tokenised_part(rows: StoredRows, cfg, family: str, kind_dst: str, source: int,

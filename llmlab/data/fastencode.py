@@ -208,3 +208,89 @@ def encode_flat(tokenizer, texts: list[str], append_id: int | None = None) -> tu
     offsets = np.concatenate([[0], np.cumsum([len(r) for r in rows])]).astype(np.int64)
     ids = np.fromiter((t for r in rows for t in r), dtype=np.int32, count=int(offsets[-1]))
     return ids, offsets
+
+
+class ChatEncoder:
+    """Token ids *and* character offsets of rendered chat texts, exactly as the Rust tokenizer's
+    ``encode_batch`` gives them, through the piece cache (:class:`PieceEncoder`).
+
+    A chat text holds added tokens (``<|im_start|>``, ...). The tokenizer cuts them out before
+    pre-tokenising (they neither strip whitespace nor contain a space: :func:`supports_piece_cache`),
+    so each text between two of them is encoded on its own: the ids of a text are those of its
+    segments (piece-cached) with the added tokens' ids between. The offsets follow from the ids: a
+    byte-level BPE token stands for as many bytes of the text as its vocabulary string has
+    characters (an added token: its content's UTF-8 bytes), the tokens cover the text's bytes in
+    order, and a token's character offsets are those of its first and last byte's characters (a
+    character split over two tokens is in both, as the Rust tokenizer's offsets have it).
+
+    Args:
+        tokenizer: anything with ``backend_tokenizer``, ``eos_token`` and ``eos_token_id`` for which
+            :func:`supports_piece_cache` holds (``ValueError`` otherwise).
+    """
+
+    def __init__(self, tokenizer):
+        self._pieces = PieceEncoder(tokenizer)
+        backend = tokenizer.backend_tokenizer
+        added = {i: t.content for i, t in backend.get_added_tokens_decoder().items()}
+        self._added_id = {c: i for i, c in added.items()}
+        alternatives = "|".join(map(re.escape, sorted(self._added_id, key=len, reverse=True)))
+        self._split = re.compile(f"({alternatives})") if added else None
+        vocab = backend.get_vocab(with_added_tokens=True)
+        self._nbytes = np.zeros(max(vocab.values()) + 1, dtype=np.int64)
+        for piece, i in vocab.items():
+            self._nbytes[i] = len(piece)  # one character of the byte-level alphabet per byte
+        for i, content in added.items():
+            self._nbytes[i] = len(content.encode("utf-8"))
+
+    def encode(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+        """``(ids, offsets, chars)`` of ``texts``: int32 [L], int64 [B + 1] (text b's tokens are
+        ``offsets[b]:offsets[b + 1]``) and int64 [L, 2], each token's [start, end) characters in
+        the texts joined (``"".join(texts)``); None when the tokens' bytes do not cover the texts' (a vocabulary that is not
+        byte-level after all): the caller encodes them otherwise."""
+        segments, items = [], []  # per text, its segment numbers (>= 0) and added ids (-1 - id)
+        counts = np.zeros(len(texts), dtype=np.int64)
+        for b, text in enumerate(texts):
+            parts = self._split.split(text) if self._split is not None else [text]
+            before = len(items)
+            for k, p in enumerate(parts):
+                if k % 2:
+                    items.append(-1 - self._added_id[p])
+                elif p:
+                    items.append(len(segments))
+                    segments.append(p)
+            counts[b] = len(items) - before
+        seg_ids, seg_off = self._pieces.encode(segments)
+        it = np.asarray(items, dtype=np.int64)
+        is_seg = it >= 0
+        # every item's ids gathered from seg_ids followed by the added ids (one per added item)
+        source = np.concatenate([seg_ids, (-1 - it[~is_seg]).astype(np.int32)])
+        start = np.empty(it.size, dtype=np.int64)
+        start[is_seg] = seg_off[it[is_seg]]
+        start[~is_seg] = seg_ids.size + np.arange(int((~is_seg).sum()))
+        length = np.where(is_seg, np.diff(seg_off)[np.where(is_seg, it, 0)] if segments else 0, 1)
+        item_end = np.cumsum(length)
+        ids = source[np.repeat(start - (item_end - length), length) + np.arange(int(item_end[-1]) if it.size else 0)]
+        ids = ids.astype(np.int32, copy=False)
+        offsets = np.concatenate([[0], item_end[np.cumsum(counts) - 1]]) if it.size else np.zeros(len(texts) + 1, np.int64)
+        offsets[1:][counts == 0] = 0
+        offsets = np.maximum.accumulate(offsets)  # a text without items ends where the previous one did
+        raw = "".join(texts).encode("utf-8")
+        nbytes = self._nbytes[ids]
+        ends = np.cumsum(nbytes)
+        if ids.size and (ends[-1] != len(raw) or (nbytes == 0).any()):
+            return None
+        char_of_byte = np.cumsum((np.frombuffer(raw, np.uint8) & 0xC0) != 0x80) - 1
+        chars = np.stack([char_of_byte[ends - nbytes], char_of_byte[ends - 1] + 1], axis=1) \
+            if ids.size else np.zeros((0, 2), np.int64)
+        return ids, offsets.astype(np.int64), chars
+
+
+_CHAT_ENCODERS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def chat_encoder(tokenizer) -> ChatEncoder | None:
+    """The :class:`ChatEncoder` of ``tokenizer`` (one per tokenizer, its cache kept across calls),
+    or None where :func:`supports_piece_cache` does not hold."""
+    if tokenizer not in _CHAT_ENCODERS:
+        _CHAT_ENCODERS[tokenizer] = ChatEncoder(tokenizer) if supports_piece_cache(tokenizer) else None
+    return _CHAT_ENCODERS[tokenizer]

@@ -165,13 +165,21 @@ def load_named_dataset(recipe: dict, name: str) -> DatasetSplits:
 
 def stream_rows(src: DatasetSource, seed: int, hf_cache: str | None, split: str,
                 info: dict) -> Iterator[tuple[dict, str]]:
-    """The canonical rows of ``split`` (train | eval) of ``src`` read as a stream
-    (:meth:`~llmlab.data.source.DatasetSource.iter_rows`), each as ``(row, kind)``, never holding
-    the rows.
+    """The rows of :func:`stream_split_rows` on side ``split`` (train | eval), as ``(row, kind)``."""
+    for row, kind, side in stream_split_rows(src, seed, hf_cache, info):
+        if side == split:
+            yield row, kind
+
+
+def stream_split_rows(src: DatasetSource, seed: int, hf_cache: str | None,
+                      info: dict) -> Iterator[tuple[dict, str, str]]:
+    """The canonical rows of ``src`` read as a stream
+    (:meth:`~llmlab.data.source.DatasetSource.iter_rows`), each as ``(row, kind, side)`` (side:
+    ``train`` | ``eval``), never holding the rows.
 
     The rules of :func:`load_named_dataset` (:class:`RowRules`), row by row: stop after
     ``max_samples`` rows, rename ``columns``, normalise (bad rows are counted and skipped), filter,
-    and keep a row for ``split`` by the recipe-wide hash split (:func:`held_out`), which needs no
+    and give each row its side by the recipe-wide hash split (:func:`held_out`), which needs no
     second pass and no memory. Filters and bad-row accounting see every row read (both sides of the
     split), so the counts are the loaded dataset's, and local files give exactly its rows, in order.
     Fills ``info`` with ``rows_read``, ``bad_rows``, ``dropped`` and ``first_bad_rows`` once the
@@ -206,8 +214,8 @@ def stream_rows(src: DatasetSource, seed: int, hf_cache: str | None, split: str,
         if problem:
             bad.append((n - 1, problem))
             continue
-        if rules.row_filter.keep(r) and (rules.fraction == 0 or rules.held(r) == (split == "eval")):
-            yield r, rules.kind
+        if rules.row_filter.keep(r):
+            yield r, rules.kind, "eval" if rules.fraction > 0 and rules.held(r) else "train"
     n, bad = n + len(entries), entries + bad  # as a loaded dataset counts them
     rules.check_bad(len(bad), n, bad)
     info.update(rows_read=n, bad_rows=len(bad), dropped={"bad": len(bad), **rules.row_filter.counts},
@@ -513,13 +521,23 @@ def split_eval(ds, kind: str, fraction: float, seed: int, name: str = ""):
         return ds, ds.select([])
     held = np.fromiter((held_out(prompt_key(r, kind), fraction, seed) for r in iter_rows(ds)),
                        dtype=bool, count=len(ds))
-    if not held.any():
-        raise ValueError(f"datasets.{name}.eval_split: {fraction:g} holds out none of the {len(ds)} rows "
+    check_split(name, fraction, int((~held).sum()), int(held.sum()))
+    return ds.select(np.flatnonzero(~held).tolist()), ds.select(np.flatnonzero(held).tolist())
+
+
+def check_split(name: str, fraction: float, train: int, held: int) -> None:
+    """The checks of an ``eval_split`` of ``fraction`` > 0 that left ``train`` and ``held`` rows (of
+    a dataset with rows; loaded and streamed datasets alike).
+
+    Raises:
+        ValueError: naming ``datasets.<name>.eval_split``: no row held out, or none left to train on.
+    """
+    if fraction > 0 and not held:
+        raise ValueError(f"datasets.{name}.eval_split: {fraction:g} holds out none of the {train} rows "
                          "(a prompt is held out when a hash of it falls below the fraction); raise "
                          "eval_split or add rows")
-    if held.all():
+    if fraction > 0 and not train:
         raise ValueError(f"datasets.{name}.eval_split: nothing left to train on")
-    return ds.select(np.flatnonzero(~held).tolist()), ds.select(np.flatnonzero(held).tolist())
 
 
 

@@ -227,12 +227,59 @@ def _trusted_record(folder: Path, meta: dict, stats: dict[str, list[int]]) -> di
     return None
 
 
+def check_shard_content(folder: Path, meta: dict, files: dict[str, Path], ids: dict[str, np.ndarray], vocab_size: int,
+                        damaged, force: bool) -> None:
+    """Check a store shard's content, unless a trusted verification record vouches for it
+    (:func:`_trusted_record`; ``force``: always), and record a successful check
+    (``shard-NNNNN.verified``): every file's sha256 against ``meta``'s and every id below
+    ``vocab_size``. The one check of the token store (:class:`TokenStore`) and the chat store
+    (:class:`llmlab.data.chat_store.ChatStore`).
+
+    Args:
+        folder: the store. meta: the shard's ``index`` and ``<key>_sha256`` for every key of ``files``.
+        files: key → file. ids: key → the mapped token ids of that file (keys of ``files``).
+        damaged: ``(file name, what) -> StoreError`` naming the store and what to do.
+
+    Raises:
+        StoreError: from ``damaged``: a file whose sha256 differs (an id outside the vocabulary
+            said too), or bytes as written holding an id at or above ``vocab_size``.
+    """
+    checked_ns = time.time_ns()
+    stats = {k: _file_stat(f) for k, f in files.items()}
+    rec = None if force else _trusted_record(folder, meta, stats)
+    top = {k: (int(a.max()) if a.size else -1) for k, a in ids.items()} if rec is None else \
+        {next(iter(ids)): int(rec["max_id"])}
+    worst = max(top, key=top.get)
+    max_id = top[worst]
+    outside = f"holds token id {max_id}, outside the tokenizer's vocabulary of {vocab_size} ids" \
+        if max_id >= vocab_size else ""
+    if rec is None:
+        for k, f in files.items():
+            if sha256_mapped(f) != meta[f"{k}_sha256"]:
+                raise damaged(f.name, "sha256 differs from manifest.json (its bytes changed after it was "
+                              "written)" + (f"; the shard {outside}" if outside else ""))
+    if outside:  # bytes as written, by a tokenizer with more ids than this store's manifest says
+        raise damaged(files[worst].name, outside)
+    if rec is not None:
+        return
+    _write_record(folder, meta["index"], {**{f"{k}_sha256": meta[f"{k}_sha256"] for k in files},
+                                          **{f"{k}_stat": stats[k] for k in files},
+                                          "max_id": max_id, "checked_ns": checked_ns})
+
+
 def rebuild_hint(path: Path) -> str:
     """What to do with the unusable store folder ``path``: the command that deletes it and the one
     that rebuilds it (the recipe this process was started with, when its command line names one)."""
     recipe = next((shlex.quote(a) for a in sys.argv[1:] if a.endswith((".yaml", ".yml"))), "RECIPE")
     return (f"delete the folder (`rm -r {shlex.quote(str(path))}`; llmlab never deletes it on its own) and "
             f"rebuild it with `llmlab prepare {recipe}`")
+
+
+def damaged_store_error(path: Path, manifest: dict, file: str, what: str, kind: str = "token store") -> StoreError:
+    """The error for a damaged ``file`` of the store ``path``: the file, what is wrong, the store
+    (its dataset and split where its manifest names them) and what to do (:func:`rebuild_hint`)."""
+    where = f" ({manifest.get('dataset')}, {manifest.get('split')})" if "dataset" in manifest else ""
+    return StoreError(f"{path / file}: {what}. The {kind} {path}{where} cannot be used: {rebuild_hint(path)}")
 
 
 def incomplete_store_error(path: Path) -> StoreError:
@@ -294,9 +341,7 @@ class TokenStore:
         return (Path(path) / "manifest.json").is_file()
 
     def _damaged(self, file: str, what: str) -> StoreError:
-        where = f" ({self.manifest.get('dataset')}, {self.manifest.get('split')})" if "dataset" in self.manifest else ""
-        return StoreError(f"{self.path / file}: {what}. The token store {self.path}{where} cannot be used: "
-                          f"{rebuild_hint(self.path)}")
+        return damaged_store_error(self.path, self.manifest, file, what)
 
     def _shard(self, i: int):
         """Shard ``i``'s (ids, offsets) memmaps, checked on their first read (see the class doc)."""
@@ -324,28 +369,14 @@ class TokenStore:
         return ids, offsets
 
     def _check(self, i: int, ids: np.ndarray, force: bool) -> None:
-        """Check shard ``i``'s content (``ids``: its mapped tokens) unless a trusted record vouches
-        for it (``force``: always); record a successful check."""
+        """Check shard ``i``'s content (``ids``: its mapped tokens): :func:`check_shard_content`."""
+        check_shard_content(self.path, self.manifest["shards"][i], self._files(i), {"tokens": ids}, self.vocab_size,
+                            self._damaged, force)
+
+    def _files(self, i: int) -> dict[str, Path]:
+        """Shard ``i``'s files by key (``tokens``, ``offsets``)."""
         s = self.manifest["shards"][i]
-        files = {k: self.path / s[f"{k}_file"] for k in ("tokens", "offsets")}
-        checked_ns = time.time_ns()
-        stats = {k: _file_stat(f) for k, f in files.items()}
-        rec = None if force else _trusted_record(self.path, s, stats)
-        max_id = int(rec["max_id"]) if rec is not None else (int(ids.max()) if ids.size else -1)
-        outside = f"holds token id {max_id}, outside the tokenizer's vocabulary of {self.vocab_size} ids" \
-            if max_id >= self.vocab_size else ""
-        if rec is None:
-            for k, f in files.items():
-                if sha256_mapped(f) != s[f"{k}_sha256"]:
-                    raise self._damaged(s[f"{k}_file"], "sha256 differs from manifest.json (its bytes changed after "
-                                        "it was written)" + (f"; the shard {outside}" if outside else ""))
-        if outside:  # bytes as written, by a tokenizer with more ids than this store's manifest says
-            raise self._damaged(s["tokens_file"], outside)
-        if rec is not None:
-            return
-        _write_record(self.path, i, {"tokens_sha256": s["tokens_sha256"], "offsets_sha256": s["offsets_sha256"],
-                                     "tokens_stat": stats["tokens"], "offsets_stat": stats["offsets"],
-                                     "max_id": max_id, "checked_ns": checked_ns})
+        return {k: self.path / s[f"{k}_file"] for k in ("tokens", "offsets")}
 
     def window(self, start: int, stop: int) -> np.ndarray:
         """Tokens ``[start, stop)`` of the store's stream (documents in order, each ending with EOS),
@@ -634,15 +665,16 @@ def _build_store_locked(path: Path, texts: Iterable[str], tokenizer, *, info: di
     else:
         os.replace(part, path)
     log.info("token store %s: %d documents, %d tokens", path, manifest["documents"], manifest["tokens"])
-    return _checked_when_settled(TokenStore(path))
+    return checked_when_settled(TokenStore(path))
 
 
-def _checked_when_settled(store: TokenStore) -> TokenStore:
-    """Check a store just written (:meth:`TokenStore.check`: 0.7 s per GB of shards, against
+def checked_when_settled(store):
+    """Check a store just written (a :class:`TokenStore` or a
+    :class:`llmlab.data.chat_store.ChatStore`: its ``check()``, 0.7 s per GB of shards, against
     minutes of tokenising), once its files are old enough for the verification records written by
     the check to be trusted (:func:`_margin_ns`: 20 ms here, 2 s on FAT or HFS+), so no reader
     hashes them again."""
-    stats = [_file_stat(store.path / s[f"{k}_file"]) for s in store.manifest["shards"] for k in ("tokens", "offsets")]
+    stats = [_file_stat(f) for i in range(len(store.manifest["shards"])) for f in store._files(i).values()]
     if stats:
         wait_ns = max(max(st[1], st[2]) for st in stats) + _margin_ns(stats) - time.time_ns()
         if wait_ns > 0:
