@@ -29,6 +29,7 @@ so every stage that packs batches (sft, dpo, ...) packs Mamba2 batches too.
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import threading
 
@@ -161,7 +162,13 @@ def packed_chunk_scan(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: tor
 def kernels_keep_sequences_apart(device: torch.device) -> bool:
     """True where transformers' Mamba2Mixer runs the mamba_ssm and causal_conv1d kernels, which take
     ``seq_idx`` themselves: a CUDA device with both packages installed."""
-    return device.type == "cuda" and all(importlib.util.find_spec(p) is not None for p in ("mamba_ssm", "causal_conv1d"))
+    return device.type == "cuda" and _kernels_installed()
+
+
+@functools.cache
+def _kernels_installed() -> bool:
+    """mamba_ssm and causal_conv1d are importable (looked up once: every mixer's forward asks)."""
+    return all(importlib.util.find_spec(p) is not None for p in ("mamba_ssm", "causal_conv1d"))
 
 
 class PackedMamba2Mixer(Mamba2Mixer):
