@@ -411,12 +411,6 @@ def _flags_from_offsets(offsets: np.ndarray, spans: list[tuple[int, int]]) -> np
     return inside & (offsets[:, 1] > sp[np.minimum(k, len(sp) - 1), 0])
 
 
-def _runs(flags: np.ndarray) -> np.ndarray:
-    """[start, end) of each run of True in ``flags``: int64 [runs, 2]."""
-    d = np.diff(np.concatenate([[0], flags.astype(np.int8), [0]]))
-    return np.stack([np.flatnonzero(d == 1), np.flatnonzero(d == -1)], axis=1)
-
-
 def _encode_sequence(tok, texts: list[str], spans: list, last_k: list[int], dtype: str) -> dict:
     """Tokenise one sequence of a shard's examples: ids, label flags, offsets and info arrays.
 

@@ -175,7 +175,6 @@ def test_assistant_flags_follow_the_offsets_rule_where_characters_are_split():
     offsets = np.array([[0, 1], [1, 2], [2, 3], [2, 3], [3, 5]])
     assert chat_store._flags_from_offsets(offsets, [(2, 3)]).tolist() == [False, False, True, True, False]
     assert chat_store._flags_from_offsets(offsets, [(0, 1), (4, 5)]).tolist() == [True, False, False, False, True]
-    assert chat_store._runs(np.array([1, 1, 0, 1, 0, 0, 1], dtype=bool)).tolist() == [[0, 2], [3, 4], [6, 7]]
 
 
 def test_cache_prune_deletes_chat_stores_whole(tmp_path, tokenizer):
