@@ -27,7 +27,9 @@ def test_run_command_runs_a_final_evaluate_stage(trained, tmp_path, capsys):
     from llmlab.stages.evaluate import run_evaluate_stage
 
     d, resolved = trained
-    shutil.copytree(d / "run", tmp_path / "run")  # the trained stages; the evaluate stage has not run
+    # the trained stages; the evaluate stage has not run (test_stage.py's fixture may have written a
+    # compare/ into the shared run, without the runner's ownership marker)
+    shutil.copytree(d / "run", tmp_path / "run", ignore=shutil.ignore_patterns("compare"))
     recipe = write_recipe(tmp_path, FULL, name="full.yaml")
     capsys.readouterr()
     assert run_command(recipe) == 0
