@@ -157,7 +157,7 @@ def dpo_loss(
     chosen_lengths: torch.Tensor | None = None,
     rejected_lengths: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per-pair DPO (Rafailov et al. 2023) or IPO (Azar et al. 2023) loss.
+    """Per-pair DPO (Rafailov et al. 2023), IPO (Azar et al. 2023) or APO (D'Oosterlinck et al. 2024) loss.
 
     With ``h = (log pi(y_w) - log ref(y_w)) - (log pi(y_l) - log ref(y_l))``:
 
@@ -166,12 +166,20 @@ def dpo_loss(
     - ``ipo``: ``(h' - 1 / (2 beta))^2`` (eq. 17, beta is the paper's tau), where ``h'`` uses the
       log-ratios averaged per completion token when ``chosen_lengths``/``rejected_lengths`` are given
       (the normalisation TRL uses, confirmed by the IPO authors), else the summed log-ratios.
+    - ``apo_zero`` (Anchored Preference Optimization, "Anchored Preference Optimization and
+      Contrastive Revisions", eq. 7): ``(1 - sigma(beta r_w)) + sigma(beta r_l)`` with ``r`` each
+      reply's log-ratio ``log pi - log ref``: raises the chosen reply's likelihood and lowers the
+      rejected one's, each anchored to the reference (for chosen replies better than the model's own).
+    - ``apo_down`` (eq. 8): ``sigma(beta r_w) + (1 - sigma(beta h))``: lowers both, the rejected
+      more (for chosen replies worse than the model's own).
+
+    Both as TRL 1.16's ``DPOTrainer`` (``loss_type`` ``apo_zero`` / ``apo_down``).
 
     Args:
         policy_chosen_logps, policy_rejected_logps: ``[B]`` summed completion log-probs under the policy.
         ref_chosen_logps, ref_rejected_logps: ``[B]`` the same under the reference model.
         beta: the KL-strength / temperature.
-        loss_type: ``sigmoid`` or ``ipo``.
+        loss_type: ``sigmoid``, ``ipo``, ``apo_zero`` or ``apo_down``.
         label_smoothing: in ``[0, 0.5)``; sigmoid only.
         chosen_lengths, rejected_lengths: ``[B]`` number of completion tokens (IPO normalisation).
 
@@ -191,8 +199,12 @@ def dpo_loss(
         else:
             h = chosen_logratios - rejected_logratios
         losses = (h - 1.0 / (2.0 * beta)) ** 2
+    elif loss_type == "apo_zero":
+        losses = (1.0 - torch.sigmoid(beta * chosen_logratios)) + torch.sigmoid(beta * rejected_logratios)
+    elif loss_type == "apo_down":
+        losses = torch.sigmoid(beta * chosen_logratios) + (1.0 - torch.sigmoid(beta * (chosen_logratios - rejected_logratios)))
     else:
-        raise ValueError(f"unknown DPO loss_type {loss_type!r}; expected 'sigmoid' or 'ipo'")
+        raise ValueError(f"unknown DPO loss_type {loss_type!r}; expected sigmoid, ipo, apo_zero or apo_down")
     chosen_rewards = beta * chosen_logratios.detach()
     rejected_rewards = beta * rejected_logratios.detach()
     return losses, chosen_rewards, rejected_rewards

@@ -96,6 +96,10 @@ STAGE_SPECS: dict[str, StageSpec] = {s.type: s for s in (
 
 #: ``loss_type`` values of a dpo stage that load no reference model (SimPO, CPO)
 REFERENCE_FREE_DPO_LOSSES = ("simpo", "cpo")
+#: ``loss_type`` values of a dpo stage that compare with a reference model (``llmlab.losses.dpo_loss``)
+REFERENCE_DPO_LOSSES = ("sigmoid", "ipo", "apo_zero", "apo_down")
+#: ``loss_type`` values that take no ``label_smoothing`` (IPO's squared loss, APO's anchored terms)
+UNSMOOTHED_DPO_LOSSES = ("ipo", "apo_zero", "apo_down")
 
 
 def uses_reference(stage_type: str, params=None) -> bool | None:

@@ -13,7 +13,7 @@ from llmlab.chat_templates import CHOICES as CHAT_TEMPLATE_CHOICES
 from llmlab.models import lora_presets
 from llmlab.recipe.schema import suggest
 from llmlab.stage_specs import (BUILTIN_FORMATS, CONVERSATION_FORMATS, NON_LM_TYPES, NON_TRAINING_TYPES,
-                                REFERENCE_FREE_DPO_LOSSES, STAGE_SPECS)
+                                REFERENCE_FREE_DPO_LOSSES, STAGE_SPECS, UNSMOOTHED_DPO_LOSSES)
 
 
 
@@ -150,14 +150,15 @@ def dataset_format(spec: dict) -> str | None:
 
 def _check_dpo_loss(st: dict, base: tuple, given, add) -> None:
     """Keys a dpo stage's ``loss_type`` does not use: ``reference_from`` with the reference-free
-    simpo / cpo, ``rpo_alpha`` with cpo (whose NLL weight is ``cpo_alpha``), ``label_smoothing`` with ipo."""
+    simpo / cpo, ``rpo_alpha`` with cpo (whose NLL weight is ``cpo_alpha``), ``label_smoothing`` with ipo and
+    the apo losses."""
     loss = st.get("loss_type")
     if loss in REFERENCE_FREE_DPO_LOSSES and st.get("reference_from"):
         add(base + ("reference_from",), f"loss_type {loss} loads no reference model; remove reference_from")
     if loss == "cpo" and given(base + ("rpo_alpha",), non_default=True):
         add(base + ("rpo_alpha",), "loss_type cpo weighs its NLL term with cpo_alpha; remove rpo_alpha")
-    if loss == "ipo" and given(base + ("label_smoothing",), non_default=True):
-        add(base + ("label_smoothing",), "label_smoothing does not apply to loss_type ipo")
+    if loss in UNSMOOTHED_DPO_LOSSES and given(base + ("label_smoothing",), non_default=True):
+        add(base + ("label_smoothing",), f"label_smoothing does not apply to loss_type {loss}")
 
 
 def _check_one_kind(spec, mix: dict, datasets: dict, ds: str, fmt: str, path: tuple, add) -> None:

@@ -1,8 +1,9 @@
-"""Direct Preference Optimization (Rafailov et al. 2023), IPO (Azar et al. 2023), and the
-reference-free SimPO (Meng et al. 2024) and CPO (Xu et al. 2024).
+"""Direct Preference Optimization (Rafailov et al. 2023), IPO (Azar et al. 2023), APO
+(D'Oosterlinck et al. 2024: ``apo_zero``, ``apo_down``), and the reference-free SimPO (Meng et al.
+2024) and CPO (Xu et al. 2024).
 
 Recipe keys (``stages.NAME``, type ``dpo``; defaults in the recipe schema): ``beta``, ``loss_type``
-sigmoid|ipo|simpo|cpo, ``label_smoothing``, ``rpo_alpha``, ``simpo_gamma``, ``cpo_alpha``,
+sigmoid|ipo|apo_zero|apo_down|simpo|cpo, ``label_smoothing``, ``rpo_alpha``, ``simpo_gamma``, ``cpo_alpha``,
 ``reference_from``.
 
 ``loss_type: simpo`` and ``cpo`` load no reference model (:func:`llmlab.losses.cpo_loss`, TRL 1.16's
@@ -36,7 +37,7 @@ import torch
 from llmlab.losses import cpo_loss, dpo_loss, preference_accuracy, token_logps
 from llmlab.models.padfree import concat_pairs, model_logits, packs_documents, padfree_sequence_logps
 from llmlab.stage_params import DPOParams
-from llmlab.stage_specs import REFERENCE_FREE_DPO_LOSSES
+from llmlab.stage_specs import REFERENCE_DPO_LOSSES, REFERENCE_FREE_DPO_LOSSES, UNSMOOTHED_DPO_LOSSES
 from llmlab.stages.base import Stage, StageContext
 from llmlab.stages.reference import ReferenceModel
 
@@ -78,10 +79,11 @@ class DPOStage(Stage):
         self.rpo_alpha = float(p.rpo_alpha)
         self.simpo_gamma = float(p.simpo_gamma)
         self.cpo_alpha = float(p.cpo_alpha)
-        if self.loss_type not in ("sigmoid", "ipo") + REFERENCE_FREE_LOSSES:
-            raise ValueError(f"stages.{ctx.name}.loss_type: {self.loss_type!r} is not one of sigmoid, ipo, simpo, cpo")
-        if self.loss_type == "ipo" and self.label_smoothing:
-            raise ValueError(f"stages.{ctx.name}.label_smoothing does not apply to loss_type ipo")
+        if self.loss_type not in REFERENCE_DPO_LOSSES + REFERENCE_FREE_LOSSES:
+            raise ValueError(f"stages.{ctx.name}.loss_type: {self.loss_type!r} is not one of "
+                             f"{', '.join(REFERENCE_DPO_LOSSES + REFERENCE_FREE_LOSSES)}")
+        if self.loss_type in UNSMOOTHED_DPO_LOSSES and self.label_smoothing:
+            raise ValueError(f"stages.{ctx.name}.label_smoothing does not apply to loss_type {self.loss_type}")
         if self.loss_type == "cpo" and self.rpo_alpha:
             raise ValueError(f"stages.{ctx.name}.rpo_alpha: loss_type cpo weighs its NLL term with cpo_alpha")
         if self.loss_type in REFERENCE_FREE_LOSSES and p.reference_from:

@@ -45,7 +45,9 @@ def trl_dpo():
 
 
 @pytest.mark.parametrize("loss_type,beta,rpo_alpha", [("sigmoid", 0.1, 0.0), ("sigmoid", 0.7, 0.0), ("ipo", 0.1, 0.0),
-                                                     ("ipo", 0.5, 0.0), ("sigmoid", 0.1, 0.5), ("sigmoid", 0.3, 2.0)])
+                                                     ("ipo", 0.5, 0.0), ("sigmoid", 0.1, 0.5), ("sigmoid", 0.3, 2.0),
+                                                     ("apo_zero", 0.1, 0.0), ("apo_zero", 0.5, 1.0),
+                                                     ("apo_down", 0.3, 0.0)])
 def test_dpo_stage_matches_trl(trl_dpo, loss_type, beta, rpo_alpha):
     """Loss, metrics and gradients equal TRL's; rpo_alpha > 0 against TRL 1.16's form of RPO
     (``rpo_alpha`` of older TRL): ``loss_type=[loss_type, "sft"]``, ``loss_weights=[1, rpo_alpha]``."""
@@ -108,6 +110,13 @@ def test_dpo_loss_closed_forms():
     # IPO without length normalisation: squared distance of h to 1/(2 beta)
     l_i, _, _ = losses.dpo_loss(pc, pr, rc, rr, beta=0.2, loss_type="ipo")
     torch.testing.assert_close(l_i, (h - 2.5) ** 2)
+    # APO-zero (eq. 7): chosen log-ratio pushed up, rejected down, each anchored at 0
+    sig = torch.sigmoid
+    l_z, _, _ = losses.dpo_loss(pc, pr, rc, rr, beta=0.2, loss_type="apo_zero")
+    torch.testing.assert_close(l_z, 1 - sig(0.2 * (pc - rc)) + sig(0.2 * (pr - rr)))
+    # APO-down (eq. 8): chosen log-ratio down, the margin up
+    l_d, _, _ = losses.dpo_loss(pc, pr, rc, rr, beta=0.2, loss_type="apo_down")
+    torch.testing.assert_close(l_d, sig(0.2 * (pc - rc)) + 1 - sig(0.2 * h))
     with pytest.raises(ValueError, match="loss_type"):
         losses.dpo_loss(pc, pr, rc, rr, beta=0.2, loss_type="hinge")
 

@@ -107,7 +107,8 @@ def test_reference_free_types_keep_no_reference_model():
     ({"loss_type": "cpo", "rpo_alpha": 1.0}, "rpo_alpha: loss_type cpo weighs its NLL term with cpo_alpha"),
     ({"loss_type": "simpo", "reference_from": "sft"}, "reference_from: loss_type simpo uses no reference"),
     ({"loss_type": "ipo", "label_smoothing": 0.1}, "label_smoothing does not apply to loss_type ipo"),
-    ({"loss_type": "hinge"}, "not one of sigmoid, ipo, simpo, cpo"),
+    ({"loss_type": "apo_zero", "label_smoothing": 0.1}, "label_smoothing does not apply to loss_type apo_zero"),
+    ({"loss_type": "hinge"}, "not one of sigmoid, ipo, apo_zero, apo_down, simpo, cpo"),
 ])
 def test_dpo_loss_type_config_errors(config, match):
     from llmlab.stages.dpo import DPOStage

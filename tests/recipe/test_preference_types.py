@@ -78,8 +78,11 @@ def test_kto_takes_unpaired_or_paired_datasets_not_both(tmp_path):
 def test_dpo_keys_its_loss_type_does_not_use_are_refused(tmp_path):
     for keys, key in (({"loss_type": "simpo", "reference_from": "sft"}, "reference_from"),
                       ({"loss_type": "cpo", "rpo_alpha": 0.5}, "rpo_alpha"),
-                      ({"loss_type": "ipo", "label_smoothing": 0.1}, "label_smoothing")):
+                      ({"loss_type": "ipo", "label_smoothing": 0.1}, "label_smoothing"),
+                      ({"loss_type": "apo_down", "label_smoothing": 0.1}, "label_smoothing")):
         _, errors = load_recipe(_recipe(tmp_path, extra=keys))
         assert any(f"stages.extra.{key}" in str(e) for e in errors), (keys, errors)
     _, errors = load_recipe(_recipe(tmp_path, extra={"loss_type": "cpo", "cpo_alpha": 0.5}))
+    assert errors == []
+    _, errors = load_recipe(_recipe(tmp_path, extra={"loss_type": "apo_zero", "rpo_alpha": 1.0}))
     assert errors == []
