@@ -14,6 +14,7 @@ seed and the ``model:`` section).
 from __future__ import annotations
 
 import logging
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -388,7 +389,11 @@ def apply_lora(model: PreTrainedModel, lora_cfg: dict | LoraSpec, arch_key: str 
         use_dora=bool(lora.use_dora),
         use_rslora=bool(lora.use_rslora),
     )
-    return get_peft_model(model, config)
+    with warnings.catch_warnings():
+        # peft 0.21 reads transformers' deprecated ``is_gradient_checkpointing`` (removed in
+        # transformers 6): a FutureWarning on every LoRA stage that the user can do nothing about
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.* is deprecated", category=FutureWarning)
+        return get_peft_model(model, config)
 
 
 __all__ = [
