@@ -375,14 +375,12 @@ class ChatTemplate:
     def render(self, conversations: list[list[dict]]) -> tuple[list[str], list[list[tuple[int, int]]]]:
         """Each conversation rendered once, as ``tokenizer.apply_chat_template(...,
         return_assistant_tokens_mask=True)`` renders it: the text and the [start, end) character
-        spans of its generation blocks (the assistant turns)."""
-        from transformers.utils.chat_template_utils import _normalize_chat_messages, render_jinja_template
+        spans of its generation blocks (the assistant turns). From per-shape skeletons where the
+        template only writes contents out (:mod:`llmlab.data.chat_render`: the same text and
+        spans, checked against Jinja's), else by Jinja per conversation."""
+        from llmlab.data.chat_render import renderer
 
-        texts, spans = render_jinja_template(
-            conversations=[_normalize_chat_messages(c) for c in conversations], tools=None, documents=None,
-            chat_template=self.template, return_assistant_tokens_mask=True, continue_final_message=False,
-            add_generation_prompt=False, **dict(self.special))
-        return texts, [[tuple(s) for s in sp] for sp in spans]
+        return renderer(self.template, self.special).render(conversations)
 
 
 def _assistant_flags(enc, spans: list[tuple[int, int]]) -> np.ndarray:
