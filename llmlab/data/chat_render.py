@@ -437,16 +437,18 @@ class SkeletonRenderer:
         """The skeleton of ``conv``'s shape ``key`` (made on first use; None: that shape renders by Jinja)."""
         if key in self.skeletons:
             return self.skeletons[key]
-        if len(self.skeletons) >= MAX_SHAPES or any(
-                _SENTINEL_CHARS.search(v) for m in conv for k, v in m.items() if k != "content"):
+        if len(self.skeletons) >= MAX_SHAPES:
             return None
         sentinel = [{k: (f"{_PAD_L}\ue000{i}\ue001{_PAD_R}" if k == "content" and v else v) for k, v in m.items()}
                     for i, m in enumerate(conv)]
-        try:
-            (text,), (spans,) = self.jinja([sentinel])
-            sk = _skeleton(text, spans)
-        except Exception as e:  # noqa: BLE001 (the template raises for this shape: Jinja raises it again per conversation)
-            sk = f"{type(e).__name__}: {e}"
+        if any(_SENTINEL_CHARS.search(v) for m in conv for k, v in m.items() if k != "content"):
+            sk = "a field holds a sentinel character"
+        else:
+            try:
+                (text,), (spans,) = self.jinja([sentinel])
+                sk = _skeleton(text, spans)
+            except Exception as e:  # noqa: BLE001 (the template raises for this shape: Jinja raises it again per conversation)
+                sk = f"{type(e).__name__}: {e}"
         if isinstance(sk, str):
             log.debug("chat template: a conversation shape rendered by Jinja (%s)", sk)
             sk = None
