@@ -414,14 +414,39 @@ class SkeletonRenderer:
 
     Args:
         template: the Jinja source. special: the template's extra variables (``bos_token``, ...).
+        state: :meth:`state` of the renderer of another process (the build's parent): its verdict
+            on the template and its verified skeletons are taken over (:meth:`merge`), without
+            analysing the template or importing transformers; None: the template is analysed here.
     """
 
-    def __init__(self, template: str, special: dict[str, Any]):
+    def __init__(self, template: str, special: dict[str, Any], state: tuple | None = None):
         self.template, self.special = template, special
-        self.refused = analyse(template)
-        if self.refused:
-            log.info("chat template rendered by Jinja per conversation: %s", self.refused)
         self.skeletons: dict[tuple, Skeleton | None] = {}
+        self.verified: set[tuple] = set()  # shapes whose skeleton rendered as Jinja did (here or in the parent)
+        self.trusted: set[tuple] = set()   # of those, the shapes verified by the parent: not checked again
+        if state is None:
+            self.refused = analyse(template)
+            if self.refused:
+                log.info("chat template rendered by Jinja per conversation: %s", self.refused)
+        else:
+            self.refused = None
+            self.merge(state)
+
+    def state(self) -> tuple:
+        """What another process's renderer of this template takes over: ``(refused, skeletons)``,
+        the verified skeletons only."""
+        return self.refused, {k: self.skeletons[k] for k in list(self.verified)}
+
+    def merge(self, state: tuple) -> None:
+        """Take over a :meth:`state`: a refusal, and the skeletons of shapes this renderer lacks
+        (trusted: the first conversation of their shapes is not rendered by Jinja again here)."""
+        refused, skeletons = state
+        self.refused = self.refused or refused
+        for k, sk in skeletons.items():
+            if k not in self.skeletons:
+                self.skeletons[k] = sk
+                self.verified.add(k)
+                self.trusted.add(k)
 
     def jinja(self, conversations: list) -> tuple[list[str], list[list[tuple[int, int]]]]:
         """Each conversation rendered by transformers' Jinja path (texts, generation spans)."""
@@ -458,7 +483,8 @@ class SkeletonRenderer:
     def render(self, conversations: list) -> tuple[list[str], list[list[tuple[int, int]]]]:
         """Texts and generation spans ([start, end) characters) of ``conversations``, equal to
         :meth:`jinja`'s. The first conversation of each shape met in this call is also rendered by
-        Jinja and compared; a difference renders the whole call by Jinja and turns skeletons off."""
+        Jinja and compared (but for the shapes the parent process verified: :meth:`merge`); a
+        difference renders the whole call by Jinja and turns skeletons off."""
         if self.refused:
             return self.jinja(conversations)
         texts: list[str | None] = [None] * len(conversations)
@@ -471,13 +497,15 @@ class SkeletonRenderer:
                 slow.append(i)
                 continue
             texts[i], spans[i] = sk.render(conv)
-            checked.setdefault(key, i)
+            if key not in self.trusted:
+                checked.setdefault(key, i)
         if checked:
             idx = list(checked.values())
             if self.jinja([conversations[i] for i in idx]) != ([texts[i] for i in idx], [spans[i] for i in idx]):
                 log.warning("chat template: a skeleton rendering differed from Jinja's; rendering by Jinja")
                 self.refused = "a skeleton rendering differed from Jinja's"
                 return self.jinja(conversations)
+            self.verified.update(checked)
         if slow:
             t, s = self.jinja([conversations[i] for i in slow])
             for i, ti, si in zip(slow, t, s):
@@ -488,10 +516,21 @@ class SkeletonRenderer:
 _RENDERERS: dict[tuple, SkeletonRenderer] = {}
 
 
-def renderer(template: str, special: tuple[tuple[str, Any], ...]) -> SkeletonRenderer:
+def renderer(template: str, special: tuple[tuple[str, Any], ...], state: tuple | None = None) -> SkeletonRenderer:
     """The process's :class:`SkeletonRenderer` of ``template`` with ``special`` variables (its
-    skeletons kept across calls: a worker process analyses the template once)."""
+    skeletons kept across calls), made on first use; ``state`` (:meth:`SkeletonRenderer.state` of
+    the parent's) is merged into it."""
     key = (template, repr(special))
     if key not in _RENDERERS:
-        _RENDERERS[key] = SkeletonRenderer(template, dict(special))
+        _RENDERERS[key] = SkeletonRenderer(template, dict(special), state)
+    elif state is not None:
+        _RENDERERS[key].merge(state)
     return _RENDERERS[key]
+
+
+def shipped_state(template: str, special: tuple[tuple[str, Any], ...]) -> tuple | None:
+    """The state a worker process's renderer takes over from this process's renderer of
+    ``template`` (None when this process has not rendered it): sent with each shard's job, so a
+    worker renders the shapes verified here without importing transformers (about 0.7 s of CPU)."""
+    r = _RENDERERS.get((template, repr(special)))
+    return r.state() if r is not None else None

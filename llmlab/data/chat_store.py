@@ -372,6 +372,20 @@ class ChatTemplate:
         require_chat_template(tokenizer)
         return cls(tokenizer.get_chat_template(None, None), tuple(sorted(tokenizer.special_tokens_map.items())))
 
+    def __reduce__(self):
+        """Pickled with this process's verified skeletons (:func:`llmlab.data.chat_render.shipped_state`)."""
+        from llmlab.data.chat_render import shipped_state
+
+        return ChatTemplate._with_state, (self.template, self.special, shipped_state(self.template, self.special))
+
+    @staticmethod
+    def _with_state(template: str, special: tuple, state: tuple | None) -> ChatTemplate:
+        if state is not None:
+            from llmlab.data.chat_render import renderer
+
+            renderer(template, special, state)
+        return ChatTemplate(template, special)
+
     def render(self, conversations: list[list[dict]]) -> tuple[list[str], list[list[tuple[int, int]]]]:
         """Each conversation rendered once, as ``tokenizer.apply_chat_template(...,
         return_assistant_tokens_mask=True)`` renders it: the text and the [start, end) character
@@ -549,12 +563,12 @@ def _shard_payload(rows: list[dict], job: ShardJob) -> tuple[dict, dict]:
 
 
 def _init_chat_worker(tokenizer, parent: int) -> None:
-    """A tokenising worker's set-up (:func:`llmlab.data.store._init_worker`), and the template
-    renderer imported while the parent reads the first rows."""
+    """A tokenising worker's set-up (:func:`llmlab.data.store._init_worker`). Transformers' Jinja
+    renderer is imported only when needed: the shard jobs bring the skeletons the parent verified
+    (:meth:`ChatTemplate.__reduce__`)."""
     from llmlab.data.store import _init_worker
 
     _init_worker(tokenizer, parent)
-    import transformers.utils.chat_template_utils  # noqa: F401
 
 
 class _ShardPool:

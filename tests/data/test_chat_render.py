@@ -190,3 +190,31 @@ def test_template_errors_are_jinja_errors():
         r.jinja([conv])
     with pytest.raises(jinja2.exceptions.TemplateError):
         r.render([conv])
+
+
+def test_pickled_template_ships_verified_skeletons(monkeypatch):
+    """A ChatTemplate pickled for a worker carries the skeletons this process verified: the worker's
+    renderer takes them over without analysing the template (no transformers import), renders as
+    Jinja does, and still builds and checks skeletons of shapes it has not been sent."""
+    import pickle
+
+    from llmlab.data import chat_render
+    from llmlab.data.chat_store import ChatTemplate
+
+    monkeypatch.setattr(chat_render, "_RENDERERS", {})
+    ct = ChatTemplate(TEMPLATES["chatml"], tuple(sorted(SPECIAL.items())))
+    two = [[{"role": "user", "content": f"q{i} "}, {"role": "assistant", "content": f" a{i}"}] for i in range(4)]
+    three = [[{"role": "system", "content": "s"}, *c] for c in two]
+    assert chat_render.shipped_state(ct.template, ct.special) is None  # nothing rendered here yet
+    ct.render(two)
+    blob = pickle.dumps(ct)
+    monkeypatch.setattr(chat_render, "_RENDERERS", {})  # a fresh process
+    monkeypatch.setattr(chat_render, "analyse", lambda t: pytest.fail("analysed again"))
+    worker_ct = pickle.loads(blob)
+    assert worker_ct == ct
+    r = chat_render.renderer(ct.template, ct.special)
+    assert r.trusted == {shape(two[0])}
+    jinja = chat_render.SkeletonRenderer.jinja
+    assert worker_ct.render(two) == jinja(r, two)
+    assert worker_ct.render(three) == jinja(r, three)
+    assert shape(three[0]) in r.verified - r.trusted
