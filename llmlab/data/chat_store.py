@@ -33,7 +33,8 @@ where the source allows, so a first run never holds the dataset) and hands shard
 :data:`SHARD_EXAMPLES` rows to a pool of spawned worker processes (:func:`_init_chat_worker`: they
 die with their parent), once it has written the first :data:`LOCAL_SHARDS` itself (a worker's
 start costs about a shard's CPU time). A worker renders each
-conversation once with the chat template (:class:`ChatTemplate`, compiled once per worker), with
+conversation once with the chat template (:class:`ChatTemplate`: from the skeletons of
+:mod:`llmlab.data.chat_render`, verified against Jinja, where the template allows), with
 its generation spans, tokenises the texts through the piece cache
 (:class:`llmlab.data.fastencode.ChatEncoder`: the Rust tokenizer's ids and character offsets; the
 batched Rust ``encode_batch`` for other tokenizers) and flags the tokens that overlap a span; each
