@@ -55,8 +55,9 @@ def _trl_templates() -> dict[str, str]:
 
 TRL = _trl_templates()
 #: TRL's templates the analysis accepts (the others read a content: split, loops over parts, ...)
-TRL_ACCEPTED = ["llama3.jinja", "llama3_training.jinja", "phi3.jinja", "phi3_training.jinja",
-                "qwen2_5.jinja", "qwen2_5_training.jinja", "gemma_training.jinja"]
+TRL_ACCEPTED = ["gemma.jinja", "gemma_training.jinja", "llama3.jinja", "llama3_training.jinja", "phi3.jinja",
+                "phi3_training.jinja", "phi3_5.jinja", "phi3_5_training.jinja", "qwen2_5.jinja",
+                "qwen2_5_training.jinja", "qwen3_instruct_2507.jinja", "qwen3_instruct_2507_training.jinja"]
 ACCEPTED = {**{f"llmlab:{k}": v for k, v in TEMPLATES.items()}, "smol_style": SMOL_STYLE, "constructs": CONSTRUCTS,
             **{f"trl:{k}": TRL[k] for k in TRL_ACCEPTED if k in TRL}}
 
