@@ -30,8 +30,9 @@ Throughput: the 20 k-conversation jsonl tokenised for SFT by the run's own data 
 pretraining path (``build_store(stream_texts(...))``, all cores) on a text jsonl of the same
 conversations (user and reply joined by a blank line, as ``convert_kind`` renders them as text):
 bytes of jsonl per second each, best of ``--repeats``, and per CPU-second of the process and its
-workers (less sensitive to other sessions' load than wall time). The machine is shared; figures
-are noisy.
+workers (less sensitive to other sessions' load than wall time); then the CPU time per conversation
+of ``ChatTemplate.render`` on 8,192 of the conversations (and of Jinja's rendering, where the code
+renders from skeletons: ``llmlab.data.chat_render``). The machine is shared; figures are noisy.
 """
 
 from __future__ import annotations
@@ -162,6 +163,41 @@ THROUGHPUT_SCRIPT = textwrap.dedent("""
 """)
 
 
+#: CPU time per conversation of ``ChatTemplate.render`` (a shard's worth of the chat jsonl, in one
+#: process, after a warm-up call) and, where the code has skeleton rendering, of Jinja's rendering
+RENDER_SCRIPT = textwrap.dedent("""
+    import json, sys, time
+    sys.path.insert(0, {code!r})
+    from llmlab.data.tokenizer import load_tokenizer
+    from llmlab.data.chat_store import ChatTemplate
+    ct = ChatTemplate.of(load_tokenizer({tokdir!r}))
+    convs = [json.loads(line)["messages"] for _, line in zip(range(8192), open({chat!r}, encoding="utf-8"))]
+    def per_conv(fn):
+        fn(convs[:64])
+        t0 = time.process_time()
+        fn(convs)
+        return (time.process_time() - t0) / len(convs) * 1e6
+    out = {{"render_us": per_conv(ct.render)}}
+    try:
+        from llmlab.data.chat_render import renderer
+        out["jinja_us"] = per_conv(renderer(ct.template, ct.special).jinja)
+    except ImportError:  # code from before skeleton rendering: ChatTemplate.render is Jinja's
+        pass
+    print("RESULT", json.dumps(out))
+""")
+
+
+def render_time(chat: Path, tok_run: Path, env: dict, code: Path) -> None:
+    """Print the CPU time per conversation of rendering (:data:`RENDER_SCRIPT`)."""
+    script = RENDER_SCRIPT.format(code=str(code), tokdir=str(tok_run / "tokenizer"), chat=str(chat))
+    res = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True)
+    if res.returncode:
+        raise RuntimeError(res.stderr[-3000:])
+    out = json.loads(res.stdout.split("RESULT", 1)[1])
+    jinja = f" (Jinja's rendering: {out['jinja_us']:.1f} µs)" if "jinja_us" in out else ""
+    print(f"rendering: ChatTemplate.render {out['render_us']:.1f} µs of CPU per conversation{jinja}")
+
+
 def _tokenizer_run(work: Path, env: dict, cli: list[str]) -> Path:
     """A run folder holding the trained tokenizer (made once per work folder)."""
     tok_run = work / "tokenizer-run"
@@ -231,6 +267,7 @@ def throughput(work: Path, n: int, tok_run: Path, env: dict, code: Path, repeats
     cc, tc = min(out["chat_cpu"]), min(out["text_cpu"])
     print(f"CPU seconds (all processes): chat {cc:.1f} = {cb / cc / 1e6:.2f} MB per CPU-s, text {tc:.1f} = "
           f"{tb / tc / 1e6:.2f} MB per CPU-s; ratio {(cb / cc) / (tb / tc):.2f}x; load now {os.getloadavg()[0]:.1f}")
+    render_time(chat, tok_run, env, code)
 
 
 def main() -> None:

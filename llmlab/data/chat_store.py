@@ -33,7 +33,8 @@ where the source allows, so a first run never holds the dataset) and hands shard
 :data:`SHARD_EXAMPLES` rows to a pool of spawned worker processes (:func:`_init_chat_worker`: they
 die with their parent), once it has written the first :data:`LOCAL_SHARDS` itself (a worker's
 start costs about a shard's CPU time). A worker renders each
-conversation once with the chat template (:class:`ChatTemplate`, compiled once per worker), with
+conversation once with the chat template (:class:`ChatTemplate`: from the skeletons of
+:mod:`llmlab.data.chat_render`, verified against Jinja, where the template allows), with
 its generation spans, tokenises the texts through the piece cache
 (:class:`llmlab.data.fastencode.ChatEncoder`: the Rust tokenizer's ids and character offsets; the
 batched Rust ``encode_batch`` for other tokenizers) and flags the tokens that overlap a span; each
@@ -372,17 +373,29 @@ class ChatTemplate:
         require_chat_template(tokenizer)
         return cls(tokenizer.get_chat_template(None, None), tuple(sorted(tokenizer.special_tokens_map.items())))
 
+    def __reduce__(self):
+        """Pickled with this process's verified skeletons (:func:`llmlab.data.chat_render.shipped_state`)."""
+        from llmlab.data.chat_render import shipped_state
+
+        return ChatTemplate._with_state, (self.template, self.special, shipped_state(self.template, self.special))
+
+    @staticmethod
+    def _with_state(template: str, special: tuple, state: tuple | None) -> ChatTemplate:
+        if state is not None:
+            from llmlab.data.chat_render import renderer
+
+            renderer(template, special, state)
+        return ChatTemplate(template, special)
+
     def render(self, conversations: list[list[dict]]) -> tuple[list[str], list[list[tuple[int, int]]]]:
         """Each conversation rendered once, as ``tokenizer.apply_chat_template(...,
         return_assistant_tokens_mask=True)`` renders it: the text and the [start, end) character
-        spans of its generation blocks (the assistant turns)."""
-        from transformers.utils.chat_template_utils import _normalize_chat_messages, render_jinja_template
+        spans of its generation blocks (the assistant turns). From per-shape skeletons where the
+        template only writes contents out (:mod:`llmlab.data.chat_render`: the same text and
+        spans, checked against Jinja's), else by Jinja per conversation."""
+        from llmlab.data.chat_render import renderer
 
-        texts, spans = render_jinja_template(
-            conversations=[_normalize_chat_messages(c) for c in conversations], tools=None, documents=None,
-            chat_template=self.template, return_assistant_tokens_mask=True, continue_final_message=False,
-            add_generation_prompt=False, **dict(self.special))
-        return texts, [[tuple(s) for s in sp] for sp in spans]
+        return renderer(self.template, self.special).render(conversations)
 
 
 def _assistant_flags(enc, spans: list[tuple[int, int]]) -> np.ndarray:
@@ -551,12 +564,12 @@ def _shard_payload(rows: list[dict], job: ShardJob) -> tuple[dict, dict]:
 
 
 def _init_chat_worker(tokenizer, parent: int) -> None:
-    """A tokenising worker's set-up (:func:`llmlab.data.store._init_worker`), and the template
-    renderer imported while the parent reads the first rows."""
+    """A tokenising worker's set-up (:func:`llmlab.data.store._init_worker`). Transformers' Jinja
+    renderer is imported only when needed: the shard jobs bring the skeletons the parent verified
+    (:meth:`ChatTemplate.__reduce__`)."""
     from llmlab.data.store import _init_worker
 
     _init_worker(tokenizer, parent)
-    import transformers.utils.chat_template_utils  # noqa: F401
 
 
 class _ShardPool:

@@ -86,12 +86,15 @@ class PieceEncoder:
         self._starts = np.zeros(0, np.int64)     # where each piece's ids start in _flat
         self._piece_lens = np.zeros(0, np.int64)  # how many ids each piece has
 
-    def encode(self, texts: list[str], append_id: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    def encode(self, texts: list[str], append_id: int | None = None, *,
+               plain: bool = False) -> tuple[np.ndarray, np.ndarray]:
         """Token ids of ``texts`` (no special tokens added), as a flat stream with offsets.
 
         Args:
             texts: B documents.
             append_id: a token id appended to every document (e.g. EOS), or None.
+            plain: the caller knows that no text holds an added token's content (the segments
+                :class:`ChatEncoder` cut at them): the per-text search for one is skipped.
 
         Returns:
             ``(ids, offsets)``: int32 [L] and int64 [B + 1]; document b is
@@ -107,9 +110,9 @@ class PieceEncoder:
         first_dict, rest_dict, new = self._first, self._rest, []
         firsts: list[str] = []
         rest: list[str] = []
-        counts = np.empty(len(texts), dtype=np.int64)
-        special = self._special
-        for b, text in enumerate(texts):
+        n_parts: list[int] = []
+        special = None if plain else self._special
+        for text in texts:
             if special is not None and special.search(text) is not None:
                 # an added token splits the text before pre-tokenisation, and a space before it
                 # ends the previous segment: such a document is one piece, encoded whole
@@ -121,7 +124,8 @@ class PieceEncoder:
                 parts[1:] = [p[1:] for p in parts[1:]]
             firsts.append(parts[0])
             rest.extend(parts[1:])
-            counts[b] = len(parts)
+            n_parts.append(len(parts))
+        counts = np.asarray(n_parts, dtype=np.int64)
         try:
             rest_uid = np.fromiter(map(rest_dict.__getitem__, rest), dtype=np.int64, count=len(rest))
         except KeyError:  # unseen pieces: number them in order of first appearance
@@ -259,7 +263,7 @@ class ChatEncoder:
                     items.append(len(segments))
                     segments.append(p)
             counts[b] = len(items) - before
-        seg_ids, seg_off = self._pieces.encode(segments)
+        seg_ids, seg_off = self._pieces.encode(segments, plain=True)
         it = np.asarray(items, dtype=np.int64)
         is_seg = it >= 0
         # every item's ids gathered from seg_ids followed by the added ids (one per added item)
@@ -274,14 +278,18 @@ class ChatEncoder:
         offsets = np.concatenate([[0], item_end[np.cumsum(counts) - 1]]) if it.size else np.zeros(len(texts) + 1, np.int64)
         offsets[1:][counts == 0] = 0
         offsets = np.maximum.accumulate(offsets)  # a text without items ends where the previous one did
-        raw = "".join(texts).encode("utf-8")
+        joined = "".join(texts)
+        raw = joined.encode("utf-8")
         nbytes = self._nbytes[ids]
         ends = np.cumsum(nbytes)
         if ids.size and (ends[-1] != len(raw) or (nbytes == 0).any()):
             return None
-        char_of_byte = np.cumsum((np.frombuffer(raw, np.uint8) & 0xC0) != 0x80) - 1
-        chars = np.stack([char_of_byte[ends - nbytes], char_of_byte[ends - 1] + 1], axis=1) \
-            if ids.size else np.zeros((0, 2), np.int64)
+        if len(raw) == len(joined):  # ASCII: a byte is a character
+            chars = np.stack([ends - nbytes, ends], axis=1) if ids.size else np.zeros((0, 2), np.int64)
+        else:
+            char_of_byte = np.cumsum((np.frombuffer(raw, np.uint8) & 0xC0) != 0x80) - 1
+            chars = np.stack([char_of_byte[ends - nbytes], char_of_byte[ends - 1] + 1], axis=1) \
+                if ids.size else np.zeros((0, 2), np.int64)
         return ids, offsets.astype(np.int64), chars
 
 
