@@ -183,9 +183,9 @@ def test_tokenisation_is_cached_under_the_run_dir(tmp_path, tokenizer):
     build_stage_data(rec, "sft", tokenizer)
     # examples are stored whole: other sequence settings read the same stores
     assert sorted(p.name for p in cache.glob("chat-*") if p.is_dir()) == stores
-    grpo = Path(rec["output_dir"]) / "cache"
-    build_stage_data(rec, "grpo", tokenizer)  # prompts keep the datasets path's Arrow cache
-    assert len(list(grpo.glob("prompt-prompts-*.arrow"))) == 1
+    build_stage_data(rec, "grpo", tokenizer)  # prompts: a chat store of their own (no eval split), no Arrow cache
+    assert len([p for p in cache.glob("chat-*") if p.is_dir() and p.name not in stores]) == 1
+    assert not list((Path(rec["output_dir"]) / "cache").glob("*.arrow"))
 
 
 def test_text_data_cannot_feed_sft(tmp_path, tokenizer):
