@@ -193,3 +193,52 @@ def test_a_changed_record_byte_is_found_before_it_is_used(tmp_path, tokenizer):
     rec_file.write_bytes(bytes(raw))
     with pytest.raises(StoreError, match="record_bytes"):
         build_stage_data(rec, "grpo", tokenizer).train_batch(0)
+
+
+# -- `llmlab eval -d NAME` and the evaluate stage: a recipe dataset's rows ------------------------
+
+def _local_recipe(tmp_path, kind: str) -> dict:
+    from tests.data.test_chat_store import _messages_file, _pairs_file
+
+    path = {"messages": _messages_file, "preference": _pairs_file, "prompt": _prompts_file}[kind](
+        tmp_path / f"{kind}.jsonl")
+    rec = make_recipe(tmp_path)
+    rec["datasets"]["local"] = {"path": path, "eval_split": 0.2, "filters": {"dedup": "exact", "min_length": 12}}
+    return rec
+
+
+@pytest.mark.parametrize("kind", ["messages", "preference", "prompt"])
+def test_eval_rows_of_a_streamed_dataset_equal_its_loaded_split(tmp_path, monkeypatch, kind):
+    """``llmlab eval -d NAME`` and the evaluate stage read a local dataset as a stream, holding only
+    the side asked for: the rows (and so every number) are those of the loaded dataset's split."""
+    from llmlab.data import sources
+    from llmlab.inference.datasets import load_eval_rows, normalize_row, spread
+    from llmlab.stages.evaluate import evaluation_rows
+
+    rec = _local_recipe(tmp_path, kind)
+    loaded = sources.load_named_dataset(rec, "local")
+    want = {"train": loaded.train.to_list(), "eval": loaded.eval.to_list()}
+    assert want["eval"] and want["train"]
+
+    def no_load(*a, **k):
+        raise AssertionError("a streamable dataset was loaded whole")
+    monkeypatch.setattr(sources, "load_named_dataset", no_load)
+    assert sources.read_splits(rec, "local") == want
+    assert sources.read_splits(rec, "local", ("eval",)) == {"eval": want["eval"]}
+    old = [normalize_row(dict(r))[1] for r in want["eval"]]
+    assert load_eval_rows("local", limit=7, recipe=rec)[1] == spread(old, 7)
+    assert load_eval_rows("local", split="all", recipe=rec)[1] == \
+        [normalize_row(dict(r))[1] for r in want["train"] + want["eval"]]
+    assert evaluation_rows(rec, "local", 5)[1] == spread(old, 5)
+
+
+def test_eval_rows_keep_the_loaded_datasets_errors(tmp_path):
+    from llmlab.inference.datasets import DatasetError, load_eval_rows
+
+    rec = _local_recipe(tmp_path, "prompt")
+    rec["datasets"]["local"]["eval_split"] = 0.0001  # holds out none of the rows
+    with pytest.raises(DatasetError, match=r"eval_split: 0.0001 holds out none of the \d+ rows"):
+        load_eval_rows("local", recipe=rec)
+    rec["datasets"]["local"]["eval_split"] = 0.0
+    with pytest.raises(DatasetError, match="has no held-out rows"):
+        load_eval_rows("local", recipe=rec)
