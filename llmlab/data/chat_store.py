@@ -859,7 +859,7 @@ class StoredSource:
     a :class:`llmlab.data.sources.DatasetSplits` (``kind``, ``dropped``, ``train``, ``eval``),
     taken from a complete store's manifest where one exists, so a prepared dataset is not loaded.
     Where a store is missing, a streamable source (:attr:`llmlab.data.source.DatasetSource.streamable`:
-    local files, ``streaming: true``) fills its train and eval stores in one pass over its rows
+    all but MinHash-deduplicated ones) fills its train and eval stores in one pass over its rows
     (:func:`build_streamed`, never holding them; ``dropped`` and the split sizes are known once it
     has run); any other is loaded (:func:`llmlab.data.sources.load_named_dataset`)."""
 

@@ -242,3 +242,41 @@ def test_eval_rows_keep_the_loaded_datasets_errors(tmp_path):
     rec["datasets"]["local"]["eval_split"] = 0.0
     with pytest.raises(DatasetError, match="has no held-out rows"):
         load_eval_rows("local", recipe=rec)
+
+
+# -- hub and builtin sources without `streaming: true`: streamed into the store --------------------
+
+@pytest.mark.parametrize("source,stage", [("hub", "grpo"), ("hub", "sft"), ("builtin", "grpo"), ("builtin", "dpo")])
+def test_hub_and_builtin_sources_are_streamed_into_the_store(tmp_path, monkeypatch, tokenizer, source, stage):
+    """A hub dataset (here a local dataset repo, HF_HUB_OFFLINE=1) or a builtin without
+    ``streaming: true`` fills its stores from a stream of rows (the hub's memory-mapped download
+    read in batches), never loaded whole as a ``datasets.Dataset``: the batches equal the datasets
+    path's, which loads it."""
+    from llmlab.data import sources
+    from tests.data.test_chat_store import _messages_file
+
+    rec = make_recipe(tmp_path)
+    st = rec["stages"][stage]
+    if source == "hub":
+        repo = tmp_path / "repo"
+        repo.mkdir()
+        (_prompts_file if stage == "grpo" else _messages_file)(repo / "train.jsonl")
+        rec["datasets"]["d"] = {"hub": str(repo), "eval_split": 0.2}
+        st.update(seq_len=256, max_dropped_fraction=1.0, eval_steps=3)
+    else:
+        rec["datasets"]["d"] = dict(rec["datasets"]["prompts" if stage == "grpo" else "chat_pairs"], eval_split=0.1)
+    st.update(datasets={"d": 1.0})
+
+    def no_load(*a, **k):
+        raise AssertionError("the dataset was loaded whole")
+    with monkeypatch.context() as m:
+        m.setattr(sources, "load_named_dataset", no_load)
+        new = build_stage_data(rec, stage, tokenizer)
+    old = _datasets_path(monkeypatch, rec, stage, tokenizer)
+    assert isinstance(new._train, chat_store.ChatExamples) and new.num_train_examples > 20
+    if stage == "grpo":
+        _same(old, new)
+    else:
+        from tests.data.test_chat_store import _same as same_chat
+
+        same_chat(old, new)
