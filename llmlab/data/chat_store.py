@@ -1,7 +1,8 @@
-"""The chat token store: SFT and preference data tokenised once, on disk, memory-mapped.
+"""The chat token store: SFT, preference and prompt data tokenised once, on disk, memory-mapped.
 
 One store holds one split (train | eval) of one named dataset tokenised for one stage *family*
-(:data:`llmlab.data.pipeline.STAGE_FAMILY`: ``sft``, ``pair`` or ``unpaired_preference``) with one
+(:data:`llmlab.data.pipeline.STAGE_FAMILY`: ``sft``, ``pair``, ``unpaired_preference`` or
+``prompt``) with one
 tokenizer and chat template, every example whole (no seq_len applied)::
 
     <root>/<key>/manifest.json                   written last: the store is complete when it exists
@@ -14,7 +15,11 @@ tokenizer and chat template, every example whole (no seq_len applied)::
     <root>/<key>/shard-00000.json                the shard's counts and sha256s, written after its arrays
     <root>/<key>/shard-00000.verified            the last check of the shard's content (see Trust)
 
-``<seq>`` is ``input`` (sft, unpaired_preference) or ``chosen`` and ``rejected`` (pair). Labels
+``<seq>`` is ``input`` (sft, unpaired_preference) or ``chosen`` and ``rejected`` (pair). A prompt
+store (grpo, ppo) holds ``prompt_ids`` and ``prompt_offsets`` (each prompt rendered with the
+template's generation prompt, no labels or info) and ``record_bytes`` / ``record_offsets``: each
+row's ``[prompt messages, reference answer]`` as JSON, what the stage's batches and reward
+functions read besides the ids. Labels
 are exactly those of ``llmlab.data.pipeline``'s tokenisers: every assistant token of the
 conversation (sft), the tokens of the completion's assistant turns (the last k runs of
 assistant tokens, pair and unpaired). What a stage's ``seq_len``, ``truncation`` and held-out rule
@@ -73,7 +78,8 @@ SHARD_EXAMPLES = 8192
 #: shards a build writes in its own process before starting worker processes (see ``_ShardPool``)
 LOCAL_SHARDS = 3
 #: stage family -> the token sequences of one example
-SEQUENCES = {"sft": ("input",), "pair": ("chosen", "rejected"), "unpaired_preference": ("input",)}
+SEQUENCES = {"sft": ("input",), "pair": ("chosen", "rejected"), "unpaired_preference": ("input",),
+             "prompt": ("prompt",)}
 #: the label of a token that is not trained on (torch's cross-entropy ``ignore_index``)
 IGNORE_INDEX = -100
 
@@ -234,14 +240,29 @@ class ChatStore:
             self._desirable = self._whole("desirable")
         return self._desirable
 
-    def sequence(self, seq: str, j: int) -> tuple[np.ndarray, np.ndarray]:
-        """Example ``j``'s sequence ``seq``: (token ids int64 [T], label flags bool [T])."""
+    def _span(self, name: str, j: int) -> tuple[int, int, int]:
+        """(shard, start, end) of example ``j`` in the arrays ``<name>_offsets`` index."""
         s = int(np.searchsorted(self._first, j, side="right")) - 1
         k = j - int(self._first[s])
-        off = self._array(s, f"{seq}_offsets")
-        lo, hi = int(off[k]), int(off[k + 1])
+        off = self._array(s, f"{name}_offsets")
+        return s, int(off[k]), int(off[k + 1])
+
+    def sequence(self, seq: str, j: int) -> tuple[np.ndarray, np.ndarray]:
+        """Example ``j``'s sequence ``seq``: (token ids int64 [T], label flags bool [T])."""
+        s, lo, hi = self._span(seq, j)
         return (np.asarray(self._array(s, f"{seq}_ids")[lo:hi], dtype=np.int64),
                 np.asarray(self._array(s, f"{seq}_labels")[lo:hi], dtype=bool))
+
+    def ids(self, seq: str, j: int) -> np.ndarray:
+        """Example ``j``'s token ids of sequence ``seq``: int64 [T] (prompt stores have no labels)."""
+        s, lo, hi = self._span(seq, j)
+        return np.asarray(self._array(s, f"{seq}_ids")[lo:hi], dtype=np.int64)
+
+    def record(self, j: int) -> Any:
+        """Example ``j``'s canonical record (prompt stores: ``[prompt messages, answer]``), decoded
+        from its JSON bytes in ``record_bytes``."""
+        s, lo, hi = self._span("record", j)
+        return json.loads(bytes(self._array(s, "record_bytes")[lo:hi]))
 
 
 @dataclass
@@ -280,6 +301,10 @@ class ChatPart:
         j, cut = int(self.keep[r]), int(self.cut[r])
         out: dict[str, Any] = {"_source": self.source}
         family = self.store.manifest["family"]
+        if family == "prompt":  # the columns of pipeline._tok_prompt: ids, the messages, the answer
+            prompt, answer = self.store.record(j)
+            return {**out, "prompt_input_ids": self.store.ids("prompt", j).tolist(), "prompt": prompt,
+                    "answer": answer}
         for seq in self.store.sequences:
             ids, flags = self.store.sequence(seq, j)
             ids, flags = ids[cut:], flags[cut:]
@@ -486,7 +511,7 @@ class ShardJob:
     """What a worker needs to turn a shard's canonical rows into arrays (picklable).
 
     Attributes:
-        family: sft | pair | unpaired_preference. kind_src: the rows' kind; kind_dst: the kind the
+        family: sft | pair | unpaired_preference | prompt. kind_src: the rows' kind; kind_dst: the kind the
         family consumes. name, stage_type: for error messages. dtype: the ids' dtype.
         template: the chat template that renders the rows.
     """
@@ -510,17 +535,20 @@ def _encode_shard(folder: str, index: int, rows: list[dict], job: ShardJob, toke
     from llmlab.data.store import _WORKER, _write_json
 
     tok = tokenizer if tokenizer is not None else _WORKER["tokenizer"]
-    sequences, arrays = _shard_payload(rows, job)
-    for seq, (texts, spans, last_k) in sequences.items():
-        for k, arr in _encode_sequence(tok, texts, spans, last_k, job.dtype).items():
-            arrays[f"{seq}_{k}"] = arr
+    if job.family == "prompt":
+        arrays = _prompt_arrays(tok, rows, job)
+    else:
+        sequences, arrays = _shard_payload(rows, job)
+        for seq, (texts, spans, last_k) in sequences.items():
+            for k, arr in _encode_sequence(tok, texts, spans, last_k, job.dtype).items():
+                arrays[f"{seq}_{k}"] = arr
     stem = f"shard-{index:05d}"
     meta: dict[str, Any] = {"index": index, "examples": len(rows), "files": {}, "sizes": {}, "sha256": {}}
     for name, arr in arrays.items():
         final = Path(folder) / f"{stem}.{name}.npy"
         meta["files"][name], meta["sizes"][name] = final.name, int(arr.shape[0])
         meta["sha256"][name] = _save_npy(final, arr)
-    meta["tokens"] = {seq: int(arrays[f"{seq}_ids"].size) for seq in sequences}
+    meta["tokens"] = {seq: int(arrays[f"{seq}_ids"].size) for seq in SEQUENCES[job.family]}
     _write_json(Path(folder) / f"{stem}.json", meta)
     return meta
 
@@ -539,16 +567,25 @@ def _save_npy(final: Path, arr: np.ndarray) -> str:
     return digest
 
 
+def _converted(rows: list[dict], job: ShardJob) -> list[dict]:
+    """Canonical ``rows`` of kind ``job.kind_src`` as rows of ``job.kind_dst``.
+
+    Raises:
+        ValueError: naming the dataset and stage type, where the kinds have no conversion."""
+    from llmlab.data.formats import convert_kind
+
+    if job.kind_src == job.kind_dst:
+        return rows
+    try:
+        return [convert_kind(r, job.kind_src, job.kind_dst) for r in rows]
+    except ValueError as e:
+        raise ValueError(f"datasets.{job.name}: {e} (stage type {job.stage_type})") from None
+
+
 def _shard_payload(rows: list[dict], job: ShardJob) -> tuple[dict, dict]:
     """The rendered sequences (text, generation spans, label runs kept) and per-example arrays of
     one shard's canonical ``rows`` (of kind ``job.kind_src``)."""
-    from llmlab.data.formats import convert_kind
-
-    if job.kind_src != job.kind_dst:
-        try:
-            rows = [convert_kind(r, job.kind_src, job.kind_dst) for r in rows]
-        except ValueError as e:
-            raise ValueError(f"datasets.{job.name}: {e} (stage type {job.stage_type})") from None
+    rows = _converted(rows, job)
     n_asst = lambda msgs: sum(m["role"] == "assistant" for m in msgs)  # noqa: E731
     if job.family == "sft":
         texts, spans = job.template.render([r["messages"] for r in rows])
@@ -561,6 +598,35 @@ def _shard_payload(rows: list[dict], job: ShardJob) -> tuple[dict, dict]:
     extras = {"desirable": np.asarray([bool(r["label"]) for r in rows], dtype=np.uint8)} \
         if job.family == "unpaired_preference" else {}
     return seqs, extras
+
+
+def _prompt_arrays(tok, rows: list[dict], job: ShardJob) -> dict[str, np.ndarray]:
+    """One shard of a prompt store (grpo, ppo) from canonical ``rows``: each prompt rendered with the
+    generation prompt and tokenised as ``pipeline._tok_prompt`` tokenises it
+    (``apply_chat_template(prompt, add_generation_prompt=True)``): ``prompt_ids`` [tokens],
+    ``prompt_offsets`` int64 [n + 1]; and each row's ``[prompt messages, answer]`` as JSON
+    (``record_bytes`` uint8 [bytes], ``record_offsets`` int64 [n + 1]), the messages as the datasets
+    path's Arrow column holds them (``role`` and ``content``), so a batch's ``prompts`` and
+    ``answers`` are the same values."""
+    rows = _converted(rows, job)
+    prompts = [[{"role": m["role"], "content": m["content"]} for m in r["prompt"]] for r in rows]
+    ids, offsets, _ = _encoded_flags(tok, _render_prompts(job.template, prompts), [[] for _ in prompts])
+    recs = [json.dumps([p, r["answer"]]).encode() for p, r in zip(prompts, rows)]
+    rec_off = np.concatenate([[0], np.cumsum([len(b) for b in recs], dtype=np.int64)]).astype(np.int64)
+    return {"prompt_ids": ids.astype(job.dtype), "prompt_offsets": offsets,
+            "record_bytes": np.frombuffer(b"".join(recs), dtype=np.uint8), "record_offsets": rec_off}
+
+
+def _render_prompts(template: ChatTemplate, conversations: list[list[dict]]) -> list[str]:
+    """Each prompt rendered as ``tokenizer.apply_chat_template(..., add_generation_prompt=True)``
+    renders it (the template's opening of the assistant turn appended)."""
+    from transformers.utils.chat_template_utils import _normalize_chat_messages, render_jinja_template
+
+    texts, _ = render_jinja_template(
+        conversations=[_normalize_chat_messages(c) for c in conversations], tools=None, documents=None,
+        chat_template=template.template, return_assistant_tokens_mask=False, continue_final_message=False,
+        add_generation_prompt=True, **dict(template.special))
+    return list(texts)
 
 
 def _init_chat_worker(tokenizer, parent: int) -> None:
@@ -652,7 +718,7 @@ def ensure_chat_store(path: Path, rows, *, family: str, kind_src: str, kind_dst:
     canonical rows of kind ``kind_src``, or a callable returning it) tokenised into it.
 
     Args:
-        family: sft | pair | unpaired_preference; ``kind_dst``: the kind it consumes.
+        family: sft | pair | unpaired_preference | prompt; ``kind_dst``: the kind it consumes.
         info: manifest fields (the source's kind, rows dropped at load, its split sizes, ...).
         processes: tokenising processes (default: all cores); 1 tokenises in this process.
 
@@ -806,7 +872,7 @@ class StoredSource:
     a :class:`llmlab.data.sources.DatasetSplits` (``kind``, ``dropped``, ``train``, ``eval``),
     taken from a complete store's manifest where one exists, so a prepared dataset is not loaded.
     Where a store is missing, a streamable source (:attr:`llmlab.data.source.DatasetSource.streamable`:
-    local files, ``streaming: true``) fills its train and eval stores in one pass over its rows
+    all but MinHash-deduplicated ones) fills its train and eval stores in one pass over its rows
     (:func:`build_streamed`, never holding them; ``dropped`` and the split sizes are known once it
     has run); any other is loaded (:func:`llmlab.data.sources.load_named_dataset`)."""
 
@@ -909,7 +975,7 @@ class StoredRows:
 
 def stored_source(recipe: dict, name: str, stage_type: str, tokenizer, tok_hash: str) -> StoredSource | None:
     """Dataset ``name`` through chat stores for a stage of ``stage_type``; None where the stage's
-    data take the datasets path (pretrain, grpo/ppo prompts, a tokenizer without a Rust backend)."""
+    data take another path (pretrain: the token store; a tokenizer without a Rust backend: datasets)."""
     from llmlab.stage_specs import STAGE_SPECS
 
     if STAGE_SPECS[stage_type].family not in SEQUENCES or getattr(tokenizer, "backend_tokenizer", None) is None:
@@ -927,6 +993,8 @@ def tokenised_part(rows: StoredRows, cfg, family: str, kind_dst: str, source: in
     if len(rows) == 0:
         return None, {}, 0
     store = rows.source.store(rows.split, family, kind_dst, cfg.type)
+    if family == "prompt":
+        return _prompt_part(store, cfg, source)
     seq_len = cfg.seq_len
     seqs = store.sequences
     lens = np.stack([store.lengths(s) for s in seqs], axis=1)
@@ -950,3 +1018,17 @@ def tokenised_part(rows: StoredRows, cfg, family: str, kind_dst: str, source: in
     needed = int(longest[too_long].max()) if too_long.any() else 0
     keep = np.flatnonzero(~(too_long | no_labels))
     return ChatPart(store, keep, cut[keep], source), counts, needed
+
+
+def _prompt_part(store: ChatStore, cfg, source: int) -> tuple[ChatPart, dict[str, int], int]:
+    """:func:`tokenised_part` of a prompt store (grpo, ppo), by ``pipeline._tok_prompt``'s rule: a
+    prompt longer than ``seq_len - max_new_tokens`` (at least 1) is dropped, however ``keep_long``
+    is set (a prompt must leave room to generate); the seq_len that would keep it counts the
+    tokens generated."""
+    budget = max(1, cfg.seq_len - int(cfg.max_new_tokens))
+    lens = store.lengths("prompt")
+    too_long = lens > budget
+    counts = {"too_long": int(too_long.sum())} if too_long.any() else {}
+    needed = int(lens[too_long].max()) + cfg.seq_len - budget if too_long.any() else 0
+    keep = np.flatnonzero(~too_long)
+    return ChatPart(store, keep, np.zeros(keep.size, dtype=np.int64), source), counts, needed

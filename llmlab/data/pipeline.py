@@ -9,14 +9,16 @@ blocks of ``seq_len`` tokens located by index and mixed by a seeded draw per pos
 
 SFT, preference and prompt stages:
 
-1. sft and preference data (sft, dpo, orpo, reward, kto) come from the chat token store
-   (:mod:`llmlab.data.chat_store`: tokenised once per source, tokenizer, template and family into
-   memory-mapped shards, loaded only when a store is missing; the stage's seq_len and truncation
-   are applied from per-example lengths); prompts (grpo, ppo): each dataset is loaded
+1. sft, preference and prompt data (sft, dpo, orpo, reward, kto, grpo, ppo) come from the chat
+   token store (:mod:`llmlab.data.chat_store`: tokenised once per source, tokenizer, template and
+   family into memory-mapped shards, read only when a store is missing; the stage's seq_len,
+   truncation and prompt budget are applied from per-example lengths). Only a tokenizer without a
+   Rust backend takes the datasets path: each dataset is loaded
    (:func:`llmlab.data.sources.load_named_dataset`), converted to the kind the stage needs and
-   tokenised with a batched ``datasets.map`` whose result is cached under ``<output_dir>/cache/``
-   in a file keyed by the tokenizer's hash, the dataset's identity (its source's content
-   fingerprint, :meth:`llmlab.data.source.DatasetSource.identity`) and the stage's sequence settings;
+   tokenised with a batched ``datasets.map`` (the ``_tok_*`` functions, which the store matches
+   exactly) whose result is cached under ``<output_dir>/cache/`` in a file keyed by the tokenizer's
+   hash, the dataset's identity (its source's content fingerprint,
+   :meth:`llmlab.data.source.DatasetSource.identity`) and the stage's sequence settings;
 2. the datasets are mixed with ``datasets.interleave_datasets`` (probabilities = the normalised
    weights, the recipe seed, the stage's ``mixing.stopping`` rule) into one fixed sequence of
    examples, pass after seeded pass until it covers the stage's max_steps × grad-accum × batch
@@ -809,7 +811,7 @@ def build_stage_data(recipe: dict, stage_name: str, tokenizer) -> StageData:
     dropped: dict[str, dict[str, int]] = {}
     train_parts = []
     with _quiet_datasets():
-        # sft and preference data through chat token stores (llmlab.data.chat_store), the rest loaded
+        # sft, preference and prompt data through chat token stores (llmlab.data.chat_store)
         loaded = {name: chat_store.stored_source(recipe, name, cfg.type, tokenizer, tok_hash)
                   or load_named_dataset(recipe, name)
                   for name in dict.fromkeys(names + eval_names)}

@@ -11,7 +11,8 @@ section (:class:`DatasetSource`, the run plan's ``datasets``) and says:
   (:meth:`~DatasetSource.identity` adds the seed where the rows depend on it);
 - :meth:`~DatasetSource.load`: the raw rows as a ``datasets.Dataset`` (memory-mapped where the
   source is on disk);
-- :meth:`~DatasetSource.iter_rows`: the raw rows one by one, never holding them all.
+- :meth:`~DatasetSource.iter_rows`: the raw rows one by one, never holding them all (what the token
+  stores read, :attr:`~DatasetSource.streamable`: every source but one with MinHash dedup).
 
 Normalising, filtering and splitting those rows is one path for both readers
 (:class:`llmlab.data.sources.RowRules`). Pure Python at import (``datasets`` is imported when rows
@@ -136,9 +137,11 @@ class DatasetSource:
 
     @property
     def streamable(self) -> bool:
-        """Whether the text is read as a stream rather than loaded whole: ``streaming: true``, or
-        local files without MinHash dedup (both ways give the same rows in the same order)."""
-        return bool(self.streaming)
+        """Whether the rows are read as a stream (:meth:`iter_rows`, into the token stores) rather
+        than loaded whole: unless MinHash dedup needs the whole dataset, every source (both ways give
+        the same rows in the same order). A hub dataset without ``streaming: true`` is then read from
+        its memory-mapped download in batches, a builtin from its rows as generated."""
+        return bool(self.streaming) or self.filters.dedup != "minhash"
 
     def files(self) -> list[str]:
         """The local files read (none for a builtin or hub source)."""
@@ -220,19 +223,17 @@ class HubSource(DatasetSource):
         return RawRows(ds)
 
     def iter_rows(self, seed: int, cache_dir: str | None, batch_size: int = 1000) -> Iterator[dict]:
-        """The hub dataset streamed (``datasets.load_dataset(streaming=True)``)."""
-        yield from iter_rows(load_hub_dataset(self.name, self, cache_dir, streaming=True), batch_size)
+        """The hub dataset's rows, ``batch_size`` at a time: streamed from the hub with ``streaming:
+        true`` (``datasets.load_dataset(streaming=True)``), else read from its download
+        (``datasets.load_dataset``: memory-mapped Arrow in ``cache_dir``, the rows :meth:`load` gives,
+        in order), never all in memory."""
+        yield from iter_rows(load_hub_dataset(self.name, self, cache_dir, streaming=self.streaming), batch_size)
 
 
 class LocalSource(DatasetSource):
     """Local files: a file, a directory (every data file below it) or a glob (:func:`resolve_files`)."""
 
     KIND = "local"
-
-    @property
-    def streamable(self) -> bool:
-        """Streamed unless MinHash dedup needs the whole dataset."""
-        return self.streaming or self.filters.dedup != "minhash"
 
     def files(self) -> list[str]:
         """The files ``path`` names, sorted.

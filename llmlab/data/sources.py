@@ -163,6 +163,38 @@ def load_named_dataset(recipe: dict, name: str) -> DatasetSplits:
     return out
 
 
+def read_splits(recipe: dict, name: str, sides: tuple[str, ...] = ("train", "eval")) -> dict[str, list[dict]]:
+    """The canonical rows of the sides ``sides`` (train, eval) of the recipe's dataset ``name``, as
+    lists of dicts equal to ``load_named_dataset(recipe, name).<side>.to_list()``, in that order.
+
+    A streamable source (:attr:`~llmlab.data.source.DatasetSource.streamable`) is read as a stream
+    (:func:`stream_split_rows`: no Arrow cache, no ``datasets.map``) holding only the rows of
+    ``sides``, with the loaded dataset's checks once it ends (no usable rows; an ``eval_split``
+    that holds out nothing or everything); any other is loaded (:func:`load_named_dataset`) and
+    read in batches. For ``llmlab eval -d NAME`` and the evaluate stage, which score a few held-out
+    rows of a dataset that may be large.
+
+    Raises:
+        KeyError: no dataset ``name``. ValueError: as :func:`load_named_dataset` raises.
+        HubUnreachableError: a hub dataset that cannot be had.
+    """
+    src = recipe_source(recipe, name)
+    if not src.streamable:
+        splits = load_named_dataset(recipe, name)
+        return {side: list(iter_rows(getattr(splits, side))) for side in sides}
+    out: dict[str, list[dict]] = {side: [] for side in sides}
+    counts, info = {"train": 0, "eval": 0}, {}
+    for row, _, side in stream_split_rows(src, int(top_level(recipe, "seed")), cache_dir(recipe), info):
+        counts[side] += 1
+        if side in out:
+            out[side].append(row)
+    if info["rows_read"] == info["bad_rows"]:
+        raise ValueError(f"datasets.{name}: no usable rows")
+    if counts["train"] + counts["eval"]:
+        check_split(name, float(src.eval_split), counts["train"], counts["eval"])
+    return out
+
+
 def stream_rows(src: DatasetSource, seed: int, hf_cache: str | None, split: str,
                 info: dict) -> Iterator[tuple[dict, str]]:
     """The rows of :func:`stream_split_rows` on side ``split`` (train | eval), as ``(row, kind)``."""

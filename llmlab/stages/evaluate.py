@@ -83,18 +83,18 @@ def evaluation_rows(recipe: dict, dataset: str, max_samples: int | None) -> tupl
     Raises:
         EvaluateError: the dataset cannot be loaded, has no held-out rows, or mixes row kinds.
     """
-    from llmlab.data.sources import load_named_dataset
+    from llmlab.data.sources import read_splits
     from llmlab.inference.datasets import normalize_row, spread
 
-    try:
-        held_out = load_named_dataset(recipe, dataset).eval
+    try:  # a streamable source is streamed, holding only its held-out rows
+        held_out = read_splits(recipe, dataset, ("eval",))["eval"]
     except (KeyError, ValueError) as e:
         raise EvaluateError(f"dataset {dataset!r}: {e}") from None
     if len(held_out) == 0:
         raise EvaluateError(f"dataset {dataset!r} has no held-out rows to evaluate on; give it an eval_split > 0")
     kinds: set[str] = set()
     rows = []
-    for i, r in enumerate(held_out.to_list(), 1):
+    for i, r in enumerate(held_out, 1):
         try:
             k, row = normalize_row(dict(r))
         except ValueError as e:
