@@ -149,20 +149,27 @@ def test_a_killed_build_resumes_to_the_same_store(tmp_path, monkeypatch, tokeniz
     assert json.loads((store / "manifest.json").read_text())["shards"] == shards
 
 
+def stores_in_one_and_two_processes(tmp_path, rows, tokenizer, family: str, kind_dst: str, stage_type: str,
+                                    min_shards: int) -> dict:
+    """``{processes: ChatStore}`` of ``rows`` (conversations of the dataset ``chat``) tokenised in this
+    process (1) and by the spawned pool (2), after checking their shards' sha256s are equal."""
+    made = {}
+    for procs in (1, 2):
+        made[procs] = chat_store.ensure_chat_store(
+            tmp_path / f"s{procs}", rows, family=family, kind_src="conversation", kind_dst=kind_dst,
+            name="chat", split="train", stage_type=stage_type, tokenizer=tokenizer, info={}, processes=procs)
+    a, b = (m.manifest["shards"] for m in made.values())
+    assert len(a) >= min_shards and [s["sha256"] for s in a] == [s["sha256"] for s in b]
+    return made
+
+
 def test_tokenising_in_worker_processes_gives_the_same_store(tmp_path, monkeypatch, tokenizer):
     """Shards tokenised by the spawned pool equal those tokenised in this process (sha256s)."""
     from llmlab.data.sources import load_named_dataset
 
     monkeypatch.setattr(chat_store, "SHARD_EXAMPLES", 200)
-    rec = make_recipe(tmp_path)
-    rows = load_named_dataset(rec, "chat").train
-    made = {}
-    for procs in (1, 2):
-        made[procs] = chat_store.ensure_chat_store(
-            tmp_path / f"s{procs}", rows, family="sft", kind_src="conversation", kind_dst="conversation",
-            name="chat", split="train", stage_type="sft", tokenizer=tokenizer, info={}, processes=procs)
-    a, b = (m.manifest["shards"] for m in made.values())
-    assert len(a) > 1 and [s["sha256"] for s in a] == [s["sha256"] for s in b]
+    rows = load_named_dataset(make_recipe(tmp_path), "chat").train
+    made = stores_in_one_and_two_processes(tmp_path, rows, tokenizer, "sft", "conversation", "sft", 2)
     ids, flags = made[2].sequence("input", 5)
     enc = tokenizer.apply_chat_template(rows[5]["messages"], tokenize=True, return_dict=True,
                                         return_assistant_tokens_mask=True)

@@ -15,16 +15,9 @@ import torch
 from llmlab.data import chat_store
 from llmlab.data.pipeline import build_stage_data
 from tests.data.conftest import make_recipe
-
-TURNS = ["Ça va? Where's the café 🙂", "Très bien — merci! 東京 is far.\n\n  Indented  line",
-         "Numbers 12345 and   spaces ", "Emoji only: 🎉🎉", "tab\tseparated\ttext", "ok"]
-
-
-def _datasets_path(monkeypatch, rec, stage, tokenizer):
-    """The stage's data through the datasets path (what llmlab did before the prompt store)."""
-    with monkeypatch.context() as m:
-        m.setattr(chat_store, "stored_source", lambda *a, **k: None)
-        return build_stage_data(rec, stage, tokenizer)
+from tests.data.test_chat_store import UNICODE_TURNS as TURNS
+from tests.data.test_chat_store import _datasets_path  # the datasets path: what llmlab did before the store
+from tests.data.test_chat_store import stores_in_one_and_two_processes
 
 
 def _equal_batches(x: dict, y: dict) -> None:
@@ -165,15 +158,8 @@ def test_worker_processes_write_the_same_prompt_store(tmp_path, monkeypatch, tok
 
     monkeypatch.setattr(chat_store, "SHARD_EXAMPLES", 200)
     monkeypatch.setattr(chat_store, "LOCAL_SHARDS", 1)
-    rec = make_recipe(tmp_path)
-    rows = load_named_dataset(rec, "chat").train  # conversations: prompts with the last reply as answer
-    made = {}
-    for procs in (1, 2):
-        made[procs] = chat_store.ensure_chat_store(
-            tmp_path / f"s{procs}", rows, family="prompt", kind_src="conversation", kind_dst="prompt",
-            name="chat", split="train", stage_type="grpo", tokenizer=tokenizer, info={}, processes=procs)
-    a, b = (m.manifest["shards"] for m in made.values())
-    assert len(a) > 2 and [s["sha256"] for s in a] == [s["sha256"] for s in b]
+    rows = load_named_dataset(make_recipe(tmp_path), "chat").train  # conversations: prompts with the last reply as answer
+    made = stores_in_one_and_two_processes(tmp_path, rows, tokenizer, "prompt", "prompt", "grpo", 3)
     msgs = rows[205]["messages"]
     last = max(i for i, m in enumerate(msgs) if m["role"] == "assistant")
     assert made[2].record(205) == [msgs[:last], msgs[last]["content"]]
