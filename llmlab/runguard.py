@@ -45,6 +45,23 @@ def _holder_text(path: Path) -> str:
                         f"({info.get('command', '')})").rstrip(" ()")
 
 
+def _held_by_parent(path: Path) -> bool:
+    """Whether this process is a multiprocessing worker still starting up, re-running its parent's
+    main script (what the spawn start method does to a script without the ``__main__`` guard), and
+    the lock file ``path`` names that parent, on this host, as the holder: waiting would never end,
+    since the parent waits for the worker. (``_inheriting`` is the flag CPython's own
+    ``multiprocessing.spawn._check_not_importing_main`` reads for the same mistake.)"""
+    import multiprocessing
+
+    if not getattr(multiprocessing.current_process(), "_inheriting", False):
+        return False
+    try:
+        info = json.loads(path.read_text() or "{}")
+    except (OSError, ValueError):
+        return False
+    return info.get("pid") == os.getppid() and info.get("host") == socket.gethostname()
+
+
 @contextmanager
 def file_lock(path: Path, *, wait: bool, on_busy=None) -> Iterator[str | None]:
     """Hold an exclusive ``flock`` on the file ``path`` (created if missing) for the ``with``
@@ -63,6 +80,9 @@ def file_lock(path: Path, *, wait: bool, on_busy=None) -> Iterator[str | None]:
 
     Raises:
         RunLockedError: ``wait`` is False and another live process holds the lock.
+        RuntimeError: ``wait`` is True but the holder is this process's multiprocessing parent
+            (a spawned worker that re-ran a main script without the ``__main__`` guard), which
+            would wait forever.
     """
     try:
         import fcntl
@@ -89,6 +109,13 @@ def file_lock(path: Path, *, wait: bool, on_busy=None) -> Iterator[str | None]:
         if not wait:
             os.close(fd)
             raise RunLockedError(holder) from None
+        if _held_by_parent(path):
+            os.close(fd)
+            raise RuntimeError(
+                f"{path} is held by this process's parent ({holder}), which waits for this process: "
+                "a worker process re-ran the main script's top-level code. Put the code that calls "
+                "llmlab under `if __name__ == \"__main__\":` (multiprocessing's spawn start method "
+                "imports the main module again in every worker)")
         fcntl.flock(fd, fcntl.LOCK_EX)
     try:
         stale = _holder_text(path) if os.read(fd, 65536).strip() else None

@@ -120,6 +120,35 @@ def test_a_second_writer_waits_for_the_first_then_opens_its_store(tmp_path, toke
     result["st"].verify()
 
 
+#: a main script without the ``__main__`` guard: its spawned worker re-runs it while starting up
+UNGUARDED_SCRIPT = """
+import multiprocessing as mp, sys
+from pathlib import Path
+from llmlab.runguard import file_lock
+with file_lock(Path(sys.argv[1]), wait=True):  # the worker, re-running this line, meets its parent's lock
+    worker = mp.get_context("spawn").Process(target=print)
+    worker.start()
+    worker.join(60)
+    if worker.exitcode is None:
+        worker.kill()
+    print("worker exit code", worker.exitcode)
+"""
+
+
+def test_a_starting_worker_never_waits_for_a_lock_its_parent_holds(tmp_path):
+    """A spawned worker that re-runs a main script without the ``__main__`` guard reaches the lock
+    its parent holds while the parent waits for it: it stops with the fix instead of waiting forever."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "unguarded.py"
+    script.write_text(UNGUARDED_SCRIPT)
+    res = subprocess.run([sys.executable, str(script), str(tmp_path / "s.lock")], capture_output=True, text=True,
+                         timeout=300)
+    assert "worker exit code 1" in res.stdout, res.stdout + res.stderr
+    assert "is held by this process's parent" in res.stderr and '__name__ == "__main__"' in res.stderr
+
+
 @pytest.mark.parametrize("processes", [1, 2])
 def test_max_tokens_stops_at_the_first_documents_reaching_it(tmp_path, tokenizer, chapters, processes):
     full = S.build_store(tmp_path / "full", chapters, tokenizer, processes=1, shard_bytes=100_000)
