@@ -411,6 +411,24 @@ def _skeleton(text: str, spans: list[tuple[int, int]]) -> Skeleton | str:
     return Skeleton(literals, slots, bounds)
 
 
+def render_by_jinja(template: str, special: dict[str, Any], conversations: list, *, generation_prompt: bool = False
+                    ) -> tuple[list[str], list[list[tuple[int, int]]]]:
+    """Each conversation rendered by transformers' Jinja path, as ``tokenizer.apply_chat_template``
+    renders it with the template's extra variables ``special`` (``bos_token``, ...): the texts and,
+    without ``generation_prompt``, the [start, end) character spans of the generation blocks
+    (``return_assistant_tokens_mask=True``); with it, the opening of the assistant turn appended
+    (``add_generation_prompt=True``, a prompt to generate from) and no spans (empty lists)."""
+    from transformers.utils.chat_template_utils import _normalize_chat_messages, render_jinja_template
+
+    texts, spans = render_jinja_template(
+        conversations=[_normalize_chat_messages(c) for c in conversations], tools=None, documents=None,
+        chat_template=template, return_assistant_tokens_mask=not generation_prompt, continue_final_message=False,
+        add_generation_prompt=generation_prompt, **special)
+    if generation_prompt:
+        return list(texts), [[] for _ in texts]
+    return texts, [[tuple(s) for s in sp] for sp in spans]
+
+
 class SkeletonRenderer:
     """Renders conversations as ``render_jinja_template(..., return_assistant_tokens_mask=True)``
     does, from per-shape skeletons where :func:`analyse` accepts the template (module docstring).
@@ -453,13 +471,7 @@ class SkeletonRenderer:
 
     def jinja(self, conversations: list) -> tuple[list[str], list[list[tuple[int, int]]]]:
         """Each conversation rendered by transformers' Jinja path (texts, generation spans)."""
-        from transformers.utils.chat_template_utils import _normalize_chat_messages, render_jinja_template
-
-        texts, spans = render_jinja_template(
-            conversations=[_normalize_chat_messages(c) for c in conversations], tools=None, documents=None,
-            chat_template=self.template, return_assistant_tokens_mask=True, continue_final_message=False,
-            add_generation_prompt=False, **self.special)
-        return texts, [[tuple(s) for s in sp] for sp in spans]
+        return render_by_jinja(self.template, self.special, conversations)
 
     def skeleton(self, key: tuple, conv: list[dict]) -> Skeleton | None:
         """The skeleton of ``conv``'s shape ``key`` (made on first use; None: that shape renders by Jinja)."""

@@ -422,6 +422,13 @@ class ChatTemplate:
 
         return renderer(self.template, self.special).render(conversations)
 
+    def render_prompts(self, conversations: list[list[dict]]) -> list[str]:
+        """Each prompt rendered as ``tokenizer.apply_chat_template(..., add_generation_prompt=True)``
+        renders it (the template's opening of the assistant turn appended), by Jinja."""
+        from llmlab.data.chat_render import render_by_jinja
+
+        return render_by_jinja(self.template, dict(self.special), conversations, generation_prompt=True)[0]
+
 
 def _assistant_flags(enc, spans: list[tuple[int, int]]) -> np.ndarray:
     """bool [tokens]: the tokens of the ``tokenizers.Encoding`` ``enc`` that overlap a span (the rule
@@ -610,23 +617,11 @@ def _prompt_arrays(tok, rows: list[dict], job: ShardJob) -> dict[str, np.ndarray
     ``answers`` are the same values."""
     rows = _converted(rows, job)
     prompts = [[{"role": m["role"], "content": m["content"]} for m in r["prompt"]] for r in rows]
-    ids, offsets, _ = _encoded_flags(tok, _render_prompts(job.template, prompts), [[] for _ in prompts])
+    ids, offsets, _ = _encoded_flags(tok, job.template.render_prompts(prompts), [[] for _ in prompts])
     recs = [json.dumps([p, r["answer"]]).encode() for p, r in zip(prompts, rows)]
     rec_off = np.concatenate([[0], np.cumsum([len(b) for b in recs], dtype=np.int64)]).astype(np.int64)
     return {"prompt_ids": ids.astype(job.dtype), "prompt_offsets": offsets,
             "record_bytes": np.frombuffer(b"".join(recs), dtype=np.uint8), "record_offsets": rec_off}
-
-
-def _render_prompts(template: ChatTemplate, conversations: list[list[dict]]) -> list[str]:
-    """Each prompt rendered as ``tokenizer.apply_chat_template(..., add_generation_prompt=True)``
-    renders it (the template's opening of the assistant turn appended)."""
-    from transformers.utils.chat_template_utils import _normalize_chat_messages, render_jinja_template
-
-    texts, _ = render_jinja_template(
-        conversations=[_normalize_chat_messages(c) for c in conversations], tools=None, documents=None,
-        chat_template=template.template, return_assistant_tokens_mask=False, continue_final_message=False,
-        add_generation_prompt=True, **dict(template.special))
-    return list(texts)
 
 
 def _init_chat_worker(tokenizer, parent: int) -> None:
