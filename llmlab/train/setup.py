@@ -93,7 +93,8 @@ def keep_freed_memory(device: torch.device) -> bool:
     """On a CPU with glibc: keep freed memory in the process (:data:`CPU_MALLOC_OPTIONS`) instead
     of returning it to the kernel at every step. Measured on the 5.26 M model of
     benchmarks/vs_litgpt.py: the kernel's page-fault time fell from 44-63 to 0-2 ms per step
-    (5-6 % of the step), peak RSS +4 %. Process-wide and idempotent; returns whether it applied
+    (5-6 % of the step), peak RSS +4 %; on the quick-start's 1.3 M pretrain, +116 MB (+13 %), flat
+    over 1,500 steps (docs/performance.md). Process-wide and idempotent; returns whether it applied
     (False on other devices or C libraries)."""
     import ctypes
     import platform
