@@ -33,11 +33,18 @@ class RunLockedError(RuntimeError):
     """Another live ``llmlab run`` holds the run directory's lock; the message names it."""
 
 
-def _holder_text(path: Path) -> str:
+def _holder(path: Path) -> dict:
+    """The holder the lock file ``path`` names (pid, host, started_at, command); {} when it names
+    none or cannot be read."""
     try:
         info = json.loads(path.read_text() or "{}")
     except (OSError, ValueError):
-        return "an unknown process"
+        return {}
+    return info if isinstance(info, dict) else {}
+
+
+def _holder_text(path: Path) -> str:
+    info = _holder(path)
     if not info:
         return "an unknown process"
     # masked again when read: a lock written by an older llmlab holds the command as typed
@@ -55,10 +62,7 @@ def _held_by_parent(path: Path) -> bool:
 
     if not getattr(multiprocessing.current_process(), "_inheriting", False):
         return False
-    try:
-        info = json.loads(path.read_text() or "{}")
-    except (OSError, ValueError):
-        return False
+    info = _holder(path)
     return info.get("pid") == os.getppid() and info.get("host") == socket.gethostname()
 
 
